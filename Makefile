@@ -1,0 +1,34 @@
+# The two commands of README.md: `make demo` runs a local swarm, `make test` runs the suite.
+# Each creates the virtual environment it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard src/apiary/*/protos/*.proto)
+
+.PHONY: demo test bench proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# A pinned torch is taken from the local wheel cache where one exists (CPU build, no download).
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[ml,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/apiary up --peers 4 --duration 20
+
+test: $(STAMP)
+	$(PY) -m tests.tools.ensure_redis
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/wire.py
+
+# Regenerates the protobuf modules next to their .proto files (they are committed).
+proto: $(STAMP)
+	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $(PROTOS:src/%=%)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

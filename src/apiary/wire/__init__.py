@@ -1,0 +1,51 @@
+"""The wire layer: gRPC servers and clients, peer identity, addresses and tensor streams.
+
+Torch-free: `apiary.wire.tensors` (which needs torch) is imported explicitly by those who
+send tensors.
+"""
+
+from apiary.wire.address import AddressError, Endpoint, PeerAddress, parse_peer_list
+from apiary.wire.client import ChannelPool, RpcClient
+from apiary.wire.errors import (
+    AccessDenied,
+    DeadlineExceeded,
+    InvalidRequest,
+    PayloadTooLarge,
+    PeerUnavailable,
+    RemoteFailure,
+    RequestRejected,
+    WireError,
+)
+from apiary.wire.identity import Identity, IdentityError, peer_id_from_public_key, verify_signature
+from apiary.wire.probe import PROBE, ProbeService
+from apiary.wire.rpc import Method, ServiceSpec
+from apiary.wire.server import CallContext, RpcServer
+from apiary.wire.settings import WireSettings
+
+__all__ = [
+    "PROBE",
+    "AccessDenied",
+    "AddressError",
+    "CallContext",
+    "ChannelPool",
+    "DeadlineExceeded",
+    "Endpoint",
+    "Identity",
+    "IdentityError",
+    "InvalidRequest",
+    "Method",
+    "PayloadTooLarge",
+    "PeerAddress",
+    "PeerUnavailable",
+    "ProbeService",
+    "RemoteFailure",
+    "RequestRejected",
+    "RpcClient",
+    "RpcServer",
+    "ServiceSpec",
+    "WireError",
+    "WireSettings",
+    "parse_peer_list",
+    "peer_id_from_public_key",
+    "verify_signature",
+]

@@ -1,0 +1,350 @@
+"""The bulk tensor transport: large tensors over a plain TCP connection at socket speed.
+
+gRPC in Python moves bulk bytes at a fraction of what the socket can (see
+docs/benchmarks.md), so apiary carries large tensors (averaging parts, state downloads) over a
+second port with a minimal framing: a length-prefixed `BulkRequest` declaring the tensors,
+then their raw bytes. The receiver checks every header against its limits before it allocates,
+then receives straight into the tensors' final buffers; the sender writes straight from tensor
+memory. Errors, deadlines, tracing and metrics follow the same rules as the gRPC services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import trace
+
+from apiary.wire.address import Endpoint
+from apiary.wire.chunks import check_header
+from apiary.wire.errors import DeadlineExceeded, InvalidRequest, PayloadTooLarge, PeerUnavailable, error_from_status
+from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
+from apiary.wire.rpc import decode
+from apiary.wire.metrics import RpcMetrics
+from apiary.wire.settings import WireSettings
+from apiary.wire.tracing import incoming_context, outgoing_metadata, span_attributes, tracer
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"APIARY-BULK/1\n"
+MAX_TENSORS_PER_REQUEST = 4096
+_LENGTH_BYTES = 4
+_DRAIN_SECONDS = 1.0
+
+Payload = tuple[TensorHeader, memoryview]
+
+
+@dataclass
+class BulkCall:
+    """A request as a route handler sees it: its body, tensors (header and bytes), caller."""
+
+    route: str
+    body: bytes
+    tensors: list[tuple[TensorHeader, bytearray | memoryview]]
+    peer: str
+
+
+@dataclass
+class BulkAnswer:
+    """What a route handler returns: a body and tensors to send back."""
+
+    body: bytes = b""
+    tensors: list[Payload] = field(default_factory=list)
+
+
+Handler = Callable[[BulkCall], Awaitable[BulkAnswer]]
+
+
+class _Connection:
+    """A non-blocking socket with whole-frame and whole-buffer reads and writes."""
+
+    def __init__(self, sock: socket.socket):
+        self._scratch = bytearray()
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def read_into(self, buffer: memoryview) -> None:
+        filled = 0
+        while filled < len(buffer):
+            received = await self.loop.sock_recv_into(self.sock, buffer[filled:])
+            if received == 0:
+                raise ConnectionError(f"connection closed after {filled} of {len(buffer)} bytes")
+            filled += received
+
+    async def read_exactly(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        await self.read_into(memoryview(buffer))
+        return buffer
+
+    async def read_frame(self, max_bytes: int) -> bytes:
+        size = int.from_bytes(await self.read_exactly(_LENGTH_BYTES), "big")
+        if size > max_bytes:
+            raise PayloadTooLarge(f"bulk frame of {size} bytes exceeds the limit max_message_bytes={max_bytes}")
+        return bytes(await self.read_exactly(size))
+
+    async def write_frame(self, message: BulkRequest | BulkReply, payloads: Sequence[memoryview] = ()) -> None:
+        frame = message.SerializeToString()
+        await self.loop.sock_sendall(self.sock, len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
+        for payload in payloads:
+            if len(payload):
+                await self.loop.sock_sendall(self.sock, payload.cast("B"))
+
+    async def read_payloads(
+        self, headers: Sequence[TensorHeader], *, scratch: bool = False
+    ) -> list[tuple[TensorHeader, bytearray | memoryview]]:
+        """Receives each declared tensor into a new buffer, or (scratch) into this connection's
+        reused buffer, valid only until the next request on the connection."""
+        if scratch and len(self._scratch) < (total := sum(header.nbytes for header in headers)):
+            self._scratch = bytearray(total)
+        tensors: list[tuple[TensorHeader, bytearray | memoryview]] = []
+        offset = 0
+        for header in headers:
+            if scratch:
+                buffer: bytearray | memoryview = memoryview(self._scratch)[offset : offset + header.nbytes]
+                offset += header.nbytes
+            else:
+                buffer = bytearray(header.nbytes)
+            await self.read_into(memoryview(buffer))
+            tensors.append((header, buffer))
+        return tensors
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _check_headers(headers: Sequence[TensorHeader], max_tensor_bytes: int) -> None:
+    if len(headers) > MAX_TENSORS_PER_REQUEST:
+        raise InvalidRequest(f"{len(headers)} tensors in one request exceed the limit of {MAX_TENSORS_PER_REQUEST}")
+    for header in headers:
+        check_header(header, max_tensor_bytes)
+
+
+class BulkServer:
+    """Serves bulk routes on `settings.listen_host:bulk_port` (0: any free port)."""
+
+    def __init__(self, settings: WireSettings, *, metrics: RpcMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        self._routes: dict[str, tuple[Handler, bool]] = {}
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def add_route(self, route: str, handler: Handler, *, keeps_tensors: bool = True) -> None:
+        """Serves `route` with `handler`. A handler that does not keep the request's tensors past
+        its return (`keeps_tensors=False`) gets them in a per-connection buffer reused across
+        requests, which spares the cost of touching fresh memory for every request."""
+        self._routes[route] = (handler, keeps_tensors)
+
+    async def start(self) -> None:
+        """Binds and starts accepting; raises OSError naming the address if binding fails."""
+        endpoint = Endpoint(self.settings.listen_host, self.settings.bulk_port)
+        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.bind((endpoint.host, endpoint.port))
+        except OSError as e:
+            listener.close()
+            raise OSError(e.errno, f"cannot listen for bulk transfers on {endpoint}: {e.strerror}") from None
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._spawn(self._accept_loop(listener))
+
+    @property
+    def port(self) -> int:
+        if self._listener is None:
+            raise RuntimeError("the bulk server has not started")
+        return self._listener.getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stops accepting, cancels every connection task and waits for them."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, address = await loop.sock_accept(listener)
+            self._spawn(self._serve_connection(_Connection(sock), f"{address[0]}:{address[1]}"))
+
+    async def _serve_connection(self, connection: _Connection, peer: str) -> None:
+        try:
+            if await connection.read_exactly(len(MAGIC)) != MAGIC:
+                await connection.write_frame(BulkReply(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                       details="not an apiary bulk connection (bad preamble)"))
+                return
+            while await self._serve_request(connection, peer):
+                pass
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            connection.close()
+
+    async def _serve_request(self, connection: _Connection, peer: str) -> bool:
+        """Serves one request; returns whether the connection can carry another."""
+        try:
+            frame = await connection.read_frame(self.settings.max_message_bytes)
+            request = decode(BulkRequest, frame)
+            if request.route not in self._routes:
+                raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"no bulk route {request.route!r} on this peer")
+            handler, keeps_tensors = self._routes[request.route]
+            _check_headers(request.tensors, self.settings.max_tensor_bytes)
+        except InvalidRequest as e:
+            await self._refuse(connection, e.code, str(e))
+            return False
+        except _Refusal as e:
+            await self._refuse(connection, e.code, e.details)
+            return False
+        tensors = await connection.read_payloads(request.tensors, scratch=not keeps_tensors)
+        reply, payloads = await self._handle(handler, BulkCall(request.route, request.body, tensors, peer), request)
+        await connection.write_frame(reply, payloads)
+        return True
+
+    async def _handle(self, handler: Handler, call: BulkCall, request: BulkRequest) -> tuple[BulkReply, list[memoryview]]:
+        started, code = time.perf_counter(), grpc.StatusCode.OK
+        with tracer.start_as_current_span(
+            f"bulk {call.route}",
+            context=incoming_context(request.metadata.items()),
+            kind=trace.SpanKind.SERVER,
+            attributes=span_attributes("bulk", call.route, call.peer),
+        ) as span:
+            try:
+                answer = await handler(call)
+                return (
+                    BulkReply(code=0, body=answer.body, tensors=[header for header, _ in answer.tensors]),
+                    [payload for _, payload in answer.tensors],
+                )
+            except InvalidRequest as e:
+                code, details = e.code, str(e)
+            except Exception as e:  # noqa: BLE001 - every failure becomes a status
+                logger.exception("bulk route %s failed", call.route)
+                code, details = grpc.StatusCode.INTERNAL, f"bulk route {call.route} failed: {type(e).__name__}: {e}"
+            finally:
+                if self.metrics is not None:
+                    self.metrics.observe(call.route, code, time.perf_counter() - started)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, details))
+            return BulkReply(code=code.value[0], details=details), []
+
+    async def _refuse(self, connection: _Connection, code: grpc.StatusCode, details: str) -> None:
+        """Answers with an error, then discards what the peer still sends for a moment and closes."""
+        await connection.write_frame(BulkReply(code=code.value[0], details=details))
+        connection.sock.shutdown(socket.SHUT_WR)
+        sink = bytearray(1 << 20)
+
+        async def drain() -> None:
+            while await connection.loop.sock_recv_into(connection.sock, sink):
+                pass
+
+        with contextlib.suppress(OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(drain(), _DRAIN_SECONDS)
+
+
+class _Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class BulkClient:
+    """Calls bulk routes on other peers, reusing idle connections per endpoint."""
+
+    def __init__(self, settings: WireSettings | None = None, *, max_idle_per_peer: int = 4):
+        self.settings = settings or WireSettings()
+        self.max_idle_per_peer = max_idle_per_peer
+        self._idle: dict[Endpoint, list[_Connection]] = {}
+
+    async def call(
+        self,
+        endpoint: Endpoint,
+        route: str,
+        *,
+        body: bytes = b"",
+        tensors: Sequence[Payload] = (),
+        timeout: float | None = None,
+    ) -> tuple[bytes, list[tuple[TensorHeader, bytearray]]]:
+        """Sends `tensors` to `route` at `endpoint`; returns the reply's body and tensors."""
+        timeout = timeout or self.settings.default_timeout
+        name = f"bulk {route}"
+        with tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT,
+                                          attributes=span_attributes("bulk", route, str(endpoint))):
+            request = BulkRequest(route=route, body=body, tensors=[h for h, _ in tensors],
+                                  metadata=dict(outgoing_metadata()))
+            try:
+                return await asyncio.wait_for(self._exchange(endpoint, request, [p for _, p in tensors]), timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"{name} on {endpoint} did not finish within {timeout:.1f}s",
+                                       peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+                raise PeerUnavailable(f"{name} on {endpoint} failed: {e}", peer=str(endpoint),
+                                      code=grpc.StatusCode.UNAVAILABLE) from None
+
+    async def _exchange(self, endpoint: Endpoint, request: BulkRequest, payloads: list[memoryview]):
+        connection = await self._connect(endpoint)
+        reusable = False
+        try:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the reply says why
+                await connection.write_frame(request, payloads)
+            reply = decode(BulkReply, await connection.read_frame(self.settings.max_message_bytes))
+            if reply.code != 0:
+                code = _STATUS_BY_VALUE.get(reply.code, grpc.StatusCode.UNKNOWN)
+                raise error_from_status(code, reply.details, peer=str(endpoint), method=f"bulk {request.route}")
+            _check_headers(reply.tensors, self.settings.max_tensor_bytes)
+            tensors = await connection.read_payloads(reply.tensors)
+            reusable = True
+            return reply.body, tensors
+        except InvalidRequest as e:
+            raise PeerUnavailable(f"bulk {request.route} on {endpoint}: bad reply: {e}", peer=str(endpoint)) from None
+        finally:
+            self._release(endpoint, connection, reusable)
+
+    async def _connect(self, endpoint: Endpoint) -> _Connection:
+        idle = self._idle.get(endpoint)
+        if idle:
+            return idle.pop()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+        except BaseException:
+            sock.close()
+            raise
+        connection = _Connection(sock)
+        await loop.sock_sendall(sock, MAGIC)
+        return connection
+
+    def _release(self, endpoint: Endpoint, connection: _Connection, reusable: bool) -> None:
+        idle = self._idle.setdefault(endpoint, [])
+        if reusable and len(idle) < self.max_idle_per_peer:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    async def close(self) -> None:
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()

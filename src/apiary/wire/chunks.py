@@ -1,0 +1,95 @@
+"""Tensor payloads cut into chunks and put back together, without torch.
+
+A tensor travels as a `TensorHeader` (dtype, shape, byte count) followed by its raw bytes,
+cut into chunks no larger than a configured size so that each gRPC message stays small. The
+receiver checks the header against its limits before allocating anything, then copies each
+chunk once into a preallocated buffer. Torch-free so that every peer (the DHT included) can
+relay and check tensor streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+from apiary.wire.errors import InvalidRequest, PayloadTooLarge
+from apiary.wire.protos.wire_pb2 import TensorChunk, TensorHeader
+
+# Bytes per element of every torch dtype that travels over the wire, by torch's name for it.
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2,
+    "complex128": 16, "complex64": 8, "complex32": 4,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+    "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}  # fmt: skip
+
+
+def make_header(dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -> TensorHeader:
+    return TensorHeader(dtype=dtype, shape=shape, nbytes=nbytes)
+
+
+def check_header(header: TensorHeader, max_tensor_bytes: int) -> None:
+    """Raises InvalidRequest unless the header describes a tensor this peer accepts."""
+    itemsize = DTYPE_ITEMSIZE.get(header.dtype)
+    if itemsize is None:
+        raise InvalidRequest(f"tensor dtype {header.dtype!r} is not supported (known: {', '.join(DTYPE_ITEMSIZE)})")
+    if any(dim < 0 for dim in header.shape):
+        raise InvalidRequest(f"tensor shape {list(header.shape)} has a negative dimension")
+    expected = math.prod(header.shape) * itemsize
+    if header.nbytes != expected:
+        raise InvalidRequest(
+            f"tensor header says {header.nbytes} bytes but {header.dtype}{list(header.shape)} needs {expected}"
+        )
+    if header.nbytes > max_tensor_bytes:
+        raise PayloadTooLarge(f"tensor of {header.nbytes} bytes exceeds the limit max_tensor_bytes={max_tensor_bytes}")
+
+
+def split_payload(header: TensorHeader, payload: memoryview, chunk_bytes: int) -> Iterator[TensorChunk]:
+    """The chunks of one tensor: the first carries the header; an empty tensor is one chunk."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    payload = payload.cast("B")
+    yield TensorChunk(header=header, data=bytes(payload[:chunk_bytes]))
+    for start in range(chunk_bytes, len(payload), chunk_bytes):
+        yield TensorChunk(data=bytes(payload[start : start + chunk_bytes]))
+
+
+class ChunkAssembler:
+    """Consumes a stream of chunks and returns each tensor's header and bytes once complete."""
+
+    def __init__(self, max_tensor_bytes: int):
+        self.max_tensor_bytes = max_tensor_bytes
+        self._header: TensorHeader | None = None
+        self._buffer = bytearray()
+        self._filled = 0
+
+    def feed(self, chunk: TensorChunk) -> tuple[TensorHeader, bytearray] | None:
+        """Adds a chunk; returns (header, payload) when it completes a tensor, else None."""
+        if chunk.HasField("header"):
+            if self._header is not None:
+                raise InvalidRequest(
+                    f"a new tensor header arrived after {self._filled} of {self._header.nbytes} bytes of the previous one"
+                )
+            check_header(chunk.header, self.max_tensor_bytes)
+            self._header = chunk.header
+            self._buffer = bytearray(chunk.header.nbytes)
+            self._filled = 0
+        elif self._header is None:
+            raise InvalidRequest("a tensor chunk without a header arrived where a new tensor must start")
+        end = self._filled + len(chunk.data)
+        if end > self._header.nbytes:
+            raise InvalidRequest(f"tensor chunks carry more than the {self._header.nbytes} bytes its header declares")
+        self._buffer[self._filled : end] = chunk.data
+        self._filled = end
+        if end < self._header.nbytes:
+            return None
+        header, buffer = self._header, self._buffer
+        self._header, self._buffer, self._filled = None, bytearray(), 0
+        return header, buffer
+
+    def close(self) -> None:
+        """Raises InvalidRequest if the stream ended in the middle of a tensor."""
+        if self._header is not None:
+            raise InvalidRequest(f"the stream ended after {self._filled} of {self._header.nbytes} bytes of a tensor")

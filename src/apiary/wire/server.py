@@ -1,0 +1,189 @@
+"""The gRPC server every apiary service runs.
+
+`RpcServer` hosts implementations of `ServiceSpec`s. For each call it decodes the request
+(a malformed one is answered with INVALID_ARGUMENT naming the message type), opens a server
+span whose parent is the caller's span, counts the call by method and status code, and turns
+handler exceptions into gRPC statuses without ever stopping the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
+
+from apiary.wire.address import Endpoint
+from apiary.wire.bulk import BulkServer
+from apiary.wire.errors import InvalidRequest
+from apiary.wire.identity import Identity
+from apiary.wire.metrics import RpcMetrics
+from apiary.wire.probe import PROBE, SINK_ROUTE, ProbeService
+from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
+from apiary.wire.settings import WireSettings
+from apiary.wire.tracing import incoming_context, span_attributes, tracer
+
+logger = logging.getLogger(__name__)
+
+
+class RpcServer:
+    """A grpc.aio server bound to `settings.listen_host:port`, announcing `announced`.
+
+    Every server hosts the probe service (`apiary.wire.probe`) next to the services added,
+    and, unless `settings.bulk` is off, a bulk tensor server (`apiary.wire.bulk`) beside it.
+    """
+
+    def __init__(
+        self,
+        settings: WireSettings,
+        identity: Identity,
+        *,
+        registry: CollectorRegistry | None = None,
+        metrics_prefix: str = "apiary_wire",
+    ):
+        self.settings = settings
+        self.identity = identity
+        self.metrics = RpcMetrics(registry, metrics_prefix) if registry is not None else None
+        self._server = grpc.aio.server(options=settings.grpc_options())
+        self.bulk = BulkServer(settings, metrics=self.metrics) if settings.bulk else None
+        self._bound_port: int | None = None
+
+    def add_service(self, spec: ServiceSpec, implementation: object) -> None:
+        """Serves `spec` with `implementation`, whose snake_case methods handle each RPC."""
+        handlers = {}
+        for method in spec.methods:
+            handler = getattr(implementation, method.handler_name, None)
+            if handler is None:
+                raise TypeError(f"{type(implementation).__name__} lacks {method.handler_name}() for {spec.name}")
+            handlers[method.name] = self._method_handler(spec, method, handler)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(spec.name, handlers),))
+
+    async def start(self) -> None:
+        """Binds the port and starts serving; raises OSError naming the address if binding fails."""
+        address = str(Endpoint(self.settings.listen_host, self.settings.port))
+        try:
+            port = self._server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address}: {e}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address}: the address is in use or unavailable")
+        self._bound_port = port
+        if self.bulk is not None:
+            await self.bulk.start()
+        probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings)
+        self.add_service(PROBE, probe)
+        if self.bulk is not None:
+            self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
+        await self._server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls and gives in-flight calls `grace` seconds to finish."""
+        if self.bulk is not None:
+            await self.bulk.stop()
+        await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
+
+    @property
+    def port(self) -> int:
+        if self._bound_port is None:
+            raise RuntimeError("the server has not started")
+        return self._bound_port
+
+    @property
+    def local_endpoint(self) -> Endpoint:
+        """An endpoint that reaches this server from the same host."""
+        host = self.settings.listen_host
+        return Endpoint("127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host, self.port)
+
+    @property
+    def announced(self) -> Endpoint:
+        """The endpoint other peers should dial."""
+        return Endpoint(self.settings.resolved_announce_host(), self.settings.announce_port or self.port)
+
+    @property
+    def announced_bulk(self) -> Endpoint | None:
+        """The endpoint other peers should dial for bulk transfers (None: no bulk server)."""
+        if self.bulk is None:
+            return None
+        return Endpoint(self.settings.resolved_announce_host(), self.settings.announce_bulk_port or self.bulk.port)
+
+    def _method_handler(self, spec: ServiceSpec, method: Method, handler: Callable[..., Any]) -> grpc.RpcMethodHandler:
+        serialize = method.response.SerializeToString
+        observe = self._observe
+        name = f"{spec.name}/{method.name}"
+
+        async def requests_of(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+            async for raw in raw_iterator:
+                yield decode(method.request, raw)
+
+        def request_of(raw: Any) -> Any:
+            return requests_of(raw) if method.client_streaming else decode(method.request, raw)
+
+        if method.server_streaming:
+
+            async def serve_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                started, code = time.perf_counter(), grpc.StatusCode.OK
+                span = tracer.start_span(
+                    name,
+                    context=incoming_context(context.invocation_metadata()),
+                    kind=trace.SpanKind.SERVER,
+                    attributes=span_attributes(spec.name, method.name, context.peer()),
+                )
+                try:
+                    async for response in handler(request_of(raw), CallContext(context)):
+                        yield response
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as e:  # noqa: BLE001 - every failure becomes a status
+                    code, details = _status_of(name, e, span)
+                    await context.abort(code, details)
+                finally:
+                    span.end()
+                    observe(method.name, code, time.perf_counter() - started)
+
+            factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_stream_rpc_method_handler
+            return factory(serve_stream, request_deserializer=None, response_serializer=serialize)
+
+        async def serve_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, code = time.perf_counter(), grpc.StatusCode.OK
+            with tracer.start_as_current_span(
+                name,
+                context=incoming_context(context.invocation_metadata()),
+                kind=trace.SpanKind.SERVER,
+                attributes=span_attributes(spec.name, method.name, context.peer()),
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    return await handler(request_of(raw), CallContext(context))
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as e:  # noqa: BLE001 - every failure becomes a status
+                    code, details = _status_of(name, e, span)
+                    await context.abort(code, details)
+                finally:
+                    observe(method.name, code, time.perf_counter() - started)
+
+        factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        return factory(serve_unary, request_deserializer=None, response_serializer=serialize)
+
+    def _observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(method, code, seconds)
+
+
+def _status_of(name: str, error: Exception, span: trace.Span) -> tuple[grpc.StatusCode, str]:
+    """The status a handler's exception is answered with; unexpected ones are logged."""
+    if isinstance(error, InvalidRequest):
+        code, details = error.code, str(error)
+    else:
+        logger.exception("%s failed", name)
+        code, details = grpc.StatusCode.INTERNAL, f"{name} failed: {type(error).__name__}: {error}"
+    span.set_status(trace.Status(trace.StatusCode.ERROR, details))
+    return code, details

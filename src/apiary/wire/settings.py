@@ -1,0 +1,66 @@
+"""Settings of the wire layer: addresses, size limits, deadlines."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import BaseModel, Field, model_validator
+
+MiB = 1 << 20
+GiB = 1 << 30
+_MESSAGE_OVERHEAD = 64 * 1024  # room for a chunk's header and protobuf framing
+
+
+class WireSettings(BaseModel):
+    """How a peer listens, announces itself, and bounds what it sends and accepts."""
+
+    listen_host: str = Field("0.0.0.0", description="interface the gRPC server binds")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port to bind (0: any free port)")
+    announce_host: str | None = Field(None, description="host other peers dial (default: this host's address)")
+    announce_port: int | None = Field(None, ge=1, le=65535, description="port other peers dial (default: the bound port)")
+    bulk: bool = Field(True, description="serve the bulk tensor transport beside gRPC")
+    bulk_port: int = Field(0, ge=0, le=65535, description="bulk transport port to bind (0: any free port)")
+    announce_bulk_port: int | None = Field(None, ge=1, le=65535, description="bulk port other peers dial (default: the bound one)")
+    max_message_bytes: int = Field(64 * MiB, ge=MiB, description="largest single gRPC message accepted or sent")
+    chunk_bytes: int = Field(4 * MiB, ge=1024, description="tensors larger than this are streamed in chunks")
+    max_tensor_bytes: int = Field(4 * GiB, ge=0, description="largest tensor accepted in a stream")
+    default_timeout: float = Field(30.0, gt=0, description="deadline of a remote call when the caller sets none")
+    shutdown_grace: float = Field(2.0, ge=0, description="seconds in-flight calls get to finish at shutdown")
+
+    @model_validator(mode="after")
+    def _chunks_fit_messages(self) -> WireSettings:
+        if self.chunk_bytes + _MESSAGE_OVERHEAD > self.max_message_bytes:
+            raise ValueError(
+                f"chunk_bytes={self.chunk_bytes} must be at least {_MESSAGE_OVERHEAD} bytes below "
+                f"max_message_bytes={self.max_message_bytes}"
+            )
+        return self
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel and server options shared by both ends of every connection."""
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.enable_retries", 0),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+
+    def resolved_announce_host(self) -> str:
+        """The host to announce: the configured one, else the listen host, else this host's address."""
+        if self.announce_host:
+            return self.announce_host
+        if self.listen_host not in ("0.0.0.0", "::", ""):
+            return self.listen_host
+        return default_route_address()
+
+
+def default_route_address() -> str:
+    """This host's address on its default route (no packet is sent), or 127.0.0.1 without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 1))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"

@@ -1,0 +1,60 @@
+"""The `apiary` entry point. Errors in flags or settings end the command with one clear line."""
+
+from __future__ import annotations
+
+import sys
+
+import pydantic
+import typer
+
+from apiary.cli.basics import keygen_command, ping_command, version_command
+from apiary.cli.up import up_command
+from apiary.wire import AddressError, IdentityError, WireError
+
+app = typer.Typer(
+    name="apiary",
+    help="Train one large PyTorch model on many computers over the internet, with no master node.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("version")(version_command)
+app.command("keygen")(keygen_command)
+app.command("ping")(ping_command)
+app.command("up")(up_command)
+
+
+def _one_line(error: pydantic.ValidationError) -> str:
+    problems = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in error.errors()]
+    return "invalid settings: " + "; ".join(problems)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Runs the CLI; a usage, settings or connection error prints `apiary: error: ...` and exits non-zero."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="apiary", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.TyperException as e:  # bad flags and values (no arguments: help was printed)
+        message = e.format_message()
+        if message:
+            _fail(message, getattr(e, "exit_code", 2))
+        sys.exit(getattr(e, "exit_code", 2))
+    except pydantic.ValidationError as e:
+        _fail(_one_line(e), 2)
+    except (AddressError, IdentityError) as e:
+        _fail(str(e), 2)
+    except (WireError, OSError) as e:
+        _fail(str(e), 1)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"apiary: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

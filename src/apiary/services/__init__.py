@@ -1,0 +1,1 @@
+"""The long-running processes of a participant, each = library objects + config + admin app."""

@@ -1,0 +1,117 @@
+"""What every apiary service process shares: identity, gRPC server, admin endpoints, tracing.
+
+A `ServiceHost` starts these in order, runs until asked to stop (SIGINT/SIGTERM or
+`stop()`), then shuts them down in reverse order, cancelling every background task it was
+given, so a stopped service leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from apiary.telemetry import AdminServer, TracingSettings, configure_tracing, metric_prefix, new_registry
+from apiary.wire import Identity, RpcServer, WireSettings
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceSettings(BaseModel):
+    """Settings every service has besides its wire settings."""
+
+    identity: Path | None = Field(None, description="identity file (created if absent); none: a new id per start")
+    admin_host: str = Field("127.0.0.1", description="interface of the admin HTTP endpoint")
+    admin_port: int = Field(0, ge=0, le=65535, description="admin HTTP port (0: any free port)")
+    tracing: TracingSettings = TracingSettings()
+
+
+class ServiceHost:
+    """Runs one service: its RpcServer, AdminServer and background tasks."""
+
+    def __init__(
+        self,
+        service: str,
+        wire: WireSettings,
+        settings: ServiceSettings,
+        *,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+        ready: Callable[[], bool] | None = None,
+    ):
+        self.service = service
+        self.settings = settings
+        self.identity = Identity.load_or_create(settings.identity) if settings.identity else Identity.generate()
+        self.registry = new_registry()
+        self.server = RpcServer(wire, self.identity, registry=self.registry, metrics_prefix=metric_prefix(service))
+        self.admin = AdminServer(
+            service,
+            host=settings.admin_host,
+            port=settings.admin_port,
+            registry=self.registry,
+            status=lambda: {"peer_id": self.identity.peer_id, "address": self.address, **(status() if status else {})},
+            ready=ready,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = asyncio.Event()
+        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def address(self) -> str:
+        """The full address others use to reach this service: `peer_id@host:port`."""
+        return f"{self.identity.peer_id}@{self.server.announced}"
+
+    async def start(self) -> None:
+        configure_tracing(self.service, self.settings.tracing)
+        await self.server.start()
+        self._cleanups.append(self.server.stop)
+        await self.admin.start()
+        self._cleanups.append(self.admin.stop)
+
+    def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
+        """Registers a coroutine function to run at shutdown (before the servers stop)."""
+        self._cleanups.append(cleanup)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Runs a background task that is cancelled at shutdown; its failure stops the service."""
+        task = asyncio.create_task(coroutine, name=f"{self.service}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("%s failed: %r; stopping", task.get_name(), task.exception())
+            self._stopping.set()
+
+    def stop(self) -> None:
+        """Asks `run()` to return; safe to call from a signal handler."""
+        self._stopping.set()
+
+    async def run(self, duration: float | None = None) -> None:
+        """Serves until stopped, a signal arrives, or `duration` seconds pass; then shuts down."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop)
+        try:
+            await asyncio.wait_for(self._stopping.wait(), duration)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Cancels background tasks and stops everything started, newest first."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._cleanups:
+            await self._cleanups.pop()()

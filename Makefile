@@ -17,11 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/apiary up --peers 4 --duration 20
+	$(VENV)/bin/apiary up --peers 4 --duration 10
 
 test: $(STAMP)
-	$(PY) -m tests.tools.ensure_redis
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/wire.py

@@ -1,0 +1,118 @@
+"""The `apiary` command as an operator uses it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import typer
+
+from apiary.cli.main import app
+from apiary.cli.options import ENV_PREFIX
+from apiary.wire import Identity
+
+APIARY = [sys.executable, "-m", "apiary.cli.main"]
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*APIARY, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_lists_the_subcommands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("version", "keygen", "ping", "up"):
+        assert re.search(rf"^\W*{command}\b", result.stdout, re.MULTILINE), command
+
+
+def test_version_prints_apiary_version() -> None:
+    import apiary
+
+    result = run("version")
+    assert result.returncode == 0
+    assert apiary.__version__ in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["up", "--peers", "many"], {}, "--peers"),
+        (["up", "--peers", "0"], {}, "--peers"),
+        (["up"], {"APIARY_PEERS": "abc"}, "APIARY_PEERS"),
+        (["ping", "no-port-here"], {}, "no-port-here"),
+        (["up", "--no-such-flag"], {}, "--no-such-flag"),
+    ],
+)
+def test_a_bad_value_exits_nonzero_with_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:
+    result = run(*args, env=env)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("apiary: error:") and named in lines[0]
+
+
+def test_every_option_is_also_an_apiary_environment_variable() -> None:
+    command = typer.main.get_command(app)
+    checked = 0
+    for name, sub in command.commands.items():
+        for param in sub.params:
+            if param.param_type_name == "option" and param.name != "help":
+                expected = ENV_PREFIX + param.name.upper()
+                assert param.envvar == expected, f"apiary {name} {param.opts}: envvar {param.envvar!r}"
+                checked += 1
+    assert checked >= 5
+
+
+def test_keygen_writes_an_identity_and_refuses_to_overwrite_it(tmp_path) -> None:
+    path = tmp_path / "peer.id"
+    first = run("keygen", "--identity", str(path))
+    assert first.returncode == 0, first.stderr
+    peer_id = Identity.load(path).peer_id
+    assert peer_id in first.stdout
+    assert path.stat().st_mode & 0o777 == 0o600
+
+    again = run("keygen", env={"APIARY_IDENTITY": str(path)})
+    assert again.returncode != 0
+    assert "--force" in again.stderr and peer_id in again.stderr
+    assert Identity.load(path).peer_id == peer_id
+
+    forced = run("keygen", "--identity", str(path), "--force")
+    assert forced.returncode == 0
+    assert Identity.load(path).peer_id != peer_id
+
+
+def test_ping_of_an_unreachable_peer_fails_cleanly() -> None:
+    started = time.monotonic()
+    result = run("ping", "127.0.0.1:1", "--timeout", "3")
+    assert result.returncode == 1
+    assert result.stderr.startswith("apiary: error:") and "UNAVAILABLE" in result.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_up_runs_a_local_swarm_that_ping_reaches_and_stops_on_sigterm() -> None:
+    swarm = subprocess.Popen([*APIARY, "up", "--peers", "3", "--transfer-mib", "4"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "COLUMNS": "200"})
+    try:
+        output = ""
+        while "Ctrl-C" not in output:
+            line = swarm.stdout.readline()
+            assert line, f"apiary up ended early: {output}{swarm.stderr.read()}"
+            output += line
+        rows = [line for line in output.splitlines() if "http://127.0.0.1:" in line]
+        assert len(rows) == 3
+        assert all("2/2" in row and "MB/s" in row for row in rows), output
+        port = re.search(r"│\s*(\d+)\s*│\s*http://", rows[0]).group(1)
+
+        ping = run("ping", f"127.0.0.1:{port}", "--bulk-mib", "2")
+        assert ping.returncode == 0, ping.stderr
+        assert "peer id" in ping.stdout and "MB/s" in ping.stdout
+    finally:
+        swarm.send_signal(signal.SIGTERM)
+        assert swarm.wait(timeout=30) == 0

@@ -188,8 +188,8 @@ class BulkServer:
     async def _serve_connection(self, connection: _Connection, peer: str) -> None:
         try:
             if await connection.read_exactly(len(MAGIC)) != MAGIC:
-                await connection.write_frame(BulkReply(code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                                       details="not an apiary bulk connection (bad preamble)"))
+                await self._refuse(connection, grpc.StatusCode.INVALID_ARGUMENT,
+                                   "not an apiary bulk connection (bad preamble)")
                 return
             while await self._serve_request(connection, peer):
                 pass

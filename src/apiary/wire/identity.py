@@ -36,9 +36,13 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     if len(peer_id) != PEER_ID_LENGTH:
         raise IdentityError(f"peer id {peer_id!r} must have {PEER_ID_LENGTH} characters, has {len(peer_id)}")
     try:
-        return base64.b32decode(peer_id.upper() + "====")
+        public_key = base64.b32decode(peer_id.upper() + "====")
     except ValueError as e:
         raise IdentityError(f"peer id {peer_id!r} is not base32: {e}") from None
+    canonical = peer_id_from_public_key(public_key)  # one spelling per key: lower case, zero pad bits
+    if peer_id != canonical:
+        raise IdentityError(f"peer id {peer_id!r} is not canonical (this key's peer id is {canonical!r})")
+    return public_key
 
 
 def verify_signature(peer_id: str, signature: bytes, data: bytes) -> bool:

@@ -1,0 +1,78 @@
+"""Conversions between DHT protobuf messages and the node's own types."""
+
+from __future__ import annotations
+
+import math
+
+from apiary.dht.protos.dht_pb2 import FoundValue, NodeInfo, StoreItem, SubkeyValue
+from apiary.dht.routing import Contact
+from apiary.dht.storage import StoredEntry, ValueWithExpiration
+from apiary.wire import AddressError, Endpoint, IdentityError, InvalidRequest, PayloadTooLarge
+from apiary.wire.identity import public_key_from_peer_id
+
+
+def contact_of(info: NodeInfo) -> Contact | None:
+    """The contact a NodeInfo describes; None for client-mode or malformed senders."""
+    if not info.address:
+        return None
+    try:
+        public_key_from_peer_id(info.peer_id)
+        return Contact(info.peer_id, Endpoint.parse(info.address))
+    except (AddressError, IdentityError):
+        return None
+
+
+def node_info(contact: Contact) -> NodeInfo:
+    return NodeInfo(peer_id=contact.peer_id, address=str(contact.endpoint))
+
+
+def found_value(entry: StoredEntry | None) -> FoundValue:
+    if entry is None:
+        return FoundValue(found=False)
+    if entry.value is not None:
+        return FoundValue(found=True, value=entry.value.value, expiration=entry.value.expiration)
+    return FoundValue(
+        found=True,
+        expiration=entry.expiration,
+        subkeys=[SubkeyValue(subkey=k, value=v.value, expiration=v.expiration) for k, v in entry.subkeys.items()],
+    )
+
+
+def stored_entry(found: FoundValue) -> StoredEntry | None:
+    if not found.found:
+        return None
+    if found.subkeys:
+        return StoredEntry(subkeys={s.subkey: ValueWithExpiration(s.value, s.expiration) for s in found.subkeys})
+    return StoredEntry(value=ValueWithExpiration(found.value, found.expiration))
+
+
+def check_items(items: list[StoreItem], max_items: int, max_value_bytes: int) -> None:
+    """Raises InvalidRequest naming the first item that breaks a limit."""
+    if len(items) > max_items:
+        raise InvalidRequest(f"{len(items)} items in one request exceed max_items_per_request={max_items}")
+    for index, item in enumerate(items):
+        if len(item.value) > max_value_bytes:
+            raise PayloadTooLarge(
+                f"item {index}: value of {len(item.value)} bytes exceeds max_value_bytes={max_value_bytes}"
+            )
+        if not math.isfinite(item.expiration):
+            raise InvalidRequest(f"item {index}: expiration {item.expiration} is not a finite time")
+        if not item.key:
+            raise InvalidRequest(f"item {index}: empty key")
+
+
+def merge_entries(entries: list[StoredEntry]) -> StoredEntry | None:
+    """Combines what several nodes returned for one key: newest plain value or merged subkeys."""
+    best_value: ValueWithExpiration | None = None
+    subkeys: dict[bytes, ValueWithExpiration] = {}
+    for entry in entries:
+        if entry.value is not None:
+            if best_value is None or entry.value.expiration > best_value.expiration:
+                best_value = entry.value
+        for subkey, item in entry.subkeys.items():
+            if subkey not in subkeys or item.expiration > subkeys[subkey].expiration:
+                subkeys[subkey] = item
+    dictionary = StoredEntry(subkeys=subkeys) if subkeys else None
+    if best_value is not None and (dictionary is None or best_value.expiration > dictionary.expiration):
+        return StoredEntry(value=best_value)
+    return dictionary

@@ -1,0 +1,457 @@
+"""A Kademlia DHT node: the swarm's only directory.
+
+`DHTNode` serves the DHT protocol (`apiary.dht.Node`: Ping, Store, Find) on an `RpcServer`,
+keeps a routing table of the nodes it hears from, and offers `store`/`get` (and their batched
+forms) to the code of its participant. Keys, subkeys and values are any msgpack-serializable
+values; each write has an absolute expiration time. A node in client mode (behind NAT) serves
+nothing and is never put in anyone's routing table, but gets and stores like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from apiary.dht.blacklist import Blacklist
+from apiary.dht.ids import id_from_bytes, id_of, id_to_bytes, node_id, random_id_in
+from apiary.dht.messages import check_items, contact_of, found_value, merge_entries, node_info
+from apiary.dht.protos.dht_pb2 import (
+    FindRequest,
+    FindResponse,
+    FindResult,
+    NodeInfo,
+    PingRequest,
+    PingResponse,
+    StoreItem,
+    StoreRequest,
+    StoreResponse,
+)
+from apiary.dht.routing import Contact, RoutingTable
+from apiary.dht.settings import DHTSettings
+from apiary.dht.storage import MemoryStorage, Storage, StoredEntry
+from apiary.dht.traversal import LookupState, traverse
+from apiary.dht.validation import DHTRecord, RecordValidator
+from apiary.wire import (
+    CallContext,
+    ChannelPool,
+    Identity,
+    InvalidRequest,
+    Method,
+    PeerAddress,
+    RpcClient,
+    RpcServer,
+    ServiceSpec,
+    WireError,
+    WireSettings,
+)
+
+logger = logging.getLogger(__name__)
+
+NODE_SERVICE = ServiceSpec(
+    "apiary.dht.Node",
+    (
+        Method("Ping", PingRequest, PingResponse),
+        Method("Store", StoreRequest, StoreResponse),
+        Method("Find", FindRequest, FindResponse),
+    ),
+)
+
+
+class DHTBootstrapError(RuntimeError):
+    """None of the initial peers answered."""
+
+
+@dataclass(frozen=True)
+class Found:
+    """A value read from the DHT. For a dictionary, `value` maps each subkey to a `Found`."""
+
+    value: Any
+    expiration: float
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class DHTMetrics:
+    def __init__(self, registry: CollectorRegistry | None, node: DHTNode):
+        self.routing_table_size = Gauge(
+            "apiary_dht_routing_table_nodes", "Nodes in the routing table", registry=registry
+        )
+        self.routing_table_size.set_function(lambda: len(node.routing))
+        self.stored_records = Gauge("apiary_dht_stored_records", "Keys stored on this node", registry=registry)
+        self.rejected = Counter(
+            "apiary_dht_rejected_records", "Records refused, by reason", ["reason"], registry=registry
+        )
+        self.operations = Histogram(
+            "apiary_dht_operation_duration_seconds", "Time of get/store operations", ["operation"], registry=registry
+        )
+        self.outgoing = Counter(
+            "apiary_dht_outgoing_rpcs", "RPCs sent to other nodes, by method and outcome",
+            ["method", "outcome"], registry=registry,
+        )
+
+
+class DHTNode:
+    """One node of the DHT. Use `DHTNode.launch()` for a standalone node, or `attach()` it to a
+    service's RpcServer and then `join()`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        settings: DHTSettings | None = None,
+        *,
+        storage: Storage | None = None,
+        validator: RecordValidator | None = None,
+        pool: ChannelPool | None = None,
+        registry: CollectorRegistry | None = None,
+    ):
+        self.identity = identity
+        self.settings = settings or DHTSettings()
+        self.storage = storage or MemoryStorage()
+        self.validator = validator
+        self.pool = pool or ChannelPool()
+        self.id = node_id(identity.peer_id)
+        self.routing = RoutingTable(self.id, self.settings.bucket_size)
+        self.blacklist = Blacklist()
+        self.metrics = DHTMetrics(registry, self)
+        self.server: RpcServer | None = None
+        self._owns_server = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ---- lifecycle ----
+
+    @classmethod
+    async def launch(
+        cls,
+        initial_peers: list[PeerAddress] | None = None,
+        *,
+        identity: Identity | None = None,
+        settings: DHTSettings | None = None,
+        wire: WireSettings | None = None,
+        **kwargs: Any,
+    ) -> DHTNode:
+        """Starts a standalone node with its own server (none in client mode) and joins the swarm."""
+        wire = wire or WireSettings(listen_host="127.0.0.1", bulk=False)
+        node = cls(identity or Identity.generate(), settings, pool=ChannelPool(wire), **kwargs)
+        if not node.settings.client_mode:
+            node.attach(RpcServer(wire, node.identity))
+            node._owns_server = True
+            await node.server.start()
+        try:
+            await node.join(initial_peers or [])
+        except BaseException:
+            await node.shutdown()
+            raise
+        return node
+
+    def attach(self, server: RpcServer) -> None:
+        """Serves the DHT protocol on `server` (call before the server starts)."""
+        if self.settings.client_mode:
+            raise ValueError("a client-mode DHT node serves nothing")
+        self.server = server
+        server.add_service(NODE_SERVICE, _NodeServicer(self))
+
+    @property
+    def contact(self) -> Contact | None:
+        """How others reach this node (None in client mode)."""
+        if self.server is None:
+            return None
+        return Contact(self.identity.peer_id, self.server.announced)
+
+    @property
+    def address(self) -> str:
+        """The value others should pass as --initial-peers (empty in client mode)."""
+        return f"{self.identity.peer_id}@{self.server.announced}" if self.server is not None else ""
+
+    async def join(self, initial_peers: list[PeerAddress]) -> None:
+        """Contacts the initial peers (at least one must answer) and fills the routing table."""
+        if initial_peers:
+            answers = await asyncio.gather(*(self._ping_address(peer) for peer in initial_peers))
+            if not any(answers):
+                listed = ", ".join(map(str, initial_peers))
+                raise DHTBootstrapError(
+                    f"none of the initial peers answered within {self.settings.bootstrap_timeout:.0f}s: {listed}"
+                )
+            await self.find_nearest([self.id])
+        self._spawn(self._refresh_loop())
+
+    async def shutdown(self) -> None:
+        """Cancels background work, stops the server this node started, closes storage and channels."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._owns_server and self.server is not None:
+            await self.server.stop(0)
+        await self.pool.close()
+        await self.storage.close()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_loop(self) -> None:
+        period = self.settings.refresh_period
+        while True:
+            await asyncio.sleep(min(period / 2, 30.0))
+            self.metrics.stored_records.set(await self.storage.count())
+            stale = self.routing.stale_buckets(period)
+            if stale:
+                await self.find_nearest([random_id_in(b.low, b.high) for b in stale])
+
+    # ---- the protocol, served ----
+
+    def _heard_from(self, sender: NodeInfo) -> None:
+        contact = contact_of(sender)
+        if contact is not None and contact.peer_id != self.identity.peer_id:
+            self.routing.add(contact)
+
+    def _me(self) -> NodeInfo:
+        contact = self.contact
+        return node_info(contact) if contact is not None else NodeInfo(peer_id=self.identity.peer_id)
+
+    async def _serve_ping(self, request: PingRequest, context: CallContext) -> PingResponse:
+        self._heard_from(request.sender)
+        return PingResponse(node=self._me(), dht_time=time.time())
+
+    async def _serve_store(self, request: StoreRequest, context: CallContext) -> StoreResponse:
+        check_items(list(request.items), self.settings.max_items_per_request, self.settings.max_value_bytes)
+        self._heard_from(request.sender)
+        return StoreResponse(node=self._me(), stored=[await self._store_local(item) for item in request.items])
+
+    async def _serve_find(self, request: FindRequest, context: CallContext) -> FindResponse:
+        if len(request.key_ids) > self.settings.max_items_per_request:
+            raise InvalidRequest(
+                f"{len(request.key_ids)} keys in one request exceed max_items_per_request="
+                f"{self.settings.max_items_per_request}"
+            )
+        try:
+            ids = [id_from_bytes(raw) for raw in request.key_ids]
+        except ValueError as e:
+            raise InvalidRequest(f"key_ids: {e}") from None
+        self._heard_from(request.sender)
+        results = []
+        for key_id in ids:
+            nearest = self.routing.nearest(key_id, self.settings.bucket_size, exclude=request.sender.peer_id)
+            entry = await self.storage.get(id_to_bytes(key_id))
+            results.append(FindResult(value=found_value(entry), nearest=[node_info(c) for c in nearest]))
+        return FindResponse(node=self._me(), results=results)
+
+    async def _store_local(self, item: StoreItem) -> bool:
+        subkey = item.subkey if item.has_subkey else None
+        if self.validator is not None and not self.validator.validate(
+            DHTRecord(item.key, subkey, item.value, item.expiration)
+        ):
+            self.metrics.rejected.labels("validation").inc()
+            return False
+        return await self.storage.store(id_to_bytes(id_of(item.key)), subkey, item.value, item.expiration)
+
+    # ---- the protocol, called ----
+
+    async def _call(self, contact: Contact, method: str, request: Any) -> Any | None:
+        """Calls another node; a failure blacklists it for a while and returns None."""
+        client = RpcClient(self.pool, NODE_SERVICE, contact.endpoint, timeout=self.settings.rpc_timeout)
+        try:
+            response = await client.call(method, request)
+        except WireError as e:
+            logger.debug("%s to %s failed: %s", method, contact.peer_id[:8], e)
+            self.metrics.outgoing.labels(method, "failed").inc()
+            self.blacklist.failed(contact.peer_id)
+            self.routing.remove(contact.peer_id, contact.id)
+            return None
+        self.metrics.outgoing.labels(method, "ok").inc()
+        if response.node.peer_id != contact.peer_id:
+            self.blacklist.failed(contact.peer_id)
+            self.routing.remove(contact.peer_id, contact.id)
+            return None
+        self.blacklist.succeeded(contact.peer_id)
+        self.routing.add(contact)
+        return response
+
+    async def _ping_address(self, peer: PeerAddress) -> bool:
+        client = RpcClient(self.pool, NODE_SERVICE, peer.endpoint, timeout=self.settings.bootstrap_timeout)
+        try:
+            response = await client.call("Ping", PingRequest(sender=self._me()))
+        except WireError as e:
+            logger.warning("initial peer %s did not answer: %s", peer, e)
+            return False
+        if peer.peer_id and response.node.peer_id != peer.peer_id:
+            logger.warning("initial peer %s answered as %s", peer, response.node.peer_id)
+            return False
+        contact = contact_of(response.node) or Contact(response.node.peer_id, peer.endpoint)
+        self.routing.add(Contact(contact.peer_id, peer.endpoint))
+        return True
+
+    async def _find(self, contact: Contact, key_ids: list[int]) -> FindResponse | None:
+        request = FindRequest(sender=self._me(), key_ids=[id_to_bytes(k) for k in key_ids])
+        return await self._call(contact, "Find", request)
+
+    async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False) -> dict[int, LookupState]:
+        return await traverse(
+            key_ids,
+            lambda key_id: self.routing.nearest(key_id, self.settings.bucket_size),
+            self._find,
+            k=self.settings.bucket_size,
+            parallelism=self.settings.parallelism,
+            own_peer_id=self.identity.peer_id,
+            skip=self.blacklist.banned,
+            stop_at_first_value=stop_at_first_value,
+        )
+
+    async def find_nearest(self, key_ids: list[int], count: int | None = None) -> dict[int, list[Contact]]:
+        """The `count` (default k) nearest live nodes to each id, this node included unless in client mode."""
+        count = count or self.settings.bucket_size
+        states = await self._lookup(key_ids)
+        result = {}
+        for key_id, state in states.items():
+            if self.contact is not None:
+                state.candidates[self.identity.peer_id] = self.contact
+                state.answered.add(self.identity.peer_id)
+            result[key_id] = state.nearest(count, answered_only=True)
+        return result
+
+    # ---- the public API ----
+
+    async def store(self, key: Any, value: Any, expiration: float, subkey: Any = None) -> bool:
+        """Stores `value` under `key` (and `subkey`) until `expiration`; True if any replica took it."""
+        return (await self.store_many([(key, subkey, value, expiration)]))[0]
+
+    async def store_many(self, items: list[tuple[Any, Any, Any, float]]) -> list[bool]:
+        """Stores (key, subkey or None, value, expiration) items on the nodes nearest to each key,
+        one Store RPC per node; returns, per item, whether at least one node accepted it."""
+        started = time.perf_counter()
+        records = [self._signed_record(key, subkey, value, expiration) for key, subkey, value, expiration in items]
+        key_ids = [id_of(record.key) for record in records]
+        nearest = await self.find_nearest(sorted(set(key_ids)), self.settings.num_replicas)
+        by_node: dict[str, tuple[Contact, list[int]]] = {}
+        for index, key_id in enumerate(key_ids):
+            for contact in nearest[key_id]:
+                by_node.setdefault(contact.peer_id, (contact, []))[1].append(index)
+        accepted = [False] * len(records)
+
+        async def store_on(contact: Contact, indices: list[int]) -> None:
+            if contact.peer_id == self.identity.peer_id:
+                outcomes = [await self._store_local(_item_of(records[i])) for i in indices]
+            else:
+                request = StoreRequest(sender=self._me(), items=[_item_of(records[i]) for i in indices])
+                response = await self._call(contact, "Store", request)
+                outcomes = list(response.stored) if response is not None else [False] * len(indices)
+            for index, outcome in zip(indices, outcomes):
+                accepted[index] = accepted[index] or outcome
+
+        if not by_node and self.contact is None:
+            logger.warning("client-mode node knows no other node: nothing stored")
+        await asyncio.gather(*(store_on(contact, indices) for contact, indices in by_node.values()))
+        self.metrics.operations.labels("store").observe(time.perf_counter() - started)
+        return accepted
+
+    async def get(self, key: Any, latest: bool = False) -> Found | None:
+        """The value under `key`, or None. With `latest`, searches the key's nearest nodes to the
+        end for the newest value instead of returning the first one found."""
+        return (await self.get_many([key], latest=latest))[0]
+
+    async def get_many(self, keys: list[Any], latest: bool = False) -> list[Found | None]:
+        """`get` for many keys at once: one lookup, one Find RPC per node per round."""
+        started = time.perf_counter()
+        raw_keys = [pack(key) for key in keys]
+        key_ids = [id_of(raw) for raw in raw_keys]
+        local = {key_id: await self.storage.get(id_to_bytes(key_id)) for key_id in key_ids}
+        wanted = [key_id for key_id in set(key_ids) if latest or local[key_id] is None]
+        states = await self._lookup(wanted, stop_at_first_value=not latest) if wanted else {}
+        results = []
+        for raw_key, key_id in zip(raw_keys, key_ids):
+            state = states.get(key_id)
+            entries = [entry for entry, _ in state.values] if state else []
+            if local[key_id] is not None:
+                entries.append(local[key_id])
+            merged = merge_entries([e for e in (self._validated(raw_key, entry) for entry in entries) if e])
+            if merged is not None and state is not None and self.settings.cache_on_lookup:
+                self._cache(raw_key, merged, state)
+            results.append(self._decoded(raw_key, merged))
+        self.metrics.operations.labels("get").observe(time.perf_counter() - started)
+        return results
+
+    # ---- values in and out ----
+
+    def _signed_record(self, key: Any, subkey: Any, value: Any, expiration: float) -> DHTRecord:
+        record = DHTRecord(pack(key), None if subkey is None else pack(subkey), pack(value), float(expiration))
+        if len(record.value) > self.settings.max_value_bytes:
+            raise ValueError(
+                f"value of {len(record.value)} bytes for key {key!r} exceeds max_value_bytes={self.settings.max_value_bytes}"
+            )
+        if self.validator is None:
+            return record
+        return DHTRecord(record.key, record.subkey, self.validator.sign_value(record), record.expiration)
+
+    def _validated(self, raw_key: bytes, entry: StoredEntry) -> StoredEntry | None:
+        """The entry without records that fail validation (None if nothing is left)."""
+        if self.validator is None:
+            return entry
+        if entry.value is not None:
+            record = DHTRecord(raw_key, None, entry.value.value, entry.value.expiration)
+            return entry if self.validator.validate(record) else None
+        kept = {
+            subkey: item for subkey, item in entry.subkeys.items()
+            if self.validator.validate(DHTRecord(raw_key, subkey, item.value, item.expiration))
+        }
+        return StoredEntry(subkeys=kept) if kept else None
+
+    def _decoded(self, raw_key: bytes, entry: StoredEntry | None) -> Found | None:
+        if entry is None:
+            return None
+        strip = self.validator.strip_value if self.validator is not None else (lambda record: record.value)
+        if entry.value is not None:
+            value = strip(DHTRecord(raw_key, None, entry.value.value, entry.value.expiration))
+            return Found(unpack(value), entry.value.expiration)
+        return Found(
+            {
+                unpack(subkey): Found(unpack(strip(DHTRecord(raw_key, subkey, item.value, item.expiration))), item.expiration)
+                for subkey, item in entry.subkeys.items()
+            },
+            entry.expiration,
+        )
+
+    def _cache(self, raw_key: bytes, entry: StoredEntry, state: LookupState) -> None:
+        """Stores a found value on the nearest queried node that answered without it."""
+        if not state.without_value:
+            return
+        target = min(state.without_value, key=lambda c: c.id ^ state.key_id)
+        if entry.value is not None:
+            items = [StoreItem(key=raw_key, value=entry.value.value, expiration=entry.value.expiration)]
+        else:
+            items = [
+                StoreItem(key=raw_key, has_subkey=True, subkey=subkey, value=item.value, expiration=item.expiration)
+                for subkey, item in entry.subkeys.items()
+            ]
+        self._spawn(self._call(target, "Store", StoreRequest(sender=self._me(), items=items)))
+
+
+def _item_of(record: DHTRecord) -> StoreItem:
+    return StoreItem(
+        key=record.key,
+        has_subkey=record.subkey is not None,
+        subkey=record.subkey or b"",
+        value=record.value,
+        expiration=record.expiration,
+    )
+
+
+class _NodeServicer:
+    """Serves `NODE_SERVICE` for a node."""
+
+    def __init__(self, node: DHTNode):
+        self.ping = node._serve_ping
+        self.store = node._serve_store
+        self.find = node._serve_find

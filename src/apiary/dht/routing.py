@@ -1,0 +1,123 @@
+"""The Kademlia routing table: k-buckets over id ranges that split as the paper prescribes.
+
+A bucket covers a range of ids and holds up to `bucket_size` nodes, least recently seen
+first, plus a replacement cache. A full bucket splits if its range contains our own id (or
+its depth is not a multiple of `depth_modulo`, the relaxed rule of section 4.2 of the paper),
+otherwise newcomers wait in the replacement cache until a node of the bucket fails.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+
+from apiary.dht.ids import MAX_ID, distance, node_id
+from apiary.wire import Endpoint
+
+
+@dataclass(frozen=True)
+class Contact:
+    """A reachable DHT node."""
+
+    peer_id: str
+    endpoint: Endpoint
+
+    @cached_property
+    def id(self) -> int:
+        return node_id(self.peer_id)
+
+
+class KBucket:
+    def __init__(self, low: int, high: int, size: int, depth: int = 0):
+        self.low, self.high, self.size, self.depth = low, high, size, depth
+        self.nodes: OrderedDict[str, Contact] = OrderedDict()  # least recently seen first
+        self.replacements: OrderedDict[str, Contact] = OrderedDict()
+        self.last_updated = time.monotonic()
+
+    def covers(self, id_: int) -> bool:
+        return self.low <= id_ < self.high
+
+    def add_or_update(self, contact: Contact) -> bool:
+        """Adds or refreshes a node; returns False if the bucket is full (it goes to replacements)."""
+        self.last_updated = time.monotonic()
+        if contact.peer_id in self.nodes:
+            self.nodes.move_to_end(contact.peer_id)
+            self.nodes[contact.peer_id] = contact
+            return True
+        if len(self.nodes) < self.size:
+            self.nodes[contact.peer_id] = contact
+            return True
+        self.replacements[contact.peer_id] = contact
+        self.replacements.move_to_end(contact.peer_id)
+        while len(self.replacements) > self.size:
+            self.replacements.popitem(last=False)
+        return False
+
+    def remove(self, peer_id: str) -> None:
+        """Drops a failed node, promoting the freshest replacement in its place."""
+        self.replacements.pop(peer_id, None)
+        if self.nodes.pop(peer_id, None) is not None and self.replacements:
+            _, replacement = self.replacements.popitem()
+            self.nodes[replacement.peer_id] = replacement
+
+    def split(self) -> tuple[KBucket, KBucket]:
+        middle = (self.low + self.high) // 2
+        left = KBucket(self.low, middle, self.size, self.depth + 1)
+        right = KBucket(middle, self.high, self.size, self.depth + 1)
+        for contact in [*self.nodes.values(), *self.replacements.values()]:
+            (left if left.covers(contact.id) else right).add_or_update(contact)
+        return left, right
+
+
+class RoutingTable:
+    """Our view of the swarm, organised for finding the nodes nearest to any id."""
+
+    def __init__(self, own_id: int, bucket_size: int = 20, depth_modulo: int = 5):
+        self.own_id = own_id
+        self.bucket_size = bucket_size
+        self.depth_modulo = depth_modulo
+        self.buckets = [KBucket(0, MAX_ID, bucket_size)]
+
+    def bucket_index(self, id_: int) -> int:
+        for index, bucket in enumerate(self.buckets):
+            if bucket.covers(id_):
+                return index
+        raise AssertionError("buckets cover the whole id space")
+
+    def add(self, contact: Contact) -> bool:
+        """Adds a node we heard from; returns whether it is now in a bucket (not just cached)."""
+        if contact.id == self.own_id:
+            return False
+        while True:
+            index = self.bucket_index(contact.id)
+            bucket = self.buckets[index]
+            if bucket.add_or_update(contact):
+                return True
+            if bucket.covers(self.own_id) or bucket.depth % self.depth_modulo != 0:
+                self.buckets[index : index + 1] = bucket.split()
+                continue
+            return False
+
+    def remove(self, peer_id: str, id_: int) -> None:
+        self.buckets[self.bucket_index(id_)].remove(peer_id)
+
+    def get(self, peer_id: str) -> Contact | None:
+        return self.buckets[self.bucket_index(node_id(peer_id))].nodes.get(peer_id)
+
+    def nearest(self, id_: int, count: int, exclude: str | None = None) -> list[Contact]:
+        """The `count` known nodes nearest to `id_` by XOR distance."""
+        contacts = [c for bucket in self.buckets for c in bucket.nodes.values() if c.peer_id != exclude]
+        contacts.sort(key=lambda c: distance(c.id, id_))
+        return contacts[:count]
+
+    def __len__(self) -> int:
+        return sum(len(bucket.nodes) for bucket in self.buckets)
+
+    def contacts(self) -> list[Contact]:
+        return [c for bucket in self.buckets for c in bucket.nodes.values()]
+
+    def stale_buckets(self, older_than: float) -> list[KBucket]:
+        cutoff = time.monotonic() - older_than
+        return [bucket for bucket in self.buckets if bucket.last_updated < cutoff]

@@ -1,0 +1,18 @@
+"""Settings of a DHT node."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class DHTSettings(BaseModel):
+    bucket_size: int = Field(20, ge=2, description="nodes per k-bucket (Kademlia's k)")
+    num_replicas: int = Field(5, ge=1, description="nodes that store each value")
+    parallelism: int = Field(3, ge=1, description="concurrent queries per key in a lookup (Kademlia's alpha)")
+    rpc_timeout: float = Field(3.0, gt=0, description="deadline of one DHT RPC, seconds")
+    bootstrap_timeout: float = Field(15.0, gt=0, description="seconds to reach an initial peer before giving up")
+    refresh_period: float = Field(300.0, gt=0, description="refresh k-buckets not updated for this many seconds")
+    max_value_bytes: int = Field(1 << 20, ge=64, description="largest value accepted for storage")
+    max_items_per_request: int = Field(1024, ge=1, description="largest number of keys or items in one RPC")
+    client_mode: bool = Field(False, description="do not accept connections (behind NAT): get and store only")
+    cache_on_lookup: bool = Field(True, description="store found values on the nearest node of the lookup that lacked them")

@@ -1,0 +1,94 @@
+"""Iterative parallel Kademlia lookups for many keys at once.
+
+Each round, every unfinished key picks up to `parallelism` of its nearest unqueried
+candidates; the picks are grouped by node so that each node gets one Find RPC carrying every
+key it was picked for, and all of a round's RPCs run concurrently. A key is finished when its
+`k` nearest known nodes have all answered or failed, or (when only a value is wanted) as soon
+as one value is found.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from apiary.dht.ids import distance
+from apiary.dht.messages import contact_of, stored_entry
+from apiary.dht.protos.dht_pb2 import FindResponse
+from apiary.dht.routing import Contact
+from apiary.dht.storage import StoredEntry
+
+Query = Callable[[Contact, list[int]], Awaitable[FindResponse | None]]
+
+
+@dataclass
+class LookupState:
+    """What a lookup learned about one key."""
+
+    key_id: int
+    candidates: dict[str, Contact] = field(default_factory=dict)
+    queried: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+    values: list[tuple[StoredEntry, Contact]] = field(default_factory=list)
+    without_value: list[Contact] = field(default_factory=list)
+    done: bool = False
+
+    def nearest(self, count: int, *, answered_only: bool = False) -> list[Contact]:
+        pool = [c for c in self.candidates.values() if c.peer_id not in self.failed]
+        if answered_only:
+            pool = [c for c in pool if c.peer_id in self.answered]
+        return sorted(pool, key=lambda c: distance(c.id, self.key_id))[:count]
+
+
+async def traverse(
+    key_ids: list[int],
+    seeds: Callable[[int], list[Contact]],
+    query: Query,
+    *,
+    k: int,
+    parallelism: int,
+    own_peer_id: str,
+    skip: Callable[[str], bool],
+    stop_at_first_value: bool = False,
+    max_rounds: int = 64,
+) -> dict[int, LookupState]:
+    """Runs the lookups; `seeds(id)` gives the starting contacts, `skip(peer_id)` banned ones."""
+    states = {key_id: LookupState(key_id, {c.peer_id: c for c in seeds(key_id)}) for key_id in key_ids}
+    for _ in range(max_rounds):
+        picks: dict[str, tuple[Contact, list[int]]] = {}
+        for state in states.values():
+            if state.done:
+                continue
+            if stop_at_first_value and state.values:
+                state.done = True
+                continue
+            pending = [c for c in state.nearest(k) if c.peer_id not in state.queried]
+            if not pending:
+                state.done = True
+                continue
+            for contact in pending[:parallelism]:
+                state.queried.add(contact.peer_id)
+                picks.setdefault(contact.peer_id, (contact, []))[1].append(state.key_id)
+        if not picks:
+            break
+        responses = await asyncio.gather(*(query(contact, ids) for contact, ids in picks.values()))
+        for (contact, ids), response in zip(picks.values(), responses):
+            for position, key_id in enumerate(ids):
+                state = states[key_id]
+                if response is None or position >= len(response.results):
+                    state.failed.add(contact.peer_id)
+                    continue
+                state.answered.add(contact.peer_id)
+                result = response.results[position]
+                entry = stored_entry(result.value)
+                if entry is not None:
+                    state.values.append((entry, contact))
+                else:
+                    state.without_value.append(contact)
+                for info in result.nearest:
+                    found = contact_of(info)
+                    if found is not None and found.peer_id != own_peer_id and not skip(found.peer_id):
+                        state.candidates.setdefault(found.peer_id, found)
+    return states

@@ -1,0 +1,1 @@
+"""Helpers for the wire tests: a peer process and small utilities (no mocks)."""

@@ -1,0 +1,77 @@
+"""A peer in its own process for the cross-process wire tests.
+
+Serves an `RpcServer` (probe service and bulk transport) on 127.0.0.1 with ports chosen by the
+OS, prints one JSON line with its ports and peer id, and runs until its stdin closes (so it
+never outlives the test process that started it) or it gets SIGTERM.
+
+    python -m tests.wire_helpers.peer_server [--max-tensor-bytes N] [--identity PATH] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+
+from apiary.wire import Identity, RpcServer, WireSettings
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--identity", help="identity file (load or create); default: a fresh identity")
+    parser.add_argument("--max-tensor-bytes", type=int)
+    parser.add_argument("--max-message-bytes", type=int)
+    parser.add_argument("--chunk-bytes", type=int)
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    limits = {
+        name: value
+        for name, value in (
+            ("max_tensor_bytes", args.max_tensor_bytes),
+            ("max_message_bytes", args.max_message_bytes),
+            ("chunk_bytes", args.chunk_bytes),
+        )
+        if value is not None
+    }
+    settings = WireSettings(listen_host="127.0.0.1", port=0, bulk_port=0, shutdown_grace=0.5, **limits)
+    identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
+    server = RpcServer(settings, identity)
+    await server.start()
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+
+    def wait_for_stdin_eof() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stopping.set)
+
+    threading.Thread(target=wait_for_stdin_eof, daemon=True).start()
+    print(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "port": server.port,
+                "bulk_port": server.bulk.port if server.bulk is not None else None,
+                "peer_id": identity.peer_id,
+                "settings": settings.model_dump(),
+            }
+        ),
+        flush=True,
+    )
+    await stopping.wait()
+    await server.stop(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(serve(_parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

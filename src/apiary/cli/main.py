@@ -8,7 +8,9 @@ import pydantic
 import typer
 
 from apiary.cli.basics import keygen_command, ping_command, version_command
+from apiary.cli.dht import dht_command
 from apiary.cli.up import up_command
+from apiary.dht import DHTBootstrapError
 from apiary.wire import AddressError, IdentityError, WireError
 
 app = typer.Typer(
@@ -22,6 +24,7 @@ app.command("version")(version_command)
 app.command("keygen")(keygen_command)
 app.command("ping")(ping_command)
 app.command("up")(up_command)
+app.command("dht")(dht_command)
 
 
 def _one_line(error: pydantic.ValidationError) -> str:
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_one_line(e), 2)
     except (AddressError, IdentityError) as e:
         _fail(str(e), 2)
-    except (WireError, OSError) as e:
+    except (WireError, DHTBootstrapError, OSError) as e:
         _fail(str(e), 1)
 
 

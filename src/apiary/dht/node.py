@@ -285,7 +285,7 @@ class DHTNode:
         try:
             response = await client.call("Ping", PingRequest(sender=self._me()))
         except WireError as e:
-            logger.warning("initial peer %s did not answer: %s", peer, e)
+            logger.info("initial peer %s did not answer: %s", peer, e)
             return False
         if peer.peer_id and response.node.peer_id != peer.peer_id:
             logger.warning("initial peer %s answered as %s", peer, response.node.peer_id)

@@ -109,7 +109,7 @@ end
 if latest == math.huge then
   redis.call('PERSIST', key)
 else
-  redis.call('PEXPIREAT', key, string.format('%.0f', math.ceil(latest * 1000)))
+  redis.call('PERSIST', key)
 end
 return 1
 """

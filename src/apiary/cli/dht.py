@@ -1,0 +1,71 @@
+"""`apiary dht`: run this participant's DHT node."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Optional
+
+from rich.console import Console
+
+from apiary.cli.options import option
+from apiary.dht import DHTSettings
+from apiary.services.dht import DHTService, DHTServiceSettings
+from apiary.services.runtime import ServiceSettings
+from apiary.telemetry import TracingSettings
+from apiary.wire import WireSettings, parse_peer_list
+
+console = Console(soft_wrap=True)
+
+
+def dht_command(
+    initial_peers: Annotated[str, option("--initial-peers", "peers to join through: peer_id@host:port, comma-separated (none: start a new swarm)")] = "",
+    host: Annotated[str, option("--host", "interface the public DHT port binds")] = "0.0.0.0",
+    port: Annotated[int, option("--port", "public DHT port (0: any free port)")] = 0,
+    announce_host: Annotated[Optional[str], option("--announce-host", "host other peers dial (default: this host's address)")] = None,
+    announce_port: Annotated[Optional[int], option("--announce-port", "port other peers dial (default: the bound port)")] = None,
+    client_mode: Annotated[bool, option("--client-mode", "behind NAT: get and store, accept no connections")] = False,
+    redis_url: Annotated[Optional[str], option("--redis-url", "keep records in Redis, e.g. redis://localhost:6379/0")] = None,
+    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
+    local_host: Annotated[str, option("--local-host", "interface of the local API")] = "127.0.0.1",
+    local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
+    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
+    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
+    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
+    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    bucket_size: Annotated[int, option("--bucket-size", "nodes per k-bucket")] = 20,
+    num_replicas: Annotated[int, option("--num-replicas", "nodes that store each value")] = 5,
+    bootstrap_timeout: Annotated[float, option("--bootstrap-timeout", "seconds to reach an initial peer")] = 15.0,
+) -> None:
+    """Run a DHT node: the swarm's directory of peers, experts, groups and progress."""
+    settings = (
+        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False),
+        ServiceSettings(
+            identity=identity, admin_host=admin_host, admin_port=admin_port,
+            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
+        ),
+        DHTSettings(bucket_size=bucket_size, num_replicas=num_replicas, client_mode=client_mode,
+                    bootstrap_timeout=bootstrap_timeout),
+        DHTServiceSettings(initial_peers=parse_peer_list(initial_peers), redis_url=redis_url,
+                           local_host=local_host, local_port=local_port),
+    )
+    asyncio.run(_serve(*settings))
+
+
+async def _serve(
+    wire: WireSettings, service_settings: ServiceSettings, dht: DHTSettings, settings: DHTServiceSettings
+) -> None:
+    service = DHTService(wire, service_settings, dht, settings)  # grpc.aio objects need the running loop
+    try:
+        await service.start()
+    except BaseException:
+        await service.host.shutdown()
+        raise
+    node = service.node
+    if node.address:
+        console.print(f"others join with: [bold]--initial-peers {node.address}[/bold]")
+    else:
+        console.print("client mode: this node accepts no connections")
+    console.print(f"peer id {node.identity.peer_id}; {len(node.routing)} neighbours")
+    console.print(f"local API: {service.local_endpoint}   admin: {service.host.admin.url}", highlight=False)
+    await service.host.run()

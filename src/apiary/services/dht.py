@@ -1,0 +1,78 @@
+"""The dht service: a DHT node with its public port, local API, admin endpoints and storage."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from apiary.dht import DHTNode, DHTSettings
+from apiary.dht.local import LOCAL_SERVICE, LocalServicer
+from apiary.dht.storage import MemoryStorage, Storage
+from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer, WireSettings
+
+logger = logging.getLogger(__name__)
+
+
+class DHTServiceSettings(BaseModel):
+    initial_peers: list[PeerAddress] = Field(default_factory=list)
+    redis_url: str | None = Field(None, description="keep records in Redis (survive restarts); none: in memory")
+    local_host: str = Field("127.0.0.1", description="interface of the local API for this participant's services")
+    local_port: int = Field(0, ge=0, le=65535, description="port of the local API (0: any free port)")
+
+
+async def open_storage(redis_url: str | None) -> Storage:
+    if not redis_url:
+        return MemoryStorage()
+    from apiary.dht.storage import RedisStorage
+
+    return await RedisStorage.open(redis_url)
+
+
+class DHTService:
+    """Builds and runs the service; `start()` returns once the node has joined the swarm."""
+
+    def __init__(self, wire: WireSettings, service: ServiceSettings, dht: DHTSettings, settings: DHTServiceSettings):
+        self.settings = settings
+        self.host = ServiceHost("dht", wire, service, status=self.status, ready=lambda: self.joined)
+        self.dht_settings = dht
+        self.node: DHTNode | None = None
+        self.local_server = RpcServer(
+            WireSettings(listen_host=settings.local_host, port=settings.local_port, bulk=False), self.host.identity
+        )
+        self.joined = False
+
+    async def start(self) -> None:
+        storage = await open_storage(self.settings.redis_url)
+        self.node = DHTNode(
+            self.host.identity, self.dht_settings, storage=storage,
+            pool=ChannelPool(self.host.server.settings), registry=self.host.registry,
+        )
+        if not self.dht_settings.client_mode:
+            self.node.attach(self.host.server)
+        self.local_server.add_service(LOCAL_SERVICE, LocalServicer(self.node))
+        await self.host.start()
+        self.host.on_stop(self.node.shutdown)
+        await self.local_server.start()
+        self.host.on_stop(self.local_server.stop)
+        await self.node.join(self.settings.initial_peers)
+        self.joined = True
+
+    @property
+    def local_endpoint(self) -> Endpoint:
+        return self.local_server.local_endpoint
+
+    def status(self) -> dict[str, Any]:
+        node = self.node
+        if node is None:
+            return {"joined": False}
+        return {
+            "joined": self.joined,
+            "client_mode": node.settings.client_mode,
+            "initial_peers_for_others": node.address,
+            "local_api": str(self.local_endpoint),
+            "routing_table_size": len(node.routing),
+            "neighbours": [{"peer_id": c.peer_id, "address": str(c.endpoint)} for c in node.routing.contacts()],
+        }

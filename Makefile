@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/apiary up --peers 4 --duration 10
 
 test: $(STAMP)
+	$(PY) -m tests.tools.ensure_redis
 	$(PY) -m pytest -q --durations=15
 
 bench: $(STAMP)

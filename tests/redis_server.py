@@ -72,7 +72,9 @@ class RedisServer:
             "--daemonize", "no",
             "--logfile", str(log),
         ]  # fmt: skip
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         try:
             self._wait_until_ready(log)
         except BaseException:
@@ -122,7 +124,8 @@ class RedisServer:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"redis-server on port {self.port} did not answer PING within {START_TIMEOUT_S} s: {_tail(log)}"
+                    f"redis-server on port {self.port} did not answer PING within {START_TIMEOUT_S} s: "
+                    f"{_tail(log)}"
                 )
             time.sleep(0.02)
 

@@ -180,7 +180,9 @@ async def test_restarted_node_serves_records_with_their_original_expirations(red
     restarted = await RedisStorage.open(redis_url)
     try:
         assert await restarted.get(b"plain") == plain(b"p", expiration)  # exact float equality
-        assert await restarted.get(b"dict") == dictionary(a=(b"a", expiration + 1 / 3), b=(b"b", expiration + 2 / 3))
+        assert await restarted.get(b"dict") == dictionary(
+            a=(b"a", expiration + 1 / 3), b=(b"b", expiration + 2 / 3)
+        )
         assert sorted(await restarted.keys()) == [b"dict", b"plain"]
         # the merge rules still hold against what was loaded
         assert not await restarted.store(b"plain", None, b"equal", expiration)
@@ -225,10 +227,49 @@ async def test_redis_key_ttl_follows_the_latest_expiration(redis_url):
         assert await ttl_seconds() == pytest.approx(40, abs=1.0)
         assert await storage.store(b"k", b"b", b"b", start + 50)
         assert await ttl_seconds() == pytest.approx(50, abs=1.0)
+    finally:
+        await client.aclose()
+        await storage.close()
 
-        assert await storage.store(b"gone", None, b"v", time.time() + SHORT)
+
+async def test_redis_frees_what_has_expired_or_been_replaced(redis_url):
+    storage = await RedisStorage.open(redis_url, namespace="free")
+    client = aioredis.Redis.from_url(redis_url)
+
+    def name(key: bytes) -> bytes:
+        return b"free:" + key.hex().encode()
+
+    try:
+        start = time.time()
+        assert await storage.store(b"gone", None, b"v", start + SHORT)
+        assert await storage.store(b"dict", b"short", b"v", start + SHORT)
+        assert await storage.store(b"dict", b"long", b"v", start + 60)
         await asyncio.sleep(PAST_SHORT)
-        assert await client.exists(b"ttl:" + b"gone".hex().encode()) == 0  # Redis freed it
+        assert await client.exists(name(b"gone")) == 0  # Redis freed the whole record by its TTL
+        assert await storage.store(b"dict", b"new", b"v", start + 30)
+        assert await client.hlen(name(b"dict")) == 4  # the expired subkey was pruned on write
+        assert await storage.store(b"dict", None, b"plain", start + 61)
+        assert await client.hlen(name(b"dict")) == 2  # nothing of the dictionary is left behind
+    finally:
+        await client.aclose()
+        await storage.close()
+
+
+async def test_expired_records_are_ignored_before_redis_frees_them(redis_url):
+    """Reads go by the node's clock, not by whether Redis has evicted the key yet."""
+    storage = await RedisStorage.open(redis_url, namespace="late")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        start = time.time()
+        assert await storage.store(b"plain", None, b"v", start + SHORT)
+        assert await storage.store(b"dict", b"a", b"v", start + SHORT)
+        for key in (b"plain", b"dict"):
+            assert await client.persist(b"late:" + key.hex().encode())  # as if Redis lagged
+        await asyncio.sleep(PAST_SHORT)
+        assert await storage.get(b"plain") is None and await storage.get(b"dict") is None
+        assert await storage.keys() == [] and await storage.count() == 0
+        assert await storage.store(b"plain", b"a", b"new", start + 60)  # and they block nothing
+        assert await storage.get(b"plain") == dictionary(a=(b"new", start + 60))
     finally:
         await client.aclose()
         await storage.close()

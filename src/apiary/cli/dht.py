@@ -56,11 +56,7 @@ async def _serve(
     wire: WireSettings, service_settings: ServiceSettings, dht: DHTSettings, settings: DHTServiceSettings
 ) -> None:
     service = DHTService(wire, service_settings, dht, settings)  # grpc.aio objects need the running loop
-    try:
-        await service.start()
-    except BaseException:
-        await service.host.shutdown()
-        raise
+    await service.start()
     node = service.node
     if node.address:
         console.print(f"others join with: [bold]--initial-peers {node.address}[/bold]")

@@ -11,6 +11,7 @@ from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
 from apiary.cli.up import up_command
 from apiary.dht import DHTBootstrapError
+from apiary.dht.storage import StorageUnavailable
 from apiary.wire import AddressError, IdentityError, WireError
 
 app = typer.Typer(
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_one_line(e), 2)
     except (AddressError, IdentityError) as e:
         _fail(str(e), 2)
-    except (WireError, DHTBootstrapError, OSError) as e:
+    except (WireError, DHTBootstrapError, StorageUnavailable, OSError) as e:
         _fail(str(e), 1)
 
 

@@ -36,7 +36,7 @@ from apiary.dht.routing import Contact, RoutingTable
 from apiary.dht.settings import DHTSettings
 from apiary.dht.storage import MemoryStorage, Storage, StoredEntry
 from apiary.dht.traversal import LookupState, traverse
-from apiary.dht.validation import DHTRecord, RecordValidator
+from apiary.dht.validation import DHTRecord, RecordValidator, SignatureValidator
 from apiary.wire import (
     CallContext,
     ChannelPool,
@@ -112,14 +112,14 @@ class DHTNode:
         settings: DHTSettings | None = None,
         *,
         storage: Storage | None = None,
-        validator: RecordValidator | None = None,
+        validator: RecordValidator | None = None,  # default: signed records (SignatureValidator)
         pool: ChannelPool | None = None,
         registry: CollectorRegistry | None = None,
     ):
         self.identity = identity
         self.settings = settings or DHTSettings()
         self.storage = storage or MemoryStorage()
-        self.validator = validator
+        self.validator = validator if validator is not None else SignatureValidator(identity)
         self.pool = pool or ChannelPool()
         self.id = node_id(identity.peer_id)
         self.routing = RoutingTable(self.id, self.settings.bucket_size)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import LOCAL_SERVICE, LocalServicer
-from apiary.dht.storage import MemoryStorage, Storage
+from apiary.dht.storage import MemoryStorage, RedisStorage, Storage
 from apiary.services.runtime import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer, WireSettings
 
@@ -24,10 +24,9 @@ class DHTServiceSettings(BaseModel):
 
 
 async def open_storage(redis_url: str | None) -> Storage:
+    """Redis storage when a URL is given (failing at once if Redis does not answer), else memory."""
     if not redis_url:
         return MemoryStorage()
-    from apiary.dht.storage import RedisStorage
-
     return await RedisStorage.open(redis_url)
 
 
@@ -42,9 +41,18 @@ class DHTService:
         self.local_server = RpcServer(
             WireSettings(listen_host=settings.local_host, port=settings.local_port, bulk=False), self.host.identity
         )
+        self.host.on_stop(self.local_server.stop)
         self.joined = False
 
     async def start(self) -> None:
+        """Opens storage, starts the servers and joins; on failure, stops what it started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.host.shutdown()
+            raise
+
+    async def _start(self) -> None:
         storage = await open_storage(self.settings.redis_url)
         self.node = DHTNode(
             self.host.identity, self.dht_settings, storage=storage,
@@ -56,7 +64,6 @@ class DHTService:
         await self.host.start()
         self.host.on_stop(self.node.shutdown)
         await self.local_server.start()
-        self.host.on_stop(self.local_server.stop)
         await self.node.join(self.settings.initial_peers)
         self.joined = True
 

@@ -58,7 +58,7 @@ class ServiceHost:
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
-        self._cleanups: list[Callable[[], Awaitable[None]]] = []
+        self._cleanups: list[Callable[[], Awaitable[None]]] = [self.server.stop]
 
     @property
     def address(self) -> str:
@@ -68,7 +68,6 @@ class ServiceHost:
     async def start(self) -> None:
         configure_tracing(self.service, self.settings.tracing)
         await self.server.start()
-        self._cleanups.append(self.server.stop)
         await self.admin.start()
         self._cleanups.append(self.admin.stop)
 

@@ -49,7 +49,8 @@ class RpcServer:
         self.settings = settings
         self.identity = identity
         self.metrics = RpcMetrics(registry, metrics_prefix) if registry is not None else None
-        self._server = grpc.aio.server(options=settings.grpc_options())
+        self._server: grpc.aio.Server | None = None  # made at start: an unstarted one upsets grpc at exit
+        self._handlers: list[grpc.GenericRpcHandler] = []
         self.bulk = BulkServer(settings, metrics=self.metrics) if settings.bulk else None
         self._bound_port: int | None = None
 
@@ -61,13 +62,14 @@ class RpcServer:
             if handler is None:
                 raise TypeError(f"{type(implementation).__name__} lacks {method.handler_name}() for {spec.name}")
             handlers[method.name] = self._method_handler(spec, method, handler)
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(spec.name, handlers),))
+        self._handlers.append(grpc.method_handlers_generic_handler(spec.name, handlers))
 
     async def start(self) -> None:
         """Binds the port and starts serving; raises OSError naming the address if binding fails."""
         address = str(Endpoint(self.settings.listen_host, self.settings.port))
+        server = grpc.aio.server(options=self.settings.grpc_options())
         try:
-            port = self._server.add_insecure_port(address)
+            port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: {e}") from None
         if port == 0:
@@ -75,14 +77,18 @@ class RpcServer:
         self._bound_port = port
         if self.bulk is not None:
             await self.bulk.start()
+        self._server = server
         probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings)
         self.add_service(PROBE, probe)
         if self.bulk is not None:
             self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
+        self._server.add_generic_rpc_handlers(tuple(self._handlers))
         await self._server.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls and gives in-flight calls `grace` seconds to finish."""
+        if self._server is None:
+            return
         if self.bulk is not None:
             await self.bulk.stop()
         await self._server.stop(self.settings.shutdown_grace if grace is None else grace)

@@ -109,7 +109,7 @@ end
 if latest == math.huge then
   redis.call('PERSIST', key)
 else
-  redis.call('PERSIST', key)
+  redis.call('PEXPIREAT', key, string.format('%.0f', math.ceil(latest * 1000)))
 end
 return 1
 """
@@ -152,7 +152,9 @@ class RedisStorage:
         self._closed = False
 
     @classmethod
-    async def open(cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, timeout: float = 5.0) -> RedisStorage:
+    async def open(
+        cls, url: str, *, namespace: str = DEFAULT_NAMESPACE, timeout: float = 5.0
+    ) -> RedisStorage:
         """A storage whose Redis answered; raises `StorageUnavailable` naming the URL if not."""
         storage = cls(url, namespace=namespace, timeout=timeout)
         try:

@@ -105,10 +105,12 @@ def test_up_runs_a_local_swarm_that_ping_reaches_and_stops_on_sigterm() -> None:
             line = swarm.stdout.readline()
             assert line, f"apiary up ended early: {output}{swarm.stderr.read()}"
             output += line
-        rows = [line for line in output.splitlines() if "http://127.0.0.1:" in line]
-        assert len(rows) == 3
-        assert all("2/2" in row and "MB/s" in row for row in rows), output
-        port = re.search(r"│\s*(\d+)\s*│\s*http://", rows[0]).group(1)
+        rows = [line.split("│")[1:-1] for line in output.splitlines() if "MB/s" in line]
+        assert len(rows) == 3, output
+        # every participant pinged the 2 others and read all 3 announcements from the DHT
+        assert all(row[3].strip() == "2/2" and row[6].strip() == "3/3" for row in rows), output
+        port = rows[0][1].strip()
+        assert "join this swarm with: apiary dht --initial-peers" in output
 
         ping = run("ping", f"127.0.0.1:{port}", "--bulk-mib", "2")
         assert ping.returncode == 0, ping.stderr

@@ -1,0 +1,1 @@
+"""Decentralized averaging: matchmaking through the DHT, butterfly all-reduce, compression, state transfer."""

@@ -1,0 +1,239 @@
+"""Butterfly all-reduce within one group, over the bulk transport.
+
+The flattened tensors are cut into one span per member (`partition.spans`). Every sender
+sends span j (encoded by its codec) to member j, the span's reducer, in one bulk call; the
+reducer accumulates the weighted sum of the parts that arrive, and once every expected sender
+has contributed — or `sender_timeout` has passed — answers every waiting call with the
+weighted mean. So:
+- a sender that stalls past the timeout is left out of that span's mean;
+- a reducer that fails (its call errors or times out) makes the senders keep their local
+  values for its span;
+- the whole round is bounded by its deadline, and results are written to the caller's
+  tensors only when the round ends, so a cancelled round leaves them as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from apiary.averaging.compression import Codec, codec_by_name
+from apiary.averaging.partition import Member, shares, spans
+from apiary.averaging.protos.averaging_pb2 import ReduceReply, ReduceRequest
+from apiary.wire import Endpoint, InvalidRequest, WireError
+from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
+from apiary.wire.tensors import tensor_from_payload, tensor_payload
+
+logger = logging.getLogger(__name__)
+
+REDUCE_ROUTE = "apiary.averaging/Reduce"
+
+
+@dataclass
+class GroupRound:
+    """One all-reduce round of one group, as a member sees it."""
+
+    group_id: str
+    members: list[Member]
+    own_index: int
+    total: int  # elements in the flattened tensors
+    sender_timeout: float
+    spans: list[tuple[int, int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spans = spans(self.total, shares(self.members))
+
+    @property
+    def me(self) -> Member:
+        return self.members[self.own_index]
+
+
+class _SpanReduction:
+    """The reducer's side of one span: accumulates weighted parts, then publishes the mean."""
+
+    def __init__(self, round_: GroupRound, numel: int):
+        self.numel = numel
+        self.expected = {m.peer_id for m in round_.members if m.sends}
+        self.sum = torch.zeros(numel, dtype=torch.float32)
+        self.weight = 0.0
+        self.contributors: set[str] = set()
+        self.done = asyncio.Event()
+        self.mean: torch.Tensor | None = None
+        self._encoded: dict[str, list[torch.Tensor]] = {}
+        self.deadline = time.monotonic() + round_.sender_timeout
+
+    def add(self, sender: str, part: torch.Tensor, weight: float) -> None:
+        if self.done.is_set():
+            raise InvalidRequest(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
+        if sender not in self.expected:
+            raise InvalidRequest(f"peer {sender[:8]} is not a sender of this group")
+        if sender in self.contributors:
+            raise InvalidRequest(f"peer {sender[:8]} already sent this span")
+        if part.numel() != self.numel:
+            raise InvalidRequest(f"part has {part.numel()} elements, the span has {self.numel}")
+        if not weight >= 0:
+            raise InvalidRequest(f"weight {weight} must be a non-negative number")
+        self.sum.add_(part, alpha=weight)
+        self.weight += weight
+        self.contributors.add(sender)
+        if self.contributors == self.expected:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done.is_set():
+            self.mean = self.sum / self.weight if self.weight > 0 else self.sum
+            self.done.set()
+
+    def encoded_mean(self, codec: Codec) -> list[torch.Tensor]:
+        """The mean encoded by `codec`, encoded once however many senders ask."""
+        assert self.mean is not None
+        if codec.name not in self._encoded:
+            self._encoded[codec.name] = codec.encode(self.mean)
+        return self._encoded[codec.name]
+
+    async def result(self) -> torch.Tensor:
+        try:
+            await asyncio.wait_for(self.done.wait(), max(0.0, self.deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.finish()  # the stragglers are left out
+        assert self.mean is not None
+        return self.mean
+
+
+class AllReduceService:
+    """Serves the Reduce bulk route for the rounds this peer reduces in."""
+
+    def __init__(self, registration_timeout: float = 5.0):
+        self.registration_timeout = registration_timeout
+        self._reductions: dict[str, _SpanReduction] = {}
+        self._registered: dict[str, asyncio.Event] = {}
+
+    def open(self, round_: GroupRound) -> None:
+        """Starts accepting parts for this member's span of `round_`."""
+        start, end = round_.spans[round_.own_index]
+        self._reductions[round_.group_id] = _SpanReduction(round_, end - start)
+        self._registered.setdefault(round_.group_id, asyncio.Event()).set()
+
+    def close(self, group_id: str) -> None:
+        self._reductions.pop(group_id, None)
+        self._registered.pop(group_id, None)
+
+    def contribute_local(self, group_id: str, sender: str, part: torch.Tensor, weight: float) -> None:
+        self._reductions[group_id].add(sender, part, weight)
+
+    async def local_result(self, group_id: str) -> torch.Tensor:
+        return await self._reductions[group_id].result()
+
+    async def handle(self, call: BulkCall) -> BulkAnswer:
+        request = ReduceRequest.FromString(call.body)
+        reduction = await self._reduction_for(request.group_id)
+        if request.numel != reduction.numel:
+            raise InvalidRequest(f"span {request.span}: {request.numel} elements declared, this span has {reduction.numel}")
+        try:
+            codec = codec_by_name(request.codec)
+            part = codec.decode([tensor_from_payload(h, p) for h, p in call.tensors], request.numel)
+        except ValueError as e:
+            raise InvalidRequest(f"malformed part from {request.sender[:8]}: {e}") from None
+        reduction.add(request.sender, part, request.weight)
+        await reduction.result()
+        reply = ReduceReply(codec=codec.name, numel=reduction.numel, contributors=len(reduction.contributors),
+                            total_weight=reduction.weight)
+        return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in reduction.encoded_mean(codec)])
+
+    async def _reduction_for(self, group_id: str) -> _SpanReduction:
+        """The reduction of `group_id`, waiting briefly if the part arrived before our own round began."""
+        event = self._registered.setdefault(group_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), self.registration_timeout)
+        except asyncio.TimeoutError:
+            self._registered.pop(group_id, None)
+            raise InvalidRequest(f"no all-reduce round {group_id!r} here") from None
+        reduction = self._reductions.get(group_id)
+        if reduction is None:
+            raise InvalidRequest(f"all-reduce round {group_id!r} is over")
+        return reduction
+
+
+async def run_allreduce(
+    round_: GroupRound,
+    flat: torch.Tensor,
+    weight: float,
+    *,
+    service: AllReduceService,
+    client: BulkClient,
+    codec: Codec,
+    deadline: float,
+) -> torch.Tensor:
+    """This member's part of one round. `flat` is the member's flattened float32 tensors (empty
+    for auxiliary members); returns the averaged vector (local values kept where a reducer failed).
+    Runs no longer than `deadline` seconds (raises DeadlineExceeded-like asyncio.TimeoutError)."""
+    return await asyncio.wait_for(_allreduce(round_, flat, weight, service, client, codec), deadline)
+
+
+async def _allreduce(
+    round_: GroupRound, flat: torch.Tensor, weight: float, service: AllReduceService, client: BulkClient, codec: Codec
+) -> torch.Tensor:
+    me = round_.me
+    result = flat.clone() if me.sends else flat
+    if me.reduces:
+        service.open(round_)
+    try:
+        tasks = []
+        if me.sends:
+            for index, member in enumerate(round_.members):
+                start, end = round_.spans[index]
+                if end > start:
+                    tasks.append(_exchange(round_, index, member, flat[start:end], weight, service, client, codec, result))
+        if me.reduces:
+            tasks.append(service.local_result(round_.group_id))  # stay until our span is served
+        await asyncio.gather(*tasks)
+    finally:
+        if me.reduces:
+            service.close(round_.group_id)
+    return result
+
+
+async def _exchange(
+    round_: GroupRound, index: int, member: Member, part: torch.Tensor, weight: float,
+    service: AllReduceService, client: BulkClient, codec: Codec, result: torch.Tensor,
+) -> None:
+    """Sends one span to its reducer and writes the mean into `result` (keeps local values on failure)."""
+    start, end = round_.spans[index]
+    me = round_.me
+    if index == round_.own_index:
+        service.contribute_local(round_.group_id, me.peer_id, part, weight)
+        result[start:end] = await service.local_result(round_.group_id)
+        return
+    request = ReduceRequest(group_id=round_.group_id, sender=me.peer_id, span=index, weight=weight,
+                            codec=codec.name, numel=end - start)
+    try:
+        body, tensors = await client.call(
+            Endpoint.parse(member.bulk_address), REDUCE_ROUTE, body=request.SerializeToString(),
+            tensors=[tensor_payload(t) for t in codec.encode(part)], timeout=round_.sender_timeout * 2,
+        )
+        reply = ReduceReply.FromString(body)
+        result[start:end] = codec_by_name(reply.codec).decode([tensor_from_payload(h, p) for h, p in tensors], end - start)
+    except (WireError, ValueError) as e:
+        logger.warning("reducer %s of span %d failed, keeping local values: %s", member.peer_id[:8], index, e)
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors' values as one float32 vector."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Writes `flat` back into `tensors` (in place, casting to each tensor's dtype)."""
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            count = tensor.numel()
+            tensor.copy_(flat[offset : offset + count].view_as(tensor))
+            offset += count

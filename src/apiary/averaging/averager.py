@@ -1,0 +1,117 @@
+"""A decentralized averager: finds a group through the DHT and averages tensors in it.
+
+`Averager.step()` runs one round: matchmaking (`matchmaking.Matchmaker`) under the Moshpit
+group key of the round (`grid.MoshpitGrid`), then butterfly all-reduce (`allreduce`) of the
+averager's tensors, weighted by the caller's weight. The averaged values replace the tensors'
+only when the round succeeds; a failed or cancelled round leaves them untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel, Field
+
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, run_allreduce, unflatten_into
+from apiary.averaging.compression import codec_by_name
+from apiary.averaging.grid import MoshpitGrid
+from apiary.averaging.matchmaking import MATCHMAKING, DHTLike, Matchmaker, MatchmakingSettings, schema_digest
+from apiary.averaging.partition import Member, Mode
+from apiary.wire import CallContext, ChannelPool, RpcServer
+from apiary.wire.bulk import BulkClient
+from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest
+
+logger = logging.getLogger(__name__)
+
+
+class AveragerSettings(BaseModel):
+    prefix: str = Field(..., description="the run's name: peers of one run average together")
+    mode: Mode = Field(Mode.NODE, description="node, client (behind NAT: sends only) or aux (reduces only)")
+    target_group_size: int = Field(16, ge=1)
+    min_group_size: int = Field(2, ge=1)
+    expected_peers: int = Field(16, ge=1, description="swarm size the Moshpit grid is shaped for")
+    bandwidth: float = Field(1e8, gt=0, description="declared link bandwidth, bytes/s")
+    codec: str = Field("none", description="compression of parts on the wire")
+    gather_seconds: float = Field(2.0, gt=0)
+    join_seconds: float = Field(3.0, gt=0)
+    sender_timeout: float = Field(10.0, gt=0, description="how long a reducer waits for a sender's part")
+    round_timeout: float = Field(60.0, gt=0, description="deadline of the all-reduce of one round")
+
+
+class Averager:
+    """Averages `tensors` (in place) with peers of the same run. Attach to a server before it starts."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], dht: DHTLike, peer_id: str, settings: AveragerSettings,
+                 pool: ChannelPool | None = None):
+        self.tensors = list(tensors)
+        self.dht = dht
+        self.peer_id = peer_id
+        self.settings = settings
+        self.codec = codec_by_name(settings.codec)
+        self.pool = pool or ChannelPool()
+        self.bulk_client = BulkClient(self.pool.settings)
+        self.reductions = AllReduceService()
+        self.grid = MoshpitGrid.for_swarm(settings.expected_peers, settings.target_group_size)
+        self.round_index = 0
+        self.schema = schema_digest([(tuple(t.shape), str(t.dtype)) for t in self.tensors])
+        self.matchmaker: Matchmaker | None = None
+        self.server: RpcServer | None = None
+
+    def attach(self, server: RpcServer) -> None:
+        """Serves matchmaking and reduction on `server` (before it starts; it needs bulk unless client)."""
+        if self.settings.mode is not Mode.CLIENT:
+            if server.bulk is None:
+                raise ValueError("an averager in node or aux mode needs the bulk transport")
+            server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle)
+        server.add_service(MATCHMAKING, _JoinServicer(self))
+        self.server = server
+
+    def _matchmaker(self) -> Matchmaker:
+        if self.matchmaker is None:
+            if self.server is None:
+                raise RuntimeError("attach() the averager to a server first")
+            bulk = str(self.server.announced_bulk) if self.settings.mode is not Mode.CLIENT else ""
+            me = Member(self.peer_id, bulk, self.settings.mode, self.settings.bandwidth)
+            self.matchmaker = Matchmaker(
+                self.dht, me, str(self.server.announced), self.schema, self.pool,
+                MatchmakingSettings(self.settings.target_group_size, self.settings.min_group_size,
+                                    self.settings.gather_seconds, self.settings.join_seconds),
+                self.settings.prefix,
+            )
+        return self.matchmaker
+
+    async def step(self, weight: float = 1.0) -> int | None:
+        """One round; returns the group size, or None if no group formed (tensors unchanged)."""
+        matchmaker = self._matchmaker()
+        round_index = self.round_index
+        self.round_index += 1
+        group = await matchmaker.form_group(f"{self.grid.key(round_index)}.r{round_index}")
+        if group is None:
+            return None
+        group_id, members = group
+        position = [m.peer_id for m in members].index(self.peer_id)
+        flat = flatten(self.tensors) if self.settings.mode is not Mode.AUX else torch.zeros(0)
+        total = flat.numel() if self.settings.mode is not Mode.AUX else self._total()
+        round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout)
+        averaged = await run_allreduce(round_, flat, weight, service=self.reductions, client=self.bulk_client,
+                                       codec=self.codec, deadline=self.settings.round_timeout)
+        if self.settings.mode is not Mode.AUX:
+            unflatten_into(averaged, self.tensors)
+        self.grid.settle(round_index, position)
+        return len(members)
+
+    def _total(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+    async def close(self) -> None:
+        await self.bulk_client.close()
+
+
+class _JoinServicer:
+    def __init__(self, averager: Averager):
+        self.averager = averager
+
+    async def join(self, request: JoinRequest, context: CallContext) -> JoinReply:
+        return await self.averager._matchmaker().join(request, context)

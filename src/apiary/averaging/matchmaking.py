@@ -1,0 +1,209 @@
+"""Finding a group to average with, through the DHT, with no master and no deadlock.
+
+Every peer that wants to average announces itself under the round's group key (a DHT
+dictionary: one subkey per peer) and, after the gathering window, reads everyone's
+announcements. Peers with another tensor schema are left out. The announcers, sorted by peer
+id, are cut into chunks of the target group size; each chunk's leader is its lowest-id member
+that can be dialled (not in client mode). Followers call their leader's `Join` once; the
+leader answers every joiner with the same settled member list when all of its chunk have
+joined or the join window closes. Leaders never call anyone and followers call only their
+leader, so no two peers can wait on each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from apiary.averaging.partition import Member, Mode
+from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest, MemberInfo
+from apiary.wire import CallContext, ChannelPool, Endpoint, Method, RpcClient, ServiceSpec, WireError
+
+logger = logging.getLogger(__name__)
+
+MATCHMAKING = ServiceSpec("apiary.averaging.Matchmaking", (Method("Join", JoinRequest, JoinReply),))
+
+
+class DHTLike(Protocol):
+    async def store(self, key: Any, value: Any, expiration: float, subkey: Any = None) -> bool: ...
+    async def get(self, key: Any, latest: bool = False) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MatchmakingSettings:
+    target_group_size: int = 16
+    min_group_size: int = 2
+    gather_seconds: float = 2.0  # how long announcements are collected before reading them
+    join_seconds: float = 3.0  # how long a leader waits for its chunk to join
+
+
+def schema_digest(shapes: list[tuple[tuple[int, ...], str]]) -> str:
+    """A digest of the tensors' shapes and dtypes: peers average only with equal digests."""
+    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+
+
+class _Gathering:
+    """A leader's view of one forming group."""
+
+    def __init__(self, group_key: str, leader: Member, expected: set[str], capacity: int, schema: str):
+        self.group_key = group_key
+        self.members: dict[str, Member] = {leader.peer_id: leader}
+        self.expected = expected
+        self.capacity = capacity
+        self.schema = schema
+        self.settled = asyncio.Event()
+        self.group_id = f"{group_key}:{uuid.uuid4().hex[:12]}"
+
+    def admit(self, member: Member, schema: str) -> str | None:
+        """Admits a joiner; returns the reason if refused."""
+        if self.settled.is_set():
+            return "the group is already settled"
+        if schema != self.schema:
+            return f"tensor schema {schema} differs from the group's {self.schema}"
+        if len(self.members) >= self.capacity and member.peer_id not in self.members:
+            return "the group is full"
+        self.members[member.peer_id] = member
+        if self.expected <= set(self.members):
+            self.settled.set()
+        return None
+
+
+class Matchmaker:
+    """Forms groups for one averager: announce, read, then lead or join."""
+
+    def __init__(
+        self,
+        dht: DHTLike,
+        me: Member,
+        grpc_address: str,
+        schema: str,
+        pool: ChannelPool,
+        settings: MatchmakingSettings,
+        prefix: str,
+    ):
+        self.dht = dht
+        self.me = me
+        self.grpc_address = grpc_address
+        self.schema = schema
+        self.pool = pool
+        self.settings = settings
+        self.prefix = prefix
+        self._gathering: _Gathering | None = None
+        self._leading = asyncio.Event()  # set while a gathering is open
+
+    async def form_group(self, group_key: str) -> tuple[str, list[Member]] | None:
+        """The group (id and members sorted by peer id) for this round, or None if none formed."""
+        key = f"{self.prefix}.groups.{group_key}"
+        window = self.settings.gather_seconds + self.settings.join_seconds
+        announcement = {"address": self.grpc_address, "bulk": self.me.bulk_address, "mode": self.me.mode.value,
+                        "bandwidth": self.me.bandwidth, "schema": self.schema}
+        await self.dht.store(key, announcement, time.time() + window + 5, subkey=self.me.peer_id)
+        await asyncio.sleep(self.settings.gather_seconds)
+        found = await self.dht.get(key, latest=True)
+        peers = self._compatible(found.value if found is not None else {})
+        chunk = self._my_chunk(sorted(peers))
+        if chunk is None or len(chunk) < self.settings.min_group_size:
+            return None
+        dialable = [peer for peer in chunk if peers[peer]["mode"] != Mode.CLIENT.value]
+        if not dialable:
+            return None
+        leader = dialable[0]
+        if leader == self.me.peer_id:
+            return await self._lead(group_key, set(chunk))
+        return await self._join(group_key, peers[leader]["address"])
+
+    def _compatible(self, entries: dict[Any, Any]) -> dict[str, dict[str, Any]]:
+        peers = {}
+        for peer_id, item in entries.items():
+            value = getattr(item, "value", None)
+            if not isinstance(value, dict) or not isinstance(peer_id, str):
+                continue
+            if value.get("schema") != self.schema:
+                logger.warning("peer %s averages another tensor schema (%s); leaving it out", peer_id[:8], value.get("schema"))
+                continue
+            peers[peer_id] = value
+        peers.setdefault(self.me.peer_id, {"address": self.grpc_address, "mode": self.me.mode.value})
+        return peers
+
+    def _my_chunk(self, ordered: list[str]) -> list[str] | None:
+        size = self.settings.target_group_size
+        count = -(-len(ordered) // size)  # groups needed
+        for index in range(count):
+            chunk = ordered[index::count]  # interleaved, so chunk sizes differ by at most one
+            if self.me.peer_id in chunk:
+                return chunk
+        return None
+
+    async def _lead(self, group_key: str, expected: set[str]) -> tuple[str, list[Member]] | None:
+        gathering = _Gathering(group_key, self.me, expected, self.settings.target_group_size, self.schema)
+        self._gathering = gathering
+        self._leading.set()
+        try:
+            await asyncio.wait_for(gathering.settled.wait(), self.settings.join_seconds)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            gathering.settled.set()  # answers every waiting joiner
+            self._gathering = None
+            self._leading.clear()
+        if len(gathering.members) < self.settings.min_group_size:
+            return None
+        return gathering.group_id, sorted(gathering.members.values(), key=lambda m: m.peer_id)
+
+    async def _join(self, group_key: str, leader_address: str) -> tuple[str, list[Member]] | None:
+        client = RpcClient(self.pool, MATCHMAKING, Endpoint.parse(leader_address),
+                           timeout=self.settings.join_seconds + 5)
+        request = JoinRequest(group_key=group_key, member=self._info(self.me), schema=self.schema)
+        try:
+            reply = await client.call("Join", request)
+        except WireError as e:
+            logger.info("leader at %s did not take us in: %s", leader_address, e)
+            return None
+        if not reply.accepted:
+            logger.info("leader at %s refused: %s", leader_address, reply.reason)
+            return None
+        return reply.group_id, [_member(info) for info in reply.members]
+
+    def _info(self, member: Member) -> MemberInfo:
+        return MemberInfo(peer_id=member.peer_id, bulk_address=member.bulk_address, mode=member.mode.value,
+                          bandwidth=member.bandwidth)
+
+    async def join(self, request: JoinRequest, context: CallContext) -> JoinReply:
+        """The leader's side of `Join`: returns once the group is settled. A joiner that comes
+        before this peer has read the announcements waits for it (up to the join window)."""
+        try:
+            await asyncio.wait_for(self._leading.wait(), self.settings.join_seconds)
+        except asyncio.TimeoutError:
+            pass
+        gathering = self._gathering
+        if gathering is None or gathering.group_key != request.group_key:
+            return JoinReply(accepted=False, reason="not leading a group for this key now")
+        try:
+            member = _member(request.member)
+        except ValueError as e:
+            return JoinReply(accepted=False, reason=str(e))
+        refusal = gathering.admit(member, request.schema)
+        if refusal is not None:
+            return JoinReply(accepted=False, reason=refusal)
+        await gathering.settled.wait()
+        if member.peer_id not in gathering.members or len(gathering.members) < self.settings.min_group_size:
+            return JoinReply(accepted=False, reason="the group did not form")
+        members = sorted(gathering.members.values(), key=lambda m: m.peer_id)
+        return JoinReply(accepted=True, group_id=gathering.group_id, members=[self._info(m) for m in members])
+
+
+def _member(info: MemberInfo) -> Member:
+    try:
+        mode = Mode(info.mode)
+    except ValueError:
+        raise ValueError(f"unknown averaging mode {info.mode!r}") from None
+    if not info.peer_id:
+        raise ValueError("member without a peer id")
+    if mode is not Mode.CLIENT and not info.bulk_address:
+        raise ValueError(f"a {mode.value} member needs a bulk address")
+    return Member(info.peer_id, info.bulk_address, mode, info.bandwidth)

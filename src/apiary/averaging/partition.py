@@ -1,0 +1,79 @@
+"""How a group splits the flattened tensors into spans, one per reducer, by bandwidth.
+
+Each reducer receives its span from every other sender and sends the mean back, so a peer
+with share s of N elements moves about N * (1 - s) out and N * s * (senders - 1) * 2 through
+its link. The shares minimise the slowest peer's time under the declared bandwidths: a small
+linear program solved with scipy's HiGHS. Client-mode peers (who cannot be dialled) reduce
+nothing; auxiliary peers reduce but send no data of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+from scipy.optimize import linprog
+
+
+class Mode(str, Enum):
+    NODE = "node"  # sends its tensors and reduces a span
+    CLIENT = "client"  # sends only (behind NAT)
+    AUX = "aux"  # reduces only, contributes no tensors (weight 0)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A group member as every member sees it."""
+
+    peer_id: str
+    bulk_address: str  # host:port of its bulk transport ("" for clients)
+    mode: Mode
+    bandwidth: float  # declared, in bytes per second (any consistent unit)
+
+    @property
+    def sends(self) -> bool:
+        return self.mode is not Mode.AUX
+
+    @property
+    def reduces(self) -> bool:
+        return self.mode is not Mode.CLIENT
+
+
+def shares(members: list[Member]) -> list[float]:
+    """The fraction of the elements each member reduces (0 for clients); sums to 1."""
+    reducers = [i for i, m in enumerate(members) if m.reduces]
+    if not reducers:
+        raise ValueError("a group needs at least one member that reduces (node or auxiliary mode)")
+    senders = sum(m.sends for m in members)
+    count = len(members)
+    # variables: share_0..share_{n-1}, T; minimise T
+    cost = np.zeros(count + 1)
+    cost[-1] = 1.0
+    rows, bounds_b = [], []
+    for i, member in enumerate(members):
+        bandwidth = max(member.bandwidth, 1e-9)
+        # traffic of member i per element of the whole vector, as a linear function of its share:
+        # sends (1 - s_i) if it sends; receives and returns s_i * (senders - own) if it reduces
+        own = 1 if member.sends else 0
+        row = np.zeros(count + 1)
+        row[i] = (2 * (senders - own) - own) / bandwidth
+        row[-1] = -1.0
+        rows.append(row)
+        bounds_b.append(-own / bandwidth)
+    equality = np.zeros((1, count + 1))
+    equality[0, reducers] = 1.0
+    bounds = [(0.0, 1.0) if m.reduces else (0.0, 0.0) for m in members] + [(0.0, None)]
+    result = linprog(cost, A_ub=np.array(rows), b_ub=np.array(bounds_b), A_eq=equality, b_eq=[1.0],
+                     bounds=bounds, method="highs")
+    if not result.success:
+        equal = 1.0 / len(reducers)
+        return [equal if m.reduces else 0.0 for m in members]
+    return [float(x) for x in result.x[:count]]
+
+
+def spans(total: int, fractions: list[float]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) spans of `total` elements sized by `fractions` (rounded, exact total)."""
+    bounds = np.round(np.cumsum([0.0, *fractions]) / max(sum(fractions), 1e-12) * total).astype(np.int64)
+    bounds[-1] = total
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(len(fractions))]

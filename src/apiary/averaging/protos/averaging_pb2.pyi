@@ -1,0 +1,69 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ReduceRequest(_message.Message):
+    __slots__ = ("group_id", "sender", "span", "weight", "codec", "numel")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    sender: str
+    span: int
+    weight: float
+    codec: str
+    numel: int
+    def __init__(self, group_id: _Optional[str] = ..., sender: _Optional[str] = ..., span: _Optional[int] = ..., weight: _Optional[float] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ...) -> None: ...
+
+class ReduceReply(_message.Message):
+    __slots__ = ("codec", "numel", "contributors", "total_weight")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    numel: int
+    contributors: int
+    total_weight: float
+    def __init__(self, codec: _Optional[str] = ..., numel: _Optional[int] = ..., contributors: _Optional[int] = ..., total_weight: _Optional[float] = ...) -> None: ...
+
+class MemberInfo(_message.Message):
+    __slots__ = ("peer_id", "bulk_address", "mode", "bandwidth")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    BULK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    bulk_address: str
+    mode: str
+    bandwidth: float
+    def __init__(self, peer_id: _Optional[str] = ..., bulk_address: _Optional[str] = ..., mode: _Optional[str] = ..., bandwidth: _Optional[float] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("group_key", "member", "schema")
+    GROUP_KEY_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    group_key: str
+    member: MemberInfo
+    schema: str
+    def __init__(self, group_key: _Optional[str] = ..., member: _Optional[_Union[MemberInfo, _Mapping]] = ..., schema: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("accepted", "reason", "group_id", "members")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    group_id: str
+    members: _containers.RepeatedCompositeFieldContainer[MemberInfo]
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ...) -> None: ...

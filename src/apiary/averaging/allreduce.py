@@ -106,7 +106,8 @@ class _SpanReduction:
 
 
 class AllReduceService:
-    """Serves the Reduce bulk route for the rounds this peer reduces in."""
+    """Serves the Reduce bulk route for the rounds this peer reduces in. Register `handle` with
+    `keeps_tensors=False`: parts are folded into the running sum as soon as they arrive."""
 
     def __init__(self, registration_timeout: float = 5.0):
         self.registration_timeout = registration_timeout
@@ -179,7 +180,7 @@ async def _allreduce(
     round_: GroupRound, flat: torch.Tensor, weight: float, service: AllReduceService, client: BulkClient, codec: Codec
 ) -> torch.Tensor:
     me = round_.me
-    result = flat.clone() if me.sends else flat
+    result = torch.empty_like(flat)  # every span is filled: with the mean, or with local values
     if me.reduces:
         service.open(round_)
     try:
@@ -211,15 +212,20 @@ async def _exchange(
         return
     request = ReduceRequest(group_id=round_.group_id, sender=me.peer_id, span=index, weight=weight,
                             codec=codec.name, numel=end - start)
+    target = result[start:end]
     try:
         body, tensors = await client.call(
             Endpoint.parse(member.bulk_address), REDUCE_ROUTE, body=request.SerializeToString(),
             tensors=[tensor_payload(t) for t in codec.encode(part)], timeout=round_.sender_timeout * 2,
+            reply_into=[memoryview(target.numpy())],  # an uncompressed mean lands in place
         )
         reply = ReduceReply.FromString(body)
-        result[start:end] = codec_by_name(reply.codec).decode([tensor_from_payload(h, p) for h, p in tensors], end - start)
+        mean = codec_by_name(reply.codec).decode([tensor_from_payload(h, p) for h, p in tensors], end - start)
+        if mean.data_ptr() != target.data_ptr():
+            target.copy_(mean)
     except (WireError, ValueError) as e:
         logger.warning("reducer %s of span %d failed, keeping local values: %s", member.peer_id[:8], index, e)
+        target.copy_(part)
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -64,7 +64,7 @@ class Averager:
         if self.settings.mode is not Mode.CLIENT:
             if server.bulk is None:
                 raise ValueError("an averager in node or aux mode needs the bulk transport")
-            server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle)
+            server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle, keeps_tensors=False)
         server.add_service(MATCHMAKING, _JoinServicer(self))
         self.server = server
 

@@ -295,8 +295,17 @@ class DHTNode:
         return True
 
     async def _find(self, contact: Contact, key_ids: list[int]) -> FindResponse | None:
-        request = FindRequest(sender=self._me(), key_ids=[id_to_bytes(k) for k in key_ids])
-        return await self._call(contact, "Find", request)
+        """One Find per max_items_per_request ids (a node refuses larger ones); None if any fails."""
+        limit = self.settings.max_items_per_request
+        responses = await asyncio.gather(*(
+            self._call(contact, "Find", FindRequest(sender=self._me(), key_ids=[id_to_bytes(k) for k in key_ids[i : i + limit]]))
+            for i in range(0, len(key_ids), limit)
+        ))
+        if not responses or any(response is None for response in responses):
+            return None
+        if len(responses) == 1:
+            return responses[0]
+        return FindResponse(node=responses[0].node, results=[r for response in responses for r in response.results])
 
     async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False) -> dict[int, LookupState]:
         return await traverse(
@@ -345,9 +354,11 @@ class DHTNode:
             if contact.peer_id == self.identity.peer_id:
                 outcomes = [await self._store_local(_item_of(records[i])) for i in indices]
             else:
-                request = StoreRequest(sender=self._me(), items=[_item_of(records[i]) for i in indices])
-                response = await self._call(contact, "Store", request)
-                outcomes = list(response.stored) if response is not None else [False] * len(indices)
+                outcomes = []
+                for batch in self._batches([records[i] for i in indices]):  # a node refuses larger requests
+                    request = StoreRequest(sender=self._me(), items=batch)
+                    response = await self._call(contact, "Store", request)
+                    outcomes += list(response.stored) if response is not None else [False] * len(batch)
             for index, outcome in zip(indices, outcomes):
                 accepted[index] = accepted[index] or outcome
 
@@ -382,6 +393,22 @@ class DHTNode:
             results.append(self._decoded(raw_key, merged))
         self.metrics.operations.labels("get").observe(time.perf_counter() - started)
         return results
+
+    def _batches(self, records: list[DHTRecord]) -> list[list[StoreItem]]:
+        """Store items in requests of at most max_items_per_request items and about half the
+        largest gRPC message."""
+        max_items, max_bytes = self.settings.max_items_per_request, self.pool.settings.max_message_bytes // 2
+        batches: list[list[StoreItem]] = []
+        size = 0
+        for record in records:
+            item = _item_of(record)
+            item_bytes = item.ByteSize()
+            if not batches or len(batches[-1]) >= max_items or size + item_bytes > max_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append(item)
+            size += item_bytes
+        return batches
 
     # ---- values in and out ----
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -98,23 +99,36 @@ class _Connection:
                 await self.loop.sock_sendall(self.sock, payload.cast("B"))
 
     async def read_payloads(
-        self, headers: Sequence[TensorHeader], *, scratch: bool = False
+        self, headers: Sequence[TensorHeader], *, scratch: bool = False, into: Sequence[memoryview] = ()
     ) -> list[tuple[TensorHeader, bytearray | memoryview]]:
-        """Receives each declared tensor into a new buffer, or (scratch) into this connection's
-        reused buffer, valid only until the next request on the connection."""
+        """Receives each declared tensor into `into[i]` when given with the right size, else into
+        a new buffer, or (scratch) into this connection's reused buffer, valid only until the
+        next request on the connection."""
         if scratch and len(self._scratch) < (total := sum(header.nbytes for header in headers)):
             self._scratch = bytearray(total)
         tensors: list[tuple[TensorHeader, bytearray | memoryview]] = []
         offset = 0
-        for header in headers:
-            if scratch:
-                buffer: bytearray | memoryview = memoryview(self._scratch)[offset : offset + header.nbytes]
+        for index, header in enumerate(headers):
+            if index < len(into) and into[index].nbytes == header.nbytes:
+                buffer: bytearray | memoryview = into[index].cast("B")
+            elif scratch:
+                buffer = memoryview(self._scratch)[offset : offset + header.nbytes]
                 offset += header.nbytes
             else:
                 buffer = bytearray(header.nbytes)
             await self.read_into(memoryview(buffer))
             tensors.append((header, buffer))
         return tensors
+
+    def idle_and_open(self) -> bool:
+        """Whether an idle connection can carry a request: the peer neither closed it nor sent anything."""
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def close(self) -> None:
         self.sock.close()
@@ -148,6 +162,8 @@ class BulkServer:
         endpoint = Endpoint(self.settings.listen_host, self.settings.bulk_port)
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
+        if os.name == "posix":  # a restarted peer rebinds its port despite connections in TIME_WAIT
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             listener.bind((endpoint.host, endpoint.port))
         except OSError as e:
@@ -282,8 +298,10 @@ class BulkClient:
         body: bytes = b"",
         tensors: Sequence[Payload] = (),
         timeout: float | None = None,
-    ) -> tuple[bytes, list[tuple[TensorHeader, bytearray]]]:
-        """Sends `tensors` to `route` at `endpoint`; returns the reply's body and tensors."""
+        reply_into: Sequence[memoryview] = (),
+    ) -> tuple[bytes, list[tuple[TensorHeader, bytearray | memoryview]]]:
+        """Sends `tensors` to `route` at `endpoint`; returns the reply's body and tensors. Reply
+        tensors whose size matches a buffer of `reply_into` are received straight into it."""
         timeout = timeout or self.settings.default_timeout
         name = f"bulk {route}"
         with tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT,
@@ -291,7 +309,8 @@ class BulkClient:
             request = BulkRequest(route=route, body=body, tensors=[h for h, _ in tensors],
                                   metadata=dict(outgoing_metadata()))
             try:
-                return await asyncio.wait_for(self._exchange(endpoint, request, [p for _, p in tensors]), timeout)
+                exchange = self._exchange(endpoint, request, [p for _, p in tensors], reply_into)
+                return await asyncio.wait_for(exchange, timeout)
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"{name} on {endpoint} did not finish within {timeout:.1f}s",
                                        peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
@@ -299,7 +318,9 @@ class BulkClient:
                 raise PeerUnavailable(f"{name} on {endpoint} failed: {e}", peer=str(endpoint),
                                       code=grpc.StatusCode.UNAVAILABLE) from None
 
-    async def _exchange(self, endpoint: Endpoint, request: BulkRequest, payloads: list[memoryview]):
+    async def _exchange(
+        self, endpoint: Endpoint, request: BulkRequest, payloads: list[memoryview], reply_into: Sequence[memoryview]
+    ) -> tuple[bytes, list[tuple[TensorHeader, bytearray | memoryview]]]:
         connection = await self._connect(endpoint)
         reusable = False
         try:
@@ -310,7 +331,7 @@ class BulkClient:
                 code = _STATUS_BY_VALUE.get(reply.code, grpc.StatusCode.UNKNOWN)
                 raise error_from_status(code, reply.details, peer=str(endpoint), method=f"bulk {request.route}")
             _check_headers(reply.tensors, self.settings.max_tensor_bytes)
-            tensors = await connection.read_payloads(reply.tensors)
+            tensors = await connection.read_payloads(reply.tensors, into=reply_into)
             reusable = True
             return reply.body, tensors
         except InvalidRequest as e:
@@ -320,8 +341,11 @@ class BulkClient:
 
     async def _connect(self, endpoint: Endpoint) -> _Connection:
         idle = self._idle.get(endpoint)
-        if idle:
-            return idle.pop()
+        while idle:
+            connection = idle.pop()
+            if connection.idle_and_open():
+                return connection
+            connection.close()  # the peer closed it (e.g. it restarted) while it sat idle
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]

@@ -67,16 +67,18 @@ class RpcServer:
     async def start(self) -> None:
         """Binds the port and starts serving; raises OSError naming the address if binding fails."""
         address = str(Endpoint(self.settings.listen_host, self.settings.port))
+        if self.bulk is not None:  # bound first: a gRPC server that never started keeps its port bound
+            await self.bulk.start()
         server = grpc.aio.server(options=self.settings.grpc_options())
         try:
             port = server.add_insecure_port(address)
+            if port == 0:
+                raise RuntimeError("the address is in use or unavailable")
         except RuntimeError as e:
+            if self.bulk is not None:
+                await self.bulk.stop()
             raise OSError(f"cannot listen on {address}: {e}") from None
-        if port == 0:
-            raise OSError(f"cannot listen on {address}: the address is in use or unavailable")
         self._bound_port = port
-        if self.bulk is not None:
-            await self.bulk.start()
         self._server = server
         probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings)
         self.add_service(PROBE, probe)

@@ -67,3 +67,19 @@ class JoinReply(_message.Message):
     group_id: str
     members: _containers.RepeatedCompositeFieldContainer[MemberInfo]
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberInfo, _Mapping]]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class StateReply(_message.Message):
+    __slots__ = ("metadata", "epoch", "sha256")
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    metadata: bytes
+    epoch: int
+    sha256: bytes
+    def __init__(self, metadata: _Optional[bytes] = ..., epoch: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,155 @@
+"""All-reduce of 100 million float32 among 4 peer processes over loopback, against the bound
+that raw socket throughput, measured in the same run, implies.
+
+Each worker process hosts an apiary.wire server with the averaging Reduce route. The parent
+hands every worker the group and a start time, then:
+  raw     - every worker sends the bytes a butterfly all-reduce moves (its part for each other
+            peer, and each other peer's reduced part back) over plain sockets to the others,
+            all at once: the time this takes is the bound;
+  codecs  - one all-reduce round per codec through apiary.averaging (GroupRound/run_allreduce,
+            no matchmaking: the group is given) with equal bandwidths.
+Prints the round time per codec, the raw bound, and bound/round (the fraction of the bound
+reached; 1.0 = as fast as raw sockets). Usage:
+python benchmarks/averaging.py [--peers 4] [--numel 100000000] [--codecs none,float16,uniform8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, buffer: memoryview) -> None:
+    filled = 0
+    while filled < len(buffer):
+        received = await loop.sock_recv_into(sock, buffer[filled:])
+        if not received:
+            raise ConnectionError("peer closed")
+        filled += received
+
+
+async def raw_exchange(me: int, raw_ports: list[int], listener: socket.socket, nbytes: int) -> float:
+    """Sends `nbytes` to every other worker and receives as much from each, all concurrently."""
+    loop = asyncio.get_running_loop()
+    others = [i for i in range(len(raw_ports)) if i != me]
+    payload = memoryview(bytearray(nbytes))
+    sinks = {i: memoryview(bytearray(nbytes)) for i in others}
+
+    async def accept_all() -> list[socket.socket]:
+        accepted = []
+        for _ in others:
+            sock, _ = await loop.sock_accept(listener)
+            accepted.append(sock)
+        return accepted
+
+    async def connect(i: int) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", raw_ports[i]))
+        return sock
+
+    incoming, outgoing = await asyncio.gather(accept_all(), asyncio.gather(*(connect(i) for i in others)))
+    for sock in [*incoming, *outgoing]:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    started = time.perf_counter()
+    await asyncio.gather(
+        *(loop.sock_sendall(sock, payload) for sock in outgoing),
+        *(_recv_exactly(loop, sock, sinks[i]) for sock, i in zip(incoming, others)),
+    )
+    elapsed = time.perf_counter() - started
+    for sock in [*incoming, *outgoing]:
+        sock.close()
+    return elapsed
+
+
+async def worker(index: int, numel: int) -> None:
+    import torch
+
+    from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, run_allreduce
+    from apiary.averaging.compression import codec_by_name
+    from apiary.averaging.partition import Member, Mode
+    from apiary.wire import Identity, RpcServer, WireSettings
+    from apiary.wire.bulk import BulkClient
+
+    identity = Identity.generate()
+    server = RpcServer(WireSettings(listen_host="127.0.0.1"), identity)
+    service = AllReduceService()
+    server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
+    await server.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    print(json.dumps({"peer_id": identity.peer_id, "bulk": str(server.announced_bulk),
+                      "raw": listener.getsockname()[1]}), flush=True)
+    torch.manual_seed(index)
+    flat = torch.randn(numel)
+    client = BulkClient(server.settings)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := await reader.readline():
+        command = json.loads(line)
+        await asyncio.sleep(max(0.0, command["start"] - time.time()))
+        if command["what"] == "raw":
+            elapsed = await raw_exchange(index, command["raw_ports"], listener, command["nbytes"])
+        else:
+            members = [Member(m["peer_id"], m["bulk"], Mode.NODE, 1.0) for m in command["members"]]
+            round_ = GroupRound(f"bench-{command['what']}", members, index, numel, sender_timeout=300)
+            started = time.perf_counter()
+            await run_allreduce(round_, flat, 1.0, service=service, client=client,
+                                codec=codec_by_name(command["what"]), deadline=600)
+            elapsed = time.perf_counter() - started
+        print(json.dumps({"elapsed": elapsed}), flush=True)
+    await client.close()
+    await server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--numel", type=int, default=100_000_000)
+    parser.add_argument("--codecs", default="none,float16,uniform8")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        asyncio.run(worker(args.worker, args.numel))
+        return
+    workers = [
+        subprocess.Popen([sys.executable, __file__, "--worker", str(i), "--numel", str(args.numel)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ})
+        for i in range(args.peers)
+    ]
+    try:
+        infos = [json.loads(w.stdout.readline()) for w in workers]
+        members = [{"peer_id": info["peer_id"], "bulk": info["bulk"]} for info in infos]
+
+        def run(what: str, **extra: object) -> float:
+            start = time.time() + 1.0
+            for w in workers:
+                w.stdin.write(json.dumps({"what": what, "start": start, "members": members, **extra}) + "\n")
+                w.stdin.flush()
+            return max(json.loads(w.stdout.readline())["elapsed"] for w in workers)
+
+        # a butterfly round moves, per pair of peers, one part each way and one reduced part back
+        part_bytes = args.numel * 4 // args.peers
+        raw = run("raw", raw_ports=[info["raw"] for info in infos], nbytes=2 * part_bytes)
+        results = {codec: run(codec) for codec in args.codecs.split(",")}
+    finally:
+        for w in workers:
+            w.stdin.close()
+        for w in workers:
+            if w.wait(timeout=60) is None:
+                w.kill()
+    print(f"{args.peers} peers, {args.numel:,} float32 ({args.numel * 4 / 1e6:.0f} MB each), loopback, 1 round")
+    print(f"raw-socket bound (same bytes, plain sockets): {raw:7.2f} s")
+    for codec, elapsed in results.items():
+        print(f"all-reduce, codec {codec:15s}         {elapsed:7.2f} s   bound/round {raw / elapsed:.2f}")
+
+
+if __name__ == "__main__":
+    main()

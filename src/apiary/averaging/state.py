@@ -1,0 +1,131 @@
+"""State transfer: how a newcomer gets the swarm's latest state from a peer that has it.
+
+Donors keep their latest state (tensors plus metadata such as the epoch), serve it over the
+bulk route `STATE_ROUTE`, and announce themselves in the DHT under `<prefix>.state_donors`
+(one subkey per donor, with its epoch). `download_state` asks the donors newest epoch first,
+checks each answer against its SHA-256, falls back to the next donor when one fails or sends
+corrupted bytes, and gives up with a clear error after a bounded time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import torch
+
+from apiary.averaging.matchmaking import DHTLike
+from apiary.averaging.protos.averaging_pb2 import StateReply, StateRequest
+from apiary.wire import Endpoint, InvalidRequest, WireError
+from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
+from apiary.wire.protos.wire_pb2 import TensorHeader
+from apiary.wire.tensors import tensor_from_payload, tensor_payload
+
+logger = logging.getLogger(__name__)
+
+STATE_ROUTE = "apiary.averaging/State"
+
+
+class StateTransferError(RuntimeError):
+    """No donor provided a valid state in time."""
+
+
+@dataclass(frozen=True)
+class State:
+    metadata: dict[str, Any]
+    tensors: list[torch.Tensor]
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metadata.get("epoch", 0))
+
+
+def state_digest(metadata: bytes, payloads: Sequence[tuple[TensorHeader, Any]]) -> bytes:
+    digest = hashlib.sha256(metadata)
+    for header, payload in payloads:
+        digest.update(header.SerializeToString(deterministic=True))
+        digest.update(payload)
+    return digest.digest()
+
+
+def donors_key(prefix: str) -> str:
+    return f"{prefix}.state_donors"
+
+
+class StateDonor:
+    """Holds the latest state and serves it; `announce()` keeps it listed in the DHT."""
+
+    def __init__(self, prefix: str, peer_id: str, bulk_address: str = ""):
+        self.prefix = prefix
+        self.peer_id = peer_id
+        self.bulk_address = bulk_address
+        self._state: State | None = None
+
+    def update(self, state: State) -> None:
+        """Replaces the state served (tensors are copied, so the caller may keep training)."""
+        self._state = State(dict(state.metadata), [t.detach().to("cpu", copy=True) for t in state.tensors])
+
+    @property
+    def state(self) -> State | None:
+        return self._state
+
+    async def announce(self, dht: DHTLike, ttl: float) -> bool:
+        if self._state is None or not self.bulk_address:
+            return False
+        value = {"bulk": self.bulk_address, "epoch": self._state.epoch}
+        return await dht.store(donors_key(self.prefix), value, time.time() + ttl, subkey=self.peer_id)
+
+    async def handle(self, call: BulkCall) -> BulkAnswer:
+        request = StateRequest.FromString(call.body)
+        if request.prefix != self.prefix:
+            raise InvalidRequest(f"this peer holds the state of run {self.prefix!r}, not {request.prefix!r}")
+        state = self._state
+        if state is None:
+            raise InvalidRequest("this peer has no state to give yet")
+        metadata = msgpack.packb(state.metadata, use_bin_type=True)
+        payloads = [tensor_payload(t) for t in state.tensors]
+        reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=state_digest(metadata, payloads))
+        return BulkAnswer(reply.SerializeToString(), payloads)
+
+
+async def download_state(
+    dht: DHTLike, prefix: str, client: BulkClient, *, timeout: float = 60.0, exclude: Sequence[str] = ()
+) -> State:
+    """The newest valid state among the announced donors; raises StateTransferError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    tried: list[str] = []
+    found = await dht.get(donors_key(prefix), latest=True)
+    entries = found.value if found is not None and isinstance(found.value, dict) else {}
+    donors = sorted(
+        ((peer, item.value) for peer, item in entries.items() if peer not in exclude and isinstance(item.value, dict)),
+        key=lambda donor: -int(donor[1].get("epoch", 0)),
+    )
+    for peer_id, info in donors:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            return await _download_from(client, Endpoint.parse(info["bulk"]), prefix, remaining)
+        except (WireError, ValueError, KeyError, TypeError) as e:
+            logger.warning("state from %s failed: %s; trying the next donor", peer_id[:8], e)
+            tried.append(f"{peer_id[:8]} ({e})")
+    detail = "; ".join(tried) if tried else "no donor is announced"
+    raise StateTransferError(f"could not download the state of run {prefix!r} within {timeout:.0f}s: {detail}")
+
+
+async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, timeout: float) -> State:
+    body, payloads = await client.call(endpoint, STATE_ROUTE, body=StateRequest(prefix=prefix).SerializeToString(),
+                                       timeout=timeout)
+    reply = StateReply.FromString(body)
+    if state_digest(reply.metadata, payloads) != reply.sha256:
+        raise ValueError("the state's checksum does not match: the transfer was corrupted")
+    metadata = msgpack.unpackb(reply.metadata, raw=False)
+    if not isinstance(metadata, dict):
+        raise ValueError("the state's metadata is not a mapping")
+    return State(metadata, [tensor_from_payload(header, payload) for header, payload in payloads])

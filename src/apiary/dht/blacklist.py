@@ -13,6 +13,7 @@ class Blacklist:
         self._banned_until: dict[str, float] = {}
 
     def failed(self, peer_id: str) -> None:
+        self._forget_old()
         count = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = count
         ban = min(self.base_seconds * 2 ** (count - 1), self.max_seconds)
@@ -24,12 +25,15 @@ class Blacklist:
 
     def banned(self, peer_id: str) -> bool:
         until = self._banned_until.get(peer_id)
-        if until is None:
-            return False
-        if time.monotonic() >= until:
-            del self._banned_until[peer_id]
-            return False
-        return True
+        return until is not None and time.monotonic() < until
+
+    def _forget_old(self) -> None:
+        """Drops peers whose last ban ended long ago, so churn does not grow the records forever."""
+        cutoff = time.monotonic() - 2 * self.max_seconds
+        for peer, until in list(self._banned_until.items()):
+            if until < cutoff:
+                del self._banned_until[peer]
+                self._failures.pop(peer, None)
 
     def __len__(self) -> int:
         return sum(1 for peer in list(self._banned_until) if self.banned(peer))

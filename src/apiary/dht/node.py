@@ -40,10 +40,12 @@ from apiary.dht.validation import DHTRecord, RecordValidator, SignatureValidator
 from apiary.wire import (
     CallContext,
     ChannelPool,
+    DeadlineExceeded,
     Identity,
     InvalidRequest,
     Method,
     PeerAddress,
+    PeerUnavailable,
     RpcClient,
     RpcServer,
     ServiceSpec,
@@ -200,7 +202,12 @@ class DHTNode:
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("DHT background task failed: %r", task.exception())
 
     async def _refresh_loop(self) -> None:
         period = self.settings.refresh_period
@@ -265,11 +272,15 @@ class DHTNode:
         client = RpcClient(self.pool, NODE_SERVICE, contact.endpoint, timeout=self.settings.rpc_timeout)
         try:
             response = await client.call(method, request)
-        except WireError as e:
+        except (PeerUnavailable, DeadlineExceeded) as e:  # gone or too slow: avoid it for a while
             logger.debug("%s to %s failed: %s", method, contact.peer_id[:8], e)
-            self.metrics.outgoing.labels(method, "failed").inc()
+            self.metrics.outgoing.labels(method, "unreachable").inc()
             self.blacklist.failed(contact.peer_id)
             self.routing.remove(contact.peer_id, contact.id)
+            return None
+        except WireError as e:  # alive but refused or failed this request: keep it
+            logger.info("%s to %s was refused: %s", method, contact.peer_id[:8], e)
+            self.metrics.outgoing.labels(method, "refused").inc()
             return None
         self.metrics.outgoing.labels(method, "ok").inc()
         if response.node.peer_id != contact.peer_id:
@@ -456,13 +467,11 @@ class DHTNode:
             return
         target = min(state.without_value, key=lambda c: c.id ^ state.key_id)
         if entry.value is not None:
-            items = [StoreItem(key=raw_key, value=entry.value.value, expiration=entry.value.expiration)]
+            records = [DHTRecord(raw_key, None, entry.value.value, entry.value.expiration)]
         else:
-            items = [
-                StoreItem(key=raw_key, has_subkey=True, subkey=subkey, value=item.value, expiration=item.expiration)
-                for subkey, item in entry.subkeys.items()
-            ]
-        self._spawn(self._call(target, "Store", StoreRequest(sender=self._me(), items=items)))
+            records = [DHTRecord(raw_key, subkey, item.value, item.expiration) for subkey, item in entry.subkeys.items()]
+        for batch in self._batches(records):
+            self._spawn(self._call(target, "Store", StoreRequest(sender=self._me(), items=batch)))
 
 
 def _item_of(record: DHTRecord) -> StoreItem:

@@ -50,8 +50,10 @@ async def test_one_gib_over_bulk(peer: PeerProcess, pool: ChannelPool, gib_tenso
     client = BulkClient(WireSettings(default_timeout=120))
     started = time.perf_counter()
     try:
-        body, tensors = await client.call(peer.bulk_endpoint, SINK_ROUTE, body=SinkRequest(digest=True).SerializeToString(),
-                                          tensors=[tensor_payload(tensor)])
+        body, tensors = await client.call(
+            peer.bulk_endpoint, SINK_ROUTE, body=SinkRequest(digest=True).SerializeToString(),
+            tensors=[tensor_payload(tensor)],
+        )  # fmt: skip
     finally:
         await client.close()
     seconds = time.perf_counter() - started

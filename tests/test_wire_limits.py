@@ -13,9 +13,17 @@ from wire_helpers.peers import PeerProcess
 from wire_helpers.tensors import as_stream
 
 from apiary.wire import ChannelPool, RequestRejected, RpcClient, WireSettings
-from apiary.wire.bulk import MAGIC, BulkClient
+from apiary.wire.bulk import MAGIC, MAX_TENSORS_PER_REQUEST, BulkClient
 from apiary.wire.probe import PROBE, SINK_ROUTE
-from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, PingRequest, SinkReply, SinkRequest, TensorChunk, TensorHeader
+from apiary.wire.protos.wire_pb2 import (
+    BulkReply,
+    BulkRequest,
+    PingRequest,
+    SinkReply,
+    SinkRequest,
+    TensorChunk,
+    TensorHeader,
+)
 from apiary.wire.tensors import tensor_payload
 
 MiB = 1 << 20
@@ -126,7 +134,10 @@ MALFORMED_STREAMS = {
         [TensorChunk(header=header("float32", [2], 8), data=b"\0" * 4), TensorChunk(data=b"\0" * 8)],
         "more than the 8 bytes its header declares",
     ),
-    "unknown dtype": ([TensorChunk(header=header("float128", [1], 16), data=b"\0" * 16)], "dtype 'float128' is not supported"),
+    "unknown dtype": (
+        [TensorChunk(header=header("float128", [1], 16), data=b"\0" * 16)],
+        "dtype 'float128' is not supported",
+    ),
     "nbytes mismatch": (
         [TensorChunk(header=header("float32", [3], 10), data=b"\0" * 10)],
         r"says 10 bytes but float32\[3\] needs 12",
@@ -181,7 +192,7 @@ async def test_bulk_bad_preamble(pool: ChannelPool, peer: PeerProcess, bulk: Bul
         ((10).to_bytes(4, "big") + b"\xff" * 10, grpc.StatusCode.INVALID_ARGUMENT, "malformed apiary.wire.BulkRequest"),
         ((1 << 31).to_bytes(4, "big") + b"\0" * 100, grpc.StatusCode.RESOURCE_EXHAUSTED, "max_message_bytes"),
         (
-            BulkRequest(route=SINK_ROUTE, tensors=[TensorHeader(dtype="int8", shape=[4], nbytes=5)]).SerializeToString(),
+            BulkRequest(route=SINK_ROUTE, tensors=[header("int8", [4], 5)]).SerializeToString(),
             grpc.StatusCode.INVALID_ARGUMENT,
             "says 5 bytes",
         ),
@@ -211,4 +222,15 @@ async def test_bulk_unknown_route(pool: ChannelPool, peer: PeerProcess, bulk: Bu
     with pytest.raises(RequestRejected, match="no bulk route 'apiary.nothing/Here'") as raised:
         await bulk.call(peer.bulk_endpoint, "apiary.nothing/Here", tensors=[tensor_payload(torch.ones(10))])
     assert raised.value.code == grpc.StatusCode.UNIMPLEMENTED
+    await assert_still_serving(pool, peer, bulk)
+
+
+async def test_bulk_too_many_tensors_in_one_request(pool: ChannelPool, peer: PeerProcess, bulk: BulkClient) -> None:
+    empty = tensor_payload(torch.empty(0))
+    count = MAX_TENSORS_PER_REQUEST + 1
+    with pytest.raises(RequestRejected, match=f"{count} tensors in one request exceed the limit of {count - 1}"):
+        await bulk.call(peer.bulk_endpoint, SINK_ROUTE, tensors=[empty] * count)
+    body, _ = await bulk.call(peer.bulk_endpoint, SINK_ROUTE, body=SinkRequest(digest=True).SerializeToString(),
+                              tensors=[empty] * (count - 1))
+    assert len(SinkReply.FromString(body).tensors) == count - 1
     await assert_still_serving(pool, peer, bulk)

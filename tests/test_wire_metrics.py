@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
-from wire_helpers.services import TROUBLE, Trouble
+from wire_helpers.services import TROUBLE, Trouble, eventually
 
 from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, RemoteFailure, RpcClient, RpcServer, WireSettings
 from apiary.wire.bulk import BulkClient
@@ -44,6 +44,10 @@ async def test_calls_are_counted_by_method_and_code(served: tuple[RpcServer, Col
         with pytest.raises(RemoteFailure):
             await RpcClient(pool, TROUBLE, server.local_endpoint).call("Crash", PingRequest())
 
+    # a failed call is recorded just after its caller got the error
+    await eventually(
+        lambda: requests(registry, "Crash", "INTERNAL") == 1 and requests(registry, "Ping", "INVALID_ARGUMENT") == 1
+    )
     assert requests(registry, "Ping", "OK") == 3
     assert requests(registry, "Ping", "INVALID_ARGUMENT") == 1
     assert requests(registry, "Crash", "INTERNAL") == 1

@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from wire_helpers.services import TROUBLE, Trouble
+from wire_helpers.services import TROUBLE, Trouble, eventually
 from wire_helpers.tensors import as_stream
 
 from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, RemoteFailure, RpcClient, RpcServer, WireSettings
@@ -62,7 +62,9 @@ def one(spans: list[ReadableSpan], name: str, kind: trace.SpanKind) -> ReadableS
     return matching[0]
 
 
-def assert_parent_chain(spans: list[ReadableSpan], name: str, parent: ReadableSpan) -> tuple[ReadableSpan, ReadableSpan]:
+def assert_parent_chain(
+    spans: list[ReadableSpan], name: str, parent: ReadableSpan
+) -> tuple[ReadableSpan, ReadableSpan]:
     client = one(spans, name, trace.SpanKind.CLIENT)
     served = one(spans, name, trace.SpanKind.SERVER)
     assert client.parent is not None and client.parent.span_id == parent.context.span_id
@@ -93,8 +95,11 @@ async def test_failed_call_marks_both_spans(spans: InMemorySpanExporter, server:
     with trace.get_tracer("apiary.tests").start_as_current_span("step") as parent:
         with pytest.raises(RemoteFailure):
             await RpcClient(pool, TROUBLE, server.local_endpoint).call("Crash", PingRequest())
-    trace_spans = spans_of_trace(spans, parent.get_span_context().trace_id)
-    client, served = assert_parent_chain(trace_spans, "apiary.test.Trouble/Crash", one(trace_spans, "step", trace.SpanKind.INTERNAL))
+    trace_id = parent.get_span_context().trace_id
+    await eventually(lambda: any(span.kind == trace.SpanKind.SERVER for span in spans_of_trace(spans, trace_id)))
+    trace_spans = spans_of_trace(spans, trace_id)
+    root = one(trace_spans, "step", trace.SpanKind.INTERNAL)
+    client, served = assert_parent_chain(trace_spans, "apiary.test.Trouble/Crash", root)
     assert served.status.status_code == trace.StatusCode.ERROR
     assert "the disk is on fire" in (served.status.description or "")
     assert client.status.status_code == trace.StatusCode.ERROR

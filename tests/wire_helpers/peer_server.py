@@ -1,10 +1,10 @@
 """A peer in its own process for the cross-process wire tests.
 
-Serves an `RpcServer` (probe service and bulk transport) on 127.0.0.1 with ports chosen by the
-OS, prints one JSON line with its ports and peer id, and runs until its stdin closes (so it
+Serves an `RpcServer` (probe service and bulk transport) on 127.0.0.1 (ports chosen by the OS
+unless given), prints one JSON line with its ports and peer id, and runs until its stdin closes (so it
 never outlives the test process that started it) or it gets SIGTERM.
 
-    python -m tests.wire_helpers.peer_server [--max-tensor-bytes N] [--identity PATH] ...
+    python -m tests.wire_helpers.peer_server [--identity PATH] [--port N] [--max-tensor-bytes N] ...
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from apiary.wire import Identity, RpcServer, WireSettings
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--identity", help="identity file (load or create); default: a fresh identity")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (default: any free port)")
+    parser.add_argument("--bulk-port", type=int, default=0, help="bulk port (default: any free port)")
     parser.add_argument("--max-tensor-bytes", type=int)
     parser.add_argument("--max-message-bytes", type=int)
     parser.add_argument("--chunk-bytes", type=int)
@@ -39,7 +41,9 @@ async def serve(args: argparse.Namespace) -> None:
         )
         if value is not None
     }
-    settings = WireSettings(listen_host="127.0.0.1", port=0, bulk_port=0, shutdown_grace=0.5, **limits)
+    settings = WireSettings(
+        listen_host="127.0.0.1", port=args.port, bulk_port=args.bulk_port, shutdown_grace=0.5, **limits
+    )
     identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
     server = RpcServer(settings, identity)
     await server.start()

@@ -81,6 +81,12 @@ class PeerProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def crash(self) -> None:
+        """Kills the peer with SIGKILL (no shutdown at all), then reaps it."""
+        assert self.process is not None
+        self.process.kill()
+        self.stop()
+
     def stop(self) -> None:
         """Closes the peer's stdin (it shuts down), then terminates or kills it if it lingers."""
         process = self.process

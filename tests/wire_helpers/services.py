@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from apiary.wire import CallContext, InvalidRequest, Method, PayloadTooLarge, ServiceSpec
 from apiary.wire.bulk import BulkAnswer, BulkCall
@@ -77,3 +77,13 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Waits until `condition()` holds. A server records a failed call (metrics, span) just after
+    the caller has its error, so checks of those records wait for them."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition still false after {timeout}s")
+        await asyncio.sleep(0.01)

@@ -24,7 +24,14 @@ from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
 from apiary.wire.chunks import check_header
-from apiary.wire.errors import DeadlineExceeded, InvalidRequest, PayloadTooLarge, PeerUnavailable, error_from_status
+from apiary.wire.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    PayloadTooLarge,
+    PeerUnavailable,
+    WireError,
+    error_from_status,
+)
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
 from apiary.wire.rpc import decode
 from apiary.wire.metrics import RpcMetrics
@@ -311,6 +318,8 @@ class BulkClient:
             try:
                 exchange = self._exchange(endpoint, request, [p for _, p in tensors], reply_into)
                 return await asyncio.wait_for(exchange, timeout)
+            except WireError:  # the peer's own answer (its DeadlineExceeded too): pass it on as is
+                raise
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"{name} on {endpoint} did not finish within {timeout:.1f}s",
                                        peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None

@@ -56,13 +56,16 @@ class RpcServer:
 
     def add_service(self, spec: ServiceSpec, implementation: object) -> None:
         """Serves `spec` with `implementation`, whose snake_case methods handle each RPC."""
+        self._handlers.append(self._generic_handler(spec, implementation))
+
+    def _generic_handler(self, spec: ServiceSpec, implementation: object) -> grpc.GenericRpcHandler:
         handlers = {}
         for method in spec.methods:
             handler = getattr(implementation, method.handler_name, None)
             if handler is None:
                 raise TypeError(f"{type(implementation).__name__} lacks {method.handler_name}() for {spec.name}")
             handlers[method.name] = self._method_handler(spec, method, handler)
-        self._handlers.append(grpc.method_handlers_generic_handler(spec.name, handlers))
+        return grpc.method_handlers_generic_handler(spec.name, handlers)
 
     async def start(self) -> None:
         """Binds the port and starts serving; raises OSError naming the address if binding fails."""
@@ -81,10 +84,10 @@ class RpcServer:
         self._bound_port = port
         self._server = server
         probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings)
-        self.add_service(PROBE, probe)
         if self.bulk is not None:
             self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
-        self._server.add_generic_rpc_handlers(tuple(self._handlers))
+        probe_handler = self._generic_handler(PROBE, probe)  # made anew: a restart announces its new ports
+        self._server.add_generic_rpc_handlers((*self._handlers, probe_handler))
         await self._server.start()
 
     async def stop(self, grace: float | None = None) -> None:

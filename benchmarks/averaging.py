@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -34,12 +35,17 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, bu
         filled += received
 
 
-async def raw_exchange(me: int, raw_ports: list[int], listener: socket.socket, nbytes: int) -> float:
-    """Sends `nbytes` to every other worker and receives as much from each, all concurrently."""
+async def raw_exchange(
+    me: int, raw_ports: list[int], listener: socket.socket, nbytes: int, sinks: dict[int, memoryview]
+) -> float:
+    """Sends `nbytes` to every other worker and receives as much from each into reused buffers
+    (`sinks`, filled on first use), all concurrently."""
     loop = asyncio.get_running_loop()
     others = [i for i in range(len(raw_ports)) if i != me]
     payload = memoryview(bytearray(nbytes))
-    sinks = {i: memoryview(bytearray(nbytes)) for i in others}
+    for i in others:
+        if i not in sinks:
+            sinks[i] = memoryview(bytearray(nbytes))
 
     async def accept_all() -> list[socket.socket]:
         accepted = []
@@ -77,6 +83,7 @@ async def worker(index: int, numel: int) -> None:
     from apiary.wire import Identity, RpcServer, WireSettings
     from apiary.wire.bulk import BulkClient
 
+    torch.set_num_threads(1)  # the peers share this machine's cores; one thread each, as one core per peer
     identity = Identity.generate()
     server = RpcServer(WireSettings(listen_host="127.0.0.1"), identity)
     service = AllReduceService()
@@ -89,6 +96,8 @@ async def worker(index: int, numel: int) -> None:
     torch.manual_seed(index)
     flat = torch.randn(numel)
     client = BulkClient(server.settings)
+    out = None  # the averaged vector, reused round after round as the averager does
+    sinks: dict[int, memoryview] = {}
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -96,13 +105,13 @@ async def worker(index: int, numel: int) -> None:
         command = json.loads(line)
         await asyncio.sleep(max(0.0, command["start"] - time.time()))
         if command["what"] == "raw":
-            elapsed = await raw_exchange(index, command["raw_ports"], listener, command["nbytes"])
+            elapsed = await raw_exchange(index, command["raw_ports"], listener, command["nbytes"], sinks)
         else:
             members = [Member(m["peer_id"], m["bulk"], Mode.NODE, 1.0) for m in command["members"]]
-            round_ = GroupRound(f"bench-{command['what']}", members, index, numel, sender_timeout=300)
+            round_ = GroupRound(f"bench-{command['round']}", members, index, numel, sender_timeout=300)
             started = time.perf_counter()
-            await run_allreduce(round_, flat, 1.0, service=service, client=client,
-                                codec=codec_by_name(command["what"]), deadline=600)
+            out = await run_allreduce(round_, flat, 1.0, service=service, client=client,
+                                      codec=codec_by_name(command["what"]), deadline=600, out=out)
             elapsed = time.perf_counter() - started
         print(json.dumps({"elapsed": elapsed}), flush=True)
     await client.close()
@@ -114,6 +123,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--numel", type=int, default=100_000_000)
     parser.add_argument("--codecs", default="none,float16,uniform8")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per measurement (median reported)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -128,24 +138,30 @@ def main() -> None:
         infos = [json.loads(w.stdout.readline()) for w in workers]
         members = [{"peer_id": info["peer_id"], "bulk": info["bulk"]} for info in infos]
 
+        rounds = iter(range(1_000_000))
+
         def run(what: str, **extra: object) -> float:
-            start = time.time() + 1.0
+            start = time.time() + 0.5
+            command = {"what": what, "start": start, "members": members, "round": next(rounds), **extra}
             for w in workers:
-                w.stdin.write(json.dumps({"what": what, "start": start, "members": members, **extra}) + "\n")
+                w.stdin.write(json.dumps(command) + "\n")
                 w.stdin.flush()
             return max(json.loads(w.stdout.readline())["elapsed"] for w in workers)
 
         # a butterfly round moves, per pair of peers, one part each way and one reduced part back
         part_bytes = args.numel * 4 // args.peers
-        raw = run("raw", raw_ports=[info["raw"] for info in infos], nbytes=2 * part_bytes)
-        results = {codec: run(codec) for codec in args.codecs.split(",")}
+        raw_ports = [info["raw"] for info in infos]
+        raw = statistics.median(run("raw", raw_ports=raw_ports, nbytes=2 * part_bytes) for _ in range(args.repeats))
+        run("none")  # warm-up: connections and buffers, as in any round after a run's first
+        results = {codec: statistics.median(run(codec) for _ in range(args.repeats)) for codec in args.codecs.split(",")}
     finally:
         for w in workers:
             w.stdin.close()
         for w in workers:
             if w.wait(timeout=60) is None:
                 w.kill()
-    print(f"{args.peers} peers, {args.numel:,} float32 ({args.numel * 4 / 1e6:.0f} MB each), loopback, 1 round")
+    print(f"{args.peers} peers, {args.numel:,} float32 ({args.numel * 4 / 1e6:.0f} MB each), loopback, "
+          f"median of {args.repeats} rounds after a warm-up round")
     print(f"raw-socket bound (same bytes, plain sockets): {raw:7.2f} s")
     for codec, elapsed in results.items():
         print(f"all-reduce, codec {codec:15s}         {elapsed:7.2f} s   bound/round {raw / elapsed:.2f}")

@@ -27,6 +27,7 @@ from apiary.averaging.partition import Member, shares, spans
 from apiary.averaging.protos.averaging_pb2 import ReduceReply, ReduceRequest
 from apiary.wire import Endpoint, InvalidRequest, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
+from apiary.wire.rpc import decode
 from apiary.wire.tensors import tensor_from_payload, tensor_payload
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class _SpanReduction:
     def __init__(self, round_: GroupRound, numel: int):
         self.numel = numel
         self.expected = {m.peer_id for m in round_.members if m.sends}
-        self.sum = torch.zeros(numel, dtype=torch.float32)
+        self.sum = torch.empty(numel, dtype=torch.float32)  # written whole by the first part
         self.weight = 0.0
         self.contributors: set[str] = set()
         self.done = asyncio.Event()
@@ -78,7 +79,10 @@ class _SpanReduction:
             raise InvalidRequest(f"part has {part.numel()} elements, the span has {self.numel}")
         if not weight >= 0:
             raise InvalidRequest(f"weight {weight} must be a non-negative number")
-        self.sum.add_(part, alpha=weight)
+        if self.contributors:
+            self.sum.add_(part, alpha=weight)
+        else:
+            torch.mul(part, weight, out=self.sum)
         self.weight += weight
         self.contributors.add(sender)
         if self.contributors == self.expected:
@@ -86,7 +90,11 @@ class _SpanReduction:
 
     def finish(self) -> None:
         if not self.done.is_set():
-            self.mean = self.sum / self.weight if self.weight > 0 else self.sum
+            if not self.contributors:
+                self.sum.zero_()
+            elif self.weight > 0:
+                self.sum.div_(self.weight)
+            self.mean = self.sum  # in place: no part is added after this
             self.done.set()
 
     def encoded_mean(self, codec: Codec) -> list[torch.Tensor]:
@@ -131,7 +139,7 @@ class AllReduceService:
         return await self._reductions[group_id].result()
 
     async def handle(self, call: BulkCall) -> BulkAnswer:
-        request = ReduceRequest.FromString(call.body)
+        request = decode(ReduceRequest, call.body)  # InvalidRequest if malformed
         reduction = await self._reduction_for(request.group_id)
         if request.numel != reduction.numel:
             raise InvalidRequest(f"span {request.span}: {request.numel} elements declared, this span has {reduction.numel}")
@@ -169,18 +177,22 @@ async def run_allreduce(
     client: BulkClient,
     codec: Codec,
     deadline: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This member's part of one round. `flat` is the member's flattened float32 tensors (empty
-    for auxiliary members); returns the averaged vector (local values kept where a reducer failed).
-    Runs no longer than `deadline` seconds (raises DeadlineExceeded-like asyncio.TimeoutError)."""
-    return await asyncio.wait_for(_allreduce(round_, flat, weight, service, client, codec), deadline)
+    for auxiliary members); returns the averaged vector (local values kept where a reducer
+    failed), written into `out` when given (a buffer reused across rounds saves fresh memory).
+    Runs no longer than `deadline` seconds (raises asyncio.TimeoutError)."""
+    result = out if out is not None and out.shape == flat.shape else torch.empty_like(flat)
+    return await asyncio.wait_for(_allreduce(round_, flat, weight, service, client, codec, result), deadline)
 
 
 async def _allreduce(
-    round_: GroupRound, flat: torch.Tensor, weight: float, service: AllReduceService, client: BulkClient, codec: Codec
+    round_: GroupRound, flat: torch.Tensor, weight: float, service: AllReduceService, client: BulkClient,
+    codec: Codec, result: torch.Tensor,
 ) -> torch.Tensor:
+    """Fills every span of `result`: with the mean, or with local values where its reducer failed."""
     me = round_.me
-    result = torch.empty_like(flat)  # every span is filled: with the mean, or with local values
     if me.reduces:
         service.open(round_)
     try:
@@ -228,11 +240,14 @@ async def _exchange(
         target.copy_(part)
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The tensors' values as one float32 vector."""
+def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensors' values as one float32 vector (written into `out` if it has the right size)."""
     if not tensors:
         return torch.zeros(0)
-    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    parts = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
+    if out is not None and out.numel() == sum(p.numel() for p in parts):
+        return torch.cat(parts, out=out)
+    return torch.cat(parts)
 
 
 def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:

@@ -58,6 +58,8 @@ class Averager:
         self.schema = schema_digest([(tuple(t.shape), str(t.dtype)) for t in self.tensors])
         self.matchmaker: Matchmaker | None = None
         self.server: RpcServer | None = None
+        self._flat: torch.Tensor | None = None  # buffers reused round after round
+        self._averaged: torch.Tensor | None = None
 
     def attach(self, server: RpcServer) -> None:
         """Serves matchmaking and reduction on `server` (before it starts; it needs bulk unless client)."""
@@ -89,14 +91,17 @@ class Averager:
         self.round_index += 1
         group = await matchmaker.form_group(f"{self.grid.key(round_index)}.r{round_index}")
         if group is None:
+            self.grid.step_aside(round_index)
             return None
         group_id, members = group
         position = [m.peer_id for m in members].index(self.peer_id)
-        flat = flatten(self.tensors) if self.settings.mode is not Mode.AUX else torch.zeros(0)
+        flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Mode.AUX else torch.zeros(0)
+        self._flat = flat
         total = flat.numel() if self.settings.mode is not Mode.AUX else self._total()
         round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout)
         averaged = await run_allreduce(round_, flat, weight, service=self.reductions, client=self.bulk_client,
-                                       codec=self.codec, deadline=self.settings.round_timeout)
+                                       codec=self.codec, deadline=self.settings.round_timeout, out=self._averaged)
+        self._averaged = averaged
         if self.settings.mode is not Mode.AUX:
             unflatten_into(averaged, self.tensors)
         self.grid.settle(round_index, position)

@@ -2,9 +2,10 @@
 
 A peer holds `dims` coordinates in [0, side). In round r it looks for a group among the peers
 whose coordinates equal its own except along dimension r mod dims; after the round it sets
-that coordinate to its position in the group. Peers that start at random coordinates settle
-into a grid, and with groups of `side` peers on a full grid every peer holds the global mean
-after `dims` rounds.
+that coordinate to its position in the group. Peers that start at random coordinates tend to
+settle into a grid, and with groups of `side` peers on a full grid every peer holds the global
+mean after `dims` rounds. A peer that finds no group in a round steps aside along that round's
+axis, so that a grid with duplicated and empty cells still mixes everyone.
 """
 
 from __future__ import annotations
@@ -34,3 +35,10 @@ class MoshpitGrid:
     def settle(self, round_index: int, position: int) -> None:
         """After a round: our coordinate along its axis becomes our position in the group."""
         self.coords[round_index % self.dims] = position % self.side
+
+    def step_aside(self, round_index: int) -> None:
+        """After a round that found no group: move one step along its axis. A peer left out of
+        its line (alone there, or the odd one out when the line is cut into groups) would find the
+        same lines, and be left out of them, in every later round, never averaging with anyone."""
+        axis = round_index % self.dims
+        self.coords[axis] = (self.coords[axis] + 1) % self.side

@@ -2,9 +2,13 @@
 
 Each reducer receives its span from every other sender and sends the mean back, so a peer
 with share s of N elements moves about N * (1 - s) out and N * s * (senders - 1) * 2 through
-its link. The shares minimise the slowest peer's time under the declared bandwidths: a small
-linear program solved with scipy's HiGHS. Client-mode peers (who cannot be dialled) reduce
-nothing; auxiliary peers reduce but send no data of their own.
+its link. The shares minimise the slowest peer's time under the declared bandwidths. Of the
+many shares that do when a slow peer alone sets the round's time, the balanced ones are taken:
+every reducer with a share finishes at the same time, as early as possible (water-filling), so
+more bandwidth never means a smaller share. Groups where reducing more makes a peer faster (a
+single sender that also reduces) are solved as a small linear program with scipy's HiGHS.
+Client-mode peers (who cannot be dialled) reduce nothing; auxiliary peers reduce but send no
+data of their own.
 """
 
 from __future__ import annotations
@@ -47,6 +51,11 @@ def shares(members: list[Member]) -> list[float]:
         raise ValueError("a group needs at least one member that reduces (node or auxiliary mode)")
     senders = sum(m.sends for m in members)
     count = len(members)
+    # member i's time is (slopes[i] * share_i + owns[i]) / bandwidth_i (the traffic model below)
+    owns = [1 if m.sends else 0 for m in members]
+    slopes = [2 * (senders - own) - own for own in owns]
+    if all(slopes[i] > 0 for i in reducers):
+        return _balanced(reducers, slopes, owns, [max(m.bandwidth, 1e-9) for m in members])
     # variables: share_0..share_{n-1}, T; minimise T
     cost = np.zeros(count + 1)
     cost[-1] = 1.0
@@ -70,6 +79,22 @@ def shares(members: list[Member]) -> list[float]:
         equal = 1.0 / len(reducers)
         return [equal if m.reduces else 0.0 for m in members]
     return [float(x) for x in result.x[:count]]
+
+
+def _balanced(reducers: list[int], slope: list[int], own: list[int], bandwidth: list[float]) -> list[float]:
+    """Water-filling: the level L at which reducers, each given the share that makes its time L
+    (none if its own sending alone takes longer), share exactly everything."""
+    order = sorted(reducers, key=lambda i: own[i] / bandwidth[i])
+    for k in range(1, len(order) + 1):
+        active = order[:k]
+        level = (1 + sum(own[i] / slope[i] for i in active)) / sum(bandwidth[i] / slope[i] for i in active)
+        if k == len(order) or level <= own[order[k]] / bandwidth[order[k]]:
+            break
+    fractions = [0.0] * len(slope)
+    for i in active:
+        fractions[i] = max(0.0, (level * bandwidth[i] - own[i]) / slope[i])
+    total = sum(fractions)
+    return [x / total for x in fractions]
 
 
 def spans(total: int, fractions: list[float]) -> list[tuple[int, int]]:

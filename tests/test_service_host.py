@@ -95,9 +95,10 @@ def test_a_restarted_service_keeps_its_peer_id(tmp_path) -> None:
     assert identity.stat().st_mode & 0o777 == 0o600
 
 
-def test_the_lean_layers_import_without_torch() -> None:
+def test_the_dht_and_lean_layers_import_without_torch() -> None:
     code = (
-        "import sys, apiary.wire, apiary.telemetry, apiary.services.runtime, apiary.cli.main\n"
+        "import sys, apiary.wire, apiary.dht, apiary.dht.local, apiary.dht.storage, apiary.telemetry\n"
+        "import apiary.services.runtime, apiary.services.dht, apiary.cli.main  # `apiary dht` needs no torch\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

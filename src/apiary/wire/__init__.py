@@ -4,6 +4,11 @@ Torch-free: `apiary.wire.tensors` (which needs torch) is imported explicitly by 
 send tensors.
 """
 
+import os
+
+# gRPC core logs every GOAWAY of a closing peer at INFO; keep operators' logs to what matters.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from apiary.wire.address import AddressError, Endpoint, PeerAddress, parse_peer_list
 from apiary.wire.client import ChannelPool, RpcClient
 from apiary.wire.errors import (

@@ -225,6 +225,6 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def _pythonpath() -> str:
-    src = str(REPO_ROOT / "src")
+    own = f"{REPO_ROOT / 'src'}{os.pathsep}{REPO_ROOT / 'tests'}"  # the package, and the workers' helpers
     existing = os.environ.get("PYTHONPATH", "")
-    return f"{existing}{os.pathsep}{src}" if existing else src  # a PYTHONPATH given wins (to test a copy)
+    return f"{existing}{os.pathsep}{own}" if existing else own  # a PYTHONPATH given wins (to test a copy)

@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from worker_support import die_with_parent, emit
+
 from apiary.averaging.allreduce import REDUCE_ROUTE, flatten
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
@@ -93,10 +95,6 @@ def identity_from_seed(seed: int) -> Identity:
 
     return Identity(Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"averaging-worker-{seed}".encode()).digest()))
 
-
-def _emit(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
 
 
 class _Stdin:
@@ -193,7 +191,7 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         await server.start()
         groups: list[dict[str, Any]] = []
         _record_groups(averager, groups)
-        _emit({"event": "up", "peer_id": identity.peer_id, "address": dht.address, "bulk": str(server.announced_bulk)})
+        emit({"event": "up", "peer_id": identity.peer_id, "address": dht.address, "bulk": str(server.announced_bulk)})
 
         t0 = float(config["t0"]) if "t0" in config else float(await stdin.next("t0"))
         rounds: list[dict[str, Any]] = []
@@ -221,7 +219,7 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
             history.append(flatten(tensors).clone())
         torch.save({"peer_id": identity.peer_id, "initial": initial, "final": [t.clone() for t in tensors],
                     "history": history, "rounds": rounds}, config["output"])
-        _emit({"event": "done"})
+        emit({"event": "done"})
         # keep serving (others may still call our DHT node or reducer) until told to stop
         eof = asyncio.ensure_future(stdin.end())
         stopped = asyncio.ensure_future(stop.wait())
@@ -244,21 +242,13 @@ async def main_async(config: dict[str, Any]) -> None:
     await run(config, _Stdin(loop), stop)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL us when the process that started us dies."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="JSON object: see DEFAULTS and the module docstring")
     config = {**DEFAULTS, **json.loads(parser.parse_args(argv).config)}
-    _die_with_parent()
+    die_with_parent()
     # a hard limit: a worker never outlives its test, whatever happens to the swarm
     limit = threading.Timer(float(config["max_seconds"]), lambda: os._exit(3))
     limit.daemon = True

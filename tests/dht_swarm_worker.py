@@ -25,7 +25,8 @@ import random
 import signal
 import sys
 import threading
-from typing import Any
+
+from worker_support import die_with_parent, emit
 
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import LOCAL_SERVICE, LocalServicer
@@ -40,10 +41,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settings", default="{}", help="DHTSettings fields as JSON")
     return parser.parse_args(argv)
 
-
-def _emit(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
 
 
 async def run(args: argparse.Namespace, initial_peers: list[PeerAddress], stop: asyncio.Event) -> None:
@@ -63,9 +60,9 @@ async def run(args: argparse.Namespace, initial_peers: list[PeerAddress], stop: 
             local.add_service(LOCAL_SERVICE, LocalServicer(node))
             await local.start()
             local_servers.append(local)
-            _emit({"address": node.address, "peer_id": node.identity.peer_id,
+            emit({"address": node.address, "peer_id": node.identity.peer_id,
                    "port": node.server.port, "local_port": local.port})
-        _emit({"ready": True, "pid": os.getpid()})
+        emit({"ready": True, "pid": os.getpid()})
         await stop.wait()
     finally:
         for local in local_servers:
@@ -97,20 +94,10 @@ async def main_async(args: argparse.Namespace, initial_peers: list[PeerAddress])
     await run(args, initial_peers, stop)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL us when the process that started us dies, even while we are stopped
-    (SIGSTOP) and cannot notice that stdin closed."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:
-    _die_with_parent()
+    die_with_parent()
     args = _parse_args(argv)
     initial_peers = parse_peer_list(args.initial_peers)
     if args.wait_for_peers:

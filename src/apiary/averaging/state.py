@@ -9,7 +9,6 @@ corrupted bytes, and gives up with a clear error after a bounded time.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time

@@ -7,6 +7,7 @@ import sys
 import pydantic
 import typer
 
+from apiary.cli.averager import averager_command
 from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
 from apiary.cli.up import up_command
@@ -26,6 +27,7 @@ app.command("keygen")(keygen_command)
 app.command("ping")(ping_command)
 app.command("up")(up_command)
 app.command("dht")(dht_command)
+app.command("averager")(averager_command)
 
 
 def _one_line(error: pydantic.ValidationError) -> str:

@@ -1,0 +1,115 @@
+"""`apiary averager`: run this participant's averager (torch is imported only when it runs)."""
+
+from __future__ import annotations
+
+import asyncio
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from apiary.cli.options import option
+from apiary.services.runtime import ServiceSettings
+from apiary.telemetry import TracingSettings
+from apiary.wire import Endpoint, WireSettings, parse_peer_list
+
+if TYPE_CHECKING:
+    from apiary.averaging.averager import AveragerSettings
+    from apiary.services.averager import AveragerServiceSettings
+
+console = Console(soft_wrap=True)
+
+
+class AveragingMode(str, Enum):  # apiary.averaging.partition.Mode, without importing torch for --help
+    node = "node"
+    client = "client"
+    aux = "aux"
+
+
+def averager_command(
+    run_id: Annotated[str, option("--run-id", "the run's name: averagers of one run average together")],
+    mode: Annotated[AveragingMode, option("--mode", "node; client (behind NAT: sends only); aux (reduces only)")] = AveragingMode.node,
+    target_group_size: Annotated[int, option("--target-group-size", "peers per averaging group", min=1)] = 16,
+    min_group_size: Annotated[int, option("--min-group-size", "fewest peers that make a group", min=1)] = 2,
+    expected_peers: Annotated[int, option("--expected-peers", "swarm size the Moshpit grid is shaped for", min=1)] = 16,
+    codec: Annotated[str, option("--codec", "compression of parts: none, float16, scaled_float16, uniform8, blockwise8")] = "none",
+    bandwidth: Annotated[float, option("--bandwidth", "declared link bandwidth, bytes/s (sets this peer's share)", min=1)] = 1e8,
+    gather_seconds: Annotated[float, option("--gather-seconds", "seconds a round collects announcements", min=0.01)] = 2.0,
+    join_seconds: Annotated[float, option("--join-seconds", "seconds a leader waits for its group to join", min=0.01)] = 3.0,
+    round_timeout: Annotated[float, option("--round-timeout", "deadline of one round's all-reduce, seconds", min=0.1)] = 60.0,
+    sender_timeout: Annotated[float, option("--sender-timeout", "seconds a reducer waits for a sender's part", min=0.1)] = 10.0,
+    dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
+    initial_peers: Annotated[str, option("--initial-peers", "run an embedded DHT node joining these: peer_id@host:port, comma-separated")] = "",
+    host: Annotated[str, option("--host", "interface the public ports bind")] = "0.0.0.0",
+    port: Annotated[int, option("--port", "public gRPC port: matchmaking (0: any free port)")] = 0,
+    announce_host: Annotated[Optional[str], option("--announce-host", "host other peers dial (default: this host's address)")] = None,
+    announce_port: Annotated[Optional[int], option("--announce-port", "gRPC port other peers dial (default: the bound port)")] = None,
+    bulk_port: Annotated[int, option("--bulk-port", "public bulk port: all-reduce and state transfer (0: any free port)")] = 0,
+    announce_bulk_port: Annotated[Optional[int], option("--announce-bulk-port", "bulk port other peers dial (default: the bound port)")] = None,
+    local_host: Annotated[str, option("--local-host", "interface of the local API for the trainer")] = "127.0.0.1",
+    local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
+    announce_period: Annotated[float, option("--announce-period", "seconds between announcements of the state held", min=0.1)] = 30.0,
+    state_timeout: Annotated[float, option("--state-timeout", "seconds a newcomer's LoadState may take", min=0.1)] = 60.0,
+    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
+    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
+    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
+    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
+    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+) -> None:
+    """Run an averager: average the trainer's tensors with the swarm; keep and serve the latest state."""
+    if (dht_local is None) == (not initial_peers.strip()):
+        raise typer.BadParameter(
+            "give exactly one: --dht-local (the dht service's local API) or --initial-peers (an embedded DHT node)",
+            param_hint="'--dht-local' / '--initial-peers'",
+        )
+    if min_group_size > target_group_size:
+        raise typer.BadParameter(f"{min_group_size} is above --target-group-size {target_group_size}",
+                                 param_hint="'--min-group-size'")
+    from apiary.averaging.averager import AveragerSettings
+    from apiary.averaging.compression import CODECS
+    from apiary.averaging.partition import Mode
+    from apiary.services.averager import AveragerServiceSettings
+
+    if codec not in CODECS:
+        raise typer.BadParameter(f"unknown codec {codec!r} (known: {', '.join(CODECS)})", param_hint="'--codec'")
+    settings = (
+        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port,
+                     bulk=True, bulk_port=bulk_port, announce_bulk_port=announce_bulk_port),
+        ServiceSettings(
+            identity=identity, admin_host=admin_host, admin_port=admin_port,
+            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
+        ),
+        AveragerSettings(
+            prefix=run_id, mode=Mode(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
+            expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, gather_seconds=gather_seconds,
+            join_seconds=join_seconds, sender_timeout=sender_timeout, round_timeout=round_timeout,
+        ),
+        AveragerServiceSettings(
+            dht_local=Endpoint.parse(dht_local) if dht_local is not None else None,
+            initial_peers=parse_peer_list(initial_peers), local_host=local_host, local_port=local_port,
+            announce_period=announce_period, state_timeout=state_timeout,
+        ),
+    )
+    asyncio.run(_serve(*settings))
+
+
+async def _serve(wire: WireSettings, service_settings: ServiceSettings, averaging: AveragerSettings,
+                 settings: AveragerServiceSettings) -> None:
+    from apiary.services.averager import AveragerService
+
+    service = AveragerService(wire, service_settings, averaging, settings)  # grpc.aio objects need the running loop
+    await service.start()
+    host = service.host
+    console.print(f"averaging run {averaging.prefix!r} as {averaging.mode.value}; peer id {host.identity.peer_id}",
+                  highlight=False)
+    if service.node is not None:
+        joined = f"embedded DHT node, {len(service.node.routing)} neighbours"
+        console.print(f"DHT: {joined}; others join with: --initial-peers {service.node.address}" if service.node.address
+                      else f"DHT: {joined} (client mode)", highlight=False)
+    else:
+        console.print(f"DHT: the dht service at {settings.dht_local}", highlight=False)
+    console.print(f"public: {host.server.announced} (bulk {host.server.announced_bulk})", highlight=False)
+    console.print(f"local API: {service.local_endpoint}   admin: {host.admin.url}", highlight=False)
+    await host.run()

@@ -1,0 +1,271 @@
+"""The averager service: averages its trainer's tensors with the swarm and keeps the latest state.
+
+One process per participant. Its public port serves matchmaking (gRPC) and all-reduce and state
+transfer (bulk) to other averagers; its local port serves the trainer (`apiary.averaging.local`):
+rounds through shared memory or gRPC streaming, the state to give newcomers, and the swarm's
+newest state to load. It reaches the DHT through the participant's dht service (`dht_local`)
+or through a DHT node of its own that joins `initial_peers`, and re-announces its state in the
+DHT every `announce_period` seconds while it holds one, so newcomers find it even while the
+trainer is busy or restarting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, Field, model_validator
+
+from apiary.averaging.allreduce import AllReduceService
+from apiary.averaging.averager import Averager, AveragerSettings
+from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult
+from apiary.averaging.partition import Mode
+from apiary.averaging.state import STATE_ROUTE, StateDonor
+from apiary.dht import DHTNode, DHTSettings
+from apiary.dht.local import DHTClient
+from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.wire import ChannelPool, Endpoint, InvalidRequest, PeerAddress, RpcServer, WireSettings
+from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient, Payload
+
+logger = logging.getLogger(__name__)
+
+STATUS_TENSORS = 64  # registered tensors listed one by one in /status
+
+
+class AveragerServiceSettings(BaseModel):
+    dht_local: Endpoint | None = Field(None, description="local API of this participant's dht service")
+    initial_peers: list[PeerAddress] = Field(default_factory=list, description="join the DHT through these (embedded node)")
+    local_host: str = Field("127.0.0.1", description="interface of the local API for this participant's trainer")
+    local_port: int = Field(0, ge=0, le=65535, description="port of the local API (0: any free port)")
+    announce_period: float = Field(30.0, gt=0, description="seconds between announcements of the state held")
+    state_timeout: float = Field(60.0, gt=0, description="seconds LoadState may take to find and download a state")
+    dht_timeout: float = Field(10.0, gt=0, description="deadline of a call to the dht service's local API")
+
+    @model_validator(mode="after")
+    def _one_way_to_the_dht(self) -> AveragerServiceSettings:
+        if (self.dht_local is None) == (not self.initial_peers):
+            got = "both" if self.dht_local is not None else "neither"
+            raise ValueError(
+                f"give exactly one of dht_local (the dht service's local API) and initial_peers "
+                f"(for an embedded DHT node); got {got}"
+            )
+        return self
+
+
+class AveragerMetrics:
+    """apiary_averager_*: rounds by result, group sizes, round times, all-reduce bytes, state requests."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.rounds = Counter("apiary_averager_rounds", "Averaging rounds, by result (ok, no_group, failed)",
+                              ["result"], registry=registry)
+        self.group_size = Histogram("apiary_averager_group_size", "Peers in the groups of successful rounds",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128), registry=registry)
+        self.round_seconds = Histogram(
+            "apiary_averager_round_seconds", "Time of a round, matchmaking included, by result", ["result"],
+            buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300), registry=registry,
+        )
+        self.sent_bytes = Counter("apiary_averager_sent_bytes", "Tensor bytes of all-reduce parts and means sent",
+                                  registry=registry)
+        self.received_bytes = Counter("apiary_averager_received_bytes",
+                                      "Tensor bytes of all-reduce parts and means received", registry=registry)
+        self.state_requests = Counter("apiary_averager_state_requests",
+                                      "State downloads asked of this donor, by result (ok, refused)", ["result"],
+                                      registry=registry)
+        for result in (OK, NO_GROUP, FAILED):  # every series exists from the start
+            self.rounds.labels(result)
+        for result in ("ok", "refused"):
+            self.state_requests.labels(result)
+
+    def observe(self, result: RoundResult) -> None:
+        self.rounds.labels(result.result).inc()
+        self.round_seconds.labels(result.result).observe(result.seconds)
+        if result.result == OK:
+            self.group_size.observe(result.group_size)
+
+
+def _payload_bytes(tensors: Sequence[tuple[Any, Any]]) -> int:
+    return sum(header.nbytes for header, _ in tensors)
+
+
+class _CountingBulkClient(BulkClient):
+    """The averager's bulk client, counting the tensor bytes of the parts it sends to reducers
+    and of the means it gets back (completed exchanges)."""
+
+    def __init__(self, settings: WireSettings, metrics: AveragerMetrics):
+        super().__init__(settings)
+        self.metrics = metrics
+
+    async def call(self, endpoint: Endpoint, route: str, *, body: bytes = b"", tensors: Sequence[Payload] = (),
+                   timeout: float | None = None, reply_into: Sequence[memoryview] = ()) -> Any:
+        reply = await super().call(endpoint, route, body=body, tensors=tensors, timeout=timeout, reply_into=reply_into)
+        self.metrics.sent_bytes.inc(_payload_bytes(tensors))
+        self.metrics.received_bytes.inc(_payload_bytes(reply[1]))
+        return reply
+
+
+class _CountingReductions(AllReduceService):
+    """The reducer's side, counting the parts received from other senders and the means sent back."""
+
+    def __init__(self, metrics: AveragerMetrics):
+        super().__init__()
+        self.metrics = metrics
+
+    async def handle(self, call: BulkCall) -> BulkAnswer:
+        self.metrics.received_bytes.inc(_payload_bytes(call.tensors))
+        answer = await super().handle(call)
+        self.metrics.sent_bytes.inc(_payload_bytes(answer.tensors))
+        return answer
+
+
+class AveragerService:
+    """Builds and runs the service; `start()` returns once it reaches the DHT and serves."""
+
+    def __init__(self, wire: WireSettings, service: ServiceSettings, averaging: AveragerSettings,
+                 settings: AveragerServiceSettings):
+        wire = wire.model_copy(update={"bulk": True})  # all-reduce and state transfer need it
+        self.settings = settings
+        self.averaging = averaging
+        self.host = ServiceHost("averager", wire, service, status=self.status, ready=lambda: self.registered)
+        self.metrics = AveragerMetrics(self.host.registry)
+        self.pool = ChannelPool(wire)
+        peer_id = self.host.identity.peer_id
+        self.node: DHTNode | None = None
+        if settings.dht_local is not None:
+            self.dht: DHTClient | DHTNode = DHTClient(settings.dht_local, self.pool, timeout=settings.dht_timeout)
+        else:
+            self.node = DHTNode(self.host.identity, DHTSettings(client_mode=averaging.mode is Mode.CLIENT),
+                                pool=self.pool, registry=self.host.registry)
+            self.dht = self.node
+        self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool)
+        self.averager.bulk_client = _CountingBulkClient(wire, self.metrics)
+        self.averager.reductions = _CountingReductions(self.metrics)
+        self.donor = StateDonor(averaging.prefix, peer_id)
+        self.state_client = BulkClient(wire)
+        self.servicer = LocalServicer(
+            self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
+            state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self.announce,
+        )
+        local_wire = wire.model_copy(update={"listen_host": settings.local_host, "port": settings.local_port,
+                                             "announce_host": None, "announce_port": None, "bulk": False})
+        self.local_server = RpcServer(local_wire, self.host.identity)
+        self.local_server.add_service(LOCAL_SERVICE, self.servicer)
+        self.announced_at: float | None = None
+        self.started = False
+
+    async def start(self) -> None:
+        """Starts the servers and reaches the DHT; on failure, stops what it started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.host.shutdown()
+            raise
+
+    async def _start(self) -> None:
+        server = self.host.server
+        if self.node is not None and not self.node.settings.client_mode:
+            self.node.attach(server)
+        self.averager.attach(server)
+        assert server.bulk is not None
+        server.bulk.add_route(STATE_ROUTE, self._serve_state)
+        await self.host.start()
+        # run at shutdown newest first: the local API stops, the segment is unmapped, then clients close
+        self.host.on_stop(self._close_clients)
+        self.host.on_stop(self.servicer.close)
+        self.host.on_stop(self.local_server.stop)
+        await self.local_server.start()
+        if self.node is not None:
+            await self.node.join(self.settings.initial_peers)
+        else:
+            await self.dht.info()  # fails now, with the address, if the dht service does not answer
+        if self.averaging.mode is not Mode.CLIENT:  # a client cannot be dialled: it gives no state
+            self.donor.bulk_address = str(server.announced_bulk)
+        self.host.spawn(self._announce_loop(), "announce-state")
+        self.started = True
+
+    async def _close_clients(self) -> None:
+        await self.averager.close()
+        await self.state_client.close()
+        if self.node is not None:
+            await self.node.shutdown()  # closes the pool too
+        else:
+            await self.pool.close()
+
+    # ---- state
+
+    async def _serve_state(self, call: BulkCall) -> BulkAnswer:
+        try:
+            answer = await self.donor.handle(call)
+        except InvalidRequest:
+            self.metrics.state_requests.labels("refused").inc()
+            raise
+        self.metrics.state_requests.labels("ok").inc()
+        return answer
+
+    async def announce(self) -> bool:
+        """Lists the state held in the DHT (if any, and if others can dial us); never raises."""
+        if self.donor.state is None or not self.donor.bulk_address:
+            return False
+        try:
+            announced = await self.donor.announce(self.dht, ttl=3 * self.settings.announce_period)
+        except Exception as e:  # noqa: BLE001 - the next period tries again
+            logger.warning("announcing the state failed: %s", e)
+            return False
+        if announced:
+            self.announced_at = time.time()
+        return announced
+
+    async def _announce_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.announce_period)
+            await self.announce()
+
+    # ---- admin
+
+    @property
+    def registered(self) -> bool:
+        return self.servicer.registration is not None
+
+    @property
+    def local_endpoint(self) -> Endpoint:
+        return self.local_server.local_endpoint
+
+    def status(self) -> dict[str, Any]:
+        averaging = self.averaging
+        registration = self.servicer.registration
+        last = self.servicer.last_round
+        state = self.donor.state
+        schema = None
+        if registration is not None:
+            listed = registration.schema.tensors[:STATUS_TENSORS]
+            schema = {
+                "digest": registration.schema.digest,
+                "tensors": len(registration.schema),
+                "numel": registration.schema.numel,
+                "shared_memory": registration.segment.name if registration.segment is not None else None,
+                "listed": [{"dtype": dtype, "shape": list(shape)} for dtype, shape in listed],
+            }
+        return {
+            "run_id": averaging.prefix,
+            "mode": averaging.mode.value,
+            "codec": averaging.codec,
+            "target_group_size": averaging.target_group_size,
+            "min_group_size": averaging.min_group_size,
+            "dht": (f"local API {self.settings.dht_local}" if self.node is None
+                    else f"embedded node {self.node.address or '(client mode)'}"),
+            "local_api": str(self.local_endpoint) if self.started else None,
+            "bulk_address": self.donor.bulk_address,
+            "registered": registration is not None,
+            "schema": schema,
+            "next_round": self.averager.round_index,
+            "last_round": None if last is None else {
+                "result": last.result, "group_size": last.group_size, "seconds": round(last.seconds, 3),
+                "finished_at": last.finished_at, "error": last.error,
+            },
+            "donor_epoch": state.epoch if state is not None else None,
+            "donor_tensors": len(state.tensors) if state is not None else 0,
+            "state_announced_at": self.announced_at,
+        }

@@ -126,12 +126,11 @@ def disagreement(state: torch.Tensor) -> float:
     return (state - state.mean(0)).pow(2).sum().item()
 
 
-def test_moshpit_rounds_preserve_the_mean_and_shrink_disagreement():
-    """Eight peers at random grid coordinates, groups of two, five rounds. The mean over peers
-    never moves and the disagreement never grows; exact convergence in five rounds depends on the
-    random start (in simulations of this matchmaking about a third of random starts reach it, and
-    the disagreement after five rounds is at most about 0.35 of the initial one), so the test
-    asserts the bound 0.5 and prints the measured deviation per round."""
+def test_eight_peers_in_groups_of_two_reach_the_global_mean_within_five_rounds():
+    """Eight peers, groups of two, five rounds. The first round places every peer on a 2x2x2
+    grid by its rank among all peers; the next rounds average along the other two axes, so every
+    peer holds the global mean after three rounds (and keeps it). The mean over peers never
+    moves, and every round's groups are replayed exactly from what the peers reported."""
     rounds = 5
     configs = [{**MOSHPIT, "seed": 100 + i, "rounds": rounds} for i in range(8)]
     results = run_swarm(configs)
@@ -147,8 +146,8 @@ def test_moshpit_rounds_preserve_the_mean_and_shrink_disagreement():
     print("\n".join(report))
     for before, after in zip(states, states[1:]):
         assert disagreement(after) <= disagreement(before) * (1 + 1e-6)
-    assert disagreement(states[-1]) <= 0.5 * disagreement(states[0]), "\n".join(report)
-    assert sum(r.rounds[0].size is not None for r in results) >= 2  # 8 peers, 4 lines: some line has 2
+    assert all(record.size == 2 for r in results for record in r.rounds), describe_rounds(results)
+    assert max_error(states[-1], global_mean.expand_as(states[-1])) <= 1e-5, "\n".join(report)
 
 
 def test_a_peer_left_out_of_its_line_moves_and_averages_later():

@@ -89,7 +89,11 @@ class Averager:
         matchmaker = self._matchmaker()
         round_index = self.round_index
         self.round_index += 1
+        settling = not self.grid.settled
+        matchmaker.line_of = (lambda rank: self.grid.line_of(round_index, rank)) if settling else None
         group = await matchmaker.form_group(f"{self.grid.key(round_index)}.r{round_index}")
+        if settling and matchmaker.last_rank is not None:
+            self.grid.settle_at(matchmaker.last_rank)
         if group is None:
             self.grid.step_aside(round_index)
             return None

@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 from apiary.averaging.partition import Member, Mode
@@ -93,6 +94,10 @@ class Matchmaker:
         self.pool = pool
         self.settings = settings
         self.prefix = prefix
+        # Set for a round that places peers by rank: maps a rank to its line; peers on our line
+        # form our group. `last_rank` is our rank among the peers that round saw.
+        self.line_of: Callable[[int], Hashable] | None = None
+        self.last_rank: int | None = None
         self._gathering: _Gathering | None = None
         self._leading = asyncio.Event()  # set while a gathering is open
 
@@ -106,7 +111,9 @@ class Matchmaker:
         await asyncio.sleep(self.settings.gather_seconds)
         found = await self.dht.get(key, latest=True)
         peers = self._compatible(found.value if found is not None else {})
-        chunk = self._my_chunk(sorted(peers))
+        ordered = sorted(peers)
+        self.last_rank = ordered.index(self.me.peer_id)
+        chunk = self._my_line(ordered, self.line_of) if self.line_of is not None else self._my_chunk(ordered)
         if chunk is None or len(chunk) < self.settings.min_group_size:
             return None
         dialable = [peer for peer in chunk if peers[peer]["mode"] != Mode.CLIENT.value]
@@ -138,6 +145,10 @@ class Matchmaker:
             if self.me.peer_id in chunk:
                 return chunk
         return None
+
+    def _my_line(self, ordered: list[str], line_of: Callable[[int], Hashable]) -> list[str]:
+        mine = line_of(self.last_rank)
+        return [peer for rank, peer in enumerate(ordered) if line_of(rank) == mine]
 
     async def _lead(self, group_key: str, expected: set[str]) -> tuple[str, list[Member]] | None:
         gathering = _Gathering(group_key, self.me, expected, self.settings.target_group_size, self.schema)

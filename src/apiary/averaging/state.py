@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -128,3 +131,25 @@ async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, ti
     if not isinstance(metadata, dict):
         raise ValueError("the state's metadata is not a mapping")
     return State(metadata, [tensor_from_payload(header, payload) for header, payload in payloads])
+
+
+def save_state(state: State, path: str | os.PathLike[str]) -> None:
+    """Writes `state` to `path` atomically (a crash leaves the previous file intact)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"metadata": state.metadata, "tensors": state.tensors}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_saved_state(path: str | os.PathLike[str]) -> State | None:
+    """The state saved at `path` by `save_state`, or None if there is none."""
+    if not Path(path).exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return State(dict(saved["metadata"]), list(saved["tensors"]))

@@ -52,6 +52,7 @@ def averager_command(
     local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
     announce_period: Annotated[float, option("--announce-period", "seconds between announcements of the state held", min=0.1)] = 30.0,
     state_timeout: Annotated[float, option("--state-timeout", "seconds a newcomer's LoadState may take", min=0.1)] = 60.0,
+    state_path: Annotated[Optional[Path], option("--state-path", "file that keeps the latest state across restarts")] = None,
     admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
     admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
     identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
@@ -89,7 +90,7 @@ def averager_command(
         AveragerServiceSettings(
             dht_local=Endpoint.parse(dht_local) if dht_local is not None else None,
             initial_peers=parse_peer_list(initial_peers), local_host=local_host, local_port=local_port,
-            announce_period=announce_period, state_timeout=state_timeout,
+            announce_period=announce_period, state_timeout=state_timeout, state_path=state_path,
         ),
     )
     asyncio.run(_serve(*settings))

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,7 +25,7 @@ from apiary.averaging.allreduce import AllReduceService
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult
 from apiary.averaging.partition import Mode
-from apiary.averaging.state import STATE_ROUTE, StateDonor
+from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import DHTClient
 from apiary.services.runtime import ServiceHost, ServiceSettings
@@ -44,6 +45,7 @@ class AveragerServiceSettings(BaseModel):
     announce_period: float = Field(30.0, gt=0, description="seconds between announcements of the state held")
     state_timeout: float = Field(60.0, gt=0, description="seconds LoadState may take to find and download a state")
     dht_timeout: float = Field(10.0, gt=0, description="deadline of a call to the dht service's local API")
+    state_path: Path | None = Field(None, description="file that keeps the latest state across restarts")
 
     @model_validator(mode="after")
     def _one_way_to_the_dht(self) -> AveragerServiceSettings:
@@ -147,7 +149,7 @@ class AveragerService:
         self.state_client = BulkClient(wire)
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
-            state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self.announce,
+            state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self._state_published,
         )
         local_wire = wire.model_copy(update={"listen_host": settings.local_host, "port": settings.local_port,
                                              "announce_host": None, "announce_port": None, "bulk": False})
@@ -183,6 +185,11 @@ class AveragerService:
             await self.dht.info()  # fails now, with the address, if the dht service does not answer
         if self.averaging.mode is not Mode.CLIENT:  # a client cannot be dialled: it gives no state
             self.donor.bulk_address = str(server.announced_bulk)
+        if self.settings.state_path is not None:
+            saved = await asyncio.to_thread(load_saved_state, self.settings.state_path)
+            if saved is not None:  # a restarted averager serves what it held before
+                self.donor.update(saved)
+                await self.announce()
         self.host.spawn(self._announce_loop(), "announce-state")
         self.started = True
 
@@ -204,6 +211,12 @@ class AveragerService:
             raise
         self.metrics.state_requests.labels("ok").inc()
         return answer
+
+    async def _state_published(self) -> bool:
+        """Keeps the new state on disk (when a state path is set), then announces it."""
+        if self.settings.state_path is not None and self.donor.state is not None:
+            await asyncio.to_thread(save_state, self.donor.state, self.settings.state_path)
+        return await self.announce()
 
     async def announce(self) -> bool:
         """Lists the state held in the DHT (if any, and if others can dial us); never raises."""

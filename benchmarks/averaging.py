@@ -25,53 +25,7 @@ import subprocess
 import sys
 import time
 
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, buffer: memoryview) -> None:
-    filled = 0
-    while filled < len(buffer):
-        received = await loop.sock_recv_into(sock, buffer[filled:])
-        if not received:
-            raise ConnectionError("peer closed")
-        filled += received
-
-
-async def raw_exchange(
-    me: int, raw_ports: list[int], listener: socket.socket, nbytes: int, sinks: dict[int, memoryview]
-) -> float:
-    """Sends `nbytes` to every other worker and receives as much from each into reused buffers
-    (`sinks`, filled on first use), all concurrently."""
-    loop = asyncio.get_running_loop()
-    others = [i for i in range(len(raw_ports)) if i != me]
-    payload = memoryview(bytearray(nbytes))
-    for i in others:
-        if i not in sinks:
-            sinks[i] = memoryview(bytearray(nbytes))
-
-    async def accept_all() -> list[socket.socket]:
-        accepted = []
-        for _ in others:
-            sock, _ = await loop.sock_accept(listener)
-            accepted.append(sock)
-        return accepted
-
-    async def connect(i: int) -> socket.socket:
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", raw_ports[i]))
-        return sock
-
-    incoming, outgoing = await asyncio.gather(accept_all(), asyncio.gather(*(connect(i) for i in others)))
-    for sock in [*incoming, *outgoing]:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    started = time.perf_counter()
-    await asyncio.gather(
-        *(loop.sock_sendall(sock, payload) for sock in outgoing),
-        *(_recv_exactly(loop, sock, sinks[i]) for sock, i in zip(incoming, others)),
-    )
-    elapsed = time.perf_counter() - started
-    for sock in [*incoming, *outgoing]:
-        sock.close()
-    return elapsed
+from measure import raw_exchange
 
 
 async def worker(index: int, numel: int) -> None:

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from measure import percentile, rate
+
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC logs every GOAWAY of a killed node at INFO
 
 GET_TARGET = 0.999
@@ -44,17 +46,6 @@ class Round:
     gets_this_round: list[bool] = field(default_factory=list)
     killed: int = 0
     alive: int = 0
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def rate(outcomes: list[bool]) -> float:
-    return sum(outcomes) / len(outcomes) if outcomes else float("nan")
 
 
 async def bounded(concurrency: int, jobs: list[Any]) -> list[Any]:

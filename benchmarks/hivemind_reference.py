@@ -57,22 +57,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from measure import percentile, rate, raw_exchange
+
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-
-def rate(outcomes: list[bool]) -> float:
-    return sum(outcomes) / len(outcomes) if outcomes else float("nan")
 
 
 def descendants(pid: int) -> list[int]:
@@ -320,57 +311,6 @@ def dht_row(name: str, stores: list[tuple[bool, float]], gets: list[tuple[bool, 
 
 # ---------------------------------------------------------------------------------------------
 # part b: averaging
-
-
-async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, buffer: memoryview) -> None:
-    filled = 0
-    while filled < len(buffer):
-        received = await loop.sock_recv_into(sock, buffer[filled:])
-        if not received:
-            raise ConnectionError("peer closed")
-        filled += received
-
-
-async def raw_exchange(me: int, raw_ports: list[int], listener: socket.socket, nbytes: int,
-                       sinks: dict[int, memoryview]) -> float:
-    """Sends `nbytes` to every other peer and receives as much from each, all at once, over plain
-    TCP on loopback; connections are made before the clock starts."""
-    loop = asyncio.get_running_loop()
-    others = [i for i in range(len(raw_ports)) if i != me]
-    payload = memoryview(bytearray(nbytes))
-    for i in others:
-        if i not in sinks:
-            sinks[i] = memoryview(bytearray(nbytes))
-
-    async def accept_all() -> list[socket.socket]:
-        accepted = []
-        for _ in others:
-            sock, _ = await loop.sock_accept(listener)
-            accepted.append(sock)
-        return accepted
-
-    async def connect(i: int) -> socket.socket:
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", raw_ports[i]))
-        sock.sendall(me.to_bytes(4, "little"))  # who I am, so the acceptor files my bytes under me
-        return sock
-
-    accepted, outgoing = await asyncio.gather(accept_all(), asyncio.gather(*(connect(i) for i in others)))
-    incoming = {}
-    for sock in accepted:
-        header = memoryview(bytearray(4))
-        await _recv_exactly(loop, sock, header)
-        incoming[int.from_bytes(header, "little")] = sock
-    for sock in [*accepted, *outgoing]:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    started = time.perf_counter()
-    await asyncio.gather(*(loop.sock_sendall(sock, payload) for sock in outgoing),
-                         *(_recv_exactly(loop, sock, sinks[i]) for i, sock in incoming.items()))
-    elapsed = time.perf_counter() - started
-    for sock in [*accepted, *outgoing]:
-        sock.close()
-    return elapsed
 
 
 def averaging_worker(index: int, numel: int, initial_peers: list[str], conn: Any, threads: int,

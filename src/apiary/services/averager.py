@@ -160,11 +160,7 @@ class AveragerService:
 
     async def start(self) -> None:
         """Starts the servers and reaches the DHT; on failure, stops what it started."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.host.shutdown()
-            raise
+        await self.host.start_service(self._start)
 
     async def _start(self) -> None:
         server = self.host.server

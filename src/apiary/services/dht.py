@@ -46,11 +46,7 @@ class DHTService:
 
     async def start(self) -> None:
         """Opens storage, starts the servers and joins; on failure, stops what it started."""
-        try:
-            await self._start()
-        except BaseException:
-            await self.host.shutdown()
-            raise
+        await self.host.start_service(self._start)
 
     async def _start(self) -> None:
         storage = await open_storage(self.settings.redis_url)

@@ -71,6 +71,15 @@ class ServiceHost:
         await self.admin.start()
         self._cleanups.append(self.admin.stop)
 
+    async def start_service(self, start: Callable[[], Awaitable[None]]) -> None:
+        """Runs a service's start-up (which calls `start()` of this host); if it fails, stops
+        whatever it had started before re-raising."""
+        try:
+            await start()
+        except BaseException:
+            await self.shutdown()
+            raise
+
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Registers a coroutine function to run at shutdown (before the servers stop)."""
         self._cleanups.append(cleanup)

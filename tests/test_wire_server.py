@@ -221,3 +221,30 @@ async def test_a_crashed_peer_restarted_on_its_ports_is_reachable_with_the_same_
     (first_pid, first_id, reported), (second_pid, second_id, _) = seen
     assert first_pid != second_pid
     assert first_id == second_id == reported == Identity.load(identity_file).peer_id
+
+
+async def test_an_idle_bulk_connection_is_closed_by_the_server() -> None:
+    """A connection that carries no request for bulk_idle_timeout seconds is closed, so idle
+    peers cannot pin the server's tasks and buffers; the client then dials a fresh one."""
+    import asyncio as _asyncio
+
+    from apiary.wire import Identity, RpcServer, WireSettings
+    from apiary.wire.bulk import BulkClient
+    from apiary.wire.probe import SINK_ROUTE
+    from apiary.wire.protos.wire_pb2 import TensorHeader
+
+    settings = WireSettings(listen_host="127.0.0.1", bulk_idle_timeout=0.3)
+    server = RpcServer(settings, Identity.generate())
+    await server.start()
+    client = BulkClient(settings)
+    payload = memoryview(bytearray(1024))
+    header = TensorHeader(dtype="uint8", shape=[1024], nbytes=1024)
+    try:
+        await client.call(server.announced_bulk, SINK_ROUTE, tensors=[(header, payload)])
+        assert len(server.bulk._tasks) == 2  # the accept loop and the connection
+        await _asyncio.sleep(0.8)
+        assert len(server.bulk._tasks) == 1  # the connection was closed
+        await client.call(server.announced_bulk, SINK_ROUTE, tensors=[(header, payload)])
+    finally:
+        await client.close()
+        await server.stop()

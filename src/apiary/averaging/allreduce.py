@@ -33,6 +33,7 @@ from apiary.wire.tensors import tensor_from_payload, tensor_payload
 logger = logging.getLogger(__name__)
 
 REDUCE_ROUTE = "apiary.averaging/Reduce"
+_REMEMBERED_ROUNDS = 1024
 
 
 @dataclass
@@ -121,6 +122,7 @@ class AllReduceService:
         self.registration_timeout = registration_timeout
         self._reductions: dict[str, _SpanReduction] = {}
         self._registered: dict[str, asyncio.Event] = {}
+        self._closed: dict[str, None] = {}  # recently finished rounds, oldest first
 
     def open(self, round_: GroupRound) -> None:
         """Starts accepting parts for this member's span of `round_`."""
@@ -131,6 +133,9 @@ class AllReduceService:
     def close(self, group_id: str) -> None:
         self._reductions.pop(group_id, None)
         self._registered.pop(group_id, None)
+        self._closed[group_id] = None  # a late part is refused at once, not after a wait
+        while len(self._closed) > _REMEMBERED_ROUNDS:
+            self._closed.pop(next(iter(self._closed)))
 
     def contribute_local(self, group_id: str, sender: str, part: torch.Tensor, weight: float) -> None:
         self._reductions[group_id].add(sender, part, weight)
@@ -156,6 +161,8 @@ class AllReduceService:
 
     async def _reduction_for(self, group_id: str) -> _SpanReduction:
         """The reduction of `group_id`, waiting briefly if the part arrived before our own round began."""
+        if group_id in self._closed:
+            raise InvalidRequest(f"all-reduce round {group_id!r} is over")
         event = self._registered.setdefault(group_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), self.registration_timeout)

@@ -137,6 +137,18 @@ class _Connection:
             return False
         return False
 
+    async def wait_readable(self, timeout: float) -> bool:
+        """Waits until the peer sends something; False if it stays silent for `timeout` seconds
+        (an idle connection is then closed, freeing its task and buffer)."""
+        readable = self.loop.create_future()
+        self.loop.add_reader(self.sock.fileno(), lambda: readable.done() or readable.set_result(True))
+        try:
+            return await asyncio.wait_for(readable, timeout)
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            self.loop.remove_reader(self.sock.fileno())
+
     def close(self) -> None:
         self.sock.close()
 
@@ -214,8 +226,9 @@ class BulkServer:
                 await self._refuse(connection, grpc.StatusCode.INVALID_ARGUMENT,
                                    "not an apiary bulk connection (bad preamble)")
                 return
-            while await self._serve_request(connection, peer):
-                pass
+            while await connection.wait_readable(self.settings.bulk_idle_timeout):
+                if not await self._serve_request(connection, peer):
+                    break
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -21,6 +21,7 @@ class WireSettings(BaseModel):
     bulk: bool = Field(True, description="serve the bulk tensor transport beside gRPC")
     bulk_port: int = Field(0, ge=0, le=65535, description="bulk transport port to bind (0: any free port)")
     announce_bulk_port: int | None = Field(None, ge=1, le=65535, description="bulk port other peers dial (default: the bound one)")
+    bulk_idle_timeout: float = Field(120.0, gt=0, description="seconds an idle bulk connection is kept open")
     max_message_bytes: int = Field(64 * MiB, ge=MiB, description="largest single gRPC message accepted or sent")
     chunk_bytes: int = Field(4 * MiB, ge=1024, description="tensors larger than this are streamed in chunks")
     max_tensor_bytes: int = Field(4 * GiB, ge=0, description="largest tensor accepted in a stream")

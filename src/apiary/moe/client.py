@@ -1,0 +1,143 @@
+"""Remote experts as torch modules.
+
+`RemoteExpert(endpoint, name)` behaves like the expert's module: its forward calls the
+server's Forward, and autograd's backward through it calls the server's Backward, which
+returns the gradient of the inputs (and trains the remote expert by one step).
+
+Autograd calls backward synchronously, from whatever thread runs it, so every remote call
+runs on one background event loop per process (`background_loop()`, a daemon thread) and the
+caller waits for it with a deadline. The client's gRPC channels live on that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from apiary.moe.protos.moe_pb2 import ExpertRequest, InfoReply, InfoRequest
+from apiary.moe.server import EXPERTS_SERVICE
+from apiary.wire import (
+    ChannelPool,
+    DeadlineExceeded,
+    Endpoint,
+    RemoteFailure,
+    RpcClient,
+)
+from apiary.wire.tensors import deserialize_tensor, serialize_tensor
+
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+_shared_pool: ChannelPool | None = None  # used on the background loop only
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """This process's event loop for remote expert calls, started on first use."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.is_closed():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="apiary-moe-client", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
+    """Runs `coroutine` on the background loop and waits at most `timeout` seconds for it."""
+    loop = background_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coroutine.close()
+        raise RuntimeError("a remote expert's synchronous call was made from its own background loop")
+    future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise DeadlineExceeded(f"the remote expert call took more than {timeout:.1f} s") from None
+
+
+class RemoteExpert(nn.Module):
+    """An expert hosted by the server at `endpoint`, usable as a module (inputs: float32).
+
+    Every RemoteExpert of the process shares one channel per server unless given `pool`, which
+    must then only be used from `background_loop()` (gRPC channels belong to one loop).
+    """
+
+    def __init__(self, endpoint: Endpoint | str, name: str, pool: ChannelPool | None = None, *,
+                 timeout: float = 30.0, max_tensor_bytes: int = 1 << 30):
+        super().__init__()
+        self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
+        self.name = name
+        self.timeout = timeout
+        self.max_tensor_bytes = max_tensor_bytes
+        self._pool = pool
+        self._rpc: RpcClient | None = None
+
+    def _client(self) -> RpcClient:  # made on the background loop
+        if self._rpc is None:
+            if self._pool is None:
+                global _shared_pool
+                if _shared_pool is None:
+                    _shared_pool = ChannelPool()
+                self._pool = _shared_pool
+            self._rpc = RpcClient(self._pool, EXPERTS_SERVICE, self.endpoint, timeout=self.timeout)
+        return self._rpc
+
+    async def call_async(self, method: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Forward or Backward on the server (run this on `background_loop()`)."""
+        request = ExpertRequest(expert=self.name, tensors=[serialize_tensor(t.detach().cpu()) for t in tensors])
+        reply = await self._client().call(method, request, timeout=self.timeout)
+        try:
+            return [deserialize_tensor(message, self.max_tensor_bytes) for message in reply.tensors]
+        except ValueError as e:
+            raise RemoteFailure(f"{method} of expert {self.name!r} on {self.endpoint} answered a malformed tensor: {e}",
+                                peer=str(self.endpoint)) from None
+
+    def call(self, method: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return run_sync(self.call_async(method, tensors), self.timeout + 1.0)
+
+    def info(self) -> InfoReply:
+        async def ask() -> InfoReply:
+            return await self._client().call("Info", InfoRequest(expert=self.name), timeout=self.timeout)
+
+        return run_sync(ask(), self.timeout + 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _RemoteCall.apply(self, x)
+
+    def extra_repr(self) -> str:
+        return f"endpoint={self.endpoint}, name={self.name!r}"
+
+
+class _RemoteCall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, expert: RemoteExpert, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (output,) = _one(expert.call("Forward", [x]), expert, "Forward")
+        ctx.expert = expert
+        ctx.save_for_backward(x)
+        return output.to(x.device)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        expert: RemoteExpert = ctx.expert
+        (grad_input,) = _one(expert.call("Backward", [x, grad_output.to(x.dtype)]), expert, "Backward")
+        return None, grad_input.to(x.device)
+
+
+def _one(tensors: list[torch.Tensor], expert: RemoteExpert, method: str) -> list[torch.Tensor]:
+    if len(tensors) != 1:
+        raise RemoteFailure(f"{method} of expert {expert.name!r} on {expert.endpoint} answered {len(tensors)} tensors, "
+                            f"expected 1", peer=str(expert.endpoint))
+    return tensors

@@ -1,0 +1,50 @@
+from apiary.wire.protos import wire_pb2 as _wire_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExpertRequest(_message.Message):
+    __slots__ = ("expert", "tensors")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    tensors: _containers.RepeatedCompositeFieldContainer[_wire_pb2.TensorChunk]
+    def __init__(self, expert: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class ExpertResponse(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[_wire_pb2.TensorChunk]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ("expert",)
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    def __init__(self, expert: _Optional[str] = ...) -> None: ...
+
+class InfoReply(_message.Message):
+    __slots__ = ("name", "kind", "hidden_size", "max_batch_size", "forward_batches", "forward_requests", "backward_batches", "backward_requests", "updates")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    hidden_size: int
+    max_batch_size: int
+    forward_batches: int
+    forward_requests: int
+    backward_batches: int
+    backward_requests: int
+    updates: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., forward_batches: _Optional[int] = ..., forward_requests: _Optional[int] = ..., backward_batches: _Optional[int] = ..., backward_requests: _Optional[int] = ..., updates: _Optional[int] = ...) -> None: ...

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import msgpack
 import torch
 
 from apiary.averaging.matchmaking import DHTLike
+from apiary.files import write_atomically
 from apiary.averaging.protos.averaging_pb2 import StateReply, StateRequest
 from apiary.wire import Endpoint, InvalidRequest, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
@@ -135,16 +135,7 @@ async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, ti
 
 def save_state(state: State, path: str | os.PathLike[str]) -> None:
     """Writes `state` to `path` atomically (a crash leaves the previous file intact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"metadata": state.metadata, "tensors": state.tensors}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, lambda f: torch.save({"metadata": state.metadata, "tensors": state.tensors}, f))
 
 
 def load_saved_state(path: str | os.PathLike[str]) -> State | None:

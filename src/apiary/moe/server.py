@@ -9,11 +9,15 @@ expert and what is wrong, and the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from collections.abc import Iterable
 
 import grpc
 import torch
 
+from apiary.moe.checkpoints import load_checkpoints, save_checkpoints
 from apiary.moe.experts import Expert
 from apiary.moe.protos.moe_pb2 import (
     ExpertRequest,
@@ -48,7 +52,8 @@ class ExpertServer:
     """Hosts experts behind one batching runtime. `await start()` before serving, `close()` after."""
 
     def __init__(self, experts: Iterable[Expert], runtime: BatchingRuntime | None = None, *,
-                 max_tensor_bytes: int = 1 << 30):
+                 max_tensor_bytes: int = 1 << 30, checkpoint_dir: str | os.PathLike[str] | None = None,
+                 checkpoint_period: float = 300.0):
         self.experts: dict[str, Expert] = {}
         for expert in experts:
             if expert.name in self.experts:
@@ -56,15 +61,32 @@ class ExpertServer:
             self.experts[expert.name] = expert
         self.runtime = runtime or BatchingRuntime()
         self.max_tensor_bytes = max_tensor_bytes
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_period = checkpoint_period
+        self._checkpointing: asyncio.Task[None] | None = None
 
     def attach(self, rpc_server: RpcServer) -> None:
         rpc_server.add_service(EXPERTS_SERVICE, self)
 
     async def start(self) -> None:
+        """Restores the experts from their checkpoints (if any), then starts serving and saving."""
+        if self.checkpoint_dir is not None:
+            await asyncio.to_thread(load_checkpoints, self.experts, self.checkpoint_dir)
+            self._checkpointing = asyncio.create_task(self._checkpoint_loop())
         self.runtime.start()
 
     async def close(self) -> None:
+        """Stops serving, then saves every expert's checkpoint one last time."""
         await self.runtime.shutdown()
+        if self._checkpointing is not None:
+            self._checkpointing.cancel()
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+            await asyncio.to_thread(save_checkpoints, self.experts, self.checkpoint_dir)
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_period)
+            await asyncio.to_thread(save_checkpoints, self.experts, self.checkpoint_dir)
 
     # ---- handlers
 

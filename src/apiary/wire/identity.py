@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from apiary.files import write_atomically
 
 PUBLIC_KEY_BYTES = 32
 PEER_ID_LENGTH = 52
@@ -90,19 +91,10 @@ class Identity:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Writes the private key atomically, readable by the owner only."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         pem = self.private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600, unique name
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomically(path, lambda f: f.write(pem))  # mode 0600 from the start
 
     @property
     def public_key(self) -> bytes:

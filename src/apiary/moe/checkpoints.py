@@ -1,0 +1,56 @@
+"""Expert checkpoints: weights, optimizer state and update count of every expert, one file each.
+
+An expert server saves them periodically and at shutdown, and loads them at start, so a
+restarted server resumes each expert exactly where it was (same weights, same optimizer step).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from apiary.files import write_atomically
+from apiary.moe.experts import Expert
+
+
+def checkpoint_path(directory: str | os.PathLike[str], expert: Expert) -> Path:
+    return Path(directory) / f"{expert.name}.pt"
+
+
+def save_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike[str]) -> None:
+    """Writes every expert's checkpoint atomically (a crash keeps the previous one)."""
+    for expert in experts.values():
+        with expert._lock:  # not in the middle of an optimizer step
+            state = {
+                "spec": {"name": expert.spec.name, "kind": expert.spec.kind, "hidden_size": expert.spec.hidden_size},
+                "module": expert.module.state_dict(),
+                "optimizer": expert.optimizer.state_dict(),
+                "updates": expert.updates,
+            }
+            write_atomically(checkpoint_path(directory, expert), lambda f: torch.save(state, f))
+
+
+def load_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike[str]) -> list[str]:
+    """Restores every expert that has a checkpoint in `directory`; returns their names. A
+    checkpoint of another kind or size than the expert is refused with a clear error."""
+    loaded = []
+    for expert in experts.values():
+        path = checkpoint_path(directory, expert)
+        if not path.exists():
+            continue
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["spec"]
+        if (saved["kind"], saved["hidden_size"]) != (expert.spec.kind, expert.spec.hidden_size):
+            raise ValueError(
+                f"checkpoint {path} holds a {saved['kind']} expert of hidden size {saved['hidden_size']}, "
+                f"not {expert.spec.kind} of {expert.spec.hidden_size}"
+            )
+        with expert._lock:
+            expert.module.load_state_dict(state["module"])
+            expert.optimizer.load_state_dict(state["optimizer"])
+            expert.updates = int(state["updates"])
+        loaded.append(expert.name)
+    return loaded

@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, run_allreduce, unflatten_into
 from apiary.averaging.compression import codec_by_name
 from apiary.averaging.grid import MoshpitGrid
-from apiary.averaging.matchmaking import MATCHMAKING, DHTLike, Matchmaker, MatchmakingSettings, schema_digest
+from apiary.averaging.matchmaking import MATCHMAKING, Matchmaker, MatchmakingSettings, schema_digest
+from apiary.dht.interface import DHTLike
 from apiary.averaging.partition import Member, Mode
 from apiary.wire import CallContext, ChannelPool, RpcServer
 from apiary.wire.bulk import BulkClient

@@ -35,7 +35,8 @@ import torch
 
 from apiary.averaging.allreduce import unflatten_into
 from apiary.averaging.averager import Averager
-from apiary.averaging.matchmaking import DHTLike, schema_digest
+from apiary.averaging.matchmaking import schema_digest
+from apiary.dht.interface import DHTLike
 from apiary.averaging.partition import Mode
 from apiary.averaging.protos.local_pb2 import (
     AverageHeader,

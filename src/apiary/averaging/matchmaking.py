@@ -19,20 +19,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from collections.abc import Callable, Hashable
-from typing import Any, Protocol
+from typing import Any
 
 from apiary.averaging.partition import Member, Mode
 from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest, MemberInfo
+from apiary.dht.interface import DHTLike
 from apiary.wire import CallContext, ChannelPool, Endpoint, Method, RpcClient, ServiceSpec, WireError
 
 logger = logging.getLogger(__name__)
 
 MATCHMAKING = ServiceSpec("apiary.averaging.Matchmaking", (Method("Join", JoinRequest, JoinReply),))
-
-
-class DHTLike(Protocol):
-    async def store(self, key: Any, value: Any, expiration: float, subkey: Any = None) -> bool: ...
-    async def get(self, key: Any, latest: bool = False) -> Any: ...
 
 
 @dataclass(frozen=True)

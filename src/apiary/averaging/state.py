@@ -21,7 +21,7 @@ from typing import Any
 import msgpack
 import torch
 
-from apiary.averaging.matchmaking import DHTLike
+from apiary.dht.interface import DHTLike
 from apiary.files import write_atomically
 from apiary.averaging.protos.averaging_pb2 import StateReply, StateRequest
 from apiary.wire import Endpoint, InvalidRequest, WireError

@@ -7,4 +7,13 @@ try:
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["Optimizer", "__version__"]
+
+
+def __getattr__(name: str) -> object:
+    """`apiary.Optimizer`, imported on first use (it needs torch; `import apiary` does not)."""
+    if name == "Optimizer":
+        from apiary.optim import Optimizer
+
+        return Optimizer
+    raise AttributeError(f"module 'apiary' has no attribute {name!r}")

@@ -1,0 +1,7 @@
+"""The collaborative optimizer: progress through the DHT, gradient/parameter averaging, DiLoCo."""
+
+from apiary.optim.optimizer import MODES, Optimizer
+from apiary.optim.progress import PeerProgress, ProgressTracker, SwarmProgress
+from apiary.optim.swarm import SwarmLink
+
+__all__ = ["MODES", "Optimizer", "PeerProgress", "ProgressTracker", "SwarmLink", "SwarmProgress"]

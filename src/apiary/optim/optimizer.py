@@ -37,7 +37,7 @@ from apiary.background import LoopThread
 from apiary.optim.progress import ProgressTracker, SwarmProgress
 from apiary.optim.state import load_optimizer_statistics, optimizer_statistics, parameters_of
 from apiary.optim.swarm import SwarmLink
-from apiary.wire import PeerAddress
+from apiary.wire import Endpoint, PeerAddress
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradi
 
 
 class Optimizer:
-    """A collaborative optimizer for run `run_id` (see the module docstring).
+    """A collaborative optimizer for run `run_id` (see the module docstring). It uses the
+    participant's dht and averager services when given their local APIs, else starts embedded
+    ones joining `initial_peers` (none: a new swarm).
 
         opt = apiary.Optimizer("my-run", model.parameters(), lambda p: torch.optim.Adam(p, 1e-3),
                                target_batch_size=4096, initial_peers=["<peer>@host:port"])
@@ -68,7 +70,8 @@ class Optimizer:
         *,
         target_batch_size: int,
         mode: Mode = "gradients",
-        swarm: SwarmLink | None = None,
+        dht_local: Endpoint | str | None = None,
+        averager_local: Endpoint | str | None = None,
         initial_peers: Sequence[PeerAddress | str] = (),
         client_mode: bool = False,
         averaging: dict[str, Any] | None = None,
@@ -116,14 +119,20 @@ class Optimizer:
         self.samples_per_second = 0.0
         self.view: SwarmProgress | None = None
         self.rounds = {"ok": 0, "no_group": 0}
+        self.history: list[dict[str, Any]] = []  # per finished epoch: epoch, samples contributed, group size
         self._zero_contribution = False  # diloco: a peer that joined mid-epoch contributes nothing once
         self._pending: tuple[concurrent.futures.Future[int | None], list[torch.Tensor]] | None = None
         self._last_step: float | None = None
         self.loop = LoopThread(f"apiary-optimizer-{run_id}")
         try:
-            self.swarm = swarm or self.loop.run(SwarmLink.embedded(
-                run_id, initial_peers, averaging=averaging, client_mode=client_mode, round_timeout=round_timeout,
-            ), timeout=120)
+            if (dht_local is None) != (averager_local is None):
+                raise ValueError("give both dht_local and averager_local (the participant's services), or neither")
+            if dht_local is not None and averager_local is not None:
+                link = SwarmLink.connect(dht_local, averager_local, round_timeout=round_timeout)
+            else:
+                link = SwarmLink.embedded(run_id, initial_peers, averaging=averaging, client_mode=client_mode,
+                                          round_timeout=round_timeout)
+            self.swarm = self.loop.run(link, timeout=120)
             self.tracker = ProgressTracker(self.swarm.dht, run_id, self.swarm.peer_id, client=self.swarm.client_mode,
                                            max_samples_per_second=max_samples_per_second)
             if load_state:
@@ -185,6 +194,7 @@ class Optimizer:
 
     def _finish_epoch(self) -> None:
         samples = self.samples
+        self.history.append({"epoch": self.epoch, "samples": samples})
         if self.mode == "gradients":
             grads = [buffer / max(samples, 1) for buffer in self.accumulated]
             for buffer in self.accumulated:

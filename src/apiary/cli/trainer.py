@@ -1,0 +1,89 @@
+"""`apiary trainer`: train a task with the swarm (torch is imported only when it runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from apiary.cli.options import option
+from apiary.services.runtime import ServiceSettings
+from apiary.telemetry import TracingSettings
+from apiary.wire import WireSettings, parse_peer_list
+
+console = Console(soft_wrap=True)
+
+
+def _json_object(text: str, flag: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"not JSON: {e}", param_hint=f"'{flag}'") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("must be a JSON object", param_hint=f"'{flag}'")
+    return value
+
+
+def trainer_command(
+    run_id: Annotated[str, option("--run-id", "the run's name: trainers of one run train together")],
+    task: Annotated[str, option("--task", "package.module:factory, or a built-in task: charlm")] = "charlm",
+    task_options: Annotated[str, option("--task-options", "JSON object of keyword settings for the task's factory")] = "",
+    seed: Annotated[int, option("--seed", "this peer's data seed")] = 0,
+    target_batch_size: Annotated[int, option("--target-batch-size", "samples the swarm accumulates per epoch", min=1)] = 256,
+    mode: Annotated[str, option("--mode", "gradients, local or diloco")] = "gradients",
+    average_state_every: Annotated[int, option("--average-state-every", "epochs between state averaging rounds (0: never)", min=0)] = 5,
+    delay_updates: Annotated[bool, option("--delay-updates", "overlap gradient averaging with the next batches")] = False,
+    outer_lr: Annotated[float, option("--outer-lr", "DiLoCo's outer learning rate", min=0)] = 0.7,
+    client_mode: Annotated[bool, option("--client-mode", "behind NAT: dial out only (embedded services)")] = False,
+    dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
+    averager_local: Annotated[Optional[str], option("--averager-local", "local API of this participant's averager, host:port")] = None,
+    initial_peers: Annotated[Optional[str], option("--initial-peers", "embedded dht and averager joining these: peer_id@host:port, comma-separated ('': a new swarm)")] = None,
+    averaging: Annotated[str, option("--averaging", "JSON object of embedded averager settings (codec, gather_seconds, ...)")] = "",
+    max_epochs: Annotated[int, option("--max-epochs", "stop at this swarm epoch (0: no limit)", min=0)] = 0,
+    max_seconds: Annotated[float, option("--max-seconds", "stop after this many seconds of training (0: no limit)", min=0)] = 0,
+    device: Annotated[str, option("--device", "auto (cuda when present), cpu or cuda[:N]")] = "auto",
+    threads: Annotated[int, option("--threads", "torch intra-op threads (0: torch's default)", min=0)] = 0,
+    checkpoint_dir: Annotated[Optional[Path], option("--checkpoint-dir", "keep the optimizer's state here across restarts")] = None,
+    checkpoint_period: Annotated[float, option("--checkpoint-period", "seconds between checkpoints", min=1)] = 300.0,
+    summary_path: Annotated[Optional[Path], option("--summary-path", "write a JSON summary here when training stops")] = None,
+    evaluate_every: Annotated[float, option("--evaluate-every", "seconds between held-out evaluations", min=1)] = 30.0,
+    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
+    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
+    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
+    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
+    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+) -> None:
+    """Run a trainer: train a task with the swarm through the collaborative optimizer."""
+    from apiary.services.trainer import TrainerSettings
+
+    settings = TrainerSettings(
+        run_id=run_id, task=task, task_options=_json_object(task_options, "--task-options"), seed=seed,
+        target_batch_size=target_batch_size, mode=mode, average_state_every=average_state_every,
+        delay_updates=delay_updates, outer_lr=outer_lr, client_mode=client_mode, dht_local=dht_local,
+        averager_local=averager_local,
+        initial_peers=parse_peer_list(initial_peers) if initial_peers is not None else None,
+        averaging=_json_object(averaging, "--averaging"), max_epochs=max_epochs, max_seconds=max_seconds,
+        device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
+        summary_path=summary_path, evaluate_every=evaluate_every,
+    )
+    service_settings = ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
+                                       tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))
+    asyncio.run(_serve(service_settings, settings))
+
+
+async def _serve(service_settings: ServiceSettings, settings: Any) -> None:
+    from apiary.services.trainer import TrainerService
+    from apiary.tasks import TaskError
+
+    try:
+        service = TrainerService(WireSettings(listen_host="127.0.0.1"), service_settings, settings)
+    except (TaskError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="'--task' / '--task-options' / '--device'") from None
+    await service.start()
+    console.print(f"trainer of run {settings.run_id!r}: admin {service.host.admin.url}", highlight=False)
+    await service.run()
+    console.print(json.dumps(service.summary), highlight=False)

@@ -1,0 +1,240 @@
+"""The trainer service: runs a training task with the collaborative optimizer.
+
+It links to the participant's dht and averager services (`dht_local` + `averager_local`) or
+starts embedded ones (`initial_peers`, empty for the first peer of a new swarm), trains in a
+worker thread while the admin endpoint serves health, status and metrics, checkpoints the
+optimizer's state periodically and at the end, and writes a summary when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, Field, model_validator
+
+from apiary.averaging.state import State, load_saved_state, save_state
+from apiary.files import write_atomically
+from apiary.optim import MODES, Optimizer
+from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.tasks import Task, load_task
+from apiary.wire import Endpoint, PeerAddress, WireSettings
+
+logger = logging.getLogger(__name__)
+
+
+class TrainerSettings(BaseModel):
+    run_id: str = Field(..., min_length=1, description="the run's name: peers of one run train together")
+    task: str = Field("charlm", description="package.module:factory, or a built-in task name")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="keyword settings for the task's factory")
+    seed: int = Field(0, description="this peer's data seed")
+    target_batch_size: int = Field(256, ge=1, description="samples the swarm accumulates per epoch")
+    mode: str = Field("gradients", description="gradients, local or diloco")
+    average_state_every: int = Field(5, ge=0, description="epochs between state averaging rounds (0: never)")
+    delay_updates: bool = Field(False, description="overlap gradient averaging with the next batches")
+    outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate")
+    client_mode: bool = Field(False, description="behind NAT: dial out only (embedded services)")
+    dht_local: Endpoint | None = Field(None, description="the dht service's local API")
+    averager_local: Endpoint | None = Field(None, description="the averager service's local API")
+    initial_peers: list[PeerAddress] | None = Field(None, description="embedded services joining these ([]: new swarm)")
+    averaging: dict[str, Any] = Field(default_factory=dict, description="embedded averager settings (codec, ...)")
+    max_epochs: int = Field(0, ge=0, description="stop at this swarm epoch (0: no limit)")
+    max_seconds: float = Field(0, ge=0, description="stop after this many seconds of training (0: no limit)")
+    device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    checkpoint_dir: Path | None = Field(None, description="where the optimizer's state is kept across restarts")
+    checkpoint_period: float = Field(300.0, gt=0, description="seconds between checkpoints")
+    summary_path: Path | None = Field(None, description="write a JSON summary here when training stops")
+    evaluate_every: float = Field(30.0, gt=0, description="seconds between held-out evaluations")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerSettings:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        services = (self.dht_local is not None, self.averager_local is not None)
+        if services[0] != services[1]:
+            raise ValueError("give both dht_local and averager_local (the participant's services), or neither")
+        if services[0] and self.initial_peers is not None:
+            raise ValueError("give either the participant's services (dht_local, averager_local) or initial_peers")
+        if not services[0] and self.initial_peers is None:
+            self.initial_peers = []
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        return self
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+class TrainerMetrics:
+    def __init__(self, registry: Any):
+        self.loss = Gauge("apiary_trainer_loss", "Training loss of the latest batch", registry=registry)
+        self.samples_per_second = Gauge("apiary_trainer_samples_per_second", "This peer's training throughput",
+                                        registry=registry)
+        self.local_epoch = Gauge("apiary_trainer_local_epoch", "This peer's epoch", registry=registry)
+        self.swarm_epoch = Gauge("apiary_trainer_swarm_epoch", "The swarm's epoch as this peer sees it",
+                                 registry=registry)
+        self.peers = Gauge("apiary_trainer_peers", "Peers of the run with live progress records", registry=registry)
+        self.samples = Counter("apiary_trainer_samples", "Samples this peer trained on", registry=registry)
+
+
+class TrainerService:
+    """Builds and runs the trainer; `start()` loads the task (failing at once on a bad one)."""
+
+    def __init__(self, wire: WireSettings, service: ServiceSettings, settings: TrainerSettings):
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.task: Task = load_task(settings.task, seed=settings.seed, **settings.task_options)
+        self.task.model.to(self.device)
+        self.host = ServiceHost("trainer", wire, service, status=self.status, ready=lambda: self.optimizer is not None)
+        self.metrics = TrainerMetrics(self.host.registry)
+        self.optimizer: Optimizer | None = None
+        self.summary: dict[str, Any] = {"run_id": settings.run_id, "task": settings.task}
+        self.last_loss: float | None = None
+        self._stop = threading.Event()
+
+    async def start(self) -> None:
+        await self.host.start_service(self.host.start)
+
+    async def run(self) -> None:
+        """Trains until done (max_epochs, max_seconds) or stopped, then shuts down."""
+        training = asyncio.create_task(asyncio.to_thread(self.train))
+        self.host.on_stop(self._stop_training)
+        stopped = asyncio.create_task(self.host.run())
+        done, _ = await asyncio.wait({training, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if training in done:
+            self.host.stop()
+            await stopped
+            training.result()  # re-raises a training failure
+        else:
+            await training
+
+    async def _stop_training(self) -> None:
+        self._stop.set()
+
+    # ---- the training thread
+
+    def train(self) -> None:
+        s = self.settings
+        task = self.task
+        self.optimizer = optimizer = Optimizer(
+            s.run_id, task.model.parameters(), task.optimizer, target_batch_size=s.target_batch_size, mode=s.mode,
+            dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (), client_mode=s.client_mode, averaging=s.averaging,
+            average_state_every=s.average_state_every, delay_updates=s.delay_updates, outer_lr=s.outer_lr,
+        )
+        try:
+            self._restore_checkpoint(optimizer)
+            self._loop(optimizer, task)
+        finally:
+            self._save_checkpoint(optimizer)
+            self._write_summary(optimizer)
+            optimizer.close()
+
+    def _loop(self, optimizer: Optimizer, task: Task) -> None:
+        s = self.settings
+        started = time.monotonic()
+        last_checkpoint = last_evaluation = started
+        self.summary["loss_start"] = self._evaluate()
+        self.summary["epoch_start"] = optimizer.epoch
+        samples = 0
+        while not self._stop.is_set():
+            if s.max_epochs and optimizer.swarm_epoch >= s.max_epochs:
+                break
+            if s.max_seconds and time.monotonic() - started >= s.max_seconds:
+                break
+            batch = next(task.batches)
+            loss = task.loss(task.model, batch)
+            loss.backward()
+            optimizer.step(task.batch_size)
+            optimizer.zero_grad()
+            samples += task.batch_size
+            self.last_loss = float(loss.item())
+            self._observe(optimizer, task.batch_size)
+            now = time.monotonic()
+            if s.checkpoint_dir is not None and now - last_checkpoint >= s.checkpoint_period:
+                self._save_checkpoint(optimizer)
+                last_checkpoint = now
+            if now - last_evaluation >= s.evaluate_every:
+                self.summary["loss_latest"] = self._evaluate()
+                last_evaluation = now
+        elapsed = time.monotonic() - started
+        self.summary.update(loss_end=self._evaluate(), epoch_end=optimizer.epoch, samples=samples,
+                            seconds=round(elapsed, 2), samples_per_second=round(samples / max(elapsed, 1e-9), 1),
+                            averaged_bytes=optimizer.swarm.averaged_bytes(), rounds=dict(optimizer.rounds),
+                            history=optimizer.history)
+
+    def _observe(self, optimizer: Optimizer, batch_size: int) -> None:
+        m = self.metrics
+        if self.last_loss is not None and math.isfinite(self.last_loss):
+            m.loss.set(self.last_loss)
+        m.samples.inc(batch_size)
+        m.samples_per_second.set(optimizer.samples_per_second)
+        m.local_epoch.set(optimizer.epoch)
+        m.swarm_epoch.set(optimizer.swarm_epoch)
+        m.peers.set(optimizer.peers)
+
+    def _evaluate(self) -> float | None:
+        if self.task.evaluate is None:
+            return None
+        self.task.model.eval()
+        try:
+            return round(self.task.evaluate(self.task.model), 4)
+        finally:
+            self.task.model.train()
+
+    # ---- checkpoints and summary
+
+    def _checkpoint_path(self) -> Path | None:
+        return self.settings.checkpoint_dir / "trainer.pt" if self.settings.checkpoint_dir is not None else None
+
+    def _save_checkpoint(self, optimizer: Optimizer) -> None:
+        path = self._checkpoint_path()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            metadata, tensors = optimizer.state()
+            save_state(State(metadata, [t.detach().cpu() for t in tensors]), path)
+
+    def _restore_checkpoint(self, optimizer: Optimizer) -> None:
+        path = self._checkpoint_path()
+        saved = load_saved_state(path) if path is not None else None
+        if saved is not None and saved.epoch > optimizer.epoch:
+            optimizer.load_state(saved.metadata, saved.tensors)
+            logger.info("resumed from the checkpoint of epoch %d", saved.epoch)
+
+    def _write_summary(self, optimizer: Optimizer) -> None:
+        if self.settings.summary_path is not None:
+            text = json.dumps(self.summary, indent=2)
+            write_atomically(self.settings.summary_path, lambda f: f.write(text.encode()))
+
+    # ---- admin
+
+    def status(self) -> dict[str, Any]:
+        optimizer = self.optimizer
+        return {
+            "run_id": self.settings.run_id,
+            "task": self.settings.task,
+            "mode": self.settings.mode,
+            "device": str(self.device),
+            "loss": self.last_loss,
+            "local_epoch": optimizer.epoch if optimizer else None,
+            "swarm_epoch": optimizer.swarm_epoch if optimizer else None,
+            "peers": optimizer.peers if optimizer else None,
+            "samples_per_second": round(optimizer.samples_per_second, 1) if optimizer else None,
+            "dht_address": optimizer.swarm.dht_address if optimizer else None,
+            "summary": self.summary,
+        }

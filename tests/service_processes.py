@@ -64,10 +64,12 @@ class ServiceProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def wait_until_up(self, timeout: float = 60.0) -> ServiceProcess:
-        """Reads stdout until the `local API: ...` line (printed once the service serves)."""
+    def wait_until_up(self, timeout: float = 60.0, until: str = "local API: ") -> ServiceProcess:
+        """Reads stdout until a line with `until` (by default the `local API: ...` line a service
+        prints once it serves)."""
         deadline = time.monotonic() + timeout
-        while self.local_api is None:
+        seen = False
+        while not seen:
             try:
                 line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -81,7 +83,24 @@ class ServiceProcess:
                 self.initial_peers = match.group(1)
             if match := re.search(r"local API: (\S+)", line):
                 self.local_api = Endpoint.parse(match.group(1))
+            seen = until in line
         return self
+
+    def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        """Reads stdout until a line matches the regular expression `pattern`; returns the match."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"apiary {self.command} printed no line matching {pattern!r} in {timeout:.0f}s: "
+                                     f"{self.output}{self.stderr()}") from None
+            if line is None:
+                raise AssertionError(f"apiary {self.command} ended early ({self.process.wait(5)}): {self.output}"
+                                     f"{self.stderr()}")
+            self.output += line
+            if match := re.search(pattern, line):
+                return match
 
     def stderr(self) -> str:
         self.stderr_file.seek(0)

@@ -51,6 +51,7 @@ def trainer_command(
     checkpoint_period: Annotated[float, option("--checkpoint-period", "seconds between checkpoints", min=1)] = 300.0,
     summary_path: Annotated[Optional[Path], option("--summary-path", "write a JSON summary here when training stops")] = None,
     evaluate_every: Annotated[float, option("--evaluate-every", "seconds between held-out evaluations", min=1)] = 30.0,
+    host: Annotated[str, option("--host", "interface the embedded services' public ports bind")] = "0.0.0.0",
     admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
     admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
     identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
@@ -68,7 +69,7 @@ def trainer_command(
         initial_peers=parse_peer_list(initial_peers) if initial_peers is not None else None,
         averaging=_json_object(averaging, "--averaging"), max_epochs=max_epochs, max_seconds=max_seconds,
         device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
-        summary_path=summary_path, evaluate_every=evaluate_every,
+        summary_path=summary_path, evaluate_every=evaluate_every, listen_host=host,
     )
     service_settings = ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
                                        tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))

@@ -74,6 +74,7 @@ class Optimizer:
         averager_local: Endpoint | str | None = None,
         initial_peers: Sequence[PeerAddress | str] = (),
         client_mode: bool = False,
+        listen_host: str = "127.0.0.1",
         averaging: dict[str, Any] | None = None,
         average_state_every: int = 5,
         delay_updates: bool = False,
@@ -131,7 +132,7 @@ class Optimizer:
                 link = SwarmLink.connect(dht_local, averager_local, round_timeout=round_timeout)
             else:
                 link = SwarmLink.embedded(run_id, initial_peers, averaging=averaging, client_mode=client_mode,
-                                          round_timeout=round_timeout)
+                                          listen_host=listen_host, round_timeout=round_timeout)
             self.swarm = self.loop.run(link, timeout=120)
             self.tracker = ProgressTracker(self.swarm.dht, run_id, self.swarm.peer_id, client=self.swarm.client_mode,
                                            max_samples_per_second=max_samples_per_second)

@@ -46,6 +46,7 @@ class TrainerSettings(BaseModel):
     averager_local: Endpoint | None = Field(None, description="the averager service's local API")
     initial_peers: list[PeerAddress] | None = Field(None, description="embedded services joining these ([]: new swarm)")
     averaging: dict[str, Any] = Field(default_factory=dict, description="embedded averager settings (codec, ...)")
+    listen_host: str = Field("0.0.0.0", description="interface the embedded services' public ports bind")
     max_epochs: int = Field(0, ge=0, description="stop at this swarm epoch (0: no limit)")
     max_seconds: float = Field(0, ge=0, description="stop after this many seconds of training (0: no limit)")
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
@@ -134,9 +135,12 @@ class TrainerService:
         task = self.task
         self.optimizer = optimizer = Optimizer(
             s.run_id, task.model.parameters(), task.optimizer, target_batch_size=s.target_batch_size, mode=s.mode,
-            dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (), client_mode=s.client_mode, averaging=s.averaging,
+            dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (), client_mode=s.client_mode, listen_host=s.listen_host,
+            averaging=s.averaging,
             average_state_every=s.average_state_every, delay_updates=s.delay_updates, outer_lr=s.outer_lr,
         )
+        address = optimizer.swarm.dht_address
+        print(f"training; others join with: --initial-peers {address}" if address else "training", flush=True)
         try:
             self._restore_checkpoint(optimizer)
             self._loop(optimizer, task)

@@ -1,0 +1,51 @@
+"""Collaborative training with `apiary trainer` processes: epochs, client peers, failures, newcomers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from trainer_processes import TrainerSwarm, epoch_totals
+
+
+def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parameters(tmp_path):
+    target = 256
+    common = ["--target-batch-size", str(target), "--max-epochs", "3", "--average-state-every", "1"]
+    with TrainerSwarm(tmp_path, "four", common) as swarm:
+        swarm.start(seed=0)
+        for seed in (1, 2):
+            swarm.start(seed=seed)
+        swarm.start(seed=3, extra=["--client-mode"])
+        summaries = swarm.finish()
+        assert all(s["epoch_end"] >= 3 for s in summaries.values()), summaries
+        totals = epoch_totals(summaries)
+        for epoch in (0, 1, 2):
+            assert 1.0 * target <= totals[epoch] <= 1.2 * target, (epoch, totals)
+        client = summaries[3]
+        assert client["rounds"]["ok"] >= 3, client  # the client took part in the rounds
+        reference = swarm.parameters(0)
+        for index in (1, 2, 3):
+            for mine, theirs in zip(swarm.parameters(index), reference):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_a_killed_peer_does_not_stop_the_others_and_a_late_peer_loads_the_state(tmp_path):
+    common = ["--target-batch-size", "128", "--max-epochs", "8", "--average-state-every", "1"]
+    with TrainerSwarm(tmp_path, "churn", common) as swarm:
+        swarm.start(seed=0)
+        swarm.start(seed=1)
+        doomed = swarm.start(seed=2)
+        time.sleep(6)
+        doomed.process.kill()
+        late = swarm.start(seed=3)
+        summaries = swarm.finish(indices=[0, 1, 3])
+        assert all(s["epoch_end"] >= 8 for s in summaries.values()), summaries
+        assert summaries[3]["epoch_start"] > 0, "the late peer did not load the swarm's state"
+        assert summaries[3]["rounds"]["ok"] >= 1, summaries[3]
+        for s in summaries.values():
+            assert s["loss_end"] < s["loss_start"] if s["epoch_start"] == 0 else True
+        for mine, theirs in zip(swarm.parameters(3), swarm.parameters(0)):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+        assert late.process.returncode == 0

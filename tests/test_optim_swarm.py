@@ -12,7 +12,8 @@ from trainer_processes import TrainerSwarm, epoch_totals
 
 def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parameters(tmp_path):
     target = 256
-    common = ["--target-batch-size", str(target), "--max-epochs", "3", "--average-state-every", "1"]
+    common = ["--target-batch-size", str(target), "--max-epochs", "3", "--average-state-every", "1",
+              "--min-peers", "4"]
     with TrainerSwarm(tmp_path, "four", common) as swarm:
         swarm.start(seed=0)
         for seed in (1, 2):
@@ -32,7 +33,8 @@ def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parame
 
 
 def test_a_killed_peer_does_not_stop_the_others_and_a_late_peer_loads_the_state(tmp_path):
-    common = ["--target-batch-size", "128", "--max-epochs", "8", "--average-state-every", "1"]
+    common = ["--target-batch-size", "128", "--max-epochs", "8", "--average-state-every", "1",
+              "--min-peers", "3"]
     with TrainerSwarm(tmp_path, "churn", common) as swarm:
         swarm.start(seed=0)
         swarm.start(seed=1)

@@ -43,6 +43,8 @@ def trainer_command(
     averager_local: Annotated[Optional[str], option("--averager-local", "local API of this participant's averager, host:port")] = None,
     initial_peers: Annotated[Optional[str], option("--initial-peers", "embedded dht and averager joining these: peer_id@host:port, comma-separated ('': a new swarm)")] = None,
     averaging: Annotated[str, option("--averaging", "JSON object of embedded averager settings (codec, gather_seconds, ...)")] = "",
+    min_peers: Annotated[int, option("--min-peers", "wait until the run has this many peers before training", min=1)] = 1,
+    min_peers_timeout: Annotated[float, option("--min-peers-timeout", "seconds to wait for --min-peers", min=1)] = 300.0,
     max_epochs: Annotated[int, option("--max-epochs", "stop at this swarm epoch (0: no limit)", min=0)] = 0,
     max_seconds: Annotated[float, option("--max-seconds", "stop after this many seconds of training (0: no limit)", min=0)] = 0,
     device: Annotated[str, option("--device", "auto (cuda when present), cpu or cuda[:N]")] = "auto",
@@ -67,7 +69,8 @@ def trainer_command(
         delay_updates=delay_updates, outer_lr=outer_lr, client_mode=client_mode, dht_local=dht_local,
         averager_local=averager_local,
         initial_peers=parse_peer_list(initial_peers) if initial_peers is not None else None,
-        averaging=_json_object(averaging, "--averaging"), max_epochs=max_epochs, max_seconds=max_seconds,
+        averaging=_json_object(averaging, "--averaging"), min_peers=min_peers,
+        min_peers_timeout=min_peers_timeout, max_epochs=max_epochs, max_seconds=max_seconds,
         device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
         summary_path=summary_path, evaluate_every=evaluate_every, listen_host=host,
     )

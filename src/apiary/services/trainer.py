@@ -47,6 +47,8 @@ class TrainerSettings(BaseModel):
     initial_peers: list[PeerAddress] | None = Field(None, description="embedded services joining these ([]: new swarm)")
     averaging: dict[str, Any] = Field(default_factory=dict, description="embedded averager settings (codec, ...)")
     listen_host: str = Field("0.0.0.0", description="interface the embedded services' public ports bind")
+    min_peers: int = Field(1, ge=1, description="wait until the run has this many peers before training")
+    min_peers_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_peers before failing")
     max_epochs: int = Field(0, ge=0, description="stop at this swarm epoch (0: no limit)")
     max_seconds: float = Field(0, ge=0, description="stop after this many seconds of training (0: no limit)")
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
@@ -143,11 +145,20 @@ class TrainerService:
         print(f"training; others join with: --initial-peers {address}" if address else "training", flush=True)
         try:
             self._restore_checkpoint(optimizer)
+            self._wait_for_peers(optimizer)
             self._loop(optimizer, task)
         finally:
             self._save_checkpoint(optimizer)
             self._write_summary(optimizer)
             optimizer.close()
+
+    def _wait_for_peers(self, optimizer: Optimizer) -> None:
+        deadline = time.monotonic() + self.settings.min_peers_timeout
+        while optimizer.peers < self.settings.min_peers and not self._stop.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the run has {optimizer.peers} peers after {self.settings.min_peers_timeout:.0f}s; "
+                                   f"min_peers is {self.settings.min_peers}")
+            time.sleep(0.2)
 
     def _loop(self, optimizer: Optimizer, task: Task) -> None:
         s = self.settings

@@ -11,7 +11,7 @@ from trainer_processes import TrainerSwarm, epoch_totals
 
 
 def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parameters(tmp_path):
-    target = 256
+    target = 1024
     common = ["--target-batch-size", str(target), "--max-epochs", "3", "--average-state-every", "1",
               "--min-peers", "4"]
     with TrainerSwarm(tmp_path, "four", common) as swarm:

@@ -124,6 +124,7 @@ class Optimizer:
         self._zero_contribution = False  # diloco: a peer that joined mid-epoch contributes nothing once
         self._pending: tuple[concurrent.futures.Future[int | None], list[torch.Tensor]] | None = None
         self._last_step: float | None = None
+        self._training = True  # False while averaging: the published throughput is then 0
         self.loop = LoopThread(f"apiary-optimizer-{run_id}")
         try:
             if (dht_local is None) != (averager_local is None):
@@ -196,6 +197,7 @@ class Optimizer:
     def _finish_epoch(self) -> None:
         samples = self.samples
         self.history.append({"epoch": self.epoch, "samples": samples})
+        self._training = False
         if self.mode == "gradients":
             grads = [buffer / max(samples, 1) for buffer in self.accumulated]
             for buffer in self.accumulated:
@@ -210,6 +212,7 @@ class Optimizer:
         self._advance(self.epoch + 1)
         if self.average_state_every and self.epoch % self.average_state_every == 0 and not self.delay_updates:
             self._average_state()
+        self._resume()
         self._publish_state()
 
     def _wait_pending(self) -> None:
@@ -264,16 +267,21 @@ class Optimizer:
     def _after_update(self, group_size: int | None) -> None:
         if self.scheduler is not None:
             self.scheduler.step()
-        self._last_step = None  # time spent averaging is not training time
 
     def _advance(self, epoch: int) -> None:
         self.epoch = epoch
         self.samples = 0
+
+    def _resume(self) -> None:
+        """Back to training: tell the swarm at once (new epoch, throughput again)."""
+        self._training = True
+        self._last_step = None
         self.loop.submit(self._publish_progress())
 
     def _catch_up(self, swarm_epoch: int) -> None:
         """The swarm moved on without us: load its state, drop what we accumulated, follow it."""
         logger.info("peer is at epoch %d, the swarm at %d: loading the state from peers", self.epoch, swarm_epoch)
+        self._training = False
         self._wait_pending()
         if self.mode == "gradients":
             for buffer in self.accumulated:
@@ -282,6 +290,7 @@ class Optimizer:
             self._advance(swarm_epoch)
         if self.mode == "diloco":
             self._zero_contribution = True
+        self._resume()
 
     # ---- state
 
@@ -352,7 +361,8 @@ class Optimizer:
     # ---- background
 
     async def _publish_progress(self) -> None:
-        await self._logged(self.tracker.publish(self.epoch, self.samples, self.samples_per_second), "publishing progress")
+        speed = self.samples_per_second if self._training else 0.0
+        await self._logged(self.tracker.publish(self.epoch, self.samples, speed), "publishing progress")
 
     async def _refresh_loop(self) -> None:
         while True:

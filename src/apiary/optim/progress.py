@@ -23,6 +23,9 @@ from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
 
 
+MAX_EXTRAPOLATION = 5.0  # seconds: a record older than that is from a peer that stalled or left
+
+
 def progress_key(run_id: str) -> str:
     return f"{run_id}.progress"
 
@@ -70,7 +73,7 @@ class SwarmProgress:
 
     def others_now(self, now: float | None = None) -> float:
         """The other peers' samples toward `epoch`, extrapolated to `now`."""
-        elapsed = max(0.0, (now if now is not None else time.monotonic()) - self.fetched_at)
+        elapsed = min(max(0.0, (now if now is not None else time.monotonic()) - self.fetched_at), MAX_EXTRAPOLATION)
         return self.samples + self.samples_per_second * elapsed
 
 
@@ -114,7 +117,8 @@ class ProgressTracker:
         for record in records:
             if record.epoch != epoch or record.peer_id == self.peer_id:
                 continue
-            claimed = record.samples + record.samples_per_second * max(0.0, now_unix - record.reported_at)
+            since = min(max(0.0, now_unix - record.reported_at), MAX_EXTRAPOLATION)
+            claimed = record.samples + record.samples_per_second * since
             samples += min(claimed, self._bound(record, now))
             speed += min(record.samples_per_second, self.max_samples_per_second)
         return SwarmProgress(epoch, samples, speed, len(records), now)

@@ -168,10 +168,24 @@ class Optimizer:
         if view is not None and view.epoch > self.epoch:
             self._catch_up(view.epoch)
             return True
-        if self.samples + (view.others_now() if view is not None else 0.0) >= self.target_batch_size:
+        if self.samples + (view.others_now() if view is not None else 0.0) < self.target_batch_size:
+            return False
+        # the estimate says the epoch is over: confirm with counts the peers reported just now
+        view = self._refresh_now()
+        if view is not None and view.epoch > self.epoch:
+            self._catch_up(view.epoch)
+            return True
+        if self.samples + (view.reported if view is not None else 0.0) >= self.target_batch_size:
             self._finish_epoch()
             return True
         return False
+
+    def _refresh_now(self) -> SwarmProgress | None:
+        try:
+            self.view = self.loop.run(self._refresh(), timeout=self.refresh_period * 4 + 5)
+        except Exception as e:  # noqa: BLE001 - the next step tries again
+            logger.warning("reading the swarm's progress failed: %s", e)
+        return self.view
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -198,6 +212,7 @@ class Optimizer:
         samples = self.samples
         self.history.append({"epoch": self.epoch, "samples": samples})
         self._training = False
+        self.loop.submit(self._publish_progress())  # our final count, and that we stopped counting
         if self.mode == "gradients":
             grads = [buffer / max(samples, 1) for buffer in self.accumulated]
             for buffer in self.accumulated:
@@ -364,11 +379,14 @@ class Optimizer:
         speed = self.samples_per_second if self._training else 0.0
         await self._logged(self.tracker.publish(self.epoch, self.samples, speed), "publishing progress")
 
+    async def _refresh(self) -> SwarmProgress:
+        await self._publish_progress()
+        return await self.tracker.fetch()
+
     async def _refresh_loop(self) -> None:
         while True:
-            await self._publish_progress()
             try:
-                self.view = await self.tracker.fetch()
+                self.view = await self._refresh()
             except Exception as e:  # noqa: BLE001 - the next refresh tries again
                 logger.warning("reading the swarm's progress failed: %s", e)
             await asyncio.sleep(self._refresh_interval())

@@ -67,6 +67,7 @@ class SwarmProgress:
 
     epoch: int
     samples: float  # accumulated toward `epoch` by the other peers (own samples excluded)
+    reported: float  # the part of `samples` the peers reported (no extrapolation)
     samples_per_second: float  # the other peers' throughput at `epoch`
     peers: int  # live peers (including clients), at any epoch
     fetched_at: float
@@ -111,17 +112,18 @@ class ProgressTracker:
                 if record is not None:
                     records.append(record)
         if not records:
-            return SwarmProgress(0, 0.0, 0.0, 0, now)
+            return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now)
         epoch = max(r.epoch for r in records)
-        samples = speed = 0.0
+        samples = reported = speed = 0.0
         for record in records:
             if record.epoch != epoch or record.peer_id == self.peer_id:
                 continue
             since = min(max(0.0, now_unix - record.reported_at), MAX_EXTRAPOLATION)
-            claimed = record.samples + record.samples_per_second * since
-            samples += min(claimed, self._bound(record, now))
+            bound = self._bound(record, now)
+            samples += min(record.samples + record.samples_per_second * since, bound)
+            reported += min(record.samples, bound)
             speed += min(record.samples_per_second, self.max_samples_per_second)
-        return SwarmProgress(epoch, samples, speed, len(records), now)
+        return SwarmProgress(epoch, samples, reported, speed, len(records), now)
 
     def _bound(self, record: PeerProgress, now: float) -> float:
         """The most samples this peer can have made in this epoch: `max_samples_per_second` times

@@ -45,6 +45,7 @@ Mode = Literal["gradients", "local", "diloco"]
 MODES = ("gradients", "local", "diloco")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+CONFIRM_FROM = 0.85  # past this share of the target (estimated), every step reads the swarm's counts
 STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradient rounds
 
 
@@ -168,9 +169,9 @@ class Optimizer:
         if view is not None and view.epoch > self.epoch:
             self._catch_up(view.epoch)
             return True
-        if self.samples + (view.others_now() if view is not None else 0.0) < self.target_batch_size:
+        if self.samples + (view.others_now() if view is not None else 0.0) < CONFIRM_FROM * self.target_batch_size:
             return False
-        # the estimate says the epoch is over: confirm with counts the peers reported just now
+        # the epoch is (nearly) over by the estimate: decide on counts the peers reported just now
         view = self._refresh_now()
         if view is not None and view.epoch > self.epoch:
             self._catch_up(view.epoch)
@@ -396,8 +397,8 @@ class Optimizer:
         view = self.view
         if view is None:
             return self.refresh_period
-        remaining = self.target_batch_size - self.samples - view.others_now()
-        speed = view.samples_per_second + self.samples_per_second
+        remaining = CONFIRM_FROM * self.target_batch_size - self.samples - view.others_now()
+        speed = max(view.samples_per_second + self.samples_per_second, self.samples_per_second * view.peers)
         if speed <= 0:
             return self.refresh_period
         return min(self.refresh_period, max(0.05, remaining / speed / 3))

@@ -22,10 +22,7 @@ def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parame
         summaries = swarm.finish()
         assert all(s["epoch_end"] >= 3 for s in summaries.values()), summaries
         totals = epoch_totals(summaries)
-        # the first epoch includes the start-up (peers begin counting at different moments): known
-        # to overshoot; from the second epoch on the swarm keeps to the target closely
-        assert 1.0 * target <= totals[0] <= 2.0 * target, totals
-        for epoch in (1, 2):
+        for epoch in (0, 1, 2):
             assert 1.0 * target <= totals[epoch] <= 1.2 * target, (epoch, totals)
         client = summaries[3]
         assert client["rounds"]["ok"] >= 3, client  # the client took part in the rounds
@@ -36,17 +33,17 @@ def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parame
 
 
 def test_a_killed_peer_does_not_stop_the_others_and_a_late_peer_loads_the_state(tmp_path):
-    common = ["--target-batch-size", "128", "--max-epochs", "8", "--average-state-every", "1",
+    common = ["--target-batch-size", "128", "--max-epochs", "16", "--average-state-every", "1",
               "--min-peers", "3"]
     with TrainerSwarm(tmp_path, "churn", common) as swarm:
         swarm.start(seed=0)
         swarm.start(seed=1)
         doomed = swarm.start(seed=2)
-        time.sleep(6)
+        time.sleep(5)
         doomed.process.kill()
         late = swarm.start(seed=3)
         summaries = swarm.finish(indices=[0, 1, 3])
-        assert all(s["epoch_end"] >= 8 for s in summaries.values()), summaries
+        assert all(s["epoch_end"] >= 16 for s in summaries.values()), summaries
         assert summaries[3]["epoch_start"] > 0, "the late peer did not load the swarm's state"
         assert summaries[3]["rounds"]["ok"] >= 1, summaries[3]
         for s in summaries.values():

@@ -45,7 +45,7 @@ Mode = Literal["gradients", "local", "diloco"]
 MODES = ("gradients", "local", "diloco")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-CONFIRM_FROM = 0.85  # past this share of the target (estimated), every step reads the swarm's counts
+CONFIRM_FROM = 0.5  # past this share of the target (estimated), every step reads the swarm's counts
 STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradient rounds
 
 
@@ -85,7 +85,7 @@ class Optimizer:
         load_state: bool = True,
         state_timeout: float = 30.0,
         round_timeout: float = 60.0,
-        refresh_period: float = 0.5,
+        refresh_period: float = 0.25,
         max_samples_per_second: float = math.inf,
     ):
         if mode not in MODES:
@@ -211,7 +211,8 @@ class Optimizer:
 
     def _finish_epoch(self) -> None:
         samples = self.samples
-        self.history.append({"epoch": self.epoch, "samples": samples})
+        others = self.view.reported if self.view is not None else 0.0
+        self.history.append({"epoch": self.epoch, "samples": samples, "others": others, "time": time.time()})
         self._training = False
         self.loop.submit(self._publish_progress())  # our final count, and that we stopped counting
         if self.mode == "gradients":

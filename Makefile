@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/apiary up --peers 4 --duration 10
+	$(VENV)/bin/apiary up --peers 4 --duration 90
 
 test: $(STAMP)
 	$(PY) -m tests.tools.ensure_redis

@@ -1,120 +1,164 @@
-"""`apiary up`: a local swarm in one process, with no containers.
+"""`apiary up`: a local swarm of trainers on this machine, as processes, no containers.
 
-Starts `--peers` participants on loopback. Each runs the dht service (a DHT node with its
-admin endpoint, local API and bulk transport); the first starts the swarm and the others join
-through it. Then every participant pings every other, sends a tensor to its neighbour over
-the bulk transport, announces itself under a shared DHT key and reads everyone's
-announcements back. The results are printed and the swarm keeps serving until `--duration`
-passes or Ctrl-C.
+Starts `--peers` participants, each one `apiary trainer` process with its embedded dht and
+averager services: the first starts the swarm, the others join through it (one of them in
+client mode with `--client`). Shows every participant's progress while they train for
+`--duration` seconds, then prints a summary: held-out loss at the start and the end, samples
+per second, epochs and bytes averaged. Ctrl-C stops every participant.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import httpx
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from apiary.cli.options import option
-from apiary.dht import DHTSettings
-from apiary.services.dht import DHTService, DHTServiceSettings
-from apiary.services.runtime import ServiceSettings
-from apiary.wire import PROBE, ChannelPool, PeerAddress, RpcClient, WireSettings
-from apiary.wire.bulk import BulkClient
-from apiary.wire.probe import SINK_ROUTE
-from apiary.wire.protos.wire_pb2 import PingRequest, TensorHeader
 
 console = Console()
-DIRECTORY_KEY = "apiary.up.participants"
 
 
 def up_command(
     peers: Annotated[int, option("--peers", "how many local participants to start", min=1, max=64)] = 4,
-    duration: Annotated[float, option("--duration", "seconds to keep serving after the checks (0: until Ctrl-C)", min=0)] = 0,
-    transfer_mib: Annotated[int, option("--transfer-mib", "MiB each peer sends its neighbour", min=0)] = 64,
+    duration: Annotated[float, option("--duration", "seconds each participant trains", min=1)] = 90,
+    task: Annotated[str, option("--task", "package.module:factory, or a built-in task: charlm")] = "charlm",
+    target_batch_size: Annotated[int, option("--target-batch-size", "samples the swarm accumulates per epoch", min=1)] = 256,
+    mode: Annotated[str, option("--mode", "gradients, local or diloco")] = "gradients",
+    clients: Annotated[int, option("--clients", "how many of the participants run in client mode", min=0)] = 0,
 ) -> None:
-    """Run a local swarm: start DHT participants, check they reach each other, keep serving."""
-    asyncio.run(_up(peers, duration or None, transfer_mib))
+    """Run a local swarm: train a task with several participants on this machine and summarize."""
+    if clients >= peers:
+        raise ValueError(f"--clients {clients}: at least one participant must accept connections (--peers {peers})")
+    with tempfile.TemporaryDirectory(prefix="apiary-up-") as folder:
+        swarm = _LocalSwarm(Path(folder), task, target_batch_size, mode, duration, peers)
+        try:
+            swarm.start(peers, clients)
+            swarm.watch()
+        except KeyboardInterrupt:
+            console.print("stopping")
+        finally:
+            swarm.stop()
+        swarm.report()
 
 
-def _participant(initial_peers: list[PeerAddress]) -> DHTService:
-    return DHTService(
-        WireSettings(listen_host="127.0.0.1"),
-        ServiceSettings(),
-        DHTSettings(),
-        DHTServiceSettings(initial_peers=initial_peers),
-    )
+class _LocalSwarm:
+    def __init__(self, folder: Path, task: str, target_batch_size: int, mode: str, duration: float, peers: int):
+        self.folder = folder
+        self.common = ["--run-id", "apiary-up", "--task", task, "--target-batch-size", str(target_batch_size),
+                       "--min-peers", str(peers),
+                       "--mode", mode, "--max-seconds", str(duration), "--host", "127.0.0.1", "--threads", "1",
+                       "--evaluate-every", "15"]
+        self.processes: list[subprocess.Popen[str]] = []
+        self.admin: list[str] = []
 
+    def _spawn(self, index: int, initial_peers: str, client: bool) -> None:
+        port = _free_port()
+        args = [sys.executable, "-m", "apiary.cli.main", "trainer", *self.common, "--seed", str(index),
+                "--initial-peers", initial_peers, "--admin-port", str(port),
+                "--summary-path", str(self.folder / f"{index}.json"), *(["--client-mode"] if client else [])]
+        log = open(self.folder / f"{index}.log", "w")  # noqa: SIM115 - kept open for the process
+        self.processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                               env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        self.admin.append(f"http://127.0.0.1:{port}")
 
-async def _up(count: int, duration: float | None, transfer_mib: int) -> None:
-    participants: list[DHTService] = []
-    try:
-        with console.status(f"starting {count} participants"):
-            participants.append(_participant([]))
-            await participants[0].start()
-            first = PeerAddress.parse(participants[0].node.address)
-            for _ in range(count - 1):
-                participants.append(_participant([first]))
-                await participants[-1].start()
-        with console.status("checking links and the DHT"):
-            rows = await asyncio.gather(*(_check(p, participants, transfer_mib) for p in participants))
-        table = Table(title=f"apiary local swarm: {count} participants")
-        for column in ("peer", "dht port", "admin port", "pings", "rtt", "bulk to next", "directory"):
-            table.add_column(column, no_wrap=True)
-        for participant, row in zip(participants, rows):
-            host = participant.host
-            table.add_row(host.identity.peer_id[:6], str(host.server.port), str(host.admin.port), *row)
+    def start(self, peers: int, clients: int) -> None:
+        with console.status(f"starting {peers} participants"):
+            self._spawn(0, "", client=False)
+            first = self._wait_for(0, lambda status: status.get("dht_address"))
+            for index in range(1, peers):
+                self._spawn(index, first, client=index >= peers - clients)
+        console.print(f"swarm up: join it with  apiary trainer --run-id apiary-up --initial-peers {first}",
+                      soft_wrap=True, highlight=False)
+
+    def _wait_for(self, index: int, condition: Any, timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[index].poll() is not None:
+                raise RuntimeError(f"participant {index} ended early: {self._log_tail(index)}")
+            status = self._status(index)
+            if status is not None and (value := condition(status)):
+                return value
+            time.sleep(0.3)
+        raise RuntimeError(f"participant {index} did not start within {timeout:.0f}s: {self._log_tail(index)}")
+
+    def _status(self, index: int) -> dict[str, Any] | None:
+        try:
+            return httpx.get(f"{self.admin[index]}/status", timeout=2).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def _log_tail(self, index: int) -> str:
+        return (self.folder / f"{index}.log").read_text(errors="replace")[-2000:]
+
+    def watch(self) -> None:
+        with Live(self._table(), console=console, refresh_per_second=2) as live:
+            while any(p.poll() is None for p in self.processes):
+                time.sleep(1)
+                live.update(self._table())
+
+    def _table(self) -> Table:
+        table = Table(title="apiary local swarm")
+        for column in ("peer", "loss", "epoch", "swarm epoch", "peers", "samples/s"):
+            table.add_column(column, justify="right")
+        for index, process in enumerate(self.processes):
+            status = self._status(index) if process.poll() is None else None
+            if status is None:
+                table.add_row(str(index), "-", "-", "-", "-", "done" if process.poll() is not None else "starting")
+                continue
+            loss = status.get("loss")
+            table.add_row(str(index), f"{loss:.3f}" if loss is not None else "-", str(status.get("local_epoch")),
+                          str(status.get("swarm_epoch")), str(status.get("peers")), str(status.get("samples_per_second")))
+        return table
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def report(self) -> None:
+        summaries = []
+        for index in range(len(self.processes)):
+            path = self.folder / f"{index}.json"
+            if path.exists():
+                summaries.append(json.loads(path.read_text()))
+            else:
+                console.print(f"participant {index} left no summary: {self._log_tail(index)}", highlight=False)
+        if not summaries:
+            raise RuntimeError("no participant finished")
+        table = Table(title="summary")
+        for column in ("peer", "loss start", "loss end", "epochs", "samples/s", "MB averaged"):
+            table.add_column(column, justify="right")
+        for index, s in enumerate(summaries):
+            table.add_row(str(index), str(s.get("loss_start")), str(s.get("loss_end")),
+                          f"{s.get('epoch_start')} → {s.get('epoch_end')}", str(s.get("samples_per_second")),
+                          f"{(s.get('averaged_bytes') or 0) / 1e6:.1f}")
         console.print(table)
-        console.print(f"join this swarm with: apiary dht --initial-peers {first}", soft_wrap=True)
-        console.print("serving; Ctrl-C stops" if duration is None else f"serving for {duration:.0f} s")
-        await _wait_for_stop(duration)
-    finally:
-        for participant in participants:
-            await participant.host.shutdown()
+        first = summaries[0]
+        console.print(f"loss {first.get('loss_start')} → {min(s.get('loss_end') or 1e9 for s in summaries)}; "
+                      f"swarm samples/s {sum(s.get('samples_per_second') or 0 for s in summaries):.0f}; "
+                      f"epochs {max(s.get('epoch_end') or 0 for s in summaries)}", highlight=False)
 
 
-async def _check(participant: DHTService, everyone: list[DHTService], transfer_mib: int) -> tuple[str, ...]:
-    """Pings every other participant, sends `transfer_mib` MiB to the next one over bulk,
-    announces itself in the DHT and counts the announcements it can read."""
-    host, node = participant.host, participant.node
-    others = [other.host for other in everyone if other is not participant]
-    rtts = []
-    async with ChannelPool(host.server.settings) as pool:
-        for other in others:
-            started = time.perf_counter()
-            reply = await RpcClient(pool, PROBE, other.server.announced, timeout=5).call("Ping", PingRequest())
-            if reply.peer_id == other.identity.peer_id:
-                rtts.append(time.perf_counter() - started)
-    rate = "-"
-    if others and transfer_mib:
-        target = others[everyone.index(participant) % len(others)]
-        payload = memoryview(bytearray(transfer_mib << 20))
-        header = TensorHeader(dtype="uint8", shape=[len(payload)], nbytes=len(payload))
-        client = BulkClient(host.server.settings)
-        started = time.perf_counter()
-        await client.call(target.server.announced_bulk, SINK_ROUTE, tensors=[(header, payload)], timeout=120)
-        rate = f"{len(payload) / (time.perf_counter() - started) / 1e6:.0f} MB/s"
-        await client.close()
-    await node.store(DIRECTORY_KEY, {"admin": host.admin.url}, time.time() + 600, subkey=host.identity.peer_id)
-    await asyncio.sleep(0.5)  # let everyone announce before reading
-    found = await node.get(DIRECTORY_KEY, latest=True)
-    seen = len(found.value) if found is not None else 0
-    mean = f"{sum(rtts) / len(rtts) * 1000:.1f} ms" if rtts else "-"
-    return f"{len(rtts)}/{len(others)}", mean, rate, f"{seen}/{len(everyone)}"
+def _free_port() -> int:
+    import socket
 
-
-async def _wait_for_stop(duration: float | None) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await asyncio.wait_for(stop.wait(), duration)
-    except asyncio.TimeoutError:
-        pass
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -85,8 +85,10 @@ async def _serve(service_settings: ServiceSettings, settings: Any) -> None:
 
     try:
         service = TrainerService(WireSettings(listen_host="127.0.0.1"), service_settings, settings)
-    except (TaskError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="'--task' / '--task-options' / '--device'") from None
+    except TaskError as e:
+        raise typer.BadParameter(str(e), param_hint="'--task' / '--task-options'") from None
+    except ValueError as e:  # a device that is not there
+        raise typer.BadParameter(str(e), param_hint="'--device'") from None
     await service.start()
     console.print(f"trainer of run {settings.run_id!r}: admin {service.host.admin.url}", highlight=False)
     await service.run()

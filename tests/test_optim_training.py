@@ -1,0 +1,68 @@
+"""What collaborative training must match: large-batch training, and DiLoCo's savings."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from service_processes import APIARY
+from trainer_processes import TrainerSwarm
+
+FAST_ROUNDS = '{"gather_seconds": 0.3, "join_seconds": 1.0, "sender_timeout": 5.0}'
+
+
+def test_two_peers_averaging_gradients_match_one_peer_with_the_same_global_batch(tmp_path):
+    epochs = 30
+    common = ["--target-batch-size", "16", "--max-epochs", str(epochs), "--average-state-every", "0",
+              "--averaging", FAST_ROUNDS]
+    with TrainerSwarm(tmp_path / "one", "alone", common) as swarm:
+        swarm.start(seed=0)
+        alone = swarm.finish()[0]
+    with TrainerSwarm(tmp_path / "two", "pair", [*common, "--min-peers", "2"]) as swarm:
+        swarm.start(seed=0)
+        swarm.start(seed=1)
+        pair = swarm.finish()
+    assert alone["epoch_end"] == epochs and all(s["epoch_end"] >= epochs for s in pair.values())
+    assert pair[0]["rounds"]["ok"] >= epochs - 2, pair[0]["rounds"]  # the pair did average
+    # both runs took `epochs` steps of 16 samples: the held-out loss agrees within 3%
+    assert abs(pair[0]["loss_end"] - alone["loss_end"]) <= 0.03 * alone["loss_end"], (alone, pair)
+    assert alone["loss_end"] < alone["loss_start"] - 1.0
+
+
+def test_diloco_matches_synchronous_training_with_h_times_fewer_bytes(tmp_path):
+    peers, batch, h, outer_epochs = 4, 8, 8, 5
+    samples_per_round = peers * batch
+    sync_common = ["--target-batch-size", str(samples_per_round), "--max-epochs", str(h * outer_epochs),
+                   "--average-state-every", "0", "--averaging", FAST_ROUNDS, "--min-peers", str(peers)]
+    diloco_common = ["--target-batch-size", str(samples_per_round * h), "--max-epochs", str(outer_epochs),
+                     "--average-state-every", "0", "--averaging", FAST_ROUNDS, "--min-peers", str(peers),
+                     "--mode", "diloco"]
+    results = {}
+    for name, common in (("sync", sync_common), ("diloco", diloco_common)):
+        with TrainerSwarm(tmp_path / name, name, common) as swarm:
+            for seed in range(peers):
+                swarm.start(seed=seed)
+            results[name] = swarm.finish()
+    sync, diloco = results["sync"], results["diloco"]
+    sync_loss = min(s["loss_end"] for s in sync.values())
+    diloco_loss = min(s["loss_end"] for s in diloco.values())
+    assert diloco_loss <= 1.05 * sync_loss, (sync_loss, diloco_loss)
+    sync_bytes = sum(s["averaged_bytes"] for s in sync.values())
+    diloco_bytes = sum(s["averaged_bytes"] for s in diloco.values())
+    assert diloco_bytes > 0 and sync_bytes >= h * diloco_bytes, (sync_bytes, diloco_bytes)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--task", "no_such_package.tasks:factory"], "cannot import 'no_such_package.tasks'"),
+    (["--task", "apiary.tasks:missing"], "has no callable 'missing'"),
+    (["--task-options", '{"bogus": 1}'], "does not take these settings"),
+    (["--mode", "fancy"], "mode must be one of gradients, local, diloco"),
+    (["--target-batch-size", "0"], "--target-batch-size"),
+    (["--dht-local", "127.0.0.1:1"], "give both dht_local and averager_local"),
+])
+def test_bad_tasks_and_settings_stop_the_trainer_with_one_line(args, expected):
+    result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apiary: error:") and expected in lines[0], result.stderr

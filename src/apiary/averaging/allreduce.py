@@ -4,7 +4,8 @@ The flattened tensors are cut into one span per member (`partition.spans`). Ever
 sends span j (encoded by its codec) to member j, the span's reducer, in one bulk call; the
 reducer accumulates the weighted sum of the parts that arrive, and once every expected sender
 has contributed — or `sender_timeout` has passed — answers every waiting call with the
-weighted mean. So:
+weighted mean. With a robust aggregator (`aggregation`: CenteredClip or a trimmed mean) the
+reducer keeps every part instead and combines them when the span is complete. So:
 - a sender that stalls past the timeout is left out of that span's mean;
 - a reducer that fails (its call errors or times out) makes the senders keep their local
   values for its span;
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from apiary.averaging.aggregation import Aggregator
 from apiary.averaging.compression import Codec, codec_by_name
 from apiary.averaging.partition import Member, shares, spans
 from apiary.averaging.protos.averaging_pb2 import ReduceReply, ReduceRequest
@@ -45,6 +47,7 @@ class GroupRound:
     own_index: int
     total: int  # elements in the flattened tensors
     sender_timeout: float
+    aggregator: Aggregator = Aggregator()  # how this member, as a reducer, combines its span's parts
     spans: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,12 +59,18 @@ class GroupRound:
 
 
 class _SpanReduction:
-    """The reducer's side of one span: accumulates weighted parts, then publishes the mean."""
+    """The reducer's side of one span: accumulates weighted parts (or, for a robust aggregator,
+    keeps them all), then publishes their combination."""
 
     def __init__(self, round_: GroupRound, numel: int):
         self.numel = numel
         self.expected = {m.peer_id for m in round_.members if m.sends}
-        self.sum = torch.empty(numel, dtype=torch.float32)  # written whole by the first part
+        self.aggregator = round_.aggregator
+        self.sum = torch.empty(numel, dtype=torch.float32)  # written whole by the first part (or at the end)
+        if self.aggregator.robust:  # one row per sender; parts arrive in a reused buffer, so they are copied
+            self._rows = {peer: row for row, peer in enumerate(sorted(self.expected))}
+            self._parts = torch.empty(len(self._rows), numel, dtype=torch.float32)
+            self._weights = torch.zeros(len(self._rows), dtype=torch.float32)
         self.weight = 0.0
         self.contributors: set[str] = set()
         self.done = asyncio.Event()
@@ -80,7 +89,13 @@ class _SpanReduction:
             raise InvalidRequest(f"part has {part.numel()} elements, the span has {self.numel}")
         if not weight >= 0:
             raise InvalidRequest(f"weight {weight} must be a non-negative number")
-        if self.contributors:
+        if self.aggregator.robust:
+            if not bool(torch.isfinite(part).all()):
+                raise InvalidRequest(f"part from {sender[:8]} has non-finite values")
+            row = self._rows[sender]
+            self._parts[row].copy_(part)
+            self._weights[row] = weight
+        elif self.contributors:
             self.sum.add_(part, alpha=weight)
         else:
             torch.mul(part, weight, out=self.sum)
@@ -93,6 +108,9 @@ class _SpanReduction:
         if not self.done.is_set():
             if not self.contributors:
                 self.sum.zero_()
+            elif self.aggregator.robust:
+                rows = torch.tensor(sorted(self._rows[peer] for peer in self.contributors))
+                self.sum.copy_(self.aggregator.combine(self._parts[rows], self._weights[rows]))
             elif self.weight > 0:
                 self.sum.div_(self.weight)
             self.mean = self.sum  # in place: no part is added after this

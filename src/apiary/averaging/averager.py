@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel, Field
 
+from apiary.averaging.aggregation import Aggregation, Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, run_allreduce, unflatten_into
 from apiary.averaging.compression import codec_by_name
 from apiary.averaging.grid import MoshpitGrid
@@ -39,6 +40,14 @@ class AveragerSettings(BaseModel):
     join_seconds: float = Field(3.0, gt=0)
     sender_timeout: float = Field(10.0, gt=0, description="how long a reducer waits for a sender's part")
     round_timeout: float = Field(60.0, gt=0, description="deadline of the all-reduce of one round")
+    aggregation: Aggregation = Field(Aggregation.MEAN, description="how a reducer combines parts: mean, "
+                                     "centered_clip or trimmed_mean (robust to peers sending outliers)")
+    clip_radius: float = Field(1.0, gt=0, description="centered_clip: norm a part's offset from the centre is clipped to")
+    clip_iterations: int = Field(20, ge=1, description="centered_clip: most iterations per span")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share of the weight cut from each end")
+
+    def aggregator(self) -> Aggregator:
+        return Aggregator(self.aggregation, self.clip_radius, self.clip_iterations, self.trim_fraction)
 
 
 class Averager:
@@ -103,7 +112,7 @@ class Averager:
         flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Mode.AUX else torch.zeros(0)
         self._flat = flat
         total = flat.numel() if self.settings.mode is not Mode.AUX else self._total()
-        round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout)
+        round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout, self.settings.aggregator())
         averaged = await run_allreduce(round_, flat, weight, service=self.reductions, client=self.bulk_client,
                                        codec=self.codec, deadline=self.settings.round_timeout, out=self._averaged)
         self._averaged = averaged

@@ -27,6 +27,7 @@ from apiary.averaging.protos.averaging_pb2 import StateReply, StateRequest
 from apiary.wire import Endpoint, InvalidRequest, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 from apiary.wire.protos.wire_pb2 import TensorHeader
+from apiary.wire.rpc import decode
 from apiary.wire.tensors import tensor_from_payload, tensor_payload
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class StateDonor:
         return await dht.store(donors_key(self.prefix), value, time.time() + ttl, subkey=self.peer_id)
 
     async def handle(self, call: BulkCall) -> BulkAnswer:
-        request = StateRequest.FromString(call.body)
+        request = decode(StateRequest, call.body)  # InvalidRequest if malformed
         if request.prefix != self.prefix:
             raise InvalidRequest(f"this peer holds the state of run {self.prefix!r}, not {request.prefix!r}")
         state = self._state

@@ -22,6 +22,12 @@ if TYPE_CHECKING:
 console = Console(soft_wrap=True)
 
 
+class AggregationRule(str, Enum):  # apiary.averaging.aggregation.Aggregation, without importing torch
+    mean = "mean"
+    centered_clip = "centered_clip"
+    trimmed_mean = "trimmed_mean"
+
+
 class AveragingMode(str, Enum):  # apiary.averaging.partition.Mode, without importing torch for --help
     node = "node"
     client = "client"
@@ -40,6 +46,10 @@ def averager_command(
     join_seconds: Annotated[float, option("--join-seconds", "seconds a leader waits for its group to join", min=0.01)] = 3.0,
     round_timeout: Annotated[float, option("--round-timeout", "deadline of one round's all-reduce, seconds", min=0.1)] = 60.0,
     sender_timeout: Annotated[float, option("--sender-timeout", "seconds a reducer waits for a sender's part", min=0.1)] = 10.0,
+    aggregation: Annotated[AggregationRule, option("--aggregation", "how a reducer combines parts: mean; centered_clip or trimmed_mean (robust to outliers)")] = AggregationRule.mean,
+    clip_radius: Annotated[float, option("--clip-radius", "centered_clip: norm each part's offset from the centre is clipped to")] = 1.0,
+    clip_iterations: Annotated[int, option("--clip-iterations", "centered_clip: most iterations per span", min=1)] = 20,
+    trim_fraction: Annotated[float, option("--trim-fraction", "trimmed_mean: share of the weight cut from each end, in [0, 0.5)")] = 0.1,
     dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
     initial_peers: Annotated[str, option("--initial-peers", "run an embedded DHT node joining these: peer_id@host:port, comma-separated")] = "",
     host: Annotated[str, option("--host", "interface the public ports bind")] = "0.0.0.0",
@@ -48,6 +58,11 @@ def averager_command(
     announce_port: Annotated[Optional[int], option("--announce-port", "gRPC port other peers dial (default: the bound port)")] = None,
     bulk_port: Annotated[int, option("--bulk-port", "public bulk port: all-reduce and state transfer (0: any free port)")] = 0,
     announce_bulk_port: Annotated[Optional[int], option("--announce-bulk-port", "bulk port other peers dial (default: the bound port)")] = None,
+    max_requests_per_second: Annotated[float, option("--max-requests-per-second", "requests a peer (host) may make per second on the public ports", min=0.001)] = 1000.0,
+    request_burst: Annotated[int, option("--request-burst", "requests a peer may make at once above its rate", min=1)] = 2000,
+    max_concurrent_per_peer: Annotated[int, option("--max-concurrent-per-peer", "calls a peer may have in flight at once", min=1)] = 256,
+    max_bulk_connections_per_peer: Annotated[int, option("--max-bulk-connections-per-peer", "bulk connections a peer may keep open", min=1)] = 128,
+    max_bytes_in_flight: Annotated[int, option("--max-bytes-in-flight", "bytes of tensors and frames being received from peers, all together", min=0)] = 8 << 30,
     local_host: Annotated[str, option("--local-host", "interface of the local API for the trainer")] = "127.0.0.1",
     local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
     announce_period: Annotated[float, option("--announce-period", "seconds between announcements of the state held", min=0.1)] = 30.0,
@@ -68,6 +83,7 @@ def averager_command(
     if min_group_size > target_group_size:
         raise typer.BadParameter(f"{min_group_size} is above --target-group-size {target_group_size}",
                                  param_hint="'--min-group-size'")
+    from apiary.averaging.aggregation import Aggregation
     from apiary.averaging.averager import AveragerSettings
     from apiary.averaging.compression import CODECS
     from apiary.averaging.partition import Mode
@@ -77,7 +93,10 @@ def averager_command(
         raise typer.BadParameter(f"unknown codec {codec!r} (known: {', '.join(CODECS)})", param_hint="'--codec'")
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port,
-                     bulk=True, bulk_port=bulk_port, announce_bulk_port=announce_bulk_port),
+                     bulk=True, bulk_port=bulk_port, announce_bulk_port=announce_bulk_port,
+                     max_requests_per_second=max_requests_per_second, request_burst=request_burst,
+                     max_concurrent_per_peer=max_concurrent_per_peer,
+                     max_bulk_connections_per_peer=max_bulk_connections_per_peer, max_bytes_in_flight=max_bytes_in_flight),
         ServiceSettings(
             identity=identity, admin_host=admin_host, admin_port=admin_port,
             tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
@@ -86,6 +105,8 @@ def averager_command(
             prefix=run_id, mode=Mode(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
             expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, gather_seconds=gather_seconds,
             join_seconds=join_seconds, sender_timeout=sender_timeout, round_timeout=round_timeout,
+            aggregation=Aggregation(aggregation.value), clip_radius=clip_radius, clip_iterations=clip_iterations,
+            trim_fraction=trim_fraction,
         ),
         AveragerServiceSettings(
             dht_local=Endpoint.parse(dht_local) if dht_local is not None else None,

@@ -5,7 +5,10 @@ docs/benchmarks.md), so apiary carries large tensors (averaging parts, state dow
 second port with a minimal framing: a length-prefixed `BulkRequest` declaring the tensors,
 then their raw bytes. The receiver checks every header against its limits before it allocates,
 then receives straight into the tensors' final buffers; the sender writes straight from tensor
-memory. Errors, deadlines, tracing and metrics follow the same rules as the gRPC services.
+memory. Errors, deadlines, tracing and metrics follow the same rules as the gRPC services, and
+so do the per-peer limits (`apiary.wire.limits`): connections per peer, request rate and
+concurrency, and every frame and payload taken from the server's budget of bytes in flight
+before it is allocated (a connection's reused buffer holds its share until it closes).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
 from apiary.wire.chunks import check_header
+from apiary.wire.limits import ByteBudget, LimitExceeded, ServerLimits
 from apiary.wire.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -72,8 +76,9 @@ Handler = Callable[[BulkCall], Awaitable[BulkAnswer]]
 class _Connection:
     """A non-blocking socket with whole-frame and whole-buffer reads and writes."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, budget: ByteBudget | None = None):
         self._scratch = bytearray()
+        self._budget = budget  # where the reused buffer's bytes are reserved
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
@@ -96,7 +101,13 @@ class _Connection:
         size = int.from_bytes(await self.read_exactly(_LENGTH_BYTES), "big")
         if size > max_bytes:
             raise PayloadTooLarge(f"bulk frame of {size} bytes exceeds the limit max_message_bytes={max_bytes}")
-        return bytes(await self.read_exactly(size))
+        if self._budget is not None:
+            self._budget.take(size, "a bulk frame")
+        try:
+            return bytes(await self.read_exactly(size))
+        finally:
+            if self._budget is not None:
+                self._budget.give_back(size)
 
     async def write_frame(self, message: BulkRequest | BulkReply, payloads: Sequence[memoryview] = ()) -> None:
         frame = message.SerializeToString()
@@ -112,6 +123,8 @@ class _Connection:
         a new buffer, or (scratch) into this connection's reused buffer, valid only until the
         next request on the connection."""
         if scratch and len(self._scratch) < (total := sum(header.nbytes for header in headers)):
+            if self._budget is not None:
+                self._budget.take(total - len(self._scratch), "a bulk request")
             self._scratch = bytearray(total)
         tensors: list[tuple[TensorHeader, bytearray | memoryview]] = []
         offset = 0
@@ -150,22 +163,39 @@ class _Connection:
             self.loop.remove_reader(self.sock.fileno())
 
     def close(self) -> None:
+        if self._budget is not None:
+            self._budget.give_back(len(self._scratch))
+        self._scratch = bytearray()
         self.sock.close()
 
 
-def _check_headers(headers: Sequence[TensorHeader], max_tensor_bytes: int) -> None:
+def check_headers(headers: Sequence[TensorHeader], max_tensor_bytes: int, max_total_bytes: int | None) -> int:
+    """Checks the tensors a frame declares against the limits; returns their total bytes."""
     if len(headers) > MAX_TENSORS_PER_REQUEST:
         raise InvalidRequest(f"{len(headers)} tensors in one request exceed the limit of {MAX_TENSORS_PER_REQUEST}")
     for header in headers:
         check_header(header, max_tensor_bytes)
+    total = sum(header.nbytes for header in headers)
+    if max_total_bytes is not None and total > max_total_bytes:
+        raise PayloadTooLarge(f"{total} tensor bytes in one request exceed the limit max_bytes_in_flight={max_total_bytes}")
+    return total
+
+
+def parse_request(frame: bytes, settings: WireSettings) -> BulkRequest:
+    """The request in a frame, each tensor header checked; InvalidRequest if malformed or too large.
+    (Their total is reserved in the server's budget of bytes in flight before they are received.)"""
+    request = decode(BulkRequest, frame)
+    check_headers(request.tensors, settings.max_tensor_bytes, None)
+    return request
 
 
 class BulkServer:
     """Serves bulk routes on `settings.listen_host:bulk_port` (0: any free port)."""
 
-    def __init__(self, settings: WireSettings, *, metrics: RpcMetrics | None = None):
+    def __init__(self, settings: WireSettings, *, metrics: RpcMetrics | None = None, limits: ServerLimits | None = None):
         self.settings = settings
         self.metrics = metrics
+        self.limits = limits or ServerLimits(settings)
         self._routes: dict[str, tuple[Handler, bool]] = {}
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -218,41 +248,73 @@ class BulkServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, address = await loop.sock_accept(listener)
-            self._spawn(self._serve_connection(_Connection(sock), f"{address[0]}:{address[1]}"))
+            connection = _Connection(sock, self.limits.bytes_in_flight)
+            try:
+                closed = self.limits.open_connection(address[0])
+            except LimitExceeded as e:
+                self._spawn(self._refuse_connection(connection, e))
+                continue
+            self._spawn(self._serve_connection(connection, address[0], f"{address[0]}:{address[1]}", closed))
 
-    async def _serve_connection(self, connection: _Connection, peer: str) -> None:
+    async def _refuse_connection(self, connection: _Connection, refusal: LimitExceeded) -> None:
+        try:
+            await self._refuse(connection, refusal.code, str(refusal))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            connection.close()
+
+    async def _serve_connection(self, connection: _Connection, host: str, peer: str, closed: Callable[[], None]) -> None:
         try:
             if await connection.read_exactly(len(MAGIC)) != MAGIC:
                 await self._refuse(connection, grpc.StatusCode.INVALID_ARGUMENT,
                                    "not an apiary bulk connection (bad preamble)")
                 return
             while await connection.wait_readable(self.settings.bulk_idle_timeout):
-                if not await self._serve_request(connection, peer):
+                if not await self._serve_request(connection, host, peer):
                     break
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
             connection.close()
+            closed()
 
-    async def _serve_request(self, connection: _Connection, peer: str) -> bool:
+    async def _serve_request(self, connection: _Connection, host: str, peer: str) -> bool:
         """Serves one request; returns whether the connection can carry another."""
         try:
-            frame = await connection.read_frame(self.settings.max_message_bytes)
-            request = decode(BulkRequest, frame)
-            if request.route not in self._routes:
-                raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"no bulk route {request.route!r} on this peer")
-            handler, keeps_tensors = self._routes[request.route]
-            _check_headers(request.tensors, self.settings.max_tensor_bytes)
-        except InvalidRequest as e:
+            done = self.limits.admit(host)
+        except LimitExceeded as e:
             await self._refuse(connection, e.code, str(e))
             return False
-        except _Refusal as e:
-            await self._refuse(connection, e.code, e.details)
-            return False
-        tensors = await connection.read_payloads(request.tensors, scratch=not keeps_tensors)
-        reply, payloads = await self._handle(handler, BulkCall(request.route, request.body, tensors, peer), request)
-        await connection.write_frame(reply, payloads)
-        return True
+        try:
+            return await self._serve_admitted(connection, peer)
+        finally:
+            done()
+
+    async def _serve_admitted(self, connection: _Connection, peer: str) -> bool:
+        held = 0
+        try:
+            try:
+                request = parse_request(await connection.read_frame(self.settings.max_message_bytes), self.settings)
+                if request.route not in self._routes:
+                    raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"no bulk route {request.route!r} on this peer")
+                handler, keeps_tensors = self._routes[request.route]
+                if keeps_tensors:  # otherwise the tensors land in the reused buffer, which reserves its own bytes
+                    total = sum(header.nbytes for header in request.tensors)
+                    self.limits.bytes_in_flight.take(total, "a bulk request")
+                    held = total
+                tensors = await connection.read_payloads(request.tensors, scratch=not keeps_tensors)
+            except InvalidRequest as e:
+                await self._refuse(connection, e.code, str(e))
+                return False
+            except _Refusal as e:
+                await self._refuse(connection, e.code, e.details)
+                return False
+            reply, payloads = await self._handle(handler, BulkCall(request.route, request.body, tensors, peer), request)
+            await connection.write_frame(reply, payloads)
+            return True
+        finally:
+            self.limits.bytes_in_flight.give_back(held)
 
     async def _handle(self, handler: Handler, call: BulkCall, request: BulkRequest) -> tuple[BulkReply, list[memoryview]]:
         started, code = time.perf_counter(), grpc.StatusCode.OK
@@ -352,7 +414,7 @@ class BulkClient:
             if reply.code != 0:
                 code = _STATUS_BY_VALUE.get(reply.code, grpc.StatusCode.UNKNOWN)
                 raise error_from_status(code, reply.details, peer=str(endpoint), method=f"bulk {request.route}")
-            _check_headers(reply.tensors, self.settings.max_tensor_bytes)
+            check_headers(reply.tensors, self.settings.max_tensor_bytes, self.settings.max_bytes_in_flight)
             tensors = await connection.read_payloads(reply.tensors, into=reply_into)
             reusable = True
             return reply.body, tensors

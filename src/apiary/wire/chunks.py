@@ -2,8 +2,9 @@
 
 A tensor travels as a `TensorHeader` (dtype, shape, byte count) followed by its raw bytes,
 cut into chunks no larger than a configured size so that each gRPC message stays small. The
-receiver checks the header against its limits before allocating anything, then copies each
-chunk once into a preallocated buffer. Torch-free so that every peer (the DHT included) can
+receiver checks the header against its limits before allocating anything (and, on a server,
+takes the tensor's bytes from the server's budget of bytes in flight), then copies each chunk
+once into a preallocated buffer. Torch-free so that every peer (the DHT included) can
 relay and check tensor streams.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from types import TracebackType
+from typing import Protocol
 
 from apiary.wire.errors import InvalidRequest, PayloadTooLarge
 from apiary.wire.protos.wire_pb2 import TensorChunk, TensorHeader
@@ -56,14 +59,39 @@ def split_payload(header: TensorHeader, payload: memoryview, chunk_bytes: int) -
         yield TensorChunk(data=bytes(payload[start : start + chunk_bytes]))
 
 
-class ChunkAssembler:
-    """Consumes a stream of chunks and returns each tensor's header and bytes once complete."""
+class Budget(Protocol):
+    """Where a receiver reserves the bytes it allocates (`apiary.wire.limits.ByteBudget`)."""
 
-    def __init__(self, max_tensor_bytes: int):
+    def take(self, nbytes: int, what: str) -> None: ...
+
+    def give_back(self, nbytes: int) -> None: ...
+
+
+class ChunkAssembler:
+    """Consumes a stream of chunks and returns each tensor's header and bytes once complete.
+
+    With a `budget`, each tensor's bytes are reserved when its header arrives (refused with
+    LimitExceeded if they do not fit) and given back when the next tensor starts or the
+    assembler is closed: use it as a context manager so that an aborted stream gives them back."""
+
+    def __init__(self, max_tensor_bytes: int, budget: Budget | None = None):
         self.max_tensor_bytes = max_tensor_bytes
+        self.budget = budget
+        self._held = 0
         self._header: TensorHeader | None = None
         self._buffer = bytearray()
         self._filled = 0
+
+    def __enter__(self) -> ChunkAssembler:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self.budget is not None and self._held:
+            self.budget.give_back(self._held)
+        self._held = 0
 
     def feed(self, chunk: TensorChunk) -> tuple[TensorHeader, bytearray] | None:
         """Adds a chunk; returns (header, payload) when it completes a tensor, else None."""
@@ -73,6 +101,10 @@ class ChunkAssembler:
                     f"a new tensor header arrived after {self._filled} of {self._header.nbytes} bytes of the previous one"
                 )
             check_header(chunk.header, self.max_tensor_bytes)
+            self._give_back()  # the previous tensor is the caller's now
+            if self.budget is not None:
+                self.budget.take(chunk.header.nbytes, "a tensor")
+                self._held = chunk.header.nbytes
             self._header = chunk.header
             self._buffer = bytearray(chunk.header.nbytes)
             self._filled = 0
@@ -90,6 +122,7 @@ class ChunkAssembler:
         return header, buffer
 
     def close(self) -> None:
-        """Raises InvalidRequest if the stream ended in the middle of a tensor."""
+        """Gives back the reserved bytes; raises InvalidRequest if the stream ended in the middle of a tensor."""
+        self._give_back()
         if self._header is not None:
             raise InvalidRequest(f"the stream ended after {self._filled} of {self._header.nbytes} bytes of a tensor")

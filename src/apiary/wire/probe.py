@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import apiary
 from apiary.wire.address import Endpoint
 from apiary.wire.bulk import BulkAnswer, BulkCall
-from apiary.wire.chunks import ChunkAssembler, split_payload
+from apiary.wire.chunks import Budget, ChunkAssembler, split_payload
 from apiary.wire.identity import Identity
 from apiary.wire.protos.wire_pb2 import PingReply, PingRequest, SinkReply, SinkRequest, TensorChunk, TensorDigest, TensorHeader
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
@@ -40,8 +40,10 @@ def _digest(header: TensorHeader, payload: bytearray | memoryview) -> TensorDige
 class ProbeService:
     """Answers `PROBE` calls for one peer."""
 
-    def __init__(self, identity: Identity, announced: Endpoint, announced_bulk: Endpoint | None, settings: WireSettings):
+    def __init__(self, identity: Identity, announced: Endpoint, announced_bulk: Endpoint | None, settings: WireSettings,
+                 budget: Budget | None = None):
         self.identity = identity
+        self.budget = budget  # the server's bytes in flight, shared by all streams
         self.announced = announced
         self.announced_bulk = announced_bulk
         self.settings = settings
@@ -56,24 +58,24 @@ class ProbeService:
         )
 
     async def echo(self, chunks: AsyncIterator[TensorChunk], context: CallContext) -> AsyncIterator[TensorChunk]:
-        assembler = ChunkAssembler(self.settings.max_tensor_bytes)
-        async for chunk in chunks:
-            done = assembler.feed(chunk)
-            if done is not None:
-                header, payload = done
-                for reply in split_payload(header, memoryview(payload), self.settings.chunk_bytes):
-                    yield reply
-        assembler.close()
+        with ChunkAssembler(self.settings.max_tensor_bytes, self.budget) as assembler:
+            async for chunk in chunks:
+                done = assembler.feed(chunk)
+                if done is not None:
+                    header, payload = done
+                    for reply in split_payload(header, memoryview(payload), self.settings.chunk_bytes):
+                        yield reply
+            assembler.close()
 
     async def sink(self, chunks: AsyncIterator[TensorChunk], context: CallContext) -> SinkReply:
-        assembler = ChunkAssembler(self.settings.max_tensor_bytes)
         reply = SinkReply()
-        async for chunk in chunks:
-            reply.total_bytes += len(chunk.data)
-            done = assembler.feed(chunk)
-            if done is not None:
-                reply.tensors.append(_digest(*done))
-        assembler.close()
+        with ChunkAssembler(self.settings.max_tensor_bytes, self.budget) as assembler:
+            async for chunk in chunks:
+                reply.total_bytes += len(chunk.data)
+                done = assembler.feed(chunk)
+                if done is not None:
+                    reply.tensors.append(_digest(*done))
+            assembler.close()
         return reply
 
     async def bulk_sink(self, call: BulkCall) -> BulkAnswer:

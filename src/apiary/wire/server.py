@@ -3,7 +3,8 @@
 `RpcServer` hosts implementations of `ServiceSpec`s. For each call it decodes the request
 (a malformed one is answered with INVALID_ARGUMENT naming the message type), opens a server
 span whose parent is the caller's span, counts the call by method and status code, and turns
-handler exceptions into gRPC statuses without ever stopping the server.
+handler exceptions into gRPC statuses without ever stopping the server. Every call is first
+admitted by the server's per-peer limits (`apiary.wire.limits`), shared with its bulk server.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from apiary.wire.address import Endpoint
 from apiary.wire.bulk import BulkServer
 from apiary.wire.errors import InvalidRequest
 from apiary.wire.identity import Identity
+from apiary.wire.limits import ServerLimits, peer_key
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.probe import PROBE, SINK_ROUTE, ProbeService
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
@@ -49,9 +51,10 @@ class RpcServer:
         self.settings = settings
         self.identity = identity
         self.metrics = RpcMetrics(registry, metrics_prefix) if registry is not None else None
+        self.limits = ServerLimits(settings, registry=registry, prefix=metrics_prefix)
         self._server: grpc.aio.Server | None = None  # made at start: an unstarted one upsets grpc at exit
         self._handlers: list[grpc.GenericRpcHandler] = []
-        self.bulk = BulkServer(settings, metrics=self.metrics) if settings.bulk else None
+        self.bulk = BulkServer(settings, metrics=self.metrics, limits=self.limits) if settings.bulk else None
         self._bound_port: int | None = None
 
     def add_service(self, spec: ServiceSpec, implementation: object) -> None:
@@ -72,7 +75,8 @@ class RpcServer:
         address = str(Endpoint(self.settings.listen_host, self.settings.port))
         if self.bulk is not None:  # bound first: a gRPC server that never started keeps its port bound
             await self.bulk.start()
-        server = grpc.aio.server(options=self.settings.grpc_options())
+        server = grpc.aio.server(options=self.settings.grpc_options(),
+                                 maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs)
         try:
             port = server.add_insecure_port(address)
             if port == 0:
@@ -83,7 +87,8 @@ class RpcServer:
             raise OSError(f"cannot listen on {address}: {e}") from None
         self._bound_port = port
         self._server = server
-        probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings)
+        probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings,
+                             self.limits.bytes_in_flight)
         if self.bulk is not None:
             self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
         probe_handler = self._generic_handler(PROBE, probe)  # made anew: a restart announces its new ports
@@ -125,6 +130,7 @@ class RpcServer:
     def _method_handler(self, spec: ServiceSpec, method: Method, handler: Callable[..., Any]) -> grpc.RpcMethodHandler:
         serialize = method.response.SerializeToString
         observe = self._observe
+        admit = self.limits.admit
         name = f"{spec.name}/{method.name}"
 
         async def requests_of(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
@@ -144,7 +150,9 @@ class RpcServer:
                     kind=trace.SpanKind.SERVER,
                     attributes=span_attributes(spec.name, method.name, context.peer()),
                 )
+                done = None
                 try:
+                    done = admit(peer_key(context.peer()))
                     async for response in handler(request_of(raw), CallContext(context)):
                         yield response
                 except asyncio.CancelledError:
@@ -154,6 +162,8 @@ class RpcServer:
                     code, details = _status_of(name, e, span)
                     await context.abort(code, details)
                 finally:
+                    if done is not None:
+                        done()
                     span.end()
                     observe(method.name, code, time.perf_counter() - started)
 
@@ -170,7 +180,9 @@ class RpcServer:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
+                done = None
                 try:
+                    done = admit(peer_key(context.peer()))
                     return await handler(request_of(raw), CallContext(context))
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED
@@ -179,6 +191,8 @@ class RpcServer:
                     code, details = _status_of(name, e, span)
                     await context.abort(code, details)
                 finally:
+                    if done is not None:
+                        done()
                     observe(method.name, code, time.perf_counter() - started)
 
         factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler

@@ -27,6 +27,13 @@ class WireSettings(BaseModel):
     max_tensor_bytes: int = Field(4 * GiB, ge=0, description="largest tensor accepted in a stream")
     default_timeout: float = Field(30.0, gt=0, description="deadline of a remote call when the caller sets none")
     shutdown_grace: float = Field(2.0, ge=0, description="seconds in-flight calls get to finish at shutdown")
+    max_requests_per_second: float = Field(1000.0, gt=0, description="requests a peer (host) may make per second, on average")
+    request_burst: int = Field(2000, ge=1, description="requests a peer may make at once above its rate")
+    max_concurrent_per_peer: int = Field(256, ge=1, description="calls a peer may have in flight at once")
+    max_concurrent_rpcs: int = Field(2048, ge=1, description="gRPC calls in flight at once, all peers together")
+    max_bulk_connections_per_peer: int = Field(128, ge=1, description="bulk connections a peer may keep open")
+    max_bytes_in_flight: int = Field(8 * GiB, ge=0, description="tensor and frame bytes being received, all peers together")
+    max_tracked_peers: int = Field(4096, ge=1, description="peers whose limits are tracked (least recently seen forgotten)")
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> WireSettings:
@@ -34,6 +41,10 @@ class WireSettings(BaseModel):
             raise ValueError(
                 f"chunk_bytes={self.chunk_bytes} must be at least {_MESSAGE_OVERHEAD} bytes below "
                 f"max_message_bytes={self.max_message_bytes}"
+            )
+        if self.max_bytes_in_flight < self.max_tensor_bytes:
+            raise ValueError(
+                f"max_bytes_in_flight={self.max_bytes_in_flight} must be at least max_tensor_bytes={self.max_tensor_bytes}"
             )
         return self
 

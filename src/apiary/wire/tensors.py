@@ -10,7 +10,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import torch
 
-from apiary.wire.chunks import DTYPE_ITEMSIZE, ChunkAssembler, check_header, make_header, split_payload
+from apiary.wire.chunks import DTYPE_ITEMSIZE, Budget, ChunkAssembler, check_header, make_header, split_payload
 from apiary.wire.errors import InvalidRequest
 from apiary.wire.protos.wire_pb2 import TensorChunk, TensorHeader
 
@@ -79,11 +79,14 @@ def deserialize_tensor(message: TensorChunk, max_tensor_bytes: int) -> torch.Ten
     return tensor_from_payload(message.header, bytearray(message.data))
 
 
-async def receive_tensors(chunks: AsyncIterable[TensorChunk], max_tensor_bytes: int) -> AsyncIterator[torch.Tensor]:
-    """Reassembles the tensors of a chunk stream, yielding each as soon as it is complete."""
-    assembler = ChunkAssembler(max_tensor_bytes)
-    async for chunk in chunks:
-        done = assembler.feed(chunk)
-        if done is not None:
-            yield tensor_from_payload(*done)
-    assembler.close()
+async def receive_tensors(
+    chunks: AsyncIterable[TensorChunk], max_tensor_bytes: int, budget: Budget | None = None
+) -> AsyncIterator[torch.Tensor]:
+    """Reassembles the tensors of a chunk stream, yielding each as soon as it is complete (each
+    tensor's bytes reserved in `budget`, if given, while it is received)."""
+    with ChunkAssembler(max_tensor_bytes, budget) as assembler:
+        async for chunk in chunks:
+            done = assembler.feed(chunk)
+            if done is not None:
+                yield tensor_from_payload(*done)
+        assembler.close()

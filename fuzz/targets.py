@@ -1,0 +1,179 @@
+"""Fuzz targets: the decoders that take bytes from remote peers, each as a function of one byte
+string. A target returns normally when its input is decoded or refused with the documented
+error (`InvalidRequest` and its subclasses; `ValueError` from the averaging codecs); any other
+exception, or a broken invariant (an `AssertionError`), is a finding.
+
+Run them with atheris (`python fuzz/run.py TARGET`), with the hypothesis fallback (the same
+command where atheris is not installed), or for a minute each with `benchmarks/fuzz.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from apiary.averaging.compression import CODECS, codec_by_name
+from apiary.averaging.matchmaking import MATCHMAKING
+from apiary.averaging.protos.averaging_pb2 import ReduceRequest, StateRequest
+from apiary.dht.messages import check_items, contact_of
+from apiary.dht.node import NODE_SERVICE
+from apiary.dht.protos.dht_pb2 import FindRequest, PingRequest, StoreRequest
+from apiary.dht.validation import DHTRecord, SignatureValidator
+from apiary.wire import InvalidRequest, WireSettings
+from apiary.wire.bulk import MAX_TENSORS_PER_REQUEST, parse_request
+from apiary.wire.chunks import ChunkAssembler
+from apiary.wire.limits import ByteBudget
+from apiary.wire.probe import PROBE
+from apiary.wire.protos.wire_pb2 import SinkRequest, TensorChunk
+from apiary.wire.rpc import decode
+from apiary.wire.tensors import deserialize_tensor, tensor_from_payload
+
+MAX_TENSOR_BYTES = 1 << 20
+SETTINGS = WireSettings(max_tensor_bytes=MAX_TENSOR_BYTES, max_bytes_in_flight=4 * MAX_TENSOR_BYTES)
+
+
+def _public_request_types() -> list[type]:
+    """The request message of every public gRPC method and bulk route, in a fixed order."""
+    types: list[type] = []
+    specs = [PROBE, NODE_SERVICE, MATCHMAKING]
+    try:  # the MoE service imports more of torch; fuzzed where it imports
+        from apiary.moe.server import EXPERTS_SERVICE
+
+        specs.append(EXPERTS_SERVICE)
+    except ImportError:
+        pass
+    for spec in specs:
+        types.extend(method.request for method in spec.methods if method.request not in types)
+    types.extend(t for t in (ReduceRequest, StateRequest, SinkRequest) if t not in types)  # bulk route bodies
+    return types
+
+
+REQUEST_TYPES = _public_request_types()
+_VALIDATOR = SignatureValidator()
+
+
+def rpc_request(data: bytes) -> None:
+    """The first byte picks a public request type; the rest is decoded as it, then checked as the
+    DHT node checks what it decoded (senders, store items and their signatures)."""
+    if not data:
+        return
+    message_type = REQUEST_TYPES[data[0] % len(REQUEST_TYPES)]
+    try:
+        request = decode(message_type, data[1:])
+    except InvalidRequest:
+        return
+    if isinstance(request, (PingRequest, StoreRequest, FindRequest)):
+        contact_of(request.sender)
+    if isinstance(request, StoreRequest):
+        try:
+            check_items(list(request.items), 64, MAX_TENSOR_BYTES)
+        except InvalidRequest:
+            return
+        for item in request.items:
+            _VALIDATOR.validate(DHTRecord(item.key, item.subkey if item.has_subkey else None, item.value,
+                                          item.expiration))
+
+
+def _messages(data: bytes) -> Iterator[bytes]:
+    """Cuts `data` into length-prefixed pieces (a 2-byte length, then that many bytes)."""
+    offset = 0
+    while offset + 2 <= len(data):
+        size = int.from_bytes(data[offset : offset + 2], "big")
+        yield data[offset + 2 : offset + 2 + size]
+        offset += 2 + size
+
+
+def tensor_message(data: bytes) -> None:
+    """A single-message tensor (`TensorChunk` with header and data), as experts receive them."""
+    try:
+        tensor = deserialize_tensor(decode(TensorChunk, data), MAX_TENSOR_BYTES)
+    except InvalidRequest:
+        return
+    assert tensor.numel() * tensor.element_size() <= MAX_TENSOR_BYTES
+
+
+def chunk_stream(data: bytes) -> None:
+    """A stream of tensor chunks (length-prefixed `TensorChunk`s), as Echo and Sink receive it,
+    reassembled under a budget of bytes in flight that must be whole again afterwards."""
+    budget = ByteBudget(SETTINGS.max_bytes_in_flight)
+    try:
+        with ChunkAssembler(MAX_TENSOR_BYTES, budget) as assembler:
+            for raw in _messages(data):
+                done = assembler.feed(decode(TensorChunk, raw))
+                if done is not None:
+                    tensor_from_payload(*done)
+            assembler.close()
+    except InvalidRequest:
+        pass
+    assert budget.used == 0, f"{budget.used} bytes still reserved after the stream"
+
+
+def bulk_frame(data: bytes) -> None:
+    """A bulk request frame: the request and its tensor headers, checked before any allocation."""
+    try:
+        request = parse_request(data, SETTINGS)
+    except InvalidRequest:
+        return
+    assert len(request.tensors) <= MAX_TENSORS_PER_REQUEST
+    assert all(0 <= header.nbytes <= MAX_TENSOR_BYTES for header in request.tensors)
+
+
+def codec_part(data: bytes) -> None:
+    """An averaging part: the first byte picks a codec, the second a span size, the rest are its
+    tensors (length-prefixed single-message `TensorChunk`s); decoded as a reducer decodes it."""
+    if len(data) < 2:
+        return
+    names = sorted(CODECS)
+    codec = codec_by_name(names[data[0] % len(names)])
+    try:
+        tensors = [deserialize_tensor(decode(TensorChunk, raw), MAX_TENSOR_BYTES) for raw in _messages(data[2:])]
+        codec.decode(tensors, data[1])
+    except ValueError:  # InvalidRequest included
+        pass
+
+
+def noop(data: bytes) -> None:
+    """Decodes nothing: the fuzzing engine's own speed, the reference `benchmarks/fuzz.py` divides by."""
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "noop": noop,
+    "rpc_request": rpc_request,
+    "tensor_message": tensor_message,
+    "chunk_stream": chunk_stream,
+    "bulk_frame": bulk_frame,
+    "codec_part": codec_part,
+}
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """Valid inputs for each target, from which the fuzzers mutate (decoding happens in C, where
+    coverage is not traced, so random bytes alone rarely get past the first checks)."""
+    import torch
+
+    from apiary.dht.protos.dht_pb2 import NodeInfo, StoreItem
+    from apiary.wire.protos.wire_pb2 import BulkRequest
+    from apiary.wire.tensors import serialize_tensor, tensor_payload, tensors_to_chunks
+
+    def framed(messages: list[bytes]) -> bytes:
+        return b"".join(len(m).to_bytes(2, "big") + m for m in messages)
+
+    tensors = [torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.ones(3, dtype=torch.bfloat16),
+               torch.tensor(True), torch.zeros(0, 4, dtype=torch.int64)]
+    sender = NodeInfo(peer_id="a" * 52, address="127.0.0.1:1234")
+    store = StoreRequest(sender=sender, items=[StoreItem(key=b"\xa3key", has_subkey=True, subkey=b"\xa1s",
+                                                         value=b"\x01", expiration=1e9)])
+    requests = {StoreRequest: store, FindRequest: FindRequest(sender=sender, key_ids=[b"\x01" * 20]),
+                ReduceRequest: ReduceRequest(group_id="g", sender="a" * 52, span=1, weight=1.0, codec="none", numel=4)}
+    codecs = sorted(CODECS)
+    part = torch.linspace(-1, 1, 16)
+    return {
+        "rpc_request": [bytes([REQUEST_TYPES.index(t)]) + m.SerializeToString() for t, m in requests.items()],
+        "tensor_message": [serialize_tensor(t).SerializeToString() for t in tensors],
+        "chunk_stream": [framed([c.SerializeToString() for c in tensors_to_chunks(tensors, 8)])],
+        "bulk_frame": [BulkRequest(route="r", body=b"b", tensors=[tensor_payload(t)[0] for t in tensors],
+                                   metadata={"k": "v"}).SerializeToString()],
+        "noop": [b""],
+        "codec_part": [bytes([index, 16]) + framed([serialize_tensor(t).SerializeToString()
+                                                    for t in codec_by_name(name).encode(part)])
+                       for index, name in enumerate(codecs)],
+    }

@@ -37,7 +37,7 @@ def test_diloco_matches_synchronous_training_with_h_times_fewer_bytes(tmp_path):
                    "--average-state-every", "0", "--averaging", FAST_ROUNDS, "--min-peers", str(peers)]
     diloco_common = ["--target-batch-size", str(samples_per_round * h), "--max-epochs", str(outer_epochs),
                      "--average-state-every", "0", "--averaging", FAST_ROUNDS, "--min-peers", str(peers),
-                     "--mode", "diloco"]
+                     "--mode", "diloco", "--outer-lr", "0.7", "--outer-momentum", "0.5"]  # a short run: less momentum
     results = {}
     for name, common in (("sync", sync_common), ("diloco", diloco_common)):
         with TrainerSwarm(tmp_path / name, name, common) as swarm:

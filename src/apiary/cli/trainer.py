@@ -13,7 +13,7 @@ from rich.console import Console
 from apiary.cli.options import option
 from apiary.services.runtime import ServiceSettings
 from apiary.telemetry import TracingSettings
-from apiary.wire import WireSettings, parse_peer_list
+from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)
 
@@ -38,6 +38,7 @@ def trainer_command(
     average_state_every: Annotated[int, option("--average-state-every", "epochs between state averaging rounds (0: never)", min=0)] = 5,
     delay_updates: Annotated[bool, option("--delay-updates", "overlap gradient averaging with the next batches")] = False,
     outer_lr: Annotated[float, option("--outer-lr", "DiLoCo's outer learning rate", min=0)] = 0.7,
+    outer_momentum: Annotated[float, option("--outer-momentum", "DiLoCo's outer Nesterov momentum", min=0, max=0.999)] = 0.9,
     client_mode: Annotated[bool, option("--client-mode", "behind NAT: dial out only (embedded services)")] = False,
     dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
     averager_local: Annotated[Optional[str], option("--averager-local", "local API of this participant's averager, host:port")] = None,
@@ -66,8 +67,10 @@ def trainer_command(
     settings = TrainerSettings(
         run_id=run_id, task=task, task_options=_json_object(task_options, "--task-options"), seed=seed,
         target_batch_size=target_batch_size, mode=mode, average_state_every=average_state_every,
-        delay_updates=delay_updates, outer_lr=outer_lr, client_mode=client_mode, dht_local=dht_local,
-        averager_local=averager_local,
+        delay_updates=delay_updates, outer_lr=outer_lr, outer_momentum=outer_momentum,
+        client_mode=client_mode,
+        dht_local=Endpoint.parse(dht_local) if dht_local else None,
+        averager_local=Endpoint.parse(averager_local) if averager_local else None,
         initial_peers=parse_peer_list(initial_peers) if initial_peers is not None else None,
         averaging=_json_object(averaging, "--averaging"), min_peers=min_peers,
         min_peers_timeout=min_peers_timeout, max_epochs=max_epochs, max_seconds=max_seconds,

@@ -41,6 +41,7 @@ class TrainerSettings(BaseModel):
     average_state_every: int = Field(5, ge=0, description="epochs between state averaging rounds (0: never)")
     delay_updates: bool = Field(False, description="overlap gradient averaging with the next batches")
     outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo's outer Nesterov momentum")
     client_mode: bool = Field(False, description="behind NAT: dial out only (embedded services)")
     dht_local: Endpoint | None = Field(None, description="the dht service's local API")
     averager_local: Endpoint | None = Field(None, description="the averager service's local API")
@@ -140,6 +141,7 @@ class TrainerService:
             dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (), client_mode=s.client_mode, listen_host=s.listen_host,
             averaging=s.averaging,
             average_state_every=s.average_state_every, delay_updates=s.delay_updates, outer_lr=s.outer_lr,
+            outer_momentum=s.outer_momentum,
         )
         address = optimizer.swarm.dht_address
         print(f"training; others join with: --initial-peers {address}" if address else "training", flush=True)

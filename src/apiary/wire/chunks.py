@@ -33,6 +33,10 @@ def make_header(dtype: str, shape: tuple[int, ...] | list[int], nbytes: int) -> 
     return TensorHeader(dtype=dtype, shape=shape, nbytes=nbytes)
 
 
+MAX_DIMS = 32
+MAX_EXTENT = 1 << 50  # bytes the non-zero dimensions may span, even for an empty tensor
+
+
 def check_header(header: TensorHeader, max_tensor_bytes: int) -> None:
     """Raises InvalidRequest unless the header describes a tensor this peer accepts."""
     itemsize = DTYPE_ITEMSIZE.get(header.dtype)
@@ -40,6 +44,10 @@ def check_header(header: TensorHeader, max_tensor_bytes: int) -> None:
         raise InvalidRequest(f"tensor dtype {header.dtype!r} is not supported (known: {', '.join(DTYPE_ITEMSIZE)})")
     if any(dim < 0 for dim in header.shape):
         raise InvalidRequest(f"tensor shape {list(header.shape)} has a negative dimension")
+    if len(header.shape) > MAX_DIMS or math.prod(dim for dim in header.shape if dim) * itemsize > MAX_EXTENT:
+        # an empty tensor may not hide absurd dimensions either: torch's strides would overflow
+        raise InvalidRequest(f"tensor shape {list(header.shape)[:MAX_DIMS + 1]} is out of range "
+                             f"(at most {MAX_DIMS} dimensions, {MAX_EXTENT} bytes spanned)")
     expected = math.prod(header.shape) * itemsize
     if header.nbytes != expected:
         raise InvalidRequest(

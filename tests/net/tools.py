@@ -1,0 +1,154 @@
+"""Small measuring tools run on the hosts (no ping or iperf on this machine):
+
+    python -m net.tools sink --port 5001 [--skip 0.5]      # TCP: counts bytes, prints the rate
+    python -m net.tools source --to 198.18.0.2:5001 --seconds 3
+    python -m net.tools echo --port 5002                   # UDP echo
+    python -m net.tools ping --to 198.18.0.2:5002 --count 20
+    python -m net.tools connect --to 198.18.0.2:5003 --timeout 3
+    python -m net.tools listen --port 5003                 # TCP: accepts connections
+
+Servers print `listening` once bound; every tool prints its result as one JSON line. Standard
+library only: these start on the hosts while links are being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import struct
+import time
+
+
+def endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+def _report(record: dict[str, object]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def sink(port: int, skip: float) -> None:
+    """Receives one TCP connection to its end; the rate counts only bytes after `skip` seconds
+    (slow start is not the link's rate)."""
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print("listening", flush=True)
+        connection, _ = server.accept()
+    buffer = bytearray(1 << 20)
+    total = counted = 0
+    with connection:
+        started = time.monotonic()
+        window_start: float | None = None
+        while received := connection.recv_into(buffer):
+            total += received
+            now = time.monotonic()
+            if window_start is None and now - started >= skip:
+                window_start = now
+            elif window_start is not None:
+                counted += received
+        ended = time.monotonic()
+    window = ended - window_start if window_start is not None else 0.0
+    _report({"bytes": total, "seconds": ended - started, "mbit_per_s": counted * 8 / window / 1e6 if window else 0.0})
+
+
+def source(to: tuple[str, int], seconds: float) -> None:
+    payload = memoryview(bytes(1 << 18))
+    sent = 0
+    with socket.create_connection(to, timeout=10) as connection:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            connection.sendall(payload)
+            sent += len(payload)
+    _report({"bytes": sent})
+
+
+def echo(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("0.0.0.0", port))
+        print("listening", flush=True)
+        while True:
+            data, sender = server.recvfrom(2048)
+            server.sendto(data, sender)
+
+
+def ping(to: tuple[str, int], count: int, interval: float, timeout: float) -> None:
+    """UDP round trips, one at a time; a reply later than `timeout` counts as lost."""
+    rtts: list[float] = []
+    lost = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.connect(to)
+        for sequence in range(count):
+            sent = time.monotonic()
+            client.send(struct.pack("!Id", sequence, sent))
+            deadline = sent + timeout
+            while True:
+                client.settimeout(max(0.001, deadline - time.monotonic()))
+                try:
+                    reply = client.recv(2048)
+                except (TimeoutError, ConnectionRefusedError):
+                    lost += 1
+                    break
+                if struct.unpack("!Id", reply[:12])[0] == sequence:
+                    rtts.append((time.monotonic() - sent) * 1000)
+                    break
+            time.sleep(max(0.0, sent + interval - time.monotonic()))
+    _report({"rtts_ms": rtts, "lost": lost})
+
+
+def connect(to: tuple[str, int], timeout: float) -> None:
+    """Whether a TCP connection to `to` opens within `timeout` (refused and timed out differ:
+    a closed port answers, a firewall that drops answers nothing)."""
+    started = time.monotonic()
+    try:
+        with socket.create_connection(to, timeout=timeout):
+            pass
+        _report({"connected": True, "seconds": time.monotonic() - started})
+    except OSError as e:
+        _report({"connected": False, "error": repr(e), "seconds": time.monotonic() - started})
+
+
+def listen(port: int) -> None:
+    """Accepts TCP connections (and closes them) until killed."""
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print("listening", flush=True)
+        while True:
+            connection, _ = server.accept()
+            connection.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    tools = parser.add_subparsers(dest="tool", required=True)
+    for name in ("sink", "echo", "listen"):
+        tool = tools.add_parser(name)
+        tool.add_argument("--port", type=int, required=True)
+        if name == "sink":
+            tool.add_argument("--skip", type=float, default=0.5)
+    for name in ("source", "ping", "connect"):
+        tool = tools.add_parser(name)
+        tool.add_argument("--to", type=endpoint, required=True)
+        if name == "source":
+            tool.add_argument("--seconds", type=float, default=3.0)
+        if name == "ping":
+            tool.add_argument("--count", type=int, default=10)
+            tool.add_argument("--interval", type=float, default=0.05)
+        if name in ("ping", "connect"):
+            tool.add_argument("--timeout", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    if args.tool == "sink":
+        sink(args.port, args.skip)
+    elif args.tool == "source":
+        source(args.to, args.seconds)
+    elif args.tool == "echo":
+        echo(args.port)
+    elif args.tool == "ping":
+        ping(args.to, args.count, args.interval, args.timeout)
+    elif args.tool == "connect":
+        connect(args.to, args.timeout)
+    else:
+        listen(args.port)
+
+
+if __name__ == "__main__":
+    main()

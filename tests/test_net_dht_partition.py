@@ -1,0 +1,91 @@
+"""A partition splits a swarm of `apiary dht` processes in two; after it heals, what either half
+stored while apart is found from both.
+
+Eight hosts in network namespaces, 20 ms of round trip on every link (so each pair of hosts
+is 40 ms apart), one `apiary dht` process each, joined through host 0. The partition cuts the
+switch in two: hosts 0-3 and hosts 4-7 cannot reach each other, so every call across times
+out, as on the internet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from net.network import Host, Link, Network, skip_reason
+from net.processes import HostProcess
+
+from apiary.dht.local import DHTClient
+from apiary.wire import ChannelPool, Endpoint
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+HOSTS = 8
+PORT = "7000"
+HEAL_DEADLINE = 75.0  # seconds after the heal for every node to find every value
+
+
+def start_swarm(net: Network) -> list[HostProcess]:
+    first = net.hosts[0].apiary("dht", "--port", PORT)
+    bootstrap = first.wait_for(r"others join with: --initial-peers (\S+)").group(1)
+    others = [host.apiary("dht", "--port", PORT, "--initial-peers", bootstrap) for host in net.hosts[1:]]
+    processes = [first, *others]
+    for process in processes:
+        process.wait_for(r"local API: (\S+)")
+    return processes
+
+
+def local_api(host: Host, process: HostProcess) -> Endpoint:
+    """The node's local API (on its host's 127.0.0.1), reachable from the test process."""
+    return host.forward(Endpoint.parse(process.wait_for(r"local API: (\S+)").group(1)))
+
+
+@pytest.fixture
+def network() -> Iterator[Network]:
+    with Network([Link(rtt_ms=20)] * HOSTS) as net:
+        yield net
+    assert net.leftovers() == []
+
+
+async def test_values_stored_in_either_half_are_found_from_both_after_the_partition_heals(network: Network) -> None:
+    processes = start_swarm(network)
+    endpoints = [local_api(host, process) for host, process in zip(network.hosts, processes)]
+    left, right = network.hosts[:4], network.hosts[4:]
+    expiration = time.time() + 600
+    async with ChannelPool() as pool:
+        clients = [DHTClient(endpoint, pool, timeout=60) for endpoint in endpoints]
+        assert await clients[2].store("before", "whole", expiration)
+        assert [found.value for found in await asyncio.gather(*(c.get("before") for c in clients))] == ["whole"] * HOSTS
+
+        network.partition(left, right)
+        # every node writes while apart (as live peers do: heartbeats, progress), so every node
+        # also learns that the other half is unreachable
+        keys = [f"h{i}-{uuid.uuid4().hex}" for i in range(HOSTS)]
+        stored = await asyncio.gather(*(c.store(key, f"written by h{i}", expiration)
+                                        for i, (c, key) in enumerate(zip(clients, keys))))
+        assert all(stored), stored
+        # the partition is real: each half sees its own values only
+        while_apart = await asyncio.gather(*(c.get_many(keys) for c in clients))
+        assert [[value is not None for value in row] for row in while_apart] == \
+            [[i // 4 == j // 4 for j in range(HOSTS)] for i in range(HOSTS)]
+
+        network.heal()
+        healed = time.monotonic()
+        missing: list[str] = []
+        while time.monotonic() - healed < HEAL_DEADLINE:
+            results = await asyncio.gather(*(c.get_many(keys) for c in clients))
+            missing = [f"h{i} misses h{j}'s" for i, found in enumerate(results)
+                       for j, value in enumerate(found) if value is None]
+            if not missing:
+                break
+            await asyncio.sleep(2.0)
+        converged = time.monotonic() - healed
+        assert not missing, f"{HEAL_DEADLINE:.0f}s after the heal, still not found: {missing}"
+        print(f"every node found every value {converged:.1f}s after the heal")
+        found = await asyncio.gather(*(c.get_many(keys) for c in clients))
+        assert [[value.value for value in row] for row in found] == [[f"written by h{i}" for i in range(HOSTS)]] * HOSTS
+    for process in processes:
+        assert process.alive, process.report()

@@ -41,7 +41,8 @@ def up_command(
     if clients >= peers:
         raise ValueError(f"--clients {clients}: at least one participant must accept connections (--peers {peers})")
     with tempfile.TemporaryDirectory(prefix="apiary-up-") as folder:
-        swarm = _LocalSwarm(Path(folder), task, target_batch_size, mode, duration, peers)
+        swarm = LocalSwarm(Path(folder), peers, ["--task", task, "--target-batch-size", str(target_batch_size),
+                                                 "--mode", mode, "--max-seconds", str(duration)])
         try:
             swarm.start(peers, clients)
             swarm.watch()
@@ -52,13 +53,14 @@ def up_command(
         swarm.report()
 
 
-class _LocalSwarm:
-    def __init__(self, folder: Path, task: str, target_batch_size: int, mode: str, duration: float, peers: int):
+class LocalSwarm:
+    """`apiary trainer` processes on this machine, each with embedded dht and averager services;
+    they wait for each other (`--min-peers`), then train with the given trainer flags."""
+
+    def __init__(self, folder: Path, peers: int, trainer_args: list[str]):
         self.folder = folder
-        self.common = ["--run-id", "apiary-up", "--task", task, "--target-batch-size", str(target_batch_size),
-                       "--min-peers", str(peers),
-                       "--mode", mode, "--max-seconds", str(duration), "--host", "127.0.0.1", "--threads", "1",
-                       "--evaluate-every", "15"]
+        self.common = ["--run-id", "apiary-up", "--min-peers", str(peers), "--host", "127.0.0.1", "--threads", "1",
+                       "--evaluate-every", "15", *trainer_args]
         self.processes: list[subprocess.Popen[str]] = []
         self.admin: list[str] = []
 
@@ -101,6 +103,16 @@ class _LocalSwarm:
     def _log_tail(self, index: int) -> str:
         return (self.folder / f"{index}.log").read_text(errors="replace")[-2000:]
 
+    def wait(self) -> None:
+        """Until every participant has exited."""
+        for process in self.processes:
+            process.wait()
+
+    def summaries(self) -> list[dict[str, Any]]:
+        """The summary of every participant that finished."""
+        paths = (self.folder / f"{index}.json" for index in range(len(self.processes)))
+        return [json.loads(path.read_text()) for path in paths if path.exists()]
+
     def watch(self) -> None:
         with Live(self._table(), console=console, refresh_per_second=2) as live:
             while any(p.poll() is None for p in self.processes):
@@ -133,12 +145,9 @@ class _LocalSwarm:
                 process.wait()
 
     def report(self) -> None:
-        summaries = []
+        summaries = self.summaries()
         for index in range(len(self.processes)):
-            path = self.folder / f"{index}.json"
-            if path.exists():
-                summaries.append(json.loads(path.read_text()))
-            else:
+            if not (self.folder / f"{index}.json").exists():
                 console.print(f"participant {index} left no summary: {self._log_tail(index)}", highlight=False)
         if not summaries:
             raise RuntimeError("no participant finished")

@@ -220,7 +220,7 @@ class Optimizer:
             for buffer in self.accumulated:
                 buffer.zero_()
             self._wait_pending()
-            future = self.loop.submit(self.swarm.average(grads, samples, round_index=self.epoch))
+            future = self.loop.submit(self._average(grads, samples, round_index=self.epoch))
             self._pending = (future, grads)
             if not self.delay_updates:
                 self._wait_pending()
@@ -261,7 +261,7 @@ class Optimizer:
                     delta.zero_()
                 weight = 0.0
                 self._zero_contribution = False
-        size = self._result(self.loop.submit(self.swarm.average(deltas, weight, round_index=self.epoch)), "pseudo-gradient")
+        size = self._result(self.loop.submit(self._average(deltas, weight, round_index=self.epoch)), "pseudo-gradient")
         with torch.no_grad():
             for outer, delta in zip(self.outer_params, deltas):
                 outer.grad = delta
@@ -366,7 +366,7 @@ class Optimizer:
         _, tensors = self.state()
         with torch.no_grad():
             buffers = [t.detach().clone() for t in tensors]
-        size = self._result(self.loop.submit(self.swarm.average(buffers, 1.0, round_index=STATE_ROUNDS + self.epoch)), "state")
+        size = self._result(self.loop.submit(self._average(buffers, 1.0, round_index=STATE_ROUNDS + self.epoch)), "state")
         if size:
             with torch.no_grad():
                 for t, averaged in zip(tensors, buffers):
@@ -380,6 +380,12 @@ class Optimizer:
     async def _publish_progress(self) -> None:
         speed = self.samples_per_second if self._training else 0.0
         await self._logged(self.tracker.publish(self.epoch, self.samples, speed), "publishing progress")
+
+    async def _average(self, tensors: list[torch.Tensor], weight: float, round_index: int) -> int | None:
+        """A round with the swarm; none when this peer is alone in the run (nobody to average with)."""
+        if self.view is not None and self.view.peers <= 1:
+            return None
+        return await self.swarm.average(tensors, weight, round_index)
 
     async def _refresh(self) -> SwarmProgress:
         await self._publish_progress()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -189,7 +190,6 @@ async def test_runtime_batches_and_bounds_its_queue() -> None:
 
 def test_an_unreachable_server_fails_within_the_deadline() -> None:
     import socket
-    import time
 
     from apiary.wire import WireError
 
@@ -201,3 +201,96 @@ def test_an_unreachable_server_fails_within_the_deadline() -> None:
     with pytest.raises(WireError), torch.no_grad():
         remote(torch.randn(2, HIDDEN))
     assert time.monotonic() - started < 5
+
+
+def test_kept_activations_give_the_recomputed_gradients_and_are_bounded() -> None:
+    from apiary.moe.activations import ActivationCache
+
+    torch.manual_seed(0)
+    kept_expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), lr=0.1)
+    torch.manual_seed(0)
+    recomputing = Expert(ExpertSpec("ffn.0.0", "ffn", 8), lr=0.1)
+    x, grad = torch.randn(4, 8), torch.randn(4, 8)
+    (output,), kept = kept_expert.forward_keeping([x])
+    torch.testing.assert_close(output, recomputing.forward([x])[0])
+    torch.testing.assert_close(kept_expert.backward([x], [grad], kept)[0], recomputing.backward([x], [grad])[0])
+    # after an update the kept graph is stale: backward recomputes and still agrees
+    (_, stale) = kept_expert.forward_keeping([x])
+    kept_expert.backward([x], [grad])
+    recomputing.backward([x], [grad])
+    torch.testing.assert_close(kept_expert.backward([x], [grad], stale)[0], recomputing.backward([x], [grad])[0])
+    assert all(torch.equal(a, b) for a, b in zip(kept_expert.module.parameters(), recomputing.module.parameters()))
+
+    cache = ActivationCache(max_entries=2, ttl=60)
+    handles = [cache.new_handle() for _ in range(3)]
+    for handle in handles:
+        cache.put("e", handle, kept)
+    assert len(cache) == 2 and cache.pop("e", handles[0]) is None  # the oldest went first
+    assert cache.pop("e", handles[2]) is kept and cache.pop("e", handles[2]) is None  # one backward each
+
+
+def test_a_remote_training_pass_keeps_its_activations_for_the_backward(endpoint: str) -> None:
+    remote = RemoteExpert(endpoint, "ffn.0.2", timeout=10)  # never trained: lr applies, compare before
+    local = build_local(*EXPERTS[2])
+    x = torch.randn(3, HIDDEN)
+    x_remote, x_local = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    before = remote.info()
+    y = remote(x_remote)
+    y.sum().backward()
+    local(x_local).sum().backward()
+    torch.testing.assert_close(x_remote.grad, x_local.grad, atol=1e-5, rtol=1e-5)
+    after = remote.info()
+    # the kept forward ran as a batch of its own, and the backward used it (one batch each)
+    assert after.forward_batches - before.forward_batches == 1
+    assert after.backward_batches - before.backward_batches == 1 and after.updates == before.updates + 1
+
+
+def test_kinds_resolve_built_ins_and_factories_and_refuse_the_unknown() -> None:
+    from apiary.moe.kinds import FailingExpert, FeedForward, SlowFeedForward, resolve_kind
+
+    assert isinstance(resolve_kind("ffn").factory(4), FeedForward)
+    slow = resolve_kind("slow", slow_seconds=0.2).factory(4)
+    assert isinstance(slow, SlowFeedForward) and slow.delay == 0.2
+    assert resolve_kind("transformer").input_ndim == 3
+    custom = resolve_kind("apiary.moe.kinds:FeedForward")
+    assert isinstance(custom.factory(4), FeedForward) and custom.input_ndim == 2
+    with pytest.raises(RuntimeError, match="failing"):
+        resolve_kind("failing").factory(4)(torch.randn(2, 4))
+    assert isinstance(resolve_kind("failing").factory(4), FailingExpert)
+    for bad, message in [("nope", "unknown kind 'nope'"), ("no_such_module:f", "cannot be loaded"),
+                         ("apiary.moe.kinds:DEFAULT_SLOW_SECONDS", "neither an ExpertKind nor a callable")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_kind(bad)
+
+
+def test_grid_patterns_expand_and_bad_ones_are_named() -> None:
+    from apiary.moe.names import expand_expert_names
+
+    assert expand_expert_names("ffn.[0:2].[1:3], ffn.5.0") == ["ffn.0.1", "ffn.0.2", "ffn.1.1", "ffn.1.2", "ffn.5.0"]
+    for bad, message in [("ffn", "not on a grid"), ("ffn.[2:2]", "range \\[2:2\\] is empty"),
+                         ("ffn.0,ffn.0", "name 'ffn.0' twice"), (" , ", "name no expert"),
+                         ("ffn.[0:300].[0:300]", "more than 65536")]:
+        with pytest.raises(ValueError, match=message):
+            expand_expert_names(bad)
+
+
+async def test_the_runtime_runs_a_request_alone_when_asked() -> None:
+    runtime = BatchingRuntime(max_batch_size=8, max_wait_seconds=0.2)
+    runtime.start()
+    try:
+        seen: list[int] = []
+
+        def record(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            seen.append(tensors[0].shape[0])
+            return tensors
+
+        x = torch.zeros(2, 1)
+        started = time.monotonic()
+        await runtime.submit(("e", "forward"), record, [x], alone=True)
+        assert time.monotonic() - started < 0.15  # no waiting for others
+        await asyncio.gather(runtime.submit(("e", "forward"), record, [x]),
+                             runtime.submit(("e", "forward"), record, [x]),
+                             runtime.submit(("e", "forward"), record, [x], alone=True))
+        assert seen[1:] == [4, 2], seen  # the two ordinary requests shared a batch; the alone one did not
+    finally:
+        await runtime.shutdown()

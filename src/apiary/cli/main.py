@@ -10,6 +10,7 @@ import typer
 from apiary.cli.averager import averager_command
 from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
+from apiary.cli.expert_server import expert_server_command
 from apiary.cli.trainer import trainer_command
 from apiary.cli.up import up_command
 from apiary.dht import DHTBootstrapError
@@ -29,6 +30,7 @@ app.command("ping")(ping_command)
 app.command("up")(up_command)
 app.command("dht")(dht_command)
 app.command("averager")(averager_command)
+app.command("expert-server")(expert_server_command)
 app.command("trainer")(trainer_command)
 
 

@@ -1,27 +1,52 @@
-"""The decentralized mixture of experts: expert servers and the modules that call them.
+"""The decentralized mixture of experts: expert servers and the layers that call them.
 
-- `apiary.moe.experts`: expert kinds (`ffn`, `transformer`), `ExpertSpec`, `Expert`;
+Server side:
+- `apiary.moe.kinds`: expert kinds (`ffn`, `transformer`, the test kinds `slow` and `failing`,
+  or `package.module:factory`);
+- `apiary.moe.experts`: `ExpertSpec`, `Expert` (a module with its own optimizer);
 - `apiary.moe.runtime`: dynamic batching of requests per expert (`BatchingRuntime`);
 - `apiary.moe.server`: the `apiary.moe.Experts` gRPC service (`ExpertServer`);
-- `apiary.moe.client`: `RemoteExpert`, a torch module whose forward and backward run remotely.
+- `apiary.moe.checkpoints`, `apiary.moe.declaration`, `apiary.moe.names`, `apiary.moe.metrics`.
+
+Client side:
+- `apiary.moe.client`: `RemoteExpert`, a torch module whose forward and backward run remotely;
+- `apiary.moe.mixture`: `RemoteMixtureOfExperts` (beam search over the DHT, one call per
+  server per pass, fault tolerance from `apiary.moe.dispatch`);
+- `apiary.moe.switch`: `RemoteSwitchMixtureOfExperts` (top-1 routing, load-balancing loss).
 """
 
-from apiary.moe.client import RemoteExpert, background_loop
-from apiary.moe.experts import EXPERT_KINDS, Expert, ExpertSpec, build_expert
+from apiary.moe.beam_search import ExpertChoice, beam_search
+from apiary.moe.client import RemoteExpert, background_loop, run_sync
+from apiary.moe.dispatch import ExpertsUnavailable, FaultTolerance
+from apiary.moe.experts import Expert, ExpertSpec, build_expert
+from apiary.moe.kinds import BUILT_IN_KINDS, ExpertKind, resolve_kind
+from apiary.moe.mixture import RemoteMixtureOfExperts
+from apiary.moe.names import expand_expert_names
 from apiary.moe.runtime import BatchingRuntime, BatchTooLarge, QueueFull
 from apiary.moe.server import EXPERTS_SERVICE, ExpertServer, UnknownExpert
+from apiary.moe.switch import RemoteSwitchMixtureOfExperts
 
 __all__ = [
+    "BUILT_IN_KINDS",
     "EXPERTS_SERVICE",
-    "EXPERT_KINDS",
     "BatchTooLarge",
     "BatchingRuntime",
     "Expert",
+    "ExpertChoice",
+    "ExpertKind",
     "ExpertServer",
     "ExpertSpec",
+    "ExpertsUnavailable",
+    "FaultTolerance",
     "QueueFull",
     "RemoteExpert",
+    "RemoteMixtureOfExperts",
+    "RemoteSwitchMixtureOfExperts",
     "UnknownExpert",
     "background_loop",
+    "beam_search",
     "build_expert",
+    "expand_expert_names",
+    "resolve_kind",
+    "run_sync",
 ]

@@ -16,6 +16,10 @@ from apiary.files import write_atomically
 from apiary.moe.experts import Expert
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or holds another kind or size of expert."""
+
+
 def checkpoint_path(directory: str | os.PathLike[str], expert: Expert) -> Path:
     return Path(directory) / f"{expert.name}.pt"
 
@@ -35,16 +39,19 @@ def save_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike
 
 def load_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike[str]) -> list[str]:
     """Restores every expert that has a checkpoint in `directory`; returns their names. A
-    checkpoint of another kind or size than the expert is refused with a clear error."""
+    checkpoint of another kind or size than the expert, or an unreadable one, raises CheckpointError."""
     loaded = []
     for expert in experts.values():
         path = checkpoint_path(directory, expert)
         if not path.exists():
             continue
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved = state["spec"]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = state["spec"]
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+            raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
         if (saved["kind"], saved["hidden_size"]) != (expert.spec.kind, expert.spec.hidden_size):
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint {path} holds a {saved['kind']} expert of hidden size {saved['hidden_size']}, "
                 f"not {expert.spec.kind} of {expert.spec.hidden_size}"
             )

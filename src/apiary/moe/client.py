@@ -49,8 +49,17 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
+def shared_pool() -> ChannelPool:
+    """The process's channel pool for expert calls; use it on `background_loop()` only."""
+    global _shared_pool
+    if _shared_pool is None:
+        _shared_pool = ChannelPool()
+    return _shared_pool
+
+
 def run_sync(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
-    """Runs `coroutine` on the background loop and waits at most `timeout` seconds for it."""
+    """Runs `coroutine` on the background loop and waits at most `timeout` seconds for it
+    (e.g. `run_sync(DHTNode.launch(peers), 30)` makes a DHT node that remote layers can use)."""
     loop = background_loop()
     try:
         running = asyncio.get_running_loop()
@@ -71,15 +80,18 @@ class RemoteExpert(nn.Module):
     """An expert hosted by the server at `endpoint`, usable as a module (inputs: float32).
 
     Every RemoteExpert of the process shares one channel per server unless given `pool`, which
-    must then only be used from `background_loop()` (gRPC channels belong to one loop).
+    must then only be used from `background_loop()` (gRPC channels belong to one loop). With
+    `keep_activations` (the default), a forward pass that will be followed by a backward asks
+    the server to keep its activations, so that the backward does not recompute them.
     """
 
     def __init__(self, endpoint: Endpoint | str, name: str, pool: ChannelPool | None = None, *,
-                 timeout: float = 30.0, max_tensor_bytes: int = 1 << 30):
+                 timeout: float = 30.0, max_tensor_bytes: int = 1 << 30, keep_activations: bool = True):
         super().__init__()
         self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
         self.name = name
         self.timeout = timeout
+        self.keep_activations = keep_activations
         self.max_tensor_bytes = max_tensor_bytes
         self._pool = pool
         self._rpc: RpcClient | None = None
@@ -87,25 +99,26 @@ class RemoteExpert(nn.Module):
     def _client(self) -> RpcClient:  # made on the background loop
         if self._rpc is None:
             if self._pool is None:
-                global _shared_pool
-                if _shared_pool is None:
-                    _shared_pool = ChannelPool()
-                self._pool = _shared_pool
+                self._pool = shared_pool()
             self._rpc = RpcClient(self._pool, EXPERTS_SERVICE, self.endpoint, timeout=self.timeout)
         return self._rpc
 
-    async def call_async(self, method: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Forward or Backward on the server (run this on `background_loop()`)."""
-        request = ExpertRequest(expert=self.name, tensors=[serialize_tensor(t.detach().cpu()) for t in tensors])
+    async def call_async(self, method: str, tensors: Sequence[torch.Tensor], *, keep_activations: bool = False,
+                         handle: bytes = b"") -> tuple[list[torch.Tensor], bytes]:
+        """Forward or Backward on the server (run this on `background_loop()`): the result
+        tensors and, for a Forward asked to keep its activations, the handle a Backward sends back."""
+        request = ExpertRequest(expert=self.name, tensors=[serialize_tensor(t.detach().cpu()) for t in tensors],
+                                keep_activations=keep_activations, handle=handle)
         reply = await self._client().call(method, request, timeout=self.timeout)
         try:
-            return [deserialize_tensor(message, self.max_tensor_bytes) for message in reply.tensors]
+            return [deserialize_tensor(message, self.max_tensor_bytes) for message in reply.tensors], reply.handle
         except ValueError as e:
             raise RemoteFailure(f"{method} of expert {self.name!r} on {self.endpoint} answered a malformed tensor: {e}",
                                 peer=str(self.endpoint)) from None
 
     def call(self, method: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return run_sync(self.call_async(method, tensors), self.timeout + 1.0)
+        """Forward or Backward on the server, from any thread but the background loop's."""
+        return run_sync(self.call_async(method, tensors), self.timeout + 1.0)[0]
 
     def info(self) -> InfoReply:
         async def ask() -> InfoReply:
@@ -114,7 +127,8 @@ class RemoteExpert(nn.Module):
         return run_sync(ask(), self.timeout + 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RemoteCall.apply(self, x)
+        keep = self.keep_activations and torch.is_grad_enabled() and x.requires_grad
+        return _RemoteCall.apply(self, keep, x)
 
     def extra_repr(self) -> str:
         return f"endpoint={self.endpoint}, name={self.name!r}"
@@ -122,18 +136,21 @@ class RemoteExpert(nn.Module):
 
 class _RemoteCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, expert: RemoteExpert, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        (output,) = _one(expert.call("Forward", [x]), expert, "Forward")
-        ctx.expert = expert
+    def forward(ctx: Any, expert: RemoteExpert, keep: bool, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        outputs, handle = run_sync(expert.call_async("Forward", [x], keep_activations=keep), expert.timeout + 1.0)
+        (output,) = _one(outputs, expert, "Forward")
+        ctx.expert, ctx.handle = expert, handle
         ctx.save_for_backward(x)
         return output.to(x.device)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor]:  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         expert: RemoteExpert = ctx.expert
-        (grad_input,) = _one(expert.call("Backward", [x, grad_output.to(x.dtype)]), expert, "Backward")
-        return None, grad_input.to(x.device)
+        grads, _ = run_sync(expert.call_async("Backward", [x, grad_output.to(x.dtype)], handle=ctx.handle),
+                            expert.timeout + 1.0)
+        (grad_input,) = _one(grads, expert, "Backward")
+        return None, None, grad_input.to(x.device)
 
 
 def _one(tensors: list[torch.Tensor], expert: RemoteExpert, method: str) -> list[torch.Tensor]:

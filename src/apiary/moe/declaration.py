@@ -10,11 +10,14 @@ experts periodically, so the experts of a dead server disappear on their own.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from apiary.dht.interface import DHTLike
+
+logger = logging.getLogger(__name__)
 
 
 def grid_coordinates(name: str) -> tuple[str, list[int]]:
@@ -52,15 +55,35 @@ async def find_experts(dht: DHTLike, names: Sequence[str]) -> dict[str, str | No
 
 async def next_coordinates(dht: DHTLike, prefix: str) -> dict[int, tuple[str, str]]:
     """The live experts one coordinate below `prefix` (e.g. `"ffn.0."`): coordinate → (name, address)."""
-    found = await dht.get(prefix, latest=True)
+    return (await next_coordinates_many(dht, [prefix]))[prefix]
+
+
+async def next_coordinates_many(dht: DHTLike, prefixes: Sequence[str]) -> dict[str, dict[int, tuple[str, str]]]:
+    """`next_coordinates` of several prefixes in one DHT lookup."""
+    unique = list(dict.fromkeys(prefixes))
+    found = await dht.get_many(unique, latest=True) if unique else []
+    return {prefix: _entries(item) for prefix, item in zip(unique, found)}
+
+
+def _entries(found: Any) -> dict[int, tuple[str, str]]:
     if found is None or not isinstance(found.value, dict):
         return {}
     return {coordinate: (item.value[0], item.value[1]) for coordinate, item in found.value.items()
-            if isinstance(coordinate, int) and isinstance(item.value, list) and len(item.value) == 2}
+            if isinstance(coordinate, int) and isinstance(item.value, list) and len(item.value) == 2
+            and all(isinstance(part, str) for part in item.value)}
 
 
-async def keep_declared(dht: DHTLike, names: Sequence[str], address: str, period: float) -> None:
-    """Re-declares the experts every `period` seconds (each declaration lives 3 periods) until cancelled."""
+async def keep_declared(dht: DHTLike, names: Sequence[str], address: str, period: float,
+                        on_declared: Callable[[], None] | None = None) -> None:
+    """Re-declares the experts every `period` seconds (each declaration lives 3 periods) until
+    cancelled. A failed declaration is logged and tried again next period; `on_declared` is
+    called after each one the DHT took."""
     while True:
-        await declare_experts(dht, names, address, ttl=3 * period)
+        try:
+            stored = await declare_experts(dht, names, address, ttl=3 * period)
+        except Exception as e:  # noqa: BLE001 - the DHT may be down for a while; try again next period
+            logger.warning("declaring %d experts in the DHT failed: %s", len(names), e)
+        else:
+            if stored and any(stored) and on_declared is not None:
+                on_declared()
         await asyncio.sleep(period)

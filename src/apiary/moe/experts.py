@@ -1,60 +1,27 @@
 """Experts: torch modules that an expert server hosts and trains.
 
-An `ExpertSpec` names an expert (e.g. "ffn.0.3"), its kind and its hidden size; `build_expert`
-makes the module from the spec. An `Expert` pairs the module with its own optimizer: a forward
-request only computes, a backward request recomputes the forward with grad, returns the
-gradient of the inputs and applies one optimizer step (as in the DMoE paper, the requests
-that flow through an expert are what trains it).
+An `ExpertSpec` names an expert (e.g. "ffn.0.3"), its kind (`apiary.moe.kinds`) and its hidden
+size; `build_expert` makes the module from the spec. An `Expert` pairs the module with its own
+optimizer: a forward request only computes, a backward request recomputes the forward with
+grad, returns the gradient of the inputs and applies one optimizer step (as in the DMoE paper,
+the requests that flow through an expert are what trains it). The module lives on the
+expert's device; inputs come and results go back on the CPU (the wire's side).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from apiary.moe.activations import KeptActivations
+from apiary.moe.kinds import resolve_kind
+
 INPUT_DTYPE = torch.float32
-
-
-class FeedForward(nn.Module):
-    """hidden -> 4*hidden -> hidden with GELU in between."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class TransformerBlock(nn.Module):
-    """A small pre-norm transformer block over [batch, seq, hidden]."""
-
-    def __init__(self, hidden: int, heads: int | None = None):
-        super().__init__()
-        heads = heads or max(1, hidden // 64)
-        while hidden % heads:
-            heads -= 1
-        self.norm1 = nn.LayerNorm(hidden)
-        self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(hidden)
-        self.ffn = FeedForward(hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x)
-        x = x + self.attention(h, h, h, need_weights=False)[0]
-        return x + self.ffn(self.norm2(x))
-
-
-# kind -> (module factory, number of dimensions of one input, e.g. 2 = [batch, hidden])
-EXPERT_KINDS: dict[str, tuple[Callable[[int], nn.Module], int]] = {
-    "ffn": (FeedForward, 2),
-    "transformer": (TransformerBlock, 3),
-}
 
 
 @dataclass(frozen=True)
@@ -68,14 +35,16 @@ class ExpertSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("an expert needs a name")
-        if self.kind not in EXPERT_KINDS:
-            raise ValueError(f"expert {self.name!r}: unknown kind {self.kind!r} (known: {', '.join(EXPERT_KINDS)})")
+        try:
+            resolve_kind(self.kind)
+        except ValueError as e:
+            raise ValueError(f"expert {self.name!r}: {e}") from None
         if self.hidden_size <= 0:
             raise ValueError(f"expert {self.name!r}: hidden_size must be positive, got {self.hidden_size}")
 
     @property
     def input_ndim(self) -> int:
-        return EXPERT_KINDS[self.kind][1]
+        return resolve_kind(self.kind).input_ndim
 
     def describe_input(self) -> str:
         dims = ["batch", "seq"][: self.input_ndim - 1] + [str(self.hidden_size)]
@@ -84,22 +53,29 @@ class ExpertSpec:
 
 def build_expert(spec: ExpertSpec) -> nn.Module:
     """A freshly initialised module of the spec's kind (seed torch first for reproducibility)."""
-    factory, _ = EXPERT_KINDS[spec.kind]
-    return factory(spec.hidden_size)
+    return resolve_kind(spec.kind).factory(spec.hidden_size)
 
 
 class Expert:
-    """A hosted expert: module, optimizer, optional gradient clipping. Thread-safe: the runtime
-    runs its batches in worker threads, one lock per expert keeps them from overlapping."""
+    """A hosted expert: module, Adam, optional linear LR warm-up and gradient clipping.
+    Thread-safe: the runtime runs its batches in worker threads, one lock per expert keeps
+    them from overlapping."""
 
     def __init__(self, spec: ExpertSpec, module: nn.Module | None = None, *, lr: float = 1e-3,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, warmup_steps: int = 0, device: str | torch.device = "cpu"):
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"expert {spec.name!r}: lr must be a finite non-negative number, got {lr}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"expert {spec.name!r}: max_grad_norm must be positive, got {max_grad_norm}")
+        if warmup_steps < 0:
+            raise ValueError(f"expert {spec.name!r}: warmup_steps must be non-negative, got {warmup_steps}")
         self.spec = spec
-        self.module = module if module is not None else build_expert(spec)
+        self.device = torch.device(device)
+        self.module = (module if module is not None else build_expert(spec)).to(self.device)
+        self.lr = lr
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
         self.max_grad_norm = max_grad_norm
+        self.warmup_steps = warmup_steps
         self.updates = 0
         self._lock = threading.Lock()
 
@@ -129,29 +105,53 @@ class Expert:
         if g.dtype != INPUT_DTYPE:
             raise ValueError(f"expert {self.name!r}: output gradient dtype is "
                              f"{str(g.dtype).removeprefix('torch.')}, expected float32")
-        if g.shape != inputs[0].shape:  # both built-in kinds map hidden -> hidden
+        if g.shape != inputs[0].shape:  # every kind maps hidden -> hidden
             raise ValueError(f"expert {self.name!r}: output gradient shape is {list(g.shape)}, "
                              f"expected {list(inputs[0].shape)} (the output's shape)")
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.check_inputs(inputs)
         with self._lock, torch.no_grad():
-            return [self.module(inputs[0])]
+            return [self.module(inputs[0].to(self.device)).cpu()]
 
-    def backward(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """The gradients of the inputs; also one optimizer step on the expert's parameters."""
+    def forward_keeping(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], KeptActivations]:
+        """The outputs, computed with grad; also the activations for a `backward` of the same inputs."""
+        self.check_inputs(inputs)
+        with self._lock:
+            x = inputs[0].to(self.device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                output = self.module(x)
+            return [output.detach().cpu()], KeptActivations(x, output, self.updates)
+
+    def backward(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
+                 kept: KeptActivations | None = None) -> list[torch.Tensor]:
+        """The gradients of the inputs; also one optimizer step on the expert's parameters. With
+        `kept` activations of these inputs and no update since, the forward is not recomputed."""
         self.check_inputs(inputs)
         self.check_grad_outputs(inputs, grad_outputs)
         with self._lock:
-            x = inputs[0].detach().requires_grad_(True)
+            if kept is not None and kept.updates == self.updates and kept.inputs.shape == inputs[0].shape \
+                    and torch.equal(kept.inputs.detach(), inputs[0].to(self.device)):
+                x, output = kept.inputs, kept.output
+            else:
+                x = inputs[0].to(self.device).detach().requires_grad_(True)
+                with torch.enable_grad():
+                    output = self.module(x)
             with torch.enable_grad():
-                output = self.module(x)
                 self.optimizer.zero_grad(set_to_none=True)
-                output.backward(grad_outputs[0])
+                output.backward(grad_outputs[0].to(self.device))
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            self._set_learning_rate()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.updates += 1
             assert x.grad is not None
-            return [x.grad]
+            return [x.grad.cpu()]
+
+    def _set_learning_rate(self) -> None:
+        """Linear warm-up over the first `warmup_steps` updates, then `lr` (follows `updates`,
+        so a restored expert continues its schedule where it was)."""
+        scale = min(1.0, (self.updates + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * scale

@@ -4,7 +4,8 @@ Requests for the same (expert, method) wait in a bounded queue. One asyncio task
 queues: it takes the queue whose oldest request has waited longest, waits until that queue
 holds `max_batch_size` samples or its oldest request has waited `max_wait_seconds`, joins up
 to `max_batch_size` samples along dim 0, runs the expert in a worker thread (the event loop
-keeps serving meanwhile) and splits the results back to each request.
+keeps serving meanwhile) and splits the results back to each request. An optional observer
+sees every executed batch (method, samples, each request's wait, compute time), for metrics.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 BatchFunction = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 Key = tuple[str, str]  # (expert name, method)
+BatchObserver = Callable[[str, int, list[float], float], None]  # method, samples, waits, compute seconds
 
 
 class QueueFull(RuntimeError):
@@ -37,12 +39,13 @@ class _Request:
     tensors: list[torch.Tensor]
     samples: int
     future: asyncio.Future[list[torch.Tensor]]
+    function: BatchFunction
+    alone: bool = False  # runs as a batch of its own, with its own function
     enqueued: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class _Queue:
-    function: BatchFunction
     requests: deque[_Request] = field(default_factory=deque)
     samples: int = 0
 
@@ -57,7 +60,8 @@ class BatchStats:
 class BatchingRuntime:
     """Batches requests per (expert, method); `start()` inside a running loop, `shutdown()` after."""
 
-    def __init__(self, max_batch_size: int = 256, max_wait_seconds: float = 0.01, max_queued_requests: int = 1024):
+    def __init__(self, max_batch_size: int = 256, max_wait_seconds: float = 0.01, max_queued_requests: int = 1024,
+                 observer: BatchObserver | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_wait_seconds < 0:
@@ -67,6 +71,7 @@ class BatchingRuntime:
         self.max_batch_size = max_batch_size
         self.max_wait_seconds = max_wait_seconds
         self.max_queued_requests = max_queued_requests
+        self.observer = observer
         self.stats: dict[Key, BatchStats] = {}
         self._queues: dict[Key, _Queue] = {}
         self._wakeup = asyncio.Event()
@@ -96,8 +101,10 @@ class BatchingRuntime:
 
     # ---- requests
 
-    async def submit(self, key: Key, function: BatchFunction, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Runs `function` on `tensors` (each [samples, ...]) batched with other requests of `key`;
+    async def submit(self, key: Key, function: BatchFunction, tensors: Sequence[torch.Tensor], *,
+                     alone: bool = False) -> list[torch.Tensor]:
+        """Runs `function` on `tensors` (each [samples, ...]) batched with other requests of `key`
+        (or, if `alone`, as a batch of its own: in its turn, without waiting for others);
         returns this request's share of the results. Raises QueueFull or BatchTooLarge."""
         if self._task is None:
             raise RuntimeError("the expert runtime is not running")
@@ -108,11 +115,11 @@ class BatchingRuntime:
             raise BatchTooLarge(f"a request holds {samples} samples; the limit is max_batch_size={self.max_batch_size}")
         queue = self._queues.get(key)
         if queue is None:
-            queue = self._queues[key] = _Queue(function)
+            queue = self._queues[key] = _Queue()
         if len(queue.requests) >= self.max_queued_requests:
             raise QueueFull(f"{len(queue.requests)} {key[1]} requests already wait for expert {key[0]!r}; "
                             f"the limit is {self.max_queued_requests}")
-        request = _Request(list(tensors), samples, asyncio.get_running_loop().create_future())
+        request = _Request(list(tensors), samples, asyncio.get_running_loop().create_future(), function, alone)
         queue.requests.append(request)
         queue.samples += samples
         self._wakeup.set()
@@ -138,7 +145,7 @@ class BatchingRuntime:
                 continue
             queue = self._queues[key]
             wait = queue.requests[0].enqueued + self.max_wait_seconds - time.monotonic()
-            if queue.samples < self.max_batch_size and wait > 0:
+            if queue.samples < self.max_batch_size and wait > 0 and not queue.requests[0].alone:
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
@@ -148,19 +155,30 @@ class BatchingRuntime:
             batch: list[_Request] = []
             samples = 0
             while queue.requests and samples + queue.requests[0].samples <= self.max_batch_size:
+                if batch and queue.requests[0].alone:
+                    break
                 request = queue.requests.popleft()
                 queue.samples -= request.samples
                 if not request.future.done():
                     batch.append(request)
                     samples += request.samples
+                    if request.alone:
+                        break
             if batch:
-                await self._run(key, queue.function, batch)
+                await self._run(key, batch[0].function, batch)
 
     async def _run(self, key: Key, function: BatchFunction, batch: list[_Request]) -> None:
+        started = time.monotonic()
+        samples = sum(request.samples for request in batch)
         try:
             joined = [torch.cat(parts) if len(parts) > 1 else parts[0]
                       for parts in zip(*(request.tensors for request in batch))]
-            results = await asyncio.to_thread(function, joined)
+            try:
+                results = await asyncio.to_thread(function, joined)
+            finally:
+                if self.observer is not None:
+                    self.observer(key[1], samples, [started - request.enqueued for request in batch],
+                                  time.monotonic() - started)
             sizes = [request.samples for request in batch]
             shares = list(zip(*(result.split(sizes) for result in results)))
         except asyncio.CancelledError:
@@ -177,7 +195,7 @@ class BatchingRuntime:
         stats = self.stats.setdefault(key, BatchStats())
         stats.batches += 1
         stats.requests += len(batch)
-        stats.samples += sum(request.samples for request in batch)
+        stats.samples += samples
         for request, share in zip(batch, shares):
             if not request.future.done():
                 request.future.set_result(list(share))

@@ -1,27 +1,34 @@
-"""The expert server's gRPC service: Forward, Backward and Info on hosted experts.
+"""The expert server's gRPC service: Forward, Backward, ForwardMany, BackwardMany and Info.
 
 `ExpertServer` holds the experts and the batching runtime and serves `EXPERTS_SERVICE` on an
 `RpcServer` (`attach`). Every request is checked before it joins a batch (known expert, input
 dtype and shape, batch size), so one bad request never fails other callers' batch; a refused
 request gets INVALID_ARGUMENT, NOT_FOUND or RESOURCE_EXHAUSTED with a message naming the
-expert and what is wrong, and the server keeps serving.
+expert and what is wrong, and the server keeps serving. ForwardMany and BackwardMany carry one
+request per expert in a single call; each request succeeds or fails on its own. A Forward that
+asks to keep its activations runs as a batch of its own and answers a handle; the Backward that
+brings the handle back reuses them (`apiary.moe.activations`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 import torch
 
+from apiary.moe.activations import ActivationCache
 from apiary.moe.checkpoints import load_checkpoints, save_checkpoints
 from apiary.moe.experts import Expert
+from apiary.moe.metrics import ExpertServerMetrics
 from apiary.moe.protos.moe_pb2 import (
+    ExpertCalls,
     ExpertRequest,
     ExpertResponse,
+    ExpertResult,
+    ExpertResults,
     InfoReply,
     InfoRequest,
 )
@@ -35,11 +42,14 @@ EXPERTS_SERVICE = ServiceSpec(
     (
         Method("Forward", ExpertRequest, ExpertResponse),
         Method("Backward", ExpertRequest, ExpertResponse),
+        Method("ForwardMany", ExpertCalls, ExpertResults),
+        Method("BackwardMany", ExpertCalls, ExpertResults),
         Method("Info", InfoRequest, InfoReply),
     ),
 )
 
 MAX_TENSORS_PER_REQUEST = 16
+MAX_CALLS_PER_REQUEST = 4096
 
 
 class UnknownExpert(InvalidRequest):
@@ -48,12 +58,24 @@ class UnknownExpert(InvalidRequest):
     code = grpc.StatusCode.NOT_FOUND
 
 
+def status_name(error: BaseException | None) -> str:
+    """How a request ended, as the metrics label it: "ok" or the gRPC code's name, lower case."""
+    if error is None:
+        return "ok"
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(error, InvalidRequest):
+        return error.code.name.lower()
+    return "internal"
+
+
 class ExpertServer:
     """Hosts experts behind one batching runtime. `await start()` before serving, `close()` after."""
 
     def __init__(self, experts: Iterable[Expert], runtime: BatchingRuntime | None = None, *,
                  max_tensor_bytes: int = 1 << 30, checkpoint_dir: str | os.PathLike[str] | None = None,
-                 checkpoint_period: float = 300.0):
+                 checkpoint_period: float = 300.0, metrics: ExpertServerMetrics | None = None,
+                 activations: ActivationCache | None = None):
         self.experts: dict[str, Expert] = {}
         for expert in experts:
             if expert.name in self.experts:
@@ -63,6 +85,12 @@ class ExpertServer:
         self.max_tensor_bytes = max_tensor_bytes
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_period = checkpoint_period
+        self.metrics = metrics
+        self.activations = activations if activations is not None else ActivationCache()
+        if metrics is not None:
+            metrics.experts.set(len(self.experts))
+            metrics.hosting({expert.spec.kind for expert in self.experts.values()})
+            self.runtime.observer = metrics.batch
         self._checkpointing: asyncio.Task[None] | None = None
 
     def attach(self, rpc_server: RpcServer) -> None:
@@ -91,25 +119,22 @@ class ExpertServer:
     # ---- handlers
 
     async def forward(self, request: ExpertRequest, context: CallContext) -> ExpertResponse:
-        expert = self._expert(request.expert)
-        inputs = self._tensors(request)
-        self._check(expert, lambda: expert.check_inputs(inputs))
-        outputs = await self._submit(expert, "forward", expert.forward, inputs)
-        return ExpertResponse(tensors=[serialize_tensor(t) for t in outputs])
+        tensors, handle = await self._counted("forward", request, self._forward)
+        return ExpertResponse(tensors=tensors, handle=handle)
 
     async def backward(self, request: ExpertRequest, context: CallContext) -> ExpertResponse:
-        expert = self._expert(request.expert)
-        tensors = self._tensors(request)
-        if len(tensors) != 2:
-            raise InvalidRequest(f"expert {expert.name!r}: Backward takes the input and the output gradient "
-                                 f"(2 tensors), got {len(tensors)}")
-        inputs, grad_outputs = tensors[:1], tensors[1:]
-        self._check(expert, lambda: (expert.check_inputs(inputs), expert.check_grad_outputs(inputs, grad_outputs)))
-        grads = await self._submit(expert, "backward",
-                                   lambda joined: expert.backward(joined[:1], joined[1:]), tensors)
-        return ExpertResponse(tensors=[serialize_tensor(t) for t in grads])
+        tensors, _ = await self._counted("backward", request, self._backward)
+        return ExpertResponse(tensors=tensors)
+
+    async def forward_many(self, request: ExpertCalls, context: CallContext) -> ExpertResults:
+        return await self._many("forward", request, self._forward)
+
+    async def backward_many(self, request: ExpertCalls, context: CallContext) -> ExpertResults:
+        return await self._many("backward", request, self._backward)
 
     async def info(self, request: InfoRequest, context: CallContext) -> InfoReply:
+        hosted = self.experts.get(request.expert)
+        self._count(hosted, "info", None if hosted is not None else UnknownExpert())
         expert = self._expert(request.expert)
         forward = self.runtime.stats.get((expert.name, "forward"), BatchStats())
         backward = self.runtime.stats.get((expert.name, "backward"), BatchStats())
@@ -120,6 +145,71 @@ class ExpertServer:
             backward_batches=backward.batches, backward_requests=backward.requests,
             updates=expert.updates,
         )
+
+    # ---- one request
+
+    async def _forward(self, request: ExpertRequest) -> tuple[list[torch.Tensor], bytes]:
+        expert = self._expert(request.expert)
+        inputs = self._tensors(request)
+        self._check(lambda: expert.check_inputs(inputs))
+        if not (request.keep_activations and self.activations.enabled):
+            return await self._submit(expert, "forward", expert.forward, inputs), b""
+        handle = self.activations.new_handle()
+
+        def forward_keeping(joined: list[torch.Tensor]) -> list[torch.Tensor]:
+            outputs, kept = expert.forward_keeping(joined)
+            self.activations.put(expert.name, handle, kept)
+            return outputs
+
+        return await self._submit(expert, "forward", forward_keeping, inputs, alone=True), handle
+
+    async def _backward(self, request: ExpertRequest) -> tuple[list[torch.Tensor], bytes]:
+        expert = self._expert(request.expert)
+        tensors = self._tensors(request)
+        if len(tensors) != 2:
+            raise InvalidRequest(f"expert {expert.name!r}: Backward takes the input and the output gradient "
+                                 f"(2 tensors), got {len(tensors)}")
+        inputs, grad_outputs = tensors[:1], tensors[1:]
+        self._check(lambda: (expert.check_inputs(inputs), expert.check_grad_outputs(inputs, grad_outputs)))
+        kept = self.activations.pop(expert.name, request.handle) if request.handle else None
+        grads = await self._submit(expert, "backward", lambda joined: expert.backward(joined[:1], joined[1:], kept),
+                                   tensors, alone=kept is not None)
+        return grads, b""
+
+    async def _counted(self, method: str, request: ExpertRequest, serve: Callable) -> tuple[list, bytes]:  # type: ignore[type-arg]
+        """Serves one request, counts it, and returns its tensors serialized and its handle."""
+        error: BaseException | None = None
+        try:
+            tensors, handle = await serve(request)
+            return [serialize_tensor(t) for t in tensors], handle
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self._count(self.experts.get(request.expert), method, error)
+
+    async def _many(self, method: str, request: ExpertCalls, serve: Callable) -> ExpertResults:  # type: ignore[type-arg]
+        if len(request.calls) > MAX_CALLS_PER_REQUEST:
+            raise InvalidRequest(f"calls: {len(request.calls)} given; the limit is {MAX_CALLS_PER_REQUEST}")
+        outcomes = await asyncio.gather(*(self._counted(method, call, serve) for call in request.calls),
+                                        return_exceptions=True)
+        results = []
+        for call, outcome in zip(request.calls, outcomes):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                code = outcome.code if isinstance(outcome, InvalidRequest) else grpc.StatusCode.INTERNAL
+                message = str(outcome) if isinstance(outcome, InvalidRequest) else (
+                    f"{method} of expert {call.expert!r} failed: {type(outcome).__name__}: {outcome}")
+                results.append(ExpertResult(code=code.name, error=message))
+            else:
+                tensors, handle = outcome
+                results.append(ExpertResult(tensors=tensors, handle=handle))
+        return ExpertResults(results=results)
+
+    def _count(self, expert: Expert | None, method: str, error: BaseException | None) -> None:
+        if self.metrics is not None:
+            self.metrics.request(expert.spec.kind if expert is not None else "unknown", method, status_name(error))
 
     # ---- checks
 
@@ -141,15 +231,16 @@ class ExpertServer:
                 raise type(e)(f"expert {request.expert!r}: tensor {index}: {e}") from None
         return tensors
 
-    def _check(self, expert: Expert, check: object) -> None:
+    def _check(self, check: Callable[[], object]) -> None:
         try:
-            check()  # type: ignore[operator]
+            check()
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 
-    async def _submit(self, expert: Expert, method: str, function, tensors: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    async def _submit(self, expert: Expert, method: str, function, tensors: list[torch.Tensor], *,  # type: ignore[no-untyped-def]
+                      alone: bool = False) -> list[torch.Tensor]:
         try:
-            return await self.runtime.submit((expert.name, method), function, tensors)
+            return await self.runtime.submit((expert.name, method), function, tensors, alone=alone)
         except BatchTooLarge as e:
             raise PayloadTooLarge(f"expert {expert.name!r}: {e}") from None
         except QueueFull as e:

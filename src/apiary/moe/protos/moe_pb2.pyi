@@ -8,18 +8,48 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExpertRequest(_message.Message):
-    __slots__ = ("expert", "tensors")
+    __slots__ = ("expert", "tensors", "keep_activations", "handle")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     expert: str
     tensors: _containers.RepeatedCompositeFieldContainer[_wire_pb2.TensorChunk]
-    def __init__(self, expert: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+    keep_activations: bool
+    handle: bytes
+    def __init__(self, expert: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ..., keep_activations: _Optional[bool] = ..., handle: _Optional[bytes] = ...) -> None: ...
 
 class ExpertResponse(_message.Message):
-    __slots__ = ("tensors",)
+    __slots__ = ("tensors", "handle")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[_wire_pb2.TensorChunk]
-    def __init__(self, tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ...) -> None: ...
+    handle: bytes
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ..., handle: _Optional[bytes] = ...) -> None: ...
+
+class ExpertCalls(_message.Message):
+    __slots__ = ("calls",)
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    calls: _containers.RepeatedCompositeFieldContainer[ExpertRequest]
+    def __init__(self, calls: _Optional[_Iterable[_Union[ExpertRequest, _Mapping]]] = ...) -> None: ...
+
+class ExpertResult(_message.Message):
+    __slots__ = ("tensors", "code", "error", "handle")
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[_wire_pb2.TensorChunk]
+    code: str
+    error: str
+    handle: bytes
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorChunk, _Mapping]]] = ..., code: _Optional[str] = ..., error: _Optional[str] = ..., handle: _Optional[bytes] = ...) -> None: ...
+
+class ExpertResults(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ExpertResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ExpertResult, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("expert",)

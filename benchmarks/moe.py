@@ -1,0 +1,137 @@
+"""Training throughput through a remote expert over loopback, against the same expert trained
+locally, measured in the same run.
+
+For each preset, a server process hosts one feed-forward expert (apiary.moe.ExpertServer on an
+apiary.wire RpcServer); the benchmark process then measures samples per second of
+  local  - the same module (same initial weights) with the same Adam doing forward, backward
+           and an optimizer step in this process (the reference);
+  remote - forward and backward through RemoteExpert (the server's Backward computes the input
+           gradient and takes the optimizer step), one batch after another; the Forward asks the
+           server to keep its activations, so the Backward does not recompute them;
+  remote, recomputing - the same with keep_activations=False: the Backward recomputes the forward.
+Prints all three and remote/local. Presets: small = hidden 256, batch 64; large = hidden 1024,
+batch 256. Both processes use `--threads` torch threads (default 1: on a small shared machine,
+several OpenMP threads per process make timings swing tenfold with the load); they never
+compute at once. Usage:
+python benchmarks/moe.py [--presets small,large] [--steps 20] [--warmup 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = {"small": (256, 64), "large": (1024, 256)}  # hidden size, batch size
+NAME = "ffn.0.0"
+SEED = 0
+
+
+async def serve(hidden: int, batch: int, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from apiary.moe import BatchingRuntime, Expert, ExpertServer, ExpertSpec
+    from apiary.wire import Identity, RpcServer, WireSettings
+
+    torch.manual_seed(SEED)
+    expert = Expert(ExpertSpec(NAME, "ffn", hidden), lr=1e-4)
+    server = ExpertServer([expert], BatchingRuntime(max_batch_size=batch, max_wait_seconds=0.0))
+    rpc = RpcServer(WireSettings(listen_host="127.0.0.1", bulk=False), Identity.generate())
+    server.attach(rpc)
+    await server.start()
+    await rpc.start()
+    print(json.dumps({"port": rpc.port}), flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.read()  # until the benchmark closes stdin
+    await rpc.stop(0)
+    await server.close()
+
+
+def measure(steps_of: list, batch: int, steps: int, warmup: int) -> list[float]:  # type: ignore[type-arg]
+    """Median samples per second of each step function over `steps` timed runs after `warmup`
+    untimed ones; the paths take turns step by step, so that each sees the same machine load."""
+    for step in steps_of:
+        for _ in range(warmup):
+            step()
+    rates: list[list[float]] = [[] for _ in steps_of]
+    for _ in range(steps):
+        for path, step in enumerate(steps_of):
+            started = time.perf_counter()
+            step()
+            rates[path].append(batch / (time.perf_counter() - started))
+    return [statistics.median(r) for r in rates]
+
+
+def run_preset(name: str, steps: int, warmup: int, threads: int) -> tuple[float, float, float]:
+    import torch
+
+    from apiary.moe import Expert, ExpertSpec, RemoteExpert
+
+    torch.set_num_threads(threads)
+    hidden, batch = PRESETS[name]
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(hidden), str(batch), str(threads)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(batch, hidden, generator=generator)
+        grad = torch.randn(batch, hidden, generator=generator)
+
+        torch.manual_seed(SEED)
+        local = Expert(ExpertSpec(NAME, "ffn", hidden), lr=1e-4)  # what the server hosts
+
+        def local_step() -> None:
+            inputs = x.clone().requires_grad_(True)
+            output = local.module(inputs)
+            local.optimizer.zero_grad(set_to_none=True)
+            output.backward(grad)
+            local.optimizer.step()
+
+        def remote_step(remote: RemoteExpert) -> None:
+            inputs = x.clone().requires_grad_(True)
+            remote(inputs).backward(grad)
+
+        keeping = RemoteExpert(f"127.0.0.1:{port}", NAME, timeout=60)
+        recomputing = RemoteExpert(f"127.0.0.1:{port}", NAME, timeout=60, keep_activations=False)
+        local, remote, recompute = measure(
+            [local_step, lambda: remote_step(keeping), lambda: remote_step(recomputing)], batch, steps, warmup)
+        return local, remote, recompute
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="small,large")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per path")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each process")
+    parser.add_argument("--serve", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(*args.serve))
+        return
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    print(f"{'preset':8} {'hidden':>6} {'batch':>5} {'local':>8} {'remote':>8} {'recomputing':>11} "
+          f"{'remote/local':>12} {'recomputing/local':>17}   (samples/s)")
+    for name in args.presets.split(","):
+        local, remote, recompute = run_preset(name, args.steps, args.warmup, args.threads)
+        hidden, batch = PRESETS[name]
+        print(f"{name:8} {hidden:>6} {batch:>5} {local:>8.0f} {remote:>8.0f} {recompute:>11.0f} "
+              f"{remote / local:>12.2f} {recompute / local:>17.2f}", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`apiary expert-server`: host experts that trainers anywhere in the swarm call (torch is
+imported only when it runs)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from apiary.cli.options import option
+from apiary.services.runtime import ServiceSettings
+from apiary.telemetry import TracingSettings
+from apiary.wire import Endpoint, WireSettings, parse_peer_list
+
+if TYPE_CHECKING:
+    from apiary.services.expert_server import ExpertServerSettings
+
+console = Console(soft_wrap=True)
+
+
+def expert_server_command(
+    experts: Annotated[str, option("--experts", "experts to host, as grid patterns: ffn.0.[0:4] = ffn.0.0 … ffn.0.3; comma-separated")],
+    kind: Annotated[str, option("--kind", "ffn, transformer, slow or failing (for tests), or package.module:factory")] = "ffn",
+    hidden_size: Annotated[int, option("--hidden-size", "the experts' input and output size", min=1)] = 1024,
+    lr: Annotated[float, option("--lr", "Adam learning rate of every expert", min=0)] = 1e-3,
+    max_grad_norm: Annotated[Optional[float], option("--max-grad-norm", "clip each expert's gradient to this norm (default: no clipping)")] = None,
+    warmup_steps: Annotated[int, option("--warmup-steps", "updates of linear learning-rate warm-up per expert", min=0)] = 0,
+    max_batch_size: Annotated[int, option("--max-batch-size", "most samples in one batch (larger requests are refused)", min=1)] = 1024,
+    max_wait: Annotated[float, option("--max-wait", "seconds a request waits for others to join its batch", min=0)] = 0.005,
+    max_queued_requests: Annotated[int, option("--max-queued-requests", "requests that may wait per expert and method", min=1)] = 1024,
+    kept_activations: Annotated[int, option("--kept-activations", "forward passes whose activations wait for their backward, so it need not recompute them (0: none)", min=0)] = 64,
+    kept_activations_seconds: Annotated[float, option("--kept-activations-seconds", "seconds kept activations wait for their backward", min=0.1)] = 30.0,
+    device: Annotated[str, option("--device", "auto (CUDA when present), cpu, cuda or cuda:N")] = "auto",
+    checkpoint_dir: Annotated[Optional[Path], option("--checkpoint-dir", "keep every expert's checkpoint here; loaded at start")] = None,
+    checkpoint_period: Annotated[float, option("--checkpoint-period", "seconds between checkpoints (also saved at shutdown)", min=0.1)] = 300.0,
+    declare_period: Annotated[float, option("--declare-period", "seconds between declarations in the DHT (each lives 3 periods)", min=0.1)] = 30.0,
+    slow_seconds: Annotated[float, option("--slow-seconds", "delay of every pass of the `slow` test kind", min=0)] = 1.0,
+    dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
+    initial_peers: Annotated[str, option("--initial-peers", "run an embedded DHT node joining these: peer_id@host:port, comma-separated")] = "",
+    host: Annotated[str, option("--host", "interface the public port binds")] = "0.0.0.0",
+    port: Annotated[int, option("--port", "public gRPC port: expert calls (0: any free port)")] = 0,
+    announce_host: Annotated[Optional[str], option("--announce-host", "host trainers dial (default: this host's address)")] = None,
+    announce_port: Annotated[Optional[int], option("--announce-port", "port trainers dial (default: the bound port)")] = None,
+    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
+    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
+    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
+    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
+    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+) -> None:
+    """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
+    if (dht_local is None) == (not initial_peers.strip()):
+        raise typer.BadParameter(
+            "give exactly one: --dht-local (the dht service's local API) or --initial-peers (an embedded DHT node)",
+            param_hint="'--dht-local' / '--initial-peers'",
+        )
+    from apiary.moe.checkpoints import CheckpointError
+    from apiary.moe.names import expand_expert_names
+    from apiary.services.expert_server import ExpertServerSettings
+
+    try:
+        names = expand_expert_names(experts)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="'--experts'") from None
+    settings = (
+        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False),
+        ServiceSettings(
+            identity=identity, admin_host=admin_host, admin_port=admin_port,
+            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
+        ),
+        ExpertServerSettings(
+            experts=names, kind=kind, hidden_size=hidden_size, lr=lr, max_grad_norm=max_grad_norm,
+            warmup_steps=warmup_steps, slow_seconds=slow_seconds, max_batch_size=max_batch_size, max_wait=max_wait,
+            max_queued_requests=max_queued_requests, kept_activations=kept_activations,
+            kept_activations_seconds=kept_activations_seconds, device=device, checkpoint_dir=checkpoint_dir,
+            checkpoint_period=checkpoint_period, declare_period=declare_period,
+            dht_local=Endpoint.parse(dht_local) if dht_local is not None else None,
+            initial_peers=parse_peer_list(initial_peers),
+        ),
+    )
+    try:
+        asyncio.run(_serve(*settings))
+    except CheckpointError as e:
+        raise typer.BadParameter(str(e), param_hint="'--checkpoint-dir'") from None
+
+
+async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings: ExpertServerSettings) -> None:
+    from apiary.services.expert_server import ExpertServerService
+
+    service = ExpertServerService(wire, service_settings, settings)  # grpc.aio objects need the running loop
+    await service.start()
+    host = service.host
+    console.print(f"hosting {len(settings.experts)} {settings.kind} experts of hidden size {settings.hidden_size} "
+                  f"on {service.device}; peer id {host.identity.peer_id}", highlight=False)
+    if service.node is not None:
+        console.print(f"DHT: embedded node, {len(service.node.routing)} neighbours; others join with: "
+                      f"--initial-peers {service.node.address}", highlight=False)
+    else:
+        console.print(f"DHT: the dht service at {settings.dht_local}", highlight=False)
+    console.print(f"experts served at: {host.server.announced}   admin: {host.admin.url}", highlight=False)
+    await host.run()

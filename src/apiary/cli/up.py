@@ -27,6 +27,7 @@ from rich.table import Table
 from apiary.cli.options import option
 
 console = Console()
+EXPERT_SERVERS = 3  # for the digits_moe task: each hosts a row of its 3 x 4 grid of experts
 
 
 def up_command(
@@ -44,6 +45,8 @@ def up_command(
         swarm = LocalSwarm(Path(folder), peers, ["--task", task, "--target-batch-size", str(target_batch_size),
                                                  "--mode", mode, "--max-seconds", str(duration)])
         try:
+            if task == "digits_moe":
+                swarm.start_expert_servers(EXPERT_SERVERS)
             swarm.start(peers, clients)
             swarm.watch()
         except KeyboardInterrupt:
@@ -63,42 +66,56 @@ class LocalSwarm:
                        "--evaluate-every", "15", *trainer_args]
         self.processes: list[subprocess.Popen[str]] = []
         self.admin: list[str] = []
+        self.infrastructure: list[subprocess.Popen[str]] = []  # dht and expert servers of an MoE task
+        self.first_peers = ""  # the first trainer starts a new swarm, unless the task has one
 
     def _spawn(self, index: int, initial_peers: str, client: bool) -> None:
-        port = _free_port()
-        args = [sys.executable, "-m", "apiary.cli.main", "trainer", *self.common, "--seed", str(index),
-                "--initial-peers", initial_peers, "--admin-port", str(port),
+        args = [*self.common, "--seed", str(index), "--initial-peers", initial_peers,
                 "--summary-path", str(self.folder / f"{index}.json"), *(["--client-mode"] if client else [])]
-        log = open(self.folder / f"{index}.log", "w")  # noqa: SIM115 - kept open for the process
-        self.processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                               env={**os.environ, "PYTHONUNBUFFERED": "1"}))
-        self.admin.append(f"http://127.0.0.1:{port}")
+        self.processes.append(self._process("trainer", args, self.folder / f"{index}.log", self.admin))
+
+    def _process(self, command: str, args: list[str], log_path: Path, admin: list[str]) -> subprocess.Popen[str]:
+        port = _free_port()
+        log = open(log_path, "w")  # noqa: SIM115 - kept open for the process
+        admin.append(f"http://127.0.0.1:{port}")
+        return subprocess.Popen([sys.executable, "-m", "apiary.cli.main", command, *args, "--admin-port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def start_expert_servers(self, count: int) -> None:
+        """A dht service and `count` expert servers hosting the digits_moe task's grid; the trainers'
+        task then reaches the experts through that dht service."""
+        helpers: list[str] = []
+        with console.status(f"starting a dht service and {count} expert servers"):
+            self.infrastructure.append(self._process("dht", ["--host", "127.0.0.1"], self.folder / "dht.log", helpers))
+            dht = _wait_for_status(self.infrastructure[0], helpers[0], lambda s: s.get("initial_peers_for_others"))
+            for row in range(count):
+                self.infrastructure.append(self._process(
+                    "expert-server", ["--host", "127.0.0.1", "--initial-peers", dht, "--experts", f"digits.{row}.[0:4]",
+                                      "--hidden-size", "32", "--lr", "0.003", "--declare-period", "2"],
+                    self.folder / f"experts-{row}.log", helpers))
+            for process, url in zip(self.infrastructure[1:], helpers[1:]):
+                _wait_for_status(process, url, lambda s: s.get("declared_at"))
+        self.common += ["--task-options", json.dumps({"initial_peers": dht})]
+        self.first_peers = dht
 
     def start(self, peers: int, clients: int) -> None:
         with console.status(f"starting {peers} participants"):
-            self._spawn(0, "", client=False)
+            self._spawn(0, self.first_peers, client=False)
             first = self._wait_for(0, lambda status: status.get("dht_address"))
             for index in range(1, peers):
                 self._spawn(index, first, client=index >= peers - clients)
         console.print(f"swarm up: join it with  apiary trainer --run-id apiary-up --initial-peers {first}",
                       soft_wrap=True, highlight=False)
 
-    def _wait_for(self, index: int, condition: Any, timeout: float = 120) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.processes[index].poll() is not None:
-                raise RuntimeError(f"participant {index} ended early: {self._log_tail(index)}")
-            status = self._status(index)
-            if status is not None and (value := condition(status)):
-                return value
-            time.sleep(0.3)
-        raise RuntimeError(f"participant {index} did not start within {timeout:.0f}s: {self._log_tail(index)}")
+    def _wait_for(self, index: int, condition: Any) -> Any:
+        try:
+            return _wait_for_status(self.processes[index], self.admin[index], condition)
+        except RuntimeError as e:
+            raise RuntimeError(f"participant {index}: {e}: {self._log_tail(index)}") from None
 
     def _status(self, index: int) -> dict[str, Any] | None:
-        try:
-            return httpx.get(f"{self.admin[index]}/status", timeout=2).json()
-        except (httpx.HTTPError, ValueError):
-            return None
+        return _status(self.admin[index])
 
     def _log_tail(self, index: int) -> str:
         return (self.folder / f"{index}.log").read_text(errors="replace")[-2000:]
@@ -134,10 +151,10 @@ class LocalSwarm:
         return table
 
     def stop(self) -> None:
-        for process in self.processes:
+        for process in [*self.processes, *self.infrastructure]:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in self.processes:
+        for process in [*self.processes, *self.infrastructure]:
             try:
                 process.wait(30)
             except subprocess.TimeoutExpired:
@@ -163,6 +180,26 @@ class LocalSwarm:
         console.print(f"loss {first.get('loss_start')} → {min(s.get('loss_end') or 1e9 for s in summaries)}; "
                       f"swarm samples/s {sum(s.get('samples_per_second') or 0 for s in summaries):.0f}; "
                       f"epochs {max(s.get('epoch_end') or 0 for s in summaries)}", highlight=False)
+
+
+def _status(admin_url: str) -> dict[str, Any] | None:
+    try:
+        return httpx.get(f"{admin_url}/status", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _wait_for_status(process: subprocess.Popen[str], admin_url: str, condition: Any, timeout: float = 120) -> Any:
+    """Polls the process's /status until `condition` gives a value; raises RuntimeError if it ends or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"apiary {process.args[3]} ended early")  # type: ignore[index]
+        status = _status(admin_url)
+        if status is not None and (value := condition(status)):
+            return value
+        time.sleep(0.3)
+    raise RuntimeError(f"apiary {process.args[3]} did not start within {timeout:.0f}s")  # type: ignore[index]
 
 
 def _free_port() -> int:

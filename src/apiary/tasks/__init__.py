@@ -3,7 +3,8 @@
 A factory takes keyword settings (`seed`: this peer's data seed; `model_seed`: shared by the run,
 so every peer starts from the same weights) and returns a `Task`. Built-in tasks:
 `apiary.tasks.charlm:task` (a character-level transformer language model on the standard
-library's own source files; needs no download).
+library's own source files; needs no download) and `apiary.tasks.digits_moe:task` (a
+mixture-of-experts classifier of scikit-learn's digits, its experts on expert servers).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 Batch = Any
-BUILT_IN = {"charlm": "apiary.tasks.charlm:task"}
+BUILT_IN = {"charlm": "apiary.tasks.charlm:task", "digits_moe": "apiary.tasks.digits_moe:task"}
 
 
 @dataclass
@@ -53,6 +54,8 @@ def load_task(entry_point: str, **settings: Any) -> Task:
         task = factory(**settings)
     except TypeError as e:
         raise TaskError(f"task {entry_point!r}: the factory does not take these settings: {e}") from None
+    except ValueError as e:
+        raise TaskError(f"task {entry_point!r}: {e}") from None
     if not isinstance(task, Task):
         raise TaskError(f"task {entry_point!r}: the factory returned {type(task).__name__}, not apiary.tasks.Task")
     return task

@@ -1,0 +1,20 @@
+"""The mixture-of-experts task end to end: `apiary up` with expert servers and two trainers."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+from service_processes import APIARY
+
+
+def test_up_trains_the_digits_moe_task_through_expert_servers() -> None:
+    result = subprocess.run([*APIARY, "up", "--task", "digits_moe", "--peers", "2", "--duration", "20",
+                             "--target-batch-size", "128"],
+                            capture_output=True, text=True, timeout=240, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = re.search(r"loss ([0-9.]+) → ([0-9.]+); swarm samples/s (\d+); epochs (\d+)", result.stdout)
+    assert match, result.stdout[-3000:]
+    start, end, epochs = float(match[1]), float(match[2]), int(match[4])
+    assert end < 0.6 * start and epochs >= 2, result.stdout[-3000:]

@@ -51,3 +51,19 @@ def test_a_killed_peer_does_not_stop_the_others_and_a_late_peer_loads_the_state(
         for mine, theirs in zip(swarm.parameters(3), swarm.parameters(0)):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
         assert late.process.returncode == 0
+
+
+def test_an_auxiliary_peer_reduces_in_every_round_without_training(tmp_path):
+    common = ["--target-batch-size", "256", "--max-epochs", "4", "--average-state-every", "0", "--min-peers", "3"]
+    with TrainerSwarm(tmp_path, "aux", common) as swarm:
+        swarm.start(seed=0)
+        swarm.start(seed=1)
+        swarm.start(seed=2, extra=["--auxiliary"])
+        summaries = swarm.finish()
+        trainers, helper = [summaries[0], summaries[1]], summaries[2]
+        assert all(s["epoch_end"] >= 4 for s in summaries.values()), summaries
+        assert helper["rounds"]["ok"] >= 3 and helper["averaged_bytes"] > 0, helper
+        assert all(record["samples"] == 0 for record in helper["history"])
+        assert all(s["rounds"]["ok"] >= 3 for s in trainers), trainers
+        for mine, theirs in zip(swarm.parameters(0), swarm.parameters(1)):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)

@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -75,6 +76,7 @@ class Optimizer:
         averager_local: Endpoint | str | None = None,
         initial_peers: Sequence[PeerAddress | str] = (),
         client_mode: bool = False,
+        auxiliary: bool = False,
         listen_host: str = "127.0.0.1",
         averaging: dict[str, Any] | None = None,
         average_state_every: int = 5,
@@ -96,6 +98,9 @@ class Optimizer:
             raise ValueError(f"average_state_every must be 0 (never) or more, got {average_state_every}")
         if delay_updates and mode != "gradients":
             raise ValueError("delay_updates applies to mode='gradients' only")
+        if auxiliary and mode != "gradients":
+            raise ValueError("auxiliary peers assist gradient rounds: mode must be 'gradients'")
+        self.auxiliary = auxiliary
         self.run_id = run_id
         self.mode = mode
         self.target_batch_size = target_batch_size
@@ -134,13 +139,14 @@ class Optimizer:
                 link = SwarmLink.connect(dht_local, averager_local, round_timeout=round_timeout)
             else:
                 link = SwarmLink.embedded(run_id, initial_peers, averaging=averaging, client_mode=client_mode,
-                                          listen_host=listen_host, round_timeout=round_timeout)
+                                          auxiliary=auxiliary, listen_host=listen_host, round_timeout=round_timeout)
             self.swarm = self.loop.run(link, timeout=120)
             self.tracker = ProgressTracker(self.swarm.dht, run_id, self.swarm.peer_id, client=self.swarm.client_mode,
                                            max_samples_per_second=max_samples_per_second)
-            if load_state:
+            if load_state and not auxiliary:
                 self.load_state_from_peers()
-            self._publish_state()
+            if not auxiliary:
+                self._publish_state()
             self._refresher = self.loop.submit(self._refresh_loop())
         except BaseException:
             self.loop.stop()
@@ -187,6 +193,24 @@ class Optimizer:
         except Exception as e:  # noqa: BLE001 - the next step tries again
             logger.warning("reading the swarm's progress failed: %s", e)
         return self.view
+
+    def assist(self, stop: threading.Event, max_epochs: int = 0) -> None:
+        """An auxiliary peer's work instead of training: joins every gradient round of the swarm
+        (reducing others' parts, contributing none) until `stop` is set or `max_epochs` is reached."""
+        if not self.auxiliary:
+            raise RuntimeError("assist() is for auxiliary peers (Optimizer(..., auxiliary=True))")
+        nothing = [torch.zeros_like(p) for p in self.params]
+        while not stop.is_set() and not (max_epochs and self.epoch >= max_epochs):
+            view = self._refresh_now()
+            if view is not None and view.epoch > self.epoch:
+                self._advance(view.epoch)
+            if view is not None and view.reported >= self.target_batch_size:
+                self.history.append({"epoch": self.epoch, "samples": 0, "others": view.reported, "time": time.time()})
+                self._result(self.loop.submit(self._average(nothing, 0.0, round_index=self.epoch)), "auxiliary")
+                self._advance(self.epoch + 1)
+                self._resume()
+            else:
+                stop.wait(self._refresh_interval())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -60,13 +60,16 @@ class SwarmLink:
 
     @classmethod
     async def embedded(cls, run_id: str, initial_peers: Sequence[PeerAddress | str] = (), *,
-                       averaging: dict[str, Any] | None = None, client_mode: bool = False,
+                       averaging: dict[str, Any] | None = None, client_mode: bool = False, auxiliary: bool = False,
                        listen_host: str = "127.0.0.1", announce_period: float = 5.0,
                        round_timeout: float = 300.0) -> SwarmLink:
         """Starts a dht and an averager service in this process (joining `initial_peers`, or a new
-        swarm) and links to them. `averaging`: further AveragerSettings fields (codec, group sizes...)."""
+        swarm) and links to them. `averaging`: further AveragerSettings fields (codec, group sizes...);
+        `auxiliary`: the averager only reduces others' parts (a peer that lends bandwidth, not compute)."""
         peers = [p if isinstance(p, PeerAddress) else PeerAddress.parse(p) for p in initial_peers]
-        mode = Mode.CLIENT if client_mode else Mode.NODE
+        if client_mode and auxiliary:
+            raise ValueError("an auxiliary peer reduces others' parts: it cannot be in client mode")
+        mode = Mode.CLIENT if client_mode else Mode.AUX if auxiliary else Mode.NODE
         wire = WireSettings(listen_host=listen_host)
         dht_service = DHTService(wire, ServiceSettings(), DHTSettings(client_mode=client_mode),
                                  DHTServiceSettings(initial_peers=peers))

@@ -43,6 +43,8 @@ class TrainerSettings(BaseModel):
     outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo's outer Nesterov momentum")
     client_mode: bool = Field(False, description="behind NAT: dial out only (embedded services)")
+    auxiliary: bool = Field(False, description="do not train: lend bandwidth to the swarm's gradient rounds")
+    progress_every: float = Field(10.0, gt=0, description="seconds between progress lines")
     dht_local: Endpoint | None = Field(None, description="the dht service's local API")
     averager_local: Endpoint | None = Field(None, description="the averager service's local API")
     initial_peers: list[PeerAddress] | None = Field(None, description="embedded services joining these ([]: new swarm)")
@@ -138,7 +140,8 @@ class TrainerService:
         task = self.task
         self.optimizer = optimizer = Optimizer(
             s.run_id, task.model.parameters(), task.optimizer, target_batch_size=s.target_batch_size, mode=s.mode,
-            dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (), client_mode=s.client_mode, listen_host=s.listen_host,
+            dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (),
+            client_mode=s.client_mode, auxiliary=s.auxiliary, listen_host=s.listen_host,
             averaging=s.averaging,
             average_state_every=s.average_state_every, delay_updates=s.delay_updates, outer_lr=s.outer_lr,
             outer_momentum=s.outer_momentum,
@@ -146,13 +149,31 @@ class TrainerService:
         address = optimizer.swarm.dht_address
         print(f"training; others join with: --initial-peers {address}" if address else "training", flush=True)
         try:
+            if s.auxiliary:
+                self._assist(optimizer)
+                return
             self._restore_checkpoint(optimizer)
             self._wait_for_peers(optimizer)
             self._loop(optimizer, task)
         finally:
-            self._save_checkpoint(optimizer)
+            if not s.auxiliary:
+                self._save_checkpoint(optimizer)
             self._write_summary(optimizer)
             optimizer.close()
+
+    def _assist(self, optimizer: Optimizer) -> None:
+        """An auxiliary peer: joins the swarm's gradient rounds until stopped or done."""
+        timer = threading.Timer(self.settings.max_seconds, self._stop.set) if self.settings.max_seconds else None
+        if timer is not None:
+            timer.daemon = True
+            timer.start()
+        try:
+            optimizer.assist(self._stop, self.settings.max_epochs)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        self.summary.update(epoch_end=optimizer.epoch, averaged_bytes=optimizer.swarm.averaged_bytes(),
+                            rounds=dict(optimizer.rounds), history=optimizer.history)
 
     def _wait_for_peers(self, optimizer: Optimizer) -> None:
         deadline = time.monotonic() + self.settings.min_peers_timeout
@@ -165,7 +186,7 @@ class TrainerService:
     def _loop(self, optimizer: Optimizer, task: Task) -> None:
         s = self.settings
         started = time.monotonic()
-        last_checkpoint = last_evaluation = started
+        last_checkpoint = last_evaluation = last_progress = started
         self.summary["loss_start"] = self._evaluate()
         self.summary["epoch_start"] = optimizer.epoch
         samples = 0
@@ -183,6 +204,9 @@ class TrainerService:
             self.last_loss = float(loss.item())
             self._observe(optimizer, task.batch_size)
             now = time.monotonic()
+            if now - last_progress >= s.progress_every:
+                self._print_progress(optimizer, samples, now - started)
+                last_progress = now
             if s.checkpoint_dir is not None and now - last_checkpoint >= s.checkpoint_period:
                 self._save_checkpoint(optimizer)
                 last_checkpoint = now
@@ -194,6 +218,16 @@ class TrainerService:
                             seconds=round(elapsed, 2), samples_per_second=round(samples / max(elapsed, 1e-9), 1),
                             averaged_bytes=optimizer.swarm.averaged_bytes(), rounds=dict(optimizer.rounds),
                             history=optimizer.history)
+
+    def _print_progress(self, optimizer: Optimizer, samples: int, elapsed: float) -> None:
+        """One line: epoch, the epoch's progress as a bar, loss, throughput, peers."""
+        view = optimizer.view
+        done = optimizer.samples + (view.others_now() if view is not None else 0.0)
+        share = min(1.0, done / optimizer.target_batch_size)
+        bar = "#" * round(20 * share) + "." * (20 - round(20 * share))
+        print(f"epoch {optimizer.epoch} (swarm {optimizer.swarm_epoch}) [{bar}] {share:4.0%}  "
+              f"loss {self.last_loss:.3f}  {samples / max(elapsed, 1e-9):.0f} samples/s  {optimizer.peers} peers",
+              flush=True)
 
     def _observe(self, optimizer: Optimizer, batch_size: int) -> None:
         m = self.metrics

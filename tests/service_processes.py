@@ -67,27 +67,12 @@ class ServiceProcess:
     def wait_until_up(self, timeout: float = 60.0, until: str = "local API: ") -> ServiceProcess:
         """Reads stdout until a line with `until` (by default the `local API: ...` line a service
         prints once it serves)."""
-        deadline = time.monotonic() + timeout
-        seen = False
-        while not seen:
-            try:
-                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"apiary {self.command} did not start in {timeout:.0f}s: {self.output}"
-                                     f"{self.stderr()}") from None
-            if line is None:
-                raise AssertionError(f"apiary {self.command} ended early ({self.process.wait(5)}): {self.output}"
-                                     f"{self.stderr()}")
-            self.output += line
-            if match := re.search(r"others join with: --initial-peers (\S+)", line):
-                self.initial_peers = match.group(1)
-            if match := re.search(r"local API: (\S+)", line):
-                self.local_api = Endpoint.parse(match.group(1))
-            seen = until in line
+        self.wait_for_line(re.escape(until), timeout)
         return self
 
     def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
-        """Reads stdout until a line matches the regular expression `pattern`; returns the match."""
+        """Reads stdout until a line matches the regular expression `pattern`; returns the match.
+        On the way it notes the `--initial-peers` value and the local API a service prints."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -99,6 +84,10 @@ class ServiceProcess:
                 raise AssertionError(f"apiary {self.command} ended early ({self.process.wait(5)}): {self.output}"
                                      f"{self.stderr()}")
             self.output += line
+            if found := re.search(r"others join with: --initial-peers (\S+)", line):
+                self.initial_peers = found.group(1)
+            if found := re.search(r"local API: (\S+)", line):
+                self.local_api = Endpoint.parse(found.group(1))
             if match := re.search(pattern, line):
                 return match
 

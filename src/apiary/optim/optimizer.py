@@ -354,12 +354,7 @@ class Optimizer:
             raise ValueError(f"the state is of mode {metadata.get('mode')!r}, this optimizer runs {self.mode!r}")
         if len(tensors) < len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
             raise ValueError("the state's parameters do not match this model's shapes")
-        with torch.no_grad():
-            for p, t in zip(params, tensors):
-                p.copy_(t)
-            if self.outer is not None:
-                for p, outer in zip(self.params, self.outer_params):
-                    p.copy_(outer)
+        self._take(params, tensors)
         load_optimizer_statistics(optimizer, metadata["layout"], tensors[len(params):])
         self.epoch = max(self.epoch, int(metadata["epoch"]))
         self.samples = 0
@@ -392,12 +387,17 @@ class Optimizer:
             buffers = [t.detach().clone() for t in tensors]
         size = self._result(self.loop.submit(self._average(buffers, 1.0, round_index=STATE_ROUNDS + self.epoch)), "state")
         if size:
-            with torch.no_grad():
-                for t, averaged in zip(tensors, buffers):
-                    t.copy_(averaged)
-                if self.outer is not None:
-                    for p, outer in zip(self.params, self.outer_params):
-                        p.copy_(outer)
+            self._take(tensors, buffers)
+
+    def _take(self, destinations: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Copies `values` into the synced tensors; in local and DiLoCo modes the model's
+        parameters then restart from the (new) outer parameters."""
+        with torch.no_grad():
+            for destination, value in zip(destinations, values):
+                destination.copy_(value)
+            if self.outer is not None:
+                for p, outer in zip(self.params, self.outer_params):
+                    p.copy_(outer)
 
     # ---- background
 

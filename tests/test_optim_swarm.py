@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 
-import pytest
 import torch
 
-from trainer_processes import TrainerSwarm, epoch_totals
+from apiary.averaging.state import load_saved_state
+from service_processes import ServiceProcesses
+from trainer_processes import SMALL_LM, TrainerSwarm, epoch_totals
 
 
 def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parameters(tmp_path):
@@ -67,3 +69,30 @@ def test_an_auxiliary_peer_reduces_in_every_round_without_training(tmp_path):
         assert all(s["rounds"]["ok"] >= 3 for s in trainers), trainers
         for mine, theirs in zip(swarm.parameters(0), swarm.parameters(1)):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+
+
+def test_trainers_use_their_participants_dht_and_averager_services(tmp_path):
+    """The deployed shape: each participant runs `apiary dht`, `apiary averager --dht-local` and
+    `apiary trainer --dht-local --averager-local`."""
+    with ServiceProcesses() as services:
+        first_dht = services.start("dht").wait_until_up()
+        participants = [first_dht, services.start("dht", "--initial-peers", first_dht.initial_peers).wait_until_up()]
+        averagers = [services.start("averager", "--run-id", "deployed", "--dht-local", str(dht.local_api),
+                                    "--gather-seconds", "0.5", "--join-seconds", "1.5").wait_until_up()
+                     for dht in participants]
+        trainers = []
+        for index, (dht, averager) in enumerate(zip(participants, averagers)):
+            folder = tmp_path / str(index)
+            trainers.append(services.start(
+                "trainer", "--run-id", "deployed", "--seed", str(index), "--dht-local", str(dht.local_api),
+                "--averager-local", str(averager.local_api), "--task-options", SMALL_LM, "--threads", "1",
+                "--target-batch-size", "128", "--max-epochs", "3", "--average-state-every", "1", "--min-peers", "2",
+                "--summary-path", str(folder / "summary.json"), "--checkpoint-dir", str(folder)))
+        for trainer in trainers:
+            assert trainer.process.wait(150) == 0, trainer.stderr()
+        summaries = [json.loads((tmp_path / str(i) / "summary.json").read_text()) for i in range(2)]
+        assert all(s["epoch_end"] >= 3 and s["rounds"]["ok"] >= 3 for s in summaries), summaries
+        states = [load_saved_state(tmp_path / str(i) / "trainer.pt") for i in range(2)]
+        for mine, theirs in zip(states[0].tensors, states[1].tensors):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+        assert averagers[0].status()["last_round"]["result"] == "ok"

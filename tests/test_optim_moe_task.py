@@ -6,7 +6,11 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from service_processes import APIARY
+
+pytestmark = pytest.mark.timeout(360)  # several trainer processes on 2 cores
 
 
 def test_up_trains_the_digits_moe_task_through_expert_servers() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from apiary.averaging.state import load_saved_state
 from service_processes import ServiceProcesses
 from trainer_processes import SMALL_LM, TrainerSwarm, epoch_totals
+
+pytestmark = pytest.mark.timeout(360)  # several trainer processes on 2 cores
 
 
 def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parameters(tmp_path):

@@ -11,6 +11,8 @@ from trainer_processes import TrainerSwarm
 
 FAST_ROUNDS = '{"gather_seconds": 0.3, "join_seconds": 1.0, "sender_timeout": 5.0}'
 
+pytestmark = pytest.mark.timeout(360)  # several trainer processes on 2 cores
+
 
 def test_two_peers_averaging_gradients_match_one_peer_with_the_same_global_batch(tmp_path):
     epochs = 30

@@ -50,7 +50,7 @@ class TrainerSwarm:
                 self.first_address = trainer.initial_peers
         return trainer
 
-    def finish(self, timeout: float = 150.0, indices: list[int] | None = None) -> dict[int, dict[str, Any]]:
+    def finish(self, timeout: float = 300.0, indices: list[int] | None = None) -> dict[int, dict[str, Any]]:
         """Waits for the trainers (all, or `indices`) to exit; their summaries by index."""
         summaries = {}
         for index in indices if indices is not None else range(len(self.trainers)):

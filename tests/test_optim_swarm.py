@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(360)  # several trainer processes on 2 cores
 
 
 def test_four_peers_with_one_client_reach_epoch_three_together_with_equal_parameters(tmp_path):
-    target = 1024
+    target = 2048
     common = ["--target-batch-size", str(target), "--max-epochs", "3", "--average-state-every", "1",
               "--min-peers", "4"]
     with TrainerSwarm(tmp_path, "four", common) as swarm:

@@ -54,13 +54,11 @@ def test_diloco_matches_synchronous_training_with_h_times_fewer_bytes(tmp_path):
     diloco_bytes = sum(s["averaged_bytes"] for s in diloco.values())
     sync_rounds = sum(s["rounds"]["ok"] for s in sync.values())
     diloco_rounds = sum(s["rounds"]["ok"] for s in diloco.values())
-    # DiLoCo holds H times fewer rounds of the same size (a round a loaded machine lost would
-    # count for DiLoCo here, so the comparison is per round held, then on rounds)
-    assert diloco_rounds and diloco_rounds <= peers * outer_epochs, diloco
+    # rounds of the same size, H times fewer of them: exactly H times fewer bytes when every round
+    # is held; a round the synchronous run loses on a loaded machine costs it nothing, hence 0.9
     per_round_sync, per_round_diloco = sync_bytes / sync_rounds, diloco_bytes / diloco_rounds
     assert abs(per_round_sync - per_round_diloco) <= 0.05 * per_round_sync, (per_round_sync, per_round_diloco)
-    assert h * outer_epochs * peers * per_round_diloco <= sync_bytes / 0.9, (sync_bytes, diloco_bytes)
-    assert sync_bytes >= 0.9 * h * diloco_bytes, (sync_bytes, diloco_bytes)
+    assert sync_rounds >= 0.9 * h * diloco_rounds and sync_bytes >= 0.9 * h * diloco_bytes, (sync_bytes, diloco_bytes)
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -1,0 +1,144 @@
+{{/* The release's base name, at most 50 characters (room for "-expert-server"). */}}
+{{- define "apiary.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "apiary.selectorLabels" -}}
+app.kubernetes.io/name: {{ default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every object; pass (dict "root" $ "component" "dht"). */}}
+{{- define "apiary.labels" -}}
+{{ include "apiary.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/part-of: apiary
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "apiary.componentSelector" -}}
+{{ include "apiary.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The image of a service; pass (dict "root" $ "service" "dht"). */}}
+{{- define "apiary.image" -}}
+{{- $image := .root.Values.image -}}
+{{- $registry := ternary "" (printf "%s/" $image.registry) (empty $image.registry) -}}
+{{- printf "%s%s/%s:%s" $registry $image.repositoryPrefix .service (default .root.Chart.AppVersion $image.tag) -}}
+{{- end -}}
+
+{{/* The address the DHT's local API has for this participant's other services. */}}
+{{- define "apiary.dhtLocal" -}}
+{{- printf "%s-dht:%d" (include "apiary.fullname" .) (int .Values.dht.ports.local) -}}
+{{- end -}}
+
+{{/* APIARY_ANNOUNCE_HOST from publicAddress. */}}
+{{- define "apiary.announceHost" -}}
+- name: APIARY_ANNOUNCE_HOST
+{{- if eq .Values.publicAddress.announceFrom "host" }}
+  value: {{ required "publicAddress.host is required with publicAddress.announceFrom: host" .Values.publicAddress.host | quote }}
+{{- else }}
+  valueFrom:
+    fieldRef:
+      fieldPath: {{ ternary "status.hostIP" "status.podIP" (eq .Values.publicAddress.announceFrom "hostIP") }}
+{{- end }}
+{{- end -}}
+
+{{/* Settings every service shares: tracing. */}}
+{{- define "apiary.commonEnv" -}}
+- name: APIARY_TRACING
+  value: {{ .Values.tracing.exporter | quote }}
+{{- with .Values.tracing.otlpEndpoint }}
+- name: APIARY_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* A public container port, on the node too with publicAddress.hostPort; pass (dict "root" $ "name" "dht" "port" 31337). */}}
+{{- define "apiary.publicPort" -}}
+- name: {{ .name }}
+  containerPort: {{ .port }}
+  protocol: TCP
+{{- if .root.Values.publicAddress.hostPort }}
+  hostPort: {{ .port }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on a service's admin endpoint; pass the admin port's name. */}}
+{{- define "apiary.probes" -}}
+startupProbe:
+  httpGet: {path: /healthz, port: {{ . }}}
+  periodSeconds: 5
+  failureThreshold: 60
+livenessProbe:
+  httpGet: {path: /healthz, port: {{ . }}}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: {{ . }}}
+  periodSeconds: 5
+  timeoutSeconds: 5
+  failureThreshold: 3
+{{- end -}}
+
+{{/* The pod-level fields of a GPU workload; pass its values (expertServer or trainer). */}}
+{{- define "apiary.gpuScheduling" -}}
+{{- with .runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A data volume claim template, or nothing (then an emptyDir); pass (dict "persistence" .. "root" $ "component" ..). */}}
+{{- define "apiary.volumeClaim" -}}
+{{- if .persistence.enabled }}
+volumeClaimTemplates:
+  - metadata:
+      name: data
+      labels:
+        {{- include "apiary.labels" (dict "root" .root "component" .component) | nindent 8 }}
+    spec:
+      accessModes: [ReadWriteOnce]
+      {{- with .persistence.storageClass }}
+      storageClassName: {{ . }}
+      {{- end }}
+      resources:
+        requests:
+          storage: {{ .persistence.size }}
+{{- end }}
+{{- end -}}
+
+{{/* A GPU workload's resources with nvidia.com/gpu requested (and limited) when gpus > 0; pass its values. */}}
+{{- define "apiary.gpuResources" -}}
+{{- $resources := deepCopy (default (dict) .resources) -}}
+{{- if gt (int .gpus) 0 -}}
+{{- range $kind := list "requests" "limits" -}}
+{{- $_ := set $resources $kind (merge (dict "nvidia.com/gpu" (int $.gpus)) (default (dict) (get $resources $kind))) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $resources -}}
+{{- end -}}

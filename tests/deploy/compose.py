@@ -1,0 +1,65 @@
+"""One participant's bundle run with the real Compose files, as its operator would run it.
+
+    project = ComposeProject(engine, "apiary-test-a", env_file)   # an .env of its own
+    project.up("dht")                                              # and what it depends on
+    project.wait_healthy("dht")
+    project.down()                                                 # containers, network, volumes
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from deploy.engine import Engine
+from deploy.files import COMPOSE_FILE
+
+
+class ComposeProject:
+    def __init__(self, engine: Engine, name: str, env_file: Path, files: tuple[Path, ...] = (COMPOSE_FILE,)):
+        self.engine = engine
+        self.name = name
+        self.env_file = env_file
+        self.files = files
+
+    def compose(self, *args: str, timeout: float = 240) -> str:
+        options = ["--project-name", self.name, "--env-file", str(self.env_file)]
+        for path in self.files:
+            options += ["--file", str(path)]
+        return self.engine.compose(*options, *args, timeout=timeout).stdout
+
+    def up(self, *services: str) -> None:
+        self.compose("up", "--detach", "--no-build", *services)
+
+    def container(self, service: str) -> str:
+        container = self.compose("ps", "--quiet", service).strip()
+        assert container, f"{self.name}: no container for {service}"
+        return container
+
+    def inspect(self, service: str) -> dict:
+        return json.loads(self.engine.docker("inspect", self.container(service)).stdout)[0]
+
+    def wait_healthy(self, service: str, *, started_after: str = "", timeout: float = 120) -> dict:
+        """Waits until the service's container (started after `started_after`, an ISO time) is
+        healthy by its own healthcheck; returns its `docker inspect` record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.inspect(service)["State"]
+            health = state.get("Health", {}).get("Status")
+            if health == "healthy" and state["StartedAt"] > started_after:
+                return state
+            if not state["Running"] or time.monotonic() > deadline:
+                logs = self.compose("logs", "--no-color", "--tail", "40", service)
+                raise AssertionError(f"{self.name}/{service} is {state['Status']}, health {health!r}:\n{logs}")
+            time.sleep(1)
+
+    def restart(self, service: str) -> None:
+        self.compose("restart", "--timeout", "20", service)
+
+    def stop(self, service: str) -> None:
+        self.compose("stop", "--timeout", "20", service)
+
+    def down(self) -> None:
+        """Removes the project's containers, networks and volumes."""
+        self.compose("down", "--volumes", "--remove-orphans", "--timeout", "20")

@@ -1,0 +1,182 @@
+"""The dht image and the Compose bundle in a real Docker engine (root; no image registry needed).
+
+The base images are made from Debian packages (tests/deploy/images.py) and the dht image is
+built from services/dht/Dockerfile on them. Two participants then run the dht service and
+Redis from compose.yaml, each as its own Compose project with its own `.env`, announcing this
+host's address as two machines would announce theirs. Skipped, with the reason, where no
+engine can be started; everything made here is removed afterwards (the base images stay
+cached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from service_processes import free_port
+
+from apiary.dht import DHTNode, DHTSettings
+from apiary.wire import PeerAddress
+from apiary.wire.settings import default_route_address
+from deploy.compose import ComposeProject
+from deploy.engine import Engine, EngineUnavailable, docker_engine
+from deploy.files import ENV_EXAMPLE, read_env_file
+from deploy.images import REDIS_IMAGE, build_service_image, ensure_base_images
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+RUN = uuid.uuid4().hex[:8]
+PREFIX = "apiary-test"
+TAG = f"run-{RUN}"
+DHT_IMAGE = f"{PREFIX}/dht:{TAG}"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    with ExitStack() as stack:
+        try:
+            engine = stack.enter_context(docker_engine())
+            ensure_base_images(engine)
+        except EngineUnavailable as reason:
+            pytest.skip(f"no Docker engine can run here: {reason}")
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def dht_image(engine: Engine) -> Iterator[str]:
+    """The dht image built from its Dockerfile; it and its build stages are removed afterwards."""
+    before = set(engine.docker("images", "--all", "--quiet", "--no-trunc").stdout.split())
+    try:
+        build_service_image(engine, "dht", DHT_IMAGE)
+        yield DHT_IMAGE
+    finally:
+        engine.docker("rmi", "--force", DHT_IMAGE, check=False)
+        for _ in range(5):  # build stages: children before parents
+            made = set(engine.docker("images", "--all", "--quiet", "--no-trunc").stdout.split()) - before
+            if not made:
+                break
+            engine.docker("rmi", "--force", *made, check=False)
+
+
+def test_dht_image_runs_apiary_dht_as_a_non_root_user_without_torch(engine: Engine, dht_image: str) -> None:
+    config = engine.docker("image", "inspect", "--format", "{{json .Config.User}}", dht_image).stdout.strip()
+    assert config == '"10001:10001"'
+    usage = engine.docker("run", "--rm", dht_image, "--help").stdout
+    assert "Usage: apiary dht" in usage
+    probe = engine.docker("run", "--rm", "--entrypoint", "python", dht_image, "-c",
+                          "import importlib.util, os; "
+                          "print(importlib.util.find_spec('torch') is None, os.getuid())").stdout.split()
+    assert probe == ["True", "10001"]
+
+
+class Participant:
+    """One participant's bundle: a Compose project with its own `.env` and published ports."""
+
+    def __init__(self, engine: Engine, name: str, directory: Path, announce_host: str, initial_peers: str = ""):
+        self.port, self.admin_port = free_port(), free_port()
+        self.announce_host = announce_host
+        settings = {**read_env_file(ENV_EXAMPLE), "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_IMAGE_TAG": TAG,
+                    "APIARY_REDIS_IMAGE": REDIS_IMAGE, "APIARY_ANNOUNCE_HOST": announce_host,
+                    "APIARY_INITIAL_PEERS": initial_peers, "APIARY_DHT_PORT": str(self.port),
+                    "APIARY_DHT_ADMIN_PORT": str(self.admin_port)}
+        env_file = directory / f"{name}.env"
+        env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+        self.project = ComposeProject(engine, f"{PREFIX}-{RUN}-{name}", env_file)
+
+    @property
+    def public_address(self) -> str:
+        return f"{self.status()['peer_id']}@{self.announce_host}:{self.port}"
+
+    def admin(self, path: str) -> httpx.Response:
+        return httpx.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5)
+
+    def status(self) -> dict:
+        response = self.admin("/status")
+        response.raise_for_status()
+        return response.json()
+
+    def neighbours(self) -> set[str]:
+        return {neighbour["peer_id"] for neighbour in self.status()["neighbours"]}
+
+    def routing_table_nodes(self) -> float:
+        response = self.admin("/metrics")
+        response.raise_for_status()
+        samples = {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples}
+        return samples["apiary_dht_routing_table_nodes"]
+
+
+def _announce_host(engine: Engine) -> str:
+    """This host's address, which containers of both projects reach through published ports."""
+    address = default_route_address()
+    if address.startswith("127."):
+        address = engine.docker("network", "inspect", "bridge", "--format",
+                                "{{(index .IPAM.Config 0).Gateway}}").stdout.strip()
+    return address
+
+
+def _wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(1)
+
+
+async def _store(address: str, key: str, value: str) -> bool:
+    client = await DHTNode.launch([PeerAddress.parse(address)], settings=DHTSettings(client_mode=True))
+    try:
+        return await client.store(key, value, expiration=time.time() + 600)
+    finally:
+        await client.shutdown()
+
+
+async def _get(address: str, key: str) -> object:
+    client = await DHTNode.launch([PeerAddress.parse(address)], settings=DHTSettings(client_mode=True))
+    try:
+        found = await client.get(key)
+        return None if found is None else found.value
+    finally:
+        await client.shutdown()
+
+
+def test_two_participants_dht_services_find_each_other_and_keep_records_across_a_restart(
+    engine: Engine, dht_image: str, tmp_path: Path
+) -> None:
+    host = _announce_host(engine)
+    first = Participant(engine, "a", tmp_path, host)
+    second: Participant | None = None
+    try:
+        first.project.up("dht")
+        first.project.wait_healthy("redis")
+        first.project.wait_healthy("dht")
+        assert first.status()["joined"] is True
+
+        second = Participant(engine, "b", tmp_path, host, initial_peers=first.public_address)
+        second.project.up("dht")
+        second.project.wait_healthy("dht")
+        a_id, b_id = first.status()["peer_id"], second.status()["peer_id"]
+        _wait_for(lambda: b_id in first.neighbours() and a_id in second.neighbours(), "the two DHT nodes are neighbours")
+        assert first.routing_table_nodes() >= 1 and second.routing_table_nodes() >= 1
+
+        key, value = f"deploy-test-{RUN}", f"kept by both participants {RUN}"
+        assert asyncio.run(_store(first.public_address, key, value)) is True
+
+        started = second.project.inspect("dht")["State"]["StartedAt"]
+        second.project.restart("dht")
+        second.project.wait_healthy("dht", started_after=started)
+        assert second.status()["peer_id"] == b_id  # its identity is on a named volume
+        _wait_for(lambda: a_id in second.neighbours(), "the restarted node rejoins its neighbour")
+
+        first.project.stop("dht")  # only the restarted node (and its Redis) can answer now
+        assert asyncio.run(_get(second.public_address, key)) == value
+        assert second.routing_table_nodes() >= 1
+    finally:
+        for participant in (second, first):
+            if participant is not None:
+                participant.project.down()

@@ -1,0 +1,248 @@
+"""The Helm chart (deploy/helm/apiary), offline: lint, renderings with the example values (CPU
+only, GPU, monitoring) validated as Kubernetes manifests, what each rendering must contain,
+and no drift from the CLI, the admin endpoint and the dashboards."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+from kubernetes_validate.utils import SchemaNotFoundError
+
+from deploy.cli import admin_routes, commands, env_vars
+from deploy.files import REPO
+from deploy.helm import (
+    KUBE_VERSION, VALUES_FILES, apiary_command, container, env_of, find, lint, pod_specs, render, validate_values,
+    values_of,
+)
+
+RENDERINGS = [None, *VALUES_FILES]  # the defaults, then every ci/<name>-values.yaml
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in Kubernetes' own schemas
+DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
+
+
+def test_the_example_values_cover_cpu_gpu_and_monitoring() -> None:
+    assert {"cpu", "gpu", "monitoring"} <= set(VALUES_FILES)
+
+
+@pytest.mark.parametrize("values", RENDERINGS)
+def test_lint_is_clean(values: str | None) -> None:
+    report = lint(values_of(values))
+    assert report["errors"] == [] and report["messages"] == [], report
+
+
+@pytest.mark.parametrize("values", RENDERINGS)
+def test_every_rendered_manifest_is_valid_kubernetes(values: str | None) -> None:
+    manifests = render(values_of(values))
+    validated = 0
+    for manifest in manifests:
+        if (manifest["apiVersion"], manifest["kind"]) in CUSTOM_RESOURCES:
+            continue
+        for version in ("1.25.0", KUBE_VERSION.lstrip("v")):  # the chart's oldest supported and a current one
+            kubernetes_validate.validate(manifest, version, strict=True)
+        validated += 1
+    assert validated >= 8
+
+
+def test_the_validator_refuses_a_manifest_with_an_unknown_field() -> None:
+    statefulset = copy.deepcopy(find(render(None), "StatefulSet", "-dht"))
+    statefulset["spec"]["template"]["spec"]["containers"][0]["gpuCount"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(statefulset, "1.30.0", strict=True)
+    with pytest.raises(SchemaNotFoundError):
+        kubernetes_validate.validate({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor"}, "1.30.0")
+
+
+@pytest.mark.parametrize(("values", "problem"), [
+    ({"expertServer": {"gpus": -1}}, "/expertServer/gpus"),
+    ({"dht": {"replicaz": 2}}, "replicaz"),
+    ({"run": {"task": "no colon"}}, "/run/task"),
+    ({"expertServer": {"experts": ""}}, "/expertServer/experts"),
+    ({"publicAddress": {"announceFrom": "host", "host": ""}}, "/publicAddress/host"),
+    ({"publicAddress": {"announceFrom": "hostIP", "hostPort": False}}, "/publicAddress/hostPort"),
+    ({"trainer": {"averager": {"mode": "leader"}}}, "/trainer/averager/mode"),
+    ({"run": {"initialPeers": ["not an address"]}}, "/run/initialPeers/0"),
+    ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+])
+def test_the_values_schema_names_what_is_wrong(values: dict, problem: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as refused:
+        validate_values(values)
+    assert problem in str(refused.value)
+
+
+def test_the_example_values_pass_the_schema() -> None:
+    for name in VALUES_FILES:
+        validate_values(values_of(name))
+
+
+def test_dht_nodes_are_a_statefulset_with_a_headless_service_and_stable_identities() -> None:
+    manifests = render(values_of("gpu"))
+    statefulset = find(manifests, "StatefulSet", "-dht")
+    headless = find(manifests, "Service", "-dht-headless")
+    assert statefulset["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    assert statefulset["spec"]["replicas"] == 3
+    pod = statefulset["spec"]["template"]["spec"]
+    script = "\n".join(container(pod, "dht")["args"])
+    assert f"{statefulset['metadata']['name']}-0.{headless['metadata']['name']}:31337" in script  # pods > 0 join pod 0
+    assert "/etc/apiary/identity/dht-$ordinal.key" in script
+    secret = next(v for v in pod["volumes"] if v["name"] == "identity")
+    assert secret["secret"]["secretName"] == "apiary-dht-identities"
+    claims = statefulset["spec"]["volumeClaimTemplates"]  # the data volume keeps the DHT's files
+    assert [c["metadata"]["name"] for c in claims] == ["data"]
+
+
+def test_without_a_secret_each_dht_pod_keeps_the_identity_it_creates_on_its_volume() -> None:
+    statefulset = find(render(None), "StatefulSet", "-dht")
+    mounts = container(statefulset["spec"]["template"]["spec"], "dht")["volumeMounts"]
+    assert {"name": "data", "mountPath": "/var/lib/apiary"} in mounts
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "256Mi"
+
+
+def test_gpu_workloads_request_gpus_on_gpu_nodes() -> None:
+    manifests = render(values_of("gpu"))
+    for suffix, name, gpus in (("-expert-server", "expert-server", 2), ("-trainer", "trainer", 1)):
+        pod = find(manifests, "StatefulSet", suffix)["spec"]["template"]["spec"]
+        resources = container(pod, name)["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == gpus and resources["limits"]["nvidia.com/gpu"] == gpus
+        assert pod["runtimeClassName"] == "nvidia"
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    experts = find(manifests, "StatefulSet", "-expert-server")["spec"]["template"]["spec"]
+    assert env_of(container(experts, "expert-server"))["APIARY_DEVICE"] == "cuda"
+
+
+def test_cpu_only_values_ask_for_no_gpu() -> None:
+    manifests = render(values_of("cpu"))
+    assert "nvidia.com/gpu" not in json.dumps(manifests)
+    for _, pod in pod_specs(manifests):
+        assert "runtimeClassName" not in pod and "tolerations" not in pod
+    experts = find(manifests, "StatefulSet", "-expert-server")["spec"]["template"]["spec"]
+    assert env_of(container(experts, "expert-server"))["APIARY_DEVICE"] == "cpu"
+
+
+def test_the_averager_runs_beside_each_trainer_sharing_a_memory_backed_dev_shm() -> None:
+    pod = find(render(values_of("gpu")), "StatefulSet", "-trainer")["spec"]["template"]["spec"]
+    assert {c["name"] for c in pod["containers"]} == {"trainer", "averager"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+    for name in ("trainer", "averager"):
+        assert {"name": "shm", "mountPath": "/dev/shm"} in container(pod, name)["volumeMounts"]
+    trainer, averager = env_of(container(pod, "trainer")), env_of(container(pod, "averager"))
+    assert trainer["APIARY_AVERAGER_LOCAL"] == f"127.0.0.1:{averager['APIARY_LOCAL_PORT']}"
+    assert averager["APIARY_LOCAL_HOST"] == "127.0.0.1"  # the trainer's API stays inside the pod
+    assert trainer["APIARY_ADMIN_PORT"] != averager["APIARY_ADMIN_PORT"]
+
+
+@pytest.mark.parametrize("values", RENDERINGS)
+def test_services_reach_their_dht_through_its_local_service(values: str | None) -> None:
+    manifests = render(values_of(values))
+    local = find(manifests, "Service", "-dht")
+    address = f"{local['metadata']['name']}:{local['spec']['ports'][0]['port']}"
+    for workload, pod in pod_specs(manifests):
+        for spec in pod["containers"]:
+            if "APIARY_DHT_LOCAL" in env_of(spec):
+                assert env_of(spec)["APIARY_DHT_LOCAL"] == address, workload["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("values", "source"), [
+    ("gpu", {"fieldRef": {"fieldPath": "status.hostIP"}}),
+    ("cpu", {"fieldRef": {"fieldPath": "status.podIP"}}),
+    ("monitoring", "apiary.example.org"),
+])
+def test_public_services_announce_the_configured_address(values: str, source: object) -> None:
+    manifests = render(values_of(values))
+    announcing = [spec for _, pod in pod_specs(manifests) for spec in pod["containers"]
+                  if spec["name"] in ("dht", "expert-server", "averager")]
+    assert len(announcing) == 3
+    host_port = values_of(values)["publicAddress"].get("hostPort", True)
+    for spec in announcing:
+        assert env_of(spec)["APIARY_ANNOUNCE_HOST"] == source
+        public = [p for p in spec["ports"] if "admin" not in p["name"] and p["name"] != "local"]
+        assert public and all(("hostPort" in p) == host_port for p in public)
+
+
+@pytest.mark.parametrize("values", RENDERINGS)
+def test_every_pod_runs_as_non_root_with_probes_on_its_admin_endpoint(values: str | None) -> None:
+    routes = admin_routes()
+    for workload, pod in pod_specs(render(values_of(values))):
+        assert pod["securityContext"]["runAsNonRoot"] is True, workload["metadata"]["name"]
+        assert pod["automountServiceAccountToken"] is False
+        for spec in pod["containers"]:
+            assert spec["securityContext"]["allowPrivilegeEscalation"] is False
+            assert spec["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            if apiary_command(spec) is None:
+                continue  # Redis
+            admin = next(p for p in spec["ports"] if p["name"].endswith("admin"))
+            assert env_of(spec)["APIARY_ADMIN_PORT"] == str(admin["containerPort"])
+            for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"), ("startupProbe", "/healthz")):
+                assert spec[probe]["httpGet"] == {"path": path, "port": admin["name"]}
+                assert path in routes
+
+
+@pytest.mark.parametrize("values", RENDERINGS)
+def test_every_container_runs_an_apiary_command_with_settings_it_reads(values: str | None) -> None:
+    """No drift between the chart and the CLI: each container runs `apiary <command>` of the
+    real typer app and sets only APIARY_* variables that command reads."""
+    for _, pod in pod_specs(render(values_of(values))):
+        for spec in pod["containers"]:
+            command = apiary_command(spec)
+            if command is None:
+                continue
+            assert command[0] == "apiary" and command[1] == spec["name"] and len(command) == 2
+            assert command[1] in commands(), f"`apiary {command[1]}` is not a CLI command"
+            unknown = {name for name in env_of(spec) if name.startswith("APIARY_")} - env_vars(command[1])
+            assert not unknown, f"apiary {command[1]} reads no {sorted(unknown)}"
+
+
+def test_redis_is_optional() -> None:
+    with_redis = render(None)
+    dht = find(with_redis, "StatefulSet", "-dht")["spec"]["template"]["spec"]
+    redis_service = find(with_redis, "Service", "-redis")["metadata"]["name"]
+    assert env_of(container(dht, "dht"))["REDIS_BASE_URL"] == f"redis://{redis_service}:6379"
+
+    external = render(values_of("monitoring"))
+    assert not [m for m in external if m["metadata"]["name"].endswith("-redis")]
+    dht = find(external, "StatefulSet", "-dht")["spec"]["template"]["spec"]
+    assert env_of(container(dht, "dht"))["REDIS_BASE_URL"] == "redis://redis.example.org:6379"
+    assert 'APIARY_REDIS_URL="$REDIS_BASE_URL/$ordinal"' in container(dht, "dht")["args"][0]
+
+
+def test_the_service_monitor_scrapes_every_admin_port() -> None:
+    manifests = render(values_of("monitoring"))
+    monitor = find(manifests, "ServiceMonitor", "")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    selected = [s for s in manifests if s["kind"] == "Service"
+                and selector.items() <= s["metadata"]["labels"].items()]
+    scraped = {e["port"] for e in monitor["spec"]["endpoints"]}
+    assert all(e["path"] == "/metrics" for e in monitor["spec"]["endpoints"])
+    admin_ports = {(workload["metadata"]["labels"]["app.kubernetes.io/component"], p["name"])
+                   for workload, pod in pod_specs(manifests) for spec in pod["containers"]
+                   for p in spec["ports"] if p["name"].endswith("admin")}
+    covered = {(s["metadata"]["labels"]["app.kubernetes.io/component"], p["name"])
+               for s in selected for p in s["spec"]["ports"] if p["name"] in scraped}
+    assert admin_ports == covered  # dht, expert-server, trainer and averager
+
+
+def test_dashboards_ship_as_configmaps_for_the_grafana_sidecar() -> None:
+    manifests = render(values_of("monitoring"))
+    configmaps = [m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].endswith("-dashboard")]
+    shipped = {name: json.loads(text) for m in configmaps for name, text in m["data"].items()}
+    assert all(m["metadata"]["labels"]["grafana_dashboard"] == "1" for m in configmaps)
+    assert shipped == {path.name: json.loads(path.read_text()) for path in DASHBOARDS.glob("*.json")}
+    assert not [m for m in render(None) if m["kind"] in ("ConfigMap", "ServiceMonitor")]
+
+
+@pytest.mark.parametrize("values", RENDERINGS)
+def test_every_workload_has_a_disruption_budget(values: str | None) -> None:
+    manifests = render(values_of(values))
+    budgets = [m["spec"]["selector"]["matchLabels"] for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    for workload, _ in pod_specs(manifests):
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == "redis":
+            continue
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert [b for b in budgets if b.items() <= labels.items()], workload["metadata"]["name"]

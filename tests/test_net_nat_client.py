@@ -1,11 +1,13 @@
-"""A peer behind a NAT joins as a client: it reads and writes the DHT and sends its part in
-averaging with public peers, though nobody can dial it.
+"""A peer behind a NAT joins as a client: it reads and writes the DHT, sends its part in
+averaging with public peers and trains through remote experts, though nobody can dial it.
 
 Four hosts in network namespaces: three public (20 ms of round trip each) and one whose link
 lets in only answers to connections it opened (40 ms). Each runs `apiary dht` and
 `apiary averager` as a participant would; the NAT peer runs both in client mode. The test is
-the four trainers: it hands each averager its tensors through the averager's local API.
-(The remote-experts part of this scenario comes with the expert server.)
+the four trainers: it hands each averager its tensors through the averager's local API. One
+public participant also runs `apiary expert-server` (declaring through its dht service), and
+the NAT peer trains a model through those experts (`net.moe_client`, finding them through its
+own client-mode dht service).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from net.experts import start_expert_server, wait_until_declared
 from net.network import Host, Link, Network, skip_reason
 from net.processes import HostProcess
 
@@ -61,6 +64,7 @@ async def test_a_peer_behind_nat_uses_the_dht_and_averages_as_a_client(network: 
     averagers = [host.apiary("averager", *ROUND_OPTIONS, "--dht-local", dht_local,
                              *(("--mode", "client") if host is nat else ()))
                  for host, dht_local in zip(network.hosts, dht_locals)]
+    experts = start_expert_server(public[1], "ffn.0.[0:2]", "--dht-local", dht_locals[1])
     for averager in averagers:
         averager.wait_for(r"local API: (\S+)")
 
@@ -93,5 +97,16 @@ async def test_a_peer_behind_nat_uses_the_dht_and_averages_as_a_client(network: 
         for peer in range(4):  # the NAT peer's part is in everyone's mean, and it gets the mean too
             torch.testing.assert_close(tensors[peer][index].double(), expected, atol=1e-5, rtol=1e-5)
 
-    for process in [*dhts, *averagers]:
+    # remote experts, called from behind the NAT: found through its client-mode dht service
+    wait_until_declared(public[1], experts)
+    trainer = nat.python("-m", "net.moe_client", "--dht-local", dht_locals[3], "--grid", "1,2", "--k-best", "2",
+                         "--k-min", "2", "--steps", "20", "--timeout", "5", env={"OMP_NUM_THREADS": "1"},
+                         name="moe trainer behind the nat")
+    report = trainer.result(120)
+    assert trainer.wait(10) == 0, trainer.report()
+    assert len(report["steps"]) == 20
+    assert all(step["answered"] == {"0": 64} for step in report["steps"]), report["steps"]  # 32 samples × 2 experts
+    assert report["loss_end"] < report["loss_start"], report
+
+    for process in [*dhts, *averagers, experts]:
         assert process.alive, process.report()

@@ -38,6 +38,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from apiary.wire import Endpoint
 from net.forward import Forwarder
@@ -91,7 +92,7 @@ def skip_reason() -> str | None:
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Runs `ip`/`tc` and friends; a failure raises with the command and its stderr."""
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=30)
     if check and result.returncode != 0:
         raise RuntimeError(f"`{' '.join(argv)}` failed ({result.returncode}): {result.stderr.strip()}")
     return result
@@ -235,7 +236,7 @@ class Network:
         self.hosts = [Host(self, index, link) for index, link in enumerate(links)]
         self._bridges = ["br0"]
 
-    def __enter__(self) -> Network:
+    def __enter__(self) -> Self:
         reason = skip_reason()
         if reason:
             raise RuntimeError(reason)

@@ -33,7 +33,7 @@ class HostProcess:
     def __init__(self, namespace: str, argv: list[str], env: dict[str, str], name: str, stdin: bool = False):
         self.name = name
         self.argv = argv
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
         self.process = subprocess.Popen(
             ["ip", "netns", "exec", namespace, "setpriv", "--pdeathsig", "KILL", "--", *argv],
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderr,

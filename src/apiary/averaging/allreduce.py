@@ -255,6 +255,7 @@ async def _exchange(
             Endpoint.parse(member.bulk_address), REDUCE_ROUTE, body=request.SerializeToString(),
             tensors=[tensor_payload(t) for t in codec.encode(part)], timeout=round_.sender_timeout * 2,
             reply_into=[memoryview(target.numpy())],  # an uncompressed mean lands in place
+            peer_id=member.peer_id,
         )
         reply = ReduceReply.FromString(body)
         mean = codec_by_name(reply.codec).decode([tensor_from_payload(h, p) for h, p in tensors], end - start)

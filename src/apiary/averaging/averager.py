@@ -61,7 +61,7 @@ class Averager:
         self.settings = settings
         self.codec = codec_by_name(settings.codec)
         self.pool = pool or ChannelPool()
-        self.bulk_client = BulkClient(self.pool.settings)
+        self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity)
         self.reductions = AllReduceService()
         self.grid = MoshpitGrid.for_swarm(settings.expected_peers, settings.target_group_size)
         self.round_index = 0

@@ -82,6 +82,7 @@ LOCAL_SERVICE = ServiceSpec(
         Method("PublishState", PublishStateRequest, PublishStateReply, client_streaming=True),
         Method("LoadState", LoadStateRequest, LoadStateReply, server_streaming=True),
     ),
+    local=True,
 )
 
 OK, NO_GROUP, FAILED = "ok", "no_group", "failed"

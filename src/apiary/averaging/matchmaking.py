@@ -118,7 +118,7 @@ class Matchmaker:
         leader = dialable[0]
         if leader == self.me.peer_id:
             return await self._lead(group_key, set(chunk))
-        return await self._join(group_key, peers[leader]["address"])
+        return await self._join(group_key, peers[leader]["address"], leader)
 
     def _compatible(self, entries: dict[Any, Any]) -> dict[str, dict[str, Any]]:
         peers = {}
@@ -162,9 +162,9 @@ class Matchmaker:
             return None
         return gathering.group_id, sorted(gathering.members.values(), key=lambda m: m.peer_id)
 
-    async def _join(self, group_key: str, leader_address: str) -> tuple[str, list[Member]] | None:
+    async def _join(self, group_key: str, leader_address: str, leader: str) -> tuple[str, list[Member]] | None:
         client = RpcClient(self.pool, MATCHMAKING, Endpoint.parse(leader_address),
-                           timeout=self.settings.join_seconds + 5)
+                           timeout=self.settings.join_seconds + 5, peer_id=leader)
         request = JoinRequest(group_key=group_key, member=self._info(self.me), schema=self.schema)
         try:
             reply = await client.call("Join", request)

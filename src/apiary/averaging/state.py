@@ -114,7 +114,7 @@ async def download_state(
         if remaining <= 0:
             break
         try:
-            return await _download_from(client, Endpoint.parse(info["bulk"]), prefix, remaining)
+            return await _download_from(client, Endpoint.parse(info["bulk"]), prefix, remaining, peer_id)
         except (WireError, ValueError, KeyError, TypeError) as e:
             logger.warning("state from %s failed: %s; trying the next donor", peer_id[:8], e)
             tried.append(f"{peer_id[:8]} ({e})")
@@ -122,9 +122,9 @@ async def download_state(
     raise StateTransferError(f"could not download the state of run {prefix!r} within {timeout:.0f}s: {detail}")
 
 
-async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, timeout: float) -> State:
+async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, timeout: float, peer_id: str) -> State:
     body, payloads = await client.call(endpoint, STATE_ROUTE, body=StateRequest(prefix=prefix).SerializeToString(),
-                                       timeout=timeout)
+                                       timeout=timeout, peer_id=peer_id)
     reply = StateReply.FromString(body)
     if state_digest(reply.metadata, payloads) != reply.sha256:
         raise ValueError("the state's checksum does not match: the transfer was corrupted")

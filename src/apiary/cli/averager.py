@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from apiary.cli.options import option
+from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
 from apiary.services.runtime import ServiceSettings
 from apiary.telemetry import TracingSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
@@ -73,6 +73,9 @@ def averager_command(
     identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
     tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
     otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    tls: TlsOption = False,
+    run_authority: RunAuthorityOption = None,
+    access_token: AccessTokenOption = None,
 ) -> None:
     """Run an averager: average the trainer's tensors with the swarm; keep and serve the latest state."""
     if (dht_local is None) == (not initial_peers.strip()):
@@ -96,7 +99,8 @@ def averager_command(
                      bulk=True, bulk_port=bulk_port, announce_bulk_port=announce_bulk_port,
                      max_requests_per_second=max_requests_per_second, request_burst=request_burst,
                      max_concurrent_per_peer=max_concurrent_per_peer,
-                     max_bulk_connections_per_peer=max_bulk_connections_per_peer, max_bytes_in_flight=max_bytes_in_flight),
+                     max_bulk_connections_per_peer=max_bulk_connections_per_peer, max_bytes_in_flight=max_bytes_in_flight,
+                     tls=tls, run_authority=run_authority, access_token=access_token),
         ServiceSettings(
             identity=identity, admin_host=admin_host, admin_port=admin_port,
             tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),

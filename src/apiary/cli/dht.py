@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 from rich.console import Console
 
-from apiary.cli.options import option
+from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
 from apiary.services.runtime import ServiceSettings
@@ -36,10 +36,14 @@ def dht_command(
     bucket_size: Annotated[int, option("--bucket-size", "nodes per k-bucket")] = 20,
     num_replicas: Annotated[int, option("--num-replicas", "nodes that store each value")] = 5,
     bootstrap_timeout: Annotated[float, option("--bootstrap-timeout", "seconds to reach an initial peer")] = 15.0,
+    tls: TlsOption = False,
+    run_authority: RunAuthorityOption = None,
+    access_token: AccessTokenOption = None,
 ) -> None:
     """Run a DHT node: the swarm's directory of peers, experts, groups and progress."""
     settings = (
-        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False),
+        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
+                     tls=tls, run_authority=run_authority, access_token=access_token),
         ServiceSettings(
             identity=identity, admin_host=admin_host, admin_port=admin_port,
             tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from apiary.cli.options import option
+from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
 from apiary.services.runtime import ServiceSettings
 from apiary.telemetry import TracingSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
@@ -49,6 +49,9 @@ def expert_server_command(
     identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
     tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
     otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    tls: TlsOption = False,
+    run_authority: RunAuthorityOption = None,
+    access_token: AccessTokenOption = None,
 ) -> None:
     """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
     if (dht_local is None) == (not initial_peers.strip()):
@@ -65,7 +68,8 @@ def expert_server_command(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="'--experts'") from None
     settings = (
-        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False),
+        WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
+                     tls=tls, run_authority=run_authority, access_token=access_token),
         ServiceSettings(
             identity=identity, admin_host=admin_host, admin_port=admin_port,
             tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),

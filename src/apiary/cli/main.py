@@ -11,6 +11,7 @@ from apiary.cli.averager import averager_command
 from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
 from apiary.cli.expert_server import expert_server_command
+from apiary.cli.token import token_app
 from apiary.cli.trainer import trainer_command
 from apiary.cli.up import up_command
 from apiary.dht import DHTBootstrapError
@@ -32,6 +33,7 @@ app.command("dht")(dht_command)
 app.command("averager")(averager_command)
 app.command("expert-server")(expert_server_command)
 app.command("trainer")(trainer_command)
+app.add_typer(token_app, name="token")
 
 
 def _one_line(error: pydantic.ValidationError) -> str:

@@ -30,6 +30,7 @@ LOCAL_SERVICE = ServiceSpec(
         Method("Store", LocalStoreRequest, LocalStoreResponse),
         Method("Info", LocalInfoRequest, LocalInfoResponse),
     ),
+    local=True,
 )
 
 

@@ -5,6 +5,11 @@ keeps a routing table of the nodes it hears from, and offers `store`/`get` (and 
 forms) to the code of its participant. Keys, subkeys and values are any msgpack-serializable
 values; each write has an absolute expiration time. A node in client mode (behind NAT) serves
 nothing and is never put in anyone's routing table, but gets and stores like any other.
+
+Nodes dropped from the routing table because they stopped answering are pinged again every
+`reping_period` seconds (for `reping_for` seconds); one that answers is back in the table. So
+the two sides of a network partition, which drop each other while apart, find each other again
+once it heals.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from apiary.dht.protos.dht_pb2 import (
     StoreRequest,
     StoreResponse,
 )
-from apiary.dht.routing import Contact, RoutingTable
+from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
 from apiary.dht.storage import MemoryStorage, Storage, StoredEntry
 from apiary.dht.traversal import LookupState, traverse
@@ -91,6 +96,10 @@ class DHTMetrics:
             "apiary_dht_routing_table_nodes", "Nodes in the routing table", registry=registry
         )
         self.routing_table_size.set_function(lambda: len(node.routing))
+        self.unreachable = Gauge(
+            "apiary_dht_unreachable_nodes", "Nodes removed as unreachable that are pinged again", registry=registry
+        )
+        self.unreachable.set_function(lambda: len(node.unreachable))
         self.stored_records = Gauge("apiary_dht_stored_records", "Keys stored on this node", registry=registry)
         self.rejected = Counter(
             "apiary_dht_rejected_records", "Records refused, by reason", ["reason"], registry=registry
@@ -125,6 +134,7 @@ class DHTNode:
         self.pool = pool or ChannelPool()
         self.id = node_id(identity.peer_id)
         self.routing = RoutingTable(self.id, self.settings.bucket_size)
+        self.unreachable = Unreachable(self.settings.reping_for)
         self.blacklist = Blacklist()
         self.metrics = DHTMetrics(registry, self)
         self.server: RpcServer | None = None
@@ -145,7 +155,8 @@ class DHTNode:
     ) -> DHTNode:
         """Starts a standalone node with its own server (none in client mode) and joins the swarm."""
         wire = wire or WireSettings(listen_host="127.0.0.1", bulk=False)
-        node = cls(identity or Identity.generate(), settings, pool=ChannelPool(wire), **kwargs)
+        identity = identity or Identity.generate()
+        node = cls(identity, settings, pool=ChannelPool(wire, identity=identity), **kwargs)
         if not node.settings.client_mode:
             node.attach(RpcServer(wire, node.identity))
             node._owns_server = True
@@ -187,6 +198,7 @@ class DHTNode:
                 )
             await self.find_nearest([self.id])
         self._spawn(self._refresh_loop())
+        self._spawn(self._reping_loop())
 
     async def shutdown(self) -> None:
         """Cancels background work, stops the server this node started, closes storage and channels."""
@@ -218,12 +230,32 @@ class DHTNode:
             if stale:
                 await self.find_nearest([random_id_in(b.low, b.high) for b in stale])
 
+    async def _reping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reping_period)
+            await self.reping()
+
+    async def reping(self) -> int:
+        """Pings the nodes removed as unreachable; those that answer are back in the routing
+        table. Returns how many answered."""
+        answers = await asyncio.gather(*(self._ping_again(contact) for contact in self.unreachable.contacts()))
+        return sum(answers)
+
+    async def _ping_again(self, contact: Contact) -> bool:
+        # through a new channel: the one whose calls failed may be waiting out gRPC's reconnect
+        # backoff (minutes, after a long partition) and would fail this call without trying
+        await self.pool.discard(contact.endpoint)
+        return await self._call(contact, "Ping", PingRequest(sender=self._me())) is not None
+
     # ---- the protocol, served ----
 
     def _heard_from(self, sender: NodeInfo) -> None:
         contact = contact_of(sender)
         if contact is not None and contact.peer_id != self.identity.peer_id:
             self.routing.add(contact)
+            if contact.peer_id in self.unreachable:  # back: our channel to it failed, so start a new one
+                self.unreachable.discard(contact.peer_id)
+                self._spawn(self.pool.discard(contact.endpoint))
 
     def _me(self) -> NodeInfo:
         contact = self.contact
@@ -269,14 +301,16 @@ class DHTNode:
 
     async def _call(self, contact: Contact, method: str, request: Any) -> Any | None:
         """Calls another node; a failure blacklists it for a while and returns None."""
-        client = RpcClient(self.pool, NODE_SERVICE, contact.endpoint, timeout=self.settings.rpc_timeout)
+        client = RpcClient(self.pool, NODE_SERVICE, contact.endpoint, timeout=self.settings.rpc_timeout,
+                           peer_id=contact.peer_id)
         try:
             response = await client.call(method, request)
         except (PeerUnavailable, DeadlineExceeded) as e:  # gone or too slow: avoid it for a while
             logger.debug("%s to %s failed: %s", method, contact.peer_id[:8], e)
             self.metrics.outgoing.labels(method, "unreachable").inc()
             self.blacklist.failed(contact.peer_id)
-            self.routing.remove(contact.peer_id, contact.id)
+            if self.routing.remove(contact.peer_id, contact.id):
+                self.unreachable.add(contact)  # asked again later (reping): it may be cut off, not gone
             return None
         except WireError as e:  # alive but refused or failed this request: keep it
             logger.info("%s to %s was refused: %s", method, contact.peer_id[:8], e)
@@ -286,13 +320,16 @@ class DHTNode:
         if response.node.peer_id != contact.peer_id:
             self.blacklist.failed(contact.peer_id)
             self.routing.remove(contact.peer_id, contact.id)
+            self.unreachable.discard(contact.peer_id)
             return None
         self.blacklist.succeeded(contact.peer_id)
         self.routing.add(contact)
+        self.unreachable.discard(contact.peer_id)
         return response
 
     async def _ping_address(self, peer: PeerAddress) -> bool:
-        client = RpcClient(self.pool, NODE_SERVICE, peer.endpoint, timeout=self.settings.bootstrap_timeout)
+        client = RpcClient(self.pool, NODE_SERVICE, peer.endpoint, timeout=self.settings.bootstrap_timeout,
+                           peer_id=peer.peer_id)
         try:
             response = await client.call("Ping", PingRequest(sender=self._me()))
         except WireError as e:

@@ -4,6 +4,10 @@ A bucket covers a range of ids and holds up to `bucket_size` nodes, least recent
 first, plus a replacement cache. A full bucket splits if its range contains our own id (or
 its depth is not a multiple of `depth_modulo`, the relaxed rule of section 4.2 of the paper),
 otherwise newcomers wait in the replacement cache until a node of the bucket fails.
+
+Nodes removed because they stopped answering are remembered for a while (`Unreachable`), so
+that the node can ask them again: after a network partition heals, nobody on either side
+would otherwise remember anyone on the other.
 """
 
 from __future__ import annotations
@@ -55,12 +59,16 @@ class KBucket:
             self.replacements.popitem(last=False)
         return False
 
-    def remove(self, peer_id: str) -> None:
-        """Drops a failed node, promoting the freshest replacement in its place."""
+    def remove(self, peer_id: str) -> bool:
+        """Drops a failed node, promoting the freshest replacement in its place; returns whether
+        the node was in the bucket (not just a replacement)."""
         self.replacements.pop(peer_id, None)
-        if self.nodes.pop(peer_id, None) is not None and self.replacements:
+        if self.nodes.pop(peer_id, None) is None:
+            return False
+        if self.replacements:
             _, replacement = self.replacements.popitem()
             self.nodes[replacement.peer_id] = replacement
+        return True
 
     def split(self) -> tuple[KBucket, KBucket]:
         middle = (self.low + self.high) // 2
@@ -100,8 +108,9 @@ class RoutingTable:
                 continue
             return False
 
-    def remove(self, peer_id: str, id_: int) -> None:
-        self.buckets[self.bucket_index(id_)].remove(peer_id)
+    def remove(self, peer_id: str, id_: int) -> bool:
+        """Drops a node; returns whether it was in a bucket."""
+        return self.buckets[self.bucket_index(id_)].remove(peer_id)
 
     def get(self, peer_id: str) -> Contact | None:
         return self.buckets[self.bucket_index(node_id(peer_id))].nodes.get(peer_id)
@@ -121,3 +130,39 @@ class RoutingTable:
     def stale_buckets(self, older_than: float) -> list[KBucket]:
         cutoff = time.monotonic() - older_than
         return [bucket for bucket in self.buckets if bucket.last_updated < cutoff]
+
+
+class Unreachable:
+    """Contacts removed from the routing table as unreachable, with the time of their removal:
+    the newest `limit` of them, each for `keep_for` seconds after its removal."""
+
+    def __init__(self, keep_for: float, limit: int = 256):
+        self.keep_for = keep_for
+        self.limit = limit
+        self._removed: OrderedDict[str, tuple[Contact, float]] = OrderedDict()  # oldest removal first
+
+    def add(self, contact: Contact) -> None:
+        """Remembers a contact just removed (one remembered already keeps its first removal time)."""
+        if contact.peer_id in self._removed:
+            self._removed[contact.peer_id] = (contact, self._removed[contact.peer_id][1])
+            return
+        self._removed[contact.peer_id] = (contact, time.monotonic())
+        while len(self._removed) > self.limit:
+            self._removed.popitem(last=False)
+
+    def discard(self, peer_id: str) -> None:
+        """Forgets a contact (it answered, or is not the node it was)."""
+        self._removed.pop(peer_id, None)
+
+    def contacts(self) -> list[Contact]:
+        """The contacts to ask again, after forgetting those removed more than `keep_for` ago."""
+        cutoff = time.monotonic() - self.keep_for
+        while self._removed and next(iter(self._removed.values()))[1] < cutoff:
+            self._removed.popitem(last=False)
+        return [contact for contact, _ in self._removed.values()]
+
+    def __contains__(self, peer_id: str) -> bool:
+        return peer_id in self._removed
+
+    def __len__(self) -> int:
+        return len(self._removed)

@@ -12,6 +12,8 @@ class DHTSettings(BaseModel):
     rpc_timeout: float = Field(3.0, gt=0, description="deadline of one DHT RPC, seconds")
     bootstrap_timeout: float = Field(15.0, gt=0, description="seconds to reach an initial peer before giving up")
     refresh_period: float = Field(300.0, gt=0, description="refresh k-buckets not updated for this many seconds")
+    reping_period: float = Field(15.0, gt=0, description="seconds between pings of nodes removed as unreachable (those that answer are added back)")
+    reping_for: float = Field(3600.0, ge=0, description="seconds after its removal that an unreachable node is still pinged")
     max_value_bytes: int = Field(1 << 20, ge=64, description="largest value accepted for storage")
     max_items_per_request: int = Field(1024, ge=1, description="largest number of keys or items in one RPC")
     client_mode: bool = Field(False, description="do not accept connections (behind NAT): get and store only")

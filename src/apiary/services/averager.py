@@ -29,7 +29,7 @@ from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, sa
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import DHTClient
 from apiary.services.runtime import ServiceHost, ServiceSettings
-from apiary.wire import ChannelPool, Endpoint, InvalidRequest, PeerAddress, RpcServer, WireSettings
+from apiary.wire import ChannelPool, Endpoint, Identity, InvalidRequest, PeerAddress, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient, Payload
 
 logger = logging.getLogger(__name__)
@@ -97,13 +97,14 @@ class _CountingBulkClient(BulkClient):
     """The averager's bulk client, counting the tensor bytes of the parts it sends to reducers
     and of the means it gets back (completed exchanges)."""
 
-    def __init__(self, settings: WireSettings, metrics: AveragerMetrics):
-        super().__init__(settings)
+    def __init__(self, settings: WireSettings, metrics: AveragerMetrics, identity: Identity):
+        super().__init__(settings, identity=identity)
         self.metrics = metrics
 
     async def call(self, endpoint: Endpoint, route: str, *, body: bytes = b"", tensors: Sequence[Payload] = (),
-                   timeout: float | None = None, reply_into: Sequence[memoryview] = ()) -> Any:
-        reply = await super().call(endpoint, route, body=body, tensors=tensors, timeout=timeout, reply_into=reply_into)
+                   timeout: float | None = None, reply_into: Sequence[memoryview] = (), peer_id: str | None = None) -> Any:
+        reply = await super().call(endpoint, route, body=body, tensors=tensors, timeout=timeout, reply_into=reply_into,
+                                   peer_id=peer_id)
         self.metrics.sent_bytes.inc(_payload_bytes(tensors))
         self.metrics.received_bytes.inc(_payload_bytes(reply[1]))
         return reply
@@ -133,7 +134,7 @@ class AveragerService:
         self.averaging = averaging
         self.host = ServiceHost("averager", wire, service, status=self.status, ready=lambda: self.registered)
         self.metrics = AveragerMetrics(self.host.registry)
-        self.pool = ChannelPool(wire)
+        self.pool = ChannelPool(wire, identity=self.host.identity)
         peer_id = self.host.identity.peer_id
         self.node: DHTNode | None = None
         if settings.dht_local is not None:
@@ -143,16 +144,17 @@ class AveragerService:
                                 pool=self.pool, registry=self.host.registry)
             self.dht = self.node
         self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool)
-        self.averager.bulk_client = _CountingBulkClient(wire, self.metrics)
+        self.averager.bulk_client = _CountingBulkClient(wire, self.metrics, self.host.identity)
         self.averager.reductions = _CountingReductions(self.metrics)
         self.donor = StateDonor(averaging.prefix, peer_id)
-        self.state_client = BulkClient(wire)
+        self.state_client = BulkClient(wire, identity=self.host.identity)
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
             state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self._state_published,
         )
         local_wire = wire.model_copy(update={"listen_host": settings.local_host, "port": settings.local_port,
-                                             "announce_host": None, "announce_port": None, "bulk": False})
+                                             "announce_host": None, "announce_port": None, "bulk": False,
+                                             "tls": False, "run_authority": None, "access_token": None})
         self.local_server = RpcServer(local_wire, self.host.identity)
         self.local_server.add_service(LOCAL_SERVICE, self.servicer)
         self.announced_at: float | None = None

@@ -52,7 +52,7 @@ class DHTService:
         storage = await open_storage(self.settings.redis_url)
         self.node = DHTNode(
             self.host.identity, self.dht_settings, storage=storage,
-            pool=ChannelPool(self.host.server.settings), registry=self.host.registry,
+            pool=ChannelPool(self.host.server.settings, identity=self.host.identity), registry=self.host.registry,
         )
         if not self.dht_settings.client_mode:
             self.node.attach(self.host.server)

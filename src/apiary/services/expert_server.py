@@ -118,7 +118,7 @@ class ExpertServerService:
                                    checkpoint_dir=settings.checkpoint_dir, checkpoint_period=settings.checkpoint_period,
                                    metrics=self.metrics,
                                    activations=ActivationCache(settings.kept_activations, settings.kept_activations_seconds))
-        self.pool = ChannelPool(wire)
+        self.pool = ChannelPool(wire, identity=self.host.identity)
         self.node: DHTNode | None = None
         if settings.dht_local is not None:
             self.dht: DHTClient | DHTNode = DHTClient(settings.dht_local, self.pool, timeout=settings.dht_timeout)

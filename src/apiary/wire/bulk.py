@@ -8,7 +8,10 @@ then receives straight into the tensors' final buffers; the sender writes straig
 memory. Errors, deadlines, tracing and metrics follow the same rules as the gRPC services, and
 so do the per-peer limits (`apiary.wire.limits`): connections per peer, request rate and
 concurrency, and every frame and payload taken from the server's budget of bytes in flight
-before it is allocated (a connection's reused buffer holds its share until it closes).
+before it is allocated (a connection's reused buffer holds its share until it closes). In a
+private run, every request frame carries the caller's token and signature (`apiary.wire.auth`,
+covering the route, body and tensor headers), checked before any tensor byte is read; with
+TLS, each connection is a TLS session whose server proves the expected peer id (`apiary.wire.tls`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ import grpc
 from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
+from apiary.wire.auth import CallCredentials, Gatekeeper, request_digest
 from apiary.wire.chunks import check_header
 from apiary.wire.limits import ByteBudget, LimitExceeded, ServerLimits
 from apiary.wire.errors import (
@@ -36,10 +41,12 @@ from apiary.wire.errors import (
     WireError,
     error_from_status,
 )
+from apiary.wire.identity import Identity
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
 from apiary.wire.rpc import decode
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.settings import WireSettings
+from apiary.wire.tls import TlsSocket, certified_peer_id, client_ssl_context
 from apiary.wire.tracing import incoming_context, outgoing_metadata, span_attributes, tracer
 
 logger = logging.getLogger(__name__)
@@ -74,7 +81,7 @@ Handler = Callable[[BulkCall], Awaitable[BulkAnswer]]
 
 
 class _Connection:
-    """A non-blocking socket with whole-frame and whole-buffer reads and writes."""
+    """A non-blocking socket (plain or TLS) with whole-frame and whole-buffer reads and writes."""
 
     def __init__(self, sock: socket.socket, budget: ByteBudget | None = None):
         self._scratch = bytearray()
@@ -83,11 +90,30 @@ class _Connection:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
+        self.tls: TlsSocket | None = None
+        self.peer_id: str | None = None  # the id a TLS server proved
+
+    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> TlsSocket:
+        tls = TlsSocket(self.sock, context, server_side=server_side)
+        await tls.handshake()
+        self.tls = tls
+        return tls
+
+    async def _recv_into(self, buffer: memoryview) -> int:
+        if self.tls is not None:
+            return await self.tls.recv_into(buffer)
+        return await self.loop.sock_recv_into(self.sock, buffer)
+
+    async def send(self, data: bytes | memoryview) -> None:
+        if self.tls is not None:
+            await self.tls.sendall(data)
+        else:
+            await self.loop.sock_sendall(self.sock, data)
 
     async def read_into(self, buffer: memoryview) -> None:
         filled = 0
         while filled < len(buffer):
-            received = await self.loop.sock_recv_into(self.sock, buffer[filled:])
+            received = await self._recv_into(buffer[filled:])
             if received == 0:
                 raise ConnectionError(f"connection closed after {filled} of {len(buffer)} bytes")
             filled += received
@@ -111,10 +137,10 @@ class _Connection:
 
     async def write_frame(self, message: BulkRequest | BulkReply, payloads: Sequence[memoryview] = ()) -> None:
         frame = message.SerializeToString()
-        await self.loop.sock_sendall(self.sock, len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
+        await self.send(len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
         for payload in payloads:
             if len(payload):
-                await self.loop.sock_sendall(self.sock, payload.cast("B"))
+                await self.send(payload.cast("B"))
 
     async def read_payloads(
         self, headers: Sequence[TensorHeader], *, scratch: bool = False, into: Sequence[memoryview] = ()
@@ -142,6 +168,8 @@ class _Connection:
 
     def idle_and_open(self) -> bool:
         """Whether an idle connection can carry a request: the peer neither closed it nor sent anything."""
+        if self.tls is not None and self.tls.pending():
+            return False
         try:
             self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
@@ -153,6 +181,8 @@ class _Connection:
     async def wait_readable(self, timeout: float) -> bool:
         """Waits until the peer sends something; False if it stays silent for `timeout` seconds
         (an idle connection is then closed, freeing its task and buffer)."""
+        if self.tls is not None and self.tls.pending():
+            return True
         readable = self.loop.create_future()
         self.loop.add_reader(self.sock.fileno(), lambda: readable.done() or readable.set_result(True))
         try:
@@ -181,6 +211,11 @@ def check_headers(headers: Sequence[TensorHeader], max_tensor_bytes: int, max_to
     return total
 
 
+def signed_digest(request: BulkRequest) -> bytes:
+    """What a private run's signature of a bulk request covers: its route, tensor headers and body."""
+    return request_digest(BulkRequest(route=request.route, tensors=request.tensors, body=request.body).SerializeToString())
+
+
 def parse_request(frame: bytes, settings: WireSettings) -> BulkRequest:
     """The request in a frame, each tensor header checked; InvalidRequest if malformed or too large.
     (Their total is reserved in the server's budget of bytes in flight before they are received.)"""
@@ -190,12 +225,16 @@ def parse_request(frame: bytes, settings: WireSettings) -> BulkRequest:
 
 
 class BulkServer:
-    """Serves bulk routes on `settings.listen_host:bulk_port` (0: any free port)."""
+    """Serves bulk routes on `settings.listen_host:bulk_port` (0: any free port); `gate` checks
+    the credentials of a private run's requests."""
 
-    def __init__(self, settings: WireSettings, *, metrics: RpcMetrics | None = None, limits: ServerLimits | None = None):
+    def __init__(self, settings: WireSettings, *, metrics: RpcMetrics | None = None, limits: ServerLimits | None = None,
+                 gate: Gatekeeper | None = None):
         self.settings = settings
         self.metrics = metrics
         self.limits = limits or ServerLimits(settings)
+        self.gate = gate
+        self._tls: ssl.SSLContext | None = None
         self._routes: dict[str, tuple[Handler, bool]] = {}
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,8 +245,9 @@ class BulkServer:
         requests, which spares the cost of touching fresh memory for every request."""
         self._routes[route] = (handler, keeps_tensors)
 
-    async def start(self) -> None:
-        """Binds and starts accepting; raises OSError naming the address if binding fails."""
+    async def start(self, *, tls: ssl.SSLContext | None = None) -> None:
+        """Binds and starts accepting (TLS sessions with `tls`); raises OSError naming the address if binding fails."""
+        self._tls = tls
         endpoint = Endpoint(self.settings.listen_host, self.settings.bulk_port)
         family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
@@ -266,6 +306,8 @@ class BulkServer:
 
     async def _serve_connection(self, connection: _Connection, host: str, peer: str, closed: Callable[[], None]) -> None:
         try:
+            if self._tls is not None:
+                await asyncio.wait_for(connection.start_tls(self._tls, server_side=True), self.settings.default_timeout)
             if await connection.read_exactly(len(MAGIC)) != MAGIC:
                 await self._refuse(connection, grpc.StatusCode.INVALID_ARGUMENT,
                                    "not an apiary bulk connection (bad preamble)")
@@ -273,8 +315,8 @@ class BulkServer:
             while await connection.wait_readable(self.settings.bulk_idle_timeout):
                 if not await self._serve_request(connection, host, peer):
                     break
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass  # a TLS handshake that fails or stalls ends here too (ssl.SSLError is an OSError)
         finally:
             connection.close()
             closed()
@@ -296,6 +338,8 @@ class BulkServer:
         try:
             try:
                 request = parse_request(await connection.read_frame(self.settings.max_message_bytes), self.settings)
+                if self.gate is not None:  # before a single tensor byte is read
+                    self.gate.check(request.metadata.items(), f"bulk:{request.route}", signed_digest(request))
                 if request.route not in self._routes:
                     raise _Refusal(grpc.StatusCode.UNIMPLEMENTED, f"no bulk route {request.route!r} on this peer")
                 handler, keeps_tensors = self._routes[request.route]
@@ -365,10 +409,14 @@ _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
 
 class BulkClient:
-    """Calls bulk routes on other peers, reusing idle connections per endpoint."""
+    """Calls bulk routes on other peers, reusing idle connections per endpoint. With TLS, a call
+    that names the `peer_id` it expects is refused by any other; in a private run, `identity`
+    signs every request."""
 
-    def __init__(self, settings: WireSettings | None = None, *, max_idle_per_peer: int = 4):
+    def __init__(self, settings: WireSettings | None = None, *, identity: Identity | None = None,
+                 max_idle_per_peer: int = 4):
         self.settings = settings or WireSettings()
+        self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
         self.max_idle_per_peer = max_idle_per_peer
         self._idle: dict[Endpoint, list[_Connection]] = {}
 
@@ -381,6 +429,7 @@ class BulkClient:
         tensors: Sequence[Payload] = (),
         timeout: float | None = None,
         reply_into: Sequence[memoryview] = (),
+        peer_id: str | None = None,
     ) -> tuple[bytes, list[tuple[TensorHeader, bytearray | memoryview]]]:
         """Sends `tensors` to `route` at `endpoint`; returns the reply's body and tensors. Reply
         tensors whose size matches a buffer of `reply_into` are received straight into it."""
@@ -391,23 +440,27 @@ class BulkClient:
             request = BulkRequest(route=route, body=body, tensors=[h for h, _ in tensors],
                                   metadata=dict(outgoing_metadata()))
             try:
-                exchange = self._exchange(endpoint, request, [p for _, p in tensors], reply_into)
+                exchange = self._exchange(endpoint, peer_id, request, [p for _, p in tensors], reply_into)
                 return await asyncio.wait_for(exchange, timeout)
             except WireError:  # the peer's own answer (its DeadlineExceeded too): pass it on as is
                 raise
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"{name} on {endpoint} did not finish within {timeout:.1f}s",
                                        peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
-            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:  # TlsError too
                 raise PeerUnavailable(f"{name} on {endpoint} failed: {e}", peer=str(endpoint),
                                       code=grpc.StatusCode.UNAVAILABLE) from None
 
     async def _exchange(
-        self, endpoint: Endpoint, request: BulkRequest, payloads: list[memoryview], reply_into: Sequence[memoryview]
+        self, endpoint: Endpoint, peer_id: str | None, request: BulkRequest, payloads: list[memoryview],
+        reply_into: Sequence[memoryview],
     ) -> tuple[bytes, list[tuple[TensorHeader, bytearray | memoryview]]]:
-        connection = await self._connect(endpoint)
+        connection = await self._connect(endpoint, peer_id)
         reusable = False
         try:
+            if self.credentials is not None:
+                request.metadata.update(self.credentials.metadata(
+                    f"bulk:{request.route}", audience=connection.peer_id or peer_id, digest=signed_digest(request)))
             with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # the reply says why
                 await connection.write_frame(request, payloads)
             reply = decode(BulkReply, await connection.read_frame(self.settings.max_message_bytes))
@@ -423,11 +476,11 @@ class BulkClient:
         finally:
             self._release(endpoint, connection, reusable)
 
-    async def _connect(self, endpoint: Endpoint) -> _Connection:
+    async def _connect(self, endpoint: Endpoint, peer_id: str | None) -> _Connection:
         idle = self._idle.get(endpoint)
         while idle:
             connection = idle.pop()
-            if connection.idle_and_open():
+            if connection.idle_and_open() and (peer_id is None or connection.peer_id in (None, peer_id)):
                 return connection
             connection.close()  # the peer closed it (e.g. it restarted) while it sat idle
         loop = asyncio.get_running_loop()
@@ -441,7 +494,14 @@ class BulkClient:
             sock.close()
             raise
         connection = _Connection(sock)
-        await loop.sock_sendall(sock, MAGIC)
+        try:
+            if self.settings.tls:
+                tls = await connection.start_tls(client_ssl_context(), server_side=False)
+                connection.peer_id = certified_peer_id(tls.peer_certificate(), peer_id)
+            await connection.send(MAGIC)
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _release(self, endpoint: Endpoint, connection: _Connection, reusable: bool) -> None:

@@ -4,6 +4,12 @@
 closed). `RpcClient` calls one service on one peer through the pool: every call gets a
 deadline (the caller's, else the default), a client span whose context travels in the call's
 metadata, and any failure is raised as a `WireError` subclass.
+
+With `WireSettings.tls`, channels to public services are TLS channels that only the expected
+peer id can answer (`apiary.wire.tls`): the id given to `RpcClient`, else the one the server
+proves at first contact. In a private run (`run_authority`), every call to a public service
+carries this peer's token and a fresh signature (`apiary.wire.auth`). Local services
+(`ServiceSpec.local`) are always called in plaintext and without credentials.
 """
 
 from __future__ import annotations
@@ -16,33 +22,74 @@ from google.protobuf.message import Message
 from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
-from apiary.wire.errors import WireError, error_from_status
+from apiary.wire.auth import CallCredentials, request_digest
+from apiary.wire.errors import DeadlineExceeded, PeerUnavailable, WireError, error_from_status
+from apiary.wire.identity import Identity
 from apiary.wire.rpc import Method, ServiceSpec
 from apiary.wire.settings import WireSettings
+from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials
 from apiary.wire.tracing import outgoing_metadata, span_attributes, tracer
 
 Request = Message | AsyncIterable[Message]
 
 
 class ChannelPool:
-    """Reuses one insecure gRPC channel per endpoint."""
+    """Reuses one gRPC channel per endpoint (per endpoint and peer id with TLS).
 
-    def __init__(self, settings: WireSettings | None = None):
+    `identity` signs the calls of a private run (`settings.run_authority`); the pool fails at
+    once (CredentialsError) if the token is missing, expired or not this identity's."""
+
+    def __init__(self, settings: WireSettings | None = None, *, identity: Identity | None = None):
         self.settings = settings or WireSettings()
-        self._channels: dict[Endpoint, grpc.aio.Channel] = {}
+        self.identity = identity
+        self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
+        self._channels: dict[tuple[Endpoint, str | None], grpc.aio.Channel] = {}
+        self._proven: dict[Endpoint, str] = {}  # TLS: the ids servers proved at addresses dialled without one
 
-    def channel(self, endpoint: Endpoint) -> grpc.aio.Channel:
-        channel = self._channels.get(endpoint)
+    def channel(self, endpoint: Endpoint, peer_id: str | None = None, *, local: bool = False) -> grpc.aio.Channel:
+        """The channel to `endpoint`: plaintext, or (TLS, not `local`) one that only `peer_id` can answer."""
+        tls = self.settings.tls and not local
+        if tls and peer_id is None:
+            raise ValueError(f"a TLS channel to {endpoint} needs the peer id expected there (see `connect`)")
+        key = (endpoint, peer_id if tls else None)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(str(endpoint), options=self.settings.grpc_options())
-            self._channels[endpoint] = channel
+            if tls:
+                assert peer_id is not None
+                credentials, options = grpc_channel_credentials(peer_id)
+                channel = grpc.aio.secure_channel(str(endpoint), credentials,
+                                                  options=[*self.settings.grpc_options(), *options])
+            else:
+                channel = grpc.aio.insecure_channel(str(endpoint), options=self.settings.grpc_options())
+            self._channels[key] = channel
         return channel
 
+    async def connect(self, endpoint: Endpoint, peer_id: str | None, *, local: bool,
+                      timeout: float) -> tuple[grpc.aio.Channel, str | None]:
+        """The channel for a call and the peer id it is bound to (None: plaintext, id unknown).
+        With TLS and no `peer_id`, the id is the one the server proves at first contact."""
+        if self.settings.tls and not local and peer_id is None:
+            peer_id = self._proven.get(endpoint)
+            if peer_id is None:
+                try:
+                    peer_id = self._proven[endpoint] = await fetch_peer_id(endpoint, timeout)
+                except TimeoutError as e:
+                    raise DeadlineExceeded(str(e), peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                except (TlsError, OSError) as e:
+                    raise PeerUnavailable(f"TLS with {endpoint} failed: {e}", peer=str(endpoint),
+                                          code=grpc.StatusCode.UNAVAILABLE) from None
+        bound = peer_id if self.settings.tls and not local else None
+        return self.channel(endpoint, peer_id, local=local), bound
+
+    def forget(self, endpoint: Endpoint) -> None:
+        """Forgets the id proven at `endpoint` (e.g. the peer there restarted with another one)."""
+        self._proven.pop(endpoint, None)
+
     async def discard(self, endpoint: Endpoint) -> None:
-        """Closes the channel to `endpoint` (e.g. a peer known to be gone)."""
-        channel = self._channels.pop(endpoint, None)
-        if channel is not None:
-            await channel.close()
+        """Closes the channels to `endpoint` (e.g. a peer known to be gone)."""
+        self.forget(endpoint)
+        for key in [key for key in self._channels if key[0] == endpoint]:
+            await self._channels.pop(key).close()
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
@@ -57,30 +104,34 @@ class ChannelPool:
 
 
 class RpcClient:
-    """Calls the methods of `spec` on the peer at `endpoint`."""
+    """Calls the methods of `spec` on the peer at `endpoint` (with TLS: the peer `peer_id`, if given)."""
 
-    def __init__(self, pool: ChannelPool, spec: ServiceSpec, endpoint: Endpoint, *, timeout: float | None = None):
+    def __init__(self, pool: ChannelPool, spec: ServiceSpec, endpoint: Endpoint, *, timeout: float | None = None,
+                 peer_id: str | None = None):
         self.pool = pool
         self.spec = spec
         self.endpoint = endpoint
+        self.peer_id = peer_id
         self.timeout = timeout or pool.settings.default_timeout
 
     async def call(self, method_name: str, request: Request, *, timeout: float | None = None) -> Any:
         """A unary-response call (the request may be a message or an async stream of them)."""
         method = self.spec.method(method_name)
+        timeout = timeout or self.timeout
         with self._span(method):
+            multicallable, request, metadata = await self._prepare(method, request, timeout)
             try:
-                return await self._multicallable(method)(
-                    request, timeout=timeout or self.timeout, metadata=outgoing_metadata()
-                )
+                return await multicallable(request, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 raise self._error(method, e) from None
 
     async def stream(self, method_name: str, request: Request, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """A streaming-response call: yields responses as they arrive; the deadline covers the whole stream."""
         method = self.spec.method(method_name)
+        timeout = timeout or self.timeout
         with self._span(method):
-            call = self._multicallable(method)(request, timeout=timeout or self.timeout, metadata=outgoing_metadata())
+            multicallable, request, metadata = await self._prepare(method, request, timeout)
+            call = multicallable(request, timeout=timeout, metadata=metadata)
             try:
                 async for response in call:
                     yield response
@@ -89,19 +140,28 @@ class RpcClient:
             finally:
                 call.cancel()
 
-    def _multicallable(self, method: Method) -> Any:
-        channel = self.pool.channel(self.endpoint)
+    async def _prepare(self, method: Method, request: Request, timeout: float) -> tuple[Any, Request | bytes, Any]:
+        """The multicallable, the request (serialized here when a signature covers its digest) and the metadata."""
+        local = self.spec.local
+        channel, peer_id = await self.pool.connect(self.endpoint, self.peer_id, local=local, timeout=timeout)
+        credentials = None if local else self.pool.credentials
+        serializer: Any = method.request.SerializeToString
+        extra: list[tuple[str, str]] = []
+        if credentials is not None:
+            digest = b""
+            if isinstance(request, Message):  # a unary request: serialized once, here, and signed
+                request = request.SerializeToString()
+                digest, serializer = request_digest(request), None
+            extra = credentials.metadata(self.spec.path(method), audience=peer_id or self.peer_id, digest=digest)
         kind = {
             (False, False): channel.unary_unary,
             (True, False): channel.stream_unary,
             (False, True): channel.unary_stream,
             (True, True): channel.stream_stream,
         }[(method.client_streaming, method.server_streaming)]
-        return kind(
-            self.spec.path(method),
-            request_serializer=method.request.SerializeToString,
-            response_deserializer=method.response.FromString,
-        )
+        multicallable = kind(self.spec.path(method), request_serializer=serializer,
+                             response_deserializer=method.response.FromString)
+        return multicallable, request, outgoing_metadata(extra)
 
     def _span(self, method: Method) -> Any:
         return tracer.start_as_current_span(
@@ -111,6 +171,11 @@ class RpcClient:
         )
 
     def _error(self, method: Method, error: grpc.aio.AioRpcError) -> WireError:
-        return error_from_status(
-            error.code(), error.details() or "", peer=str(self.endpoint), method=f"{self.spec.name}/{method.name}"
-        )
+        details = error.details() or ""
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            if "handshake failed" in details.lower() and self.pool.settings.tls and not self.spec.local:
+                expected = self.peer_id or "the id it proved before"
+                details = f"the server did not prove peer id {expected} over TLS ({details})"
+            if self.peer_id is None:
+                self.pool.forget(self.endpoint)  # whoever answers there next proves its id afresh
+        return error_from_status(error.code(), details, peer=str(self.endpoint), method=f"{self.spec.name}/{method.name}")

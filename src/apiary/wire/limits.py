@@ -86,19 +86,21 @@ class ServerLimits:
         self.rejected: dict[str, int] = dict.fromkeys(REASONS, 0)
         self._counter = None
         if registry is not None:
-            self._counter = Counter(f"{prefix}_rpc_rejected", "Requests and connections refused by a limit, by limit",
+            self._counter = Counter(f"{prefix}_rpc_rejected",
+                                    "Requests and connections refused by a limit or for their credentials, by reason",
                                     ["reason"], registry=registry)
             for reason in REASONS:
                 self._counter.labels(reason)
-        self.bytes_in_flight = ByteBudget(settings.max_bytes_in_flight, self._count)
+        self.bytes_in_flight = ByteBudget(settings.max_bytes_in_flight, self.count_refusal)
 
-    def _count(self, reason: str) -> None:
-        self.rejected[reason] += 1
+    def count_refusal(self, reason: str) -> None:
+        """Counts one refusal: by a limit here, or for credentials (`apiary.wire.auth.REASONS`)."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if self._counter is not None:
             self._counter.labels(reason).inc()
 
     def _refuse(self, reason: str, message: str) -> LimitExceeded:
-        self._count(reason)
+        self.count_refusal(reason)
         return LimitExceeded(reason, message)
 
     def _state(self, peer: str) -> _PeerState:

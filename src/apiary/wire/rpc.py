@@ -54,10 +54,13 @@ class Method:
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """A gRPC service: its full name (`package.Service`) and its methods."""
+    """A gRPC service: its full name (`package.Service`) and its methods. A `local` service is
+    served on a participant's local API port to its own services only: clients call it in
+    plaintext and without private-run credentials."""
 
     name: str
     methods: tuple[Method, ...]
+    local: bool = False
 
     def method(self, name: str) -> Method:
         for method in self.methods:

@@ -4,7 +4,10 @@
 (a malformed one is answered with INVALID_ARGUMENT naming the message type), opens a server
 span whose parent is the caller's span, counts the call by method and status code, and turns
 handler exceptions into gRPC statuses without ever stopping the server. Every call is first
-admitted by the server's per-peer limits (`apiary.wire.limits`), shared with its bulk server.
+admitted by the server's per-peer limits (`apiary.wire.limits`), shared with its bulk server,
+then, in a private run, by its gatekeeper (`apiary.wire.auth`): token, signature, replay.
+With `settings.tls`, both ports speak TLS with a certificate bound to the server's peer id
+(`apiary.wire.tls`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from apiary.wire.address import Endpoint
+from apiary.wire.auth import gatekeeper_for, request_digest
 from apiary.wire.bulk import BulkServer
 from apiary.wire.errors import InvalidRequest
 from apiary.wire.identity import Identity
@@ -28,6 +32,7 @@ from apiary.wire.metrics import RpcMetrics
 from apiary.wire.probe import PROBE, SINK_ROUTE, ProbeService
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
 from apiary.wire.settings import WireSettings
+from apiary.wire.tls import ServerCertificate
 from apiary.wire.tracing import incoming_context, span_attributes, tracer
 
 logger = logging.getLogger(__name__)
@@ -52,9 +57,10 @@ class RpcServer:
         self.identity = identity
         self.metrics = RpcMetrics(registry, metrics_prefix) if registry is not None else None
         self.limits = ServerLimits(settings, registry=registry, prefix=metrics_prefix)
+        self.gate = gatekeeper_for(settings.run_authority, identity, self.limits.count_refusal)
         self._server: grpc.aio.Server | None = None  # made at start: an unstarted one upsets grpc at exit
         self._handlers: list[grpc.GenericRpcHandler] = []
-        self.bulk = BulkServer(settings, metrics=self.metrics, limits=self.limits) if settings.bulk else None
+        self.bulk = BulkServer(settings, metrics=self.metrics, limits=self.limits, gate=self.gate) if settings.bulk else None
         self._bound_port: int | None = None
 
     def add_service(self, spec: ServiceSpec, implementation: object) -> None:
@@ -73,12 +79,16 @@ class RpcServer:
     async def start(self) -> None:
         """Binds the port and starts serving; raises OSError naming the address if binding fails."""
         address = str(Endpoint(self.settings.listen_host, self.settings.port))
+        certificate = ServerCertificate.for_identity(self.identity) if self.settings.tls else None
         if self.bulk is not None:  # bound first: a gRPC server that never started keeps its port bound
-            await self.bulk.start()
+            await self.bulk.start(tls=certificate.ssl_context() if certificate is not None else None)
         server = grpc.aio.server(options=self.settings.grpc_options(),
                                  maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs)
         try:
-            port = server.add_insecure_port(address)
+            if certificate is not None:
+                port = server.add_secure_port(address, certificate.grpc_credentials())
+            else:
+                port = server.add_insecure_port(address)
             if port == 0:
                 raise RuntimeError("the address is in use or unavailable")
         except RuntimeError as e:
@@ -132,6 +142,13 @@ class RpcServer:
         observe = self._observe
         admit = self.limits.admit
         name = f"{spec.name}/{method.name}"
+        path = spec.path(method)
+        gate = self.gate
+
+        def check_credentials(raw: Any, context: grpc.aio.ServicerContext) -> None:
+            if gate is not None:  # a unary request's signature covers its bytes
+                gate.check(context.invocation_metadata() or (), path,
+                           b"" if method.client_streaming else request_digest(raw))
 
         async def requests_of(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
             async for raw in raw_iterator:
@@ -153,6 +170,7 @@ class RpcServer:
                 done = None
                 try:
                     done = admit(peer_key(context.peer()))
+                    check_credentials(raw, context)
                     async for response in handler(request_of(raw), CallContext(context)):
                         yield response
                 except asyncio.CancelledError:
@@ -183,6 +201,7 @@ class RpcServer:
                 done = None
                 try:
                     done = admit(peer_key(context.peer()))
+                    check_credentials(raw, context)
                     return await handler(request_of(raw), CallContext(context))
                 except asyncio.CancelledError:
                     code = grpc.StatusCode.CANCELLED

@@ -1,10 +1,12 @@
-"""Settings of the wire layer: addresses, size limits, deadlines."""
+"""Settings of the wire layer: addresses, size limits, deadlines, TLS and private-run credentials."""
 
 from __future__ import annotations
 
 import socket
 
 from pydantic import BaseModel, Field, model_validator
+
+from apiary.wire.identity import public_key_from_peer_id
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -34,6 +36,9 @@ class WireSettings(BaseModel):
     max_bulk_connections_per_peer: int = Field(128, ge=1, description="bulk connections a peer may keep open")
     max_bytes_in_flight: int = Field(8 * GiB, ge=0, description="tensor and frame bytes being received, all peers together")
     max_tracked_peers: int = Field(4096, ge=1, description="peers whose limits are tracked (least recently seen forgotten)")
+    tls: bool = Field(False, description="TLS on the public gRPC and bulk ports, servers bound to their peer ids")
+    run_authority: str | None = Field(None, description="private run: the peer id of the run's authority (none: an open run)")
+    access_token: str | None = Field(None, description="private run: this peer's access token, or the file holding it")
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> WireSettings:
@@ -46,6 +51,13 @@ class WireSettings(BaseModel):
             raise ValueError(
                 f"max_bytes_in_flight={self.max_bytes_in_flight} must be at least max_tensor_bytes={self.max_tensor_bytes}"
             )
+        if self.run_authority is not None:
+            public_key_from_peer_id(self.run_authority)  # IdentityError (a ValueError) names what is wrong
+            if not self.access_token:
+                raise ValueError(f"a private run (run_authority={self.run_authority}) needs this peer's access_token "
+                                 f"(issue one with `apiary token issue`)")
+        elif self.access_token:
+            raise ValueError("access_token is set but run_authority is not: a private run needs both")
         return self
 
     def grpc_options(self) -> list[tuple[str, int]]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 import time
 
 import pytest
 import torch
 
 from apiary.averaging.state import load_saved_state
-from service_processes import ServiceProcesses
+from apiary.wire import Identity
+from service_processes import APIARY, ServiceProcesses
 from trainer_processes import SMALL_LM, TrainerSwarm, epoch_totals
 
 pytestmark = pytest.mark.timeout(360)  # several trainer processes on 2 cores
@@ -99,3 +102,36 @@ def test_trainers_use_their_participants_dht_and_averager_services(tmp_path):
         for mine, theirs in zip(states[0].tensors, states[1].tensors):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
         assert averagers[0].status()["last_round"]["result"] == "ok"
+
+
+def test_trainers_of_a_private_run_over_tls_train_together_and_a_stranger_is_refused(tmp_path):
+    def apiary(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*APIARY, *args], capture_output=True, text=True, timeout=60)
+
+    authority_key = tmp_path / "authority.key"
+    created = apiary("token", "authority", "--authority-key", str(authority_key), "--create")
+    authority = re.search(r"run authority: (\S+)", created.stdout).group(1)
+    for name in ("a", "b", "stranger"):
+        Identity.generate().save(tmp_path / f"{name}.key")
+    for name in ("a", "b"):
+        peer_id = Identity.load(tmp_path / f"{name}.key").peer_id
+        issued = apiary("token", "issue", "--authority-key", str(authority_key), "--peer-id", peer_id,
+                        "--expires-in", "600", "--output", str(tmp_path / f"{name}.token"))
+        assert issued.returncode == 0, issued.stderr
+
+    def private(name: str, token: str) -> list[str]:
+        return ["--identity", str(tmp_path / f"{name}.key"), "--tls", "--run-authority", authority,
+                "--access-token", str(tmp_path / f"{token}.token")]
+
+    common = ["--target-batch-size", "128", "--max-epochs", "3", "--average-state-every", "1", "--min-peers", "2"]
+    with TrainerSwarm(tmp_path / "run", "private", common) as swarm:
+        swarm.start(seed=0, extra=private("a", "a"))
+        swarm.start(seed=1, extra=private("b", "b"), wait=False)
+        # another peer's token on a stranger's key: refused by the run's DHT, the trainer stops at start
+        stranger = swarm.start(seed=2, extra=private("stranger", "a"), wait=False)
+        summaries = swarm.finish(indices=[0, 1])
+        assert all(s["epoch_end"] >= 3 and s["rounds"]["ok"] >= 3 for s in summaries.values()), summaries
+        for mine, theirs in zip(swarm.parameters(0), swarm.parameters(1)):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+        assert stranger.process.wait(120) != 0
+        assert "apiary: error:" in stranger.stderr(), stranger.stderr()

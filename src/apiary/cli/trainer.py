@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from apiary.cli.options import option
+from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
 from apiary.services.runtime import ServiceSettings
 from apiary.telemetry import TracingSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
@@ -57,6 +57,9 @@ def trainer_command(
     summary_path: Annotated[Optional[Path], option("--summary-path", "write a JSON summary here when training stops")] = None,
     evaluate_every: Annotated[float, option("--evaluate-every", "seconds between held-out evaluations", min=1)] = 30.0,
     host: Annotated[str, option("--host", "interface the embedded services' public ports bind")] = "0.0.0.0",
+    tls: TlsOption = False,
+    run_authority: RunAuthorityOption = None,
+    access_token: AccessTokenOption = None,
     admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
     admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
     identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
@@ -77,19 +80,20 @@ def trainer_command(
         averaging=_json_object(averaging, "--averaging"), min_peers=min_peers,
         min_peers_timeout=min_peers_timeout, max_epochs=max_epochs, max_seconds=max_seconds,
         device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
-        summary_path=summary_path, evaluate_every=evaluate_every, listen_host=host,
+        summary_path=summary_path, evaluate_every=evaluate_every,
     )
     service_settings = ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
                                        tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))
-    asyncio.run(_serve(service_settings, settings))
+    wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token)
+    asyncio.run(_serve(wire, service_settings, settings))
 
 
-async def _serve(service_settings: ServiceSettings, settings: Any) -> None:
+async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings: Any) -> None:
     from apiary.services.trainer import TrainerService
     from apiary.tasks import TaskError
 
     try:
-        service = TrainerService(WireSettings(listen_host="127.0.0.1"), service_settings, settings)
+        service = TrainerService(wire, service_settings, settings)
     except TaskError as e:
         raise typer.BadParameter(str(e), param_hint="'--task' / '--task-options'") from None
     except ValueError as e:  # a device that is not there

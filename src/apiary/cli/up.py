@@ -9,6 +9,7 @@ per second, epochs and bytes averaged. Ctrl-C stops every participant.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -79,7 +80,7 @@ class LocalSwarm:
         log = open(log_path, "w")  # noqa: SIM115 - kept open for the process
         admin.append(f"http://127.0.0.1:{port}")
         return subprocess.Popen([sys.executable, "-m", "apiary.cli.main", command, *args, "--admin-port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, text=True,
+                                stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_stop_with_parent,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def start_expert_servers(self, count: int) -> None:
@@ -200,6 +201,14 @@ def _wait_for_status(process: subprocess.Popen[str], admin_url: str, condition: 
             return value
         time.sleep(0.3)
     raise RuntimeError(f"apiary {process.args[3]} did not start within {timeout:.0f}s")  # type: ignore[index]
+
+
+def _stop_with_parent() -> None:
+    """Linux: SIGTERM the participant if `apiary up` itself dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _free_port() -> int:

@@ -30,6 +30,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,7 +39,7 @@ from apiary.background import LoopThread
 from apiary.optim.progress import ProgressTracker, SwarmProgress
 from apiary.optim.state import load_optimizer_statistics, optimizer_statistics, parameters_of
 from apiary.optim.swarm import SwarmLink
-from apiary.wire import Endpoint, PeerAddress
+from apiary.wire import Endpoint, PeerAddress, WireSettings
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ class Optimizer:
         initial_peers: Sequence[PeerAddress | str] = (),
         client_mode: bool = False,
         auxiliary: bool = False,
-        listen_host: str = "127.0.0.1",
+        wire: WireSettings | None = None,
+        identity: Path | None = None,
         averaging: dict[str, Any] | None = None,
         average_state_every: int = 5,
         delay_updates: bool = False,
@@ -139,7 +141,8 @@ class Optimizer:
                 link = SwarmLink.connect(dht_local, averager_local, round_timeout=round_timeout)
             else:
                 link = SwarmLink.embedded(run_id, initial_peers, averaging=averaging, client_mode=client_mode,
-                                          auxiliary=auxiliary, listen_host=listen_host, round_timeout=round_timeout)
+                                          auxiliary=auxiliary, wire=wire, identity=identity,
+                                          round_timeout=round_timeout)
             self.swarm = self.loop.run(link, timeout=120)
             self.tracker = ProgressTracker(self.swarm.dht, run_id, self.swarm.peer_id, client=self.swarm.client_mode,
                                            max_samples_per_second=max_samples_per_second)

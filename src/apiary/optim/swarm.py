@@ -13,6 +13,7 @@ averaging gradients and averaging its state.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,23 +62,25 @@ class SwarmLink:
     @classmethod
     async def embedded(cls, run_id: str, initial_peers: Sequence[PeerAddress | str] = (), *,
                        averaging: dict[str, Any] | None = None, client_mode: bool = False, auxiliary: bool = False,
-                       listen_host: str = "127.0.0.1", announce_period: float = 5.0,
-                       round_timeout: float = 300.0) -> SwarmLink:
+                       wire: WireSettings | None = None, identity: Path | None = None,
+                       announce_period: float = 5.0, round_timeout: float = 300.0) -> SwarmLink:
         """Starts a dht and an averager service in this process (joining `initial_peers`, or a new
         swarm) and links to them. `averaging`: further AveragerSettings fields (codec, group sizes...);
-        `auxiliary`: the averager only reduces others' parts (a peer that lends bandwidth, not compute)."""
+        `auxiliary`: the averager only reduces others' parts (a peer that lends bandwidth, not compute);
+        `wire`: their public ports (default: loopback), TLS and private-run credentials; `identity`:
+        the identity file both services use (the key an access token is bound to)."""
         peers = [p if isinstance(p, PeerAddress) else PeerAddress.parse(p) for p in initial_peers]
         if client_mode and auxiliary:
             raise ValueError("an auxiliary peer reduces others' parts: it cannot be in client mode")
         mode = Mode.CLIENT if client_mode else Mode.AUX if auxiliary else Mode.NODE
-        wire = WireSettings(listen_host=listen_host)
-        dht_service = DHTService(wire, ServiceSettings(), DHTSettings(client_mode=client_mode),
+        wire = wire or WireSettings(listen_host="127.0.0.1")
+        dht_service = DHTService(wire, ServiceSettings(identity=identity), DHTSettings(client_mode=client_mode),
                                  DHTServiceSettings(initial_peers=peers))
         await dht_service.start()
         services: list[Any] = [dht_service]
         try:
             averager_service = AveragerService(
-                wire, ServiceSettings(), AveragerSettings(prefix=run_id, mode=mode, **(averaging or {})),
+                wire, ServiceSettings(identity=identity), AveragerSettings(prefix=run_id, mode=mode, **(averaging or {})),
                 AveragerServiceSettings(dht_local=dht_service.local_endpoint, announce_period=announce_period),
             )
             await averager_service.start()

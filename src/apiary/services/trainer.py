@@ -49,7 +49,6 @@ class TrainerSettings(BaseModel):
     averager_local: Endpoint | None = Field(None, description="the averager service's local API")
     initial_peers: list[PeerAddress] | None = Field(None, description="embedded services joining these ([]: new swarm)")
     averaging: dict[str, Any] = Field(default_factory=dict, description="embedded averager settings (codec, ...)")
-    listen_host: str = Field("0.0.0.0", description="interface the embedded services' public ports bind")
     min_peers: int = Field(1, ge=1, description="wait until the run has this many peers before training")
     min_peers_timeout: float = Field(300.0, gt=0, description="seconds to wait for min_peers before failing")
     max_epochs: int = Field(0, ge=0, description="stop at this swarm epoch (0: no limit)")
@@ -107,7 +106,10 @@ class TrainerService:
             torch.set_num_threads(settings.threads)
         self.task: Task = load_task(settings.task, seed=settings.seed, **settings.task_options)
         self.task.model.to(self.device)
-        self.host = ServiceHost("trainer", wire, service, status=self.status, ready=lambda: self.optimizer is not None)
+        self.embedded_wire = wire  # the embedded dht and averager's public ports, TLS, credentials
+        self.identity_path = service.identity
+        own = wire.model_copy(update={"listen_host": "127.0.0.1", "port": 0, "announce_host": None, "announce_port": None})
+        self.host = ServiceHost("trainer", own, service, status=self.status, ready=lambda: self.optimizer is not None)
         self.metrics = TrainerMetrics(self.host.registry)
         self.optimizer: Optimizer | None = None
         self.summary: dict[str, Any] = {"run_id": settings.run_id, "task": settings.task}
@@ -141,7 +143,7 @@ class TrainerService:
         self.optimizer = optimizer = Optimizer(
             s.run_id, task.model.parameters(), task.optimizer, target_batch_size=s.target_batch_size, mode=s.mode,
             dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (),
-            client_mode=s.client_mode, auxiliary=s.auxiliary, listen_host=s.listen_host,
+            client_mode=s.client_mode, auxiliary=s.auxiliary, wire=self.embedded_wire, identity=self.identity_path,
             averaging=s.averaging,
             average_state_every=s.average_state_every, delay_updates=s.delay_updates, outer_lr=s.outer_lr,
             outer_momentum=s.outer_momentum,

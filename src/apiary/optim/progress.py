@@ -7,14 +7,16 @@ newest epoch any live peer reports), the samples accumulated toward it (reported
 each peer's throughput times the time since it reported) and the estimated time until the
 target batch size is reached.
 
-A peer cannot push the epoch forward alone by lying about its samples: a reader bounds each
-peer's claimed count by what `max_samples_per_second` allows since the reader first saw that
-peer in this epoch.
+A peer cannot push the swarm forward alone by lying: the swarm's epoch is the newest that two
+peers report (one, in a swarm of two), and a reader counts no more of a peer's samples than
+`throughput_slack` times the swarm's median throughput (and at most `max_samples_per_second`)
+allows since it first saw that peer in the epoch.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
 
 
+GRACE_SECONDS = 5.0  # a peer first seen mid-epoch may have counted this long before we saw it
 MAX_EXTRAPOLATION = 5.0  # seconds: a record older than that is from a peer that stalled or left
 
 
@@ -88,7 +91,9 @@ class ProgressTracker:
     client: bool = False
     ttl: float = 30.0
     max_samples_per_second: float = math.inf
+    throughput_slack: float = 4.0  # a peer may be this many times faster than the median peer
     _first_seen: dict[tuple[str, int], float] = field(default_factory=dict)
+    _own_epoch: int = 0
 
     @property
     def subkey(self) -> str:
@@ -97,6 +102,7 @@ class ProgressTracker:
     async def publish(self, epoch: int, samples: int, samples_per_second: float) -> bool:
         """Stores this peer's record (signed by the DHT node that stores it)."""
         now = time.time()
+        self._own_epoch = epoch
         record = PeerProgress(self.peer_id, epoch, samples, samples_per_second, now, self.client)
         return await self.dht.store(progress_key(self.run_id), record.as_value(), now + self.ttl, subkey=self.subkey)
 
@@ -113,28 +119,34 @@ class ProgressTracker:
                     records.append(record)
         if not records:
             return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now)
-        epoch = max(r.epoch for r in records)
+        epochs = sorted((r.epoch for r in records), reverse=True)
+        # the newest epoch two peers report (ours counts as one), or ours if we are ahead of that
+        epoch = max(epochs[1] if len(epochs) > 2 else epochs[0], self._own_epoch)
+        current = [r for r in records if r.epoch == epoch]
+        median_speed = statistics.median(r.samples_per_second for r in current)
         samples = reported = speed = 0.0
-        for record in records:
-            if record.epoch != epoch or record.peer_id == self.peer_id:
+        for record in current:
+            if record.peer_id == self.peer_id:
                 continue
             since = min(max(0.0, now_unix - record.reported_at), MAX_EXTRAPOLATION)
-            bound = self._bound(record, now)
+            bound = self._bound(record, now, median_speed)
             samples += min(record.samples + record.samples_per_second * since, bound)
             reported += min(record.samples, bound)
             speed += min(record.samples_per_second, self.max_samples_per_second)
         return SwarmProgress(epoch, samples, reported, speed, len(records), now)
 
-    def _bound(self, record: PeerProgress, now: float) -> float:
-        """The most samples this peer can have made in this epoch: `max_samples_per_second` times
-        the time since we first saw it there (plus one second of grace)."""
-        if math.isinf(self.max_samples_per_second):
-            return math.inf
+    def _bound(self, record: PeerProgress, now: float, median_speed: float) -> float:
+        """The most samples this peer can have made in this epoch: the plausible throughput (the
+        swarm's median times the slack, capped by `max_samples_per_second`) times the time since
+        we first saw it there, plus a few seconds of grace."""
+        rate = min(self.max_samples_per_second, self.throughput_slack * median_speed)
+        if median_speed <= 0 and math.isinf(self.max_samples_per_second):
+            return math.inf  # nobody has a throughput yet (the run is starting): nothing to compare to
         seen_at = self._first_seen.setdefault((record.peer_id, record.epoch), now)
         if len(self._first_seen) > 4096:  # forget old epochs
             for key in [k for k in self._first_seen if k[1] < record.epoch - 1]:
                 del self._first_seen[key]
-        return self.max_samples_per_second * (now - seen_at + 1.0)
+        return rate * (now - seen_at + GRACE_SECONDS)
 
 
 def _owner(subkey: Any) -> str | None:

@@ -97,3 +97,16 @@ def test_bad_settings_are_refused(kwargs, message):
     settings = {"target_batch_size": 8, **kwargs}
     with pytest.raises(ValueError, match=message):
         apiary.Optimizer("bad", _model().parameters(), lambda p: torch.optim.SGD(p, lr=0.1), **settings)
+
+
+def test_local_mode_steps_every_batch_and_ends_epochs_on_the_target():
+    model = _model()
+    seen = []
+    with apiary.Optimizer("local", model.parameters(), lambda p: torch.optim.SGD(p, lr=0.05), target_batch_size=16,
+                          mode="local") as opt:
+        for _ in range(4):
+            before = model.weight.detach().clone()
+            advanced = _train(opt, model, 1)
+            seen.append((not torch.equal(before, model.weight), advanced[0]))
+        assert opt.epoch == 2
+    assert seen == [(True, False), (True, True), (True, False), (True, True)]

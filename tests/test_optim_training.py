@@ -74,3 +74,31 @@ def test_bad_tasks_and_settings_stop_the_trainer_with_one_line(args, expected):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("apiary: error:") and expected in lines[0], result.stderr
+
+
+def test_diloco_pseudo_gradients_travel_compressed_to_float16(tmp_path):
+    common = ["--target-batch-size", "64", "--max-epochs", "3", "--average-state-every", "0", "--min-peers", "2",
+              "--mode", "diloco", "--averaging", '{"gather_seconds": 0.3, "join_seconds": 1.0, "codec": "float16"}']
+    with TrainerSwarm(tmp_path, "compressed", common) as swarm:
+        swarm.start(seed=0)
+        swarm.start(seed=1)
+        summaries = swarm.finish()
+        numel = sum(t.numel() for t in swarm.parameters(0))
+    for summary in summaries.values():
+        assert summary["rounds"]["ok"] >= 2, summary
+        # per round a peer sends and receives its partner's half and the averaged half back:
+        # 2 x numel values, 2 bytes each in float16 (8 bytes per value-pair in float32)
+        per_round = summary["averaged_bytes"] / summary["rounds"]["ok"]
+        assert 0.9 * 4 * numel <= per_round <= 1.1 * 4 * numel, (per_round, numel)
+
+
+def test_a_restarted_trainer_resumes_from_its_checkpoint(tmp_path):
+    common = ["--target-batch-size", "32", "--average-state-every", "0"]
+    with TrainerSwarm(tmp_path, "resume", common) as swarm:
+        swarm.start(seed=0, extra=["--max-epochs", "3"])
+        first = swarm.finish()[0]
+    with TrainerSwarm(tmp_path, "resume", common) as swarm:  # same folder: the same checkpoint
+        swarm.start(seed=0, extra=["--max-epochs", "5"])
+        second = swarm.finish()[0]
+    assert first["epoch_end"] == 3 and second["epoch_start"] == 3 and second["epoch_end"] == 5, (first, second)
+    assert second["loss_start"] == pytest.approx(first["loss_end"], abs=1e-4)

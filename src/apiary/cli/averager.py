@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
+from apiary.cli.options import (
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
+    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings
+)
 from apiary.services.runtime import ServiceSettings
-from apiary.telemetry import TracingSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 if TYPE_CHECKING:
@@ -68,21 +70,17 @@ def averager_command(
     announce_period: Annotated[float, option("--announce-period", "seconds between announcements of the state held", min=0.1)] = 30.0,
     state_timeout: Annotated[float, option("--state-timeout", "seconds a newcomer's LoadState may take", min=0.1)] = 60.0,
     state_path: Annotated[Optional[Path], option("--state-path", "file that keeps the latest state across restarts")] = None,
-    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
-    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
-    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
-    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
-    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    admin_host: AdminHostOption = "127.0.0.1",
+    admin_port: AdminPortOption = 0,
+    identity: IdentityOption = None,
+    tracing: TracingOption = "none",
+    otlp_endpoint: OtlpEndpointOption = None,
     tls: TlsOption = False,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
 ) -> None:
     """Run an averager: average the trainer's tensors with the swarm; keep and serve the latest state."""
-    if (dht_local is None) == (not initial_peers.strip()):
-        raise typer.BadParameter(
-            "give exactly one: --dht-local (the dht service's local API) or --initial-peers (an embedded DHT node)",
-            param_hint="'--dht-local' / '--initial-peers'",
-        )
+    require_one_way_to_the_dht(dht_local, initial_peers)
     if min_group_size > target_group_size:
         raise typer.BadParameter(f"{min_group_size} is above --target-group-size {target_group_size}",
                                  param_hint="'--min-group-size'")
@@ -101,10 +99,7 @@ def averager_command(
                      max_concurrent_per_peer=max_concurrent_per_peer,
                      max_bulk_connections_per_peer=max_bulk_connections_per_peer, max_bytes_in_flight=max_bytes_in_flight,
                      tls=tls, run_authority=run_authority, access_token=access_token),
-        ServiceSettings(
-            identity=identity, admin_host=admin_host, admin_port=admin_port,
-            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
-        ),
+        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         AveragerSettings(
             prefix=run_id, mode=Mode(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
             expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, gather_seconds=gather_seconds,

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Annotated, Optional
 
 from rich.console import Console
 
-from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
+from apiary.cli.options import (
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
+    TlsOption, TracingOption, option, service_settings
+)
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
 from apiary.services.runtime import ServiceSettings
-from apiary.telemetry import TracingSettings
 from apiary.wire import WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)
@@ -26,13 +27,13 @@ def dht_command(
     announce_port: Annotated[Optional[int], option("--announce-port", "port other peers dial (default: the bound port)")] = None,
     client_mode: Annotated[bool, option("--client-mode", "behind NAT: get and store, accept no connections")] = False,
     redis_url: Annotated[Optional[str], option("--redis-url", "keep records in Redis, e.g. redis://localhost:6379/0")] = None,
-    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
+    identity: IdentityOption = None,
     local_host: Annotated[str, option("--local-host", "interface of the local API")] = "127.0.0.1",
     local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
-    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
-    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
-    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
-    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    admin_host: AdminHostOption = "127.0.0.1",
+    admin_port: AdminPortOption = 0,
+    tracing: TracingOption = "none",
+    otlp_endpoint: OtlpEndpointOption = None,
     bucket_size: Annotated[int, option("--bucket-size", "nodes per k-bucket")] = 20,
     num_replicas: Annotated[int, option("--num-replicas", "nodes that store each value")] = 5,
     bootstrap_timeout: Annotated[float, option("--bootstrap-timeout", "seconds to reach an initial peer")] = 15.0,
@@ -44,10 +45,7 @@ def dht_command(
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
                      tls=tls, run_authority=run_authority, access_token=access_token),
-        ServiceSettings(
-            identity=identity, admin_host=admin_host, admin_port=admin_port,
-            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
-        ),
+        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         DHTSettings(bucket_size=bucket_size, num_replicas=num_replicas, client_mode=client_mode,
                     bootstrap_timeout=bootstrap_timeout),
         DHTServiceSettings(initial_peers=parse_peer_list(initial_peers), redis_url=redis_url,

@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.console import Console
 
-from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
+from apiary.cli.options import (
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
+    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings
+)
 from apiary.services.runtime import ServiceSettings
-from apiary.telemetry import TracingSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 if TYPE_CHECKING:
@@ -44,21 +46,17 @@ def expert_server_command(
     port: Annotated[int, option("--port", "public gRPC port: expert calls (0: any free port)")] = 0,
     announce_host: Annotated[Optional[str], option("--announce-host", "host trainers dial (default: this host's address)")] = None,
     announce_port: Annotated[Optional[int], option("--announce-port", "port trainers dial (default: the bound port)")] = None,
-    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
-    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
-    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
-    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
-    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    admin_host: AdminHostOption = "127.0.0.1",
+    admin_port: AdminPortOption = 0,
+    identity: IdentityOption = None,
+    tracing: TracingOption = "none",
+    otlp_endpoint: OtlpEndpointOption = None,
     tls: TlsOption = False,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
 ) -> None:
     """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
-    if (dht_local is None) == (not initial_peers.strip()):
-        raise typer.BadParameter(
-            "give exactly one: --dht-local (the dht service's local API) or --initial-peers (an embedded DHT node)",
-            param_hint="'--dht-local' / '--initial-peers'",
-        )
+    require_one_way_to_the_dht(dht_local, initial_peers)
     from apiary.moe.checkpoints import CheckpointError
     from apiary.moe.names import expand_expert_names
     from apiary.services.expert_server import ExpertServerSettings
@@ -70,10 +68,7 @@ def expert_server_command(
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
                      tls=tls, run_authority=run_authority, access_token=access_token),
-        ServiceSettings(
-            identity=identity, admin_host=admin_host, admin_port=admin_port,
-            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
-        ),
+        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         ExpertServerSettings(
             experts=names, kind=kind, hidden_size=hidden_size, lr=lr, max_grad_norm=max_grad_norm,
             warmup_steps=warmup_steps, slow_seconds=slow_seconds, max_batch_size=max_batch_size, max_wait=max_wait,

@@ -1,11 +1,15 @@
 """Options that are both a flag and an `APIARY_*` environment variable with the same meaning,
-and the security options every service with public ports shares."""
+and the options every service shares (admin endpoint, identity, tracing, security)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+
+from apiary.services.runtime import ServiceSettings
+from apiary.telemetry import TracingSettings
 
 ENV_PREFIX = "APIARY_"
 
@@ -23,3 +27,25 @@ def option(flag: str, help: str, **kwargs: Any) -> Any:
 TlsOption = Annotated[bool, option("--tls", "TLS on the public ports, each server proving its peer id (dial peer_id@host:port)")]
 RunAuthorityOption = Annotated[Optional[str], option("--run-authority", "private run: the peer id of the run's authority (none: an open run)")]
 AccessTokenOption = Annotated[Optional[str], option("--access-token", "private run: this peer's access token, or the file holding it (`apiary token issue`)")]
+
+AdminHostOption = Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")]
+AdminPortOption = Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")]
+IdentityOption = Annotated[Optional[Path], option("--identity", "identity file (created if absent)")]
+TracingOption = Annotated[str, option("--tracing", "span exporter: none, console or otlp")]
+OtlpEndpointOption = Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")]
+
+
+def service_settings(identity: Path | None, admin_host: str, admin_port: int, tracing: str,
+                     otlp_endpoint: str | None) -> ServiceSettings:
+    """The settings every service has, from the shared options above."""
+    return ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
+                           tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))
+
+
+def require_one_way_to_the_dht(dht_local: str | None, initial_peers: str) -> None:
+    """A service reaches the DHT through its participant's dht service or an embedded node: one of them."""
+    if (dht_local is None) == (not initial_peers.strip()):
+        raise typer.BadParameter(
+            "give exactly one: --dht-local (the dht service's local API) or --initial-peers (an embedded DHT node)",
+            param_hint="'--dht-local' / '--initial-peers'",
+        )

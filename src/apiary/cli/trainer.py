@@ -10,9 +10,11 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from apiary.cli.options import AccessTokenOption, RunAuthorityOption, TlsOption, option
+from apiary.cli.options import (
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
+    TlsOption, TracingOption, option, service_settings
+)
 from apiary.services.runtime import ServiceSettings
-from apiary.telemetry import TracingSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)
@@ -60,11 +62,11 @@ def trainer_command(
     tls: TlsOption = False,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
-    admin_host: Annotated[str, option("--admin-host", "interface of the admin HTTP endpoint")] = "127.0.0.1",
-    admin_port: Annotated[int, option("--admin-port", "admin HTTP port (0: any free port)")] = 0,
-    identity: Annotated[Optional[Path], option("--identity", "identity file (created if absent)")] = None,
-    tracing: Annotated[str, option("--tracing", "span exporter: none, console or otlp")] = "none",
-    otlp_endpoint: Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")] = None,
+    admin_host: AdminHostOption = "127.0.0.1",
+    admin_port: AdminPortOption = 0,
+    identity: IdentityOption = None,
+    tracing: TracingOption = "none",
+    otlp_endpoint: OtlpEndpointOption = None,
 ) -> None:
     """Run a trainer: train a task with the swarm through the collaborative optimizer."""
     from apiary.services.trainer import TrainerSettings
@@ -82,18 +84,16 @@ def trainer_command(
         device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
         summary_path=summary_path, evaluate_every=evaluate_every,
     )
-    service_settings = ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
-                                       tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))
     wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token)
-    asyncio.run(_serve(wire, service_settings, settings))
+    asyncio.run(_serve(wire, service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint), settings))
 
 
-async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings: Any) -> None:
+async def _serve(wire: WireSettings, shared: ServiceSettings, settings: Any) -> None:
     from apiary.services.trainer import TrainerService
     from apiary.tasks import TaskError
 
     try:
-        service = TrainerService(wire, service_settings, settings)
+        service = TrainerService(wire, shared, settings)
     except TaskError as e:
         raise typer.BadParameter(str(e), param_hint="'--task' / '--task-options'") from None
     except ValueError as e:  # a device that is not there

@@ -37,7 +37,7 @@ import torch
 
 from apiary.background import LoopThread
 from apiary.optim.progress import ProgressTracker, SwarmProgress
-from apiary.optim.state import load_optimizer_statistics, optimizer_statistics, parameters_of
+from apiary.optim.state import load_optimizer_statistics, optimizer_statistics
 from apiary.optim.swarm import SwarmLink
 from apiary.wire import Endpoint, PeerAddress, WireSettings
 

@@ -8,7 +8,7 @@ samples per second, the final held-out loss, and the ratio of the swarm's sample
 to the reference measured in the same run: the same model trained by one plain torch loop on
 this machine (no apiary), which is what the peers' compute could do without collaborating.
 
-    .venv/bin/python benchmarks/training.py --peers 4 --epochs 12
+    .venv/bin/python benchmarks/training.py --peers 4 --epochs 8 --steps 32
 """
 
 from __future__ import annotations
@@ -72,10 +72,11 @@ def run_mode(peers: int, epochs: int, samples_per_epoch: int, extra: list[str], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of the synchronous modes (a multiple of --h)")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the synchronous modes (a multiple of --h)")
     parser.add_argument("--h", type=int, default=4, help="DiLoCo: epochs' worth of samples per outer round")
+    parser.add_argument("--steps", type=int, default=32, help="batches per peer per epoch (sets the epoch's samples)")
     args = parser.parse_args()
-    samples_per_epoch = args.peers * TASK_OPTIONS["batch_size"] * 2
+    samples_per_epoch = args.peers * TASK_OPTIONS["batch_size"] * args.steps
     reference = local_reference(steps=50)
     print(f"reference: one plain torch loop on this machine: {reference:.0f} samples/s")
     modes = {

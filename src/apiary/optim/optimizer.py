@@ -47,7 +47,8 @@ Mode = Literal["gradients", "local", "diloco"]
 MODES = ("gradients", "local", "diloco")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-CONFIRM_FROM = 0.5  # past this share of the target (estimated), every step reads the swarm's counts
+NEAR_END = 0.8  # past this share of the target (estimated), the swarm's counts are read every FINAL_REFRESH s
+FINAL_REFRESH = 0.05
 STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradient rounds
 
 
@@ -178,9 +179,10 @@ class Optimizer:
         if view is not None and view.epoch > self.epoch:
             self._catch_up(view.epoch)
             return True
-        if self.samples + (view.others_now() if view is not None else 0.0) < CONFIRM_FROM * self.target_batch_size:
+        # near the end the background refresh reads the swarm every FINAL_REFRESH seconds; once the
+        # estimate reaches the target, the epoch ends on counts the peers reported just now
+        if self.samples + (view.others_now() if view is not None else 0.0) < self.target_batch_size:
             return False
-        # the epoch is (nearly) over by the estimate: decide on counts the peers reported just now
         view = self._refresh_now()
         if view is not None and view.epoch > self.epoch:
             self._catch_up(view.epoch)
@@ -431,11 +433,13 @@ class Optimizer:
         view = self.view
         if view is None:
             return self.refresh_period
-        remaining = CONFIRM_FROM * self.target_batch_size - self.samples - view.others_now()
+        remaining = NEAR_END * self.target_batch_size - self.samples - view.others_now()
         speed = max(view.samples_per_second + self.samples_per_second, self.samples_per_second * view.peers)
+        if remaining <= 0:
+            return FINAL_REFRESH
         if speed <= 0:
             return self.refresh_period
-        return min(self.refresh_period, max(0.05, remaining / speed / 3))
+        return min(self.refresh_period, max(FINAL_REFRESH, remaining / speed / 2))
 
     @staticmethod
     async def _logged(coroutine: Any, what: str) -> Any:

@@ -5,7 +5,6 @@ config` where Compose is installed."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
+from deploy.engine import EngineUnavailable, compose_cli
 from deploy.files import (
     COMPOSE_FILE, COMPOSE_GPU_FILE, COMPOSE_SCHEMA, ENV_EXAMPLE, REPO, SERVICES, Dockerfile, MissingVariable,
     dockerfile_path, load_compose, merge_compose, read_env_file, variables_used,
@@ -172,9 +172,10 @@ def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -
 
 @pytest.mark.parametrize("files", [(COMPOSE_FILE,), FILES], ids=["cpu", "gpu"])
 def test_docker_compose_accepts_the_bundle(files: tuple[Path, ...], tmp_path: Path) -> None:
-    compose = shutil.which("docker-compose")
-    if compose is None:
-        pytest.skip("docker-compose is not installed (the container tests install it as root)")
+    try:
+        compose = compose_cli()  # installed here as root (CI) where missing
+    except EngineUnavailable as e:
+        pytest.skip(f"no docker-compose to validate with: {e}")
     env_file = tmp_path / "participant.env"
     env_file.write_text(ENV_EXAMPLE.read_text())
     command = [compose, "--env-file", str(env_file), "--profile", "monitoring"]

@@ -61,6 +61,19 @@ def ensure_tools() -> None:
             raise EngineUnavailable(f"`{' '.join(command)}` exited {result.returncode}: {tail}")
 
 
+def compose_cli() -> str:
+    """Debian's `docker-compose` (installed first where it is missing and we are root); raises
+    EngineUnavailable where it cannot be had."""
+    if find_tool("docker-compose") is None:
+        if os.geteuid() != 0:
+            raise EngineUnavailable("docker-compose is not installed, and installing it needs root")
+        ensure_tools()
+    compose = find_tool("docker-compose")
+    if compose is None:
+        raise EngineUnavailable("docker-compose is still missing after installing its package")
+    return compose
+
+
 @dataclass
 class Engine:
     """Runs `docker` and `docker-compose` against the engine."""

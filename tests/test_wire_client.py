@@ -78,6 +78,30 @@ async def test_nothing_listening_is_peer_unavailable_quickly(pool: ChannelPool) 
     assert str(endpoint) in str(raised.value) and "apiary.wire.Probe/Ping" in str(raised.value)
 
 
+async def test_a_peer_starting_where_one_was_refused_is_reached_at_once(pool: ChannelPool) -> None:
+    """A refused address (a peer that died, or a port another test used) must not poison channels that
+    other pools open to it later: gRPC would otherwise share the failed connection and its backoff."""
+    port = unused_port()
+    endpoint = Endpoint("127.0.0.1", port)
+    with pytest.raises(PeerUnavailable):
+        await RpcClient(pool, PROBE, endpoint).call("Ping", PingRequest(), timeout=5)
+    server = RpcServer(WireSettings(listen_host="127.0.0.1", port=port), Identity.generate())
+    await server.start()
+    try:
+        async with ChannelPool(WireSettings(default_timeout=5)) as fresh_pool:
+            await assert_serving(fresh_pool, server)
+        started = time.monotonic()
+        while True:  # the refused pool's own channel reconnects within its bounded backoff
+            try:
+                await assert_serving(pool, server)
+                break
+            except PeerUnavailable:
+                assert time.monotonic() - started < 10, "the old channel stayed in backoff"
+                await asyncio.sleep(0.2)
+    finally:
+        await server.stop(0)
+
+
 async def test_slow_handler_hits_the_deadline(pool: ChannelPool, server: RpcServer, trouble: Trouble) -> None:
     client = RpcClient(pool, TROUBLE, server.local_endpoint)
     started = time.monotonic()

@@ -69,6 +69,10 @@ class WireSettings(BaseModel):
             ("grpc.enable_retries", 0),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+            # each channel its own connections: a peer that failed once (its address now reused by
+            # a restarted or new peer) does not fail fresh channels while gRPC's backoff lasts
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
 
     def resolved_announce_host(self) -> str:

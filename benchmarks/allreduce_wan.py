@@ -64,7 +64,7 @@ async def run_worker(index: int, numel: int, host: str) -> None:
 
     torch.set_num_threads(1)  # the hosts share this machine's cores
     identity = Identity.generate()
-    server = RpcServer(WireSettings(listen_host=host, bulk_port=7101), identity)
+    server = RpcServer(WireSettings(listen_host=host, bulk_port=7101, tls=False), identity)  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
     service = AllReduceService()
     server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
     await server.start()

@@ -39,7 +39,7 @@ async def worker(index: int, numel: int) -> None:
 
     torch.set_num_threads(1)  # the peers share this machine's cores; one thread each, as one core per peer
     identity = Identity.generate()
-    server = RpcServer(WireSettings(listen_host="127.0.0.1"), identity)
+    server = RpcServer(WireSettings(listen_host="127.0.0.1", tls=False), identity)  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
     service = AllReduceService()
     server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
     await server.start()

@@ -60,7 +60,7 @@ async def bounded(concurrency: int, jobs: list[Any]) -> list[Any]:
 
 def start_cli_node(initial_peers: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "apiary.cli.main", "dht", "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", "apiary.cli.main", "dht", "--plaintext", "--host", "127.0.0.1", "--port", "0",
          "--initial-peers", initial_peers],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "400"},
     )
@@ -88,14 +88,15 @@ def vm_status(pid: int) -> dict[str, float]:
 
 async def main(args: argparse.Namespace) -> None:
     from apiary.dht import DHTNode
-    from apiary.wire import PeerAddress
+    from apiary.wire import PeerAddress, WireSettings
 
     rng = random.Random(args.seed)
+    wire = WireSettings(listen_host="127.0.0.1", bulk=False, tls=False)  # plaintext, as the figures in docs/benchmarks.md
     started = time.perf_counter()
-    nodes: list[DHTNode] = [await DHTNode.launch()]
+    nodes: list[DHTNode] = [await DHTNode.launch(wire=wire)]
     for _ in range(args.nodes - 1):
         entry = rng.choice(nodes)
-        nodes.append(await DHTNode.launch([PeerAddress.parse(entry.address)]))
+        nodes.append(await DHTNode.launch([PeerAddress.parse(entry.address)], wire=wire))
     launch_seconds = time.perf_counter() - started
     routing_sizes = [len(node.routing) for node in nodes]
     print(f"{args.nodes} nodes up in {launch_seconds:.1f}s; routing table sizes: "

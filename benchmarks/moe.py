@@ -42,7 +42,7 @@ async def serve(hidden: int, batch: int, threads: int) -> None:
     torch.manual_seed(SEED)
     expert = Expert(ExpertSpec(NAME, "ffn", hidden), lr=1e-4)
     server = ExpertServer([expert], BatchingRuntime(max_batch_size=batch, max_wait_seconds=0.0))
-    rpc = RpcServer(WireSettings(listen_host="127.0.0.1", bulk=False), Identity.generate())
+    rpc = RpcServer(WireSettings(listen_host="127.0.0.1", bulk=False, tls=False), Identity.generate())  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
     server.attach(rpc)
     await server.start()
     await rpc.start()
@@ -74,6 +74,7 @@ def run_preset(name: str, steps: int, warmup: int, threads: int) -> tuple[float,
     import torch
 
     from apiary.moe import Expert, ExpertSpec, RemoteExpert
+    from apiary.wire import ChannelPool, WireSettings
 
     torch.set_num_threads(threads)
     hidden, batch = PRESETS[name]
@@ -100,8 +101,9 @@ def run_preset(name: str, steps: int, warmup: int, threads: int) -> tuple[float,
             inputs = x.clone().requires_grad_(True)
             remote(inputs).backward(grad)
 
-        keeping = RemoteExpert(f"127.0.0.1:{port}", NAME, timeout=60)
-        recomputing = RemoteExpert(f"127.0.0.1:{port}", NAME, timeout=60, keep_activations=False)
+        plaintext = ChannelPool(WireSettings(tls=False))  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
+        keeping = RemoteExpert(f"127.0.0.1:{port}", NAME, plaintext, timeout=60)
+        recomputing = RemoteExpert(f"127.0.0.1:{port}", NAME, plaintext, timeout=60, keep_activations=False)
         local, remote, recompute = measure(
             [local_step, lambda: remote_step(keeping), lambda: remote_step(recomputing)], batch, steps, warmup)
         return local, remote, recompute

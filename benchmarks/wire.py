@@ -31,7 +31,7 @@ async def serve() -> None:
     """The receiving process: an apiary.wire server and a raw TCP receiver, ports printed as JSON."""
     from apiary.wire import Identity, RpcServer, WireSettings
 
-    server = RpcServer(WireSettings(listen_host="127.0.0.1"), Identity.generate())
+    server = RpcServer(WireSettings(listen_host="127.0.0.1", tls=False), Identity.generate())  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
     await server.start()
     loop = asyncio.get_running_loop()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -72,7 +72,7 @@ async def measure(ports: dict[str, int], mib: int, repeats: int) -> dict[str, fl
     tensor = torch.randint(0, 256, (mib << 20,), dtype=torch.uint8)
     nbytes = tensor.numel()
     digest = hashlib.sha256(tensor.numpy()).digest()
-    settings = WireSettings()
+    settings = WireSettings(tls=False)  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
     pool, bulk = ChannelPool(settings), BulkClient(settings)
     grpc_client = RpcClient(pool, PROBE, Endpoint("127.0.0.1", ports["grpc"]), timeout=600)
     bulk_endpoint = Endpoint("127.0.0.1", ports["bulk"])

@@ -56,7 +56,7 @@ async def run(args: argparse.Namespace, initial_peers: list[PeerAddress], stop: 
             peers = [random.choice(choices)] if choices else []
             node = await DHTNode.launch(peers, settings=settings, wire=wire)
             nodes.append(node)
-            local = RpcServer(WireSettings(listen_host="127.0.0.1", port=0, bulk=False, shutdown_grace=0.2), node.identity)
+            local = RpcServer(wire.for_local_api("127.0.0.1", 0), node.identity)
             local.add_service(LOCAL_SERVICE, LocalServicer(node))
             await local.start()
             local_servers.append(local)

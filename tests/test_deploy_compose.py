@@ -1,10 +1,12 @@
 """The Compose bundle (compose.yaml, compose.gpu.yaml, .env.example), offline: the Compose
-specification's JSON schema, what one participant's bundle must hold, and `docker-compose
-config` where Compose is installed."""
+specification's JSON schema, what one participant's bundle must hold (TLS and, in a private
+run, each service's own access token among it), `docker-compose config` where Compose is
+installed, and the private-run steps the bundle documents, run with the real CLI."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,12 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from apiary.cli.main import app
+from apiary.wire import Identity
+from apiary.wire.auth import CallCredentials, CredentialsError
+from deploy.cli import commands
 from deploy.engine import EngineUnavailable, compose_cli
 from deploy.files import (
     COMPOSE_FILE, COMPOSE_GPU_FILE, COMPOSE_SCHEMA, ENV_EXAMPLE, REPO, SERVICES, Dockerfile, MissingVariable,
@@ -21,6 +28,9 @@ from deploy.files import (
 
 FILES = (COMPOSE_FILE, COMPOSE_GPU_FILE)
 PUBLIC_PORTS = ("APIARY_PORT", "APIARY_BULK_PORT")
+DOCS = REPO / "docs" / "deploy.md"
+# the .env entry of each service's access token (each service has its own identity)
+TOKEN_ENTRIES = {name: f"APIARY_{name.upper().replace('-', '_')}_ACCESS_TOKEN" for name in SERVICES}
 
 
 def validator() -> jsonschema.protocols.Validator:
@@ -28,12 +38,22 @@ def validator() -> jsonschema.protocols.Validator:
     return jsonschema.validators.validator_for(schema)(schema)
 
 
-def bundle(*files: Path) -> dict[str, Any]:
-    """The files merged and filled in from .env.example, as Compose runs them."""
+def bundle(*files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The files merged and filled in from `env` (default: .env.example), as Compose runs them."""
     merged: dict[str, Any] = {}
-    for doc in load_compose(*files, env=read_env_file(ENV_EXAMPLE)):
+    for doc in load_compose(*files, env=read_env_file(ENV_EXAMPLE) if env is None else env):
         merged = merge_compose(merged, doc)
     return merged
+
+
+def private_run_env_file(authority: str) -> str:
+    """.env.example as an operator fills it in for a private run: the authority, and each
+    service's own token (here a text naming the service)."""
+    text = ENV_EXAMPLE.read_text()
+    text = re.sub(r"^APIARY_RUN_AUTHORITY=$", f"APIARY_RUN_AUTHORITY={authority}", text, count=1, flags=re.MULTILINE)
+    for name, entry in TOKEN_ENTRIES.items():
+        text = re.sub(rf"^{entry}=$", f"{entry}=apiary-token-v1.for-{name}", text, count=1, flags=re.MULTILINE)
+    return text
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -50,6 +70,22 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def errors(doc: dict[str, Any]) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator().iter_errors(doc)]
+
+
+def docker_compose_config(files: tuple[Path, ...], env_text: str, tmp_path: Path) -> dict[str, Any]:
+    """`docker-compose config` of the files with this .env, as YAML (skips without Compose)."""
+    try:
+        compose = compose_cli()  # installed here as root (CI) where missing
+    except EngineUnavailable as e:
+        pytest.skip(f"no docker-compose to validate with: {e}")
+    env_file = tmp_path / "participant.env"
+    env_file.write_text(env_text)
+    command = [compose, "--env-file", str(env_file), "--profile", "monitoring"]
+    for path in files:
+        command += ["--file", str(path)]
+    result = subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
@@ -172,17 +208,97 @@ def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -
 
 @pytest.mark.parametrize("files", [(COMPOSE_FILE,), FILES], ids=["cpu", "gpu"])
 def test_docker_compose_accepts_the_bundle(files: tuple[Path, ...], tmp_path: Path) -> None:
-    try:
-        compose = compose_cli()  # installed here as root (CI) where missing
-    except EngineUnavailable as e:
-        pytest.skip(f"no docker-compose to validate with: {e}")
-    env_file = tmp_path / "participant.env"
-    env_file.write_text(ENV_EXAMPLE.read_text())
-    command = [compose, "--env-file", str(env_file), "--profile", "monitoring"]
-    for path in files:
-        command += ["--file", str(path)]
-    result = subprocess.run([*command, "config"], capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
-    assert result.returncode == 0, result.stderr
-    services = yaml.safe_load(result.stdout)["services"]
+    services = docker_compose_config(files, ENV_EXAMPLE.read_text(), tmp_path)["services"]
     assert set(services) == {*SERVICES, "redis", "prometheus", "grafana"}
     assert services["averager"]["environment"]["APIARY_RUN_ID"] == "my-run"
+
+
+def test_every_service_speaks_tls_by_default_in_an_open_run() -> None:
+    services = bundle(*FILES)["services"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["APIARY_TLS"] == "true", name
+        # empty: unset for the CLI, so an open run
+        assert env["APIARY_RUN_AUTHORITY"] == "" and env["APIARY_ACCESS_TOKEN"] == "", name
+    plaintext = bundle(COMPOSE_FILE, env={**read_env_file(ENV_EXAMPLE), "APIARY_TLS": "false"})["services"]
+    assert {name: plaintext[name]["environment"]["APIARY_TLS"] for name in SERVICES} == dict.fromkeys(SERVICES, "false")
+
+
+def test_each_service_has_its_own_identity_so_its_own_token_entry() -> None:
+    identities = {name: Dockerfile.read(dockerfile_path(name)).env["APIARY_IDENTITY"] for name in SERVICES}
+    assert identities == {name: f"/var/lib/apiary/identity/{name}.key" for name in SERVICES}
+    assert set(TOKEN_ENTRIES.values()) <= set(read_env_file(ENV_EXAMPLE))
+
+
+def test_in_a_private_run_each_service_gets_the_authority_and_its_own_token(tmp_path: Path) -> None:
+    authority = Identity.generate().peer_id
+    env_file = tmp_path / "private.env"
+    env_file.write_text(private_run_env_file(authority))
+    services = bundle(*FILES, env=read_env_file(env_file))["services"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["APIARY_RUN_AUTHORITY"] == authority, name
+        assert env["APIARY_ACCESS_TOKEN"] == f"apiary-token-v1.for-{name}", name
+        assert env["APIARY_TLS"] == "true", name
+
+
+@pytest.mark.parametrize("files", [(COMPOSE_FILE,), FILES], ids=["cpu", "gpu"])
+def test_docker_compose_hands_each_service_the_authority_and_its_own_token(files: tuple[Path, ...],
+                                                                           tmp_path: Path) -> None:
+    authority = Identity.generate().peer_id
+    services = docker_compose_config(files, private_run_env_file(authority), tmp_path)["services"]
+    for name in SERVICES:
+        env = services[name]["environment"]
+        assert env["APIARY_RUN_AUTHORITY"] == authority, name
+        assert env["APIARY_ACCESS_TOKEN"] == f"apiary-token-v1.for-{name}", name
+        assert env["APIARY_TLS"] == "true", name
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """(`apiary` sub-command, options) of every keygen and token command that .env.example and
+    docs/deploy.md tell an operator to run."""
+    found = []
+    for path in (ENV_EXAMPLE, DOCS):
+        for match in re.finditer(r"\b(keygen|token (?:authority|issue|show))\b([^`#\n]*)", path.read_text()):
+            found.append((match.group(1), re.findall(r"(?<!\S)--[a-z-]+", match.group(2))))
+    return found
+
+
+def test_the_documented_private_run_commands_are_the_clis() -> None:
+    documented = _documented_commands()
+    assert {command for command, _ in documented} >= {"keygen", "token authority", "token issue", "token show"}
+    for command, options in documented:
+        click_command = commands()[command.split()[0]]
+        if " " in command:
+            click_command = click_command.commands[command.split()[1]]
+        known = {option for param in click_command.params for option in param.opts}
+        assert set(options) <= known, f"apiary {command}: no {sorted(set(options) - known)}"
+
+
+def test_the_documented_private_run_steps_admit_each_service_with_its_own_token(tmp_path: Path) -> None:
+    """The steps of .env.example with the real CLI: an authority, a key per service, a token per
+    key; each service starts with its own token (the check it makes at start), not another's."""
+    runner = CliRunner()
+
+    def apiary(*args: str) -> str:
+        result = runner.invoke(app, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    authority_key = str(tmp_path / "authority.key")
+    authority = re.search(r"run authority: (\S+)", apiary("token", "authority", "--create", "--authority-key",
+                                                          authority_key)).group(1)
+    tokens = {}
+    for name in SERVICES:
+        key = tmp_path / f"{name}.key"
+        peer_id = re.search(r"peer id: (\S+)", apiary("keygen", "--identity", str(key))).group(1)
+        tokens[name] = tmp_path / f"{name}.token"
+        apiary("token", "issue", "--authority-key", authority_key, "--peer-id", peer_id, "--expires-in", "2592000",
+               "--output", str(tokens[name]))
+    for name in SERVICES:
+        identity = Identity.load(tmp_path / f"{name}.key")
+        for token in (str(tokens[name]), tokens[name].read_text().strip()):  # a file or the text (.env)
+            assert CallCredentials.for_run(authority, token, identity) is not None
+        other = SERVICES[(SERVICES.index(name) + 1) % len(SERVICES)]
+        with pytest.raises(CredentialsError, match="start it with the identity file the token was issued for"):
+            CallCredentials.for_run(authority, str(tokens[other]), identity)

@@ -3,7 +3,8 @@
 The base images are made from Debian packages (tests/deploy/images.py) and the dht image is
 built from services/dht/Dockerfile on them. Two participants then run the dht service and
 Redis from compose.yaml, each as its own Compose project with its own `.env`, announcing this
-host's address as two machines would announce theirs. Skipped, with the reason, where no
+host's address as two machines would announce theirs (TLS on, as by default), in an open run
+and in a private one set up with the steps of .env.example. Skipped, with the reason, where no
 engine can be started; everything made here is removed afterwards (the base images stay
 cached).
 """
@@ -11,6 +12,10 @@ cached).
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_processes import free_port
 
 from apiary.dht import DHTNode, DHTSettings
-from apiary.wire import PeerAddress
+from apiary.dht.node import DHTBootstrapError
+from apiary.wire import Identity, PeerAddress, WireSettings
 from apiary.wire.settings import default_route_address
 from deploy.compose import ComposeProject
 from deploy.engine import Engine, EngineUnavailable, docker_engine
@@ -82,13 +88,29 @@ class Participant:
     def __init__(self, engine: Engine, name: str, directory: Path, announce_host: str, initial_peers: str = ""):
         self.port, self.admin_port = free_port(), free_port()
         self.announce_host = announce_host
-        settings = {**read_env_file(ENV_EXAMPLE), "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_IMAGE_TAG": TAG,
-                    "APIARY_REDIS_IMAGE": REDIS_IMAGE, "APIARY_ANNOUNCE_HOST": announce_host,
-                    "APIARY_INITIAL_PEERS": initial_peers, "APIARY_DHT_PORT": str(self.port),
-                    "APIARY_DHT_ADMIN_PORT": str(self.admin_port)}
-        env_file = directory / f"{name}.env"
-        env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
-        self.project = ComposeProject(engine, f"{PREFIX}-{RUN}-{name}", env_file)
+        self.settings = {**read_env_file(ENV_EXAMPLE), "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_IMAGE_TAG": TAG,
+                         "APIARY_REDIS_IMAGE": REDIS_IMAGE, "APIARY_ANNOUNCE_HOST": announce_host,
+                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_DHT_PORT": str(self.port),
+                         "APIARY_DHT_ADMIN_PORT": str(self.admin_port)}
+        self.env_file = directory / f"{name}.env"
+        self._write_env()
+        self.project = ComposeProject(engine, f"{PREFIX}-{RUN}-{name}", self.env_file)
+
+    def _write_env(self) -> None:
+        self.env_file.write_text("".join(f"{key}={value}\n" for key, value in self.settings.items()))
+
+    def join_private_run(self, authority: str, authority_key: Path) -> str:
+        """The steps of .env.example for the dht: its key made on the identity volume before the
+        first `up` (keygen prints its peer id), a token issued for that peer id, both in .env.
+        Returns the peer id."""
+        made = self.project.compose("run", "--rm", "--no-deps", "--entrypoint", "apiary", "dht",
+                                    "keygen", "--identity", "/var/lib/apiary/identity/dht.key")
+        peer_id = _peer_id_in(made)
+        token = _apiary("token", "issue", "--authority-key", str(authority_key), "--peer-id", peer_id,
+                        "--expires-in", "2592000").strip()
+        self.settings.update(APIARY_RUN_AUTHORITY=authority, APIARY_DHT_ACCESS_TOKEN=token)
+        self._write_env()
+        return peer_id
 
     @property
     def public_address(self) -> str:
@@ -105,11 +127,33 @@ class Participant:
     def neighbours(self) -> set[str]:
         return {neighbour["peer_id"] for neighbour in self.status()["neighbours"]}
 
-    def routing_table_nodes(self) -> float:
+    def samples(self) -> list:
         response = self.admin("/metrics")
         response.raise_for_status()
-        samples = {s.name: s.value for f in text_string_to_metric_families(response.text) for s in f.samples}
-        return samples["apiary_dht_routing_table_nodes"]
+        return [s for f in text_string_to_metric_families(response.text) for s in f.samples]
+
+    def routing_table_nodes(self) -> float:
+        return next(s.value for s in self.samples() if s.name == "apiary_dht_routing_table_nodes")
+
+    def refused(self, reason: str) -> float:
+        """Calls its public port refused for this reason (apiary.wire.auth.REASONS)."""
+        return sum(s.value for s in self.samples()
+                   if s.name.endswith("_rpc_rejected_total") and s.labels.get("reason") == reason)
+
+
+def _apiary(*args: str) -> str:
+    """The `apiary` CLI of this checkout, as the operator runs it on the host; its stdout."""
+    result = subprocess.run([sys.executable, "-m", "apiary.cli.main", *args], capture_output=True, text=True,
+                            timeout=60, check=False, env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, f"apiary {' '.join(args)}: {result.stderr}"
+    return result.stdout
+
+
+def _peer_id_in(output: str) -> str:
+    """The peer id `apiary keygen` or `apiary token authority` printed (maybe in colour)."""
+    match = re.search(r"(?:peer id|run authority): (?:\x1b\[[0-9;]*m)*([a-z2-7]{52})", output)
+    assert match, output
+    return match.group(1)
 
 
 def _announce_host(engine: Engine) -> str:
@@ -128,16 +172,18 @@ def _wait_for(condition, what: str, timeout: float = 60) -> None:
         time.sleep(1)
 
 
-async def _store(address: str, key: str, value: str) -> bool:
-    client = await DHTNode.launch([PeerAddress.parse(address)], settings=DHTSettings(client_mode=True))
+async def _store(address: str, key: str, value: str, **credentials: object) -> bool:
+    """Stores through the node at `address` as a DHT client (`credentials`: its identity and wire
+    settings, in a private run)."""
+    client = await DHTNode.launch([PeerAddress.parse(address)], settings=DHTSettings(client_mode=True), **credentials)
     try:
         return await client.store(key, value, expiration=time.time() + 600)
     finally:
         await client.shutdown()
 
 
-async def _get(address: str, key: str) -> object:
-    client = await DHTNode.launch([PeerAddress.parse(address)], settings=DHTSettings(client_mode=True))
+async def _get(address: str, key: str, **credentials: object) -> object:
+    client = await DHTNode.launch([PeerAddress.parse(address)], settings=DHTSettings(client_mode=True), **credentials)
     try:
         found = await client.get(key)
         return None if found is None else found.value
@@ -176,6 +222,46 @@ def test_two_participants_dht_services_find_each_other_and_keep_records_across_a
         first.project.stop("dht")  # only the restarted node (and its Redis) can answer now
         assert asyncio.run(_get(second.public_address, key)) == value
         assert second.routing_table_nodes() >= 1
+    finally:
+        for participant in (second, first):
+            if participant is not None:
+                participant.project.down()
+
+
+def test_a_private_run_admits_the_participants_whose_keys_and_tokens_were_made_as_documented(
+    engine: Engine, dht_image: str, tmp_path: Path
+) -> None:
+    authority_key = tmp_path / "authority.key"
+    authority = _peer_id_in(_apiary("token", "authority", "--create", "--authority-key", str(authority_key)))
+    host = _announce_host(engine)
+    first = Participant(engine, "private-a", tmp_path, host)
+    second: Participant | None = None
+    try:
+        a_id = first.join_private_run(authority, authority_key)
+        first.project.up("dht")
+        first.project.wait_healthy("dht")
+        assert first.status()["peer_id"] == a_id  # the key keygen made, admitted by its token
+
+        second = Participant(engine, "private-b", tmp_path, host, initial_peers=first.public_address)
+        b_id = second.join_private_run(authority, authority_key)
+        second.project.up("dht")
+        second.project.wait_healthy("dht")
+        _wait_for(lambda: b_id in first.neighbours() and a_id in second.neighbours(), "the two DHT nodes are neighbours")
+
+        # a peer of the run (its own key and token) stores through one participant, reads through the other
+        guest = Identity.generate()
+        token = _apiary("token", "issue", "--authority-key", str(authority_key), "--peer-id", guest.peer_id,
+                        "--expires-in", "600").strip()
+        credentials = {"identity": guest, "wire": WireSettings(listen_host="127.0.0.1", bulk=False,
+                                                               run_authority=authority, access_token=token)}
+        key, value = f"private-{RUN}", f"for the run's peers only {RUN}"
+        assert asyncio.run(_store(first.public_address, key, value, **credentials)) is True
+        assert asyncio.run(_get(second.public_address, key, **credentials)) == value
+
+        # a peer without a token is refused at the door
+        with pytest.raises(DHTBootstrapError):
+            asyncio.run(_get(first.public_address, key))
+        assert first.refused("token_missing") >= 1
     finally:
         for participant in (second, first):
             if participant is not None:

@@ -1,11 +1,12 @@
 """The Helm chart (deploy/helm/apiary), offline: lint, renderings with the example values (CPU
-only, GPU, monitoring) validated as Kubernetes manifests, what each rendering must contain,
-and no drift from the CLI, the admin endpoint and the dashboards."""
+only, GPU, monitoring, a private run) validated as Kubernetes manifests, what each rendering must
+contain, and no drift from the CLI, the admin endpoint and the dashboards."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
@@ -15,17 +16,19 @@ from kubernetes_validate.utils import SchemaNotFoundError
 from deploy.cli import admin_routes, commands, env_vars
 from deploy.files import REPO
 from deploy.helm import (
-    KUBE_VERSION, VALUES_FILES, apiary_command, container, env_of, find, lint, pod_specs, render, validate_values,
-    values_of,
+    KUBE_VERSION, VALUES_FILES, apiary_command, container, env_of, find, lint, pod_specs, render, start_as_pod,
+    validate_values, values_of,
 )
 
 RENDERINGS = [None, *VALUES_FILES]  # the defaults, then every ci/<name>-values.yaml
 CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in Kubernetes' own schemas
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
+APIARY_CONTAINERS = {"dht", "expert-server", "trainer", "averager"}
+AUTHORITY = "uxu3btpujqu3npcmoy7j6cduwo5b7iyqge6losgthyhys4zp2b5q"  # a peer id (apiary token authority)
 
 
-def test_the_example_values_cover_cpu_gpu_and_monitoring() -> None:
-    assert {"cpu", "gpu", "monitoring"} <= set(VALUES_FILES)
+def test_the_example_values_cover_cpu_gpu_monitoring_and_a_private_run() -> None:
+    assert {"cpu", "gpu", "monitoring", "private"} <= set(VALUES_FILES)
 
 
 @pytest.mark.parametrize("values", RENDERINGS)
@@ -66,6 +69,11 @@ def test_the_validator_refuses_a_manifest_with_an_unknown_field() -> None:
     ({"trainer": {"averager": {"mode": "leader"}}}, "/trainer/averager/mode"),
     ({"run": {"initialPeers": ["not an address"]}}, "/run/initialPeers/0"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
+    ({"security": {"tls": "yes"}}, "/security/tls"),
+    ({"security": {"runAuthority": "not-a-peer-id"}}, "/security/runAuthority"),
+    ({"security": {"runAuthority": AUTHORITY}}, "/security/accessTokens/existingSecret"),  # no tokens
+    ({"security": {"accessTokens": {"existingSecret": "tokens"}}}, "/security/runAuthority"),  # no authority
+    ({"trainer": {"identity": {"secret": "keys"}}}, "secret"),
 ])
 def test_the_values_schema_names_what_is_wrong(values: dict, problem: str) -> None:
     with pytest.raises(helm.HelmValuesError) as refused:
@@ -246,3 +254,59 @@ def test_every_workload_has_a_disruption_budget(values: str | None) -> None:
             continue
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert [b for b in budgets if b.items() <= labels.items()], workload["metadata"]["name"]
+
+
+def apiary_containers(manifests: list[dict]) -> list[tuple[dict, dict, dict]]:
+    """(workload, pod spec, container) of every container that runs an apiary service."""
+    return [(workload, pod, spec) for workload, pod in pod_specs(manifests) for spec in pod["containers"]
+            if apiary_command(spec) is not None]
+
+
+def test_every_apiary_container_speaks_tls_by_default_and_plaintext_only_when_asked() -> None:
+    containers = apiary_containers(render(None))
+    assert {spec["name"] for _, _, spec in containers} == APIARY_CONTAINERS
+    for _, pod, spec in containers:
+        env = env_of(spec)
+        assert env["APIARY_TLS"] == "true", spec["name"]
+        assert "APIARY_RUN_AUTHORITY" not in env and "APIARY_ACCESS_TOKEN" not in env  # an open run
+        assert "access-tokens" not in {v["name"] for v in pod["volumes"]}
+    plaintext = apiary_containers(render({"security": {"tls": False}}))
+    assert {spec["name"]: env_of(spec)["APIARY_TLS"] for _, _, spec in plaintext} == dict.fromkeys(
+        APIARY_CONTAINERS, "false")
+
+
+def test_in_a_private_run_every_container_has_the_authority_and_its_own_identity_and_token(tmp_path: Path) -> None:
+    """Each identity its own token: pod <workload>-<n> hands `apiary <service>` the key
+    <service>-<n>.key and the token <service>-<n>.token from the Secrets it mounts."""
+    values = values_of("private")
+    security = values["security"]
+    containers = apiary_containers(render(values))
+    assert {spec["name"] for _, _, spec in containers} == APIARY_CONTAINERS
+    for workload, pod, spec in containers:
+        service = spec["name"]
+        assert env_of(spec)["APIARY_RUN_AUTHORITY"] == security["runAuthority"]
+        assert env_of(spec)["APIARY_TLS"] == "true"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in spec["volumeMounts"]}
+        assert volumes["access-tokens"]["secret"]["secretName"] == security["accessTokens"]["existingSecret"]
+        assert mounts["access-tokens"] == {"name": "access-tokens", "mountPath": "/etc/apiary/access-tokens",
+                                           "readOnly": True}
+        assert volumes["identity"]["secret"]["secretName"] == "apiary-identities"
+        assert mounts["identity"]["mountPath"] == "/etc/apiary/identity" and mounts["identity"]["readOnly"] is True
+        for ordinal in (0, 1):
+            started = start_as_pod(spec, f"{workload['metadata']['name']}-{ordinal}", tmp_path / service)
+            assert started["argv"] == ["apiary", service]
+            assert started["env"]["APIARY_ACCESS_TOKEN"] == f"/etc/apiary/access-tokens/{service}-{ordinal}.token"
+            assert started["env"]["APIARY_IDENTITY"] == f"/etc/apiary/identity/{service}-{ordinal}.key"
+            assert set(started["env"]) <= env_vars(service), f"apiary {service} reads no {set(started['env']) - env_vars(service)}"
+
+
+def test_tokens_without_identity_secrets_name_the_keys_each_pod_makes_itself(tmp_path: Path) -> None:
+    """Tokens alone: each pod keeps the key it made on its volume (the image's APIARY_IDENTITY)
+    and reads the token of its ordinal."""
+    values = {"security": {"runAuthority": AUTHORITY, "accessTokens": {"existingSecret": "tokens"}}}
+    for workload, pod, spec in apiary_containers(render(values)):
+        started = start_as_pod(spec, f"{workload['metadata']['name']}-2", tmp_path / spec["name"])
+        assert started["env"]["APIARY_ACCESS_TOKEN"] == f"/etc/apiary/access-tokens/{spec['name']}-2.token"
+        assert "APIARY_IDENTITY" not in started["env"]
+        assert "identity" not in {v["name"] for v in pod["volumes"]}

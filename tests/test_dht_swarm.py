@@ -224,10 +224,10 @@ async def test_garbage_bytes_get_invalid_argument_and_the_node_keeps_serving(
     swarm: Swarm, pool: ChannelPool, target: tuple[SwarmNode, str], garbage: bytes
 ) -> None:
     node, key = target
-    async with grpc.aio.insecure_channel(str(node.endpoint)) as channel:
-        call = channel.unary_unary("/apiary.dht.Node/Store", request_serializer=None, response_deserializer=None)
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call(garbage, timeout=5)
+    channel = pool.channel(node.endpoint, node.peer_id)  # TLS, as every peer dials it
+    call = channel.unary_unary("/apiary.dht.Node/Store", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(garbage, timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
     assert "StoreRequest" in (caught.value.details() or "")
     await _still_serves(swarm, node, pool, key)

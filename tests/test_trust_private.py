@@ -53,12 +53,15 @@ class Run:
     experts: ServiceProcess
     experts_address: str
 
+    # Plaintext, asked for: a replay needs a request captured on the wire, which TLS (the default,
+    # with tokens in test_optim_swarm.py) would not let anyone capture.
     def private(self, name: str) -> tuple[str, ...]:
-        return ("--identity", str(self.folder / f"{name}.key"), "--run-authority", self.authority,
+        return ("--plaintext", "--identity", str(self.folder / f"{name}.key"), "--run-authority", self.authority,
                 "--access-token", str(self.folder / f"{name}.token"))
 
     def settings(self) -> WireSettings:
-        return WireSettings(run_authority=self.authority, access_token=str(self.folder / "me.token"), default_timeout=10)
+        return WireSettings(tls=False, run_authority=self.authority, access_token=str(self.folder / "me.token"),
+                            default_timeout=10)
 
     def token(self, name: str) -> AccessToken:
         return AccessToken.decode((self.folder / f"{name}.token").read_text())
@@ -113,7 +116,7 @@ def rejected(service: ServiceProcess, prefix: str) -> dict[str, float]:
 
 def with_credentials(run: Run, credentials: CallCredentials | None) -> ChannelPool:
     """A client pool whose calls carry `credentials` as they are, valid or not (as a misbehaving peer's would)."""
-    pool = ChannelPool(WireSettings(default_timeout=10))
+    pool = ChannelPool(WireSettings(tls=False, default_timeout=10))
     pool.credentials = credentials
     return pool
 
@@ -173,7 +176,7 @@ async def test_the_dht_serves_a_token_holder_and_refuses_everyone_else(run: Run)
 def test_dht_nodes_with_tokens_join_and_one_without_is_refused(run: Run) -> None:
     assert run.ids["dht2"].peer_id in {n["peer_id"] for n in run.dht.status()["neighbours"]}
     before = rejected(run.dht, "apiary_dht").get("token_missing", 0)
-    outsider = subprocess.run([*APIARY, "dht", "--host", "127.0.0.1", "--admin-port", str(free_port()),
+    outsider = subprocess.run([*APIARY, "dht", "--plaintext", "--host", "127.0.0.1", "--admin-port", str(free_port()),
                                "--bootstrap-timeout", "5", "--initial-peers", run.dht.initial_peers],
                               capture_output=True, text=True, timeout=60)
     assert outsider.returncode == 1 and "none of the initial peers answered" in outsider.stderr, outsider.stderr
@@ -200,7 +203,7 @@ async def test_private_averagers_average_together_and_refuse_outsiders(run: Run)
         with pytest.raises(AccessDenied, match=r"token_missing"):
             await RpcClient(pool, NODE_SERVICE, grpc_endpoint).call("Ping", PingRequest())
     for name, expected in (("other", "token_wrong_key"), (None, "token_missing")):
-        client = BulkClient(WireSettings(default_timeout=10))
+        client = BulkClient(WireSettings(tls=False, default_timeout=10))
         client.credentials = CallCredentials(run.ids["me"], run.token(name)) if name else None
         try:
             with pytest.raises(AccessDenied, match=expected):
@@ -253,7 +256,7 @@ def test_the_expert_server_serves_a_token_holder_only(run: Run) -> None:
     assert x.grad is not None and x.grad.shape == x.shape
     before = rejected(run.experts, "apiary_expert_server").get("token_missing", 0)
     with pytest.raises(AccessDenied, match="token_missing"), torch.no_grad():
-        RemoteExpert(run.experts_address, "ffn.0.1", timeout=10)(x)
+        RemoteExpert(run.experts_address, "ffn.0.1", ChannelPool(WireSettings(tls=False)), timeout=10)(x)
     assert rejected(run.experts, "apiary_expert_server")["token_missing"] == before + 1
     assert run.experts.status()["updates"] >= 1
 

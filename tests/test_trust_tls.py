@@ -86,7 +86,7 @@ async def test_a_tls_peer_is_reached_by_its_id_and_no_other(peers: tuple[Worker,
         other = Identity.generate().peer_id
         with pytest.raises(PeerUnavailable, match=f"did not prove peer id {other}"):
             await ping(pool, honest.endpoint, other)
-    async with ChannelPool(WireSettings(default_timeout=5)) as plaintext:  # the port really speaks TLS only
+    async with ChannelPool(WireSettings(tls=False, default_timeout=5)) as plaintext:  # the port really speaks TLS only
         with pytest.raises(PeerUnavailable):
             await ping(plaintext, honest.endpoint, None)
     assert await fetch_peer_id(honest.endpoint, 10) == peer_id
@@ -162,3 +162,19 @@ def test_the_certificate_is_tls_1_3_with_a_p256_key_signed_by_the_identity(peers
     assert cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == honest.info["peer_id"]
     assert cert.public_key().curve.name == "secp256r1"  # type: ignore[union-attr]
     assert cert.signature_algorithm_oid == x509.oid.SignatureAlgorithmOID.ED25519
+
+
+def test_services_speak_tls_unless_plaintext_is_asked_for() -> None:
+    def ping(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*APIARY, "ping", address, "--timeout", "5", *flags], capture_output=True, text=True,
+                              timeout=60)
+
+    with ServiceProcesses() as services:
+        default = services.start("dht").wait_until_up()
+        plaintext = services.start("dht", "--plaintext").wait_until_up()
+        tls_address, plain_address = default.initial_peers, plaintext.initial_peers
+        assert ping(tls_address).returncode == 0, ping(tls_address).stderr
+        refused = ping(tls_address, "--plaintext")  # the default port speaks TLS only
+        assert refused.returncode == 1 and refused.stderr.startswith("apiary: error:"), refused.stderr
+        assert ping(plain_address, "--plaintext").returncode == 0
+        assert "the port speaks plaintext" in ping(plain_address).stderr  # and the plaintext one no TLS at all

@@ -1,5 +1,8 @@
 """What callers see: errors mapped to WireError subclasses, deadlines, channel reuse, bulk errors."""
 
+# Plaintext here, asked for explicitly: these tests open raw channels and sockets to check the
+# wire's own mechanics; the same paths over TLS (the default) are covered by test_trust_tls.py.
+
 from __future__ import annotations
 
 import asyncio
@@ -37,7 +40,7 @@ async def trouble() -> Trouble:
 
 @pytest.fixture
 async def server(trouble: Trouble) -> AsyncIterator[RpcServer]:
-    server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.5), Identity.generate())
+    server = RpcServer(WireSettings(tls=False, listen_host="127.0.0.1", shutdown_grace=0.5), Identity.generate())
     server.add_service(TROUBLE, trouble)
     await server.start()
     assert server.bulk is not None
@@ -51,13 +54,13 @@ async def server(trouble: Trouble) -> AsyncIterator[RpcServer]:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[ChannelPool]:
-    async with ChannelPool(WireSettings(default_timeout=10)) as pool:
+    async with ChannelPool(WireSettings(tls=False, default_timeout=10)) as pool:
         yield pool
 
 
 @pytest.fixture
 async def bulk() -> AsyncIterator[BulkClient]:
-    client = BulkClient(WireSettings(default_timeout=10))
+    client = BulkClient(WireSettings(tls=False, default_timeout=10))
     yield client
     await client.close()
 
@@ -85,10 +88,10 @@ async def test_a_peer_starting_where_one_was_refused_is_reached_at_once(pool: Ch
     endpoint = Endpoint("127.0.0.1", port)
     with pytest.raises(PeerUnavailable):
         await RpcClient(pool, PROBE, endpoint).call("Ping", PingRequest(), timeout=5)
-    server = RpcServer(WireSettings(listen_host="127.0.0.1", port=port), Identity.generate())
+    server = RpcServer(WireSettings(tls=False, listen_host="127.0.0.1", port=port), Identity.generate())
     await server.start()
     try:
-        async with ChannelPool(WireSettings(default_timeout=5)) as fresh_pool:
+        async with ChannelPool(WireSettings(tls=False, default_timeout=5)) as fresh_pool:
             await assert_serving(fresh_pool, server)
         started = time.monotonic()
         while True:  # the refused pool's own channel reconnects within its bounded backoff
@@ -115,7 +118,7 @@ async def test_slow_handler_hits_the_deadline(pool: ChannelPool, server: RpcServ
 
 
 async def test_client_default_timeout_applies(server: RpcServer) -> None:
-    async with ChannelPool(WireSettings(default_timeout=0.3)) as short:
+    async with ChannelPool(WireSettings(tls=False, default_timeout=0.3)) as short:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded):
             await RpcClient(short, TROUBLE, server.local_endpoint).call("Sleep", PingRequest())
@@ -156,7 +159,7 @@ async def test_unknown_method_name_is_a_local_error(pool: ChannelPool, server: R
 
 
 async def test_channel_pool_reuses_one_channel_per_endpoint(server: RpcServer) -> None:
-    pool = ChannelPool(WireSettings(default_timeout=10))
+    pool = ChannelPool(WireSettings(tls=False, default_timeout=10))
     endpoint = server.local_endpoint
     channel = pool.channel(endpoint)
     assert pool.channel(Endpoint("127.0.0.1", endpoint.port)) is channel  # equal endpoints, same channel

@@ -41,13 +41,13 @@ def gib_tensor() -> tuple[torch.Tensor, bytes]:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[ChannelPool]:
-    async with ChannelPool(WireSettings(default_timeout=120)) as pool:
+    async with ChannelPool(WireSettings(tls=False, default_timeout=120)) as pool:
         yield pool
 
 
 async def test_one_gib_over_bulk(peer: PeerProcess, pool: ChannelPool, gib_tensor: tuple[torch.Tensor, bytes]) -> None:
     tensor, digest = gib_tensor
-    client = BulkClient(WireSettings(default_timeout=120))
+    client = BulkClient(WireSettings(tls=False, default_timeout=120))
     started = time.perf_counter()
     try:
         body, tensors = await client.call(

@@ -1,6 +1,9 @@
 """Limits and malformed input, against a peer in another process: each bad request gets a clear
 error, and the peer keeps serving (a Ping right after succeeds)."""
 
+# Plaintext here, asked for explicitly: these tests open raw channels and sockets to check the
+# wire's own mechanics; the same paths over TLS (the default) are covered by test_trust_tls.py.
+
 from __future__ import annotations
 
 import socket
@@ -44,13 +47,13 @@ def peer() -> Iterator[PeerProcess]:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[ChannelPool]:
-    async with ChannelPool(WireSettings(default_timeout=20)) as pool:
+    async with ChannelPool(WireSettings(tls=False, default_timeout=20)) as pool:
         yield pool
 
 
 @pytest.fixture
 async def bulk() -> AsyncIterator[BulkClient]:
-    client = BulkClient(WireSettings(default_timeout=20))
+    client = BulkClient(WireSettings(tls=False, default_timeout=20))
     yield client
     await client.close()
 

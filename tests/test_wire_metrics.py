@@ -1,5 +1,8 @@
 """Prometheus metrics of an RpcServer: calls counted by method and status code, durations observed."""
 
+# Plaintext here, asked for explicitly: these tests open raw channels and sockets to check the
+# wire's own mechanics; the same paths over TLS (the default) are covered by test_trust_tls.py.
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -20,7 +23,7 @@ from apiary.wire.tensors import tensor_payload
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[RpcServer, CollectorRegistry]]:
     registry = CollectorRegistry()
-    server = RpcServer(WireSettings(listen_host="127.0.0.1"), Identity.generate(), registry=registry,
+    server = RpcServer(WireSettings(tls=False, listen_host="127.0.0.1"), Identity.generate(), registry=registry,
                        metrics_prefix="apiary_test")
     server.add_service(TROUBLE, Trouble())
     await server.start()
@@ -34,7 +37,7 @@ def requests(registry: CollectorRegistry, method: str, code: str) -> float:
 
 async def test_calls_are_counted_by_method_and_code(served: tuple[RpcServer, CollectorRegistry]) -> None:
     server, registry = served
-    async with ChannelPool(WireSettings(default_timeout=10)) as pool:
+    async with ChannelPool(WireSettings(tls=False, default_timeout=10)) as pool:
         probe = RpcClient(pool, PROBE, server.local_endpoint)
         for _ in range(3):
             await probe.call("Ping", PingRequest())
@@ -63,7 +66,7 @@ async def test_calls_are_counted_by_method_and_code(served: tuple[RpcServer, Col
 async def test_bulk_routes_are_counted_too(served: tuple[RpcServer, CollectorRegistry]) -> None:
     server, registry = served
     assert server.bulk is not None
-    client = BulkClient(WireSettings(default_timeout=10))
+    client = BulkClient(WireSettings(tls=False, default_timeout=10))
     try:
         await client.call(Endpoint("127.0.0.1", server.bulk.port), SINK_ROUTE,
                           body=SinkRequest().SerializeToString(), tensors=[tensor_payload(torch.ones(3))])
@@ -74,11 +77,11 @@ async def test_bulk_routes_are_counted_too(served: tuple[RpcServer, CollectorReg
 
 
 async def test_without_a_registry_nothing_is_registered() -> None:
-    server = RpcServer(WireSettings(listen_host="127.0.0.1", bulk=False), Identity.generate())
+    server = RpcServer(WireSettings(tls=False, listen_host="127.0.0.1", bulk=False), Identity.generate())
     assert server.metrics is None
     await server.start()
     try:
-        async with ChannelPool() as pool:
+        async with ChannelPool(WireSettings(tls=False)) as pool:
             assert (await RpcClient(pool, PROBE, server.local_endpoint).call("Ping", PingRequest(), timeout=5)).peer_id
     finally:
         await server.stop(0)

@@ -196,7 +196,7 @@ async def test_a_crashed_peer_restarted_on_its_ports_is_reachable_with_the_same_
     once, and it answers with the same peer id."""
     identity_file = tmp_path / "identity.pem"
     port, bulk_port = unused_port(), unused_port()
-    args = ["--identity", str(identity_file), "--port", str(port), "--bulk-port", str(bulk_port)]
+    args = ["--identity", str(identity_file), "--port", str(port), "--bulk-port", str(bulk_port), "--tls"]
     pool, bulk = ChannelPool(WireSettings(default_timeout=10)), BulkClient(WireSettings(default_timeout=10))
     seen = []
     try:
@@ -205,8 +205,9 @@ async def test_a_crashed_peer_restarted_on_its_ports_is_reachable_with_the_same_
             try:
                 assert peer.endpoint == Endpoint("127.0.0.1", port)
                 assert peer.bulk_endpoint == Endpoint("127.0.0.1", bulk_port)
-                reply = await RpcClient(pool, PROBE, peer.endpoint).call("Ping", PingRequest())
-                body, _ = await bulk.call(peer.bulk_endpoint, SINK_ROUTE, body=SinkRequest().SerializeToString())
+                reply = await RpcClient(pool, PROBE, peer.endpoint, peer_id=peer.peer_id).call("Ping", PingRequest())
+                body, _ = await bulk.call(peer.bulk_endpoint, SINK_ROUTE, body=SinkRequest().SerializeToString(),
+                                          peer_id=peer.peer_id)
                 assert body == b""
                 seen.append((peer.pid, reply.peer_id, peer.peer_id))
             finally:

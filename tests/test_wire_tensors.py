@@ -44,7 +44,7 @@ def peer() -> Iterator[PeerProcess]:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[ChannelPool]:
-    async with ChannelPool(WireSettings(default_timeout=30)) as pool:
+    async with ChannelPool(WireSettings(tls=False, default_timeout=30)) as pool:
         yield pool
 
 
@@ -130,7 +130,7 @@ async def test_sink_digests_match_what_was_sent(peer: PeerProcess, pool: Channel
 async def test_bulk_transfers_keep_tensors_intact_on_a_reused_connection(peer: PeerProcess, pool: ChannelPool) -> None:
     """Several bulk calls on one connection; the peer receives into a buffer it reuses, so a
     large request, a smaller one and a larger one again must each arrive intact."""
-    client = BulkClient(WireSettings(default_timeout=30), max_idle_per_peer=1)
+    client = BulkClient(WireSettings(tls=False, default_timeout=30), max_idle_per_peer=1)
     body = SinkRequest(digest=True).SerializeToString()
     try:
         for round_, counts in enumerate([(3 << 18, 17), (5, 1 << 18), (2 << 18, 3 << 18, 0)]):  # float32 elements

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import helm_python as helm
@@ -71,3 +73,23 @@ def apiary_command(container_spec: dict[str, Any]) -> list[str] | None:
         lines = [line.split()[1:] for line in script.splitlines() if line.strip().startswith("exec ")]
         return lines[-1] if lines else None
     return None
+
+
+def start_as_pod(container_spec: dict[str, Any], pod_name: str, directory: Path) -> dict[str, Any]:
+    """What a container's shell script hands `apiary` in the pod named `pod_name`: {"argv": [...],
+    "env": {APIARY_* -> value}}. The script runs in /bin/sh with the container's literal env and
+    POD_NAME, and an `apiary` on PATH that only reports how it was called."""
+    command = container_spec.get("command", [])
+    assert command[:2] == ["/bin/sh", "-c"], f"{container_spec['name']} runs no script: {command}"
+    bin_dir = directory / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    fake = bin_dir / "apiary"
+    fake.write_text('#!/bin/sh\nprintf "argv %s\\n" "apiary $*"\nenv | grep "^APIARY_"\n')
+    fake.chmod(0o755)
+    env = {e["name"]: e["value"] for e in container_spec.get("env", []) if "value" in e}
+    env.update({"POD_NAME": pod_name, "PATH": f"{bin_dir}:/usr/bin:/bin"})
+    result = subprocess.run(["/bin/sh", "-c", "\n".join(container_spec["args"])], env=env, capture_output=True,
+                            text=True, timeout=30, check=True)
+    lines = result.stdout.splitlines()
+    assert lines and lines[0].startswith("argv "), result.stdout + result.stderr
+    return {"argv": lines[0].removeprefix("argv ").split(), "env": dict(line.split("=", 1) for line in lines[1:])}

@@ -28,6 +28,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tensor-bytes", type=int)
     parser.add_argument("--max-message-bytes", type=int)
     parser.add_argument("--chunk-bytes", type=int)
+    parser.add_argument("--tls", action="store_true", help="TLS (the default of services); else plaintext for raw frames")
     return parser.parse_args(argv)
 
 
@@ -41,8 +42,8 @@ async def serve(args: argparse.Namespace) -> None:
         )
         if value is not None
     }
-    settings = WireSettings(
-        listen_host="127.0.0.1", port=args.port, bulk_port=args.bulk_port, shutdown_grace=0.5, **limits
+    settings = WireSettings(  # plaintext unless --tls: most wire tests send it raw frames and bytes
+        listen_host="127.0.0.1", port=args.port, bulk_port=args.bulk_port, shutdown_grace=0.5, tls=args.tls, **limits
     )
     identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
     server = RpcServer(settings, identity)

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import apiary
-from apiary.cli.options import option
+from apiary.cli.options import TlsOption, option
 from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, PeerAddress, RpcClient, WireSettings
 from apiary.wire.bulk import BulkClient
 from apiary.wire.probe import SINK_ROUTE
@@ -56,15 +56,17 @@ def ping_command(
     address: Annotated[str, typer.Argument(help="the peer: host:port or peer_id@host:port", envvar="APIARY_PEER")],
     timeout: Annotated[float, option("--timeout", "seconds to wait for the answer", min=0.1)] = 5.0,
     bulk_mib: Annotated[int, option("--bulk-mib", "also send this many MiB over the bulk transport", min=0)] = 0,
+    tls: TlsOption = True,
 ) -> None:
     """Ask a peer who it is, how far away it is, and (optionally) how fast the link is."""
-    asyncio.run(_ping(PeerAddress.parse(address), timeout, bulk_mib))
+    asyncio.run(_ping(PeerAddress.parse(address), timeout, bulk_mib, WireSettings(tls=tls)))
 
 
-async def _ping(peer: PeerAddress, timeout: float, bulk_mib: int) -> None:
-    async with ChannelPool(WireSettings()) as pool:
+async def _ping(peer: PeerAddress, timeout: float, bulk_mib: int, wire: WireSettings) -> None:
+    async with ChannelPool(wire) as pool:
         started = time.perf_counter()
-        reply = await RpcClient(pool, PROBE, peer.endpoint, timeout=timeout).call("Ping", PingRequest())
+        probe = RpcClient(pool, PROBE, peer.endpoint, timeout=timeout, peer_id=peer.peer_id)
+        reply = await probe.call("Ping", PingRequest())
         rtt = time.perf_counter() - started
     if peer.peer_id and reply.peer_id != peer.peer_id:
         raise typer.BadParameter(f"{peer.endpoint} answered as peer {reply.peer_id}, not {peer.peer_id}")
@@ -78,9 +80,10 @@ async def _ping(peer: PeerAddress, timeout: float, bulk_mib: int) -> None:
     if bulk_mib and reply.bulk_address:
         payload = memoryview(bytearray(bulk_mib << 20))
         header = TensorHeader(dtype="uint8", shape=[len(payload)], nbytes=len(payload))
-        client = BulkClient()
+        client = BulkClient(wire)
         started = time.perf_counter()
-        await client.call(Endpoint.parse(reply.bulk_address), SINK_ROUTE, tensors=[(header, payload)], timeout=600)
+        await client.call(Endpoint.parse(reply.bulk_address), SINK_ROUTE, tensors=[(header, payload)], timeout=600,
+                          peer_id=reply.peer_id)
         table.add_row("bulk throughput", f"{len(payload) / (time.perf_counter() - started) / 1e6:.0f} MB/s")
         await client.close()
     console.print(table)

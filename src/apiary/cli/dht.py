@@ -37,7 +37,7 @@ def dht_command(
     bucket_size: Annotated[int, option("--bucket-size", "nodes per k-bucket")] = 20,
     num_replicas: Annotated[int, option("--num-replicas", "nodes that store each value")] = 5,
     bootstrap_timeout: Annotated[float, option("--bootstrap-timeout", "seconds to reach an initial peer")] = 15.0,
-    tls: TlsOption = False,
+    tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
 ) -> None:

@@ -51,7 +51,7 @@ def expert_server_command(
     identity: IdentityOption = None,
     tracing: TracingOption = "none",
     otlp_endpoint: OtlpEndpointOption = None,
-    tls: TlsOption = False,
+    tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
 ) -> None:

@@ -15,8 +15,8 @@ ENV_PREFIX = "APIARY_"
 
 
 def env_name(flag: str) -> str:
-    """The environment variable of a flag: `--initial-peers` -> `APIARY_INITIAL_PEERS`."""
-    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+    """The environment variable of a flag: `--initial-peers` -> `APIARY_INITIAL_PEERS`, `--tls/--plaintext` -> `APIARY_TLS`."""
+    return ENV_PREFIX + flag.split("/")[0].lstrip("-").replace("-", "_").upper()
 
 
 def option(flag: str, help: str, **kwargs: Any) -> Any:
@@ -24,7 +24,8 @@ def option(flag: str, help: str, **kwargs: Any) -> Any:
     return typer.Option(flag, help=help, envvar=env_name(flag), show_envvar=True, **kwargs)
 
 
-TlsOption = Annotated[bool, option("--tls", "TLS on the public ports, each server proving its peer id (dial peer_id@host:port)")]
+TlsOption = Annotated[bool, option("--tls/--plaintext", "TLS on the public ports, each server proving its peer id "
+                                    "(dial peer_id@host:port); --plaintext only for tests and fully trusted networks")]
 RunAuthorityOption = Annotated[Optional[str], option("--run-authority", "private run: the peer id of the run's authority (none: an open run)")]
 AccessTokenOption = Annotated[Optional[str], option("--access-token", "private run: this peer's access token, or the file holding it (`apiary token issue`)")]
 

@@ -59,7 +59,7 @@ def trainer_command(
     summary_path: Annotated[Optional[Path], option("--summary-path", "write a JSON summary here when training stops")] = None,
     evaluate_every: Annotated[float, option("--evaluate-every", "seconds between held-out evaluations", min=1)] = 30.0,
     host: Annotated[str, option("--host", "interface the embedded services' public ports bind")] = "0.0.0.0",
-    tls: TlsOption = False,
+    tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
     admin_host: AdminHostOption = "127.0.0.1",

@@ -152,10 +152,7 @@ class AveragerService:
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
             state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self._state_published,
         )
-        local_wire = wire.model_copy(update={"listen_host": settings.local_host, "port": settings.local_port,
-                                             "announce_host": None, "announce_port": None, "bulk": False,
-                                             "tls": False, "run_authority": None, "access_token": None})
-        self.local_server = RpcServer(local_wire, self.host.identity)
+        self.local_server = RpcServer(wire.for_local_api(settings.local_host, settings.local_port), self.host.identity)
         self.local_server.add_service(LOCAL_SERVICE, self.servicer)
         self.announced_at: float | None = None
         self.started = False

@@ -38,9 +38,7 @@ class DHTService:
         self.host = ServiceHost("dht", wire, service, status=self.status, ready=lambda: self.joined)
         self.dht_settings = dht
         self.node: DHTNode | None = None
-        self.local_server = RpcServer(
-            WireSettings(listen_host=settings.local_host, port=settings.local_port, bulk=False), self.host.identity
-        )
+        self.local_server = RpcServer(wire.for_local_api(settings.local_host, settings.local_port), self.host.identity)
         self.host.on_stop(self.local_server.stop)
         self.joined = False
 

@@ -46,7 +46,7 @@ from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
 from apiary.wire.rpc import decode
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.settings import WireSettings
-from apiary.wire.tls import TlsSocket, certified_peer_id, client_ssl_context
+from apiary.wire.tls import TlsSocket, certified_peer_id, client_ssl_context, tls_failure
 from apiary.wire.tracing import incoming_context, outgoing_metadata, span_attributes, tracer
 
 logger = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ class BulkClient:
                 raise DeadlineExceeded(f"{name} on {endpoint} did not finish within {timeout:.1f}s",
                                        peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:  # TlsError too
-                raise PeerUnavailable(f"{name} on {endpoint} failed: {e}", peer=str(endpoint),
+                raise PeerUnavailable(f"{name} on {endpoint} failed: {tls_failure(str(e)) or e}", peer=str(endpoint),
                                       code=grpc.StatusCode.UNAVAILABLE) from None
 
     async def _exchange(

@@ -23,11 +23,11 @@ from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials, request_digest
-from apiary.wire.errors import DeadlineExceeded, PeerUnavailable, WireError, error_from_status
+from apiary.wire.errors import WireError, error_from_status
 from apiary.wire.identity import Identity
 from apiary.wire.rpc import Method, ServiceSpec
 from apiary.wire.settings import WireSettings
-from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials
+from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials, tls_failure
 from apiary.wire.tracing import outgoing_metadata, span_attributes, tracer
 
 Request = Message | AsyncIterable[Message]
@@ -64,20 +64,21 @@ class ChannelPool:
             self._channels[key] = channel
         return channel
 
-    async def connect(self, endpoint: Endpoint, peer_id: str | None, *, local: bool,
-                      timeout: float) -> tuple[grpc.aio.Channel, str | None]:
-        """The channel for a call and the peer id it is bound to (None: plaintext, id unknown).
-        With TLS and no `peer_id`, the id is the one the server proves at first contact."""
+    async def connect(self, endpoint: Endpoint, peer_id: str | None, *, local: bool, timeout: float,
+                      method: str = "connecting") -> tuple[grpc.aio.Channel, str | None]:
+        """The channel for a call (to `method`, named in errors) and the peer id it is bound to (None:
+        plaintext, id unknown). With TLS and no `peer_id`, the id is the one the server proves at first contact."""
         if self.settings.tls and not local and peer_id is None:
             peer_id = self._proven.get(endpoint)
             if peer_id is None:
                 try:
                     peer_id = self._proven[endpoint] = await fetch_peer_id(endpoint, timeout)
                 except TimeoutError as e:
-                    raise DeadlineExceeded(str(e), peer=str(endpoint), code=grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                    raise error_from_status(grpc.StatusCode.DEADLINE_EXCEEDED, f"TLS handshake: {e}",
+                                            peer=str(endpoint), method=method) from None
                 except (TlsError, OSError) as e:
-                    raise PeerUnavailable(f"TLS with {endpoint} failed: {e}", peer=str(endpoint),
-                                          code=grpc.StatusCode.UNAVAILABLE) from None
+                    raise error_from_status(grpc.StatusCode.UNAVAILABLE, tls_failure(str(e)) or f"TLS handshake: {e}",
+                                            peer=str(endpoint), method=method) from None
         bound = peer_id if self.settings.tls and not local else None
         return self.channel(endpoint, peer_id, local=local), bound
 
@@ -143,7 +144,8 @@ class RpcClient:
     async def _prepare(self, method: Method, request: Request, timeout: float) -> tuple[Any, Request | bytes, Any]:
         """The multicallable, the request (serialized here when a signature covers its digest) and the metadata."""
         local = self.spec.local
-        channel, peer_id = await self.pool.connect(self.endpoint, self.peer_id, local=local, timeout=timeout)
+        channel, peer_id = await self.pool.connect(self.endpoint, self.peer_id, local=local, timeout=timeout,
+                                                   method=f"{self.spec.name}/{method.name}")
         credentials = None if local else self.pool.credentials
         serializer: Any = method.request.SerializeToString
         extra: list[tuple[str, str]] = []
@@ -175,7 +177,7 @@ class RpcClient:
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             if "handshake failed" in details.lower() and self.pool.settings.tls and not self.spec.local:
                 expected = self.peer_id or "the id it proved before"
-                details = f"the server did not prove peer id {expected} over TLS ({details})"
+                details = tls_failure(details) or f"the server did not prove peer id {expected} over TLS ({details})"
             if self.peer_id is None:
                 self.pool.forget(self.endpoint)  # whoever answers there next proves its id afresh
         return error_from_status(error.code(), details, peer=str(self.endpoint), method=f"{self.spec.name}/{method.name}")

@@ -36,7 +36,8 @@ class WireSettings(BaseModel):
     max_bulk_connections_per_peer: int = Field(128, ge=1, description="bulk connections a peer may keep open")
     max_bytes_in_flight: int = Field(8 * GiB, ge=0, description="tensor and frame bytes being received, all peers together")
     max_tracked_peers: int = Field(4096, ge=1, description="peers whose limits are tracked (least recently seen forgotten)")
-    tls: bool = Field(False, description="TLS on the public gRPC and bulk ports, servers bound to their peer ids")
+    tls: bool = Field(True, description="TLS on the public gRPC and bulk ports, servers bound to their peer ids; "
+                                         "False (plaintext) only for tests and fully trusted networks")
     run_authority: str | None = Field(None, description="private run: the peer id of the run's authority (none: an open run)")
     access_token: str | None = Field(None, description="private run: this peer's access token, or the file holding it")
 
@@ -59,6 +60,12 @@ class WireSettings(BaseModel):
         elif self.access_token:
             raise ValueError("access_token is set but run_authority is not: a private run needs both")
         return self
+
+    def for_local_api(self, host: str, port: int) -> WireSettings:
+        """The settings of a local API server (a participant's own services call it, from the same
+        host or pod): plaintext and open, with no bulk port and nothing announced."""
+        return self.model_copy(update={"listen_host": host, "port": port, "announce_host": None, "announce_port": None,
+                                       "bulk": False, "tls": False, "run_authority": None, "access_token": None})
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel and server options shared by both ends of every connection."""

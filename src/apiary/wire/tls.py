@@ -230,3 +230,11 @@ class TlsSocket:
             return False
         self._incoming.write(data)
         return True
+
+
+def tls_failure(details: str) -> str | None:
+    """What a failed TLS handshake means when the other end speaks plaintext (None otherwise)."""
+    if "WRONG_VERSION_NUMBER" in details.upper():
+        return ("TLS handshake: the port speaks plaintext, not TLS (all peers of a run must agree: "
+                "--tls, the default, or --plaintext)")
+    return None

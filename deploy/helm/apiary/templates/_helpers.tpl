@@ -56,13 +56,87 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end -}}
 
-{{/* Settings every service shares: tracing. */}}
+{{/* Settings every service shares: tracing, TLS and the run authority (the access token is each
+container's own: see apiary.ownFiles). */}}
 {{- define "apiary.commonEnv" -}}
 - name: APIARY_TRACING
   value: {{ .Values.tracing.exporter | quote }}
 {{- with .Values.tracing.otlpEndpoint }}
 - name: APIARY_OTLP_ENDPOINT
   value: {{ . | quote }}
+{{- end }}
+- name: APIARY_TLS
+  value: {{ .Values.security.tls | quote }}
+{{- with .Values.security.runAuthority }}
+- name: APIARY_RUN_AUTHORITY
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The lines of a container's script that point the service at its own files, named after the
+service and the pod's ordinal (which only a shell can cut from POD_NAME): its identity from the
+workload's Secret, its access token from security.accessTokens. Pass (dict "root" $ "service"
+"averager" "identitySecret" ..). */}}
+{{- define "apiary.ownFiles" -}}
+ordinal="${POD_NAME##*-}"
+{{- if .identitySecret }}
+export APIARY_IDENTITY="/etc/apiary/identity/{{ .service }}-$ordinal.key"
+{{- end }}
+{{- if .root.Values.security.accessTokens.existingSecret }}
+export APIARY_ACCESS_TOKEN="/etc/apiary/access-tokens/{{ .service }}-$ordinal.token"
+{{- end }}
+{{- end -}}
+
+{{/* The command of an expert-server, trainer or averager container: `apiary <service>`, through a
+shell that first points it at its own files when it has any (apiary.ownFiles); pass as for
+apiary.ownFiles. */}}
+{{- define "apiary.command" -}}
+{{- if or .identitySecret .root.Values.security.accessTokens.existingSecret }}
+command: ["/bin/sh", "-c"]
+args:
+  - |
+    {{- include "apiary.ownFiles" . | nindent 4 }}
+    exec apiary {{ .service }}
+{{- else }}
+command: ["apiary", {{ .service | quote }}]
+{{- end }}
+{{- end -}}
+
+{{/* The pod's name, from which apiary.ownFiles takes the ordinal. */}}
+{{- define "apiary.podNameEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- end -}}
+
+{{/* Mounts of the Secrets with a container's own files; pass (dict "root" $ "identitySecret" ..). */}}
+{{- define "apiary.secretMounts" -}}
+{{- if .identitySecret }}
+- name: identity
+  mountPath: /etc/apiary/identity
+  readOnly: true
+{{- end }}
+{{- if .root.Values.security.accessTokens.existingSecret }}
+- name: access-tokens
+  mountPath: /etc/apiary/access-tokens
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The Secret volumes of apiary.secretMounts (readable by the pod's group: fsGroup). */}}
+{{- define "apiary.secretVolumes" -}}
+{{- with .identitySecret }}
+- name: identity
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
+{{- end }}
+{{- with .root.Values.security.accessTokens.existingSecret }}
+- name: access-tokens
+  secret:
+    secretName: {{ . }}
+    defaultMode: 0440
 {{- end }}
 {{- end -}}
 

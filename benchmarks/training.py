@@ -3,8 +3,10 @@
 Runs `--peers` trainer processes (each with embedded dht and averager services, on loopback)
 on the language-model task for each mode — synchronous gradient averaging, delayed updates
 (averaging overlapped with the next batches) and DiLoCo — for the same number of samples,
-and prints per mode: seconds per epoch, MB exchanged per epoch (all peers), the swarm's
-samples per second, the final held-out loss, and the ratio of the swarm's samples per second
+and prints per mode: seconds per epoch, MB exchanged per epoch (all peers), how long training
+waited for the round at an epoch's end (mean over peers and epochs) and the share of rounds
+whose group was formed ahead of the end, the swarm's samples per second, the final held-out
+loss, and the ratio of the swarm's samples per second
 to the reference measured in the same run: the same model trained by one plain torch loop on
 this machine (no apiary), which is what the peers' compute could do without collaborating.
 
@@ -61,7 +63,10 @@ def run_mode(peers: int, epochs: int, samples_per_epoch: int, extra: list[str], 
     if len(summaries) != peers:
         raise RuntimeError(f"{peers - len(summaries)} trainers failed")
     samples = sum(s["samples"] for s in summaries)
+    rounds = [record for s in summaries for record in s["history"] if "round_seconds" in record]  # none if delayed
     return {
+        "round_wait": sum(r["round_seconds"] for r in rounds) / len(rounds) if rounds else float("nan"),
+        "formed_early": sum(r["formed_early"] for r in rounds) / len(rounds) if rounds else float("nan"),
         "seconds_per_epoch": seconds / epochs,
         "mb_per_epoch": sum(s["averaged_bytes"] for s in summaries) / epochs / 1e6,
         "samples_per_second": samples / seconds,
@@ -85,11 +90,13 @@ def main() -> None:
         f"diloco (H={args.h})": (["--mode", "diloco"], args.h),
     }
     print(f"{args.peers} peers, {samples_per_epoch} samples per epoch, {args.epochs} epochs' worth of samples each")
-    print(f"{'mode':<18} {'s/epoch':>8} {'MB/epoch':>9} {'samples/s':>10} {'ratio':>6} {'loss':>6}")
+    print(f"{'mode':<18} {'s/epoch':>8} {'MB/epoch':>9} {'wait s':>7} {'early':>6} {'samples/s':>10} {'ratio':>6} "
+          f"{'loss':>6}")
     for name, (extra, h) in modes.items():
         result = run_mode(args.peers, args.epochs, samples_per_epoch, extra, h)
         ratio = result["samples_per_second"] / reference
         print(f"{name:<18} {result['seconds_per_epoch']:8.2f} {result['mb_per_epoch']:9.2f} "
+              f"{result['round_wait']:7.2f} {result['formed_early']:6.2f} "
               f"{result['samples_per_second']:10.0f} {ratio:6.2f} {result['loss_end']:6.3f}", flush=True)
 
 

@@ -124,6 +124,47 @@ async def test_three_trainers_average_through_shared_memory_and_grpc(swarm: Swar
             await client.close()
 
 
+async def test_a_group_prepared_ahead_makes_the_round_skip_matchmaking(swarm: Swarm) -> None:
+    clients = [AveragerClient(a.local_api, timeout=10, round_timeout=60) for a in swarm.averagers]
+    try:
+        inputs = [trainer_tensors(seed) for seed in range(10, 13)]
+        tensors = [[t.clone() for t in ts] for ts in inputs]
+        for i, (client, ts) in enumerate(zip(clients, tensors)):
+            await client.register(ts, use_shared_memory=i < 2)
+        gather = clients[0].matchmaking_seconds - 3  # ROUND_OPTIONS: gather 1 s + join 3 s
+        assert gather == pytest.approx(1.0)
+        before = [metric_samples(a)[("apiary_averager_groups_formed_early_total", ())] for a in swarm.averagers]
+        with pytest.raises(RequestRejected, match="round must be non-negative"):
+            await clients[0].prepare(-1)
+
+        assert all(await asyncio.gather(*(c.prepare(40) for c in clients)))  # while the trainers still compute
+        assert not await clients[0].prepare(40)  # one group at a time
+        await asyncio.sleep(gather + 0.5)
+        started = asyncio.get_running_loop().time()
+        sizes = await asyncio.wait_for(
+            asyncio.gather(*(c.average(ts, weight=w, round=40) for c, ts, w in zip(clients, tensors, WEIGHTS))), 60)
+        waited = asyncio.get_running_loop().time() - started
+        assert sizes == [3, 3, 3] and all(c.last_outcome.formed_early for c in clients), [c.last_outcome for c in clients]
+        assert waited < gather, waited  # no announce-and-gather after the tensors were handed over
+        total = sum(WEIGHTS)
+        for index, expected in enumerate(
+            sum(w * x.double() for w, x in zip(WEIGHTS, parts)) / total for parts in zip(*inputs)
+        ):
+            for trainer in range(3):
+                torch.testing.assert_close(tensors[trainer][index].double(), expected, atol=1e-6, rtol=1e-6)
+        after = [metric_samples(a)[("apiary_averager_groups_formed_early_total", ())] for a in swarm.averagers]
+        assert [a - b for a, b in zip(after, before)] == [1, 1, 1]
+
+        # a group prepared for a round that never comes is dropped: the next round forms its own
+        assert all(await asyncio.gather(*(c.prepare(41) for c in clients)))
+        sizes = await asyncio.wait_for(
+            asyncio.gather(*(c.average(ts, weight=1.0, round=42) for c, ts in zip(clients, tensors))), 60)
+        assert sizes == [3, 3, 3] and not any(c.last_outcome.formed_early for c in clients)
+    finally:
+        for client in clients:
+            await client.close()
+
+
 async def test_bad_input_is_rejected_clearly_and_the_service_keeps_serving(swarm: Swarm) -> None:
     streamed, shared = swarm.averagers[2], swarm.averagers[1]
     async with AveragerClient(streamed.local_api, timeout=10) as client:

@@ -135,3 +135,24 @@ def test_trainers_of_a_private_run_over_tls_train_together_and_a_stranger_is_ref
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
         assert stranger.process.wait(120) != 0
         assert "apiary: error:" in stranger.stderr(), stranger.stderr()
+
+
+def test_groups_form_while_the_peers_compute_so_the_round_at_the_end_skips_matchmaking(tmp_path):
+    gather = 1.0  # a round whose group forms at the epoch's end waits at least this long
+    rounds = json.dumps({"gather_seconds": gather, "join_seconds": 1.5, "sender_timeout": 5.0})
+    common = ["--target-batch-size", "12288", "--max-epochs", "4", "--average-state-every", "0", "--min-peers", "3",
+              "--averaging", rounds]  # epochs of a few seconds: longer than forming a group
+    with TrainerSwarm(tmp_path, "early", common) as swarm:
+        for seed in (0, 1, 2):
+            swarm.start(seed=seed)
+        summaries = swarm.finish()
+        for index, summary in summaries.items():
+            later = [record for record in summary["history"] if record["epoch"] >= 1]  # all peers train by then
+            assert len(later) >= 3, summary["history"]
+            assert all(record["group_size"] == 3 for record in later), (index, later)
+            early = [record for record in later if record["formed_early"]]
+            assert len(early) >= len(later) - 1, (index, later)
+            assert all(record["round_seconds"] < gather / 2 for record in early), (index, early)
+        for index in (1, 2):  # every round had the whole swarm
+            for mine, theirs in zip(swarm.parameters(index), swarm.parameters(0)):
+                torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)

@@ -4,12 +4,18 @@
 group key of the round (`grid.MoshpitGrid`), then butterfly all-reduce (`allreduce`) of the
 averager's tensors, weighted by the caller's weight. The averaged values replace the tensors'
 only when the round succeeds; a failed or cancelled round leaves them untouched.
+
+`Averager.prepare(round)` forms a round's group ahead of time (while the trainer still computes
+its last batches); that round's `step()` then goes straight to the all-reduce. Peers that found
+no group early meet again under the round's retry key when their tensors are ready.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, Field
@@ -50,6 +56,18 @@ class AveragerSettings(BaseModel):
         return Aggregator(self.aggregation, self.clip_radius, self.clip_iterations, self.trim_fraction)
 
 
+Group = tuple[str, list[Member]]
+
+
+@dataclass
+class _EarlyGroup:
+    """A group being formed ahead of its round's step, for the schema of that moment."""
+
+    round_index: int
+    schema: str
+    task: asyncio.Task[Group | None]
+
+
 class Averager:
     """Averages `tensors` (in place) with peers of the same run. Attach to a server before it starts."""
 
@@ -70,6 +88,9 @@ class Averager:
         self.server: RpcServer | None = None
         self._flat: torch.Tensor | None = None  # buffers reused round after round
         self._averaged: torch.Tensor | None = None
+        self._early: _EarlyGroup | None = None
+        self._in_step = False
+        self.formed_early = False  # the latest step found its group formed ahead (prepare())
 
     def attach(self, server: RpcServer) -> None:
         """Serves matchmaking and reduction on `server` (before it starts; it needs bulk unless client)."""
@@ -94,18 +115,34 @@ class Averager:
             )
         return self.matchmaker
 
+    @property
+    def matchmaking_seconds(self) -> float:
+        """How long forming a group takes at most: announcing, gathering, joining."""
+        return self.settings.gather_seconds + self.settings.join_seconds
+
+    def prepare(self, round_index: int) -> bool:
+        """Starts forming the group of round `round_index` now; False while a round runs or a
+        group is being formed already (the grid moves after each round: ask again once it ended).
+        The round's step() takes the group; a step of another round drops it."""
+        if self._in_step or self._early is not None and not self._early.task.done():
+            return False
+        task = asyncio.create_task(self._form_group(round_index, ""), name=f"apiary-early-group-{round_index}")
+        self._early = _EarlyGroup(round_index, self.schema, task)
+        return True
+
     async def step(self, weight: float = 1.0) -> int | None:
         """One round; returns the group size, or None if no group formed (tensors unchanged)."""
-        matchmaker = self._matchmaker()
         round_index = self.round_index
         self.round_index += 1
-        settling = not self.grid.settled
-        matchmaker.line_of = (lambda rank: self.grid.line_of(round_index, rank)) if settling else None
-        group = await matchmaker.form_group(f"{self.grid.key(round_index)}.r{round_index}")
-        if settling and matchmaker.last_rank is not None:
-            self.grid.settle_at(matchmaker.last_rank)
+        self._in_step = True
+        try:
+            return await self._run(round_index, weight)
+        finally:
+            self._in_step = False
+
+    async def _run(self, round_index: int, weight: float) -> int | None:
+        group = await self._group_for(round_index)
         if group is None:
-            self.grid.step_aside(round_index)
             return None
         group_id, members = group
         position = [m.peer_id for m in members].index(self.peer_id)
@@ -121,11 +158,53 @@ class Averager:
         self.grid.settle(round_index, position)
         return len(members)
 
+    async def _group_for(self, round_index: int) -> Group | None:
+        """The group formed ahead for this round if there is one, else one formed now (under the
+        round's retry key when forming it ahead found no group)."""
+        early, self._early = self._early, None
+        self.formed_early = False
+        suffix = ""
+        if early is not None and early.round_index == round_index and early.schema == self.schema:
+            try:
+                group = await early.task
+            except Exception as e:  # noqa: BLE001 - formed again below
+                logger.info("forming the group of round %d ahead failed: %s", round_index, e)
+                group = None
+            if group is not None:
+                self.formed_early = True
+                return group
+            suffix = ".retry"
+        elif early is not None:
+            await _cancelled(early.task)
+        return await self._form_group(round_index, suffix)
+
+    async def _form_group(self, round_index: int, suffix: str) -> Group | None:
+        matchmaker = self._matchmaker()
+        settling = not self.grid.settled
+        matchmaker.line_of = (lambda rank: self.grid.line_of(round_index, rank)) if settling else None
+        group = await matchmaker.form_group(f"{self.grid.key(round_index)}.r{round_index}{suffix}")
+        if settling and matchmaker.last_rank is not None:
+            self.grid.settle_at(matchmaker.last_rank)
+        if group is None:
+            self.grid.step_aside(round_index)
+        return group
+
     def _total(self) -> int:
         return sum(t.numel() for t in self.tensors)
 
     async def close(self) -> None:
+        if self._early is not None:
+            await _cancelled(self._early.task)
+            self._early = None
         await self.bulk_client.close()
+
+
+async def _cancelled(task: asyncio.Task[Group | None]) -> None:
+    """Cancels `task` and waits until it has cleaned up (its outcome is of no interest)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 class _JoinServicer:

@@ -9,6 +9,9 @@ the tensors it wants averaged (the schema), then asks for one round at a time:
   it, and `AverageShared` averages in place there; no tensor crosses gRPC;
 - through gRPC streaming otherwise: `Average` streams the tensors in and the averaged ones back.
 
+A trainer that knows when its next round comes (the epoch's end) calls `Prepare` a little
+earlier: the group forms while it computes, and the round goes straight to the all-reduce.
+
 Besides rounds, the trainer publishes its state (`PublishState`: metadata and tensors), which
 the averager keeps and serves to newcomers even while the trainer is busy or gone, and loads
 the swarm's newest state (`LoadState`) when it starts.
@@ -46,6 +49,8 @@ from apiary.averaging.protos.local_pb2 import (
     AverageSharedRequest,
     LoadStateReply,
     LoadStateRequest,
+    PrepareReply,
+    PrepareRequest,
     PublishStateReply,
     PublishStateRequest,
     RegisterReply,
@@ -79,6 +84,7 @@ LOCAL_SERVICE = ServiceSpec(
         Method("Register", RegisterRequest, RegisterReply),
         Method("Average", AverageRequest, AverageReply, client_streaming=True, server_streaming=True),
         Method("AverageShared", AverageSharedRequest, AverageSharedReply),
+        Method("Prepare", PrepareRequest, PrepareReply),
         Method("PublishState", PublishStateRequest, PublishStateReply, client_streaming=True),
         Method("LoadState", LoadStateRequest, LoadStateReply, server_streaming=True),
     ),
@@ -277,6 +283,7 @@ class RoundResult:
     seconds: float
     finished_at: float  # unix time
     error: str = ""
+    formed_early: bool = False  # the group was formed ahead of the round (Prepare)
 
 
 class LocalServicer:
@@ -339,7 +346,8 @@ class LocalServicer:
             _release_segment(old.segment)
         logger.info("registered %d tensors (%d elements, schema %s)%s", len(schema), schema.numel, schema.digest,
                     f" in shared memory {request.shm_name}" if segment is not None else "")
-        return RegisterReply(schema=schema.digest, numel=schema.numel, shared_memory=segment is not None)
+        return RegisterReply(schema=schema.digest, numel=schema.numel, shared_memory=segment is not None,
+                             matchmaking_seconds=self.averager.matchmaking_seconds)
 
     def _registered(self) -> Registration:
         if self.registration is None:
@@ -388,6 +396,12 @@ class LocalServicer:
         averaged = result.result == OK and self.averager.settings.mode is not Mode.AUX
         return AverageSharedReply(group_size=result.group_size, outcome=self._outcome(result, averaged))
 
+    async def prepare(self, request: PrepareRequest, context: CallContext) -> PrepareReply:
+        self._registered()
+        if request.round < 0:
+            raise InvalidRequest(f"round must be non-negative, got {request.round}")
+        return PrepareReply(started=self.averager.prepare(request.round))
+
     async def _receive(self, requests: AsyncIterator[AverageRequest], schema: Schema) -> list[torch.Tensor]:
         """The tensors that follow the header, each checked against the schema before it is allocated."""
         assembler = ChunkAssembler(self.wire.max_tensor_bytes)
@@ -421,7 +435,7 @@ class LocalServicer:
         return self._record(OK if size else NO_GROUP, size or 0, started)
 
     def _record(self, result: str, size: int, started: float, error: str = "") -> RoundResult:
-        record = RoundResult(result, size, time.monotonic() - started, time.time(), error)
+        record = RoundResult(result, size, time.monotonic() - started, time.time(), error, self.averager.formed_early)
         self.last_round = record
         if self.on_round is not None:
             self.on_round(record)
@@ -429,7 +443,8 @@ class LocalServicer:
 
     @staticmethod
     def _outcome(result: RoundResult, averaged: bool) -> RoundOutcome:
-        return RoundOutcome(result=result.result, group_size=result.group_size, error=result.error, averaged=averaged)
+        return RoundOutcome(result=result.result, group_size=result.group_size, error=result.error, averaged=averaged,
+                            formed_early=result.formed_early)
 
     # ---- state
 
@@ -535,6 +550,7 @@ class AveragerClient:
         self.round_timeout = round_timeout
         self._rpc = RpcClient(self.pool, LOCAL_SERVICE, self.endpoint, timeout=timeout)
         self.schema: Schema | None = None
+        self.matchmaking_seconds = 0.0  # how long the averager takes to form a group (from register())
         self.last_outcome: RoundOutcome | None = None  # of the latest average()
         self._segment: SharedMemory | None = None
         self._flat: torch.Tensor | None = None  # float32 view of the whole segment
@@ -558,6 +574,7 @@ class AveragerClient:
             raise
         self._release()
         self.schema = schema
+        self.matchmaking_seconds = reply.matchmaking_seconds
         if segment is not None:
             self._segment = segment
             self._flat = torch.frombuffer(segment.buf, dtype=torch.float32, count=schema.numel)
@@ -579,6 +596,13 @@ class AveragerClient:
         if outcome.result == FAILED:
             logger.warning("averaging round failed: %s", outcome.error)
         return outcome.group_size if outcome.result == OK else None
+
+    async def prepare(self, round: int) -> bool:
+        """Asks the averager to form the group of round `round` now (call it about
+        `matchmaking_seconds` before that round's average()); False if it is busy forming one."""
+        if self.schema is None:
+            raise RuntimeError("register() the tensors first")
+        return (await self._rpc.call("Prepare", PrepareRequest(round=round))).started
 
     async def _average_shared(self, tensors: Sequence[torch.Tensor], weight: float, round: int | None,
                               timeout: float) -> RoundOutcome:

@@ -18,7 +18,9 @@ A peer that starts late, or finds the swarm's epoch ahead of its own, loads the 
 from its peers first. With `delay_updates`, a gradient round runs in the background while the
 next batches are computed, and its step is applied when it finishes (one epoch stale).
 A peer that fails to find a group applies its own update and carries on: a dead or slow peer
-never stops the others.
+never stops the others. When the swarm's estimated end of the epoch is as near as the
+averager's matchmaking time, the peer has its averager form the epoch's group ahead, so the
+round at the end goes straight to the all-reduce.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from apiary.averaging.protos.local_pb2 import RoundOutcome
 from apiary.background import LoopThread
 from apiary.optim.progress import ProgressTracker, SwarmProgress
 from apiary.optim.state import load_optimizer_statistics, optimizer_statistics
@@ -129,11 +132,13 @@ class Optimizer:
         self.samples_per_second = 0.0
         self.view: SwarmProgress | None = None
         self.rounds = {"ok": 0, "no_group": 0}
-        self.history: list[dict[str, Any]] = []  # per finished epoch: epoch, samples contributed, group size
+        self.history: list[dict[str, Any]] = []  # per finished epoch: samples contributed, the round's group and wait
         self._zero_contribution = False  # diloco: a peer that joined mid-epoch contributes nothing once
         self._pending: tuple[concurrent.futures.Future[int | None], list[torch.Tensor]] | None = None
         self._last_step: float | None = None
         self._training = True  # False while averaging: the published throughput is then 0
+        self._prepared_epoch = -1  # the latest epoch whose group the averager was asked to form ahead
+        self._last_outcome: RoundOutcome | None = None  # of the latest round
         self.loop = LoopThread(f"apiary-optimizer-{run_id}")
         try:
             if (dht_local is None) != (averager_local is None):
@@ -151,6 +156,7 @@ class Optimizer:
                 self.load_state_from_peers()
             if not auxiliary:
                 self._publish_state()
+            self.loop.run(self.swarm.register(self.params), timeout=60)  # the gradient rounds' schema
             self._refresher = self.loop.submit(self._refresh_loop())
         except BaseException:
             self.loop.stop()
@@ -241,9 +247,11 @@ class Optimizer:
     def _finish_epoch(self) -> None:
         samples = self.samples
         others = self.view.reported if self.view is not None else 0.0
-        self.history.append({"epoch": self.epoch, "samples": samples, "others": others, "time": time.time()})
+        entry = {"epoch": self.epoch, "samples": samples, "others": others, "time": time.time()}
+        self.history.append(entry)
         self._training = False
         self.loop.submit(self._publish_progress())  # our final count, and that we stopped counting
+        started = time.monotonic()
         if self.mode == "gradients":
             grads = [buffer / max(samples, 1) for buffer in self.accumulated]
             for buffer in self.accumulated:
@@ -255,6 +263,10 @@ class Optimizer:
                 self._wait_pending()
         else:
             self._outer_step(samples)
+        if not self.delay_updates:  # how long training waited for the round; its group, formed ahead or not
+            outcome = self._last_outcome
+            entry.update(round_seconds=time.monotonic() - started, group_size=outcome.group_size if outcome else 0,
+                         formed_early=bool(outcome and outcome.formed_early))
         self._advance(self.epoch + 1)
         if self.average_state_every and self.epoch % self.average_state_every == 0 and not self.delay_updates:
             self._average_state()
@@ -412,9 +424,12 @@ class Optimizer:
 
     async def _average(self, tensors: list[torch.Tensor], weight: float, round_index: int) -> int | None:
         """A round with the swarm; none when this peer is alone in the run (nobody to average with)."""
+        self._last_outcome = None
         if self.view is not None and self.view.peers <= 1:
             return None
-        return await self.swarm.average(tensors, weight, round_index)
+        size = await self.swarm.average(tensors, weight, round_index)
+        self._last_outcome = self.swarm.last_outcome
+        return size
 
     async def _refresh(self) -> SwarmProgress:
         await self._publish_progress()
@@ -424,22 +439,41 @@ class Optimizer:
         while True:
             try:
                 self.view = await self._refresh()
+                if self._preparation_due():
+                    await self._prepare(self.epoch)
             except Exception as e:  # noqa: BLE001 - the next refresh tries again
                 logger.warning("reading the swarm's progress failed: %s", e)
             await asyncio.sleep(self._refresh_interval())
 
     def _refresh_interval(self) -> float:
         """Shorter as the epoch's end nears, so peers notice it together."""
+        eta = self._seconds_until(NEAR_END)
+        if eta is None:
+            return self.refresh_period
+        return min(self.refresh_period, max(FINAL_REFRESH, eta / 2))
+
+    def _seconds_until(self, share: float) -> float | None:
+        """Estimated seconds until the swarm's samples reach `share` of the target (None: no estimate)."""
         view = self.view
         if view is None:
-            return self.refresh_period
-        remaining = NEAR_END * self.target_batch_size - self.samples - view.others_now()
+            return None
+        remaining = share * self.target_batch_size - self.samples - view.others_now()
         speed = max(view.samples_per_second + self.samples_per_second, self.samples_per_second * view.peers)
         if remaining <= 0:
-            return FINAL_REFRESH
-        if speed <= 0:
-            return self.refresh_period
-        return min(self.refresh_period, max(FINAL_REFRESH, remaining / speed / 2))
+            return 0.0
+        return remaining / speed if speed > 0 else None
+
+    def _preparation_due(self) -> bool:
+        """This epoch's round has others to meet and is as near as the averager's matchmaking time."""
+        if self._prepared_epoch >= self.epoch or not self._training or self.view is None or self.view.peers <= 1:
+            return False
+        eta = self._seconds_until(1.0)
+        return eta is not None and eta <= self.swarm.matchmaking_seconds
+
+    async def _prepare(self, epoch: int) -> None:
+        """Has the averager form the group of `epoch`'s round now (it is busy: the next refresh asks again)."""
+        if await self.swarm.prepare(self.params, round_index=epoch):
+            self._prepared_epoch = epoch
 
     @staticmethod
     async def _logged(coroutine: Any, what: str) -> Any:

@@ -7,11 +7,13 @@ there is one code path whatever the deployment.
 
 Rounds and state go through the averager service's local API (`AveragerClient`), which holds
 one registered schema at a time: the link re-registers when the optimizer switches between
-averaging gradients and averaging its state.
+averaging gradients and averaging its state. `prepare()` has the averager form a round's group
+ahead of time, for the schema of the tensors that round will average.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import torch
 from apiary.averaging.averager import AveragerSettings
 from apiary.averaging.local import AveragerClient
 from apiary.averaging.partition import Mode
+from apiary.averaging.protos.local_pb2 import RoundOutcome
 from apiary.dht import DHTSettings
 from apiary.dht.local import DHTClient
 from apiary.services.averager import AveragerService, AveragerServiceSettings
@@ -44,6 +47,7 @@ class SwarmLink:
     pool: ChannelPool
     services: list[Any] = field(default_factory=list)  # started here, stopped by close()
     _registered: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
+    _registering: asyncio.Lock = field(default_factory=asyncio.Lock)  # a schema stays registered until its call ends
 
     @classmethod
     async def connect(cls, dht_local: Endpoint | str, averager_local: Endpoint | str, *,
@@ -103,11 +107,39 @@ class SwarmLink:
 
     async def average(self, tensors: Sequence[torch.Tensor], weight: float, round_index: int) -> int | None:
         """Averages `tensors` in place in round `round_index`; the group size, or None (unchanged)."""
+        async with self._registering:
+            await self._register(tensors)
+            return await self.averager.average(tensors, weight, round=round_index)
+
+    async def prepare(self, tensors: Sequence[torch.Tensor], round_index: int) -> bool:
+        """Has the averager form the group of round `round_index` now, for tensors shaped like
+        `tensors`; False if it is busy (a round in flight, or a group being formed)."""
+        if self._registering.locked():
+            return False
+        async with self._registering:
+            await self._register(tensors)
+            return await self.averager.prepare(round_index)
+
+    async def register(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Declares the schema of the next rounds (average() and prepare() do it when it changes)."""
+        async with self._registering:
+            await self._register(tensors)
+
+    @property
+    def matchmaking_seconds(self) -> float:
+        """How long the averager takes to form a group (known once a schema is registered)."""
+        return self.averager.matchmaking_seconds
+
+    @property
+    def last_outcome(self) -> RoundOutcome | None:
+        """How the latest round went: result, group size, whether its group was formed ahead."""
+        return self.averager.last_outcome
+
+    async def _register(self, tensors: Sequence[torch.Tensor]) -> None:
         schema = tuple((tuple(t.shape), t.dtype) for t in tensors)
         if schema != self._registered:
             await self.averager.register(tensors, use_shared_memory=True)
             self._registered = schema
-        return await self.averager.average(tensors, weight, round=round_index)
 
     async def publish_state(self, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
         await self.averager.publish_state(metadata, tensors)

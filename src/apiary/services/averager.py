@@ -59,7 +59,8 @@ class AveragerServiceSettings(BaseModel):
 
 
 class AveragerMetrics:
-    """apiary_averager_*: rounds by result, group sizes, round times, all-reduce bytes, state requests."""
+    """apiary_averager_*: rounds by result, group sizes, round times, groups formed ahead, all-reduce bytes,
+    state requests."""
 
     def __init__(self, registry: CollectorRegistry):
         self.rounds = Counter("apiary_averager_rounds", "Averaging rounds, by result (ok, no_group, failed)",
@@ -70,6 +71,9 @@ class AveragerMetrics:
             "apiary_averager_round_seconds", "Time of a round, matchmaking included, by result", ["result"],
             buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300), registry=registry,
         )
+        self.formed_early = Counter("apiary_averager_groups_formed_early",
+                                    "Rounds whose group was formed ahead, while the trainer computed (Prepare)",
+                                    registry=registry)
         self.sent_bytes = Counter("apiary_averager_sent_bytes", "Tensor bytes of all-reduce parts and means sent",
                                   registry=registry)
         self.received_bytes = Counter("apiary_averager_received_bytes",
@@ -87,6 +91,8 @@ class AveragerMetrics:
         self.round_seconds.labels(result.result).observe(result.seconds)
         if result.result == OK:
             self.group_size.observe(result.group_size)
+            if result.formed_early:
+                self.formed_early.inc()
 
 
 def _payload_bytes(tensors: Sequence[tuple[Any, Any]]) -> int:

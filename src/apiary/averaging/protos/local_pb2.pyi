@@ -16,26 +16,42 @@ class RegisterRequest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[_wire_pb2.TensorHeader, _Mapping]]] = ..., shm_name: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("schema", "numel", "shared_memory")
+    __slots__ = ("schema", "numel", "shared_memory", "matchmaking_seconds")
     SCHEMA_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    MATCHMAKING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     schema: str
     numel: int
     shared_memory: bool
-    def __init__(self, schema: _Optional[str] = ..., numel: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    matchmaking_seconds: float
+    def __init__(self, schema: _Optional[str] = ..., numel: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., matchmaking_seconds: _Optional[float] = ...) -> None: ...
 
 class RoundOutcome(_message.Message):
-    __slots__ = ("result", "group_size", "error", "averaged")
+    __slots__ = ("result", "group_size", "error", "averaged", "formed_early")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     AVERAGED_FIELD_NUMBER: _ClassVar[int]
+    FORMED_EARLY_FIELD_NUMBER: _ClassVar[int]
     result: str
     group_size: int
     error: str
     averaged: bool
-    def __init__(self, result: _Optional[str] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ..., averaged: _Optional[bool] = ...) -> None: ...
+    formed_early: bool
+    def __init__(self, result: _Optional[str] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ..., averaged: _Optional[bool] = ..., formed_early: _Optional[bool] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ("round",)
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    def __init__(self, round: _Optional[int] = ...) -> None: ...
+
+class PrepareReply(_message.Message):
+    __slots__ = ("started",)
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    started: bool
+    def __init__(self, started: _Optional[bool] = ...) -> None: ...
 
 class AverageHeader(_message.Message):
     __slots__ = ("weight", "round")

@@ -183,7 +183,7 @@ class Optimizer:
         self._apply_finished_round()
         view = self.view
         if view is not None and view.epoch > self.epoch:
-            self._catch_up(view.epoch)
+            self._follow(view.epoch)
             return True
         # near the end the background refresh reads the swarm every FINAL_REFRESH seconds; once the
         # estimate reaches the target, the epoch ends on counts the peers reported just now
@@ -191,7 +191,7 @@ class Optimizer:
             return False
         view = self._refresh_now()
         if view is not None and view.epoch > self.epoch:
-            self._catch_up(view.epoch)
+            self._follow(view.epoch)
             return True
         if self.samples + (view.reported if view is not None else 0.0) >= self.target_batch_size:
             self._finish_epoch()
@@ -213,9 +213,9 @@ class Optimizer:
         nothing = [torch.zeros_like(p) for p in self.params]
         while not stop.is_set() and not (max_epochs and self.epoch >= max_epochs):
             view = self._refresh_now()
-            if view is not None and view.epoch > self.epoch:
+            if view is not None and view.epoch > self.epoch and not self._awaited(view.epoch):
                 self._advance(view.epoch)
-            if view is not None and view.reported >= self.target_batch_size:
+            if view is not None and (view.reported >= self.target_batch_size or self._awaited(view.epoch)):
                 self.history.append({"epoch": self.epoch, "samples": 0, "others": view.reported, "time": time.time()})
                 self._result(self.loop.submit(self._average(nothing, 0.0, round_index=self.epoch)), "auxiliary")
                 self._advance(self.epoch + 1)
@@ -336,9 +336,24 @@ class Optimizer:
         self._last_step = None
         self.loop.submit(self._publish_progress())
 
+    def _awaited(self, swarm_epoch: int) -> bool:
+        """The swarm has just ended our epoch, and the group formed ahead for its round counts on us."""
+        return swarm_epoch == self.epoch + 1 and self._prepared_epoch == self.epoch
+
+    def _follow(self, swarm_epoch: int) -> None:
+        """The swarm's epoch is ahead of ours: finish ours in the round whose group waits for us
+        (the swarm ended it a moment before we noticed), else catch up."""
+        if self._awaited(swarm_epoch):
+            self._finish_epoch()
+        else:
+            self._catch_up(swarm_epoch)
+
     def _catch_up(self, swarm_epoch: int) -> None:
         """The swarm moved on without us: load its state, drop what we accumulated, follow it."""
         logger.info("peer is at epoch %d, the swarm at %d: loading the state from peers", self.epoch, swarm_epoch)
+        if self._prepared_epoch == self.epoch:  # its group counts on us: take part, contributing nothing
+            nothing = [torch.zeros_like(p) for p in self.params]
+            self.loop.submit(self._logged(self._average(nothing, 0.0, round_index=self.epoch), "a promised round"))
         self._training = False
         self._wait_pending()
         if self.mode == "gradients":

@@ -163,6 +163,8 @@ class AllReduceService:
 
     async def handle(self, call: BulkCall) -> BulkAnswer:
         request = decode(ReduceRequest, call.body)  # InvalidRequest if malformed
+        if not request.group_id or not request.sender:
+            raise InvalidRequest("a Reduce request names its group_id and sender")
         reduction = await self._reduction_for(request.group_id)
         if request.numel != reduction.numel:
             raise InvalidRequest(f"span {request.span}: {request.numel} elements declared, this span has {reduction.numel}")

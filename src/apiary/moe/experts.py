@@ -4,7 +4,8 @@ An `ExpertSpec` names an expert (e.g. "ffn.0.3"), its kind (`apiary.moe.kinds`) 
 size; `build_expert` makes the module from the spec. An `Expert` pairs the module with its own
 optimizer: a forward request only computes, a backward request recomputes the forward with
 grad, returns the gradient of the inputs and applies one optimizer step (as in the DMoE paper,
-the requests that flow through an expert are what trains it). The module lives on the
+the requests that flow through an expert are what trains it); a step whose gradients are not
+finite is skipped and counted, never applied. The module lives on the
 expert's device; inputs come and results go back on the CPU (the wire's side).
 """
 
@@ -77,6 +78,7 @@ class Expert:
         self.max_grad_norm = max_grad_norm
         self.warmup_steps = warmup_steps
         self.updates = 0
+        self.skipped_updates = 0  # backward passes whose gradients were not finite
         self._lock = threading.Lock()
 
     @property
@@ -125,8 +127,9 @@ class Expert:
 
     def backward(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
                  kept: KeptActivations | None = None) -> list[torch.Tensor]:
-        """The gradients of the inputs; also one optimizer step on the expert's parameters. With
-        `kept` activations of these inputs and no update since, the forward is not recomputed."""
+        """The gradients of the inputs; also one optimizer step on the expert's parameters (skipped
+        if their gradients are not finite). With `kept` activations of these inputs and no update
+        since, the forward is not recomputed."""
         self.check_inputs(inputs)
         self.check_grad_outputs(inputs, grad_outputs)
         with self._lock:
@@ -140,14 +143,25 @@ class Expert:
             with torch.enable_grad():
                 self.optimizer.zero_grad(set_to_none=True)
                 output.backward(grad_outputs[0].to(self.device))
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
-            self._set_learning_rate()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.updates += 1
+            self._step()
             assert x.grad is not None
             return [x.grad.cpu()]
+
+    def _step(self) -> None:
+        """One optimizer step on the gradients just computed, unless their norm is not finite (a
+        NaN or infinity, or values whose squares overflow float32): that step would poison the
+        weights and Adam's moments, so it is skipped and counted in `skipped_updates`."""
+        parameters = [p for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if not bool(torch.isfinite(norm)):
+            self.skipped_updates += 1
+        else:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.max_grad_norm, norm)
+            self._set_learning_rate()
+            self.optimizer.step()
+            self.updates += 1
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _set_learning_rate(self) -> None:
         """Linear warm-up over the first `warmup_steps` updates, then `lr` (follows `updates`,

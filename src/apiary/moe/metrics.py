@@ -6,12 +6,22 @@
 - `batch_size{method}`: samples per executed batch;
 - `queue_seconds{method}`: how long requests waited for their batch to start;
 - `compute_seconds{method}`: how long batches took to run;
-- `experts`: experts hosted.
+- `experts`: experts hosted;
+- `skipped_updates_total{kind}`: backward passes whose gradients were not finite, so that the
+  expert's optimizer did not step (a NaN, an infinity or an overflow that got through).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from apiary.moe.experts import Expert
 
 METHODS = ("forward", "backward", "info")
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -20,6 +30,7 @@ SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 class ExpertServerMetrics:
     def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
         self.requests = Counter("apiary_expert_server_requests", "Expert requests by expert kind, method and status",
                                 ["kind", "method", "status"], registry=registry)
         self.batch_size = Histogram("apiary_expert_server_batch_size", "Samples per executed batch", ["method"],
@@ -40,6 +51,10 @@ class ExpertServerMetrics:
             for method in METHODS:
                 self.requests.labels(kind, method, "ok")
 
+    def count_skipped_updates(self, experts: Iterable[Expert]) -> None:
+        """Exports the experts' skipped updates (they count them themselves, in their threads)."""
+        self.registry.register(_SkippedUpdates(list(experts)))
+
     def request(self, kind: str, method: str, status: str) -> None:
         self.requests.labels(kind, method, status).inc()
 
@@ -50,3 +65,18 @@ class ExpertServerMetrics:
         histogram = self.queue_seconds.labels(method)
         for wait in waits:
             histogram.observe(wait)
+
+
+class _SkippedUpdates(Collector):
+    def __init__(self, experts: list[Expert]):
+        self.experts = experts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("apiary_expert_server_skipped_updates",
+                                     "Backward passes whose gradients were not finite: no optimizer step", labels=["kind"])
+        totals: dict[str, int] = {}
+        for expert in self.experts:
+            totals[expert.spec.kind] = totals.get(expert.spec.kind, 0) + expert.skipped_updates
+        for kind, total in sorted(totals.items()):
+            family.add_metric([kind], total)
+        yield family

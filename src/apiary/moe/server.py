@@ -4,7 +4,9 @@
 `RpcServer` (`attach`). Every request is checked before it joins a batch (known expert, input
 dtype and shape, batch size), so one bad request never fails other callers' batch; a refused
 request gets INVALID_ARGUMENT, NOT_FOUND or RESOURCE_EXHAUSTED with a message naming the
-expert and what is wrong, and the server keeps serving. ForwardMany and BackwardMany carry one
+expert and what is wrong, and the server keeps serving. A tensor holding a NaN or an infinity
+is refused, received or about to be sent (`apiary.moe.finite`): no caller can poison an
+expert's weights or get a non-finite answer. ForwardMany and BackwardMany carry one
 request per expert in a single call; each request succeeds or fails on its own. A Forward that
 asks to keep its activations runs as a batch of its own and answers a handle; the Backward that
 brings the handle back reuses them (`apiary.moe.activations`).
@@ -22,6 +24,7 @@ import torch
 from apiary.moe.activations import ActivationCache
 from apiary.moe.checkpoints import load_checkpoints, save_checkpoints
 from apiary.moe.experts import Expert
+from apiary.moe.finite import all_finite
 from apiary.moe.metrics import ExpertServerMetrics
 from apiary.moe.protos.moe_pb2 import (
     ExpertCalls,
@@ -90,6 +93,7 @@ class ExpertServer:
         if metrics is not None:
             metrics.experts.set(len(self.experts))
             metrics.hosting({expert.spec.kind for expert in self.experts.values()})
+            metrics.count_skipped_updates(self.experts.values())
             self.runtime.observer = metrics.batch
         self._checkpointing: asyncio.Task[None] | None = None
 
@@ -152,16 +156,20 @@ class ExpertServer:
         expert = self._expert(request.expert)
         inputs = self._tensors(request)
         self._check(lambda: expert.check_inputs(inputs))
+        _refuse_non_finite(expert, "Forward", {"input": inputs[0]})
         if not (request.keep_activations and self.activations.enabled):
-            return await self._submit(expert, "forward", expert.forward, inputs), b""
-        handle = self.activations.new_handle()
+            outputs, handle = await self._submit(expert, "forward", expert.forward, inputs), b""
+        else:
+            handle = self.activations.new_handle()
 
-        def forward_keeping(joined: list[torch.Tensor]) -> list[torch.Tensor]:
-            outputs, kept = expert.forward_keeping(joined)
-            self.activations.put(expert.name, handle, kept)
-            return outputs
+            def forward_keeping(joined: list[torch.Tensor]) -> list[torch.Tensor]:
+                outputs, kept = expert.forward_keeping(joined)
+                self.activations.put(expert.name, handle, kept)
+                return outputs
 
-        return await self._submit(expert, "forward", forward_keeping, inputs, alone=True), handle
+            outputs = await self._submit(expert, "forward", forward_keeping, inputs, alone=True)
+        _refuse_non_finite(expert, "Forward", {"output": outputs[0]}, overflowed=True)
+        return outputs, handle
 
     async def _backward(self, request: ExpertRequest) -> tuple[list[torch.Tensor], bytes]:
         expert = self._expert(request.expert)
@@ -171,9 +179,11 @@ class ExpertServer:
                                  f"(2 tensors), got {len(tensors)}")
         inputs, grad_outputs = tensors[:1], tensors[1:]
         self._check(lambda: (expert.check_inputs(inputs), expert.check_grad_outputs(inputs, grad_outputs)))
+        _refuse_non_finite(expert, "Backward", {"input": inputs[0], "output gradient": grad_outputs[0]})
         kept = self.activations.pop(expert.name, request.handle) if request.handle else None
         grads = await self._submit(expert, "backward", lambda joined: expert.backward(joined[:1], joined[1:], kept),
                                    tensors, alone=kept is not None)
+        _refuse_non_finite(expert, "Backward", {"input gradient": grads[0]}, overflowed=True)
         return grads, b""
 
     async def _counted(self, method: str, request: ExpertRequest, serve: Callable) -> tuple[list, bytes]:  # type: ignore[type-arg]
@@ -245,3 +255,12 @@ class ExpertServer:
             raise PayloadTooLarge(f"expert {expert.name!r}: {e}") from None
         except QueueFull as e:
             raise PayloadTooLarge(str(e)) from None
+
+
+def _refuse_non_finite(expert: Expert, method: str, tensors: dict[str, torch.Tensor], *, overflowed: bool = False) -> None:
+    """INVALID_ARGUMENT naming the first tensor that holds a NaN or an infinity: one received, or
+    (`overflowed`) one computed from finite values too large for float32."""
+    for name, tensor in tensors.items():
+        if not all_finite(tensor):
+            cause = "overflowed float32 (the request's values are too large)" if overflowed else "holds NaN or infinite values"
+            raise InvalidRequest(f"expert {expert.name!r}: {method}: the {name} {cause}; refused")

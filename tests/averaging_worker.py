@@ -77,6 +77,8 @@ DEFAULTS: dict[str, Any] = {
     "period": 4.0,
     "faults": {},
     "max_seconds": 120.0,
+    "plaintext": False,  # the DHT node and the averager's server speak plaintext (the averager's pool: its default)
+    "skip_rounds": [],  # rounds this peer sits out; the others name their round to step()
 }
 
 AVERAGER_FIELDS = ("prefix", "mode", "target_group_size", "min_group_size", "expected_peers", "bandwidth",
@@ -174,7 +176,9 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
     random.seed(config.get("grid_seed", None))  # the Moshpit grid's random coordinates
     identity = identity_from_seed(config["identity_seed"]) if "identity_seed" in config else Identity.generate()
     initial_peer = config["initial_peer"] if "initial_peer" in config else await stdin.next("initial_peer")
-    dht = await DHTNode.launch([PeerAddress.parse(initial_peer)] if initial_peer else [])
+    tls = not config["plaintext"]
+    dht = await DHTNode.launch([PeerAddress.parse(initial_peer)] if initial_peer else [],
+                               wire=WireSettings(listen_host="127.0.0.1", bulk=False, tls=tls))
     server: RpcServer | None = None
     averager: Averager | None = None
     try:
@@ -186,7 +190,7 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         if "grid_coords" in config:
             averager.grid.coords = list(config["grid_coords"])
             averager.grid.settled = True  # start from exactly these coordinates
-        server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.2), identity)
+        server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.2, tls=tls), identity)
         averager.attach(server)
         _inject_faults(averager, server, config["faults"])
         await server.start()
@@ -198,6 +202,8 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         rounds: list[dict[str, Any]] = []
         history: list[torch.Tensor] = []
         for round_index in range(int(config["rounds"])):
+            if round_index in config["skip_rounds"]:
+                continue
             await asyncio.sleep(max(0.0, t0 + round_index * float(config["period"]) - time.time()))
             if config["fresh_each_round"]:
                 with torch.no_grad():
@@ -210,7 +216,7 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
                                       "error": None, "members": None}
             groups.clear()
             try:
-                record["size"] = await averager.step(float(config["weight"]))
+                record["size"] = await averager.step(float(config["weight"]), round=round_index)
             except Exception as e:  # noqa: BLE001 - reported to the test
                 record["error"] = repr(e)
                 traceback.print_exc()

@@ -3,8 +3,9 @@
 The organiser creates an authority and issues tokens with `apiary token`; a dht, two averagers
 and an expert server run privately with theirs. The test process is a peer too: with a valid
 token it is served by all three services; without one, with an expired one, with another
-peer's, or replaying a captured request (gRPC and bulk), it is refused, and every refusal is
-counted in `apiary_<service>_rpc_rejected_total{reason}`.
+peer's, or replaying a captured request (gRPC and bulk, to its recipient or to another server),
+it is refused, and every refusal is counted in `apiary_<service>_rpc_rejected_total{reason}`.
+A peer started without a token is told it was refused and what to give.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_processes import APIARY, ServiceProcess, ServiceProcesses, free_port
 
 from apiary.averaging.local import AveragerClient
+from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.node import NODE_SERVICE
 from apiary.dht.protos.dht_pb2 import NodeInfo, PingRequest
-from apiary.moe.client import RemoteExpert
-from apiary.wire import AccessDenied, ChannelPool, Endpoint, Identity, PeerAddress, RpcClient, WireSettings
+from apiary.moe.client import RemoteExpert, run_sync
+from apiary.moe.mixture import RemoteMixtureOfExperts
+from apiary.wire import (AccessDenied, ChannelPool, Endpoint, Identity, PeerAddress, RequestRejected, RpcClient,
+                         WireError, WireSettings)
 from apiary.wire.auth import AccessRefused, AccessToken, CallCredentials, Gatekeeper, request_digest
 from apiary.wire.bulk import MAGIC, BulkClient, signed_digest
 from apiary.wire.probe import SINK_ROUTE
@@ -179,7 +183,12 @@ def test_dht_nodes_with_tokens_join_and_one_without_is_refused(run: Run) -> None
     outsider = subprocess.run([*APIARY, "dht", "--plaintext", "--host", "127.0.0.1", "--admin-port", str(free_port()),
                                "--bootstrap-timeout", "5", "--initial-peers", run.dht.initial_peers],
                               capture_output=True, text=True, timeout=60)
-    assert outsider.returncode == 1 and "none of the initial peers answered" in outsider.stderr, outsider.stderr
+    # it is told that the peers answered and refused it, and what to start it with
+    assert outsider.returncode == 1, outsider.stderr
+    error = " ".join(outsider.stderr.split())
+    assert "refused this node's credentials" in error and "access refused (token_missing)" in error, error
+    assert f"--run-authority {run.authority} and --access-token" in error and "APIARY_ACCESS_TOKEN" in error, error
+    assert "apiary token issue" in error and "none of the initial peers answered" not in error, error
     assert rejected(run.dht, "apiary_dht")["token_missing"] > before
 
 
@@ -272,7 +281,7 @@ def test_a_full_nonce_cache_refuses_old_calls_rather_than_forget_a_replay() -> N
         gate.check(calls[0], "/x/Y")
     with pytest.raises(AccessRefused, match=r"\(replay\)"):  # still remembered
         gate.check(calls[2], "/x/Y")
-    assert gate.check(credentials.metadata("/x/Y"), "/x/Y") == me.peer_id  # new calls keep passing
+    assert gate.check(credentials.metadata("/x/Y", audience=server.peer_id), "/x/Y") == me.peer_id  # new calls pass
 
 
 @pytest.mark.parametrize("problem", ["another peer's token", "no identity file"])
@@ -285,3 +294,77 @@ def test_a_peer_with_unusable_credentials_stops_at_start_with_one_line(run: Run,
     assert done.returncode == 2
     line, = done.stderr.strip().splitlines()
     assert line.startswith("apiary: error: the access token is for peer " + run.ids["dht2"].peer_id)
+
+
+class _Recorder(grpc.GenericRpcHandler):
+    """A member of the run that records every call it is sent (and answers none)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes, list[tuple[str, str]]]] = []
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        async def record(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.calls.append((details.method, raw, [(k, v) for k, v in context.invocation_metadata() or ()]))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "recorded")
+            return b""
+
+        return grpc.unary_unary_rpc_method_handler(record)
+
+
+async def replay(address: str, method: str, raw: bytes, metadata: list[tuple[str, str]]) -> str:
+    """Sends a captured call as it is to the server at `address`; its refusal, or "accepted"."""
+    async with grpc.aio.insecure_channel(str(PeerAddress.parse(address).endpoint)) as channel:
+        try:
+            await channel.unary_unary(method)(raw, metadata=metadata, timeout=10)
+        except grpc.aio.AioRpcError as e:
+            return e.details() or ""
+    return "accepted"
+
+
+async def test_a_call_captured_by_its_recipient_cannot_be_replayed_to_another_server(run: Run) -> None:
+    recorder = _Recorder()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((recorder,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    me, member = run.ids["me"], run.ids["other"]  # `member` holds a token of the run and records its calls
+    ping = PingRequest(sender=NodeInfo(peer_id=me.peer_id))
+    try:
+        async with ChannelPool(run.settings(), identity=me) as pool:
+            # an address without a peer id (as expert declarations were): nothing proves who answers
+            # there in plaintext, so the call is not signed for anyone, nor sent
+            with pytest.raises(RequestRejected, match=rf"dial <peer_id>@127\.0\.0\.1:{port}"):
+                await RpcClient(pool, NODE_SERVICE, Endpoint("127.0.0.1", port)).call("Ping", ping)
+            assert recorder.calls == []
+            # with its peer id, the call is signed for the recorder: useless anywhere else
+            with pytest.raises(WireError):
+                await RpcClient(pool, NODE_SERVICE, Endpoint("127.0.0.1", port), peer_id=member.peer_id).call("Ping", ping)
+        (method, raw, metadata), = recorder.calls
+        before = {name: rejected(service, "apiary_dht") for name, service in (("dht", run.dht), ("dht2", run.dht2))}
+        for service in (run.dht, run.dht2):
+            assert "access refused (wrong_audience)" in await replay(service.initial_peers, method, raw, metadata)
+        # a call signed for no one (what peers sent before) is refused by every server
+        unaddressed = CallCredentials(me, run.token("me")).metadata(method, digest=request_digest(raw))
+        assert "access refused (audience_missing)" in await replay(run.dht2.initial_peers, method, raw, unaddressed)
+    finally:
+        await server.stop(0)
+    after = rejected(run.dht2, "apiary_dht")
+    assert after["wrong_audience"] == before["dht2"].get("wrong_audience", 0) + 1
+    assert after["audience_missing"] == before["dht2"].get("audience_missing", 0) + 1
+    assert run.dht2.status()["joined"]
+
+
+def test_a_mixture_of_experts_dials_the_private_runs_experts_as_its_dht_node_does(run: Run) -> None:
+    # the experts are declared as peer_id@host:port; the layer signs its calls with the DHT node's token
+    dht = run_sync(DHTNode.launch([PeerAddress.parse(run.dht.initial_peers)], identity=run.ids["me"],
+                                  settings=DHTSettings(client_mode=True), wire=run.settings()), 30)
+    try:
+        moe = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(1, 2), dht=dht, prefix="ffn", k_best=2)
+        updates = run.experts.status()["updates"]
+        x = torch.randn(4, HIDDEN, requires_grad=True)
+        moe(x).pow(2).sum().backward()
+        assert x.grad is not None and x.grad.abs().sum() > 0
+        assert run.experts.status()["updates"] >= updates + 2  # both experts were reached and trained
+        run_sync(moe.pool.close(), 10)
+    finally:
+        run_sync(dht.shutdown(), 30)

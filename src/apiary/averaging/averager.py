@@ -69,7 +69,10 @@ class _EarlyGroup:
 
 
 class Averager:
-    """Averages `tensors` (in place) with peers of the same run. Attach to a server before it starts."""
+    """Averages `tensors` (in place) with peers of the same run. Attach to a server before it starts.
+
+    It dials with `pool`, by default one made like the server it is attached to (same TLS or
+    plaintext, same run and credentials); a given pool that disagrees with that server is refused."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHTLike, peer_id: str, settings: AveragerSettings,
                  pool: ChannelPool | None = None):
@@ -78,8 +81,9 @@ class Averager:
         self.peer_id = peer_id
         self.settings = settings
         self.codec = codec_by_name(settings.codec)
-        self.pool = pool or ChannelPool()
-        self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity)
+        self.pool = pool
+        self.bulk_client: BulkClient | None = None  # made at attach() like the pool, unless set before
+        self._own_pool: ChannelPool | None = None  # the pool made at attach(), closed with the averager
         self.reductions = AllReduceService()
         self.grid = MoshpitGrid.for_swarm(settings.expected_peers, settings.target_group_size)
         self.round_index = 0
@@ -98,12 +102,17 @@ class Averager:
             if server.bulk is None:
                 raise ValueError("an averager in node or aux mode needs the bulk transport")
             server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle, keeps_tensors=False)
+        if self.pool is None:
+            self.pool = self._own_pool = ChannelPool.like(server)
+        self.pool.check_matches(server.settings, "the averager")
+        if self.bulk_client is None:
+            self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity)
         server.add_service(MATCHMAKING, _JoinServicer(self))
         self.server = server
 
     def _matchmaker(self) -> Matchmaker:
         if self.matchmaker is None:
-            if self.server is None:
+            if self.server is None or self.pool is None:
                 raise RuntimeError("attach() the averager to a server first")
             bulk = str(self.server.announced_bulk) if self.settings.mode is not Mode.CLIENT else ""
             me = Member(self.peer_id, bulk, self.settings.mode, self.settings.bandwidth)
@@ -130,10 +139,12 @@ class Averager:
         self._early = _EarlyGroup(round_index, self.schema, task)
         return True
 
-    async def step(self, weight: float = 1.0) -> int | None:
-        """One round; returns the group size, or None if no group formed (tensors unchanged)."""
-        round_index = self.round_index
-        self.round_index += 1
+    async def step(self, weight: float = 1.0, round: int | None = None) -> int | None:
+        """One round: the next one, or `round` (a peer that skipped rounds names the one the swarm
+        is at; the next step follows it). Returns the group size, or None if no group formed
+        (tensors unchanged)."""
+        round_index = self.round_index if round is None else round
+        self.round_index = round_index + 1
         self._in_step = True
         try:
             return await self._run(round_index, weight)
@@ -150,6 +161,7 @@ class Averager:
         self._flat = flat
         total = flat.numel() if self.settings.mode is not Mode.AUX else self._total()
         round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout, self.settings.aggregator())
+        assert self.bulk_client is not None  # a group was formed: attach() made it
         averaged = await run_allreduce(round_, flat, weight, service=self.reductions, client=self.bulk_client,
                                        codec=self.codec, deadline=self.settings.round_timeout, out=self._averaged)
         self._averaged = averaged
@@ -196,7 +208,10 @@ class Averager:
         if self._early is not None:
             await _cancelled(self._early.task)
             self._early = None
-        await self.bulk_client.close()
+        if self.bulk_client is not None:
+            await self.bulk_client.close()
+        if self._own_pool is not None:
+            await self._own_pool.close()
 
 
 async def _cancelled(task: asyncio.Task[Group | None]) -> None:

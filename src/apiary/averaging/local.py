@@ -420,11 +420,9 @@ class LocalServicer:
         return tensors
 
     async def _round(self, weight: float, round_index: int | None) -> RoundResult:
-        if round_index is not None:
-            self.averager.round_index = round_index
         started = time.monotonic()
         try:
-            size = await self.averager.step(weight)
+            size = await self.averager.step(weight, round=round_index)
         except asyncio.CancelledError:
             self._record(FAILED, 0, started, "cancelled (the trainer hung up or the service is stopping)")
             raise

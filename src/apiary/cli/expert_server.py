@@ -98,5 +98,5 @@ async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings
                       f"--initial-peers {service.node.address}", highlight=False)
     else:
         console.print(f"DHT: the dht service at {settings.dht_local}", highlight=False)
-    console.print(f"experts served at: {host.server.announced}   admin: {host.admin.url}", highlight=False)
+    console.print(f"experts served at: {service.address}   admin: {host.admin.url}", highlight=False)
     await host.run()

@@ -43,6 +43,7 @@ from apiary.dht.storage import MemoryStorage, Storage, StoredEntry
 from apiary.dht.traversal import LookupState, traverse
 from apiary.dht.validation import DHTRecord, RecordValidator, SignatureValidator
 from apiary.wire import (
+    AccessDenied,
     CallContext,
     ChannelPool,
     DeadlineExceeded,
@@ -71,7 +72,7 @@ NODE_SERVICE = ServiceSpec(
 
 
 class DHTBootstrapError(RuntimeError):
-    """None of the initial peers answered."""
+    """No initial peer answered, or those that answered refused this node's credentials."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class DHTNode:
         self.storage = storage or MemoryStorage()
         self.validator = validator if validator is not None else SignatureValidator(identity)
         self.pool = pool or ChannelPool()
+        self._pool_given = pool is not None  # else made like the server at attach()
         self.id = node_id(identity.peer_id)
         self.routing = RoutingTable(self.id, self.settings.bucket_size)
         self.unreachable = Unreachable(self.settings.reping_for)
@@ -169,9 +171,14 @@ class DHTNode:
         return node
 
     def attach(self, server: RpcServer) -> None:
-        """Serves the DHT protocol on `server` (call before the server starts)."""
+        """Serves the DHT protocol on `server` (call before the server starts). The node dials as
+        the server serves: a pool given at construction must agree with it (SettingsMismatch)."""
         if self.settings.client_mode:
             raise ValueError("a client-mode DHT node serves nothing")
+        if self._pool_given:
+            self.pool.check_matches(server.settings, "the DHT node")
+        else:
+            self.pool = ChannelPool.like(server)
         self.server = server
         server.add_service(NODE_SERVICE, _NodeServicer(self))
 
@@ -190,12 +197,9 @@ class DHTNode:
     async def join(self, initial_peers: list[PeerAddress]) -> None:
         """Contacts the initial peers (at least one must answer) and fills the routing table."""
         if initial_peers:
-            answers = await asyncio.gather(*(self._ping_address(peer) for peer in initial_peers))
-            if not any(answers):
-                listed = ", ".join(map(str, initial_peers))
-                raise DHTBootstrapError(
-                    f"none of the initial peers answered within {self.settings.bootstrap_timeout:.0f}s: {listed}"
-                )
+            failures = await asyncio.gather(*(self._ping_address(peer) for peer in initial_peers))
+            if all(failures):
+                raise DHTBootstrapError(self._bootstrap_failure(initial_peers, failures))
             await self.find_nearest([self.id])
         self._spawn(self._refresh_loop())
         self._spawn(self._reping_loop())
@@ -327,20 +331,30 @@ class DHTNode:
         self.unreachable.discard(contact.peer_id)
         return response
 
-    async def _ping_address(self, peer: PeerAddress) -> bool:
+    async def _ping_address(self, peer: PeerAddress) -> WireError | str | None:
+        """Pings an initial peer and adds it to the routing table; None, else why it failed (the
+        WireError raised, or what was wrong with its answer)."""
         client = RpcClient(self.pool, NODE_SERVICE, peer.endpoint, timeout=self.settings.bootstrap_timeout,
                            peer_id=peer.peer_id)
         try:
             response = await client.call("Ping", PingRequest(sender=self._me()))
         except WireError as e:
             logger.info("initial peer %s did not answer: %s", peer, e)
-            return False
+            return e
         if peer.peer_id and response.node.peer_id != peer.peer_id:
             logger.warning("initial peer %s answered as %s", peer, response.node.peer_id)
-            return False
+            return f"it answered as {response.node.peer_id}"
         contact = contact_of(response.node) or Contact(response.node.peer_id, peer.endpoint)
         self.routing.add(Contact(contact.peer_id, peer.endpoint))
-        return True
+        return None
+
+    def _bootstrap_failure(self, peers: list[PeerAddress], failures: list[WireError | str | None]) -> str:
+        """Why joining failed: the refusals of the peers that answered, else why none answered."""
+        refusals = [str(failure) for failure in failures if isinstance(failure, AccessDenied)]
+        if refusals:
+            return "the initial peers answered but refused this node's credentials: " + "; ".join(refusals)
+        listed = "; ".join(f"{peer} ({failure})" for peer, failure in zip(peers, failures))
+        return f"none of the initial peers answered within {self.settings.bootstrap_timeout:.0f}s: {listed}"
 
     async def _find(self, contact: Contact, key_ids: list[int]) -> FindResponse | None:
         """One Find per max_items_per_request ids (a node refuses larger ones); None if any fails."""

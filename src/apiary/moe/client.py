@@ -26,6 +26,7 @@ from apiary.wire import (
     ChannelPool,
     DeadlineExceeded,
     Endpoint,
+    PeerAddress,
     RemoteFailure,
     RpcClient,
 )
@@ -79,16 +80,23 @@ def run_sync(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
 class RemoteExpert(nn.Module):
     """An expert hosted by the server at `endpoint`, usable as a module (inputs: float32).
 
-    Every RemoteExpert of the process shares one channel per server unless given `pool`, which
-    must then only be used from `background_loop()` (gRPC channels belong to one loop). With
+    `endpoint` is the server's address as its expert declarations name it, `peer_id@host:port`
+    (or `host:port`, where TLS proves the id at first contact). Every RemoteExpert of the process
+    shares one channel per server unless given `pool` (e.g. one that dials in plaintext, or with
+    a private run's token), which must then only be used from `background_loop()` (gRPC channels
+    belong to one loop). With
     `keep_activations` (the default), a forward pass that will be followed by a backward asks
     the server to keep its activations, so that the backward does not recompute them.
     """
 
-    def __init__(self, endpoint: Endpoint | str, name: str, pool: ChannelPool | None = None, *,
+    def __init__(self, endpoint: PeerAddress | Endpoint | str, name: str, pool: ChannelPool | None = None, *,
                  timeout: float = 30.0, max_tensor_bytes: int = 1 << 30, keep_activations: bool = True):
         super().__init__()
-        self.endpoint = Endpoint.parse(endpoint) if isinstance(endpoint, str) else endpoint
+        address = PeerAddress.parse(endpoint) if isinstance(endpoint, str) else endpoint
+        if isinstance(address, Endpoint):
+            address = PeerAddress(address)
+        self.endpoint = address.endpoint
+        self.peer_id = address.peer_id
         self.name = name
         self.timeout = timeout
         self.keep_activations = keep_activations
@@ -100,7 +108,8 @@ class RemoteExpert(nn.Module):
         if self._rpc is None:
             if self._pool is None:
                 self._pool = shared_pool()
-            self._rpc = RpcClient(self._pool, EXPERTS_SERVICE, self.endpoint, timeout=self.timeout)
+            self._rpc = RpcClient(self._pool, EXPERTS_SERVICE, self.endpoint, timeout=self.timeout,
+                                  peer_id=self.peer_id)
         return self._rpc
 
     async def call_async(self, method: str, tensors: Sequence[torch.Tensor], *, keep_activations: bool = False,

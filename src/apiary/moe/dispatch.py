@@ -23,10 +23,10 @@ from typing import Any
 import torch
 
 from apiary.moe.beam_search import ExpertChoice
-from apiary.moe.client import run_sync, shared_pool
+from apiary.moe.client import run_sync
 from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults
 from apiary.moe.server import EXPERTS_SERVICE
-from apiary.wire import Endpoint, RpcClient, WireError
+from apiary.wire import ChannelPool, PeerAddress, RpcClient, WireError
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
 
 logger = logging.getLogger(__name__)
@@ -68,23 +68,24 @@ class FaultTolerance:
 @dataclass
 class Routing:
     """Which samples go to which expert: `experts[e]` gets the samples `samples[e]`, whose outputs
-    fill column `slots[e]` of the [batch, k] result."""
+    fill column `slots[e]` of the [batch, k] result; `pool` dials their servers (on `background_loop()`)."""
 
     batch: int
     k: int
+    pool: ChannelPool
     experts: list[ExpertChoice] = field(default_factory=list)
     samples: list[torch.Tensor] = field(default_factory=list)
     slots: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
-    def of(cls, choices: Sequence[Sequence[ExpertChoice]], k: int) -> Routing:
+    def of(cls, choices: Sequence[Sequence[ExpertChoice]], k: int, pool: ChannelPool) -> Routing:
         by_expert: dict[tuple[str, str], tuple[ExpertChoice, list[int], list[int]]] = {}
         for sample, chosen in enumerate(choices):
             for slot, choice in enumerate(chosen[:k]):
                 entry = by_expert.setdefault((choice.address, choice.name), (choice, [], []))
                 entry[1].append(sample)
                 entry[2].append(slot)
-        routing = cls(len(choices), k)
+        routing = cls(len(choices), k, pool)
         for choice, samples, slots in by_expert.values():
             routing.experts.append(choice)
             routing.samples.append(torch.tensor(samples, dtype=torch.long))
@@ -115,7 +116,7 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
             by_server[expert.address].append(e)
     wanted = routing.wanted(settings.k_min)
     answered = torch.zeros(routing.batch, dtype=torch.long)
-    pool = shared_pool()
+    pool = routing.pool
     tasks: dict[asyncio.Task[ExpertResults], tuple[str, list[int]]] = {}
     for address, indices in by_server.items():
         request = ExpertCalls(calls=[
@@ -125,7 +126,8 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
             for e in indices
         ])
         try:
-            client = RpcClient(pool, EXPERTS_SERVICE, Endpoint.parse(address), timeout=timeout)
+            peer = PeerAddress.parse(address)  # peer_id@host:port, as an expert server declares it
+            client = RpcClient(pool, EXPERTS_SERVICE, peer.endpoint, timeout=timeout, peer_id=peer.peer_id)
         except ValueError as e:
             errors.append(f"{address}: {e}")
             continue

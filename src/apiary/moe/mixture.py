@@ -8,8 +8,9 @@ the mixing weights) and, through the experts, into the input; the experts train 
 on the server when the backward pass reaches them.
 
 The DHT must live on `apiary.moe.client.background_loop()`, where every remote call runs:
-e.g. `dht = run_sync(DHTNode.launch(initial_peers), 30)` or a `DHTClient` of the
-participant's dht service.
+e.g. `dht = run_sync(DHTNode.launch(initial_peers, wire=...), 30)` or a `DHTClient` of the
+participant's dht service. The experts are dialled as the DHT node dials (TLS or plaintext, a
+private run's token), or with the `pool` given.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 
 from apiary.dht.interface import DHTLike
 from apiary.moe.beam_search import ExpertChoice, beam_search
-from apiary.moe.client import run_sync
+from apiary.moe.client import run_sync, shared_pool
+from apiary.wire import ChannelPool
 from apiary.moe.dispatch import ALWAYS_BACKWARD, ExpertPass, FaultTolerance, Routing
 
 
@@ -32,11 +34,14 @@ class RemoteMixtureOfExperts(nn.Module):
     `grid_size` is the grid's shape (experts `prefix.i.j` with i < grid_size[0], j < grid_size[1]);
     `fault_tolerance` sets k_min, timeouts and `allow_zero_outputs` (see `FaultTolerance`);
     `keep_activations` asks the servers to keep a training pass's activations for its backward.
+    `pool` dials the expert servers (used on `background_loop()` only); by default, one made
+    like the DHT node's (`dht.pool`: its TLS or plaintext, identity and private-run token), or,
+    for a DHT without one, the process's shared pool (TLS, no token).
     """
 
     def __init__(self, *, in_features: int, grid_size: Sequence[int], dht: DHTLike, prefix: str, k_best: int = 4,
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
-                 search_timeout: float = 10.0, keep_activations: bool = True):
+                 search_timeout: float = 10.0, keep_activations: bool = True, pool: ChannelPool | None = None):
         super().__init__()
         if not grid_size or any(size < 1 for size in grid_size):
             raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {list(grid_size)}")
@@ -51,6 +56,8 @@ class RemoteMixtureOfExperts(nn.Module):
         self.fault_tolerance = fault_tolerance or FaultTolerance()
         self.search_timeout = search_timeout
         self.keep_activations = keep_activations
+        dht_pool = getattr(dht, "pool", None)
+        self.pool = pool or (dht_pool.copy() if isinstance(dht_pool, ChannelPool) else None)
         self.gate = nn.Linear(in_features, sum(self.grid_size))
 
     def grid_scores(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -66,7 +73,7 @@ class RemoteMixtureOfExperts(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every chosen expert's output ([batch, k, ...]), which of them answered ([batch, k]) and
         their coordinates ([batch, k, grid dimensions]; 0 in empty slots)."""
-        routing = Routing.of(choices, k)
+        routing = Routing.of(choices, k, self.pool or shared_pool())
         keep = self.keep_activations and torch.is_grad_enabled()
         outputs, alive = ExpertPass.apply(ALWAYS_BACKWARD, routing, self.fault_tolerance, keep, x)
         coordinates = torch.zeros(len(choices), k, len(self.grid_size), dtype=torch.long)

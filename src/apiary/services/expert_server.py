@@ -145,8 +145,13 @@ class ExpertServerService:
             await self.node.join(self.settings.initial_peers)
         else:
             await self.dht.info()  # fails now, with the address, if the dht service does not answer
-        self.host.spawn(keep_declared(self.dht, list(self.server.experts), str(self.host.server.announced),
+        self.host.spawn(keep_declared(self.dht, list(self.server.experts), self.address,
                                       self.settings.declare_period, on_declared=self._declared), "declare-experts")
+
+    @property
+    def address(self) -> str:
+        """The address its experts are declared at, `peer_id@host:port`: callers sign for that id."""
+        return f"{self.host.identity.peer_id}@{self.host.server.announced}"
 
     def _declared(self) -> None:
         self.declared_at = time.time()

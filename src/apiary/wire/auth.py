@@ -4,12 +4,14 @@ A run authority is an Ed25519 key pair (an `Identity`) held by the run's organis
 names the run. The authority issues an `AccessToken` to a peer: its signature over the peer's
 id and an expiry time. In a private run (`WireSettings.run_authority`), every call carries the
 caller's token and a fresh signature by the caller's identity over the method, the time, a
-random nonce, the callee's peer id when known (the audience) and a digest of the request
+random nonce, the callee's peer id (the audience) and a digest of the request
 (`CallCredentials.metadata`). A server's `Gatekeeper` checks, in order: the token is there, was
 signed by the run's authority, has not expired, and is bound to the caller's key; the call's
-signature is the caller's; its time is within `CLOCK_SKEW_SECONDS` of the server's clock; its
-audience (if named) is this server; its nonce was not seen before. A refusal raises
-`AccessRefused` naming its reason (counted in `<prefix>_rpc_rejected_total{reason}`).
+signature is the caller's; its time is within `CLOCK_SKEW_SECONDS` of the server's clock; it
+names an audience and that is this server; its nonce was not seen before. So a captured call
+can be replayed neither to its recipient nor to another server. A refusal raises
+`AccessRefused` naming its reason and what the caller should do (counted in
+`<prefix>_rpc_rejected_total{reason}`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ SIGNATURE_KEY = "apiary-signature"
 TOKEN_MISSING, TOKEN_INVALID = "token_missing", "token_invalid"
 TOKEN_EXPIRED, TOKEN_WRONG_KEY = "token_expired", "token_wrong_key"
 BAD_SIGNATURE, STALE, REPLAY, WRONG_AUDIENCE = "bad_signature", "stale", "replay", "wrong_audience"
-REASONS = (TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_KEY, BAD_SIGNATURE, STALE, REPLAY, WRONG_AUDIENCE)
+AUDIENCE_MISSING = "audience_missing"
+REASONS = (TOKEN_MISSING, TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_KEY, BAD_SIGNATURE, STALE, REPLAY, WRONG_AUDIENCE,
+           AUDIENCE_MISSING)
 _PERMISSION = {TOKEN_INVALID, TOKEN_EXPIRED, TOKEN_WRONG_KEY, WRONG_AUDIENCE}  # valid caller, no access
 
 _TOKEN_LAYOUT = struct.Struct(f">{PUBLIC_KEY_BYTES}s{PUBLIC_KEY_BYTES}sdd")  # authority, peer, issued, expires
@@ -134,6 +138,13 @@ def read_token(value: str) -> AccessToken:
     return AccessToken.decode(value)
 
 
+def credentials_advice(run_authority: str) -> str:
+    """What a peer must be started with to take part in the private run of `run_authority`."""
+    return (f"start this peer with --run-authority {run_authority} and --access-token <token or file> "
+            f"(APIARY_RUN_AUTHORITY / APIARY_ACCESS_TOKEN), a token the run's organiser issues for this peer's id "
+            f"with `apiary token issue --peer-id <id>` and the key of run authority {run_authority}")
+
+
 def _signed_call(method: str, moment: str, nonce: str, audience: str, digest: bytes) -> bytes:
     return b"\0".join((b"apiary-call-v1", method.encode(), moment.encode(), nonce.encode(), audience.encode(),
                        digest.hex().encode()))
@@ -177,7 +188,8 @@ class CallCredentials:
         return cls(identity, token)
 
     def metadata(self, method: str, *, audience: str | None = None, digest: bytes = b"") -> list[tuple[str, str]]:
-        """The metadata of one call to `method` (a gRPC path or `bulk:<route>`)."""
+        """The metadata of one call to `method` (a gRPC path or `bulk:<route>`) for the peer `audience`
+        (servers refuse a call that names none)."""
         moment, nonce = f"{time.time():.6f}", secrets.token_hex(16)
         signature = self.identity.sign(_signed_call(method, moment, nonce, audience or "", digest))
         return [
@@ -250,12 +262,13 @@ class Gatekeeper:
         fields = {key: value for key, value in metadata if isinstance(value, str)}
         text = fields.get(TOKEN_KEY)
         if not text:
-            raise self._refuse(TOKEN_MISSING, "this is a private run: calls need an access token from its authority "
-                                              f"{self.run_authority}")
+            raise self._refuse(TOKEN_MISSING, f"peer {self.own_peer_id} is in a private run and the call carries no "
+                                              f"access token: {credentials_advice(self.run_authority)}")
         token = self._token(text)
         now = time.time()
         if token.expires_at <= now:
-            raise self._refuse(TOKEN_EXPIRED, f"the token of peer {token.peer_id} expired at {time.ctime(token.expires_at)}")
+            raise self._refuse(TOKEN_EXPIRED, f"the token of peer {token.peer_id} expired at {time.ctime(token.expires_at)} "
+                                              f"(ask the organiser of run {self.run_authority} for a new one)")
         caller = fields.get(CALLER_KEY, "")
         if token.peer_id != caller:
             raise self._refuse(TOKEN_WRONG_KEY,
@@ -274,6 +287,9 @@ class Gatekeeper:
         if abs(moment - now) > CLOCK_SKEW_SECONDS:
             raise self._refuse(STALE, f"the call was signed {now - moment:+.1f} s from this server's clock "
                                       f"(at most ±{CLOCK_SKEW_SECONDS:g} s; check the clocks)")
+        if not audience:
+            raise self._refuse(AUDIENCE_MISSING, f"the call to {method} names no audience (the callee's peer id): "
+                                                 f"it could be replayed to another server")
         if audience and audience != self.own_peer_id:
             raise self._refuse(WRONG_AUDIENCE, f"the call was meant for peer {audience}, this is {self.own_peer_id}")
         if moment <= self._nonces.floor:

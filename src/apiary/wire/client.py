@@ -8,14 +8,21 @@ metadata, and any failure is raised as a `WireError` subclass.
 With `WireSettings.tls`, channels to public services are TLS channels that only the expected
 peer id can answer (`apiary.wire.tls`): the id given to `RpcClient`, else the one the server
 proves at first contact. In a private run (`run_authority`), every call to a public service
-carries this peer's token and a fresh signature (`apiary.wire.auth`). Local services
-(`ServiceSpec.local`) are always called in plaintext and without credentials.
+carries this peer's token and a fresh signature for its callee's peer id (`apiary.wire.auth`);
+without TLS the callee's id cannot be proven, so it must be given (`peer_id@host:port`). Local
+services (`ServiceSpec.local`) are always called in plaintext and without credentials.
+
+A pool holds what a process dials with: its wire settings, identity and credentials. Objects
+that dial take a pool, by default one made like the server they are attached to
+(`ChannelPool.like(server)`), and `check_matches` refuses a pool that disagrees with the server
+(TLS or plaintext, which run). A call that fails because the peer speaks the other protocol
+fails with an error naming both sides.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
@@ -23,11 +30,14 @@ from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials, request_digest
-from apiary.wire.errors import WireError, error_from_status
+from apiary.wire.errors import RequestRejected, WireError, error_from_status
 from apiary.wire.identity import Identity
 from apiary.wire.rpc import Method, ServiceSpec
 from apiary.wire.settings import WireSettings
-from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials, tls_failure
+from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials, plaintext_failure, tls_failure
+
+if TYPE_CHECKING:
+    from apiary.wire.server import RpcServer
 from apiary.wire.tracing import outgoing_metadata, span_attributes, tracer
 
 Request = Message | AsyncIterable[Message]
@@ -45,6 +55,27 @@ class ChannelPool:
         self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
         self._channels: dict[tuple[Endpoint, str | None], grpc.aio.Channel] = {}
         self._proven: dict[Endpoint, str] = {}  # TLS: the ids servers proved at addresses dialled without one
+
+    @classmethod
+    def like(cls, server: RpcServer) -> ChannelPool:
+        """A pool that dials as `server` serves: its settings (TLS or plaintext, run, token) and identity."""
+        return cls(server.settings, identity=server.identity)
+
+    def copy(self) -> ChannelPool:
+        """A pool with the same settings and credentials and channels of its own (for another
+        event loop: gRPC channels belong to the loop that made them)."""
+        return ChannelPool(self.settings, identity=self.identity)
+
+    def check_matches(self, served: WireSettings, user: str) -> None:
+        """SettingsMismatch, naming both sides, unless this pool dials as `served` serves: with TLS
+        or plaintext alike, in the same run. `user` names what dials with this pool."""
+        dials, serves = _transport(self.settings), _transport(served)
+        if dials != serves:
+            raise SettingsMismatch(f"{user} dials {dials} but its server serves {serves}: give it a pool made "
+                                   f"with the server's wire settings (ChannelPool.like(server))")
+        if self.settings.run_authority != served.run_authority:
+            raise SettingsMismatch(f"{user} dials {_run(self.settings)} but its server serves {_run(served)}: give it "
+                                   f"a pool made with the server's wire settings (ChannelPool.like(server))")
 
     def channel(self, endpoint: Endpoint, peer_id: str | None = None, *, local: bool = False) -> grpc.aio.Channel:
         """The channel to `endpoint`: plaintext, or (TLS, not `local`) one that only `peer_id` can answer."""
@@ -104,6 +135,18 @@ class ChannelPool:
         await self.close()
 
 
+class SettingsMismatch(ValueError):
+    """What a process dials with disagrees with what it serves."""
+
+
+def _transport(settings: WireSettings) -> str:
+    return "with TLS" if settings.tls else "in plaintext"
+
+
+def _run(settings: WireSettings) -> str:
+    return f"in private run {settings.run_authority}" if settings.run_authority else "in an open run"
+
+
 class RpcClient:
     """Calls the methods of `spec` on the peer at `endpoint` (with TLS: the peer `peer_id`, if given)."""
 
@@ -124,7 +167,7 @@ class RpcClient:
             try:
                 return await multicallable(request, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as e:
-                raise self._error(method, e) from None
+                raise await self._error(method, e) from None
 
     async def stream(self, method_name: str, request: Request, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """A streaming-response call: yields responses as they arrive; the deadline covers the whole stream."""
@@ -137,7 +180,7 @@ class RpcClient:
                 async for response in call:
                     yield response
             except grpc.aio.AioRpcError as e:
-                raise self._error(method, e) from None
+                raise await self._error(method, e) from None
             finally:
                 call.cancel()
 
@@ -150,11 +193,17 @@ class RpcClient:
         serializer: Any = method.request.SerializeToString
         extra: list[tuple[str, str]] = []
         if credentials is not None:
+            audience = peer_id or self.peer_id
+            if not audience:  # plaintext: nothing proves who answers at the address
+                raise RequestRejected(
+                    f"{self.spec.name}/{method.name} on {self.endpoint}: a call in a private run is signed for its "
+                    f"callee, whose peer id is unknown here; without TLS it cannot be proven, so dial "
+                    f"<peer_id>@{self.endpoint}", peer=str(self.endpoint))
             digest = b""
             if isinstance(request, Message):  # a unary request: serialized once, here, and signed
                 request = request.SerializeToString()
                 digest, serializer = request_digest(request), None
-            extra = credentials.metadata(self.spec.path(method), audience=peer_id or self.peer_id, digest=digest)
+            extra = credentials.metadata(self.spec.path(method), audience=audience, digest=digest)
         kind = {
             (False, False): channel.unary_unary,
             (True, False): channel.stream_unary,
@@ -172,12 +221,14 @@ class RpcClient:
             attributes=span_attributes(self.spec.name, method.name, str(self.endpoint)),
         )
 
-    def _error(self, method: Method, error: grpc.aio.AioRpcError) -> WireError:
+    async def _error(self, method: Method, error: grpc.aio.AioRpcError) -> WireError:
         details = error.details() or ""
         if error.code() == grpc.StatusCode.UNAVAILABLE:
             if "handshake failed" in details.lower() and self.pool.settings.tls and not self.spec.local:
                 expected = self.peer_id or "the id it proved before"
                 details = tls_failure(details) or f"the server did not prove peer id {expected} over TLS ({details})"
+            elif not self.pool.settings.tls and not self.spec.local:
+                details = await plaintext_failure(self.endpoint, details) or details
             if self.peer_id is None:
                 self.pool.forget(self.endpoint)  # whoever answers there next proves its id afresh
         return error_from_status(error.code(), details, peer=str(self.endpoint), method=f"{self.spec.name}/{method.name}")

@@ -232,9 +232,25 @@ class TlsSocket:
         return True
 
 
+_AGREE = "all peers of a run must agree: --tls, the default, or --plaintext (APIARY_TLS=false)"
+_PROBE_SECONDS = 2.0  # how long a failed plaintext call's port is given to show it speaks TLS
+
+
 def tls_failure(details: str) -> str | None:
     """What a failed TLS handshake means when the other end speaks plaintext (None otherwise)."""
     if "WRONG_VERSION_NUMBER" in details.upper():
-        return ("TLS handshake: the port speaks plaintext, not TLS (all peers of a run must agree: "
-                "--tls, the default, or --plaintext)")
+        return f"TLS handshake: this process dials with TLS but the port speaks plaintext ({_AGREE})"
     return None
+
+
+async def plaintext_failure(endpoint: Endpoint, details: str) -> str | None:
+    """What a plaintext call's failure means when the server at `endpoint` speaks TLS (None when it
+    does not: the failure has another cause). A TLS server closes a plaintext connection at once."""
+    lowered = details.lower()
+    if "socket closed" not in lowered and "connection reset" not in lowered:
+        return None
+    try:
+        peer_id = await fetch_peer_id(endpoint, _PROBE_SECONDS)
+    except (TimeoutError, TlsError, OSError, ssl.SSLError):
+        return None
+    return f"this process dials in plaintext but peer {peer_id} at {endpoint} speaks TLS ({_AGREE})"

@@ -11,6 +11,11 @@ reducer keeps every part instead and combines them when the span is complete. So
   values for its span;
 - the whole round is bounded by its deadline, and results are written to the caller's
   tensors only when the round ends, so a cancelled round leaves them as they were.
+
+With a `Verifier` (`verification`), every part carries its sender's signed commitment, reducers
+refuse parts that do not match theirs and keep their recent rounds' parts to answer audits
+(`Audit` route), members keep their own parts to serve (`Part` route), and each member audits
+the spans others reduced for it before the round ends.
 """
 
 from __future__ import annotations
@@ -20,13 +25,17 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from apiary.averaging.aggregation import Aggregator
 from apiary.averaging.compression import Codec, codec_by_name
 from apiary.averaging.partition import Member, shares, spans
-from apiary.averaging.protos.averaging_pb2 import ReduceReply, ReduceRequest
+from apiary.averaging.protos.averaging_pb2 import AuditRequest, PartRequest, ReduceReply, ReduceRequest
+from apiary.averaging.verification import (
+    SignedPart, Verifier, audit_answer, check_part, checked_blocks, block_count, commit, part_answer,
+)
 from apiary.wire import Endpoint, InvalidRequest, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 from apiary.wire.rpc import decode
@@ -36,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 REDUCE_ROUTE = "apiary.averaging/Reduce"
 _REMEMBERED_ROUNDS = 1024
+_AUDITED_ROUNDS = 4  # recent rounds whose parts are kept for audits (with verification)
 
 
 @dataclass
@@ -48,6 +58,7 @@ class GroupRound:
     total: int  # elements in the flattened tensors
     sender_timeout: float
     aggregator: Aggregator = Aggregator()  # how this member, as a reducer, combines its span's parts
+    verify: bool = False  # parts carry signed commitments, reductions are audited
     spans: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,10 +75,13 @@ class _SpanReduction:
 
     def __init__(self, round_: GroupRound, numel: int):
         self.numel = numel
+        self.group_id, self.span = round_.group_id, round_.own_index
         self.expected = {m.peer_id for m in round_.members if m.sends}
         self.aggregator = round_.aggregator
+        self.verify = round_.verify
+        self.signed: dict[str, SignedPart] = {}  # with verification: each contributor's commitment
         self.sum = torch.empty(numel, dtype=torch.float32)  # written whole by the first part (or at the end)
-        if self.aggregator.robust:  # one row per sender; parts arrive in a reused buffer, so they are copied
+        if self.aggregator.robust or self.verify:  # one row per sender; parts arrive in a reused buffer: copied
             self._rows = {peer: row for row, peer in enumerate(sorted(self.expected))}
             self._parts = torch.empty(len(self._rows), numel, dtype=torch.float32)
             self._weights = torch.zeros(len(self._rows), dtype=torch.float32)
@@ -78,7 +92,7 @@ class _SpanReduction:
         self._encoded: dict[str, list[torch.Tensor]] = {}
         self.deadline = time.monotonic() + round_.sender_timeout
 
-    def add(self, sender: str, part: torch.Tensor, weight: float) -> None:
+    def add(self, sender: str, part: torch.Tensor, weight: float, commitment: bytes = b"", signature: bytes = b"") -> None:
         if self.done.is_set():
             raise InvalidRequest(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
         if sender not in self.expected:
@@ -89,16 +103,19 @@ class _SpanReduction:
             raise InvalidRequest(f"part has {part.numel()} elements, the span has {self.numel}")
         if not weight >= 0:
             raise InvalidRequest(f"weight {weight} must be a non-negative number")
-        if self.aggregator.robust:
-            if not bool(torch.isfinite(part).all()):
-                raise InvalidRequest(f"part from {sender[:8]} has non-finite values")
+        if self.aggregator.robust and not bool(torch.isfinite(part).all()):
+            raise InvalidRequest(f"part from {sender[:8]} has non-finite values")
+        if self.verify:
+            self.signed[sender] = check_part(commitment, signature, self.group_id, self.span, sender, weight, part)
+        if self.aggregator.robust or self.verify:
             row = self._rows[sender]
             self._parts[row].copy_(part)
             self._weights[row] = weight
-        elif self.contributors:
-            self.sum.add_(part, alpha=weight)
-        else:
-            torch.mul(part, weight, out=self.sum)
+        if not self.aggregator.robust:
+            if self.contributors:
+                self.sum.add_(part, alpha=weight)
+            else:
+                torch.mul(part, weight, out=self.sum)
         self.weight += weight
         self.contributors.add(sender)
         if self.contributors == self.expected:
@@ -123,6 +140,17 @@ class _SpanReduction:
             self._encoded[codec.name] = codec.encode(self.mean)
         return self._encoded[codec.name]
 
+    def audit(self, request: AuditRequest) -> BulkAnswer:
+        """Every contributor's signed commitment, proofs and values in the blocks asked for."""
+        if not self.verify:
+            raise InvalidRequest(f"all-reduce round {self.group_id!r} was not verified: no commitments kept")
+        if not self.done.is_set():
+            raise InvalidRequest(f"span {self.span} of round {self.group_id!r} is not reduced yet")
+        blocks = checked_blocks(request, self.numel, block_count(self.numel))
+        parts = [(self.signed[peer], self._parts[self._rows[peer]]) for peer in sorted(self.contributors)]
+        reply, tensors = audit_answer(parts, blocks)
+        return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in tensors])
+
     async def result(self) -> torch.Tensor:
         try:
             await asyncio.wait_for(self.done.wait(), max(0.0, self.deadline - time.monotonic()))
@@ -141,6 +169,8 @@ class AllReduceService:
         self._reductions: dict[str, _SpanReduction] = {}
         self._registered: dict[str, asyncio.Event] = {}
         self._closed: dict[str, None] = {}  # recently finished rounds, oldest first
+        self._audited: dict[str, _SpanReduction] = {}  # recent verified rounds' reductions, for audits
+        self._own_parts: dict[str, tuple[float, dict[int, torch.Tensor]]] = {}  # our weight and parts, by round
 
     def open(self, round_: GroupRound) -> None:
         """Starts accepting parts for this member's span of `round_`."""
@@ -149,14 +179,22 @@ class AllReduceService:
         self._registered.setdefault(round_.group_id, asyncio.Event()).set()
 
     def close(self, group_id: str) -> None:
-        self._reductions.pop(group_id, None)
+        reduction = self._reductions.pop(group_id, None)
+        if reduction is not None and reduction.verify:
+            _keep_recent(self._audited, group_id, reduction)
         self._registered.pop(group_id, None)
         self._closed[group_id] = None  # a late part is refused at once, not after a wait
         while len(self._closed) > _REMEMBERED_ROUNDS:
             self._closed.pop(next(iter(self._closed)))
 
-    def contribute_local(self, group_id: str, sender: str, part: torch.Tensor, weight: float) -> None:
-        self._reductions[group_id].add(sender, part, weight)
+    def keep_own_parts(self, group_id: str, weight: float, parts: dict[int, torch.Tensor]) -> None:
+        """Serves our `parts` of a verified round (span -> part as decoded) on the Part route."""
+        _keep_recent(self._own_parts, group_id, (weight, parts))
+
+    def contribute_local(self, group_id: str, sender: str, part: torch.Tensor, weight: float,
+                         signed: SignedPart | None = None) -> None:
+        commitment, signature = (signed.commitment, signed.signature) if signed is not None else (b"", b"")
+        self._reductions[group_id].add(sender, part, weight, commitment, signature)
 
     async def local_result(self, group_id: str) -> torch.Tensor:
         return await self._reductions[group_id].result()
@@ -173,11 +211,28 @@ class AllReduceService:
             part = codec.decode([tensor_from_payload(h, p) for h, p in call.tensors], request.numel)
         except ValueError as e:
             raise InvalidRequest(f"malformed part from {request.sender[:8]}: {e}") from None
-        reduction.add(request.sender, part, request.weight)
+        reduction.add(request.sender, part, request.weight, request.commitment, request.signature)
         await reduction.result()
         reply = ReduceReply(codec=codec.name, numel=reduction.numel, contributors=len(reduction.contributors),
                             total_weight=reduction.weight)
         return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in reduction.encoded_mean(codec)])
+
+    async def handle_audit(self, call: BulkCall) -> BulkAnswer:
+        """The Audit route: what this peer combined for its span of a recent verified round."""
+        request = decode(AuditRequest, call.body)
+        reduction = self._reductions.get(request.group_id) or self._audited.get(request.group_id)
+        if reduction is None or reduction.span != request.span:
+            raise InvalidRequest(f"no verified reduction of span {request.span} of round {request.group_id!r} here")
+        return reduction.audit(request)
+
+    async def handle_part(self, call: BulkCall) -> BulkAnswer:
+        """The Part route: our part of a span of a recent verified round."""
+        request = decode(PartRequest, call.body)
+        weight, parts = self._own_parts.get(request.group_id, (0.0, {}))
+        if request.span not in parts:
+            raise InvalidRequest(f"no part of span {request.span} of round {request.group_id!r} here")
+        reply, tensors = part_answer(weight, parts[request.span])
+        return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in tensors])
 
     async def _reduction_for(self, group_id: str) -> _SpanReduction:
         """The reduction of `group_id`, waiting briefly if the part arrived before our own round began."""
@@ -205,57 +260,90 @@ async def run_allreduce(
     codec: Codec,
     deadline: float,
     out: torch.Tensor | None = None,
+    verifier: Verifier | None = None,
 ) -> torch.Tensor:
     """This member's part of one round. `flat` is the member's flattened float32 tensors (empty
     for auxiliary members); returns the averaged vector (local values kept where a reducer
     failed), written into `out` when given (a buffer reused across rounds saves fresh memory).
-    Runs no longer than `deadline` seconds (raises asyncio.TimeoutError)."""
+    With `verifier` (and `round_.verify`), parts are committed to and the spans others reduced
+    are audited before the round ends. Runs no longer than `deadline` seconds (raises
+    asyncio.TimeoutError)."""
     result = out if out is not None and out.shape == flat.shape else torch.empty_like(flat)
-    return await asyncio.wait_for(_allreduce(round_, flat, weight, service, client, codec, result), deadline)
+    exchange = _Exchange(round_, weight, service, client, codec, result, verifier if round_.verify else None)
+    return await asyncio.wait_for(_allreduce(exchange, flat), deadline)
 
 
-async def _allreduce(
-    round_: GroupRound, flat: torch.Tensor, weight: float, service: AllReduceService, client: BulkClient,
-    codec: Codec, result: torch.Tensor,
-) -> torch.Tensor:
+@dataclass
+class _Exchange:
+    """One member's round: where results go and, with verification, what it committed to."""
+
+    round_: GroupRound
+    weight: float
+    service: AllReduceService
+    client: BulkClient
+    codec: Codec
+    result: torch.Tensor
+    verifier: Verifier | None
+    answered: dict[int, str] = field(default_factory=dict)  # span -> codec of its reducer's reply
+    commitments: dict[int, SignedPart] = field(default_factory=dict)  # our commitments, by span
+    parts: dict[int, torch.Tensor] = field(default_factory=dict)  # our parts as decoded, by span
+
+    def committed(self, index: int, part: torch.Tensor) -> SignedPart | None:
+        """Our signed commitment to `part` (span `index`), kept to serve and to audit against."""
+        if self.verifier is None:
+            return None
+        self.parts[index] = part.clone()
+        signed = commit(self.verifier.identity, self.round_.group_id, index, self.weight, self.parts[index])
+        self.commitments[index] = signed
+        return signed
+
+
+async def _allreduce(exchange: _Exchange, flat: torch.Tensor) -> torch.Tensor:
     """Fills every span of `result`: with the mean, or with local values where its reducer failed."""
+    round_, service = exchange.round_, exchange.service
     me = round_.me
     if me.reduces:
         service.open(round_)
+    if exchange.verifier is not None:
+        service.keep_own_parts(round_.group_id, exchange.weight, exchange.parts)
     try:
         tasks = []
         if me.sends:
             for index, member in enumerate(round_.members):
                 start, end = round_.spans[index]
                 if end > start:
-                    tasks.append(_exchange(round_, index, member, flat[start:end], weight, service, client, codec, result))
+                    tasks.append(_exchange(exchange, index, member, flat[start:end]))
         if me.reduces:
             tasks.append(service.local_result(round_.group_id))  # stay until our span is served
         await asyncio.gather(*tasks)
+        if exchange.verifier is not None:
+            await exchange.verifier.audit(round_, exchange.result, exchange.weight, exchange.answered,
+                                          exchange.commitments, exchange.parts, exchange.client)
     finally:
         if me.reduces:
             service.close(round_.group_id)
-    return result
+    return exchange.result
 
 
-async def _exchange(
-    round_: GroupRound, index: int, member: Member, part: torch.Tensor, weight: float,
-    service: AllReduceService, client: BulkClient, codec: Codec, result: torch.Tensor,
-) -> None:
+async def _exchange(exchange: _Exchange, index: int, member: Member, part: torch.Tensor) -> None:
     """Sends one span to its reducer and writes the mean into `result` (keeps local values on failure)."""
+    round_, service, client, codec, weight = exchange.round_, exchange.service, exchange.client, exchange.codec, exchange.weight
     start, end = round_.spans[index]
     me = round_.me
     if index == round_.own_index:
-        service.contribute_local(round_.group_id, me.peer_id, part, weight)
-        result[start:end] = await service.local_result(round_.group_id)
+        service.contribute_local(round_.group_id, me.peer_id, part, weight, exchange.committed(index, part))
+        exchange.result[start:end] = await service.local_result(round_.group_id)
         return
+    encoded = codec.encode(part)
+    signed = exchange.committed(index, codec.decode(encoded, end - start)) if exchange.verifier else None
     request = ReduceRequest(group_id=round_.group_id, sender=me.peer_id, span=index, weight=weight,
-                            codec=codec.name, numel=end - start)
-    target = result[start:end]
+                            codec=codec.name, numel=end - start, commitment=signed.commitment if signed else b"",
+                            signature=signed.signature if signed else b"")
+    target = exchange.result[start:end]
     try:
         body, tensors = await client.call(
             Endpoint.parse(member.bulk_address), REDUCE_ROUTE, body=request.SerializeToString(),
-            tensors=[tensor_payload(t) for t in codec.encode(part)], timeout=round_.sender_timeout * 2,
+            tensors=[tensor_payload(t) for t in encoded], timeout=round_.sender_timeout * 2,
             reply_into=[memoryview(target.numpy())],  # an uncompressed mean lands in place
             peer_id=member.peer_id,
         )
@@ -263,9 +351,16 @@ async def _exchange(
         mean = codec_by_name(reply.codec).decode([tensor_from_payload(h, p) for h, p in tensors], end - start)
         if mean.data_ptr() != target.data_ptr():
             target.copy_(mean)
+        exchange.answered[index] = reply.codec
     except (WireError, ValueError) as e:
         logger.warning("reducer %s of span %d failed, keeping local values: %s", member.peer_id[:8], index, e)
         target.copy_(part)
+
+
+def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> None:
+    kept[key] = value
+    while len(kept) > _AUDITED_ROUNDS:
+        kept.pop(next(iter(kept)))
 
 
 def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,6 +27,7 @@ from apiary.averaging.grid import MoshpitGrid
 from apiary.averaging.matchmaking import MATCHMAKING, Matchmaker, MatchmakingSettings, schema_digest
 from apiary.dht.interface import DHTLike
 from apiary.averaging.partition import Member, Mode
+from apiary.averaging.verification import AUDIT_ROUTE, PART_ROUTE, Verifier
 from apiary.wire import CallContext, ChannelPool, RpcServer
 from apiary.wire.bulk import BulkClient
 from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest
@@ -51,6 +52,9 @@ class AveragerSettings(BaseModel):
     clip_radius: float = Field(1.0, gt=0, description="centered_clip: norm a part's offset from the centre is clipped to")
     clip_iterations: int = Field(20, ge=1, description="centered_clip: most iterations per span")
     trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share of the weight cut from each end")
+    verify_reductions: bool = Field(False, description="commit to parts, audit the spans others reduce for us, "
+                                    "ban reducers caught lying (apiary.averaging.verification)")
+    audit_blocks: int = Field(4, ge=1, description="verification: blocks of 256 values audited per span")
 
     def aggregator(self) -> Aggregator:
         return Aggregator(self.aggregation, self.clip_radius, self.clip_iterations, self.trim_fraction)
@@ -95,6 +99,7 @@ class Averager:
         self._early: _EarlyGroup | None = None
         self._in_step = False
         self.formed_early = False  # the latest step found its group formed ahead (prepare())
+        self.verifier: Verifier | None = None  # made at attach() with verify_reductions
 
     def attach(self, server: RpcServer) -> None:
         """Serves matchmaking and reduction on `server` (before it starts; it needs bulk unless client)."""
@@ -102,6 +107,11 @@ class Averager:
             if server.bulk is None:
                 raise ValueError("an averager in node or aux mode needs the bulk transport")
             server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle, keeps_tensors=False)
+            if self.settings.verify_reductions:
+                server.bulk.add_route(AUDIT_ROUTE, self.reductions.handle_audit)
+                server.bulk.add_route(PART_ROUTE, self.reductions.handle_part)
+        if self.settings.verify_reductions:
+            self.verifier = Verifier(server.identity, self.settings.audit_blocks, self.settings.sender_timeout)
         if self.pool is None:
             self.pool = self._own_pool = ChannelPool.like(server)
         self.pool.check_matches(server.settings, "the averager")
@@ -122,6 +132,8 @@ class Averager:
                                     self.settings.gather_seconds, self.settings.join_seconds),
                 self.settings.prefix,
             )
+            if self.verifier is not None:
+                self.matchmaker.banned = self.verifier.banned  # leaves out reducers caught lying
         return self.matchmaker
 
     @property
@@ -160,10 +172,12 @@ class Averager:
         flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Mode.AUX else torch.zeros(0)
         self._flat = flat
         total = flat.numel() if self.settings.mode is not Mode.AUX else self._total()
-        round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout, self.settings.aggregator())
+        round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout, self.settings.aggregator(),
+                            verify=self.verifier is not None)
         assert self.bulk_client is not None  # a group was formed: attach() made it
         averaged = await run_allreduce(round_, flat, weight, service=self.reductions, client=self.bulk_client,
-                                       codec=self.codec, deadline=self.settings.round_timeout, out=self._averaged)
+                                       codec=self.codec, deadline=self.settings.round_timeout, out=self._averaged,
+                                       verifier=self.verifier)
         self._averaged = averaged
         if self.settings.mode is not Mode.AUX:
             unflatten_into(averaged, self.tensors)

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Container, Hashable
 from typing import Any
 
 from apiary.averaging.partition import Member, Mode
@@ -96,6 +96,7 @@ class Matchmaker:
         self.last_rank: int | None = None
         self._gathering: _Gathering | None = None
         self._leading = asyncio.Event()  # set while a gathering is open
+        self.banned: Container[str] = ()  # peers left out of every group (reducers caught lying)
 
     async def form_group(self, group_key: str) -> tuple[str, list[Member]] | None:
         """The group (id and members sorted by peer id) for this round, or None if none formed."""
@@ -124,7 +125,7 @@ class Matchmaker:
         peers = {}
         for peer_id, item in entries.items():
             value = getattr(item, "value", None)
-            if not isinstance(value, dict) or not isinstance(peer_id, str):
+            if not isinstance(value, dict) or not isinstance(peer_id, str) or peer_id in self.banned:
                 continue
             if value.get("schema") != self.schema:
                 logger.warning("peer %s averages another tensor schema (%s); leaving it out", peer_id[:8], value.get("schema"))
@@ -194,6 +195,8 @@ class Matchmaker:
             member = _member(request.member)
         except ValueError as e:
             return JoinReply(accepted=False, reason=str(e))
+        if member.peer_id in self.banned:
+            return JoinReply(accepted=False, reason="banned from this run's groups: caught lying as a reducer")
         refusal = gathering.admit(member, request.schema)
         if refusal is not None:
             return JoinReply(accepted=False, reason=refusal)

@@ -24,25 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'apiary/averaging/protos/averaging.proto\x12\x10\x61piary.averaging\"m\n\rReduceRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x0c\n\x04span\x18\x03 \x01(\x05\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\r\n\x05numel\x18\x06 \x01(\x03\"W\n\x0bReduceReply\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x14\n\x0c\x63ontributors\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_weight\x18\x04 \x01(\x01\"T\n\nMemberInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ulk_address\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x11\n\tbandwidth\x18\x04 \x01(\x01\"^\n\x0bJoinRequest\x12\x11\n\tgroup_key\x18\x01 \x01(\t\x12,\n\x06member\x18\x02 \x01(\x0b\x32\x1c.apiary.averaging.MemberInfo\x12\x0e\n\x06schema\x18\x03 \x01(\t\"n\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12-\n\x07members\x18\x04 \x03(\x0b\x32\x1c.apiary.averaging.MemberInfo\"\x1e\n\x0cStateRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"=\n\nStateReply\x12\x10\n\x08metadata\x18\x01 \x01(\x0c\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'apiary/averaging/protos/averaging.proto\x12\x10\x61piary.averaging\"\x94\x01\n\rReduceRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x0c\n\x04span\x18\x03 \x01(\x05\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\r\n\x05numel\x18\x06 \x01(\x03\x12\x12\n\ncommitment\x18\x07 \x01(\x0c\x12\x11\n\tsignature\x18\x08 \x01(\x0c\"W\n\x0bReduceReply\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x14\n\x0c\x63ontributors\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_weight\x18\x04 \x01(\x01\"T\n\nMemberInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ulk_address\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\x11\n\tbandwidth\x18\x04 \x01(\x01\"^\n\x0bJoinRequest\x12\x11\n\tgroup_key\x18\x01 \x01(\t\x12,\n\x06member\x18\x02 \x01(\x0b\x32\x1c.apiary.averaging.MemberInfo\x12\x0e\n\x06schema\x18\x03 \x01(\t\"n\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08group_id\x18\x03 \x01(\t\x12-\n\x07members\x18\x04 \x03(\x0b\x32\x1c.apiary.averaging.MemberInfo\"\x1e\n\x0cStateRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"=\n\nStateReply\x12\x10\n\x08metadata\x18\x01 \x01(\x0c\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\"m\n\x0ePartCommitment\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04span\x18\x02 \x01(\x05\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\r\n\x05numel\x18\x05 \x01(\x03\x12\x0c\n\x04root\x18\x06 \x01(\x0c\">\n\x0c\x41uditRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04span\x18\x02 \x01(\x05\x12\x0e\n\x06\x62locks\x18\x03 \x03(\x03\"D\n\x0b\x41uditedPart\x12\x12\n\ncommitment\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06proofs\x18\x03 \x03(\x0c\":\n\nAuditReply\x12,\n\x05parts\x18\x01 \x03(\x0b\x32\x1d.apiary.averaging.AuditedPart\"-\n\x0bPartRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0c\n\x04span\x18\x02 \x01(\x05\"*\n\tPartReply\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\r\n\x05numel\x18\x02 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apiary.averaging.protos.averaging_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REDUCEREQUEST']._serialized_start=61
-  _globals['_REDUCEREQUEST']._serialized_end=170
-  _globals['_REDUCEREPLY']._serialized_start=172
-  _globals['_REDUCEREPLY']._serialized_end=259
-  _globals['_MEMBERINFO']._serialized_start=261
-  _globals['_MEMBERINFO']._serialized_end=345
-  _globals['_JOINREQUEST']._serialized_start=347
-  _globals['_JOINREQUEST']._serialized_end=441
-  _globals['_JOINREPLY']._serialized_start=443
-  _globals['_JOINREPLY']._serialized_end=553
-  _globals['_STATEREQUEST']._serialized_start=555
-  _globals['_STATEREQUEST']._serialized_end=585
-  _globals['_STATEREPLY']._serialized_start=587
-  _globals['_STATEREPLY']._serialized_end=648
+  _globals['_REDUCEREQUEST']._serialized_start=62
+  _globals['_REDUCEREQUEST']._serialized_end=210
+  _globals['_REDUCEREPLY']._serialized_start=212
+  _globals['_REDUCEREPLY']._serialized_end=299
+  _globals['_MEMBERINFO']._serialized_start=301
+  _globals['_MEMBERINFO']._serialized_end=385
+  _globals['_JOINREQUEST']._serialized_start=387
+  _globals['_JOINREQUEST']._serialized_end=481
+  _globals['_JOINREPLY']._serialized_start=483
+  _globals['_JOINREPLY']._serialized_end=593
+  _globals['_STATEREQUEST']._serialized_start=595
+  _globals['_STATEREQUEST']._serialized_end=625
+  _globals['_STATEREPLY']._serialized_start=627
+  _globals['_STATEREPLY']._serialized_end=688
+  _globals['_PARTCOMMITMENT']._serialized_start=690
+  _globals['_PARTCOMMITMENT']._serialized_end=799
+  _globals['_AUDITREQUEST']._serialized_start=801
+  _globals['_AUDITREQUEST']._serialized_end=863
+  _globals['_AUDITEDPART']._serialized_start=865
+  _globals['_AUDITEDPART']._serialized_end=933
+  _globals['_AUDITREPLY']._serialized_start=935
+  _globals['_AUDITREPLY']._serialized_end=993
+  _globals['_PARTREQUEST']._serialized_start=995
+  _globals['_PARTREQUEST']._serialized_end=1040
+  _globals['_PARTREPLY']._serialized_start=1042
+  _globals['_PARTREPLY']._serialized_end=1084
 # @@protoc_insertion_point(module_scope)

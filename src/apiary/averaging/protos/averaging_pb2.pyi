@@ -7,20 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ReduceRequest(_message.Message):
-    __slots__ = ("group_id", "sender", "span", "weight", "codec", "numel")
+    __slots__ = ("group_id", "sender", "span", "weight", "codec", "numel", "commitment", "signature")
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     SPAN_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     group_id: str
     sender: str
     span: int
     weight: float
     codec: str
     numel: int
-    def __init__(self, group_id: _Optional[str] = ..., sender: _Optional[str] = ..., span: _Optional[int] = ..., weight: _Optional[float] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ...) -> None: ...
+    commitment: bytes
+    signature: bytes
+    def __init__(self, group_id: _Optional[str] = ..., sender: _Optional[str] = ..., span: _Optional[int] = ..., weight: _Optional[float] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReduceReply(_message.Message):
     __slots__ = ("codec", "numel", "contributors", "total_weight")
@@ -83,3 +87,61 @@ class StateReply(_message.Message):
     epoch: int
     sha256: bytes
     def __init__(self, metadata: _Optional[bytes] = ..., epoch: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+
+class PartCommitment(_message.Message):
+    __slots__ = ("group_id", "span", "sender", "weight", "numel", "root")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    span: int
+    sender: str
+    weight: float
+    numel: int
+    root: bytes
+    def __init__(self, group_id: _Optional[str] = ..., span: _Optional[int] = ..., sender: _Optional[str] = ..., weight: _Optional[float] = ..., numel: _Optional[int] = ..., root: _Optional[bytes] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("group_id", "span", "blocks")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    span: int
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, group_id: _Optional[str] = ..., span: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AuditedPart(_message.Message):
+    __slots__ = ("commitment", "signature", "proofs")
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    commitment: bytes
+    signature: bytes
+    proofs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., proofs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class AuditReply(_message.Message):
+    __slots__ = ("parts",)
+    PARTS_FIELD_NUMBER: _ClassVar[int]
+    parts: _containers.RepeatedCompositeFieldContainer[AuditedPart]
+    def __init__(self, parts: _Optional[_Iterable[_Union[AuditedPart, _Mapping]]] = ...) -> None: ...
+
+class PartRequest(_message.Message):
+    __slots__ = ("group_id", "span")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SPAN_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    span: int
+    def __init__(self, group_id: _Optional[str] = ..., span: _Optional[int] = ...) -> None: ...
+
+class PartReply(_message.Message):
+    __slots__ = ("weight", "numel")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    weight: float
+    numel: int
+    def __init__(self, weight: _Optional[float] = ..., numel: _Optional[int] = ...) -> None: ...

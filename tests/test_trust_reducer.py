@@ -1,0 +1,179 @@
+"""A lying reducer, end to end: 16 peers (4 processes, 4 participants each, every participant its
+own identity, server and averager on real sockets) average fresh tensors in groups of 16. One
+peer reduces honestly but adds a bias to the span it returns, every round. With verification
+(`verify_reductions`) every honest peer's result is the true mean (its audit catches the liar
+and recomputes the liar's span from the honest senders' parts), and every honest peer bans the
+liar: from the next round on it is left out of their groups. No honest peer is banned.
+
+Also, in one process: commitments and audit answers that a reducer cannot forge."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import pytest
+import torch
+from averaging_harness import REPO_ROOT, _kill, _pythonpath, _Worker
+from averaging_worker import make_tensors
+
+from apiary.averaging.aggregation import Aggregator
+from apiary.averaging.allreduce import GroupRound, _SpanReduction
+from apiary.averaging.partition import Member, Mode, shares, spans
+from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest
+from apiary.averaging.verification import BLOCK, PartTree, Verifier, block_matches, commit
+from apiary.wire import Identity, InvalidRequest
+from apiary.wire.tensors import tensor_from_payload
+
+PROCESSES = 4
+PEERS = 16
+LIAR = 6
+BIAS = 5.0
+ROUNDS = 3
+PERIOD = 5.0
+SHAPES = [[40, 64], [37]]  # 2597 values: spans of 162 or 163, one block each
+CONFIG = {"rounds": ROUNDS, "period": PERIOD, "group_size": PEERS, "gather_seconds": 1.0, "join_seconds": 1.5,
+          "codec": "none", "shapes": SHAPES, "liar": LIAR, "bias": BIAS, "bias_rounds": list(range(ROUNDS))}
+
+
+def run_processes(verify: bool) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
+    workers: list[_Worker] = []
+    with tempfile.TemporaryDirectory(prefix="apiary-reducer-") as directory:
+        try:
+            for index in range(PROCESSES):
+                config = {**CONFIG, "verify": verify, "peers": list(range(index, PEERS, PROCESSES)),
+                          "output": os.path.join(directory, f"process{index}.pt"), "max_seconds": 120}
+                stderr = tempfile.TemporaryFile()
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "tests.trust_reducer_worker", "--config", json.dumps(config)],
+                    cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                    start_new_session=True,
+                )
+                workers.append(_Worker(index, config, process, stderr))
+                workers[-1].start_reader()
+            deadline = time.monotonic() + 60
+            workers[0].send({"initial_peer": None})
+            first = workers[0].expect("up", deadline)["address"]
+            for worker in workers[1:]:
+                worker.send({"initial_peer": first})
+            for worker in workers[1:]:
+                worker.expect("up", deadline)
+            t0 = time.time() + 1.0
+            for worker in workers:
+                worker.send({"t0": t0})
+            deadline = time.monotonic() + ROUNDS * PERIOD + 40
+            for worker in workers:
+                worker.expect("done", deadline)
+            return [peer for worker in workers for peer in torch.load(worker.config["output"], weights_only=False)]
+        finally:
+            for worker in workers:
+                _kill(worker.process)
+                worker.process.wait(10)
+                worker.stderr.close()
+
+
+def expected_result(members: list[str], round_index: int, peer_of: dict[str, int], liar: str) -> torch.Tensor:
+    """The mean of the members' tensors, where the liar reduced: the mean of the others' only."""
+    parts = {peer_id: torch.cat([t.reshape(-1) for t in make_tensors(peer_of[peer_id], SHAPES, round_index)])
+             for peer_id in members}
+    expected = torch.stack(list(parts.values())).mean(dim=0)
+    if liar in members:
+        group = [Member(peer_id, "", Mode.NODE, 1e8) for peer_id in members]
+        start, end = spans(expected.numel(), shares(group))[members.index(liar)]
+        honest = torch.stack([part for peer_id, part in parts.items() if peer_id != liar])
+        expected[start:end] = honest[:, start:end].mean(dim=0)
+    return expected
+
+
+@pytest.mark.timeout(150)
+def test_a_lying_reducer_is_caught_its_span_recomputed_and_it_is_banned() -> None:
+    peers = run_processes(verify=True)
+    peer_of = {p["peer_id"]: p["peer"] for p in peers}
+    liar = next(p["peer_id"] for p in peers if p["peer"] == LIAR)
+    honest = [p for p in peers if p["peer"] != LIAR]
+    assert sum(p["members"][0] is not None and liar in p["members"][0] for p in honest) >= 12, \
+        [(p["members"], p["errors"]) for p in honest]  # the liar reduced for (nearly) everyone in round 0
+    for p in honest:
+        for round_index, (members, result) in enumerate(zip(p["members"], p["results"])):
+            if members is None:
+                continue  # no group this round (a loaded machine): the tensors are the peer's own
+            expected = expected_result(members, round_index, peer_of, liar)
+            error = float((result - expected).abs().max())
+            assert error < 1e-4, (p["peer"], round_index, error, p["audits"], p["errors"])
+        assert set(p["banned"][0]) <= {liar} and p["banned"][1] == [liar], (p["peer"], p["banned"], p["audits"])
+        assert all(members is None or liar not in members for members in p["members"][2:]), p["members"]
+        assert p["audits"].get("lying", 0) >= 1
+
+
+# ---- in one process: what a reducer cannot forge ----
+
+def _members(identities: list[Identity]) -> list[Member]:
+    return sorted((Member(i.peer_id, f"127.0.0.1:{2000 + n}", Mode.NODE, 1e8) for n, i in enumerate(identities)),
+                  key=lambda m: m.peer_id)
+
+
+def test_a_merkle_proof_holds_for_its_block_only() -> None:
+    values = torch.randn(5 * BLOCK + 17, generator=torch.Generator().manual_seed(2))
+    tree = PartTree(values)
+    for block in (0, 3, 5):
+        chunk = values[block * BLOCK : (block + 1) * BLOCK]
+        assert block_matches(tree.root, block, chunk, tree.proof(block))
+        assert not block_matches(tree.root, block, chunk + 1e-6, tree.proof(block))
+        assert not block_matches(tree.root, (block + 1) % 6, chunk, tree.proof(block))
+
+
+async def test_a_reducer_refuses_a_part_that_does_not_match_its_signed_commitment() -> None:
+    identities = [Identity.generate() for _ in range(3)]
+    members = _members(identities)
+    round_ = GroupRound("g:1", members, 0, 3 * 300, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
+    start, end = round_.spans[0]
+    reduction = _SpanReduction(round_, end - start)
+    sender = next(i for i in identities if i.peer_id == members[1].peer_id)
+    part = torch.randn(end - start)
+    signed = commit(sender, "g:1", 0, 1.0, part)
+    with pytest.raises(InvalidRequest, match="does not match its commitment"):
+        reduction.add(sender.peer_id, part + 1.0, 1.0, signed.commitment, signed.signature)
+    with pytest.raises(InvalidRequest, match="weight"):
+        reduction.add(sender.peer_id, part, 2.0, signed.commitment, signed.signature)
+    forged = commit(identities[2] if identities[2].peer_id != sender.peer_id else identities[0], "g:1", 0, 1.0, part)
+    with pytest.raises(InvalidRequest, match="commitment is for sender"):
+        reduction.add(sender.peer_id, part, 1.0, forged.commitment, forged.signature)
+    with pytest.raises(InvalidRequest, match="not signed by its sender"):
+        reduction.add(sender.peer_id, part, 1.0, signed.commitment, forged.signature)
+    reduction.add(sender.peer_id, part, 1.0, signed.commitment, signed.signature)
+
+
+async def test_an_auditor_convicts_a_reducer_by_its_own_answers_only() -> None:
+    identities = [Identity.generate() for _ in range(4)]
+    members = _members(identities)
+    by_id = {i.peer_id: i for i in identities}
+    round_ = GroupRound("g:2", members, 0, 4 * 600, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
+    start, end = round_.spans[0]
+    reduction = _SpanReduction(round_, end - start)
+    parts = {m.peer_id: torch.randn(end - start) for m in members}
+    for member in members:
+        signed = commit(by_id[member.peer_id], "g:2", 0, 1.0, parts[member.peer_id])
+        reduction.add(member.peer_id, parts[member.peer_id], 1.0, signed.commitment, signed.signature)
+    honest = await reduction.result()
+    auditor_id = members[1].peer_id
+    auditor = Verifier(by_id[auditor_id])
+    answer = reduction.audit(AuditRequest(group_id="g:2", span=0, blocks=[0, 2]))
+    reply = AuditReply.FromString(answer.body)
+    values = [tensor_from_payload(header, bytearray(payload)) for header, payload in answer.tensors]  # as received
+    own = commit(by_id[auditor_id], "g:2", 0, 1.0, parts[auditor_id])
+    assert auditor._problem(round_, 0, [0, 2], reply, values, honest.clone(), "none", own) is None
+    biased = honest.clone()
+    biased[2 * BLOCK + 5] += 0.01
+    assert "away from what its parts combine to" in auditor._problem(round_, 0, [0, 2], reply, values, biased, "none", own)
+    forged = [v.clone() for v in values]
+    forged[0][3] += 1.0
+    assert "not its committed part" in auditor._problem(round_, 0, [0, 2], reply, forged, honest.clone(), "none", own)
+    dropped = AuditReply(parts=[p for p in reply.parts if p.commitment != own.commitment])
+    kept = [v for p, v in zip(reply.parts, values) if p.commitment != own.commitment]
+    assert auditor._problem(round_, 0, [0, 2], dropped, kept, honest.clone(), "none", own) == "left out our part"

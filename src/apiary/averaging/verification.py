@@ -32,7 +32,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -212,6 +212,7 @@ class Verifier:
     audit_timeout: float = 10.0
     banned: dict[str, str] = field(default_factory=dict)  # peer id -> why, for the rest of the run
     audits: Counter[str] = field(default_factory=Counter)  # audited spans by result
+    on_audit: Callable[[Outcome], None] | None = None  # told every audited span's outcome (metrics)
 
     def ban(self, peer_id: str, reason: str) -> None:
         if peer_id not in self.banned:
@@ -230,6 +231,8 @@ class Verifier:
                                           for j in spans))
         for outcome in outcomes:
             self.audits[outcome.result] += 1
+            if self.on_audit is not None:
+                self.on_audit(outcome)
             if outcome.result == "lying":
                 self.ban(round_.members[outcome.span].peer_id, outcome.reason)
         redo = [o.span for o in outcomes if o.result != "ok"]

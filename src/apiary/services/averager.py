@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field, model_validator
 
 from apiary.averaging.allreduce import AllReduceService
 from apiary.averaging.averager import Averager, AveragerSettings
+from apiary.averaging.verification import Verifier
 from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult
 from apiary.averaging.partition import Mode
 from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
@@ -85,6 +86,18 @@ class AveragerMetrics:
             self.rounds.labels(result)
         for result in ("ok", "refused"):
             self.state_requests.labels(result)
+        self.audits = Counter("apiary_averager_audits", "Spans others reduced for this peer that it audited, by "
+                              "result (ok, lying: the reducer was banned, unanswered)", ["result"], registry=registry)
+        self.banned_peers = Gauge("apiary_averager_banned_peers",
+                                  "Reducers this peer caught lying, left out of its groups for the rest of the run",
+                                  registry=registry)
+        for result in ("ok", "lying", "unanswered"):
+            self.audits.labels(result)
+
+    def watch_verifier(self, verifier: Verifier) -> None:
+        """Counts the verifier's audits and bans (verify_reductions)."""
+        verifier.on_audit = lambda outcome: self.audits.labels(outcome.result).inc()
+        self.banned_peers.set_function(lambda: len(verifier.banned))
 
     def observe(self, result: RoundResult) -> None:
         self.rounds.labels(result.result).inc()
@@ -172,6 +185,8 @@ class AveragerService:
         if self.node is not None and not self.node.settings.client_mode:
             self.node.attach(server)
         self.averager.attach(server)
+        if self.averager.verifier is not None:
+            self.metrics.watch_verifier(self.averager.verifier)
         assert server.bulk is not None
         server.bulk.add_route(STATE_ROUTE, self._serve_state)
         await self.host.start()
@@ -279,6 +294,8 @@ class AveragerService:
                 "result": last.result, "group_size": last.group_size, "seconds": round(last.seconds, 3),
                 "finished_at": last.finished_at, "error": last.error,
             },
+            "verify_reductions": averaging.verify_reductions,
+            "banned_peers": dict(self.averager.verifier.banned) if self.averager.verifier is not None else {},
             "donor_epoch": state.epoch if state is not None else None,
             "donor_tensors": len(state.tensors) if state is not None else 0,
             "state_announced_at": self.announced_at,

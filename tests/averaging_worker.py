@@ -163,8 +163,8 @@ def _record_groups(averager: Averager, records: list[dict[str, Any]]) -> None:
     matchmaker = averager._matchmaker()
     original = matchmaker.form_group
 
-    async def recording_form_group(group_key: str) -> Any:
-        group = await original(group_key)
+    async def recording_form_group(group_key: str, gather_seconds: float | None = None) -> Any:
+        group = await original(group_key, gather_seconds)
         records.append({"key": group_key, "members": None if group is None else [m.peer_id for m in group[1]]})
         return group
 
@@ -189,7 +189,7 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         averager = Averager(tensors, dht, identity.peer_id, settings)
         if "grid_coords" in config:
             averager.grid.coords = list(config["grid_coords"])
-            averager.grid.settled = True  # start from exactly these coordinates
+            averager.grid.settled = averager.grid.claimed = True  # start from exactly these coordinates
         server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.2, tls=tls), identity)
         averager.attach(server)
         _inject_faults(averager, server, config["faults"])

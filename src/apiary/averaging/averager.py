@@ -181,7 +181,6 @@ class Averager:
         self._averaged = averaged
         if self.settings.mode is not Mode.AUX:
             unflatten_into(averaged, self.tensors)
-        self.grid.settle(round_index, position)
         return len(members)
 
     async def _group_for(self, round_index: int) -> Group | None:
@@ -206,14 +205,34 @@ class Averager:
 
     async def _form_group(self, round_index: int, suffix: str) -> Group | None:
         matchmaker = self._matchmaker()
-        settling = not self.grid.settled
-        matchmaker.line_of = (lambda rank: self.grid.line_of(round_index, rank)) if settling else None
-        group = await matchmaker.form_group(f"{self.grid.key(round_index)}.r{round_index}{suffix}")
-        if settling and matchmaker.last_rank is not None:
+        ranking = self.grid.ranks_in(round_index)
+        matchmaker.line_of = (lambda rank: self.grid.line_of(round_index, rank)) if ranking else None
+        gather_seconds = self.settings.gather_seconds
+        if not ranking and not self.grid.claimed:
+            gather_seconds -= await self._join_least_crowded_line(round_index, suffix)
+        matchmaker.place = self.grid.place(round_index)
+        group = await matchmaker.form_group(self._group_key(round_index, suffix), gather_seconds)
+        if ranking and matchmaker.last_rank is not None:
             self.grid.settle_at(matchmaker.last_rank)
-        if group is None:
+        elif not ranking:
+            self.grid.settle_line(round_index, matchmaker.line_places, self.peer_id)
+        if matchmaker.left_out:
             self.grid.step_aside(round_index)
         return group
+
+    async def _join_least_crowded_line(self, round_index: int, suffix: str) -> float:
+        """A newcomer to an established grid: once the others have announced (half the gathering
+        window), probes a few lines of the round and moves to the one with the fewest peers, where
+        the places of the missing ones are free. Returns the seconds of the window it spent."""
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(self.settings.gather_seconds / 2)
+        lines = self.grid.lines(round_index, self.grid.side)
+        counts = await self._matchmaker().count([self._group_key(round_index, suffix, line) for line in lines])
+        self.grid.coords = lines[counts.index(min(counts))]
+        return min(asyncio.get_running_loop().time() - started, self.settings.gather_seconds)
+
+    def _group_key(self, round_index: int, suffix: str, coords: list[int] | None = None) -> str:
+        return f"{self.grid.key(round_index, coords)}.r{round_index}{suffix}"
 
     def _total(self) -> int:
         return sum(t.numel() for t in self.tensors)

@@ -1,18 +1,27 @@
 """Moshpit group keys: peers on a virtual grid average along one dimension per round.
 
-A peer holds `dims` coordinates in [0, side). Its first round looks at the whole swarm and
-places every peer by its rank in peer-id order (see `settle_at`). In round r it looks for a group among the peers
-whose coordinates equal its own except along dimension r mod dims; after the round it sets
-that coordinate to its position in the group. Peers that start at random coordinates tend to
-settle into a grid, and with groups of `side` peers on a full grid every peer holds the global
-mean after `dims` rounds. A peer that finds no group in a round steps aside along that round's
-axis, so that a grid with duplicated and empty cells still mixes everyone.
+A peer holds `dims` coordinates in [0, side). In round r it looks for a group among the peers
+whose coordinates equal its own except along dimension r mod dims (its *line*); with one peer
+in every cell and groups of `side`, every peer holds the global mean after `dims` rounds.
+
+Places are kept, not reshuffled: after a round a peer keeps its coordinate along the round's
+axis unless a peer of its line holds the same one, and then takes a free one of that line
+(`claim_places`). A line missing a peer (absent this round, or gone) therefore leaves everyone
+else in place, and the absent peer finds its place again when it comes back.
+
+Where a peer starts: in round 0 (the swarm's first) it looks at the whole swarm and takes the
+place of its rank in peer-id order (`settle_at`), which fills the grid exactly. A peer whose
+first round comes later (it missed round 0, or joins a running swarm) probes a few lines of the
+established grid, joins the least crowded one (`lines`) and claims a free place there. A peer
+that finds no one to average with steps aside along that round's axis, so that sparse lines
+still meet the others.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 
 
 class MoshpitGrid:
@@ -21,7 +30,8 @@ class MoshpitGrid:
             raise ValueError(f"a grid needs dims >= 1 and side >= 1, got dims={dims}, side={side}")
         self.dims, self.side = dims, side
         self.coords = [(rng or random).randrange(side) for _ in range(dims)]
-        self.settled = False  # until the first round places us by rank
+        self.settled = False  # until our first round gives us a place
+        self.claimed = False  # whether our coordinates are a place on the grid, not a random start
 
     @classmethod
     def for_swarm(cls, expected_peers: int, group_size: int) -> MoshpitGrid:
@@ -30,11 +40,32 @@ class MoshpitGrid:
             return cls(1, 1)
         return cls(max(1, math.ceil(math.log(expected_peers) / math.log(group_size))), group_size)
 
-    def key(self, round_index: int) -> str:
-        """The group key of a round: every coordinate but the round's axis (all wildcards until
-        settled, so that the first round sees the whole swarm)."""
+    def ranks_in(self, round_index: int) -> bool:
+        """Whether this round places us by our rank among the whole swarm: only the swarm's first
+        round, and only while we have no place. Later, the others are on the grid already, and a
+        newcomer joins them on a line instead of meeting only the other newcomers."""
+        return round_index == 0 and not self.settled
+
+    def key(self, round_index: int, coords: list[int] | None = None) -> str:
+        """The group key of a round: every coordinate (ours, or `coords`) but the round's axis
+        (all wildcards in a round that places us by rank, so that it sees the whole swarm)."""
         axis = round_index % self.dims
-        return ".".join("*" if i == axis or not self.settled else str(c) for i, c in enumerate(self.coords))
+        ranking = self.ranks_in(round_index)
+        coords = self.coords if coords is None else coords
+        return ".".join("*" if i == axis or ranking else str(c) for i, c in enumerate(coords))
+
+    def lines(self, round_index: int, count: int, rng: random.Random | None = None) -> list[list[int]]:
+        """Up to `count` distinct random lines along the round's axis, each as coordinates (ours
+        on the axis): the lines a newcomer probes to join the least crowded one."""
+        axis = round_index % self.dims
+        total = self.side ** (self.dims - 1)
+        picks = (rng or random).sample(range(total), min(count, total))
+        others = [[(pick // self.side**i) % self.side for i in range(self.dims - 1)] for pick in picks]
+        return [digits[:axis] + [self.coords[axis]] + digits[axis:] for digits in others]
+
+    def place(self, round_index: int) -> int | None:
+        """Our coordinate along the round's axis, to announce to our line (None: not claimed yet)."""
+        return self.coords[round_index % self.dims] if self.claimed else None
 
     def digits(self, rank: int) -> list[int]:
         """The coordinates of the `rank`-th peer of a full grid (axis 0 varies fastest)."""
@@ -50,15 +81,39 @@ class MoshpitGrid:
         grid, peers then average along one axis per round and all hold the global mean after
         `dims` rounds, instead of only approaching it from random coordinates."""
         self.coords = self.digits(rank)
-        self.settled = True
+        self.settled = self.claimed = True
 
-    def settle(self, round_index: int, position: int) -> None:
-        """After a round: our coordinate along its axis becomes our position in the group."""
-        self.coords[round_index % self.dims] = position % self.side
+    def settle_line(self, round_index: int, places: Mapping[str, int | None], me: str) -> None:
+        """After a round: takes our place along its axis among the places our line announced
+        (`claim_places`); a newcomer without a free place keeps its random coordinate."""
+        axis = round_index % self.dims
+        claimed = claim_places(places, self.side).get(me)
+        if claimed is not None:
+            self.coords[axis] = claimed
+        self.settled = self.claimed = True
 
     def step_aside(self, round_index: int) -> None:
-        """After a round that found no group: move one step along its axis. A peer left out of
-        its line (alone there, or the odd one out when the line is cut into groups) would find the
-        same lines, and be left out of them, in every later round, never averaging with anyone."""
+        """After a round that found no one to average with: move one step along its axis. A peer
+        alone on its line, or the odd one out when the line is cut into groups, would find the same
+        lines, and be left out of them, in every later round, never averaging with anyone."""
         axis = round_index % self.dims
         self.coords[axis] = (self.coords[axis] + 1) % self.side
+
+
+def claim_places(places: Mapping[str, int | None], side: int) -> dict[str, int | None]:
+    """Distinct places along one axis for the peers of one line, given the places they announced
+    (None: none yet). In peer-id order, a peer keeps its place unless an earlier peer holds it;
+    peers left without a place take the free ones, lowest first, in peer-id order, and keep
+    their announced place (or None) when the line is full. Every peer of the line computes the
+    same answer from the same announcements."""
+    claimed: dict[str, int | None] = {}
+    taken: set[int] = set()
+    for peer in sorted(places):
+        place = places[peer]
+        if place is not None and 0 <= place < side and place not in taken:
+            claimed[peer] = place
+            taken.add(place)
+    free = iter(sorted(set(range(side)) - taken))
+    for peer in sorted(set(places) - set(claimed)):
+        claimed[peer] = next(free, places[peer])
+    return claimed

@@ -94,24 +94,34 @@ class Matchmaker:
         # form our group. `last_rank` is our rank among the peers that round saw.
         self.line_of: Callable[[int], Hashable] | None = None
         self.last_rank: int | None = None
+        # Our place on the grid line we announce under (None: none yet); after a round,
+        # `line_places` holds the places every peer seen there announced, and `left_out` whether
+        # we had no one to form a group with (alone, or the odd one out of the cut).
+        self.place: int | None = None
+        self.line_places: dict[str, int | None] = {}
+        self.left_out = False
         self._gathering: _Gathering | None = None
         self._leading = asyncio.Event()  # set while a gathering is open
         self.banned: Container[str] = ()  # peers left out of every group (reducers caught lying)
 
-    async def form_group(self, group_key: str) -> tuple[str, list[Member]] | None:
-        """The group (id and members sorted by peer id) for this round, or None if none formed."""
-        key = f"{self.prefix}.groups.{group_key}"
+    async def form_group(self, group_key: str, gather_seconds: float | None = None) -> tuple[str, list[Member]] | None:
+        """The group (id and members sorted by peer id) for this round, or None if none formed.
+        `gather_seconds`: how long to gather announcements, when part of the window has passed."""
+        key = self._key(group_key)
         window = self.settings.gather_seconds + self.settings.join_seconds
         announcement = {"address": self.grpc_address, "bulk": self.me.bulk_address, "mode": self.me.mode.value,
-                        "bandwidth": self.me.bandwidth, "schema": self.schema}
+                        "bandwidth": self.me.bandwidth, "schema": self.schema, "place": self.place}
+        self.line_places, self.left_out = {self.me.peer_id: self.place}, True
         await self.dht.store(key, announcement, time.time() + window + 5, subkey=self.me.peer_id)
-        await asyncio.sleep(self.settings.gather_seconds)
+        await asyncio.sleep(self.settings.gather_seconds if gather_seconds is None else gather_seconds)
         found = await self.dht.get(key, latest=True)
         peers = self._compatible(found.value if found is not None else {})
+        self.line_places = {peer: _place(value.get("place")) for peer, value in peers.items()}
         ordered = sorted(peers)
         self.last_rank = ordered.index(self.me.peer_id)
-        chunk = self._my_line(ordered, self.line_of) if self.line_of is not None else self._my_chunk(ordered)
-        if chunk is None or len(chunk) < self.settings.min_group_size:
+        chunk = my_group(ordered, self.me.peer_id, self.settings.target_group_size, self.line_of)
+        self.left_out = len(chunk) < self.settings.min_group_size
+        if self.left_out:
             return None
         dialable = [peer for peer in chunk if peers[peer]["mode"] != Mode.CLIENT.value]
         if not dialable:
@@ -120,6 +130,15 @@ class Matchmaker:
         if leader == self.me.peer_id:
             return await self._lead(group_key, set(chunk))
         return await self._join(group_key, peers[leader]["address"], leader)
+
+    async def count(self, group_keys: list[str]) -> list[int]:
+        """How many peers of our schema have announced under each of `group_keys` so far."""
+        found = await asyncio.gather(*(self.dht.get(self._key(key), latest=True) for key in group_keys))
+        return [sum(peer != self.me.peer_id for peer in self._compatible(item.value if item is not None else {}))
+                for item in found]
+
+    def _key(self, group_key: str) -> str:
+        return f"{self.prefix}.groups.{group_key}"
 
     def _compatible(self, entries: dict[Any, Any]) -> dict[str, dict[str, Any]]:
         peers = {}
@@ -131,21 +150,9 @@ class Matchmaker:
                 logger.warning("peer %s averages another tensor schema (%s); leaving it out", peer_id[:8], value.get("schema"))
                 continue
             peers[peer_id] = value
-        peers.setdefault(self.me.peer_id, {"address": self.grpc_address, "mode": self.me.mode.value})
+        peers.setdefault(self.me.peer_id, {"address": self.grpc_address, "mode": self.me.mode.value,
+                                           "place": self.place})
         return peers
-
-    def _my_chunk(self, ordered: list[str]) -> list[str] | None:
-        size = self.settings.target_group_size
-        count = -(-len(ordered) // size)  # groups needed
-        for index in range(count):
-            chunk = ordered[index::count]  # interleaved, so chunk sizes differ by at most one
-            if self.me.peer_id in chunk:
-                return chunk
-        return None
-
-    def _my_line(self, ordered: list[str], line_of: Callable[[int], Hashable]) -> list[str]:
-        mine = line_of(self.last_rank)
-        return [peer for rank, peer in enumerate(ordered) if line_of(rank) == mine]
 
     async def _lead(self, group_key: str, expected: set[str]) -> tuple[str, list[Member]] | None:
         gathering = _Gathering(group_key, self.me, expected, self.settings.target_group_size, self.schema)
@@ -205,6 +212,24 @@ class Matchmaker:
             return JoinReply(accepted=False, reason="the group did not form")
         members = sorted(gathering.members.values(), key=lambda m: m.peer_id)
         return JoinReply(accepted=True, group_id=gathering.group_id, members=[self._info(m) for m in members])
+
+
+def my_group(ordered: list[str], me: str, target_size: int,
+             line_of: Callable[[int], Hashable] | None = None) -> list[str]:
+    """The peers (`ordered` by peer id, `me` among them) that `me` forms a group with: those on
+    its line when `line_of` maps ranks to lines, else its chunk when the peers are cut into
+    groups of at most `target_size` (interleaved, so chunk sizes differ by at most one)."""
+    rank = ordered.index(me)
+    if line_of is not None:
+        mine = line_of(rank)
+        return [peer for index, peer in enumerate(ordered) if line_of(index) == mine]
+    count = -(-len(ordered) // target_size)  # groups needed
+    return ordered[rank % count::count]
+
+
+def _place(value: Any) -> int | None:
+    """An announced grid place: a non-negative int, else none (malformed announcements claim nothing)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _member(info: MemberInfo) -> Member:

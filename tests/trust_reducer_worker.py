@@ -53,7 +53,8 @@ class Participant:
             prefix="lying-reducer", target_group_size=config["group_size"], min_group_size=2,
             expected_peers=config["group_size"], gather_seconds=config["gather_seconds"],
             join_seconds=config["join_seconds"], sender_timeout=3.0, round_timeout=config["period"] * 2,
-            codec=config["codec"], verify_reductions=config["verify"],
+            codec=config["codec"], verify_reductions=config["verify"], aggregation=config.get("aggregation", "mean"),
+            clip_radius=config.get("clip_radius", 1.0),
         )
         self.averager = Averager(self.tensors, dht, self.identity.peer_id, settings)
         self.averager.attach(self.server)

@@ -285,6 +285,7 @@ class _Exchange:
     result: torch.Tensor
     verifier: Verifier | None
     answered: dict[int, str] = field(default_factory=dict)  # span -> codec of its reducer's reply
+    shunned: set[int] = field(default_factory=set)  # spans of reducers we banned: recomputed from the parts
     commitments: dict[int, SignedPart] = field(default_factory=dict)  # our commitments, by span
     parts: dict[int, torch.Tensor] = field(default_factory=dict)  # our parts as decoded, by span
 
@@ -318,7 +319,7 @@ async def _allreduce(exchange: _Exchange, flat: torch.Tensor) -> torch.Tensor:
         await asyncio.gather(*tasks)
         if exchange.verifier is not None:
             await exchange.verifier.audit(round_, exchange.result, exchange.weight, exchange.answered,
-                                          exchange.commitments, exchange.parts, exchange.client)
+                                          exchange.commitments, exchange.parts, exchange.client, exchange.shunned)
     finally:
         if me.reduces:
             service.close(round_.group_id)
@@ -336,10 +337,14 @@ async def _exchange(exchange: _Exchange, index: int, member: Member, part: torch
         return
     encoded = codec.encode(part)
     signed = exchange.committed(index, codec.decode(encoded, end - start)) if exchange.verifier else None
+    target = exchange.result[start:end]
+    if exchange.verifier is not None and member.peer_id in exchange.verifier.banned:
+        target.copy_(part)  # a group led by a peer that has not banned it: we neither send to it nor trust it
+        exchange.shunned.add(index)
+        return
     request = ReduceRequest(group_id=round_.group_id, sender=me.peer_id, span=index, weight=weight,
                             codec=codec.name, numel=end - start, commitment=signed.commitment if signed else b"",
                             signature=signed.signature if signed else b"")
-    target = exchange.result[start:end]
     try:
         body, tensors = await client.call(
             Endpoint.parse(member.bulk_address), REDUCE_ROUTE, body=request.SerializeToString(),

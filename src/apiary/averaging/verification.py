@@ -32,7 +32,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -220,10 +220,12 @@ class Verifier:
             logger.warning("banning reducer %s for the rest of the run: %s", peer_id[:8], reason)
 
     async def audit(self, round_: GroupRound, result: torch.Tensor, weight: float, answered: dict[int, str],
-                    own: dict[int, SignedPart], own_parts: dict[int, torch.Tensor], client: BulkClient) -> list[Outcome]:
+                    own: dict[int, SignedPart], own_parts: dict[int, torch.Tensor], client: BulkClient,
+                    shunned: Collection[int] = ()) -> list[Outcome]:
         """Audits the spans others reduced for us (`answered`: span -> codec of the reducer's
         reply); a span that fails, or whose reducer does not answer, is replaced in `result` by
-        the aggregate of the parts the other senders serve. Returns each audited span's outcome."""
+        the aggregate of the parts the other senders serve, as are the `shunned` spans (their
+        reducers were banned before). Returns each audited span's outcome."""
         spans = [j for j in answered if j != round_.own_index]
         if not coordinatewise(round_.aggregator) and spans:
             spans = [random.choice(spans)]
@@ -235,7 +237,7 @@ class Verifier:
                 self.on_audit(outcome)
             if outcome.result == "lying":
                 self.ban(round_.members[outcome.span].peer_id, outcome.reason)
-        redo = [o.span for o in outcomes if o.result != "ok"]
+        redo = sorted({o.span for o in outcomes if o.result != "ok"} | set(shunned))
         await asyncio.gather(*(self._recompute(round_, j, result, weight, own_parts.get(j), client) for j in redo))
         return list(outcomes)
 

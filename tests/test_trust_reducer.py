@@ -23,12 +23,13 @@ from averaging_harness import REPO_ROOT, _kill, _pythonpath, _Worker
 from averaging_worker import make_tensors
 
 from apiary.averaging.aggregation import Aggregator
-from apiary.averaging.allreduce import GroupRound, _SpanReduction
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction
 from apiary.averaging.partition import Member, Mode, shares, spans
-from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest
+from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, ReduceRequest
 from apiary.averaging.verification import BLOCK, PartTree, Verifier, block_matches, commit
-from apiary.wire import Identity, InvalidRequest
-from apiary.wire.tensors import tensor_from_payload
+from apiary.wire import Endpoint, Identity, RpcServer, WireError, WireSettings
+from apiary.wire.bulk import BulkClient
+from apiary.wire.tensors import tensor_from_payload, tensor_payload
 
 PROCESSES = 4
 PEERS = 16
@@ -131,35 +132,59 @@ def test_a_merkle_proof_holds_for_its_block_only() -> None:
 async def test_a_reducer_refuses_a_part_that_does_not_match_its_signed_commitment() -> None:
     identities = [Identity.generate() for _ in range(3)]
     members = _members(identities)
-    round_ = GroupRound("g:1", members, 0, 3 * 300, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
-    start, end = round_.spans[0]
-    reduction = _SpanReduction(round_, end - start)
+    reducer = next(i for i in identities if i.peer_id == members[0].peer_id)
     sender = next(i for i in identities if i.peer_id == members[1].peer_id)
-    part = torch.randn(end - start)
+    other = next(i for i in identities if i.peer_id == members[2].peer_id)
+    server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.2), reducer)
+    service = AllReduceService()
+    assert server.bulk is not None
+    server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
+    await server.start()
+    members[0] = Member(reducer.peer_id, str(server.announced_bulk), Mode.NODE, 1e8)
+    round_ = GroupRound("g:1", members, 0, 3 * 300, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
+    service.open(round_)
+    numel = round_.spans[0][1] - round_.spans[0][0]
+    part = torch.randn(numel)
     signed = commit(sender, "g:1", 0, 1.0, part)
-    with pytest.raises(InvalidRequest, match="does not match its commitment"):
-        reduction.add(sender.peer_id, part + 1.0, 1.0, signed.commitment, signed.signature)
-    with pytest.raises(InvalidRequest, match="weight"):
-        reduction.add(sender.peer_id, part, 2.0, signed.commitment, signed.signature)
-    forged = commit(identities[2] if identities[2].peer_id != sender.peer_id else identities[0], "g:1", 0, 1.0, part)
-    with pytest.raises(InvalidRequest, match="commitment is for sender"):
-        reduction.add(sender.peer_id, part, 1.0, forged.commitment, forged.signature)
-    with pytest.raises(InvalidRequest, match="not signed by its sender"):
-        reduction.add(sender.peer_id, part, 1.0, signed.commitment, forged.signature)
-    reduction.add(sender.peer_id, part, 1.0, signed.commitment, signed.signature)
+    forged = commit(other, "g:1", 0, 1.0, part)
+    client = BulkClient(server.settings, identity=sender)
+
+    async def send(values: torch.Tensor, weight: float, commitment: bytes, signature: bytes) -> None:
+        request = ReduceRequest(group_id="g:1", sender=sender.peer_id, span=0, weight=weight, codec="none",
+                                numel=numel, commitment=commitment, signature=signature)
+        await client.call(Endpoint.parse(str(server.announced_bulk)), REDUCE_ROUTE, body=request.SerializeToString(),
+                          tensors=[tensor_payload(values)], timeout=5, peer_id=reducer.peer_id)
+
+    try:
+        for values, weight, commitment, signature, message in [
+            (part + 1.0, 1.0, signed.commitment, signed.signature, "does not match its commitment"),
+            (part, 2.0, signed.commitment, signed.signature, "the request says weight 2.0"),
+            (part, 1.0, forged.commitment, forged.signature, "commitment is for sender"),
+            (part, 1.0, signed.commitment, forged.signature, "not signed by its sender"),
+            (part, 1.0, b"", b"", "commitment"),
+        ]:
+            with pytest.raises(WireError, match=message):
+                await send(values, weight, commitment, signature)
+        service.contribute_local("g:1", reducer.peer_id, part, 1.0, commit(reducer, "g:1", 0, 1.0, part))
+        service.contribute_local("g:1", other.peer_id, part, 1.0, commit(other, "g:1", 0, 1.0, part))
+        await send(part, 1.0, signed.commitment, signed.signature)  # the reducer still serves, and takes this one
+        assert torch.allclose(await service.local_result("g:1"), part)
+    finally:
+        await client.close()
+        await server.stop(0)
 
 
 async def test_an_auditor_convicts_a_reducer_by_its_own_answers_only() -> None:
     identities = [Identity.generate() for _ in range(4)]
     members = _members(identities)
     by_id = {i.peer_id: i for i in identities}
-    round_ = GroupRound("g:2", members, 0, 4 * 600, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
+    round_ = GroupRound("g:2", members, 0, 4 * 3000, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
     start, end = round_.spans[0]
     reduction = _SpanReduction(round_, end - start)
     parts = {m.peer_id: torch.randn(end - start) for m in members}
     for member in members:
         signed = commit(by_id[member.peer_id], "g:2", 0, 1.0, parts[member.peer_id])
-        reduction.add(member.peer_id, parts[member.peer_id], 1.0, signed.commitment, signed.signature)
+        reduction.add(member.peer_id, parts[member.peer_id], 1.0, signed)
     honest = await reduction.result()
     auditor_id = members[1].peer_id
     auditor = Verifier(by_id[auditor_id])

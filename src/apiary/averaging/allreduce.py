@@ -92,21 +92,14 @@ class _SpanReduction:
         self._encoded: dict[str, list[torch.Tensor]] = {}
         self.deadline = time.monotonic() + round_.sender_timeout
 
-    def add(self, sender: str, part: torch.Tensor, weight: float, commitment: bytes = b"", signature: bytes = b"") -> None:
-        if self.done.is_set():
-            raise InvalidRequest(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
-        if sender not in self.expected:
-            raise InvalidRequest(f"peer {sender[:8]} is not a sender of this group")
-        if sender in self.contributors:
-            raise InvalidRequest(f"peer {sender[:8]} already sent this span")
-        if part.numel() != self.numel:
-            raise InvalidRequest(f"part has {part.numel()} elements, the span has {self.numel}")
-        if not weight >= 0:
-            raise InvalidRequest(f"weight {weight} must be a non-negative number")
-        if self.aggregator.robust and not bool(torch.isfinite(part).all()):
-            raise InvalidRequest(f"part from {sender[:8]} has non-finite values")
+    def add(self, sender: str, part: torch.Tensor, weight: float, signed: SignedPart | None = None) -> None:
+        """Takes `sender`'s part; with verification, `signed` is its commitment, checked against the
+        part (`verification.check_part`)."""
+        self.admissible(sender, part, weight)
         if self.verify:
-            self.signed[sender] = check_part(commitment, signature, self.group_id, self.span, sender, weight, part)
+            if signed is None:
+                raise InvalidRequest(f"part from {sender[:8]} has no commitment (this round is verified)")
+            self.signed[sender] = signed
         if self.aggregator.robust or self.verify:
             row = self._rows[sender]
             self._parts[row].copy_(part)
@@ -120,6 +113,21 @@ class _SpanReduction:
         self.contributors.add(sender)
         if self.contributors == self.expected:
             self.finish()
+
+    def admissible(self, sender: str, part: torch.Tensor, weight: float) -> None:
+        """Raises InvalidRequest naming why `sender`'s part cannot be taken now."""
+        if self.done.is_set():
+            raise InvalidRequest(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
+        if sender not in self.expected:
+            raise InvalidRequest(f"peer {sender[:8]} is not a sender of this group")
+        if sender in self.contributors:
+            raise InvalidRequest(f"peer {sender[:8]} already sent this span")
+        if part.numel() != self.numel:
+            raise InvalidRequest(f"part has {part.numel()} elements, the span has {self.numel}")
+        if not weight >= 0:
+            raise InvalidRequest(f"weight {weight} must be a non-negative number")
+        if self.aggregator.robust and not bool(torch.isfinite(part).all()):
+            raise InvalidRequest(f"part from {sender[:8]} has non-finite values")
 
     def finish(self) -> None:
         if not self.done.is_set():
@@ -193,8 +201,7 @@ class AllReduceService:
 
     def contribute_local(self, group_id: str, sender: str, part: torch.Tensor, weight: float,
                          signed: SignedPart | None = None) -> None:
-        commitment, signature = (signed.commitment, signed.signature) if signed is not None else (b"", b"")
-        self._reductions[group_id].add(sender, part, weight, commitment, signature)
+        self._reductions[group_id].add(sender, part, weight, signed)
 
     async def local_result(self, group_id: str) -> torch.Tensor:
         return await self._reductions[group_id].result()
@@ -211,7 +218,12 @@ class AllReduceService:
             part = codec.decode([tensor_from_payload(h, p) for h, p in call.tensors], request.numel)
         except ValueError as e:
             raise InvalidRequest(f"malformed part from {request.sender[:8]}: {e}") from None
-        reduction.add(request.sender, part, request.weight, request.commitment, request.signature)
+        signed = None
+        if reduction.verify:  # hashing the part runs beside the event loop (hashlib lets go of the GIL)
+            reduction.admissible(request.sender, part, request.weight)  # before the hashing
+            signed = await asyncio.to_thread(check_part, request.commitment, request.signature, request.group_id,
+                                             request.span, request.sender, request.weight, part)
+        reduction.add(request.sender, part, request.weight, signed)
         await reduction.result()
         reply = ReduceReply(codec=codec.name, numel=reduction.numel, contributors=len(reduction.contributors),
                             total_weight=reduction.weight)
@@ -289,12 +301,13 @@ class _Exchange:
     commitments: dict[int, SignedPart] = field(default_factory=dict)  # our commitments, by span
     parts: dict[int, torch.Tensor] = field(default_factory=dict)  # our parts as decoded, by span
 
-    def committed(self, index: int, part: torch.Tensor) -> SignedPart | None:
+    async def committed(self, index: int, part: torch.Tensor) -> SignedPart | None:
         """Our signed commitment to `part` (span `index`), kept to serve and to audit against."""
         if self.verifier is None:
             return None
         self.parts[index] = part.clone()
-        signed = commit(self.verifier.identity, self.round_.group_id, index, self.weight, self.parts[index])
+        signed = await asyncio.to_thread(commit, self.verifier.identity, self.round_.group_id, index, self.weight,
+                                         self.parts[index])
         self.commitments[index] = signed
         return signed
 
@@ -332,11 +345,11 @@ async def _exchange(exchange: _Exchange, index: int, member: Member, part: torch
     start, end = round_.spans[index]
     me = round_.me
     if index == round_.own_index:
-        service.contribute_local(round_.group_id, me.peer_id, part, weight, exchange.committed(index, part))
+        service.contribute_local(round_.group_id, me.peer_id, part, weight, await exchange.committed(index, part))
         exchange.result[start:end] = await service.local_result(round_.group_id)
         return
     encoded = codec.encode(part)
-    signed = exchange.committed(index, codec.decode(encoded, end - start)) if exchange.verifier else None
+    signed = await exchange.committed(index, codec.decode(encoded, end - start)) if exchange.verifier else None
     target = exchange.result[start:end]
     if exchange.verifier is not None and member.peer_id in exchange.verifier.banned:
         target.copy_(part)  # a group led by a peer that has not banned it: we neither send to it nor trust it

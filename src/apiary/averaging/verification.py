@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 AUDIT_ROUTE = "apiary.averaging/Audit"
 PART_ROUTE = "apiary.averaging/Part"
-BLOCK = 256  # float32 values per Merkle leaf
+BLOCK = 1024  # float32 values per Merkle leaf (4 KiB)
 _HASH = 32
 _RELATIVE_SLACK = 1e-5  # float32 sums in another order: relative to the largest value combined
 
@@ -68,8 +68,10 @@ def block_range(numel: int, block: int) -> tuple[int, int]:
     return block * BLOCK, min(numel, (block + 1) * BLOCK)
 
 
-def _leaf(values: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + values).digest()
+def _leaf(values: bytes | memoryview) -> bytes:
+    digest = hashlib.sha256(b"\x00")
+    digest.update(values)
+    return digest.digest()
 
 
 def _node(left: bytes, right: bytes) -> bytes:
@@ -83,7 +85,7 @@ class PartTree:
     """The Merkle tree over one part's blocks: its root, and proofs that a block belongs to it."""
 
     def __init__(self, values: torch.Tensor):
-        data = values.detach().to(torch.float32).contiguous().numpy().tobytes()
+        data = memoryview(values.detach().to(torch.float32).contiguous().numpy()).cast("B")  # no copy
         count = max(1, block_count(values.numel()))
         leaves = [_leaf(data[i * BLOCK * 4 : (i + 1) * BLOCK * 4]) for i in range(count)]
         leaves += [_EMPTY] * ((1 << (count - 1).bit_length()) - count)

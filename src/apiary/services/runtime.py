@@ -3,6 +3,11 @@
 A `ServiceHost` starts these in order, runs until asked to stop (SIGINT/SIGTERM or
 `stop()`), then shuts them down in reverse order, cancelling every background task it was
 given, so a stopped service leaves nothing running.
+
+It watches its gRPC servers (the public one, and the local API a service adds with `watch`):
+`/healthz` answers 503 naming a server that stopped and could not be restarted, and
+`<prefix>_grpc_server_restarts_total{api}` counts the times one stopped unasked and was
+restarted (`apiary.wire.server`).
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from apiary.telemetry import AdminServer, TracingSettings, configure_tracing, metric_prefix, new_registry
@@ -29,6 +36,26 @@ class ServiceSettings(BaseModel):
     admin_host: str = Field("127.0.0.1", description="interface of the admin HTTP endpoint")
     admin_port: int = Field(0, ge=0, le=65535, description="admin HTTP port (0: any free port)")
     tracing: TracingSettings = TracingSettings()
+
+
+class ServerWatch(Collector):
+    """The gRPC servers of one service, by API (public, local): restarts and who stopped for good."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.servers: dict[str, RpcServer] = {}
+
+    def problems(self) -> list[str]:
+        return [f"the {api} gRPC server (port {server.port}) stopped and could not be restarted"
+                for api, server in self.servers.items() if server.started and not server.serving]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        restarts = CounterMetricFamily(f"{self.prefix}_grpc_server_restarts",
+                                       "Times a gRPC server stopped without being asked and was started again, by API",
+                                       labels=["api"])
+        for api, server in self.servers.items():
+            restarts.add_metric([api], server.restarts)
+        yield restarts
 
 
 class ServiceHost:
@@ -48,6 +75,9 @@ class ServiceHost:
         self.identity = Identity.load_or_create(settings.identity) if settings.identity else Identity.generate()
         self.registry = new_registry()
         self.server = RpcServer(wire, self.identity, registry=self.registry, metrics_prefix=metric_prefix(service))
+        self.servers = ServerWatch(metric_prefix(service))
+        self.servers.servers["public"] = self.server
+        self.registry.register(self.servers)
         self.admin = AdminServer(
             service,
             host=settings.admin_host,
@@ -55,6 +85,7 @@ class ServiceHost:
             registry=self.registry,
             status=lambda: {"peer_id": self.identity.peer_id, "address": self.address, **(status() if status else {})},
             ready=ready,
+            problems=self.servers.problems,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -79,6 +110,11 @@ class ServiceHost:
         except BaseException:
             await self.shutdown()
             raise
+
+    def watch(self, server: RpcServer, api: str) -> None:
+        """Adds a service's other gRPC server (e.g. its local API, `api="local"`) to `/healthz` and
+        the restart count."""
+        self.servers.servers[api] = server
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Registers a coroutine function to run at shutdown (before the servers stop)."""

@@ -5,7 +5,9 @@ so ``status()`` and ``ready()`` callbacks can read the service's state without l
 are called on the event loop and must be quick and non-blocking.
 
 Routes:
-    GET /healthz  200 ``{"status": "ok"}`` while the process serves requests (liveness).
+    GET /healthz  200 ``{"status": "ok"}`` while the process serves requests (liveness); 503
+                  ``{"status": "unhealthy", "problems": [...]}`` when the service's own
+                  ``problems()`` callback names any (e.g. a gRPC server that stopped for good).
     GET /readyz   200 ``{"ready": true}`` or 503 ``{"ready": false}`` (readiness).
     GET /status   service, version, uptime and the service's own ``status()`` fields.
     GET /metrics  Prometheus text exposition of the service's registry.
@@ -87,6 +89,7 @@ class AdminServer:
         registry: CollectorRegistry,
         status: Callable[[], Mapping[str, Any]] | None = None,
         ready: Callable[[], bool] | None = None,
+        problems: Callable[[], list[str]] | None = None,
     ) -> None:
         self.service = service
         self.host = host
@@ -94,6 +97,7 @@ class AdminServer:
         self.registry = registry
         self._status = status
         self._ready = ready
+        self._problems = problems
         self._started_at = time.monotonic()
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -120,8 +124,11 @@ class AdminServer:
         )
 
         @app.get("/healthz")
-        async def healthz() -> dict[str, str]:
-            return {"status": "ok"}
+        async def healthz() -> JSONResponse:
+            problems = self._current_problems()
+            if problems:
+                return JSONResponse({"status": "unhealthy", "problems": problems}, status_code=503)
+            return JSONResponse({"status": "ok"})
 
         @app.get("/readyz")
         async def readyz() -> JSONResponse:
@@ -150,6 +157,15 @@ class AdminServer:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         return app
+
+    def _current_problems(self) -> list[str]:
+        if self._problems is None:
+            return []
+        try:
+            return list(self._problems())
+        except Exception as exc:
+            logger.exception("%s admin: problems() failed; reporting unhealthy", self.service)
+            return [f"problems() failed: {type(exc).__name__}: {exc}"]
 
     def _is_ready(self) -> bool:
         if self._ready is None:

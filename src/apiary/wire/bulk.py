@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
 import os
 import socket
 import ssl
@@ -31,8 +32,8 @@ from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials, Gatekeeper, request_digest
-from apiary.wire.chunks import check_header
-from apiary.wire.limits import ByteBudget, LimitExceeded, ServerLimits
+from apiary.wire.chunks import Budget, check_header
+from apiary.wire.limits import STALLED, LimitExceeded, ServerLimits
 from apiary.wire.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -55,6 +56,7 @@ MAGIC = b"APIARY-BULK/1\n"
 MAX_TENSORS_PER_REQUEST = 4096
 _LENGTH_BYTES = 4
 _DRAIN_SECONDS = 1.0
+_LAZY_BUFFER_BYTES = 1 << 20  # buffers from this size up are committed page by page, as bytes arrive
 
 Payload = tuple[TensorHeader, memoryview]
 
@@ -83,9 +85,10 @@ Handler = Callable[[BulkCall], Awaitable[BulkAnswer]]
 class _Connection:
     """A non-blocking socket (plain or TLS) with whole-frame and whole-buffer reads and writes."""
 
-    def __init__(self, sock: socket.socket, budget: ByteBudget | None = None):
-        self._scratch = bytearray()
-        self._budget = budget  # where the reused buffer's bytes are reserved
+    def __init__(self, sock: socket.socket, budget: Budget | None = None, stall_timeout: float | None = None):
+        self._scratch: bytearray | memoryview = bytearray()
+        self.budget = budget  # where the peer's frames and tensors (the reused buffer's too) are reserved
+        self._stall_timeout = stall_timeout  # seconds a read may wait for the peer's next byte
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
@@ -100,9 +103,10 @@ class _Connection:
         return tls
 
     async def _recv_into(self, buffer: memoryview) -> int:
-        if self.tls is not None:
-            return await self.tls.recv_into(buffer)
-        return await self.loop.sock_recv_into(self.sock, buffer)
+        async with asyncio.timeout(self._stall_timeout):  # TimeoutError: the peer stalled
+            if self.tls is not None:
+                return await self.tls.recv_into(buffer)
+            return await self.loop.sock_recv_into(self.sock, buffer)
 
     async def send(self, data: bytes | memoryview) -> None:
         if self.tls is not None:
@@ -127,13 +131,13 @@ class _Connection:
         size = int.from_bytes(await self.read_exactly(_LENGTH_BYTES), "big")
         if size > max_bytes:
             raise PayloadTooLarge(f"bulk frame of {size} bytes exceeds the limit max_message_bytes={max_bytes}")
-        if self._budget is not None:
-            self._budget.take(size, "a bulk frame")
+        if self.budget is not None:
+            self.budget.take(size, "a bulk frame")
         try:
             return bytes(await self.read_exactly(size))
         finally:
-            if self._budget is not None:
-                self._budget.give_back(size)
+            if self.budget is not None:
+                self.budget.give_back(size)
 
     async def write_frame(self, message: BulkRequest | BulkReply, payloads: Sequence[memoryview] = ()) -> None:
         frame = message.SerializeToString()
@@ -147,11 +151,11 @@ class _Connection:
     ) -> list[tuple[TensorHeader, bytearray | memoryview]]:
         """Receives each declared tensor into `into[i]` when given with the right size, else into
         a new buffer, or (scratch) into this connection's reused buffer, valid only until the
-        next request on the connection."""
+        next request on the connection. New buffers take memory as their bytes arrive."""
         if scratch and len(self._scratch) < (total := sum(header.nbytes for header in headers)):
-            if self._budget is not None:
-                self._budget.take(total - len(self._scratch), "a bulk request")
-            self._scratch = bytearray(total)
+            if self.budget is not None:
+                self.budget.take(total - len(self._scratch), "a bulk request")
+            self._scratch = receive_buffer(total)
         tensors: list[tuple[TensorHeader, bytearray | memoryview]] = []
         offset = 0
         for index, header in enumerate(headers):
@@ -161,7 +165,7 @@ class _Connection:
                 buffer = memoryview(self._scratch)[offset : offset + header.nbytes]
                 offset += header.nbytes
             else:
-                buffer = bytearray(header.nbytes)
+                buffer = receive_buffer(header.nbytes)
             await self.read_into(memoryview(buffer))
             tensors.append((header, buffer))
         return tensors
@@ -193,10 +197,19 @@ class _Connection:
             self.loop.remove_reader(self.sock.fileno())
 
     def close(self) -> None:
-        if self._budget is not None:
-            self._budget.give_back(len(self._scratch))
+        if self.budget is not None:
+            self.budget.give_back(len(self._scratch))
         self._scratch = bytearray()
         self.sock.close()
+
+
+def receive_buffer(nbytes: int) -> bytearray | memoryview:
+    """A zeroed buffer for `nbytes` about to be received. A large one is an anonymous memory map:
+    the system commits its pages only as they are written, so a peer that declares gigabytes and
+    sends a few bytes costs a few pages, not the declared size (nor a pass to zero it)."""
+    if nbytes < _LAZY_BUFFER_BYTES:
+        return bytearray(nbytes)
+    return memoryview(mmap.mmap(-1, nbytes))
 
 
 def check_headers(headers: Sequence[TensorHeader], max_tensor_bytes: int, max_total_bytes: int | None) -> int:
@@ -288,7 +301,8 @@ class BulkServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, address = await loop.sock_accept(listener)
-            connection = _Connection(sock, self.limits.bytes_in_flight)
+            connection = _Connection(sock, self.limits.bytes_in_flight.for_peer(address[0]),
+                                     self.settings.stream_stall_timeout)
             try:
                 closed = self.limits.open_connection(address[0])
             except LimitExceeded as e:
@@ -315,8 +329,10 @@ class BulkServer:
             while await connection.wait_readable(self.settings.bulk_idle_timeout):
                 if not await self._serve_request(connection, host, peer):
                     break
-        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            pass  # a TLS handshake that fails or stalls ends here too (ssl.SSLError is an OSError)
+        except TimeoutError:  # a peer that stalls mid-request (or in its TLS handshake) is cut off
+            self.limits.count_refusal(STALLED)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass  # a TLS handshake that fails ends here too (ssl.SSLError is an OSError)
         finally:
             connection.close()
             closed()
@@ -329,12 +345,12 @@ class BulkServer:
             await self._refuse(connection, e.code, str(e))
             return False
         try:
-            return await self._serve_admitted(connection, peer)
+            return await self._serve_admitted(connection, host, peer)
         finally:
             done()
 
-    async def _serve_admitted(self, connection: _Connection, peer: str) -> bool:
-        held = 0
+    async def _serve_admitted(self, connection: _Connection, host: str, peer: str) -> bool:
+        budget, held = self.limits.bytes_in_flight.for_peer(host), 0
         try:
             try:
                 request = parse_request(await connection.read_frame(self.settings.max_message_bytes), self.settings)
@@ -345,7 +361,7 @@ class BulkServer:
                 handler, keeps_tensors = self._routes[request.route]
                 if keeps_tensors:  # otherwise the tensors land in the reused buffer, which reserves its own bytes
                     total = sum(header.nbytes for header in request.tensors)
-                    self.limits.bytes_in_flight.take(total, "a bulk request")
+                    budget.take(total, "a bulk request")
                     held = total
                 tensors = await connection.read_payloads(request.tensors, scratch=not keeps_tensors)
             except InvalidRequest as e:
@@ -358,7 +374,7 @@ class BulkServer:
             await connection.write_frame(reply, payloads)
             return True
         finally:
-            self.limits.bytes_in_flight.give_back(held)
+            budget.give_back(held)
 
     async def _handle(self, handler: Handler, call: BulkCall, request: BulkRequest) -> tuple[BulkReply, list[memoryview]]:
         started, code = time.perf_counter(), grpc.StatusCode.OK

@@ -4,7 +4,7 @@ A tensor travels as a `TensorHeader` (dtype, shape, byte count) followed by its 
 cut into chunks no larger than a configured size so that each gRPC message stays small. The
 receiver checks the header against its limits before allocating anything (and, on a server,
 takes the tensor's bytes from the server's budget of bytes in flight), then copies each chunk
-once into a preallocated buffer. Torch-free so that every peer (the DHT included) can
+once into a buffer that grows as the chunks arrive. Torch-free so that every peer (the DHT included) can
 relay and check tensor streams.
 """
 
@@ -78,9 +78,11 @@ class Budget(Protocol):
 class ChunkAssembler:
     """Consumes a stream of chunks and returns each tensor's header and bytes once complete.
 
-    With a `budget`, each tensor's bytes are reserved when its header arrives (refused with
-    LimitExceeded if they do not fit) and given back when the next tensor starts or the
-    assembler is closed: use it as a context manager so that an aborted stream gives them back."""
+    A tensor's buffer grows as its chunks arrive (each chunk copied once), so memory follows the
+    bytes received, never a header's declared size. With a `budget`, each tensor's bytes are
+    reserved when its header arrives (refused with LimitExceeded if they do not fit) and given
+    back when the next tensor starts or the assembler is closed: use it as a context manager so
+    that an aborted stream gives them back and drops the partial tensor at once."""
 
     def __init__(self, max_tensor_bytes: int, budget: Budget | None = None):
         self.max_tensor_bytes = max_tensor_bytes
@@ -88,13 +90,13 @@ class ChunkAssembler:
         self._held = 0
         self._header: TensorHeader | None = None
         self._buffer = bytearray()
-        self._filled = 0
 
     def __enter__(self) -> ChunkAssembler:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self._give_back()
+        self._header, self._buffer = None, bytearray()  # a failed stream's partial tensor dies with it
 
     def _give_back(self) -> None:
         if self.budget is not None and self._held:
@@ -106,7 +108,7 @@ class ChunkAssembler:
         if chunk.HasField("header"):
             if self._header is not None:
                 raise InvalidRequest(
-                    f"a new tensor header arrived after {self._filled} of {self._header.nbytes} bytes of the previous one"
+                    f"a new tensor header arrived after {len(self._buffer)} of {self._header.nbytes} bytes of the previous one"
                 )
             check_header(chunk.header, self.max_tensor_bytes)
             self._give_back()  # the previous tensor is the caller's now
@@ -114,23 +116,22 @@ class ChunkAssembler:
                 self.budget.take(chunk.header.nbytes, "a tensor")
                 self._held = chunk.header.nbytes
             self._header = chunk.header
-            self._buffer = bytearray(chunk.header.nbytes)
-            self._filled = 0
+            self._buffer = bytearray()
         elif self._header is None:
             raise InvalidRequest("a tensor chunk without a header arrived where a new tensor must start")
-        end = self._filled + len(chunk.data)
-        if end > self._header.nbytes:
+        if len(self._buffer) + len(chunk.data) > self._header.nbytes:
             raise InvalidRequest(f"tensor chunks carry more than the {self._header.nbytes} bytes its header declares")
-        self._buffer[self._filled : end] = chunk.data
-        self._filled = end
-        if end < self._header.nbytes:
+        self._buffer += chunk.data
+        if len(self._buffer) < self._header.nbytes:
             return None
         header, buffer = self._header, self._buffer
-        self._header, self._buffer, self._filled = None, bytearray(), 0
+        self._header, self._buffer = None, bytearray()
         return header, buffer
 
     def close(self) -> None:
         """Gives back the reserved bytes; raises InvalidRequest if the stream ended in the middle of a tensor."""
         self._give_back()
         if self._header is not None:
-            raise InvalidRequest(f"the stream ended after {self._filled} of {self._header.nbytes} bytes of a tensor")
+            header, received = self._header, len(self._buffer)
+            self._header, self._buffer = None, bytearray()
+            raise InvalidRequest(f"the stream ended after {received} of {header.nbytes} bytes of a tensor")

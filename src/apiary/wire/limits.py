@@ -6,10 +6,13 @@
 - per peer, a number of open bulk connections (`max_bulk_connections_per_peer`);
 - per server, a budget of tensor bytes being received (`max_bytes_in_flight`), taken before
   anything is allocated, so that concurrent streams cannot multiply a tensor's size into
-  unbounded memory.
+  unbounded memory; one peer may hold at most its share of it (`max_bytes_in_flight_per_peer`),
+  so that a single peer cannot exhaust it for the others.
 A peer is its transport address' host (no authenticated id exists yet); the state kept per peer
 is bounded (`max_tracked_peers`, least recently seen peers forgotten first). A refused request
-gets RESOURCE_EXHAUSTED naming the limit, counted in `<prefix>_rpc_rejected_total{reason}`.
+gets RESOURCE_EXHAUSTED naming the limit, counted in `<prefix>_rpc_rejected_total{reason}`; a
+stream that stalls for `stream_stall_timeout` seconds is aborted (reason `stalled`). The bytes
+reserved now are `<prefix>_in_flight_bytes`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,15 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from apiary.wire.errors import PayloadTooLarge
+from apiary.wire.errors import InvalidRequest, PayloadTooLarge
 from apiary.wire.settings import WireSettings
 
-RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS = "rate", "concurrency", "connections", "bytes_in_flight", "peers"
-REASONS = (RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS)
+RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS, STALLED = (
+    "rate", "concurrency", "connections", "bytes_in_flight", "peers", "stalled")
+REASONS = (RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS, STALLED)
 
 
 class LimitExceeded(PayloadTooLarge):
@@ -35,6 +40,14 @@ class LimitExceeded(PayloadTooLarge):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class StreamStalled(InvalidRequest):
+    """A stream that sent nothing for `stream_stall_timeout` seconds (DEADLINE_EXCEEDED); it is
+    aborted and gives its bytes in flight back, counted in `rejected{reason="stalled"}`."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = STALLED
 
 
 def peer_key(transport_peer: str) -> str:
@@ -57,23 +70,59 @@ class _PeerState:
 
 
 class ByteBudget:
-    """Bytes a server holds for what peers send; `take` refuses what does not fit."""
+    """Bytes a server holds for what peers send; `take` refuses what does not fit, in all or in
+    the sending peer's share (`peer_share`), so that no single peer can exhaust the budget."""
 
-    def __init__(self, capacity: int, on_refusal: Callable[[str], None] = lambda reason: None):
+    def __init__(self, capacity: int, on_refusal: Callable[[str], None] = lambda reason: None, *,
+                 peer_share: int | None = None):
         self.capacity = capacity
+        self.peer_share = capacity if peer_share is None else peer_share
         self.used = 0
+        self.used_by: dict[str, int] = {}  # only peers holding bytes now
         self._on_refusal = on_refusal
 
-    def take(self, nbytes: int, what: str) -> None:
-        """Reserves `nbytes` for `what`; raises LimitExceeded if the budget cannot hold them now."""
+    def take(self, nbytes: int, what: str, peer: str | None = None) -> None:
+        """Reserves `nbytes` for `what` sent by `peer`; raises LimitExceeded if the budget, or the
+        peer's share of it, cannot hold them now."""
         if nbytes > self.capacity - self.used:
             self._on_refusal(BYTES)
             raise LimitExceeded(BYTES, f"{what} of {nbytes} bytes does not fit: {self.used} of "
                                        f"max_bytes_in_flight={self.capacity} bytes are in use")
+        if peer is not None:
+            held = self.used_by.get(peer, 0)
+            if nbytes > self.peer_share - held:
+                self._on_refusal(BYTES)
+                raise LimitExceeded(BYTES, f"{what} of {nbytes} bytes does not fit: peer {peer} already holds {held} "
+                                           f"of its max_bytes_in_flight_per_peer={self.peer_share} bytes")
+            self.used_by[peer] = held + nbytes
         self.used += nbytes
 
-    def give_back(self, nbytes: int) -> None:
+    def give_back(self, nbytes: int, peer: str | None = None) -> None:
         self.used = max(0, self.used - nbytes)
+        if peer is not None and peer in self.used_by:
+            left = self.used_by[peer] - nbytes
+            if left > 0:
+                self.used_by[peer] = left
+            else:
+                del self.used_by[peer]
+
+    def for_peer(self, peer: str) -> PeerBudget:
+        """This budget as seen by one peer's stream: every take and give-back charges its share."""
+        return PeerBudget(self, peer)
+
+
+@dataclass(frozen=True)
+class PeerBudget:
+    """A `ByteBudget` charged to one peer (`apiary.wire.chunks.Budget`)."""
+
+    budget: ByteBudget
+    peer: str
+
+    def take(self, nbytes: int, what: str) -> None:
+        self.budget.take(nbytes, what, self.peer)
+
+    def give_back(self, nbytes: int) -> None:
+        self.budget.give_back(nbytes, self.peer)
 
 
 class ServerLimits:
@@ -91,7 +140,11 @@ class ServerLimits:
                                     ["reason"], registry=registry)
             for reason in REASONS:
                 self._counter.labels(reason)
-        self.bytes_in_flight = ByteBudget(settings.max_bytes_in_flight, self.count_refusal)
+        self.bytes_in_flight = ByteBudget(settings.max_bytes_in_flight, self.count_refusal,
+                                          peer_share=settings.peer_share)
+        if registry is not None:
+            Gauge(f"{prefix}_in_flight_bytes", "Bytes of tensors and frames being received from peers, reserved",
+                  registry=registry).set_function(lambda: self.bytes_in_flight.used)
 
     def count_refusal(self, reason: str) -> None:
         """Counts one refusal: by a limit here, or for credentials (`apiary.wire.auth.REASONS`)."""

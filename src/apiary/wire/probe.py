@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 import apiary
 from apiary.wire.address import Endpoint
 from apiary.wire.bulk import BulkAnswer, BulkCall
-from apiary.wire.chunks import Budget, ChunkAssembler, split_payload
+from apiary.wire.chunks import ChunkAssembler, split_payload
 from apiary.wire.identity import Identity
+from apiary.wire.limits import ByteBudget, PeerBudget, peer_key
 from apiary.wire.protos.wire_pb2 import PingReply, PingRequest, SinkReply, SinkRequest, TensorChunk, TensorDigest, TensorHeader
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
 from apiary.wire.settings import WireSettings
@@ -41,9 +42,9 @@ class ProbeService:
     """Answers `PROBE` calls for one peer."""
 
     def __init__(self, identity: Identity, announced: Endpoint, announced_bulk: Endpoint | None, settings: WireSettings,
-                 budget: Budget | None = None):
+                 budget: ByteBudget | None = None):
         self.identity = identity
-        self.budget = budget  # the server's bytes in flight, shared by all streams
+        self.budget = budget  # the server's bytes in flight, shared by all streams, each peer within its share
         self.announced = announced
         self.announced_bulk = announced_bulk
         self.settings = settings
@@ -57,8 +58,11 @@ class ProbeService:
             bulk_address=str(self.announced_bulk or ""),
         )
 
+    def _budget_of(self, context: CallContext) -> PeerBudget | None:
+        return self.budget.for_peer(peer_key(context.peer)) if self.budget is not None else None
+
     async def echo(self, chunks: AsyncIterator[TensorChunk], context: CallContext) -> AsyncIterator[TensorChunk]:
-        with ChunkAssembler(self.settings.max_tensor_bytes, self.budget) as assembler:
+        with ChunkAssembler(self.settings.max_tensor_bytes, self._budget_of(context)) as assembler:
             async for chunk in chunks:
                 done = assembler.feed(chunk)
                 if done is not None:
@@ -69,7 +73,7 @@ class ProbeService:
 
     async def sink(self, chunks: AsyncIterator[TensorChunk], context: CallContext) -> SinkReply:
         reply = SinkReply()
-        with ChunkAssembler(self.settings.max_tensor_bytes, self.budget) as assembler:
+        with ChunkAssembler(self.settings.max_tensor_bytes, self._budget_of(context)) as assembler:
             async for chunk in chunks:
                 reply.total_bytes += len(chunk.data)
                 done = assembler.feed(chunk)

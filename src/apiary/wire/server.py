@@ -8,11 +8,18 @@ admitted by the server's per-peer limits (`apiary.wire.limits`), shared with its
 then, in a private run, by its gatekeeper (`apiary.wire.auth`): token, signature, replay.
 With `settings.tls`, both ports speak TLS with a certificate bound to the server's peer id
 (`apiary.wire.tls`).
+
+A client stream that goes `stream_stall_timeout` seconds without a message is aborted
+(DEADLINE_EXCEEDED), giving its bytes in flight back. grpc.aio stops its whole server when one
+hostile request breaks its serving loop (a `:path` that is not UTF-8 does, in grpcio 1.85): the
+server notices, serves again on the same port within moments and counts it (`restarts`);
+`serving` turns False only if it cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +34,7 @@ from apiary.wire.auth import gatekeeper_for, request_digest
 from apiary.wire.bulk import BulkServer
 from apiary.wire.errors import InvalidRequest
 from apiary.wire.identity import Identity
-from apiary.wire.limits import ServerLimits, peer_key
+from apiary.wire.limits import ServerLimits, StreamStalled, peer_key
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.probe import PROBE, SINK_ROUTE, ProbeService
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
@@ -36,6 +43,10 @@ from apiary.wire.tls import ServerCertificate
 from apiary.wire.tracing import incoming_context, span_attributes, tracer
 
 logger = logging.getLogger(__name__)
+
+RESTART_ATTEMPTS = 5  # binds tried, 0.1 s apart and doubling, before a stopped server is given up
+_RESTART_BACKOFF = 0.1
+_DRAIN_SECONDS = 1.0
 
 
 class RpcServer:
@@ -62,6 +73,10 @@ class RpcServer:
         self._handlers: list[grpc.GenericRpcHandler] = []
         self.bulk = BulkServer(settings, metrics=self.metrics, limits=self.limits, gate=self.gate) if settings.bulk else None
         self._bound_port: int | None = None
+        self._certificate: ServerCertificate | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0  # times the gRPC server stopped without being asked and was started again
 
     def add_service(self, spec: ServiceSpec, implementation: object) -> None:
         """Serves `spec` with `implementation`, whose snake_case methods handle each RPC."""
@@ -78,37 +93,85 @@ class RpcServer:
 
     async def start(self) -> None:
         """Binds the port and starts serving; raises OSError naming the address if binding fails."""
-        address = str(Endpoint(self.settings.listen_host, self.settings.port))
-        certificate = ServerCertificate.for_identity(self.identity) if self.settings.tls else None
+        self._certificate = ServerCertificate.for_identity(self.identity) if self.settings.tls else None
         if self.bulk is not None:  # bound first: a gRPC server that never started keeps its port bound
-            await self.bulk.start(tls=certificate.ssl_context() if certificate is not None else None)
+            await self.bulk.start(tls=self._certificate.ssl_context() if self._certificate is not None else None)
+        try:
+            self._server = await self._serve(self.settings.port)
+        except OSError:
+            if self.bulk is not None:
+                await self.bulk.stop()
+            raise
+        self._stopping = False
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"apiary-grpc-supervisor-{self.port}")
+
+    async def _serve(self, port: int) -> grpc.aio.Server:
+        """A started grpc.aio server on `port` (0: any free one) with every service; OSError if it cannot bind."""
+        address = str(Endpoint(self.settings.listen_host, port))
         server = grpc.aio.server(options=self.settings.grpc_options(),
                                  maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs)
         try:
-            if certificate is not None:
-                port = server.add_secure_port(address, certificate.grpc_credentials())
+            if self._certificate is not None:
+                bound = server.add_secure_port(address, self._certificate.grpc_credentials())
             else:
-                port = server.add_insecure_port(address)
-            if port == 0:
+                bound = server.add_insecure_port(address)
+            if bound == 0:
                 raise RuntimeError("the address is in use or unavailable")
         except RuntimeError as e:
-            if self.bulk is not None:
-                await self.bulk.stop()
             raise OSError(f"cannot listen on {address}: {e}") from None
-        self._bound_port = port
-        self._server = server
+        self._bound_port = bound
         probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings,
                              self.limits.bytes_in_flight)
         if self.bulk is not None:
             self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
         probe_handler = self._generic_handler(PROBE, probe)  # made anew: a restart announces its new ports
-        self._server.add_generic_rpc_handlers((*self._handlers, probe_handler))
-        await self._server.start()
+        server.add_generic_rpc_handlers((*self._handlers, probe_handler))
+        await server.start()
+        return server
+
+    async def _supervise(self) -> None:
+        """Waits for the gRPC server to stop; if nobody asked it to, serves again on the same port."""
+        while True:
+            assert self._server is not None
+            with contextlib.suppress(Exception):  # the exception that broke grpc's serving loop, logged by grpc
+                # shielded: cancelling this supervisor must not cancel the future grpc's own shutdown awaits
+                await asyncio.shield(self._server.wait_for_termination())
+            if self._stopping:
+                return
+            self.restarts += 1
+            logger.error("the gRPC server on port %d stopped without being asked (restart %d); serving again",
+                         self.port, self.restarts)
+            for attempt in range(RESTART_ATTEMPTS):
+                try:
+                    self._server = await self._serve(self.port)
+                    break
+                except OSError as e:
+                    logger.warning("restarting the gRPC server failed (attempt %d of %d): %s",
+                                   attempt + 1, RESTART_ATTEMPTS, e)
+                    await asyncio.sleep(_RESTART_BACKOFF * 2**attempt)
+            else:
+                logger.error("the gRPC server on port %d could not be restarted: it no longer serves", self.port)
+                return
+
+    @property
+    def started(self) -> bool:
+        """Whether `start()` succeeded and `stop()` was not called since."""
+        return self._supervisor is not None and not self._stopping
+
+    @property
+    def serving(self) -> bool:
+        """Whether the gRPC server serves, or is being restarted after it stopped unasked."""
+        return self.started and self._supervisor is not None and not self._supervisor.done()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls and gives in-flight calls `grace` seconds to finish."""
         if self._server is None:
             return
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
         if self.bulk is not None:
             await self.bulk.stop()
         await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
@@ -150,8 +213,21 @@ class RpcServer:
                 gate.check(context.invocation_metadata() or (), path,
                            b"" if method.client_streaming else request_digest(raw))
 
+        stall = self.settings.stream_stall_timeout
+        count_refusal = self.limits.count_refusal
+
         async def requests_of(raw_iterator: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-            async for raw in raw_iterator:
+            iterator = aiter(raw_iterator)
+            while True:
+                try:
+                    async with asyncio.timeout(stall):
+                        raw = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    count_refusal(StreamStalled.reason)
+                    raise StreamStalled(f"no {method.request.DESCRIPTOR.name} arrived for "
+                                        f"stream_stall_timeout={stall:g} seconds") from None
                 yield decode(method.request, raw)
 
         def request_of(raw: Any) -> Any:
@@ -160,7 +236,7 @@ class RpcServer:
         if method.server_streaming:
 
             async def serve_stream(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                started, code = time.perf_counter(), grpc.StatusCode.OK
+                started, code, details = time.perf_counter(), grpc.StatusCode.OK, None
                 span = tracer.start_span(
                     name,
                     context=incoming_context(context.invocation_metadata()),
@@ -178,18 +254,21 @@ class RpcServer:
                     raise
                 except Exception as e:  # noqa: BLE001 - every failure becomes a status
                     code, details = _status_of(name, e, span)
-                    await context.abort(code, details)
                 finally:
                     if done is not None:
                         done()
                     span.end()
                     observe(method.name, code, time.perf_counter() - started)
+                if details is not None:  # aborted outside the except block: the abort must not chain (and
+                    if method.client_streaming:  # keep alive) the failure, whose frames may hold a tensor
+                        await _drain(raw)
+                    await context.abort(code, details)
 
             factory = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_stream_rpc_method_handler
             return factory(serve_stream, request_deserializer=None, response_serializer=serialize)
 
         async def serve_unary(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-            started, code = time.perf_counter(), grpc.StatusCode.OK
+            started, code, details = time.perf_counter(), grpc.StatusCode.OK, ""
             with tracer.start_as_current_span(
                 name,
                 context=incoming_context(context.invocation_metadata()),
@@ -208,11 +287,13 @@ class RpcServer:
                     raise
                 except Exception as e:  # noqa: BLE001 - every failure becomes a status
                     code, details = _status_of(name, e, span)
-                    await context.abort(code, details)
                 finally:
                     if done is not None:
                         done()
                     observe(method.name, code, time.perf_counter() - started)
+            if method.client_streaming:  # reached only on failure; outside the except block, as above
+                await _drain(raw)
+            await context.abort(code, details)
 
         factory = grpc.stream_unary_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
         return factory(serve_unary, request_deserializer=None, response_serializer=serialize)
@@ -220,6 +301,15 @@ class RpcServer:
     def _observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.observe(method, code, seconds)
+
+
+async def _drain(requests: AsyncIterator[bytes]) -> None:
+    """Discards what a failed call's client still sends (for at most `_DRAIN_SECONDS`), so that
+    the client, done writing, reads the status instead of a broken stream ("Internal error")."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            async for _ in requests:
+                pass
 
 
 def _status_of(name: str, error: Exception, span: trace.Span) -> tuple[grpc.StatusCode, str]:

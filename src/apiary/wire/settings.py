@@ -26,7 +26,7 @@ class WireSettings(BaseModel):
     bulk_idle_timeout: float = Field(120.0, gt=0, description="seconds an idle bulk connection is kept open")
     max_message_bytes: int = Field(64 * MiB, ge=MiB, description="largest single gRPC message accepted or sent")
     chunk_bytes: int = Field(4 * MiB, ge=1024, description="tensors larger than this are streamed in chunks")
-    max_tensor_bytes: int = Field(4 * GiB, ge=0, description="largest tensor accepted in a stream")
+    max_tensor_bytes: int = Field(GiB, ge=0, description="largest tensor accepted in a stream")
     default_timeout: float = Field(30.0, gt=0, description="deadline of a remote call when the caller sets none")
     shutdown_grace: float = Field(2.0, ge=0, description="seconds in-flight calls get to finish at shutdown")
     max_requests_per_second: float = Field(1000.0, gt=0, description="requests a peer (host) may make per second, on average")
@@ -34,7 +34,12 @@ class WireSettings(BaseModel):
     max_concurrent_per_peer: int = Field(256, ge=1, description="calls a peer may have in flight at once")
     max_concurrent_rpcs: int = Field(2048, ge=1, description="gRPC calls in flight at once, all peers together")
     max_bulk_connections_per_peer: int = Field(128, ge=1, description="bulk connections a peer may keep open")
-    max_bytes_in_flight: int = Field(8 * GiB, ge=0, description="tensor and frame bytes being received, all peers together")
+    max_bytes_in_flight: int = Field(4 * GiB, ge=0, description="tensor and frame bytes being received, all peers together")
+    max_bytes_in_flight_per_peer: int | None = Field(
+        None, ge=0, description="share of max_bytes_in_flight one peer (host) may hold "
+                                "(default: a quarter of it, at least max_tensor_bytes)")
+    stream_stall_timeout: float = Field(30.0, gt=0, description="seconds a stream may go without a byte arriving "
+                                                                "before it is aborted and its bytes given back")
     max_tracked_peers: int = Field(4096, ge=1, description="peers whose limits are tracked (least recently seen forgotten)")
     tls: bool = Field(True, description="TLS on the public gRPC and bulk ports, servers bound to their peer ids; "
                                          "False (plaintext) only for tests and fully trusted networks")
@@ -52,6 +57,11 @@ class WireSettings(BaseModel):
             raise ValueError(
                 f"max_bytes_in_flight={self.max_bytes_in_flight} must be at least max_tensor_bytes={self.max_tensor_bytes}"
             )
+        if not self.max_tensor_bytes <= self.peer_share <= self.max_bytes_in_flight:
+            raise ValueError(
+                f"max_bytes_in_flight_per_peer={self.max_bytes_in_flight_per_peer} must lie between "
+                f"max_tensor_bytes={self.max_tensor_bytes} and max_bytes_in_flight={self.max_bytes_in_flight}"
+            )
         if self.run_authority is not None:
             public_key_from_peer_id(self.run_authority)  # IdentityError (a ValueError) names what is wrong
             if not self.access_token:
@@ -60,6 +70,13 @@ class WireSettings(BaseModel):
         elif self.access_token:
             raise ValueError("access_token is set but run_authority is not: a private run needs both")
         return self
+
+    @property
+    def peer_share(self) -> int:
+        """The bytes in flight one peer may hold (`max_bytes_in_flight_per_peer` or its default)."""
+        if self.max_bytes_in_flight_per_peer is not None:
+            return self.max_bytes_in_flight_per_peer
+        return min(self.max_bytes_in_flight, max(self.max_tensor_bytes, self.max_bytes_in_flight // 4))
 
     def for_local_api(self, host: str, port: int) -> WireSettings:
         """The settings of a local API server (a participant's own services call it, from the same

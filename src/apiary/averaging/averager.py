@@ -54,7 +54,7 @@ class AveragerSettings(BaseModel):
     trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share of the weight cut from each end")
     verify_reductions: bool = Field(False, description="commit to parts, audit the spans others reduce for us, "
                                     "ban reducers caught lying (apiary.averaging.verification)")
-    audit_blocks: int = Field(4, ge=1, description="verification: blocks of 256 values audited per span")
+    audit_blocks: int = Field(4, ge=1, description="verification: blocks of 1024 values audited per span")
 
     def aggregator(self) -> Aggregator:
         return Aggregator(self.aggregation, self.clip_radius, self.clip_iterations, self.trim_fraction)

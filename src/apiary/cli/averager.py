@@ -53,7 +53,7 @@ def averager_command(
     clip_iterations: Annotated[int, option("--clip-iterations", "centered_clip: most iterations per span", min=1)] = 20,
     trim_fraction: Annotated[float, option("--trim-fraction", "trimmed_mean: share of the weight cut from each end, in [0, 0.5)")] = 0.1,
     verify_reductions: Annotated[bool, option("--verify-reductions/--trust-reducers", "sign parts, audit the spans others reduce for us, recompute and ban reducers caught lying")] = False,
-    audit_blocks: Annotated[int, option("--audit-blocks", "verification: blocks of 256 values audited per span", min=1)] = 4,
+    audit_blocks: Annotated[int, option("--audit-blocks", "verification: blocks of 1024 values audited per span", min=1)] = 4,
     dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
     initial_peers: Annotated[str, option("--initial-peers", "run an embedded DHT node joining these: peer_id@host:port, comma-separated")] = "",
     host: Annotated[str, option("--host", "interface the public ports bind")] = "0.0.0.0",

@@ -18,16 +18,18 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from net.moe_client import ObservedMixture
 from prometheus_client.parser import text_string_to_metric_families
 from service_processes import ServiceProcess, ServiceProcesses
 from torch import nn
 
 from apiary.dht import DHTNode, DHTSettings
-from apiary.moe import FaultTolerance, RemoteExpert, RemoteMixtureOfExperts, run_sync
+from apiary.moe import FaultTolerance, RemoteExpert, run_sync
+from apiary.moe.bans import ServerBans
 from apiary.moe.client import shared_pool
 from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults
 from apiary.moe.server import EXPERTS_SERVICE
-from apiary.wire import PeerAddress, RequestRejected, RpcClient
+from apiary.wire import PeerAddress, PeerUnavailable, RequestRejected, RpcClient
 from apiary.wire.tensors import serialize_tensor
 
 HIDDEN = 16
@@ -131,3 +133,82 @@ def test_nan_and_infinite_tensors_are_refused_and_never_reach_the_expert(swarm: 
     # and it still trains on clean gradients
     expert.call("Backward", [x, torch.ones_like(x)])
     assert expert.info().updates == updates + 1
+
+
+STEP_TIMEOUT = 1.0  # the mixture's timeouts: forward, backward, DHT search; and how long a pass waits for more
+# answers after k_min (a frozen server that is still called costs each step that second)
+
+
+def train(moe: ObservedMixture, steps: int) -> list[dict[str, object]]:
+    """`steps` training steps of a small model around `moe`: each step's seconds, the rows of
+    the grid that answered, or the error that ended it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, HIDDEN), nn.Tanh(), moe, nn.Linear(HIDDEN, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    record = []
+    for _ in range(steps):
+        x = torch.randn(16, 8)
+        started = time.monotonic()
+        try:
+            loss = model(x).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        except Exception as e:  # noqa: BLE001 - the step's outcome is what the test reads
+            record.append({"seconds": time.monotonic() - started, "error": f"{type(e).__name__}: {e}"})
+        else:
+            rows = sorted(int(row) for row, count in moe.answered.items() if count)
+            record.append({"seconds": time.monotonic() - started, "answered": rows})
+    return record
+
+
+def median_seconds(steps: list[dict[str, object]]) -> float:
+    return statistics.median(float(step["seconds"]) for step in steps)  # type: ignore[arg-type]
+
+
+def test_a_killed_and_a_frozen_server_cost_no_step_time(swarm: Swarm) -> None:
+    tolerance = FaultTolerance(k_min=2, forward_timeout=STEP_TIMEOUT, backward_timeout=STEP_TIMEOUT,
+                               timeout_after_k_min=STEP_TIMEOUT)
+    moe = ObservedMixture(in_features=HIDDEN, grid_size=(3, 2), dht=swarm.trainer_dht, prefix="ffn", k_best=6,
+                          fault_tolerance=FaultTolerance(k_min=6, forward_timeout=30, backward_timeout=30),
+                          search_timeout=30, bans=ServerBans())
+    assert train(moe, 1)[0].get("answered") == [0, 1, 2]  # connected to every server
+    moe.fault_tolerance, moe.search_timeout = tolerance, STEP_TIMEOUT
+    healthy = train(moe, 4)
+    assert all("error" not in step for step in healthy) and any(step["answered"] == [0, 1, 2] for step in healthy), healthy
+
+    _, killed, frozen = swarm.servers
+    killed.process.process.kill()
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    try:
+        failing = train(moe, 12)
+    finally:
+        os.kill(frozen.process.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    print(f"median step: {median_seconds(healthy):.3f} s healthy, {median_seconds(failing):.3f} s with one server "
+          f"killed and one frozen (slowest {max(float(s['seconds']) for s in failing):.3f} s)")  # type: ignore[arg-type]
+    assert all("error" not in step for step in failing), failing  # training goes on
+    assert all(step["answered"] == [0] for step in failing), failing
+    # the frozen server's expert calls and its DHT node's lookups are not waited for, step after step
+    assert median_seconds(failing) < median_seconds(healthy) + STEP_TIMEOUT / 2, (healthy, failing)
+    assert max(float(step["seconds"]) for step in failing) < 3.0, failing  # type: ignore[arg-type]
+    # resumed, the frozen server answers a clean call, and the trainer uses it again once its ban ends
+    with torch.no_grad():
+        assert torch.isfinite(RemoteExpert(frozen.address, "ffn.2.0", timeout=10)(torch.randn(2, HIDDEN))).all()
+    while (step := train(moe, 1)[0]).get("answered") != [0, 2]:
+        assert time.monotonic() - resumed < 30, step
+        time.sleep(0.5)
+
+
+def test_a_ban_doubles_with_each_failure_and_an_answer_lifts_it() -> None:
+    bans = ServerBans(base_seconds=0.2, max_seconds=0.4)
+    failure = PeerUnavailable("connection refused", peer="a")
+    bans.outcome("a", failure)
+    assert bans.banned("a") and not bans.banned("b") and len(bans) == 1
+    time.sleep(0.25)
+    assert not bans.banned("a")
+    bans.outcome("a", failure)  # a second failure: twice as long
+    time.sleep(0.25)
+    assert bans.banned("a")
+    bans.outcome("a", RequestRejected("refused", peer="a"))  # it answered: alive
+    assert not bans.banned("a")

@@ -69,7 +69,9 @@ class LocalServicer:
 
     async def get(self, request: LocalGetRequest, context: CallContext) -> LocalGetResponse:
         keys = [_unpack_field(raw, "key", i) for i, raw in enumerate(request.keys)]
-        found = await self.node.get_many(keys, latest=request.latest)
+        remaining = context.time_remaining()  # the lookup ends in time for the answer to reach the caller
+        found = await self.node.get_many(keys, latest=request.latest,
+                                         timeout=None if remaining is None else 0.9 * remaining)
         return LocalGetResponse(values=[_to_message(f) for f in found])
 
     async def store(self, request: LocalStoreRequest, context: CallContext) -> LocalStoreResponse:
@@ -98,11 +100,14 @@ class DHTClient:
     def __init__(self, endpoint: Endpoint, pool: ChannelPool | None = None, *, timeout: float = 30.0):
         self._rpc = RpcClient(pool or ChannelPool(), LOCAL_SERVICE, endpoint, timeout=timeout)
 
-    async def get(self, key: Any, latest: bool = False) -> Found | None:
-        return (await self.get_many([key], latest=latest))[0]
+    async def get(self, key: Any, latest: bool = False, *, timeout: float | None = None) -> Found | None:
+        return (await self.get_many([key], latest=latest, timeout=timeout))[0]
 
-    async def get_many(self, keys: list[Any], latest: bool = False) -> list[Found | None]:
-        response = await self._rpc.call("Get", LocalGetRequest(keys=[pack(k) for k in keys], latest=latest))
+    async def get_many(self, keys: list[Any], latest: bool = False, *, timeout: float | None = None
+                       ) -> list[Found | None]:
+        """With `timeout`, the node's search ends in time to answer within that many seconds."""
+        response = await self._rpc.call("Get", LocalGetRequest(keys=[pack(k) for k in keys], latest=latest),
+                                        timeout=timeout)
         return [_from_message(v) for v in response.values]
 
     async def store(self, key: Any, value: Any, expiration: float, subkey: Any = None) -> bool:

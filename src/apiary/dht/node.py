@@ -138,6 +138,7 @@ class DHTNode:
         self.routing = RoutingTable(self.id, self.settings.bucket_size)
         self.unreachable = Unreachable(self.settings.reping_for)
         self.blacklist = Blacklist()
+        self._late: set[str] = set()  # peers whose Find outlived its lookup's deadline and still runs
         self.metrics = DHTMetrics(registry, self)
         self.server: RpcServer | None = None
         self._owns_server = False
@@ -369,17 +370,28 @@ class DHTNode:
             return responses[0]
         return FindResponse(node=responses[0].node, results=[r for response in responses for r in response.results])
 
-    async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False) -> dict[int, LookupState]:
+    async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False,
+                      deadline: float | None = None) -> dict[int, LookupState]:
         return await traverse(
             key_ids,
-            lambda key_id: self.routing.nearest(key_id, self.settings.bucket_size),
+            lambda key_id: [c for c in self.routing.nearest(key_id, self.settings.bucket_size)
+                            if c.peer_id not in self._late],
             self._find,
             k=self.settings.bucket_size,
             parallelism=self.settings.parallelism,
             own_peer_id=self.identity.peer_id,
-            skip=self.blacklist.banned,
+            skip=lambda peer_id: peer_id in self._late or self.blacklist.banned(peer_id),
             stop_at_first_value=stop_at_first_value,
+            deadline=deadline,
+            detach=self._let_finish,
         )
+
+    def _let_finish(self, contact: Contact, query: asyncio.Future[FindResponse | None]) -> None:
+        """A Find still running at its lookup's deadline runs on to its own (its failure bans the
+        peer); until it ends, other lookups skip the peer instead of waiting for it again."""
+        self._late.add(contact.peer_id)
+        query.add_done_callback(lambda _: self._late.discard(contact.peer_id))
+        self._spawn(query)
 
     async def find_nearest(self, key_ids: list[int], count: int | None = None) -> dict[int, list[Contact]]:
         """The `count` (default k) nearest live nodes to each id, this node included unless in client mode."""
@@ -430,19 +442,22 @@ class DHTNode:
         self.metrics.operations.labels("store").observe(time.perf_counter() - started)
         return accepted
 
-    async def get(self, key: Any, latest: bool = False) -> Found | None:
+    async def get(self, key: Any, latest: bool = False, *, timeout: float | None = None) -> Found | None:
         """The value under `key`, or None. With `latest`, searches the key's nearest nodes to the
-        end for the newest value instead of returning the first one found."""
-        return (await self.get_many([key], latest=latest))[0]
+        end for the newest value instead of returning the first one found. With `timeout`, the
+        search ends after that many seconds with what it found (a frozen node is not waited for)."""
+        return (await self.get_many([key], latest=latest, timeout=timeout))[0]
 
-    async def get_many(self, keys: list[Any], latest: bool = False) -> list[Found | None]:
+    async def get_many(self, keys: list[Any], latest: bool = False, *, timeout: float | None = None
+                       ) -> list[Found | None]:
         """`get` for many keys at once: one lookup, one Find RPC per node per round."""
         started = time.perf_counter()
+        deadline = None if timeout is None else time.monotonic() + timeout
         raw_keys = [pack(key) for key in keys]
         key_ids = [id_of(raw) for raw in raw_keys]
         local = {key_id: await self.storage.get(id_to_bytes(key_id)) for key_id in key_ids}
         wanted = [key_id for key_id in set(key_ids) if latest or local[key_id] is None]
-        states = await self._lookup(wanted, stop_at_first_value=not latest) if wanted else {}
+        states = await self._lookup(wanted, stop_at_first_value=not latest, deadline=deadline) if wanted else {}
         results = []
         for raw_key, key_id in zip(raw_keys, key_ids):
             state = states.get(key_id)

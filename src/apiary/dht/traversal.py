@@ -4,12 +4,16 @@ Each round, every unfinished key picks up to `parallelism` of its nearest unquer
 candidates; the picks are grouped by node so that each node gets one Find RPC carrying every
 key it was picked for, and all of a round's RPCs run concurrently. A key is finished when its
 `k` nearest known nodes have all answered or failed, or (when only a value is wanted) as soon
-as one value is found.
+as one value is found. A lookup with a `deadline` finishes then on the answers it has: a node
+that is slow or frozen does not hold it for the whole RPC timeout; the queries still running
+are handed to `detach` (which lets them end on their own deadline, so that the node learns
+that the peer failed) or cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -53,8 +57,12 @@ async def traverse(
     skip: Callable[[str], bool],
     stop_at_first_value: bool = False,
     max_rounds: int = 64,
+    deadline: float | None = None,
+    detach: Callable[[Contact, asyncio.Future[FindResponse | None]], object] | None = None,
 ) -> dict[int, LookupState]:
-    """Runs the lookups; `seeds(id)` gives the starting contacts, `skip(peer_id)` banned ones."""
+    """Runs the lookups; `seeds(id)` gives the starting contacts, `skip(peer_id)` banned ones.
+    `deadline` (`time.monotonic()`): when to finish on the answers so far; `detach(contact, query)`
+    takes each query still running then (default: they are cancelled)."""
     states = {key_id: LookupState(key_id, {c.peer_id: c for c in seeds(key_id)}) for key_id in key_ids}
     for _ in range(max_rounds):
         picks: dict[str, tuple[Contact, list[int]]] = {}
@@ -73,22 +81,43 @@ async def traverse(
                 picks.setdefault(contact.peer_id, (contact, []))[1].append(state.key_id)
         if not picks:
             break
-        responses = await asyncio.gather(*(query(contact, ids) for contact, ids in picks.values()))
-        for (contact, ids), response in zip(picks.values(), responses):
-            for position, key_id in enumerate(ids):
-                state = states[key_id]
-                if response is None or position >= len(response.results):
-                    state.failed.add(contact.peer_id)
-                    continue
-                state.answered.add(contact.peer_id)
-                result = response.results[position]
-                entry = stored_entry(result.value)
-                if entry is not None:
-                    state.values.append((entry, contact))
+        queries = {asyncio.ensure_future(query(contact, ids)): (contact, ids) for contact, ids in picks.values()}
+        pending = set(queries)
+        try:
+            while pending:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    _learn(states, *queries[task], task.result(), own_peer_id, skip)
+        finally:
+            for task in pending:
+                if detach is not None:
+                    detach(queries[task][0], task)
                 else:
-                    state.without_value.append(contact)
-                for info in result.nearest:
-                    found = contact_of(info)
-                    if found is not None and found.peer_id != own_peer_id and not skip(found.peer_id):
-                        state.candidates.setdefault(found.peer_id, found)
+                    task.cancel()
+        if pending:  # the deadline came
+            break
     return states
+
+
+def _learn(states: dict[int, LookupState], contact: Contact, ids: list[int], response: FindResponse | None,
+           own_peer_id: str, skip: Callable[[str], bool]) -> None:
+    """Takes in one node's answer (None: it failed) for the keys it was asked about."""
+    for position, key_id in enumerate(ids):
+        state = states[key_id]
+        if response is None or position >= len(response.results):
+            state.failed.add(contact.peer_id)
+            continue
+        state.answered.add(contact.peer_id)
+        result = response.results[position]
+        entry = stored_entry(result.value)
+        if entry is not None:
+            state.values.append((entry, contact))
+        else:
+            state.without_value.append(contact)
+        for info in result.nearest:
+            found = contact_of(info)
+            if found is not None and found.peer_id != own_peer_id and not skip(found.peer_id):
+                state.candidates.setdefault(found.peer_id, found)

@@ -5,12 +5,15 @@ sum of the scores of its coordinates. The search walks the grid one dimension at
 each level it reads, for every prefix still in some sample's beam, which next coordinates have
 live experts (one DHT lookup for all prefixes of the level, `next_coordinates_many`), extends
 each sample's beam with them and keeps the `beam_size` best. Only declared (live) experts are
-ever considered, so a dead server's experts drop out once their declarations expire.
+ever considered, so a dead server's experts drop out once their declarations expire; those of
+a server the caller has banned (`apiary.moe.bans`) are skipped at once. With a `timeout`, each
+level's lookup gets its share of the time left and the search goes on with what it found.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +32,11 @@ class ExpertChoice:
 
 
 async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Tensor], k_best: int,
-                      beam_size: int | None = None) -> list[list[ExpertChoice]]:
+                      beam_size: int | None = None, *, timeout: float | None = None,
+                      banned: Callable[[str], bool] | None = None) -> list[list[ExpertChoice]]:
     """Up to `k_best` live experts per sample, best first. `grid_scores[d]` is [batch, size of
-    dimension d]; `prefix` is the grid's name (`"ffn"` for experts `ffn.i.j`)."""
+    dimension d]; `prefix` is the grid's name (`"ffn"` for experts `ffn.i.j`). `timeout`: the
+    search's seconds; `banned(address)`: servers to skip."""
     if k_best < 1:
         raise ValueError(f"k_best must be at least 1, got {k_best}")
     beam_size = max(beam_size or k_best, k_best)
@@ -40,9 +45,14 @@ async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Ten
     beams: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(batch)]
     last = len(scores) - 1
     chosen: list[list[ExpertChoice]] = [[] for _ in range(batch)]
+    deadline = None if timeout is None else time.monotonic() + timeout
     for depth, level in enumerate(scores):
         keys = {coordinates: _key(prefix, coordinates) for beam in beams for _, coordinates in beam}
-        found = await next_coordinates_many(dht, list(keys.values()))
+        share = None if deadline is None else max(0.0, deadline - time.monotonic()) / (len(scores) - depth)
+        found = await next_coordinates_many(dht, list(keys.values()), timeout=share)
+        if depth == last and banned is not None:
+            found = {key: {c: entry for c, entry in entries.items() if not banned(entry[1])}
+                     for key, entries in found.items()}
         for sample, beam in enumerate(beams):
             candidates = []
             for score, coordinates in beam:

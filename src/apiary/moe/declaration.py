@@ -58,10 +58,12 @@ async def next_coordinates(dht: DHTLike, prefix: str) -> dict[int, tuple[str, st
     return (await next_coordinates_many(dht, [prefix]))[prefix]
 
 
-async def next_coordinates_many(dht: DHTLike, prefixes: Sequence[str]) -> dict[str, dict[int, tuple[str, str]]]:
-    """`next_coordinates` of several prefixes in one DHT lookup."""
+async def next_coordinates_many(dht: DHTLike, prefixes: Sequence[str], *, timeout: float | None = None
+                                ) -> dict[str, dict[int, tuple[str, str]]]:
+    """`next_coordinates` of several prefixes in one DHT lookup (ending after `timeout` seconds
+    with what it found)."""
     unique = list(dict.fromkeys(prefixes))
-    found = await dht.get_many(unique, latest=True) if unique else []
+    found = await dht.get_many(unique, latest=True, timeout=timeout) if unique else []
     return {prefix: _entries(item) for prefix, item in zip(unique, found)}
 
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from apiary.moe.bans import ServerBans, server_bans
 from apiary.moe.beam_search import ExpertChoice
 from apiary.moe.client import run_sync
-from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults
+from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults, InfoRequest
 from apiary.moe.server import EXPERTS_SERVICE
 from apiary.wire import ChannelPool, PeerAddress, RpcClient, WireError
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
@@ -68,7 +69,8 @@ class FaultTolerance:
 @dataclass
 class Routing:
     """Which samples go to which expert: `experts[e]` gets the samples `samples[e]`, whose outputs
-    fill column `slots[e]` of the [batch, k] result; `pool` dials their servers (on `background_loop()`)."""
+    fill column `slots[e]` of the [batch, k] result; `pool` dials their servers (on `background_loop()`),
+    `bans` skips those that failed recently (`apiary.moe.bans`)."""
 
     batch: int
     k: int
@@ -76,16 +78,18 @@ class Routing:
     experts: list[ExpertChoice] = field(default_factory=list)
     samples: list[torch.Tensor] = field(default_factory=list)
     slots: list[torch.Tensor] = field(default_factory=list)
+    bans: ServerBans = field(default_factory=server_bans)
 
     @classmethod
-    def of(cls, choices: Sequence[Sequence[ExpertChoice]], k: int, pool: ChannelPool) -> Routing:
+    def of(cls, choices: Sequence[Sequence[ExpertChoice]], k: int, pool: ChannelPool,
+           bans: ServerBans | None = None) -> Routing:
         by_expert: dict[tuple[str, str], tuple[ExpertChoice, list[int], list[int]]] = {}
         for sample, chosen in enumerate(choices):
             for slot, choice in enumerate(chosen[:k]):
                 entry = by_expert.setdefault((choice.address, choice.name), (choice, [], []))
                 entry[1].append(sample)
                 entry[2].append(slot)
-        routing = cls(len(choices), k, pool)
+        routing = cls(len(choices), k, pool, bans=bans if bans is not None else server_bans())
         for choice, samples, slots in by_expert.values():
             routing.experts.append(choice)
             routing.samples.append(torch.tensor(samples, dtype=torch.long))
@@ -104,9 +108,10 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
                        settings: FaultTolerance, timeout: float, *, keep_activations: bool = False,
                        handles: Sequence[bytes] = ()) -> tuple[list[list[torch.Tensor] | None], list[str], list[bytes]]:
     """Calls `method` (ForwardMany or BackwardMany) with `tensors[e]` for expert e (None: skip it);
-    one call per server. Returns each expert's result tensors (None: failed, skipped or too
-    late), the errors seen, and each expert's activation handle (ForwardMany with
-    `keep_activations`; a BackwardMany sends them back as `handles`)."""
+    one call per server, but none to a banned server. Returns each expert's result tensors
+    (None: failed, skipped or too late), the errors seen, and each expert's activation handle
+    (ForwardMany with `keep_activations`; a BackwardMany sends them back as `handles`). How each
+    call ends goes to `routing.bans`; a server still silent at the cut-off is probed."""
     results: list[list[torch.Tensor] | None] = [None] * len(routing.experts)
     kept: list[bytes] = [b""] * len(routing.experts)
     errors: list[str] = []
@@ -118,7 +123,11 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
     answered = torch.zeros(routing.batch, dtype=torch.long)
     pool = routing.pool
     tasks: dict[asyncio.Task[ExpertResults], tuple[str, list[int]]] = {}
+    clients: dict[str, RpcClient] = {}
     for address, indices in by_server.items():
+        if routing.bans.banned(address):
+            errors.append(f"{len(indices)} experts on {address}: skipped, the server failed recently")
+            continue
         request = ExpertCalls(calls=[
             ExpertRequest(expert=routing.experts[e].name,
                           tensors=[serialize_tensor(t) for t in tensors[e]],  # type: ignore[union-attr]
@@ -131,6 +140,7 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
         except ValueError as e:
             errors.append(f"{address}: {e}")
             continue
+        clients[address] = client
         tasks[asyncio.ensure_future(client.call(method, request, timeout=timeout))] = (address, indices)
     started = time.monotonic()
     k_min_reached: float | None = None
@@ -158,6 +168,8 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
     for task in pending:
         address, indices = tasks[task]
         errors.append(f"{len(indices)} experts on {address}: no answer in time")
+        info = InfoRequest(expert=routing.experts[indices[0]].name)
+        routing.bans.probe(address, lambda client=clients[address], info=info: client.call("Info", info, timeout=timeout))
     return results, errors, kept
 
 
@@ -168,7 +180,9 @@ def _collect(task: asyncio.Task[ExpertResults], address: str, indices: list[int]
         reply = task.result()
     except WireError as e:
         errors.append(str(e))
+        routing.bans.outcome(address, e)
         return []
+    routing.bans.outcome(address, None)
     if len(reply.results) != len(indices):
         errors.append(f"{address} answered {len(reply.results)} results for {len(indices)} experts")
         return []

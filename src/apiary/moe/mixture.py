@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from apiary.dht.interface import DHTLike
+from apiary.moe.bans import ServerBans, server_bans
 from apiary.moe.beam_search import ExpertChoice, beam_search
 from apiary.moe.client import run_sync, shared_pool
 from apiary.wire import ChannelPool
@@ -37,11 +38,14 @@ class RemoteMixtureOfExperts(nn.Module):
     `pool` dials the expert servers (used on `background_loop()` only); by default, one made
     like the DHT node's (`dht.pool`: its TLS or plaintext, identity and private-run token), or,
     for a DHT without one, the process's shared pool (TLS, no token).
+    `search_timeout` bounds the beam search in the DHT: it then goes on with the experts found.
+    `bans` skips servers that failed recently (default: the process's list, `apiary.moe.bans`).
     """
 
     def __init__(self, *, in_features: int, grid_size: Sequence[int], dht: DHTLike, prefix: str, k_best: int = 4,
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
-                 search_timeout: float = 10.0, keep_activations: bool = True, pool: ChannelPool | None = None):
+                 search_timeout: float = 10.0, keep_activations: bool = True, pool: ChannelPool | None = None,
+                 bans: ServerBans | None = None):
         super().__init__()
         if not grid_size or any(size < 1 for size in grid_size):
             raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {list(grid_size)}")
@@ -58,6 +62,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.keep_activations = keep_activations
         dht_pool = getattr(dht, "pool", None)
         self.pool = pool or (dht_pool.copy() if isinstance(dht_pool, ChannelPool) else None)
+        self.bans = bans if bans is not None else server_bans()
         self.gate = nn.Linear(in_features, sum(self.grid_size))
 
     def grid_scores(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -66,14 +71,17 @@ class RemoteMixtureOfExperts(nn.Module):
         return list(self.gate(features).split(self.grid_size, dim=-1))
 
     def find_experts(self, grid_scores: Sequence[torch.Tensor], k: int) -> list[list[ExpertChoice]]:
-        """The `k` best live experts of every sample (fewer where fewer are declared)."""
-        return run_sync(beam_search(self.dht, self.prefix, grid_scores, k, self.beam_size), self.search_timeout)
+        """The `k` best live experts of every sample (fewer where fewer are declared or found in
+        `search_timeout`), skipping banned servers."""
+        search = beam_search(self.dht, self.prefix, grid_scores, k, self.beam_size, timeout=self.search_timeout,
+                             banned=self.bans.banned)
+        return run_sync(search, self.search_timeout + 1.0)
 
     def call_experts(self, x: torch.Tensor, choices: Sequence[Sequence[ExpertChoice]], k: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every chosen expert's output ([batch, k, ...]), which of them answered ([batch, k]) and
         their coordinates ([batch, k, grid dimensions]; 0 in empty slots)."""
-        routing = Routing.of(choices, k, self.pool or shared_pool())
+        routing = Routing.of(choices, k, self.pool or shared_pool(), self.bans)
         keep = self.keep_activations and torch.is_grad_enabled()
         outputs, alive = ExpertPass.apply(ALWAYS_BACKWARD, routing, self.fault_tolerance, keep, x)
         coordinates = torch.zeros(len(choices), k, len(self.grid_size), dtype=torch.long)

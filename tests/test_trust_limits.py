@@ -72,7 +72,8 @@ def test_token_bucket_and_concurrency_per_peer() -> None:
     time.sleep(0.15)  # 10/s refills one token
     limits.admit("a")()
     second()
-    assert limits.rejected == {"rate": 1, "concurrency": 1, "connections": 0, "bytes_in_flight": 0, "peers": 0}
+    assert limits.rejected == {"rate": 1, "concurrency": 1, "connections": 0, "bytes_in_flight": 0, "peers": 0,
+                               "stalled": 0}
 
 
 def test_tracked_peers_are_bounded() -> None:

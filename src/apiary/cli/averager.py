@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 
 from apiary.cli.options import (
-    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
-    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
+    MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
+    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings, transfer_limits
 )
 from apiary.services.runtime import ServiceSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
@@ -66,7 +67,10 @@ def averager_command(
     request_burst: Annotated[int, option("--request-burst", "requests a peer may make at once above its rate", min=1)] = 2000,
     max_concurrent_per_peer: Annotated[int, option("--max-concurrent-per-peer", "calls a peer may have in flight at once", min=1)] = 256,
     max_bulk_connections_per_peer: Annotated[int, option("--max-bulk-connections-per-peer", "bulk connections a peer may keep open", min=1)] = 128,
-    max_bytes_in_flight: Annotated[int, option("--max-bytes-in-flight", "bytes of tensors and frames being received from peers, all together", min=0)] = 8 << 30,
+    max_tensor_bytes: MaxTensorBytesOption = 1 << 30,  # the largest span part (and the trainer's tensors, locally)
+    max_bytes_in_flight: MaxBytesInFlightOption = 4 << 30,
+    max_bytes_in_flight_per_peer: MaxBytesInFlightPerPeerOption = None,
+    stream_stall_timeout: StreamStallTimeoutOption = 30.0,
     local_host: Annotated[str, option("--local-host", "interface of the local API for the trainer")] = "127.0.0.1",
     local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
     announce_period: Annotated[float, option("--announce-period", "seconds between announcements of the state held", min=0.1)] = 30.0,
@@ -99,8 +103,10 @@ def averager_command(
                      bulk=True, bulk_port=bulk_port, announce_bulk_port=announce_bulk_port,
                      max_requests_per_second=max_requests_per_second, request_burst=request_burst,
                      max_concurrent_per_peer=max_concurrent_per_peer,
-                     max_bulk_connections_per_peer=max_bulk_connections_per_peer, max_bytes_in_flight=max_bytes_in_flight,
-                     tls=tls, run_authority=run_authority, access_token=access_token),
+                     max_bulk_connections_per_peer=max_bulk_connections_per_peer,
+                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
+                                       stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         AveragerSettings(
             prefix=run_id, mode=Mode(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 from rich.console import Console
 
 from apiary.cli.options import (
-    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
-    TlsOption, TracingOption, option, service_settings
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
+    MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
+    TlsOption, TracingOption, option, service_settings, transfer_limits
 )
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
@@ -40,11 +41,17 @@ def dht_command(
     tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
+    max_tensor_bytes: MaxTensorBytesOption = 64 << 10,  # a DHT node receives tensors only to probe links
+    max_bytes_in_flight: MaxBytesInFlightOption = 16 << 20,
+    max_bytes_in_flight_per_peer: MaxBytesInFlightPerPeerOption = None,
+    stream_stall_timeout: StreamStallTimeoutOption = 30.0,
 ) -> None:
     """Run a DHT node: the swarm's directory of peers, experts, groups and progress."""
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
-                     tls=tls, run_authority=run_authority, access_token=access_token),
+                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
+                                       stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         DHTSettings(bucket_size=bucket_size, num_replicas=num_replicas, client_mode=client_mode,
                     bootstrap_timeout=bootstrap_timeout),

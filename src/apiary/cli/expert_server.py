@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 
 from apiary.cli.options import (
-    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
-    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
+    MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
+    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings, transfer_limits
 )
 from apiary.services.runtime import ServiceSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
@@ -54,6 +55,10 @@ def expert_server_command(
     tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
+    max_tensor_bytes: MaxTensorBytesOption = 64 << 20,  # a batch of activations or gradients
+    max_bytes_in_flight: MaxBytesInFlightOption = 512 << 20,
+    max_bytes_in_flight_per_peer: MaxBytesInFlightPerPeerOption = None,
+    stream_stall_timeout: StreamStallTimeoutOption = 30.0,
 ) -> None:
     """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
     require_one_way_to_the_dht(dht_local, initial_peers)
@@ -67,7 +72,9 @@ def expert_server_command(
         raise typer.BadParameter(str(e), param_hint="'--experts'") from None
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
-                     tls=tls, run_authority=run_authority, access_token=access_token),
+                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
+                                       stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         ExpertServerSettings(
             experts=names, kind=kind, hidden_size=hidden_size, lr=lr, max_grad_norm=max_grad_norm,

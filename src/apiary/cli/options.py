@@ -35,12 +35,25 @@ IdentityOption = Annotated[Optional[Path], option("--identity", "identity file (
 TracingOption = Annotated[str, option("--tracing", "span exporter: none, console or otlp")]
 OtlpEndpointOption = Annotated[Optional[str], option("--otlp-endpoint", "OTLP/gRPC collector, with --tracing otlp")]
 
+# What strangers may make a service hold; each service's default fits what it serves.
+MaxTensorBytesOption = Annotated[int, option("--max-tensor-bytes", "largest tensor a peer may send, bytes", min=0)]
+MaxBytesInFlightOption = Annotated[int, option("--max-bytes-in-flight", "bytes of tensors and frames being received from peers, all together", min=0)]
+MaxBytesInFlightPerPeerOption = Annotated[Optional[int], option("--max-bytes-in-flight-per-peer", "share of --max-bytes-in-flight one peer (host) may hold (default: a quarter, at least --max-tensor-bytes)", min=0)]
+StreamStallTimeoutOption = Annotated[float, option("--stream-stall-timeout", "seconds a peer's stream may send nothing before it is cut off and its bytes given back", min=0.01)]
+
 
 def service_settings(identity: Path | None, admin_host: str, admin_port: int, tracing: str,
                      otlp_endpoint: str | None) -> ServiceSettings:
     """The settings every service has, from the shared options above."""
     return ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
                            tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))
+
+
+def transfer_limits(max_tensor_bytes: int, max_bytes_in_flight: int, max_bytes_in_flight_per_peer: int | None,
+                    stream_stall_timeout: float) -> dict[str, Any]:
+    """The `WireSettings` fields of the transfer-limit options above."""
+    return {"max_tensor_bytes": max_tensor_bytes, "max_bytes_in_flight": max_bytes_in_flight,
+            "max_bytes_in_flight_per_peer": max_bytes_in_flight_per_peer, "stream_stall_timeout": stream_stall_timeout}
 
 
 def require_one_way_to_the_dht(dht_local: str | None, initial_peers: str) -> None:

@@ -172,6 +172,7 @@ class AveragerService:
             state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self._state_published,
         )
         self.local_server = RpcServer(wire.for_local_api(settings.local_host, settings.local_port), self.host.identity)
+        self.host.watch(self.local_server, "local")
         self.local_server.add_service(LOCAL_SERVICE, self.servicer)
         self.announced_at: float | None = None
         self.started = False

@@ -39,6 +39,7 @@ class DHTService:
         self.dht_settings = dht
         self.node: DHTNode | None = None
         self.local_server = RpcServer(wire.for_local_api(settings.local_host, settings.local_port), self.host.identity)
+        self.host.watch(self.local_server, "local")
         self.host.on_stop(self.local_server.stop)
         self.joined = False
 

@@ -5,7 +5,10 @@
     results[0].rounds[0].size   # the group size its first step returned (None: no group)
 
 Each config is a `tests/averaging_worker.py` config without the parts the harness fills in
-(`index`, `output`, `max_seconds`, and the start messages). All workers start at once (their
+(`index`, `output`, `max_seconds`, and the start messages); one with `co_hosted` configs runs
+those averagers in the same process too (not the first: it starts the DHT), and results list
+every averager in that order. `kill_at(worker, when)` SIGKILLs a worker's process at a wall-clock
+time: it is then left out of the results. All workers start at once (their
 imports run in parallel); the first starts the DHT and the others join through it; once all are
 up, every worker is told the same `t0`, and round r of every worker starts at `t0 + r * period`.
 When every worker has written its results, their stdin is closed and they shut down. Whatever
@@ -66,6 +69,13 @@ class _Worker:
     stderr: IO[bytes]
     lines: queue.Queue[bytes | None] = field(default_factory=queue.Queue)
 
+    @property
+    def outputs(self) -> list[tuple[dict[str, Any], str]]:
+        """The config and results file of each averager this worker hosts."""
+        base = {k: v for k, v in self.config.items() if k != "co_hosted"}
+        guests = self.config.get("co_hosted", [])
+        return [(base, base["output"])] + [({**base, **guest}, f"{base['output']}.{k}") for k, guest in enumerate(guests, 1)]
+
     def start_reader(self) -> None:
         def read() -> None:
             assert self.process.stdout is not None
@@ -112,6 +122,8 @@ class AveragingSwarm:
         self.peer_ids: list[str] = []
         self.t0: float | None = None
         self.exit_codes: dict[int, int | None] = {}
+        self.killed: set[int] = set()  # workers scheduled for a SIGKILL (kill_at)
+        self._timers: list[threading.Timer] = []
         self.unclean: dict[int, str] = {}  # stderr of workers that did not exit with 0
         self._directory = tempfile.TemporaryDirectory(prefix="apiary-averaging-")
 
@@ -146,15 +158,18 @@ class AveragingSwarm:
             worker = _Worker(index, full, process, stderr)
             worker.start_reader()
             self.workers.append(worker)
+        if "co_hosted" in self.configs[0]:
+            raise ValueError("the first worker starts the DHT: it hosts one averager, not co_hosted ones")
         deadline = time.monotonic() + self.start_timeout
         first = self.workers[0]
         first.send({"initial_peer": None})
         up = {0: first.expect("up", deadline)}
         for worker in self.workers[1:]:
             worker.send({"initial_peer": up[0]["address"]})
+        ids = {0: [up[0]["peer_id"]]}
         for worker in self.workers[1:]:
-            up[worker.index] = worker.expect("up", deadline)
-        self.peer_ids = [up[worker.index]["peer_id"] for worker in self.workers]
+            ids[worker.index] = [worker.expect("up", deadline)["peer_id"] for _ in worker.outputs]
+        self.peer_ids = [peer_id for worker in self.workers for peer_id in ids[worker.index]]
         self.t0 = time.time() + self.lead_seconds
         for worker in self.workers:
             worker.send({"t0": self.t0})
@@ -162,22 +177,39 @@ class AveragingSwarm:
     def results(self, timeout: float) -> list[PeerResult]:
         """Waits (at most `timeout` seconds) until every worker wrote its results; returns them."""
         deadline = time.monotonic() + timeout
-        for worker in self.workers:
-            worker.expect("done", deadline)
+        alive = [worker for worker in self.workers if worker.index not in self.killed]
+        for worker in alive:
+            for _ in worker.outputs:
+                worker.expect("done", deadline)
         results = []
+        index = 0
         for worker in self.workers:
-            saved = torch.load(worker.config["output"], weights_only=False)
-            rounds = [RoundRecord(r["round"], r["size"], r["members"], r["error"], r["started"], r["seconds"], r["codec"])
-                      for r in saved["rounds"]]
-            results.append(PeerResult(worker.index, worker.config, saved["peer_id"], saved["initial"], saved["final"],
-                                      saved["history"], rounds))
+            for config, output in worker.outputs:
+                if worker.index not in self.killed:
+                    saved = torch.load(output, weights_only=False)
+                    rounds = [RoundRecord(r["round"], r["size"], r["members"], r["error"], r["started"], r["seconds"],
+                                          r["codec"]) for r in saved["rounds"]]
+                    results.append(PeerResult(index, config, saved["peer_id"], saved["initial"], saved["final"],
+                                              saved["history"], rounds))
+                index += 1
         return results
+
+    def kill_at(self, index: int, when: float) -> None:
+        """SIGKILLs worker `index` (its whole process) at wall-clock time `when`, never to return."""
+        self.killed.add(index)
+        process = self.workers[index].process
+        timer = threading.Timer(max(0.0, when - time.time()), _kill, (process,))
+        timer.daemon = True
+        timer.start()
+        self._timers.append(timer)
 
     def stderr(self, index: int) -> str:
         return self.workers[index].stderr_tail()
 
     def close(self, timeout: float = 10.0) -> dict[int, int | None]:
         """Closes every worker's stdin (they shut down), kills those that linger; returns exit codes."""
+        for timer in self._timers:
+            timer.cancel()
         for worker in self.workers:
             try:
                 if worker.process.stdin is not None:
@@ -192,7 +224,7 @@ class AveragingSwarm:
                 _kill(worker.process)
                 worker.process.wait(5)
             self.exit_codes[worker.index] = worker.process.returncode
-            if worker.process.returncode != 0:
+            if worker.process.returncode != 0 and worker.index not in self.killed:
                 self.unclean[worker.index] = worker.stderr_tail()
             if worker.process.stdout is not None:
                 worker.process.stdout.close()

@@ -21,6 +21,10 @@ Results (`torch.save` to `output`): `peer_id`, `initial` and `final` (lists of t
 group size `step` returned, None if no group formed), `members` (peer ids of the group), `error`
 (repr of what `step` raised, else None), `started`/`seconds` (wall clock), `codec`.
 
+Several averagers in one process (each with its own DHT node, server and port, on one event
+loop): `co_hosted`, a list of configs laid over this one; each prints its own `up` and `done`
+and writes its results to `output` + `.1`, `.2`, ...
+
 Reproducible groups: `identity_seed` fixes the peer id (the order of peer ids decides groups and
 leaders), `grid_coords` the Moshpit grid coordinates to start from, `grid_seed` the random ones.
 
@@ -163,8 +167,8 @@ def _record_groups(averager: Averager, records: list[dict[str, Any]]) -> None:
     matchmaker = averager._matchmaker()
     original = matchmaker.form_group
 
-    async def recording_form_group(group_key: str, gather_seconds: float | None = None) -> Any:
-        group = await original(group_key, gather_seconds)
+    async def recording_form_group(group_key: str, *args: Any) -> Any:
+        group = await original(group_key, *args)
         records.append({"key": group_key, "members": None if group is None else [m.peer_id for m in group[1]]})
         return group
 
@@ -241,12 +245,39 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         await dht.shutdown()
 
 
+class _Feed(_Stdin):
+    """A copy of stdin's lines for one of several averagers hosted in this process."""
+
+    def __init__(self) -> None:
+        self.queue = asyncio.Queue()
+
+
+async def _fan_out(stdin: _Stdin, feeds: list[_Feed]) -> None:
+    while True:
+        message = await stdin.queue.get()
+        for feed in feeds:
+            feed.queue.put_nowait(message)
+        if message is None:
+            return
+
+
 async def main_async(config: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run(config, _Stdin(loop), stop)
+    guests = config.pop("co_hosted", [])
+    if not guests:
+        await run(config, _Stdin(loop), stop)
+        return
+    # several averagers in this process (each with its own DHT node, server and port)
+    configs = [config] + [{**config, **guest, "output": f"{config['output']}.{k}"} for k, guest in enumerate(guests, 1)]
+    feeds = [_Feed() for _ in configs]
+    forwarding = asyncio.ensure_future(_fan_out(_Stdin(loop), feeds))
+    try:
+        await asyncio.gather(*(run(c, feed, stop) for c, feed in zip(configs, feeds)))
+    finally:
+        forwarding.cancel()
 
 
 

@@ -45,7 +45,26 @@ logger = logging.getLogger(__name__)
 
 REDUCE_ROUTE = "apiary.averaging/Reduce"
 _REMEMBERED_ROUNDS = 1024
-_AUDITED_ROUNDS = 4  # recent rounds whose parts are kept for audits (with verification)
+_AUDITED_ROUNDS = 2  # recent rounds whose parts are kept for audits (with verification)
+_SPARE_BUFFERS = 4  # buffers of rounds gone by, kept for the next rounds
+
+
+class _Buffers:
+    """Float32 buffers of rounds gone by, handed to later rounds that need the same shape
+    (touching fresh memory costs more than the copies that fill it)."""
+
+    def __init__(self) -> None:
+        self._spare: list[torch.Tensor] = []
+
+    def take(self, *shape: int) -> torch.Tensor:
+        for index, buffer in enumerate(self._spare):
+            if tuple(buffer.shape) == shape:
+                return self._spare.pop(index)
+        return torch.empty(*shape, dtype=torch.float32)
+
+    def give(self, buffer: torch.Tensor) -> None:
+        self._spare.append(buffer)
+        del self._spare[:-_SPARE_BUFFERS]
 
 
 @dataclass
@@ -73,7 +92,7 @@ class _SpanReduction:
     """The reducer's side of one span: accumulates weighted parts (or, for a robust aggregator,
     keeps them all), then publishes their combination."""
 
-    def __init__(self, round_: GroupRound, numel: int):
+    def __init__(self, round_: GroupRound, numel: int, buffers: _Buffers | None = None):
         self.numel = numel
         self.group_id, self.span = round_.group_id, round_.own_index
         self.expected = {m.peer_id for m in round_.members if m.sends}
@@ -83,7 +102,7 @@ class _SpanReduction:
         self.sum = torch.empty(numel, dtype=torch.float32)  # written whole by the first part (or at the end)
         if self.aggregator.robust or self.verify:  # one row per sender; parts arrive in a reused buffer: copied
             self._rows = {peer: row for row, peer in enumerate(sorted(self.expected))}
-            self._parts = torch.empty(len(self._rows), numel, dtype=torch.float32)
+            self._parts = (buffers or _Buffers()).take(len(self._rows), numel)
             self._weights = torch.zeros(len(self._rows), dtype=torch.float32)
         self.weight = 0.0
         self.contributors: set[str] = set()
@@ -178,26 +197,31 @@ class AllReduceService:
         self._registered: dict[str, asyncio.Event] = {}
         self._closed: dict[str, None] = {}  # recently finished rounds, oldest first
         self._audited: dict[str, _SpanReduction] = {}  # recent verified rounds' reductions, for audits
-        self._own_parts: dict[str, tuple[float, dict[int, torch.Tensor]]] = {}  # our weight and parts, by round
+        self._own_parts: dict[str, _OwnParts] = {}  # our weight and parts, by round
+        self.buffers = _Buffers()
 
     def open(self, round_: GroupRound) -> None:
         """Starts accepting parts for this member's span of `round_`."""
         start, end = round_.spans[round_.own_index]
-        self._reductions[round_.group_id] = _SpanReduction(round_, end - start)
+        self._reductions[round_.group_id] = _SpanReduction(round_, end - start, self.buffers)
         self._registered.setdefault(round_.group_id, asyncio.Event()).set()
 
     def close(self, group_id: str) -> None:
         reduction = self._reductions.pop(group_id, None)
         if reduction is not None and reduction.verify:
-            _keep_recent(self._audited, group_id, reduction)
+            for gone in _keep_recent(self._audited, group_id, reduction):
+                self.buffers.give(gone._parts)
+        elif reduction is not None and reduction.aggregator.robust:
+            self.buffers.give(reduction._parts)
         self._registered.pop(group_id, None)
         self._closed[group_id] = None  # a late part is refused at once, not after a wait
         while len(self._closed) > _REMEMBERED_ROUNDS:
             self._closed.pop(next(iter(self._closed)))
 
-    def keep_own_parts(self, group_id: str, weight: float, parts: dict[int, torch.Tensor]) -> None:
-        """Serves our `parts` of a verified round (span -> part as decoded) on the Part route."""
-        _keep_recent(self._own_parts, group_id, (weight, parts))
+    def keep_own_parts(self, group_id: str, own: _OwnParts) -> None:
+        """Serves our parts of a verified round on the Part route (for the next rounds too)."""
+        for gone in _keep_recent(self._own_parts, group_id, own):
+            self.buffers.give(gone.storage)
 
     def contribute_local(self, group_id: str, sender: str, part: torch.Tensor, weight: float,
                          signed: SignedPart | None = None) -> None:
@@ -240,10 +264,10 @@ class AllReduceService:
     async def handle_part(self, call: BulkCall) -> BulkAnswer:
         """The Part route: our part of a span of a recent verified round."""
         request = decode(PartRequest, call.body)
-        weight, parts = self._own_parts.get(request.group_id, (0.0, {}))
-        if request.span not in parts:
+        own = self._own_parts.get(request.group_id)
+        if own is None or request.span not in own.parts:
             raise InvalidRequest(f"no part of span {request.span} of round {request.group_id!r} here")
-        reply, tensors = part_answer(weight, parts[request.span])
+        reply, tensors = part_answer(own.weight, own.parts[request.span].clone())  # its buffer may be reused
         return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in tensors])
 
     async def _reduction_for(self, group_id: str) -> _SpanReduction:
@@ -286,6 +310,15 @@ async def run_allreduce(
 
 
 @dataclass
+class _OwnParts:
+    """Our weight and parts of one verified round (span -> part as its reducer decodes it), in one buffer."""
+
+    weight: float
+    storage: torch.Tensor
+    parts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class _Exchange:
     """One member's round: where results go and, with verification, what it committed to."""
 
@@ -299,15 +332,15 @@ class _Exchange:
     answered: dict[int, str] = field(default_factory=dict)  # span -> codec of its reducer's reply
     shunned: set[int] = field(default_factory=set)  # spans of reducers we banned: recomputed from the parts
     commitments: dict[int, SignedPart] = field(default_factory=dict)  # our commitments, by span
-    parts: dict[int, torch.Tensor] = field(default_factory=dict)  # our parts as decoded, by span
+    own: _OwnParts | None = None  # with verification: our parts as decoded, kept for the Part route
 
     async def committed(self, index: int, part: torch.Tensor) -> SignedPart | None:
         """Our signed commitment to `part` (span `index`), kept to serve and to audit against."""
-        if self.verifier is None:
+        if self.verifier is None or self.own is None:
             return None
-        self.parts[index] = part.clone()
-        signed = await asyncio.to_thread(commit, self.verifier.identity, self.round_.group_id, index, self.weight,
-                                         self.parts[index])
+        start, end = self.round_.spans[index]
+        kept = self.own.parts[index] = self.own.storage[start:end].copy_(part)
+        signed = await asyncio.to_thread(commit, self.verifier.identity, self.round_.group_id, index, self.weight, kept)
         self.commitments[index] = signed
         return signed
 
@@ -318,8 +351,9 @@ async def _allreduce(exchange: _Exchange, flat: torch.Tensor) -> torch.Tensor:
     me = round_.me
     if me.reduces:
         service.open(round_)
-    if exchange.verifier is not None:
-        service.keep_own_parts(round_.group_id, exchange.weight, exchange.parts)
+    if exchange.verifier is not None and me.sends:
+        exchange.own = _OwnParts(exchange.weight, service.buffers.take(round_.total))
+        service.keep_own_parts(round_.group_id, exchange.own)
     try:
         tasks = []
         if me.sends:
@@ -332,7 +366,8 @@ async def _allreduce(exchange: _Exchange, flat: torch.Tensor) -> torch.Tensor:
         await asyncio.gather(*tasks)
         if exchange.verifier is not None:
             await exchange.verifier.audit(round_, exchange.result, exchange.weight, exchange.answered,
-                                          exchange.commitments, exchange.parts, exchange.client, exchange.shunned)
+                                          exchange.commitments, exchange.own.parts if exchange.own else {},
+                                          exchange.client, exchange.shunned)
     finally:
         if me.reduces:
             service.close(round_.group_id)
@@ -375,10 +410,13 @@ async def _exchange(exchange: _Exchange, index: int, member: Member, part: torch
         target.copy_(part)
 
 
-def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> None:
+def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> list[Any]:
+    """Keeps `value` under `key`; returns the values of the oldest rounds that no longer fit."""
     kept[key] = value
+    gone = []
     while len(kept) > _AUDITED_ROUNDS:
-        kept.pop(next(iter(kept)))
+        gone.append(kept.pop(next(iter(kept))))
+    return gone
 
 
 def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:

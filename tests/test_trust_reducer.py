@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 from averaging_harness import REPO_ROOT, _kill, _pythonpath, _Worker
 from averaging_worker import make_tensors
 
@@ -26,7 +27,8 @@ from apiary.averaging.aggregation import Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction
 from apiary.averaging.partition import Member, Mode, shares, spans
 from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, ReduceRequest
-from apiary.averaging.verification import BLOCK, PartTree, Verifier, block_matches, commit
+from apiary.averaging.verification import BLOCK, Outcome, PartTree, Verifier, block_matches, commit
+from apiary.services.averager import AveragerMetrics
 from apiary.wire import Endpoint, Identity, RpcServer, WireError, WireSettings
 from apiary.wire.bulk import BulkClient
 from apiary.wire.tensors import tensor_from_payload, tensor_payload
@@ -202,3 +204,20 @@ async def test_an_auditor_convicts_a_reducer_by_its_own_answers_only() -> None:
     dropped = AuditReply(parts=[p for p in reply.parts if p.commitment != own.commitment])
     kept = [v for p, v in zip(reply.parts, values) if p.commitment != own.commitment]
     assert auditor._problem(round_, 0, [0, 2], dropped, kept, honest.clone(), "none", own) == "left out our part"
+
+
+def test_the_averager_service_counts_audits_and_banned_reducers() -> None:
+    registry = CollectorRegistry()
+    metrics = AveragerMetrics(registry)
+    verifier = Verifier(Identity.generate())
+    metrics.watch_verifier(verifier)
+    assert registry.get_sample_value("apiary_averager_banned_peers") == 0
+    liar = Identity.generate().peer_id
+    verifier.ban(liar, "returned values 5 away from what its parts combine to")
+    verifier.ban(liar, "again")  # one ban per peer, the first reason kept
+    assert verifier.banned == {liar: "returned values 5 away from what its parts combine to"}
+    assert registry.get_sample_value("apiary_averager_banned_peers") == 1
+    assert verifier.on_audit is not None
+    verifier.on_audit(Outcome(3, "lying", "returned values 5 away"))
+    assert registry.get_sample_value("apiary_averager_audits_total", {"result": "lying"}) == 1
+    assert registry.get_sample_value("apiary_averager_audits_total", {"result": "ok"}) == 0

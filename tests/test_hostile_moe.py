@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from dht_swarm import Swarm as DHTSwarm
 from net.moe_client import ObservedMixture
 from prometheus_client.parser import text_string_to_metric_families
 from service_processes import ServiceProcess, ServiceProcesses
@@ -29,7 +30,7 @@ from apiary.moe.bans import ServerBans
 from apiary.moe.client import shared_pool
 from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults
 from apiary.moe.server import EXPERTS_SERVICE
-from apiary.wire import PeerAddress, PeerUnavailable, RequestRejected, RpcClient
+from apiary.wire import ChannelPool, PeerAddress, PeerUnavailable, RequestRejected, RpcClient
 from apiary.wire.tensors import serialize_tensor
 
 HIDDEN = 16
@@ -212,3 +213,21 @@ def test_a_ban_doubles_with_each_failure_and_an_answer_lifts_it() -> None:
     assert bans.banned("a")
     bans.outcome("a", RequestRejected("refused", peer="a"))  # it answered: alive
     assert not bans.banned("a")
+
+
+async def test_a_dht_lookup_ends_at_its_deadline_and_the_next_does_not_wait_for_frozen_nodes() -> None:
+    with DHTSwarm(workers=3, nodes_per_worker=2, settings={"rpc_timeout": 3.0}) as dht_swarm:
+        async with ChannelPool() as pool:
+            client = dht_swarm.client(0, pool, timeout=10)
+            assert await client.store("ffn.", ["ffn.0.0", "somewhere"], time.time() + 60, subkey=0)
+            dht_swarm.freeze_worker(2)  # two of the six nodes stop answering; their sockets stay open
+            lookups = []
+            for _ in range(3):
+                started = time.monotonic()
+                found = await client.get("ffn.", latest=True, timeout=1.0)
+                lookups.append(time.monotonic() - started)
+                assert found is not None and found.value[0].value == ["ffn.0.0", "somewhere"]
+    # a lookup that meets a frozen node ends at its deadline, not after the 3 s RPC timeout (each
+    # frozen node is met once: the 1st or 2nd lookup); the query to it runs on, and meanwhile the
+    # next lookups skip it instead of waiting for it again
+    assert max(lookups) < 2.0 and lookups[2] < 0.5, lookups

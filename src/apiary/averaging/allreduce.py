@@ -208,6 +208,8 @@ class AllReduceService:
 
     def close(self, group_id: str) -> None:
         reduction = self._reductions.pop(group_id, None)
+        if reduction is not None and (reduction.verify or reduction.aggregator.robust):
+            reduction.finish()  # a round cut short: no part may land in a buffer handed on below
         if reduction is not None and reduction.verify:
             for gone in _keep_recent(self._audited, group_id, reduction):
                 self.buffers.give(gone._parts)

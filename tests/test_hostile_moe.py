@@ -187,7 +187,7 @@ def test_a_killed_and_a_frozen_server_cost_no_step_time(swarm: Swarm) -> None:
         os.kill(frozen.process.pid, signal.SIGCONT)
     resumed = time.monotonic()
     print(f"median step: {median_seconds(healthy):.3f} s healthy, {median_seconds(failing):.3f} s with one server "
-          f"killed and one frozen (slowest {max(float(s['seconds']) for s in failing):.3f} s)")  # type: ignore[arg-type]
+          f"killed and one frozen, steps: {[round(float(step['seconds']), 2) for step in failing]}")  # type: ignore[arg-type]
     assert all("error" not in step for step in failing), failing  # training goes on
     assert all(step["answered"] == [0] for step in failing), failing
     # the frozen server's expert calls and its DHT node's lookups are not waited for, step after step

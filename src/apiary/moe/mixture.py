@@ -38,14 +38,15 @@ class RemoteMixtureOfExperts(nn.Module):
     `pool` dials the expert servers (used on `background_loop()` only); by default, one made
     like the DHT node's (`dht.pool`: its TLS or plaintext, identity and private-run token), or,
     for a DHT without one, the process's shared pool (TLS, no token).
-    `search_timeout` bounds the beam search in the DHT: it then goes on with the experts found.
+    `search_timeout` bounds the beam search in the DHT, which then goes on with the experts found
+    (default: the fault tolerance's `forward_timeout`).
     `bans` skips servers that failed recently (default: the process's list, `apiary.moe.bans`).
     """
 
     def __init__(self, *, in_features: int, grid_size: Sequence[int], dht: DHTLike, prefix: str, k_best: int = 4,
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
-                 search_timeout: float = 10.0, keep_activations: bool = True, pool: ChannelPool | None = None,
-                 bans: ServerBans | None = None):
+                 search_timeout: float | None = None, keep_activations: bool = True,
+                 pool: ChannelPool | None = None, bans: ServerBans | None = None):
         super().__init__()
         if not grid_size or any(size < 1 for size in grid_size):
             raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {list(grid_size)}")
@@ -58,7 +59,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.k_best = k_best
         self.beam_size = beam_size
         self.fault_tolerance = fault_tolerance or FaultTolerance()
-        self.search_timeout = search_timeout
+        self.search_timeout = search_timeout if search_timeout is not None else self.fault_tolerance.forward_timeout
         self.keep_activations = keep_activations
         dht_pool = getattr(dht, "pool", None)
         self.pool = pool or (dht_pool.copy() if isinstance(dht_pool, ChannelPool) else None)

@@ -30,8 +30,8 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
 
     def __init__(self, *, in_features: int, grid_size: Sequence[int], dht: DHTLike, prefix: str,
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
-                 search_timeout: float = 10.0, keep_activations: bool = True, pool: ChannelPool | None = None,
-                 bans: ServerBans | None = None):
+                 search_timeout: float | None = None, keep_activations: bool = True,
+                 pool: ChannelPool | None = None, bans: ServerBans | None = None):
         super().__init__(in_features=in_features, grid_size=grid_size, dht=dht, prefix=prefix, k_best=1,
                          beam_size=beam_size, fault_tolerance=fault_tolerance, search_timeout=search_timeout,
                          keep_activations=keep_activations, pool=pool, bans=bans)

@@ -9,7 +9,15 @@ command where atheris is not installed), or for a minute each with `benchmarks/f
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+
+import grpc
+import hpack
 
 from apiary.averaging.compression import CODECS, codec_by_name
 from apiary.averaging.matchmaking import MATCHMAKING
@@ -18,7 +26,7 @@ from apiary.dht.messages import check_items, contact_of
 from apiary.dht.node import NODE_SERVICE
 from apiary.dht.protos.dht_pb2 import FindRequest, PingRequest, StoreRequest
 from apiary.dht.validation import DHTRecord, SignatureValidator
-from apiary.wire import InvalidRequest, WireSettings
+from apiary.wire import Identity, InvalidRequest, RpcServer, WireSettings
 from apiary.wire.bulk import MAX_TENSORS_PER_REQUEST, parse_request
 from apiary.wire.chunks import ChunkAssembler
 from apiary.wire.limits import ByteBudget
@@ -131,6 +139,84 @@ def codec_part(data: bytes) -> None:
         pass
 
 
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADERS, _SETTINGS, _END_STREAM_AND_HEADERS = 1, 4, 0x5
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + (stream & 0x7FFFFFFF).to_bytes(4, "big") + payload
+
+
+def http2_bytes(data: bytes) -> bytes:
+    """What a client sends on a fresh connection, after the preface and its SETTINGS: the first
+    byte picks (0) `data` as is, (1) one request whose `:path` is `data` (any bytes), (2) frames
+    cut from `data` (type, flags, stream and length bytes, then the payload)."""
+    start = HTTP2_PREFACE + _frame(_SETTINGS, 0, 0, b"")
+    mode, rest = (data[0] % 3, data[1:]) if data else (0, b"")
+    if mode == 0:
+        return start + rest
+    if mode == 1:
+        block = hpack.Encoder().encode([(b":method", b"POST"), (b":scheme", b"http"), (b":path", rest),
+                                        (b":authority", b"apiary"), (b"content-type", b"application/grpc"),
+                                        (b"te", b"trailers")], huffman=False)
+        return start + _frame(_HEADERS, _END_STREAM_AND_HEADERS, 1, block)
+    frames, offset = [], 0
+    while offset + 4 <= len(rest):
+        kind, flags, stream, length = rest[offset : offset + 4]
+        frames.append(_frame(kind % 10, flags, stream, rest[offset + 4 : offset + 4 + length]))
+        offset += 4 + length
+    return start + b"".join(frames)
+
+
+def answers_ping(address: str, within: float) -> bool:
+    """Whether the gRPC server at `address` answers a Probe Ping within `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        with grpc.insecure_channel(address) as channel:  # a fresh one: no reconnection backoff left from a refusal
+            try:
+                channel.unary_unary("/apiary.wire.Probe/Ping")(b"", timeout=1)
+                return True
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    return False
+        time.sleep(0.02)
+
+
+class _LiveServer:
+    """A plaintext RpcServer on 127.0.0.1 with its own event loop in a daemon thread, stopped at exit."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="fuzz-live-server").start()
+        self.server = RpcServer(WireSettings(listen_host="127.0.0.1", bulk=False, tls=False), Identity.generate())
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
+        self.address = str(self.server.local_endpoint)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+_live: _LiveServer | None = None
+
+
+def http2_frames(data: bytes) -> None:
+    """Raw HTTP/2 (`http2_bytes`) at a live gRPC server: whatever arrives, the server still answers
+    a clean call afterwards (within the few seconds a restart may take)."""
+    global _live
+    if _live is None:
+        _live = _LiveServer()
+    host, port = _live.address.rsplit(":", 1)
+    assert answers_ping(_live.address, 10), "the server no longer answers"  # it may be restarting still
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        try:
+            sock.sendall(http2_bytes(data))
+        except OSError:
+            pass  # the server may hang up on garbage mid-send
+    assert answers_ping(_live.address, 10), f"the server no longer answers after {data!r}"
+
+
 def noop(data: bytes) -> None:
     """Decodes nothing: the fuzzing engine's own speed, the reference `benchmarks/fuzz.py` divides by."""
 
@@ -142,6 +228,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "chunk_stream": chunk_stream,
     "bulk_frame": bulk_frame,
     "codec_part": codec_part,
+    "http2_frames": http2_frames,
 }
 
 
@@ -173,6 +260,7 @@ def seeds() -> dict[str, list[bytes]]:
         "bulk_frame": [BulkRequest(route="r", body=b"b", tensors=[tensor_payload(t)[0] for t in tensors],
                                    metadata={"k": "v"}).SerializeToString()],
         "noop": [b""],
+        "http2_frames": [b"\x01/apiary.wire.Probe/Ping", b"\x02" + bytes([8, 0, 0, 4]) + b"\x00\x00\x00\x01"],
         "codec_part": [bytes([index, 16]) + framed([serialize_tensor(t).SerializeToString()
                                                     for t in codec_by_name(name).encode(part)])
                        for index, name in enumerate(codecs)],

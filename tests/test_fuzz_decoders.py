@@ -2,8 +2,8 @@
 request decoder, the bulk frame parser and route handlers, the tensor deserializers and the
 averaging codecs. The only failures allowed are the documented ones (`InvalidRequest` and its
 subclasses, `ValueError` from codecs; gRPC statuses that name the request as bad), within a
-deadline (no hang). The end-to-end part sends raw bytes to real `apiary dht` and `apiary averager`
-processes, then checks that they still serve.
+deadline (no hang). The end-to-end part sends raw bytes, raw HTTP/2 frames and random tensor
+streams to real `apiary dht` and `apiary averager` processes, then checks that they still serve.
 
 The fuzz targets of `fuzz/targets.py` (run for longer by atheris, `benchmarks/fuzz.py`) get the
 same hypothesis treatment here."""
@@ -11,10 +11,12 @@ same hypothesis treatment here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import re
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -206,6 +208,45 @@ def test_raw_bytes_to_every_public_method_get_an_answer_or_a_refusal(swarm: tupl
     finally:
         for channel in channels.values():
             channel.close()
+
+
+def test_raw_http2_at_every_public_grpc_port_leaves_it_serving(swarm: tuple[ServiceProcess, ServiceProcess]) -> None:
+    addresses = [public_endpoints(process)[0] for process in swarm]
+
+    @REMOTE
+    @given(st.sampled_from(addresses), st.binary(max_size=512))
+    @example(addresses[0], b"\x01/apiary.wire.Probe/\xff\xfe")  # a :path that is not UTF-8
+    def fuzz(address: str, data: bytes) -> None:
+        endpoint = Endpoint.parse(address)
+        assert targets.answers_ping(address, 10), f"{address} no longer answers"
+        with socket.create_connection((endpoint.host, endpoint.port), timeout=5) as sock:
+            with contextlib.suppress(OSError):
+                sock.sendall(targets.http2_bytes(data))
+        assert targets.answers_ping(address, 10), f"{address} no longer answers after {data!r}"
+
+    fuzz()
+    for process in swarm:
+        assert process.process.poll() is None
+        assert process.get("/healthz").status_code == 200
+
+
+async def test_random_tensor_streams_to_echo_get_a_clear_refusal(swarm: tuple[ServiceProcess, ServiceProcess]) -> None:
+    dht, _ = swarm
+    generator = random.Random(13)
+    async with grpc.aio.insecure_channel(public_endpoints(dht)[0]) as channel:
+        echo = channel.stream_stream("/apiary.wire.Probe/Echo")  # bytes in, bytes out
+        for _ in range(200):
+            messages = [generator.randbytes(generator.randint(0, 64)) for _ in range(generator.randint(1, 3))]
+            try:
+                async for _ in echo(_stream(messages), timeout=4):
+                    pass
+            except grpc.aio.AioRpcError as e:  # before: some were INTERNAL ("Internal error from Core")
+                assert e.code() in REFUSALS, f"{messages!r}: {e.code()}: {e.details()}"
+
+
+async def _stream(messages: list[bytes]) -> AsyncIterator[bytes]:
+    for message in messages:
+        yield message
 
 
 def bulk_exchange(endpoint: str, payload: bytes) -> BulkReply | None:

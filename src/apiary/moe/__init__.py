@@ -6,12 +6,14 @@ Server side:
 - `apiary.moe.experts`: `ExpertSpec`, `Expert` (a module with its own optimizer);
 - `apiary.moe.runtime`: dynamic batching of requests per expert (`BatchingRuntime`);
 - `apiary.moe.server`: the `apiary.moe.Experts` gRPC service (`ExpertServer`);
+- `apiary.moe.finite`: the check that keeps NaN and infinity out of an expert;
 - `apiary.moe.checkpoints`, `apiary.moe.declaration`, `apiary.moe.names`, `apiary.moe.metrics`.
 
 Client side:
 - `apiary.moe.client`: `RemoteExpert`, a torch module whose forward and backward run remotely;
 - `apiary.moe.mixture`: `RemoteMixtureOfExperts` (beam search over the DHT, one call per
-  server per pass, fault tolerance from `apiary.moe.dispatch`);
+  server per pass, fault tolerance from `apiary.moe.dispatch`, failing servers skipped for a
+  while by `apiary.moe.bans`);
 - `apiary.moe.switch`: `RemoteSwitchMixtureOfExperts` (top-1 routing, load-balancing loss).
 """
 

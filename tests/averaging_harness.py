@@ -48,6 +48,8 @@ class RoundRecord:
     started: float
     seconds: float
     codec: str
+    banned: list[str] = field(default_factory=list)  # with verify_reductions: peers banned after the round
+    audits: dict[str, int] = field(default_factory=dict)  # with verify_reductions: audited spans so far, by outcome
 
 
 @dataclass
@@ -188,7 +190,7 @@ class AveragingSwarm:
                 if worker.index not in self.killed:
                     saved = torch.load(output, weights_only=False)
                     rounds = [RoundRecord(r["round"], r["size"], r["members"], r["error"], r["started"], r["seconds"],
-                                          r["codec"]) for r in saved["rounds"]]
+                                          r["codec"], r.get("banned", []), r.get("audits", {})) for r in saved["rounds"]]
                     results.append(PeerResult(index, config, saved["peer_id"], saved["initial"], saved["final"],
                                               saved["history"], rounds))
                 index += 1

@@ -32,7 +32,13 @@ Fault injection (test code, selected by `faults` in the config):
 - `stall_sending: S` and `slow: S`: every outgoing Reduce call sleeps S seconds first (a stall is
   longer than the sender timeout, a slow peer stays within it);
 - `stop_reducing: true`: this peer's Reduce route fails every call, so senders keep their local
-  values for its span (its own part still goes to its local reduction).
+  values for its span (its own part still goes to its local reduction);
+- `bias_reduced_span: {"bias": B, "rounds": [r, ...]}`: in those rounds this peer reduces
+  honestly but returns its span shifted by B (the parts it keeps, and serves to auditors, stay
+  as received): a lying reducer.
+
+With `verify_reductions`, each round's record also holds `banned` (the peer ids this averager
+has banned, after the round) and `audits` (its audited spans so far, by outcome).
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ import torch
 
 from worker_support import die_with_parent, emit
 
-from apiary.averaging.allreduce import REDUCE_ROUTE, flatten
+from apiary.averaging.allreduce import REDUCE_ROUTE, GroupRound, flatten
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
 from apiary.dht import DHTNode
@@ -80,12 +86,13 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 1,
     "period": 4.0,
     "faults": {},
+    "verify_reductions": False,
     "max_seconds": 120.0,
     "plaintext": False,  # the DHT node and the averager's server speak plaintext (the averager's pool: its default)
     "skip_rounds": [],  # rounds this peer sits out; the others name their round to step()
 }
 
-AVERAGER_FIELDS = ("prefix", "mode", "target_group_size", "min_group_size", "expected_peers", "bandwidth",
+AVERAGER_FIELDS = ("prefix", "mode", "target_group_size", "min_group_size", "expected_peers", "bandwidth", "verify_reductions",
                    "gather_seconds", "join_seconds", "sender_timeout", "round_timeout")
 
 
@@ -160,6 +167,32 @@ def _inject_faults(averager: Averager, server: RpcServer, faults: dict[str, Any]
             raise RuntimeError("fault injection: this peer stopped reducing")
 
         server.bulk.add_route(REDUCE_ROUTE, failing_reduce)
+    if "bias_reduced_span" in faults:
+        _bias_reduced_span(averager, float(faults["bias_reduced_span"]["bias"]), set(faults["bias_reduced_span"]["rounds"]))
+
+
+def _bias_reduced_span(averager: Averager, bias: float, rounds: set[int]) -> None:
+    """Failure injection point `bias_reduced_span`: the span this averager reduces comes back
+    shifted by `bias` in `rounds`."""
+    reductions = averager.reductions
+    original_open = reductions.open
+
+    def open_biased(round_: GroupRound) -> None:
+        original_open(round_)
+        if averager.round_index - 1 not in rounds:  # step() has moved round_index past the round it runs
+            return
+        reduction = reductions._reductions[round_.group_id]
+        honest_finish = reduction.finish
+
+        def biased_finish() -> None:
+            if not reduction.done.is_set():
+                honest_finish()
+                assert reduction.mean is not None
+                reduction.mean.add_(bias)
+
+        reduction.finish = biased_finish  # type: ignore[method-assign]
+
+    reductions.open = open_biased  # type: ignore[method-assign]
 
 
 def _record_groups(averager: Averager, records: list[dict[str, Any]]) -> None:
@@ -226,6 +259,8 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
                 traceback.print_exc()
             record["seconds"] = time.time() - started
             record["members"] = groups[-1]["members"] if groups else None
+            if averager.verifier is not None:
+                record["banned"], record["audits"] = sorted(averager.verifier.banned), dict(averager.verifier.audits)
             rounds.append(record)
             history.append(flatten(tensors).clone())
         torch.save({"peer_id": identity.peer_id, "initial": initial, "final": [t.clone() for t in tensors],

@@ -1,27 +1,21 @@
-"""A lying reducer, end to end: 16 peers (4 processes, 4 participants each, every participant its
-own identity, server and averager on real sockets) average fresh tensors in groups of 16. One
-peer reduces honestly but adds a bias to the span it returns, every round. With verification
-(`verify_reductions`) every honest peer's result is the true mean (its audit catches the liar
-and recomputes the liar's span from the honest senders' parts), and every honest peer bans the
-liar: from the next round on it is left out of their groups. No honest peer is banned.
+"""A lying reducer, end to end: 16 averagers (4 processes over real sockets, each averager its
+own identity, DHT node, server and port) average fresh tensors in groups of 16. One of them
+reduces honestly but adds a bias to the span it returns, every round (failure injection point
+`bias_reduced_span` of `tests/averaging_worker.py`). With verification (`verify_reductions`)
+every honest peer's result is the true mean (its audit catches the liar and recomputes the
+liar's span from the honest senders' parts), and every honest peer bans the liar: from then on
+it is left out of their groups. No honest peer is banned.
 
 Also, in one process: commitments and audit answers that a reducer cannot forge."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from typing import Any
 
 import pytest
 import torch
+from averaging_harness import PeerResult, make_tensors, run_swarm
 from prometheus_client import CollectorRegistry
-from averaging_harness import REPO_ROOT, _kill, _pythonpath, _Worker
-from averaging_worker import make_tensors
 
 from apiary.averaging.aggregation import Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction
@@ -33,57 +27,32 @@ from apiary.wire import Endpoint, Identity, RpcServer, WireError, WireSettings
 from apiary.wire.bulk import BulkClient
 from apiary.wire.tensors import tensor_from_payload, tensor_payload
 
-PROCESSES = 4
 PEERS = 16
 LIAR = 6
 BIAS = 5.0
 ROUNDS = 3
-PERIOD = 5.0
 SHAPES = [[40, 64], [37]]  # 2597 values: spans of 162 or 163, one block each
-CONFIG = {"rounds": ROUNDS, "period": PERIOD, "group_size": PEERS, "gather_seconds": 1.0, "join_seconds": 1.5,
-          "codec": "none", "shapes": SHAPES, "liar": LIAR, "bias": BIAS, "bias_rounds": list(range(ROUNDS))}
+BASE = {"prefix": "lying-reducer", "target_group_size": PEERS, "expected_peers": PEERS, "gather_seconds": 1.0,
+        "join_seconds": 1.5, "sender_timeout": 3.0, "round_timeout": 10.0, "rounds": ROUNDS, "period": 5.0,
+        "shapes": SHAPES, "fresh_each_round": True}
 
 
-def run_processes(verify: bool) -> list[dict[str, Any]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
-    workers: list[_Worker] = []
-    with tempfile.TemporaryDirectory(prefix="apiary-reducer-") as directory:
-        try:
-            for index in range(PROCESSES):
-                config = {**CONFIG, "verify": verify, "peers": list(range(index, PEERS, PROCESSES)),
-                          "output": os.path.join(directory, f"process{index}.pt"), "max_seconds": 120}
-                stderr = tempfile.TemporaryFile()
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "tests.trust_reducer_worker", "--config", json.dumps(config)],
-                    cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                    start_new_session=True,
-                )
-                workers.append(_Worker(index, config, process, stderr))
-                workers[-1].start_reader()
-            deadline = time.monotonic() + 60
-            workers[0].send({"initial_peer": None})
-            first = workers[0].expect("up", deadline)["address"]
-            for worker in workers[1:]:
-                worker.send({"initial_peer": first})
-            for worker in workers[1:]:
-                worker.expect("up", deadline)
-            t0 = time.time() + 1.0
-            for worker in workers:
-                worker.send({"t0": t0})
-            deadline = time.monotonic() + ROUNDS * PERIOD + 40
-            for worker in workers:
-                worker.expect("done", deadline)
-            return [peer for worker in workers for peer in torch.load(worker.config["output"], weights_only=False)]
-        finally:
-            for worker in workers:
-                _kill(worker.process)
-                worker.process.wait(10)
-                worker.stderr.close()
+def run_peers(verify: bool) -> list[PeerResult]:
+    """The 16 averagers: the first alone in its process (it starts the DHT), then 5 per process."""
+    def peer(index: int) -> dict[str, Any]:
+        faults = {"bias_reduced_span": {"bias": BIAS, "rounds": list(range(ROUNDS))}} if index == LIAR else {}
+        return {"seed": index, "identity_seed": 500 + index, "faults": faults}
+
+    common = {**BASE, "verify_reductions": verify}
+    configs = [{**common, **peer(0)}]
+    for first in range(1, PEERS, 5):
+        configs.append({**common, **peer(first), "co_hosted": [peer(i) for i in range(first + 1, first + 5)]})
+    return run_swarm(configs, timeout=ROUNDS * 5.0 + 40)
 
 
-def expected_result(members: list[str], round_index: int, peer_of: dict[str, int], liar: str) -> torch.Tensor:
+def expected_result(members: list[str], round_index: int, seed_of: dict[str, int], liar: str) -> torch.Tensor:
     """The mean of the members' tensors, where the liar reduced: the mean of the others' only."""
-    parts = {peer_id: torch.cat([t.reshape(-1) for t in make_tensors(peer_of[peer_id], SHAPES, round_index)])
+    parts = {peer_id: torch.cat([t.reshape(-1) for t in make_tensors(seed_of[peer_id], SHAPES, round_index)])
              for peer_id in members}
     expected = torch.stack(list(parts.values())).mean(dim=0)
     if liar in members:
@@ -96,22 +65,24 @@ def expected_result(members: list[str], round_index: int, peer_of: dict[str, int
 
 @pytest.mark.timeout(150)
 def test_a_lying_reducer_is_caught_its_span_recomputed_and_it_is_banned() -> None:
-    peers = run_processes(verify=True)
-    peer_of = {p["peer_id"]: p["peer"] for p in peers}
-    liar = next(p["peer_id"] for p in peers if p["peer"] == LIAR)
-    honest = [p for p in peers if p["peer"] != LIAR]
-    assert sum(p["members"][0] is not None and liar in p["members"][0] for p in honest) >= 12, \
-        [(p["members"], p["errors"]) for p in honest]  # the liar reduced for (nearly) everyone in round 0
+    peers = run_peers(verify=True)
+    seed_of = {p.peer_id: int(p.config["seed"]) for p in peers}
+    liar = next(p.peer_id for p in peers if p.config["seed"] == LIAR)
+    honest = [p for p in peers if p.peer_id != liar]
+    assert len(peers) == PEERS
+    assert sum(p.rounds[0].members is not None and liar in p.rounds[0].members for p in honest) >= 12, \
+        [(r.members, r.error) for p in honest for r in p.rounds]  # the liar reduced for (nearly) everyone in round 0
     for p in honest:
-        for round_index, (members, result) in enumerate(zip(p["members"], p["results"])):
-            if members is None:
+        for record, result in zip(p.rounds, p.history):
+            if record.members is None:
                 continue  # no group this round (a loaded machine): the tensors are the peer's own
-            expected = expected_result(members, round_index, peer_of, liar)
+            expected = expected_result(record.members, record.round, seed_of, liar)
             error = float((result - expected).abs().max())
-            assert error < 1e-4, (p["peer"], round_index, error, p["audits"], p["errors"])
-        assert set(p["banned"][0]) <= {liar} and p["banned"][1] == [liar], (p["peer"], p["banned"], p["audits"])
-        assert all(members is None or liar not in members for members in p["members"][2:]), p["members"]
-        assert p["audits"].get("lying", 0) >= 1
+            assert error < 1e-4, (p.config["seed"], record.round, error, record.audits, record.error)
+        banned = [record.banned for record in p.rounds]
+        assert set(banned[0]) <= {liar} and banned[1] == [liar], (p.config["seed"], banned)  # within two rounds
+        assert all(r.members is None or liar not in r.members for r in p.rounds[2:]), [r.members for r in p.rounds]
+        assert p.rounds[-1].audits.get("lying", 0) >= 1
 
 
 # ---- in one process: what a reducer cannot forge ----

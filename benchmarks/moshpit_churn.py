@@ -114,10 +114,10 @@ def random_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[li
 def run_round(swarm: Swarm, round_index: int, rate: float, grouping: Grouping, failures: random.Random) -> None:
     alive = [i for i, peer in swarm.peers.items() if peer.alive]
     failing = [i for i in alive if failures.random() < rate]
-    killed = {i for i in failing if failures.random() < 0.25}
-    killed_late = {i for i in killed if failures.random() < 0.5}  # died during the all-reduce
+    killed = [i for i in failing if failures.random() < 0.25]
+    killed_late = [i for i in killed if failures.random() < 0.5]  # died during the all-reduce
     present = [i for i in alive if i not in failing or i in killed]
-    groups = {tuple(sorted(group)) for group in grouping(swarm, round_index, present)}
+    groups = sorted({tuple(sorted(group)) for group in grouping(swarm, round_index, present)})
     before = {i: swarm.peers[i].values.clone() for i in present}
     for group in groups:
         if group[0] in killed and group[0] not in killed_late:
@@ -152,7 +152,7 @@ def summary(name: str, runs: list[list[float]], target: float) -> str:
     rounds = len(runs[0])
     medians = [statistics.median(run[r] for run in runs) for r in range(rounds)]
     within = sum(run[-1] <= target for run in runs) / len(runs)  # the spread never grows
-    contraction = statistics.median(max(run[-1], 1e-16) ** (1 / rounds) for run in runs)
+    contraction = statistics.median(run[-1] ** (1 / rounds) for run in runs)
     cells = " ".join(f"{m:8.2e}" for m in medians)
     return f"{name:>22} | {cells} | {within:6.1%} | {contraction:.3f}"
 
@@ -172,10 +172,15 @@ def main() -> None:
           f"{args.rounds} rounds, {args.trials} trials per line; median spread after each round")
     header = " ".join(f"{'r' + str(r + 1):>8}" for r in range(args.rounds))
     print(f"{'failures / grouping':>22} | {header} | <= {args.target:g} | contraction per round")
+    ratios = []
     for rate in (float(r) for r in args.rates.split(",")):
+        finals = []
         for name, grouping in (("grid", grid_groups), ("random groups (ref)", random_groups)):
             runs = [trial(args.peers, args.group, args.rounds, rate, grouping, args.seed + t) for t in range(args.trials)]
             print(summary(f"{rate:.0%} {name}", runs, args.target))
+            finals.append(statistics.median(run[-1] for run in runs))
+        ratios.append(f"{rate:.0%}: {finals[0] / finals[1]:.2f}")
+    print(f"median spread after {args.rounds} rounds, grid / random groups: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -95,11 +95,13 @@ def _members(identities: list[Identity]) -> list[Member]:
 def test_a_merkle_proof_holds_for_its_block_only() -> None:
     values = torch.randn(5 * BLOCK + 17, generator=torch.Generator().manual_seed(2))
     tree = PartTree(values)
+    numel = values.numel()
     for block in (0, 3, 5):
         chunk = values[block * BLOCK : (block + 1) * BLOCK]
-        assert block_matches(tree.root, block, chunk, tree.proof(block))
-        assert not block_matches(tree.root, block, chunk + 1e-6, tree.proof(block))
-        assert not block_matches(tree.root, (block + 1) % 6, chunk, tree.proof(block))
+        assert block_matches(tree.root, numel, block, chunk, tree.proof(block))
+        assert not block_matches(tree.root, numel, block, chunk + 1e-6, tree.proof(block))
+        assert not block_matches(tree.root, numel, (block + 1) % 6, chunk, tree.proof(block))
+        assert not block_matches(tree.root, numel, block, chunk, tree.proof(block)[32:])  # a proof cut short
 
 
 async def test_a_reducer_refuses_a_part_that_does_not_match_its_signed_commitment() -> None:

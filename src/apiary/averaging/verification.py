@@ -107,16 +107,17 @@ class PartTree:
         return b"".join(siblings)
 
 
-def block_matches(root: bytes, block: int, values: torch.Tensor, proof: bytes) -> bool:
-    """Whether `values` are block `block` of a part whose tree has root `root`."""
-    if len(proof) % _HASH:
+def block_matches(root: bytes, numel: int, block: int, values: torch.Tensor, proof: bytes) -> bool:
+    """Whether `values` are block `block` of a part of `numel` elements whose tree has root `root`."""
+    depth = (max(1, block_count(numel)) - 1).bit_length()
+    if len(proof) != depth * _HASH or not 0 <= block < block_count(numel):
         return False
     digest = _leaf(values.to(torch.float32).contiguous().numpy().tobytes())
     for level in range(len(proof) // _HASH):
         sibling = proof[level * _HASH : (level + 1) * _HASH]
         digest = _node(sibling, digest) if block & 1 else _node(digest, sibling)
         block //= 2
-    return block == 0 and digest == root
+    return digest == root
 
 
 # ---- signed commitments ----
@@ -284,7 +285,7 @@ class Verifier:
                 return f"served {served.numel()} values and {len(entry.proofs)} proofs for {len(blocks)} blocks"
             offset = 0
             for block, (s, e), proof in zip(blocks, ranges, entry.proofs):
-                if not block_matches(fields.root, block, served[offset : offset + e - s], proof):
+                if not block_matches(fields.root, numel, block, served[offset : offset + e - s], proof):
                     return f"served values of {fields.sender[:8]} that are not its committed part (block {block})"
                 offset += e - s
             rows[fields.sender] = (fields.weight, served.to(torch.float32))

@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry
 from apiary.averaging.aggregation import Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction
 from apiary.averaging.partition import Member, Mode, shares, spans
-from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, ReduceRequest
-from apiary.averaging.verification import BLOCK, Outcome, PartTree, Verifier, block_matches, commit
+from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, PartRequest, ReduceRequest
+from apiary.averaging.verification import (
+    AUDIT_ROUTE, BLOCK, PART_ROUTE, Outcome, PartTree, Verifier, block_matches, commit,
+)
 from apiary.services.averager import AveragerMetrics
 from apiary.wire import Endpoint, Identity, RpcServer, WireError, WireSettings
 from apiary.wire.bulk import BulkClient
@@ -104,7 +106,7 @@ def test_a_merkle_proof_holds_for_its_block_only() -> None:
         assert not block_matches(tree.root, numel, block, chunk, tree.proof(block)[32:])  # a proof cut short
 
 
-async def test_a_reducer_refuses_a_part_that_does_not_match_its_signed_commitment() -> None:
+async def test_a_reducer_refuses_forged_parts_and_bad_audits_and_keeps_serving() -> None:
     identities = [Identity.generate() for _ in range(3)]
     members = _members(identities)
     reducer = next(i for i in identities if i.peer_id == members[0].peer_id)
@@ -114,6 +116,8 @@ async def test_a_reducer_refuses_a_part_that_does_not_match_its_signed_commitmen
     service = AllReduceService()
     assert server.bulk is not None
     server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
+    server.bulk.add_route(AUDIT_ROUTE, service.handle_audit)
+    server.bulk.add_route(PART_ROUTE, service.handle_part)
     await server.start()
     members[0] = Member(reducer.peer_id, str(server.announced_bulk), Mode.NODE, 1e8)
     round_ = GroupRound("g:1", members, 0, 3 * 300, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
@@ -144,6 +148,19 @@ async def test_a_reducer_refuses_a_part_that_does_not_match_its_signed_commitmen
         service.contribute_local("g:1", other.peer_id, part, 1.0, commit(other, "g:1", 0, 1.0, part))
         await send(part, 1.0, signed.commitment, signed.signature)  # the reducer still serves, and takes this one
         assert torch.allclose(await service.local_result("g:1"), part)
+        address = Endpoint.parse(str(server.announced_bulk))
+        for route, body, message in [
+            (AUDIT_ROUTE, AuditRequest(group_id="g:1", span=0, blocks=[0, 0]), "2 blocks, at most 1"),
+            (AUDIT_ROUTE, AuditRequest(group_id="g:1", span=0, blocks=[7]), r"in \[0, 1\)"),
+            (AUDIT_ROUTE, AuditRequest(group_id="g:1", span=2, blocks=[0]), "no verified reduction of span 2"),
+            (AUDIT_ROUTE, AuditRequest(group_id="other", span=0), "no verified reduction"),
+            (PART_ROUTE, PartRequest(group_id="g:1", span=0), "no part of span 0"),
+        ]:
+            with pytest.raises(WireError, match=message):
+                await client.call(address, route, body=body.SerializeToString(), timeout=5, peer_id=reducer.peer_id)
+        answer, tensors = await client.call(address, AUDIT_ROUTE, timeout=5, peer_id=reducer.peer_id,
+                                            body=AuditRequest(group_id="g:1", span=0, blocks=[0]).SerializeToString())
+        assert len(AuditReply.FromString(answer).parts) == len(tensors) == 3  # it still serves
     finally:
         await client.close()
         await server.stop(0)

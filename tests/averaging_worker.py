@@ -54,13 +54,14 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from worker_support import die_with_parent, emit
 
-from apiary.averaging.allreduce import REDUCE_ROUTE, GroupRound, flatten
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
 from apiary.dht import DHTNode
@@ -168,18 +169,19 @@ def _inject_faults(averager: Averager, server: RpcServer, faults: dict[str, Any]
 
         server.bulk.add_route(REDUCE_ROUTE, failing_reduce)
     if "bias_reduced_span" in faults:
-        _bias_reduced_span(averager, float(faults["bias_reduced_span"]["bias"]), set(faults["bias_reduced_span"]["rounds"]))
+        rounds = set(faults["bias_reduced_span"]["rounds"])  # step() moves round_index past the round it runs
+        bias_reduced_span(averager.reductions, float(faults["bias_reduced_span"]["bias"]),
+                          lambda: averager.round_index - 1 in rounds)
 
 
-def _bias_reduced_span(averager: Averager, bias: float, rounds: set[int]) -> None:
-    """Failure injection point `bias_reduced_span`: the span this averager reduces comes back
-    shifted by `bias` in `rounds`."""
-    reductions = averager.reductions
+def bias_reduced_span(reductions: AllReduceService, bias: float, now: Callable[[], bool]) -> None:
+    """Failure injection point `bias_reduced_span`: the span these reductions reduce comes back
+    shifted by `bias` in the rounds that open while `now()` holds."""
     original_open = reductions.open
 
     def open_biased(round_: GroupRound) -> None:
         original_open(round_)
-        if averager.round_index - 1 not in rounds:  # step() has moved round_index past the round it runs
+        if not now():
             return
         reduction = reductions._reductions[round_.group_id]
         honest_finish = reduction.finish

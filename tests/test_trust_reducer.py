@@ -10,15 +10,18 @@ Also, in one process: commitments and audit answers that a reducer cannot forge.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 import torch
 from averaging_harness import PeerResult, make_tensors, run_swarm
+from averaging_worker import bias_reduced_span
 from prometheus_client import CollectorRegistry
 
 from apiary.averaging.aggregation import Aggregator
-from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction, run_allreduce
+from apiary.averaging.compression import codec_by_name
 from apiary.averaging.partition import Member, Mode, shares, spans
 from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, PartRequest, ReduceRequest
 from apiary.averaging.verification import (
@@ -211,3 +214,43 @@ def test_the_averager_service_counts_audits_and_banned_reducers() -> None:
     verifier.on_audit(Outcome(3, "lying", "returned values 5 away"))
     assert registry.get_sample_value("apiary_averager_audits_total", {"result": "lying"}) == 1
     assert registry.get_sample_value("apiary_averager_audits_total", {"result": "ok"}) == 0
+
+
+async def test_a_reducer_that_does_not_answer_its_audit_has_its_span_recomputed_but_is_not_banned() -> None:
+    identities = sorted((Identity.generate() for _ in range(3)), key=lambda i: i.peer_id)
+    servers, services, clients = [], [], []
+    try:
+        for n, identity in enumerate(identities):
+            server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.2), identity)
+            service = AllReduceService()
+            assert server.bulk is not None
+            server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
+            server.bulk.add_route(PART_ROUTE, service.handle_part)
+            if n != 0:  # the first reduces but never answers an audit
+                server.bulk.add_route(AUDIT_ROUTE, service.handle_audit)
+            await server.start()
+            servers.append(server)
+            services.append(service)
+            clients.append(BulkClient(server.settings, identity=identity))
+        members = [Member(i.peer_id, str(s.announced_bulk), Mode.NODE, 1e8) for i, s in zip(identities, servers)]
+        vectors = [torch.randn(3000, generator=torch.Generator().manual_seed(n)) for n in range(3)]
+        verifiers = [Verifier(identity) for identity in identities]
+        bias_reduced_span(services[0], 1.0, lambda: True)  # and it lies
+        results = await asyncio.gather(*(
+            run_allreduce(GroupRound("g:3", members, n, 3000, sender_timeout=5.0, verify=True), vectors[n], 1.0,
+                          service=services[n], client=clients[n], codec=codec_by_name("none"), deadline=30,
+                          verifier=verifiers[n])
+            for n in range(3)
+        ))
+        mean = torch.stack(vectors).mean(dim=0)
+        start, end = GroupRound("g:3", members, 0, 3000, 5.0).spans[0]
+        for n in (1, 2):
+            assert verifiers[n].audits["unanswered"] == 1 and verifiers[n].banned == {}
+            assert torch.allclose(results[n][end:], mean[end:], atol=1e-6)  # the spans that answered
+            honest = torch.stack([vectors[1], vectors[2]])[:, start:end].mean(dim=0)  # its own part left out
+            assert torch.allclose(results[n][start:end], honest, atol=1e-6)
+    finally:
+        for client in clients:
+            await client.close()
+        for server in servers:
+            await server.stop(0)

@@ -19,7 +19,7 @@ from averaging_harness import PeerResult, make_tensors, run_swarm
 from averaging_worker import bias_reduced_span
 from prometheus_client import CollectorRegistry
 
-from apiary.averaging.aggregation import Aggregator
+from apiary.averaging.aggregation import Aggregation, Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction, run_allreduce
 from apiary.averaging.compression import codec_by_name
 from apiary.averaging.partition import Member, Mode, shares, spans
@@ -216,7 +216,10 @@ def test_the_averager_service_counts_audits_and_banned_reducers() -> None:
     assert registry.get_sample_value("apiary_averager_audits_total", {"result": "ok"}) == 0
 
 
-async def test_a_reducer_that_does_not_answer_its_audit_has_its_span_recomputed_but_is_not_banned() -> None:
+async def _three_members(answers_audits: bool, aggregator: Aggregator, numel: int) -> tuple[list[torch.Tensor], list[Verifier], list[torch.Tensor], GroupRound]:
+    """One all-reduce of three members over real sockets; the first adds 1.0 to the span it
+    reduces, and answers audits only if `answers_audits`. Returns the inputs, the verifiers, the
+    results and the first member's round."""
     identities = sorted((Identity.generate() for _ in range(3)), key=lambda i: i.peer_id)
     servers, services, clients = [], [], []
     try:
@@ -226,31 +229,47 @@ async def test_a_reducer_that_does_not_answer_its_audit_has_its_span_recomputed_
             assert server.bulk is not None
             server.bulk.add_route(REDUCE_ROUTE, service.handle, keeps_tensors=False)
             server.bulk.add_route(PART_ROUTE, service.handle_part)
-            if n != 0:  # the first reduces but never answers an audit
+            if n != 0 or answers_audits:
                 server.bulk.add_route(AUDIT_ROUTE, service.handle_audit)
             await server.start()
             servers.append(server)
             services.append(service)
             clients.append(BulkClient(server.settings, identity=identity))
         members = [Member(i.peer_id, str(s.announced_bulk), Mode.NODE, 1e8) for i, s in zip(identities, servers)]
-        vectors = [torch.randn(3000, generator=torch.Generator().manual_seed(n)) for n in range(3)]
+        vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(n)) for n in range(3)]
         verifiers = [Verifier(identity) for identity in identities]
-        bias_reduced_span(services[0], 1.0, lambda: True)  # and it lies
+        bias_reduced_span(services[0], 1.0, lambda: True)
+        rounds = [GroupRound("g:3", members, n, numel, 5.0, aggregator, verify=True) for n in range(3)]
         results = await asyncio.gather(*(
-            run_allreduce(GroupRound("g:3", members, n, 3000, sender_timeout=5.0, verify=True), vectors[n], 1.0,
-                          service=services[n], client=clients[n], codec=codec_by_name("none"), deadline=30,
-                          verifier=verifiers[n])
+            run_allreduce(rounds[n], vectors[n], 1.0, service=services[n], client=clients[n],
+                          codec=codec_by_name("none"), deadline=30, verifier=verifiers[n])
             for n in range(3)
         ))
-        mean = torch.stack(vectors).mean(dim=0)
-        start, end = GroupRound("g:3", members, 0, 3000, 5.0).spans[0]
-        for n in (1, 2):
-            assert verifiers[n].audits["unanswered"] == 1 and verifiers[n].banned == {}
-            assert torch.allclose(results[n][end:], mean[end:], atol=1e-6)  # the spans that answered
-            honest = torch.stack([vectors[1], vectors[2]])[:, start:end].mean(dim=0)  # its own part left out
-            assert torch.allclose(results[n][start:end], honest, atol=1e-6)
+        return vectors, verifiers, list(results), rounds[0]
     finally:
         for client in clients:
             await client.close()
         for server in servers:
             await server.stop(0)
+
+
+async def test_a_reducer_that_does_not_answer_its_audit_has_its_span_recomputed_but_is_not_banned() -> None:
+    vectors, verifiers, results, round_ = await _three_members(False, Aggregator(), 3000)
+    mean = torch.stack(vectors).mean(dim=0)
+    start, end = round_.spans[0]
+    honest = torch.stack([vectors[1], vectors[2]])[:, start:end].mean(dim=0)  # the silent reducer's part left out
+    for n in (1, 2):
+        assert verifiers[n].audits["unanswered"] == 1 and verifiers[n].banned == {}
+        assert torch.allclose(results[n][end:], mean[end:], atol=1e-6)  # the spans that answered
+        assert torch.allclose(results[n][start:end], honest, atol=1e-6)
+
+
+async def test_with_centered_clip_auditors_recompute_whole_spans_and_catch_the_liar() -> None:
+    aggregator = Aggregator(Aggregation.CENTERED_CLIP, clip_radius=5.0)
+    vectors, verifiers, results, round_ = await _three_members(True, aggregator, 3 * 2 * BLOCK)
+    start, end = round_.spans[0]
+    for n in (1, 2):  # each audits the other two spans whole: the blocks 4 per span would come to
+        assert verifiers[n].audits == {"lying": 1, "ok": 1}
+        assert list(verifiers[n].banned) == [round_.me.peer_id]
+        parts = torch.stack([vectors[1], vectors[2]])[:, start:end]
+        assert torch.allclose(results[n][start:end], aggregator.combine(parts, torch.ones(2)), atol=1e-5)

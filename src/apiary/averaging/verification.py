@@ -13,8 +13,9 @@ aggregator protects the inputs, not the reducer's output. With verification on:
    values there, with Merkle proofs and signed commitments. It checks that each part is signed
    by a sender of the group and matches its proof, that its own part is there as it sent it, and
    that the aggregator applied to those values gives what the reducer returned to it, within the
-   codec's error bound. For a rule that is not coordinate-wise (CenteredClip), every block of
-   one span drawn at random is audited instead, and the whole span recomputed.
+   codec's error bound. For a rule that is not coordinate-wise (CenteredClip), whole spans drawn
+   at random are audited instead and recomputed, as many as the same number of blocks allows
+   (at least one).
 3. A reducer that fails a check convicted itself by its own statements: what it returned and
    what it served signed by others. The auditor bans it locally (matchmaking leaves it out for
    the rest of the run) and replaces the span with the aggregate it recomputes from the parts
@@ -230,8 +231,8 @@ class Verifier:
         the aggregate of the parts the other senders serve, as are the `shunned` spans (their
         reducers were banned before). Returns each audited span's outcome."""
         spans = [j for j in answered if j != round_.own_index]
-        if not coordinatewise(round_.aggregator) and spans:
-            spans = [random.choice(spans)]
+        if not coordinatewise(round_.aggregator):
+            spans = self._whole_spans(round_, spans)
         outcomes = await asyncio.gather(*(self._audit_span(round_, j, result, answered[j], own.get(j), client)
                                           for j in spans))
         for outcome in outcomes:
@@ -243,6 +244,19 @@ class Verifier:
         redo = sorted({o.span for o in outcomes if o.result != "ok"} | set(shunned))
         await asyncio.gather(*(self._recompute(round_, j, result, weight, own_parts.get(j), client) for j in redo))
         return list(outcomes)
+
+    def _whole_spans(self, round_: GroupRound, spans: list[int]) -> list[int]:
+        """Spans drawn at random to audit whole, as many as the blocks of sampled audits of every
+        span would come to (at least one)."""
+        budget = self.audit_blocks * len(spans)
+        chosen: list[int] = []
+        for span in random.sample(spans, len(spans)):
+            start, end = round_.spans[span]
+            if chosen and block_count(end - start) > budget:
+                break
+            chosen.append(span)
+            budget -= block_count(end - start)
+        return chosen
 
     async def _audit_span(self, round_: GroupRound, span: int, result: torch.Tensor, codec: str,
                           own: SignedPart | None, client: BulkClient) -> Outcome:

@@ -82,22 +82,22 @@ async def traverse(
         if not picks:
             break
         queries = {asyncio.ensure_future(query(contact, ids)): (contact, ids) for contact, ids in picks.values()}
-        pending = set(queries)
+        running = set(queries)
         try:
-            while pending:
+            while running:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                done, pending = await asyncio.wait(pending, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                done, running = await asyncio.wait(running, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     _learn(states, *queries[task], task.result(), own_peer_id, skip)
         finally:
-            for task in pending:
+            for task in running:
                 if detach is not None:
                     detach(queries[task][0], task)
                 else:
                     task.cancel()
-        if pending:  # the deadline came
+        if running:  # the deadline came
             break
     return states
 

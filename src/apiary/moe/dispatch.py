@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -169,7 +170,7 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
         address, indices = tasks[task]
         errors.append(f"{len(indices)} experts on {address}: no answer in time")
         info = InfoRequest(expert=routing.experts[indices[0]].name)
-        routing.bans.probe(address, lambda client=clients[address], info=info: client.call("Info", info, timeout=timeout))
+        routing.bans.probe(address, partial(clients[address].call, "Info", info, timeout=timeout))
     return results, errors, kept
 
 

@@ -73,7 +73,8 @@ class _SkippedUpdates(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily("apiary_expert_server_skipped_updates",
-                                     "Backward passes whose gradients were not finite: no optimizer step", labels=["kind"])
+                                     "Backward passes whose gradients were not finite: no optimizer step",
+                                     labels=["kind"])
         totals: dict[str, int] = {}
         for expert in self.experts:
             totals[expert.spec.kind] = totals.get(expert.spec.kind, 0) + expert.skipped_updates

@@ -257,10 +257,12 @@ class ExpertServer:
             raise PayloadTooLarge(str(e)) from None
 
 
-def _refuse_non_finite(expert: Expert, method: str, tensors: dict[str, torch.Tensor], *, overflowed: bool = False) -> None:
+def _refuse_non_finite(expert: Expert, method: str, tensors: dict[str, torch.Tensor], *,
+                       overflowed: bool = False) -> None:
     """INVALID_ARGUMENT naming the first tensor that holds a NaN or an infinity: one received, or
     (`overflowed`) one computed from finite values too large for float32."""
     for name, tensor in tensors.items():
         if not all_finite(tensor):
-            cause = "overflowed float32 (the request's values are too large)" if overflowed else "holds NaN or infinite values"
+            cause = ("overflowed float32 (the request's values are too large)" if overflowed
+                     else "holds NaN or infinite values")
             raise InvalidRequest(f"expert {expert.name!r}: {method}: the {name} {cause}; refused")

@@ -95,10 +95,15 @@ class LocalServicer:
 
 
 class DHTClient:
-    """The participant's DHT node, seen from another local service."""
+    """The participant's DHT node, seen from another local service.
+
+    The local API itself is plaintext; `pool` is what this process dials the swarm with (its
+    wire settings and credentials), which layers built on this client (e.g. a mixture of
+    experts) dial with too."""
 
     def __init__(self, endpoint: Endpoint, pool: ChannelPool | None = None, *, timeout: float = 30.0):
-        self._rpc = RpcClient(pool or ChannelPool(), LOCAL_SERVICE, endpoint, timeout=timeout)
+        self.pool = pool or ChannelPool()
+        self._rpc = RpcClient(self.pool, LOCAL_SERVICE, endpoint, timeout=timeout)
 
     async def get(self, key: Any, latest: bool = False, *, timeout: float | None = None) -> Found | None:
         return (await self.get_many([key], latest=latest, timeout=timeout))[0]

@@ -36,7 +36,7 @@ class RemoteMixtureOfExperts(nn.Module):
     `fault_tolerance` sets k_min, timeouts and `allow_zero_outputs` (see `FaultTolerance`);
     `keep_activations` asks the servers to keep a training pass's activations for its backward.
     `pool` dials the expert servers (used on `background_loop()` only); by default, one made
-    like the DHT node's (`dht.pool`: its TLS or plaintext, identity and private-run token), or,
+    like the DHT node's or DHT client's (`dht.pool`: its TLS or plaintext, identity and private-run token), or,
     for a DHT without one, the process's shared pool (TLS, no token).
     `search_timeout` bounds the beam search in the DHT, which then goes on with the experts found
     (default: the fault tolerance's `forward_timeout`).

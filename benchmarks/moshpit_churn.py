@@ -73,7 +73,7 @@ def grid_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[list
     newcomers = []
     for peer_id in present:
         grid = swarm.peers[peer_id].grid
-        if grid.ranks_in(round_index) or grid.claimed:
+        if grid.ranks_in(round_index) or grid.settled:
             lines[grid.key(round_index)].append(peer_id)
         else:
             newcomers.append(peer_id)

@@ -228,7 +228,7 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         averager = Averager(tensors, dht, identity.peer_id, settings)
         if "grid_coords" in config:
             averager.grid.coords = list(config["grid_coords"])
-            averager.grid.settled = averager.grid.claimed = True  # start from exactly these coordinates
+            averager.grid.settled = True  # start from exactly these coordinates
         server = RpcServer(WireSettings(listen_host="127.0.0.1", shutdown_grace=0.2, tls=tls), identity)
         averager.attach(server)
         _inject_faults(averager, server, config["faults"])

@@ -208,7 +208,7 @@ class Averager:
         ranking = self.grid.ranks_in(round_index)
         matchmaker.line_of = (lambda rank: self.grid.line_of(round_index, rank)) if ranking else None
         gather_seconds = self.settings.gather_seconds
-        if not ranking and not self.grid.claimed:
+        if not ranking and not self.grid.settled:
             gather_seconds -= await self._join_least_crowded_line(round_index, suffix)
         matchmaker.place = self.grid.place(round_index)
         group = await matchmaker.form_group(self._group_key(round_index, suffix), gather_seconds)

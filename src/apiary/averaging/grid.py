@@ -30,8 +30,7 @@ class MoshpitGrid:
             raise ValueError(f"a grid needs dims >= 1 and side >= 1, got dims={dims}, side={side}")
         self.dims, self.side = dims, side
         self.coords = [(rng or random).randrange(side) for _ in range(dims)]
-        self.settled = False  # until our first round gives us a place
-        self.claimed = False  # whether our coordinates are a place on the grid, not a random start
+        self.settled = False  # until our first round gives us a place (until then, a random start)
 
     @classmethod
     def for_swarm(cls, expected_peers: int, group_size: int) -> MoshpitGrid:
@@ -64,8 +63,8 @@ class MoshpitGrid:
         return [digits[:axis] + [self.coords[axis]] + digits[axis:] for digits in others]
 
     def place(self, round_index: int) -> int | None:
-        """Our coordinate along the round's axis, to announce to our line (None: not claimed yet)."""
-        return self.coords[round_index % self.dims] if self.claimed else None
+        """Our coordinate along the round's axis, to announce to our line (None: no place yet)."""
+        return self.coords[round_index % self.dims] if self.settled else None
 
     def digits(self, rank: int) -> list[int]:
         """The coordinates of the `rank`-th peer of a full grid (axis 0 varies fastest)."""
@@ -81,7 +80,7 @@ class MoshpitGrid:
         grid, peers then average along one axis per round and all hold the global mean after
         `dims` rounds, instead of only approaching it from random coordinates."""
         self.coords = self.digits(rank)
-        self.settled = self.claimed = True
+        self.settled = True
 
     def settle_line(self, round_index: int, places: Mapping[str, int | None], me: str) -> None:
         """After a round: takes our place along its axis among the places our line announced
@@ -90,7 +89,7 @@ class MoshpitGrid:
         claimed = claim_places(places, self.side).get(me)
         if claimed is not None:
             self.coords[axis] = claimed
-        self.settled = self.claimed = True
+        self.settled = True
 
     def step_aside(self, round_index: int) -> None:
         """After a round that found no one to average with: move one step along its axis. A peer

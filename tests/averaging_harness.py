@@ -1,4 +1,4 @@
-"""A swarm of averaging peers, one process each, for tests.
+"""A swarm of averaging peers, one process each (or several in one), for tests.
 
     results = run_swarm([{"mode": "node", "weight": 1.0, "seed": 1}, {"mode": "client", ...}])
     results[0].final            # the first peer's tensors after its last round
@@ -7,8 +7,8 @@
 Each config is a `tests/averaging_worker.py` config without the parts the harness fills in
 (`index`, `output`, `max_seconds`, and the start messages); one with `co_hosted` configs runs
 those averagers in the same process too (not the first: it starts the DHT), and results list
-every averager in that order. `kill_at(worker, when)` SIGKILLs a worker's process at a wall-clock
-time: it is then left out of the results. All workers start at once (their
+every averager in that order. `kill_at(worker, when)` SIGKILLs a worker's process at a
+wall-clock time: it is then left out of the results. All workers start at once (their
 imports run in parallel); the first starts the DHT and the others join through it; once all are
 up, every worker is told the same `t0`, and round r of every worker starts at `t0 + r * period`.
 When every worker has written its results, their stdin is closed and they shut down. Whatever
@@ -148,6 +148,8 @@ class AveragingSwarm:
         return full
 
     def start(self) -> None:
+        if "co_hosted" in self.configs[0]:
+            raise ValueError("the first worker starts the DHT: it hosts one averager, not co_hosted ones")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _pythonpath()}
         for index, config in enumerate(self.configs):
             full = self._full_config(index, config)
@@ -160,8 +162,6 @@ class AveragingSwarm:
             worker = _Worker(index, full, process, stderr)
             worker.start_reader()
             self.workers.append(worker)
-        if "co_hosted" in self.configs[0]:
-            raise ValueError("the first worker starts the DHT: it hosts one averager, not co_hosted ones")
         deadline = time.monotonic() + self.start_timeout
         first = self.workers[0]
         first.send({"initial_peer": None})

@@ -145,7 +145,7 @@ class RpcServer:
                 try:
                     self._server = await self._serve(self.port)
                     break
-                except OSError as e:
+                except Exception as e:  # noqa: BLE001 - the port taken, or grpc refusing: retried, then given up
                     logger.warning("restarting the gRPC server failed (attempt %d of %d): %s",
                                    attempt + 1, RESTART_ATTEMPTS, e)
                     await asyncio.sleep(_RESTART_BACKOFF * 2**attempt)

@@ -93,7 +93,7 @@ def test_latecomers_join_the_grid_and_sixteen_averagers_keep_converging_under_10
     initial = torch.stack([flat(make_tensors(700 + i, CHURN["shapes"])) for i in range(PEERS)])
     report = spreads(results, initial)
     sizes = [[record.size for record in r.rounds] for r in results]
-    assert report[-1] <= 3e-2, f"spread after each round: {[f'{s:.3g}' for s in report]}; group sizes {sizes}"
+    assert report[-1] <= 5e-2, f"spread after each round: {[f'{s:.3g}' for s in report]}; group sizes {sizes}"
     print("spread after each round:", " ".join(f"{s:.3g}" for s in report))
 
 

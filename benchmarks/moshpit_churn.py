@@ -9,16 +9,29 @@ fails a round with probability `rate`; a quarter of the failures are kills (the 
 then died at a random moment: before its group formed, or during the all-reduce, when its span
 of the vector stays unaveraged), the others absences (it skips the round, back in the next).
 
+How a peer that missed rounds (absent, its group failed, or new to a running swarm) comes back:
+- mix: at full weight, its stale values mixed into its group's average (`rejoin_weight` 1);
+- halve: its weight halved per round missed;
+- adopt: at weight 0.01, all but adopting its group's average (`rejoin_weight` 0.01, what
+  `Averager` does with that setting; a group made only of returning peers still averages);
+- catch up: simulation only: it first copies the values of a peer of the line it missed (one
+  more download of the vector, from one peer it must trust), then averages at full weight
+  (adopts when no such peer is left).
+
 The spread is the largest max - min of any coordinate over the surviving peers, over the
 initial max - min averaged over the coordinates (so it starts above 1). Printed for each
-failure rate: the median spread after each round over `--trials` swarms, the share of swarms
-within `--target` after the last round, and the contraction per round (the median over swarms
-of the final spread to the power 1 / rounds). The reference, measured in the same run on the
-same failures: random groups of the same size drawn afresh every round (the Moshpit paper's
-random-group model); the grid with no failure is exact after `dims` rounds.
+failure rate and rejoin rule: the median spread after each round over `--trials` swarms, the
+share of swarms within `--target` after the last round, the contraction per round (the median
+over swarms of the final spread to the power 1 / rounds) and the drift (the median over swarms
+of the largest distance of the survivors' mean from the mean of all the initial values, in the
+same unit: the killed peers' values leave with them; adopting also drops the stale share of
+the returning peers). The reference, measured in the same run on
+the same failures: random groups of the same size drawn afresh every round (the Moshpit paper's
+random-group model) with mixing; the grid with no failure is exact after `dims` rounds. A last
+table gives the median spread after the last round against the failure rate.
 
 Usage: python benchmarks/moshpit_churn.py [--peers 16] [--group 4] [--rounds 8]
-                                          [--trials 200] [--rates 0,0.1,0.2,0.3] [--seed 0]
+                                          [--trials 200] [--rates 0,0.05,0.1,0.15,0.2,0.25,0.3] [--seed 0]
 """
 
 from __future__ import annotations
@@ -42,7 +55,9 @@ Grouping = Callable[["Swarm", int, list[str]], list[list[str]]]  # the group of 
 class Peer:
     grid: MoshpitGrid
     values: torch.Tensor
+    start: torch.Tensor  # the values it started with
     alive: bool = True
+    averaged: int = -1  # the last round this peer averaged in (-1: none yet)
 
 
 class Swarm:
@@ -53,7 +68,7 @@ class Swarm:
         self.rng = random.Random(seed)
         random.seed(seed)  # the grids' random starting coordinates
         values = torch.randn(peers, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-        self.peers = {f"{self.rng.getrandbits(64):016x}": Peer(MoshpitGrid.for_swarm(peers, group), row)
+        self.peers = {f"{self.rng.getrandbits(64):016x}": Peer(MoshpitGrid.for_swarm(peers, group), row, row)
                       for row in values}
         self.initial = self.spread_of(list(self.peers)).mean().item()
 
@@ -64,6 +79,13 @@ class Swarm:
 
     def spread(self) -> float:
         return self.spread_of([i for i, peer in self.peers.items() if peer.alive]).max().item() / self.initial
+
+    def drift(self) -> float:
+        """How far the survivors' mean is from the mean of every peer's initial values (the
+        largest coordinate), over the initial spread."""
+        now = torch.stack([peer.values for peer in self.peers.values() if peer.alive]).mean(0)
+        then = torch.stack([peer.start for peer in self.peers.values()]).mean(0)
+        return (now - then).abs().max().item() / self.initial
 
 
 def grid_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[list[str]]:
@@ -111,12 +133,48 @@ def random_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[li
     return [my_group(shuffled, peer_id, swarm.group) for peer_id in shuffled]
 
 
-def run_round(swarm: Swarm, round_index: int, rate: float, grouping: Grouping, failures: random.Random) -> None:
+@dataclass(frozen=True)
+class Rejoin:
+    """How a peer that missed the rounds before this one comes back."""
+
+    name: str
+    factor: Callable[[int], float]  # rounds missed -> factor on its weight
+    catch_up: bool = False  # first copy the values of a peer of the line it missed
+
+    def weight(self, missed: int) -> float:
+        return self.factor(missed) if missed > 0 else 1.0
+
+
+MIX = Rejoin("mix", lambda missed: 1.0)
+HALVE = Rejoin("halve", lambda missed: 0.5**missed)
+ADOPT = Rejoin("adopt", lambda missed: 0.01)
+CATCH_UP = Rejoin("catch up", lambda missed: 0.01, catch_up=True)
+
+
+def catch_up(swarm: Swarm, round_index: int, present: list[str]) -> None:
+    """Each present peer that missed the last round copies the values of a peer of its line of
+    that round that averaged in it (the lowest peer id), and counts as having averaged."""
+    for peer_id in present:
+        me = swarm.peers[peer_id]
+        if round_index == 0 or me.averaged == round_index - 1 or not me.grid.settled:
+            continue
+        axis = (round_index - 1) % me.grid.dims
+        mates = [i for i, peer in swarm.peers.items() if peer.alive and peer.averaged == round_index - 1
+                 and all(a == b for k, (a, b) in enumerate(zip(peer.grid.coords, me.grid.coords)) if k != axis)]
+        if mates:
+            me.values = swarm.peers[min(mates)].values.clone()
+            me.averaged = round_index - 1
+
+
+def run_round(swarm: Swarm, round_index: int, rate: float, grouping: Grouping, rejoin: Rejoin,
+              failures: random.Random) -> None:
     alive = [i for i, peer in swarm.peers.items() if peer.alive]
     failing = [i for i in alive if failures.random() < rate]
     killed = [i for i in failing if failures.random() < 0.25]
     killed_late = [i for i in killed if failures.random() < 0.5]  # died during the all-reduce
     present = [i for i in alive if i not in failing or i in killed]
+    if rejoin.catch_up:
+        catch_up(swarm, round_index, present)
     groups = sorted({tuple(sorted(group)) for group in grouping(swarm, round_index, present)})
     before = {i: swarm.peers[i].values.clone() for i in present}
     for group in groups:
@@ -125,8 +183,9 @@ def run_round(swarm: Swarm, round_index: int, rate: float, grouping: Grouping, f
         members = [i for i in group if i not in killed or i in killed_late]
         if len(members) < 2:
             continue
-        stacked = torch.stack([before[i] for i in members])
-        mean = stacked.mean(0)
+        weights = torch.tensor([rejoin.weight(round_index - swarm.peers[i].averaged - 1) for i in members],
+                               dtype=torch.float64)
+        mean = weights @ torch.stack([before[i] for i in members]) / weights.sum()
         spans = torch.tensor_split(torch.arange(mean.numel()), len(members))
         for member in members:
             averaged = mean.clone()
@@ -134,27 +193,40 @@ def run_round(swarm: Swarm, round_index: int, rate: float, grouping: Grouping, f
                 if lost in killed_late:  # its reducer died: everyone keeps its own values there
                     averaged[span] = before[member][span]
             swarm.peers[member].values = averaged
+            swarm.peers[member].averaged = round_index
     for i in killed:
         swarm.peers[i].alive = False
 
 
-def trial(peers: int, group: int, rounds: int, rate: float, grouping: Grouping, seed: int) -> list[float]:
+def trial(peers: int, group: int, rounds: int, rate: float, grouping: Grouping, rejoin: Rejoin,
+          seed: int) -> tuple[list[float], float]:
+    """The spread after each round, and the drift after the last one."""
     swarm = Swarm(peers, group, 32, seed)
     failures = random.Random(seed + 1)  # the same failures for every grouping
     spreads = []
     for round_index in range(rounds):
-        run_round(swarm, round_index, rate, grouping, failures)
+        run_round(swarm, round_index, rate, grouping, rejoin, failures)
         spreads.append(swarm.spread())
-    return spreads
+    return spreads, swarm.drift()
 
 
-def summary(name: str, runs: list[list[float]], target: float) -> str:
-    rounds = len(runs[0])
-    medians = [statistics.median(run[r] for run in runs) for r in range(rounds)]
-    within = sum(run[-1] <= target for run in runs) / len(runs)  # the spread never grows
-    contraction = statistics.median(run[-1] ** (1 / rounds) for run in runs)
+def summary(name: str, runs: list[tuple[list[float], float]], target: float) -> str:
+    rounds = len(runs[0][0])
+    medians = [statistics.median(run[r] for run, _ in runs) for r in range(rounds)]
+    within = sum(run[-1] <= target for run, _ in runs) / len(runs)  # the spread never grows
+    contraction = statistics.median(run[-1] ** (1 / rounds) for run, _ in runs)
+    drift = statistics.median(drift for _, drift in runs)
     cells = " ".join(f"{m:8.2e}" for m in medians)
-    return f"{name:>22} | {cells} | {within:6.1%} | {contraction:.3f}"
+    return f"{name:>26} | {cells} | {within:6.1%} | {contraction:11.3f} | {drift:.1e}"
+
+
+VARIANTS: list[tuple[str, Grouping, Rejoin]] = [
+    ("grid, mix", grid_groups, MIX),
+    ("grid, halve", grid_groups, HALVE),
+    ("grid, adopt", grid_groups, ADOPT),
+    ("grid, catch up", grid_groups, CATCH_UP),
+    ("random groups, mix (ref)", random_groups, MIX),
+]
 
 
 def main() -> None:
@@ -163,7 +235,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--trials", type=int, default=200)
-    parser.add_argument("--rates", default="0,0.1,0.2,0.3")
+    parser.add_argument("--rates", default="0,0.05,0.1,0.15,0.2,0.25,0.3")
     parser.add_argument("--target", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -171,16 +243,20 @@ def main() -> None:
     print(f"{args.peers} peers, groups of {args.group} ({grid.dims}-D grid of side {grid.side}), "
           f"{args.rounds} rounds, {args.trials} trials per line; median spread after each round")
     header = " ".join(f"{'r' + str(r + 1):>8}" for r in range(args.rounds))
-    print(f"{'failures / grouping':>22} | {header} | <= {args.target:g} | contraction per round")
-    ratios = []
+    print(f"{'failures, grouping, rejoin':>26} | {header} | <= {args.target:g} | contraction | drift")
+    finals: dict[float, list[float]] = {}
     for rate in (float(r) for r in args.rates.split(",")):
-        finals = []
-        for name, grouping in (("grid", grid_groups), ("random groups (ref)", random_groups)):
-            runs = [trial(args.peers, args.group, args.rounds, rate, grouping, args.seed + t) for t in range(args.trials)]
+        for name, grouping, rejoin in VARIANTS:
+            runs = [trial(args.peers, args.group, args.rounds, rate, grouping, rejoin, args.seed + t)
+                    for t in range(args.trials)]
             print(summary(f"{rate:.0%} {name}", runs, args.target))
-            finals.append(statistics.median(run[-1] for run in runs))
-        ratios.append(f"{rate:.0%}: {finals[0] / finals[1]:.2f}")
-    print(f"median spread after {args.rounds} rounds, grid / random groups: " + ", ".join(ratios))
+            finals.setdefault(rate, []).append(statistics.median(run[-1] for run, _ in runs))
+    print(f"\nmedian spread after {args.rounds} rounds against the failure rate "
+          "(ratio: grid mix / grid adopt, same failures)")
+    print(f"{'failures':>8} | " + " | ".join(f"{name:>24}" for name, *_ in VARIANTS) + " | ratio")
+    for rate, row in finals.items():
+        ratio = f"{row[0] / row[2]:5.1f}" if row[2] > 0 else "    -"
+        print(f"{rate:8.0%} | " + " | ".join(f"{value:24.2e}" for value in row) + f" | {ratio}")
 
 
 if __name__ == "__main__":

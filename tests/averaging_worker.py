@@ -91,10 +91,11 @@ DEFAULTS: dict[str, Any] = {
     "max_seconds": 120.0,
     "plaintext": False,  # the DHT node and the averager's server speak plaintext (the averager's pool: its default)
     "skip_rounds": [],  # rounds this peer sits out; the others name their round to step()
+    "rejoin_weight": 1.0,  # factor on the weight of a round that follows missed rounds
 }
 
 AVERAGER_FIELDS = ("prefix", "mode", "target_group_size", "min_group_size", "expected_peers", "bandwidth", "verify_reductions",
-                   "gather_seconds", "join_seconds", "sender_timeout", "round_timeout")
+                   "gather_seconds", "join_seconds", "sender_timeout", "round_timeout", "rejoin_weight")
 
 
 def make_tensors(seed: int, shapes: list[list[int]], round_index: int = 0) -> list[torch.Tensor]:

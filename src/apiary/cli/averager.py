@@ -55,6 +55,7 @@ def averager_command(
     trim_fraction: Annotated[float, option("--trim-fraction", "trimmed_mean: share of the weight cut from each end, in [0, 0.5)")] = 0.1,
     verify_reductions: Annotated[bool, option("--verify-reductions/--trust-reducers", "sign parts, audit the spans others reduce for us, recompute and ban reducers caught lying")] = False,
     audit_blocks: Annotated[int, option("--audit-blocks", "verification: blocks of 1024 values audited per span", min=1)] = 4,
+    rejoin_weight: Annotated[float, option("--rejoin-weight", "factor on the weight of a round after missed rounds, in (0, 1]: 1 for gradients; 0.01 for Moshpit parameter averaging (a returning peer all but adopts its group's average)")] = 1.0,
     dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
     initial_peers: Annotated[str, option("--initial-peers", "run an embedded DHT node joining these: peer_id@host:port, comma-separated")] = "",
     host: Annotated[str, option("--host", "interface the public ports bind")] = "0.0.0.0",
@@ -90,6 +91,8 @@ def averager_command(
     if min_group_size > target_group_size:
         raise typer.BadParameter(f"{min_group_size} is above --target-group-size {target_group_size}",
                                  param_hint="'--min-group-size'")
+    if not 0 < rejoin_weight <= 1:
+        raise typer.BadParameter(f"{rejoin_weight} is not in (0, 1]", param_hint="'--rejoin-weight'")
     from apiary.averaging.aggregation import Aggregation
     from apiary.averaging.averager import AveragerSettings
     from apiary.averaging.compression import CODECS
@@ -114,6 +117,7 @@ def averager_command(
             join_seconds=join_seconds, sender_timeout=sender_timeout, round_timeout=round_timeout,
             aggregation=Aggregation(aggregation.value), clip_radius=clip_radius, clip_iterations=clip_iterations,
             trim_fraction=trim_fraction, verify_reductions=verify_reductions, audit_blocks=audit_blocks,
+            rejoin_weight=rejoin_weight,
         ),
         AveragerServiceSettings(
             dht_local=Endpoint.parse(dht_local) if dht_local is not None else None,

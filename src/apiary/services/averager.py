@@ -284,6 +284,7 @@ class AveragerService:
             "codec": averaging.codec,
             "target_group_size": averaging.target_group_size,
             "min_group_size": averaging.min_group_size,
+            "rejoin_weight": averaging.rejoin_weight,
             "dht": (f"local API {self.settings.dht_local}" if self.node is None
                     else f"embedded node {self.node.address or '(client mode)'}"),
             "local_api": str(self.local_endpoint) if self.started else None,

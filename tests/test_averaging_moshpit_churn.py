@@ -4,14 +4,20 @@ Sixteen averagers on a 4 x 4 grid (groups of four) over real sockets, hosted in 
 (the two that are killed each run alone in theirs, so a SIGKILL takes exactly one averager).
 About 10% of the peers fail each round: some sit a round out and come back in the next, and two
 are SIGKILLed at a random moment of a round, never to return. The peers absent from the first
-round must average with the established grid in the next, and the survivors must keep
-converging (the simulation in benchmarks/moshpit_churn.py gives the rate against the failure
-rate: about 2x a round at 10%).
+round must average with the established grid in the next; peers that missed a round come back
+with `rejoin_weight` 0.01, so every group holding one ends at the mean of its fresh members (a
+returning peer all but adopts its group's average instead of mixing its stale values back in);
+and the survivors' spread after 8 rounds must be within 5e-3 of the initial one.
 
 Before the fix, a peer absent from the first round met only the other first-round absentees
 under the wildcard key (so it averaged alone or in a pair), and a group missing a member
 renumbered its members' places, piling peers onto some cells and emptying others (groups of
 three and two where four were present). The pure-logic tests pin the rules that fixed it.
+With the grid fixed but returning peers mixed in at full weight, the groups holding one end at
+the plain mean of their members (the test fails there), and the spread after 8 rounds was 3.4e-3
+to 1.8e-2 over our runs; adopting on return gave 5.3e-4 to 2.5e-3. Issue 13 asks for 1e-3 within
+8 rounds at 10% failures: that is the median of the simulation with adoption (1.0e-3, against
+6.2e-3 mixing; benchmarks/moshpit_churn.py), not a bound one run on real processes keeps.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ PEERS, ROUNDS = 16, 8
 PERIOD = 3.2  # gather 0.8 + join 0.8 + the all-reduce (a dead sender costs the 1 s sender timeout)
 CHURN = {"target_group_size": 4, "min_group_size": 2, "expected_peers": PEERS, "shapes": [[32]],
          "gather_seconds": 0.8, "join_seconds": 0.8, "sender_timeout": 1.0, "round_timeout": 6.0,
-         "rounds": ROUNDS, "period": PERIOD}
+         "rounds": ROUNDS, "period": PERIOD, "rejoin_weight": 0.01}
 HOSTS = [[0], list(range(1, 8)), list(range(8, 14)), [14], [15]]  # averagers of each process
 KILLED = {14: 2, 15: 5}  # averager -> the round in which its process is SIGKILLed
 ABSENT_PER_ROUND = [2, 1, 1, 2, 1, 1, 2, 1]  # with the kills: 13 failures in 128 peer-rounds
@@ -73,7 +79,28 @@ def spreads(results: list[PeerResult], initial: torch.Tensor) -> list[float]:
     return out
 
 
-def test_latecomers_join_the_grid_and_sixteen_averagers_keep_converging_under_10_percent_churn():
+def returns(results: list[PeerResult], rejoin_weight: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each group that held a peer back from missed rounds, a fresh peer, no killed peer, and
+    completed its round (every member ends with the same values): the values its members ended
+    with, and the mean of the values they came with, weighted 1 for the fresh members (they
+    averaged in the round before) and `rejoin_weight` for the returning ones."""
+    by_id = {r.peer_id: r for r in results}
+    out = []
+    for round_index in range(1, ROUNDS):
+        groups = {tuple(record.members) for r in results for record in r.rounds
+                  if record.round == round_index and record.members and set(record.members) <= set(by_id)}
+        for members in groups:
+            ended = torch.stack([value_after(by_id[m], round_index) for m in members])
+            fresh = [any(record.round == round_index - 1 and record.size for record in by_id[m].rounds) for m in members]
+            if all(fresh) or not any(fresh) or not torch.allclose(ended, ended[0].expand_as(ended), atol=1e-6):
+                continue
+            came = torch.stack([value_after(by_id[m], round_index - 1) for m in members])
+            weights = torch.tensor([1.0 if f else rejoin_weight for f in fresh], dtype=torch.float64)
+            out.append((ended[0], weights @ came / weights.sum()))
+    return out
+
+
+def test_latecomers_join_the_grid_and_returning_averagers_adopt_their_group_average_under_10_percent_churn():
     absent, death = schedule()
     configs = [{**CHURN, "seed": 700 + i, "identity_seed": 700 + i, "skip_rounds": absent[i]} for i in range(PEERS)]
     workers = [{**configs[host[0]], "co_hosted": [configs[i] for i in host[1:]]} if len(host) > 1 else configs[host[0]]
@@ -90,10 +117,14 @@ def test_latecomers_join_the_grid_and_sixteen_averagers_keep_converging_under_10
         if 0 in absent[result.index]:
             members = next(record.members for record in result.rounds if record.round == 1)
             assert members is not None and placed & set(members), f"peer {result.index} in round 1: {members}"
+    checked = returns(results, CHURN["rejoin_weight"])  # a returning peer adopts its group's average
+    assert checked, "no complete group held a returning peer"
+    for ended, expected in checked:
+        assert torch.allclose(ended, expected, atol=1e-5), f"ended {ended[:4]}, the fresh members' mean {expected[:4]}"
     initial = torch.stack([flat(make_tensors(700 + i, CHURN["shapes"])) for i in range(PEERS)])
     report = spreads(results, initial)
     sizes = [[record.size for record in r.rounds] for r in results]
-    assert report[-1] <= 5e-2, f"spread after each round: {[f'{s:.3g}' for s in report]}; group sizes {sizes}"
+    assert report[-1] <= 5e-3, f"spread after each round: {[f'{s:.3g}' for s in report]}; group sizes {sizes}"
     print("spread after each round:", " ".join(f"{s:.3g}" for s in report))
 
 

@@ -9,6 +9,10 @@ fails a round with probability `rate`; a quarter of the failures are kills (the 
 then died at a random moment: before its group formed, or during the all-reduce, when its span
 of the vector stays unaveraged), the others absences (it skips the round, back in the next).
 
+Grid rules: *paired* (what the averager does): a line short of the group size averages together
+with another short line of the round (`matchmaking.short_partner`); *unpaired*: each line alone
+(before).
+
 How a peer that missed rounds (absent, its group failed, or new to a running swarm) comes back:
 - mix: at full weight, its stale values mixed into its group's average (`rejoin_weight` 1);
 - halve: its weight halved per round missed;
@@ -20,7 +24,7 @@ How a peer that missed rounds (absent, its group failed, or new to a running swa
 
 The spread is the largest max - min of any coordinate over the surviving peers, over the
 initial max - min averaged over the coordinates (so it starts above 1). Printed for each
-failure rate and rejoin rule: the median spread after each round over `--trials` swarms, the
+failure rate, grid rule and rejoin rule: the median spread after each round over `--trials` swarms, the
 share of swarms within `--target` after the last round, the contraction per round (the median
 over swarms of the final spread to the power 1 / rounds) and the drift (the median over swarms
 of the largest distance of the survivors' mean from the mean of all the initial values, in the
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from apiary.averaging.grid import MoshpitGrid
-from apiary.averaging.matchmaking import my_group
+from apiary.averaging.matchmaking import my_group, short_partner
 
 Grouping = Callable[["Swarm", int, list[str]], list[list[str]]]  # the group of each present peer
 
@@ -88,9 +92,10 @@ class Swarm:
         return (now - then).abs().max().item() / self.initial
 
 
-def grid_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[list[str]]:
+def grid_groups(swarm: Swarm, round_index: int, present: list[str], pair_short: bool = True) -> list[list[str]]:
     """Each present peer's group, as the averager forms it: announce under the round's key, read
-    the key's announcers, take our group among them; then update the grid place."""
+    the key's announcers, take our group among them (with the announcers of the partner line
+    when ours is short, unless not `pair_short`: the rule before); then update the grid place."""
     lines: dict[str, list[str]] = defaultdict(list)
     newcomers = []
     for peer_id in present:
@@ -105,15 +110,21 @@ def grid_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[list
         counts = [sum(i not in newcomers for i in lines.get(grid.key(round_index, line), [])) for line in probed]
         grid.coords = probed[counts.index(min(counts))]
         lines[grid.key(round_index)].append(peer_id)
+    some = swarm.peers[present[0]].grid if present else None
+    every_line = [] if some is None or some.ranks_in(round_index) or not pair_short else \
+        [some.key(round_index, line) for line in some.lines(round_index, some.side ** (some.dims - 1), swarm.rng)]
+    counts = {key: len(lines.get(key, [])) for key in every_line}
     outcome = []
-    for members in lines.values():
+    for key, members in lines.items():
         ordered = sorted(members)
         places = {i: swarm.peers[i].grid.place(round_index) for i in ordered}
+        partner = short_partner(counts, key, swarm.group) if len(every_line) > 1 else None
+        together = sorted(members + lines[partner]) if partner is not None else ordered
         for rank, peer_id in enumerate(ordered):
             grid = swarm.peers[peer_id].grid
             ranking = grid.ranks_in(round_index)
             line_of = (lambda r, grid=grid: grid.line_of(round_index, r)) if ranking else None
-            group = my_group(ordered, peer_id, swarm.group, line_of)
+            group = my_group(together, peer_id, swarm.group * (2 if partner is not None else 1), line_of)
             outcome.append((group, places, ranking, rank, peer_id))
     for group, places, ranking, rank, peer_id in outcome:  # places move only once every group is known
         grid = swarm.peers[peer_id].grid
@@ -217,14 +228,21 @@ def summary(name: str, runs: list[tuple[list[float], float]], target: float) -> 
     contraction = statistics.median(run[-1] ** (1 / rounds) for run, _ in runs)
     drift = statistics.median(drift for _, drift in runs)
     cells = " ".join(f"{m:8.2e}" for m in medians)
-    return f"{name:>26} | {cells} | {within:6.1%} | {contraction:11.3f} | {drift:.1e}"
+    return f"{name:>28} | {cells} | {within:6.1%} | {contraction:11.3f} | {drift:.1e}"
+
+
+def unpaired_grid_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[list[str]]:
+    """The grid before short lines paired up: each line averages alone."""
+    return grid_groups(swarm, round_index, present, pair_short=False)
 
 
 VARIANTS: list[tuple[str, Grouping, Rejoin]] = [
-    ("grid, mix", grid_groups, MIX),
-    ("grid, halve", grid_groups, HALVE),
-    ("grid, adopt", grid_groups, ADOPT),
-    ("grid, catch up", grid_groups, CATCH_UP),
+    ("unpaired, mix (before)", unpaired_grid_groups, MIX),
+    ("unpaired, halve", unpaired_grid_groups, HALVE),
+    ("unpaired, adopt", unpaired_grid_groups, ADOPT),
+    ("unpaired, catch up", unpaired_grid_groups, CATCH_UP),
+    ("paired, mix", grid_groups, MIX),
+    ("paired, adopt", grid_groups, ADOPT),
     ("random groups, mix (ref)", random_groups, MIX),
 ]
 
@@ -243,7 +261,7 @@ def main() -> None:
     print(f"{args.peers} peers, groups of {args.group} ({grid.dims}-D grid of side {grid.side}), "
           f"{args.rounds} rounds, {args.trials} trials per line; median spread after each round")
     header = " ".join(f"{'r' + str(r + 1):>8}" for r in range(args.rounds))
-    print(f"{'failures, grouping, rejoin':>26} | {header} | <= {args.target:g} | contraction | drift")
+    print(f"{'failures, grid, rejoin':>28} | {header} | <= {args.target:g} | contraction | drift")
     finals: dict[float, list[float]] = {}
     for rate in (float(r) for r in args.rates.split(",")):
         for name, grouping, rejoin in VARIANTS:
@@ -252,10 +270,10 @@ def main() -> None:
             print(summary(f"{rate:.0%} {name}", runs, args.target))
             finals.setdefault(rate, []).append(statistics.median(run[-1] for run, _ in runs))
     print(f"\nmedian spread after {args.rounds} rounds against the failure rate "
-          "(ratio: grid mix / grid adopt, same failures)")
+          "(ratio: before / paired adopt, same failures)")
     print(f"{'failures':>8} | " + " | ".join(f"{name:>24}" for name, *_ in VARIANTS) + " | ratio")
     for rate, row in finals.items():
-        ratio = f"{row[0] / row[2]:5.1f}" if row[2] > 0 else "    -"
+        ratio = f"{row[0] / row[5]:5.1f}" if row[5] > 0 else "    -"
         print(f"{rate:8.0%} | " + " | ".join(f"{value:24.2e}" for value in row) + f" | {ratio}")
 
 

@@ -27,6 +27,7 @@ from service_processes import APIARY, ServiceProcess, ServiceProcesses, free_por
 
 from apiary.averaging.local import AveragerClient
 from apiary.dht import DHTNode, DHTSettings
+from apiary.dht.local import DHTClient
 from apiary.dht.node import NODE_SERVICE
 from apiary.dht.protos.dht_pb2 import NodeInfo, PingRequest
 from apiary.moe.client import RemoteExpert, run_sync
@@ -354,10 +355,16 @@ async def test_a_call_captured_by_its_recipient_cannot_be_replayed_to_another_se
     assert run.dht2.status()["joined"]
 
 
-def test_a_mixture_of_experts_dials_the_private_runs_experts_as_its_dht_node_does(run: Run) -> None:
-    # the experts are declared as peer_id@host:port; the layer signs its calls with the DHT node's token
-    dht = run_sync(DHTNode.launch([PeerAddress.parse(run.dht.initial_peers)], identity=run.ids["me"],
-                                  settings=DHTSettings(client_mode=True), wire=run.settings()), 30)
+@pytest.mark.parametrize("through", ["own_dht_node", "participants_dht"])
+def test_a_mixture_of_experts_dials_the_private_runs_experts_as_its_dht_does(run: Run, through: str) -> None:
+    # the experts are declared as peer_id@host:port; the layer signs its calls with the token of the
+    # pool its DHT dials with: its own node's, or the one given to the client of the participant's dht
+    if through == "own_dht_node":
+        dht = run_sync(DHTNode.launch([PeerAddress.parse(run.dht.initial_peers)], identity=run.ids["me"],
+                                      settings=DHTSettings(client_mode=True), wire=run.settings()), 30)
+    else:
+        assert run.dht.local_api is not None
+        dht = DHTClient(run.dht.local_api, ChannelPool(run.settings(), identity=run.ids["me"]), timeout=10)
     try:
         moe = RemoteMixtureOfExperts(in_features=HIDDEN, grid_size=(1, 2), dht=dht, prefix="ffn", k_best=2)
         updates = run.experts.status()["updates"]
@@ -367,4 +374,5 @@ def test_a_mixture_of_experts_dials_the_private_runs_experts_as_its_dht_node_doe
         assert run.experts.status()["updates"] >= updates + 2  # both experts were reached and trained
         run_sync(moe.pool.close(), 10)
     finally:
-        run_sync(dht.shutdown(), 30)
+        if isinstance(dht, DHTNode):
+            run_sync(dht.shutdown(), 30)

@@ -35,10 +35,10 @@ from apiary.wire.identity import Identity
 from apiary.wire.rpc import Method, ServiceSpec
 from apiary.wire.settings import WireSettings
 from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials, plaintext_failure, tls_failure
+from apiary.wire.tracing import outgoing_metadata, span_attributes, tracer
 
 if TYPE_CHECKING:
     from apiary.wire.server import RpcServer
-from apiary.wire.tracing import outgoing_metadata, span_attributes, tracer
 
 Request = Message | AsyncIterable[Message]
 

@@ -7,6 +7,7 @@ import math
 from apiary.dht.protos.dht_pb2 import FoundValue, NodeInfo, StoreItem, SubkeyValue
 from apiary.dht.routing import Contact
 from apiary.dht.storage import StoredEntry, ValueWithExpiration
+from apiary.dht.validation import DHTRecord
 from apiary.wire import AddressError, Endpoint, IdentityError, InvalidRequest, PayloadTooLarge
 from apiary.wire.identity import public_key_from_peer_id
 
@@ -44,6 +45,13 @@ def stored_entry(found: FoundValue) -> StoredEntry | None:
     if found.subkeys:
         return StoredEntry(subkeys={s.subkey: ValueWithExpiration(s.value, s.expiration) for s in found.subkeys})
     return StoredEntry(value=ValueWithExpiration(found.value, found.expiration))
+
+
+def records_of(key: bytes, entry: StoredEntry) -> list[DHTRecord]:
+    """The records an entry holds under `key`: its value, or one per subkey."""
+    if entry.value is not None:
+        return [DHTRecord(key, None, entry.value.value, entry.value.expiration)]
+    return [DHTRecord(key, subkey, item.value, item.expiration) for subkey, item in entry.subkeys.items()]
 
 
 def check_items(items: list[StoreItem], max_items: int, max_value_bytes: int) -> None:

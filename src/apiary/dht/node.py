@@ -10,6 +10,9 @@ Nodes dropped from the routing table because they stopped answering are pinged a
 `reping_period` seconds (for `reping_for` seconds); one that answers is back in the table. So
 the two sides of a network partition, which drop each other while apart, find each other again
 once it heals.
+
+A node new to the routing table is given the records it should now hold (`republish`, section
+2.5 of the Kademlia paper).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apiary.dht.blacklist import Blacklist
 from apiary.dht.ids import id_from_bytes, id_of, id_to_bytes, node_id, random_id_in
-from apiary.dht.messages import check_items, contact_of, found_value, merge_entries, node_info
+from apiary.dht.messages import check_items, contact_of, found_value, merge_entries, node_info, records_of
 from apiary.dht.protos.dht_pb2 import (
     FindRequest,
     FindResponse,
@@ -37,6 +40,7 @@ from apiary.dht.protos.dht_pb2 import (
     StoreRequest,
     StoreResponse,
 )
+from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
 from apiary.dht.storage import MemoryStorage, Storage, StoredEntry
@@ -138,6 +142,7 @@ class DHTNode:
         self.routing = RoutingTable(self.id, self.settings.bucket_size)
         self.unreachable = Unreachable(self.settings.reping_for)
         self.blacklist = Blacklist()
+        self.republisher = Republisher(self)
         self._late: set[str] = set()  # peers whose Find outlived its lookup's deadline and still runs
         self.metrics = DHTMetrics(registry, self)
         self.server: RpcServer | None = None
@@ -204,6 +209,7 @@ class DHTNode:
             await self.find_nearest([self.id])
         self._spawn(self._refresh_loop())
         self._spawn(self._reping_loop())
+        self._spawn(self.republisher.run())
 
     async def shutdown(self) -> None:
         """Cancels background work, stops the server this node started, closes storage and channels."""
@@ -257,10 +263,16 @@ class DHTNode:
     def _heard_from(self, sender: NodeInfo) -> None:
         contact = contact_of(sender)
         if contact is not None and contact.peer_id != self.identity.peer_id:
-            self.routing.add(contact)
+            self._add(contact)
             if contact.peer_id in self.unreachable:  # back: our channel to it failed, so start a new one
                 self.unreachable.discard(contact.peer_id)
                 self._spawn(self.pool.discard(contact.endpoint))
+
+    def _add(self, contact: Contact) -> None:
+        """Adds a node to the routing table; a node new to it may get records (section 2.5)."""
+        known = self.routing.get(contact.peer_id) is not None
+        if self.routing.add(contact) and not known:
+            self.republisher.notice(contact)
 
     def _me(self) -> NodeInfo:
         contact = self.contact
@@ -300,7 +312,11 @@ class DHTNode:
         ):
             self.metrics.rejected.labels("validation").inc()
             return False
-        return await self.storage.store(id_to_bytes(id_of(item.key)), subkey, item.value, item.expiration)
+        key_id = id_to_bytes(id_of(item.key))
+        stored = await self.storage.store(key_id, subkey, item.value, item.expiration)
+        if stored:
+            self.republisher.remember(key_id, item.key)
+        return stored
 
     # ---- the protocol, called ----
 
@@ -328,7 +344,7 @@ class DHTNode:
             self.unreachable.discard(contact.peer_id)
             return None
         self.blacklist.succeeded(contact.peer_id)
-        self.routing.add(contact)
+        self._add(contact)
         self.unreachable.discard(contact.peer_id)
         return response
 
@@ -346,7 +362,7 @@ class DHTNode:
             logger.warning("initial peer %s answered as %s", peer, response.node.peer_id)
             return f"it answered as {response.node.peer_id}"
         contact = contact_of(response.node) or Contact(response.node.peer_id, peer.endpoint)
-        self.routing.add(Contact(contact.peer_id, peer.endpoint))
+        self._add(Contact(contact.peer_id, peer.endpoint))
         return None
 
     def _bootstrap_failure(self, peers: list[PeerAddress], failures: list[WireError | str | None]) -> str:
@@ -532,11 +548,7 @@ class DHTNode:
         if not state.without_value:
             return
         target = min(state.without_value, key=lambda c: c.id ^ state.key_id)
-        if entry.value is not None:
-            records = [DHTRecord(raw_key, None, entry.value.value, entry.value.expiration)]
-        else:
-            records = [DHTRecord(raw_key, subkey, item.value, item.expiration) for subkey, item in entry.subkeys.items()]
-        for batch in self._batches(records):
+        for batch in self._batches(records_of(raw_key, entry)):
             self._spawn(self._call(target, "Store", StoreRequest(sender=self._me(), items=batch)))
 
 

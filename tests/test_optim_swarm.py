@@ -9,10 +9,11 @@ import time
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from apiary.averaging.state import load_saved_state
 from apiary.wire import Identity
-from service_processes import APIARY, ServiceProcesses
+from service_processes import APIARY, ServiceProcess, ServiceProcesses
 from trainer_processes import SMALL_LM, TrainerSwarm, epoch_totals
 
 pytestmark = pytest.mark.timeout(360)  # several trainer processes on 2 cores
@@ -102,6 +103,21 @@ def test_trainers_use_their_participants_dht_and_averager_services(tmp_path):
         for mine, theirs in zip(states[0].tensors, states[1].tensors):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
         assert averagers[0].status()["last_round"]["result"] == "ok"
+        # the bytes each trainer reports are those its averager's rounds sent and received: per gradient
+        # round of two equal peers, half of the parameters out and its mean back, the other half in and
+        # its mean out (4 bytes a value), and more in the state rounds; at most what the averager counted
+        numel = sum(t.numel() for t in states[0].tensors[:len(states[0].metadata["layout"])])
+        for summary, averager in zip(summaries, averagers):
+            counted = sum(averager_bytes(averager).values())
+            assert 8 * numel * summary["rounds"]["ok"] <= summary["averaged_bytes"] <= counted, (summary, counted, numel)
+            assert summary["averaged_bytes"] >= 0.9 * counted, (summary["averaged_bytes"], counted)
+
+
+def averager_bytes(averager: ServiceProcess) -> dict[str, float]:
+    """The all-reduce bytes an averager process counted, from its Prometheus metrics."""
+    text = averager.get("/metrics").text
+    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+            if sample.name in ("apiary_averager_sent_bytes_total", "apiary_averager_received_bytes_total")}
 
 
 def test_trainers_of_a_private_run_over_tls_train_together_and_a_stranger_is_refused(tmp_path):

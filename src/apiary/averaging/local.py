@@ -284,6 +284,17 @@ class RoundResult:
     finished_at: float  # unix time
     error: str = ""
     formed_early: bool = False  # the group was formed ahead of the round (Prepare)
+    sent_bytes: int = 0  # all-reduce tensor bytes sent since the previous round's record
+    received_bytes: int = 0  # and received
+
+
+@dataclass
+class Traffic:
+    """Tensor bytes of the all-reduce parts and means an averager sent and received so far
+    (counted by whoever runs its bulk client and reductions: the averager service)."""
+
+    sent: int = 0
+    received: int = 0
 
 
 class LocalServicer:
@@ -301,6 +312,7 @@ class LocalServicer:
         state_timeout: float = 60.0,
         on_round: Callable[[RoundResult], None] | None = None,
         on_state: Callable[[], Awaitable[bool]] | None = None,
+        traffic: Traffic | None = None,
     ):
         self.averager = averager
         self.donor = donor
@@ -310,6 +322,8 @@ class LocalServicer:
         self.state_timeout = state_timeout
         self.on_round = on_round
         self.on_state = on_state
+        self.traffic = traffic or Traffic()
+        self._recorded = Traffic()  # the traffic at the previous round's record
         self.registration: Registration | None = None
         self.last_round: RoundResult | None = None
         self._lock = asyncio.Lock()
@@ -433,7 +447,10 @@ class LocalServicer:
         return self._record(OK if size else NO_GROUP, size or 0, started)
 
     def _record(self, result: str, size: int, started: float, error: str = "") -> RoundResult:
-        record = RoundResult(result, size, time.monotonic() - started, time.time(), error, self.averager.formed_early)
+        sent, received = self.traffic.sent - self._recorded.sent, self.traffic.received - self._recorded.received
+        self._recorded = Traffic(self.traffic.sent, self.traffic.received)
+        record = RoundResult(result, size, time.monotonic() - started, time.time(), error, self.averager.formed_early,
+                             sent, received)
         self.last_round = record
         if self.on_round is not None:
             self.on_round(record)
@@ -442,7 +459,8 @@ class LocalServicer:
     @staticmethod
     def _outcome(result: RoundResult, averaged: bool) -> RoundOutcome:
         return RoundOutcome(result=result.result, group_size=result.group_size, error=result.error, averaged=averaged,
-                            formed_early=result.formed_early)
+                            formed_early=result.formed_early, sent_bytes=result.sent_bytes,
+                            received_bytes=result.received_bytes)
 
     # ---- state
 
@@ -550,6 +568,7 @@ class AveragerClient:
         self.schema: Schema | None = None
         self.matchmaking_seconds = 0.0  # how long the averager takes to form a group (from register())
         self.last_outcome: RoundOutcome | None = None  # of the latest average()
+        self.averaged_bytes = 0  # all-reduce tensor bytes sent and received, as the rounds' replies report them
         self._segment: SharedMemory | None = None
         self._flat: torch.Tensor | None = None  # float32 view of the whole segment
 
@@ -591,6 +610,7 @@ class AveragerClient:
         else:
             outcome = await self._average_streamed(tensors, weight, round, timeout)
         self.last_outcome = outcome
+        self.averaged_bytes += outcome.sent_bytes + outcome.received_bytes
         if outcome.result == FAILED:
             logger.warning("averaging round failed: %s", outcome.error)
         return outcome.group_size if outcome.result == OK else None

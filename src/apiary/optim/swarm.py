@@ -152,14 +152,10 @@ class SwarmLink:
             logger.info("no state loaded from the swarm: %s", e)
             return None
 
-    def averaged_bytes(self) -> float:
-        """Tensor bytes this peer's embedded averager sent and received so far (0 when not embedded)."""
-        total = 0.0
-        for service in self.services:
-            if isinstance(service, AveragerService):
-                for name in ("apiary_averager_sent_bytes_total", "apiary_averager_received_bytes_total"):
-                    total += service.host.registry.get_sample_value(name) or 0.0
-        return total
+    @property
+    def averaged_bytes(self) -> int:
+        """Tensor bytes the averager sent and received in this link's rounds (as its replies report them)."""
+        return self.averager.averaged_bytes
 
     async def close(self) -> None:
         await self.averager.close()

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 from apiary.averaging.allreduce import AllReduceService
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.verification import Verifier
-from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult
+from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult, Traffic
 from apiary.averaging.partition import Mode
 from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
 from apiary.dht import DHTNode, DHTSettings
@@ -64,6 +64,7 @@ class AveragerMetrics:
     state requests."""
 
     def __init__(self, registry: CollectorRegistry):
+        self.traffic = Traffic()  # what sent_bytes and received_bytes count, for the local API's replies
         self.rounds = Counter("apiary_averager_rounds", "Averaging rounds, by result (ok, no_group, failed)",
                               ["result"], registry=registry)
         self.group_size = Histogram("apiary_averager_group_size", "Peers in the groups of successful rounds",
@@ -99,6 +100,14 @@ class AveragerMetrics:
         verifier.on_audit = lambda outcome: self.audits.labels(outcome.result).inc()
         self.banned_peers.set_function(lambda: len(verifier.banned))
 
+    def count_sent(self, nbytes: int) -> None:
+        self.traffic.sent += nbytes
+        self.sent_bytes.inc(nbytes)
+
+    def count_received(self, nbytes: int) -> None:
+        self.traffic.received += nbytes
+        self.received_bytes.inc(nbytes)
+
     def observe(self, result: RoundResult) -> None:
         self.rounds.labels(result.result).inc()
         self.round_seconds.labels(result.result).observe(result.seconds)
@@ -124,8 +133,8 @@ class _CountingBulkClient(BulkClient):
                    timeout: float | None = None, reply_into: Sequence[memoryview] = (), peer_id: str | None = None) -> Any:
         reply = await super().call(endpoint, route, body=body, tensors=tensors, timeout=timeout, reply_into=reply_into,
                                    peer_id=peer_id)
-        self.metrics.sent_bytes.inc(_payload_bytes(tensors))
-        self.metrics.received_bytes.inc(_payload_bytes(reply[1]))
+        self.metrics.count_sent(_payload_bytes(tensors))
+        self.metrics.count_received(_payload_bytes(reply[1]))
         return reply
 
 
@@ -137,9 +146,9 @@ class _CountingReductions(AllReduceService):
         self.metrics = metrics
 
     async def handle(self, call: BulkCall) -> BulkAnswer:
-        self.metrics.received_bytes.inc(_payload_bytes(call.tensors))
+        self.metrics.count_received(_payload_bytes(call.tensors))
         answer = await super().handle(call)
-        self.metrics.sent_bytes.inc(_payload_bytes(answer.tensors))
+        self.metrics.count_sent(_payload_bytes(answer.tensors))
         return answer
 
 
@@ -170,6 +179,7 @@ class AveragerService:
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
             state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self._state_published,
+            traffic=self.metrics.traffic,
         )
         self.local_server = RpcServer(wire.for_local_api(settings.local_host, settings.local_port), self.host.identity)
         self.host.watch(self.local_server, "local")

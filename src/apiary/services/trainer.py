@@ -174,7 +174,7 @@ class TrainerService:
         finally:
             if timer is not None:
                 timer.cancel()
-        self.summary.update(epoch_end=optimizer.epoch, averaged_bytes=optimizer.swarm.averaged_bytes(),
+        self.summary.update(epoch_end=optimizer.epoch, averaged_bytes=optimizer.swarm.averaged_bytes,
                             rounds=dict(optimizer.rounds), history=optimizer.history)
 
     def _wait_for_peers(self, optimizer: Optimizer) -> None:
@@ -218,7 +218,7 @@ class TrainerService:
         elapsed = time.monotonic() - started
         self.summary.update(loss_end=self._evaluate(), epoch_end=optimizer.epoch, samples=samples,
                             seconds=round(elapsed, 2), samples_per_second=round(samples / max(elapsed, 1e-9), 1),
-                            averaged_bytes=optimizer.swarm.averaged_bytes(), rounds=dict(optimizer.rounds),
+                            averaged_bytes=optimizer.swarm.averaged_bytes, rounds=dict(optimizer.rounds),
                             history=optimizer.history)
 
     def _print_progress(self, optimizer: Optimizer, samples: int, elapsed: float) -> None:

@@ -28,18 +28,22 @@ class RegisterReply(_message.Message):
     def __init__(self, schema: _Optional[str] = ..., numel: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., matchmaking_seconds: _Optional[float] = ...) -> None: ...
 
 class RoundOutcome(_message.Message):
-    __slots__ = ("result", "group_size", "error", "averaged", "formed_early")
+    __slots__ = ("result", "group_size", "error", "averaged", "formed_early", "sent_bytes", "received_bytes")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     AVERAGED_FIELD_NUMBER: _ClassVar[int]
     FORMED_EARLY_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     result: str
     group_size: int
     error: str
     averaged: bool
     formed_early: bool
-    def __init__(self, result: _Optional[str] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ..., averaged: _Optional[bool] = ..., formed_early: _Optional[bool] = ...) -> None: ...
+    sent_bytes: int
+    received_bytes: int
+    def __init__(self, result: _Optional[str] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ..., averaged: _Optional[bool] = ..., formed_early: _Optional[bool] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("round",)

@@ -1,7 +1,7 @@
 """A Kademlia DHT node: the swarm's only directory.
 
-`DHTNode` serves the DHT protocol (`apiary.dht.Node`: Ping, Store, Find) on an `RpcServer`,
-keeps a routing table of the nodes it hears from, and offers `store`/`get` (and their batched
+`DHTNode` is the façade: it serves the DHT protocol (`apiary.dht.Node`: Ping, Store, Find,
+answered by `protocol.NodeServicer`) on an `RpcServer`, calls it on other nodes, keeps a routing table of the nodes it hears from, and offers `store`/`get` (and their batched
 forms) to the code of its participant. Keys, subkeys and values are any msgpack-serializable
 values; each write has an absolute expiration time. A node in client mode (behind NAT) serves
 nothing and is never put in anyone's routing table, but gets and stores like any other.
@@ -27,19 +27,10 @@ import msgpack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apiary.dht.blacklist import Blacklist
-from apiary.dht.ids import id_from_bytes, id_of, id_to_bytes, node_id, random_id_in
-from apiary.dht.messages import check_items, contact_of, found_value, merge_entries, node_info, records_of
-from apiary.dht.protos.dht_pb2 import (
-    FindRequest,
-    FindResponse,
-    FindResult,
-    NodeInfo,
-    PingRequest,
-    PingResponse,
-    StoreItem,
-    StoreRequest,
-    StoreResponse,
-)
+from apiary.dht.ids import id_of, id_to_bytes, node_id, random_id_in
+from apiary.dht.messages import contact_of, merge_entries, node_info, records_of
+from apiary.dht.protos.dht_pb2 import FindRequest, FindResponse, NodeInfo, PingRequest, StoreItem, StoreRequest
+from apiary.dht.protocol import NODE_SERVICE, NodeServicer
 from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
@@ -48,32 +39,18 @@ from apiary.dht.traversal import LookupState, traverse
 from apiary.dht.validation import DHTRecord, RecordValidator, SignatureValidator
 from apiary.wire import (
     AccessDenied,
-    CallContext,
     ChannelPool,
     DeadlineExceeded,
     Identity,
-    InvalidRequest,
-    Method,
     PeerAddress,
     PeerUnavailable,
     RpcClient,
     RpcServer,
-    ServiceSpec,
     WireError,
     WireSettings,
 )
 
 logger = logging.getLogger(__name__)
-
-NODE_SERVICE = ServiceSpec(
-    "apiary.dht.Node",
-    (
-        Method("Ping", PingRequest, PingResponse),
-        Method("Store", StoreRequest, StoreResponse),
-        Method("Find", FindRequest, FindResponse),
-    ),
-)
-
 
 class DHTBootstrapError(RuntimeError):
     """No initial peer answered, or those that answered refused this node's credentials."""
@@ -186,7 +163,7 @@ class DHTNode:
         else:
             self.pool = ChannelPool.like(server)
         self.server = server
-        server.add_service(NODE_SERVICE, _NodeServicer(self))
+        server.add_service(NODE_SERVICE, NodeServicer(self))
 
     @property
     def contact(self) -> Contact | None:
@@ -206,7 +183,7 @@ class DHTNode:
             failures = await asyncio.gather(*(self._ping_address(peer) for peer in initial_peers))
             if all(failures):
                 raise DHTBootstrapError(self._bootstrap_failure(initial_peers, failures))
-            await self.find_nearest([self.id])
+            await self.find_nearest([self.id])  # joining, section 2.3: a lookup of our own id
         self._spawn(self._refresh_loop())
         self._spawn(self._reping_loop())
         self._spawn(self.republisher.run())
@@ -233,6 +210,8 @@ class DHTNode:
             logger.error("DHT background task failed: %r", task.exception())
 
     async def _refresh_loop(self) -> None:
+        """Section 2.3: a bucket no lookup went through for `refresh_period` is refreshed by a
+        lookup of a random id in its range."""
         period = self.settings.refresh_period
         while True:
             await asyncio.sleep(min(period / 2, 30.0))
@@ -258,15 +237,7 @@ class DHTNode:
         await self.pool.discard(contact.endpoint)
         return await self._call(contact, "Ping", PingRequest(sender=self._me())) is not None
 
-    # ---- the protocol, served ----
-
-    def _heard_from(self, sender: NodeInfo) -> None:
-        contact = contact_of(sender)
-        if contact is not None and contact.peer_id != self.identity.peer_id:
-            self._add(contact)
-            if contact.peer_id in self.unreachable:  # back: our channel to it failed, so start a new one
-                self.unreachable.discard(contact.peer_id)
-                self._spawn(self.pool.discard(contact.endpoint))
+    # ---- the protocol: what the servicer (`protocol`) and the calls below share ----
 
     def _add(self, contact: Contact) -> None:
         """Adds a node to the routing table; a node new to it may get records (section 2.5)."""
@@ -277,33 +248,6 @@ class DHTNode:
     def _me(self) -> NodeInfo:
         contact = self.contact
         return node_info(contact) if contact is not None else NodeInfo(peer_id=self.identity.peer_id)
-
-    async def _serve_ping(self, request: PingRequest, context: CallContext) -> PingResponse:
-        self._heard_from(request.sender)
-        return PingResponse(node=self._me(), dht_time=time.time())
-
-    async def _serve_store(self, request: StoreRequest, context: CallContext) -> StoreResponse:
-        check_items(list(request.items), self.settings.max_items_per_request, self.settings.max_value_bytes)
-        self._heard_from(request.sender)
-        return StoreResponse(node=self._me(), stored=[await self._store_local(item) for item in request.items])
-
-    async def _serve_find(self, request: FindRequest, context: CallContext) -> FindResponse:
-        if len(request.key_ids) > self.settings.max_items_per_request:
-            raise InvalidRequest(
-                f"{len(request.key_ids)} keys in one request exceed max_items_per_request="
-                f"{self.settings.max_items_per_request}"
-            )
-        try:
-            ids = [id_from_bytes(raw) for raw in request.key_ids]
-        except ValueError as e:
-            raise InvalidRequest(f"key_ids: {e}") from None
-        self._heard_from(request.sender)
-        results = []
-        for key_id in ids:
-            nearest = self.routing.nearest(key_id, self.settings.bucket_size, exclude=request.sender.peer_id)
-            entry = await self.storage.get(id_to_bytes(key_id))
-            results.append(FindResult(value=found_value(entry), nearest=[node_info(c) for c in nearest]))
-        return FindResponse(node=self._me(), results=results)
 
     async def _store_local(self, item: StoreItem) -> bool:
         subkey = item.subkey if item.has_subkey else None
@@ -388,6 +332,7 @@ class DHTNode:
 
     async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False,
                       deadline: float | None = None) -> dict[int, LookupState]:
+        """Section 2.3's node lookup (`alpha` = parallelism), for many ids at once (`traversal`)."""
         return await traverse(
             key_ids,
             lambda key_id: [c for c in self.routing.nearest(key_id, self.settings.bucket_size)
@@ -544,7 +489,8 @@ class DHTNode:
         )
 
     def _cache(self, raw_key: bytes, entry: StoredEntry, state: LookupState) -> None:
-        """Stores a found value on the nearest queried node that answered without it."""
+        """Section 2.3, caching: stores a found value on the nearest queried node that answered
+        without it, so that later lookups of a popular key end sooner."""
         if not state.without_value:
             return
         target = min(state.without_value, key=lambda c: c.id ^ state.key_id)
@@ -561,11 +507,3 @@ def _item_of(record: DHTRecord) -> StoreItem:
         expiration=record.expiration,
     )
 
-
-class _NodeServicer:
-    """Serves `NODE_SERVICE` for a node."""
-
-    def __init__(self, node: DHTNode):
-        self.ping = node._serve_ping
-        self.store = node._serve_store
-        self.find = node._serve_find

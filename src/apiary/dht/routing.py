@@ -1,9 +1,10 @@
 """The Kademlia routing table: k-buckets over id ranges that split as the paper prescribes.
 
 A bucket covers a range of ids and holds up to `bucket_size` nodes, least recently seen
-first, plus a replacement cache. A full bucket splits if its range contains our own id (or
-its depth is not a multiple of `depth_modulo`, the relaxed rule of section 4.2 of the paper),
-otherwise newcomers wait in the replacement cache until a node of the bucket fails.
+first (section 2.2 of the paper), plus a replacement cache (section 4.1). A full bucket splits
+if its range contains our own id (section 2.4), or if its depth is not a multiple of
+`depth_modulo` (the relaxed rule of section 4.2); otherwise newcomers wait in the replacement
+cache until a node of the bucket fails.
 
 Nodes removed because they stopped answering are remembered for a while (`Unreachable`), so
 that the node can ask them again: after a network partition heals, nobody on either side
@@ -103,7 +104,7 @@ class RoutingTable:
             bucket = self.buckets[index]
             if bucket.add_or_update(contact):
                 return True
-            if bucket.covers(self.own_id) or bucket.depth % self.depth_modulo != 0:
+            if bucket.covers(self.own_id) or bucket.depth % self.depth_modulo != 0:  # sections 2.4, 4.2
                 self.buckets[index : index + 1] = bucket.split()
                 continue
             return False

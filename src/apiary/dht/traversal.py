@@ -1,4 +1,5 @@
-"""Iterative parallel Kademlia lookups for many keys at once.
+"""Iterative parallel Kademlia lookups for many keys at once (the node lookup of section 2.3 of
+the paper, `parallelism` being its alpha).
 
 Each round, every unfinished key picks up to `parallelism` of its nearest unqueried
 candidates; the picks are grouped by node so that each node gets one Find RPC carrying every

@@ -1,0 +1,86 @@
+"""The DHT protocol, served: what a node answers to other nodes.
+
+`NODE_SERVICE` is Kademlia's RPC set (section 2.3 of the paper) over gRPC: `Ping`, `Store` and
+`Find` (FIND_NODE and FIND_VALUE in one: the value if held, else and also the nearest known
+nodes), each carrying many keys or items. `NodeServicer` answers them for a `DHTNode`; every
+request also tells the node of its sender (section 2.2: a node updates its k-buckets on every
+message it receives), which may make the sender a newcomer that gets records (section 2.5).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from apiary.dht.ids import id_from_bytes, id_to_bytes
+from apiary.dht.messages import check_items, contact_of, found_value, node_info
+from apiary.dht.protos.dht_pb2 import (
+    FindRequest,
+    FindResponse,
+    FindResult,
+    NodeInfo,
+    PingRequest,
+    PingResponse,
+    StoreRequest,
+    StoreResponse,
+)
+from apiary.wire import CallContext, InvalidRequest, Method, ServiceSpec
+
+if TYPE_CHECKING:
+    from apiary.dht.node import DHTNode
+
+NODE_SERVICE = ServiceSpec(
+    "apiary.dht.Node",
+    (
+        Method("Ping", PingRequest, PingResponse),
+        Method("Store", StoreRequest, StoreResponse),
+        Method("Find", FindRequest, FindResponse),
+    ),
+)
+
+
+class NodeServicer:
+    """Serves `NODE_SERVICE` for a node."""
+
+    def __init__(self, node: DHTNode):
+        self.node = node
+
+    async def ping(self, request: PingRequest, context: CallContext) -> PingResponse:
+        self._heard_from(request.sender)
+        return PingResponse(node=self.node._me(), dht_time=time.time())
+
+    async def store(self, request: StoreRequest, context: CallContext) -> StoreResponse:
+        settings = self.node.settings
+        check_items(list(request.items), settings.max_items_per_request, settings.max_value_bytes)
+        self._heard_from(request.sender)
+        stored = [await self.node._store_local(item) for item in request.items]
+        return StoreResponse(node=self.node._me(), stored=stored)
+
+    async def find(self, request: FindRequest, context: CallContext) -> FindResponse:
+        node = self.node
+        if len(request.key_ids) > node.settings.max_items_per_request:
+            raise InvalidRequest(
+                f"{len(request.key_ids)} keys in one request exceed max_items_per_request="
+                f"{node.settings.max_items_per_request}"
+            )
+        try:
+            ids = [id_from_bytes(raw) for raw in request.key_ids]
+        except ValueError as e:
+            raise InvalidRequest(f"key_ids: {e}") from None
+        self._heard_from(request.sender)
+        results = []
+        for key_id in ids:
+            nearest = node.routing.nearest(key_id, node.settings.bucket_size, exclude=request.sender.peer_id)
+            entry = await node.storage.get(id_to_bytes(key_id))
+            results.append(FindResult(value=found_value(entry), nearest=[node_info(c) for c in nearest]))
+        return FindResponse(node=node._me(), results=results)
+
+    def _heard_from(self, sender: NodeInfo) -> None:
+        """Learns a sender into the routing table (client-mode senders have no address: never)."""
+        node = self.node
+        contact = contact_of(sender)
+        if contact is not None and contact.peer_id != node.identity.peer_id:
+            node._add(contact)
+            if contact.peer_id in node.unreachable:  # back: our channel to it failed, so start a new one
+                node.unreachable.discard(contact.peer_id)
+                node._spawn(node.pool.discard(contact.endpoint))

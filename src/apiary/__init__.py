@@ -11,9 +11,10 @@ __all__ = ["Optimizer", "__version__"]
 
 
 def __getattr__(name: str) -> object:
-    """`apiary.Optimizer`, imported on first use (it needs torch; `import apiary` does not)."""
+    """`apiary.Optimizer`, imported on first use (it needs torch; `import apiary` does not): the
+    collaborative optimizer, which starts embedded services when not given the participant's."""
     if name == "Optimizer":
-        from apiary.optim import Optimizer
+        from apiary.services.embedded import Optimizer
 
         return Optimizer
     raise AttributeError(f"module 'apiary' has no attribute {name!r}")

@@ -31,9 +31,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -41,7 +41,7 @@ from apiary.averaging.protos.local_pb2 import RoundOutcome
 from apiary.background import LoopThread
 from apiary.optim.progress import ProgressTracker, SwarmProgress
 from apiary.optim.state import load_optimizer_statistics, optimizer_statistics
-from apiary.optim.swarm import SwarmLink
+from apiary.optim.swarm import EmbeddedServices, SwarmLink
 from apiary.wire import Endpoint, PeerAddress, WireSettings
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 NEAR_END = 0.8  # past this share of the target (estimated), the swarm's counts are read every FINAL_REFRESH s
 FINAL_REFRESH = 0.05
 STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradient rounds
+
+
+class StartEmbedded(Protocol):
+    """Starts a participant's dht and averager services in this process (`apiary.services.embedded`)."""
+
+    def __call__(self, run_id: str, initial_peers: Sequence[PeerAddress], *, averaging: dict[str, Any] | None,
+                 client_mode: bool, auxiliary: bool, wire: WireSettings | None,
+                 identity: Path | None) -> Awaitable[EmbeddedServices]: ...
 
 
 class Optimizer:
@@ -67,7 +75,12 @@ class Optimizer:
             opt.step(batch_size=len(x))
             opt.zero_grad()
         opt.close()
+
+    `apiary.Optimizer` starts the embedded services (`start_embedded`); this class, in a layer
+    below the services, links only to running ones unless a subclass sets `start_embedded`.
     """
+
+    start_embedded: StartEmbedded | None = None
 
     def __init__(
         self,
@@ -145,10 +158,14 @@ class Optimizer:
                 raise ValueError("give both dht_local and averager_local (the participant's services), or neither")
             if dht_local is not None and averager_local is not None:
                 link = SwarmLink.connect(dht_local, averager_local, round_timeout=round_timeout)
+            elif self.start_embedded is None:
+                raise ValueError("give dht_local and averager_local (the participant's services), or use "
+                                 "apiary.Optimizer, which starts embedded ones")
             else:
-                link = SwarmLink.embedded(run_id, initial_peers, averaging=averaging, client_mode=client_mode,
-                                          auxiliary=auxiliary, wire=wire, identity=identity,
-                                          round_timeout=round_timeout)
+                peers = [p if isinstance(p, PeerAddress) else PeerAddress.parse(p) for p in initial_peers]
+                starting = self.start_embedded(run_id, peers, averaging=averaging, client_mode=client_mode,
+                                               auxiliary=auxiliary, wire=wire, identity=identity)
+                link = SwarmLink.embedded(starting, round_timeout=round_timeout)
             self.swarm = self.loop.run(link, timeout=120)
             self.tracker = ProgressTracker(self.swarm.dht, run_id, self.swarm.peer_id, client=self.swarm.client_mode,
                                            max_samples_per_second=max_samples_per_second)

@@ -1,9 +1,10 @@
 """How a collaborative optimizer reaches its run: the DHT for progress, an averager for rounds.
 
 `SwarmLink.connect()` uses the participant's dht and averager services through their local
-APIs (the trainer service's usual case). `SwarmLink.embedded()` starts both services inside
-this process first (library use, `apiary up`, tests) and then talks to them the same way, so
-there is one code path whatever the deployment.
+APIs (the trainer service's usual case). `SwarmLink.embedded()` has both services started inside
+this process first (library use, `apiary up`, tests: `apiary.services.embedded` starts them; this
+layer imports no service) and then talks to them the same way, so there is one code path
+whatever the deployment.
 
 Rounds and state go through the averager service's local API (`AveragerClient`), which holds
 one registered schema at a time: the link re-registers when the optimizer switches between
@@ -15,25 +16,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from apiary.averaging.averager import AveragerSettings
 from apiary.averaging.local import AveragerClient
-from apiary.averaging.partition import Mode
 from apiary.averaging.protos.local_pb2 import RoundOutcome
-from apiary.dht import DHTSettings
 from apiary.dht.local import DHTClient
-from apiary.services.averager import AveragerService, AveragerServiceSettings
-from apiary.services.dht import DHTService, DHTServiceSettings
-from apiary.services.runtime import ServiceSettings
-from apiary.wire import ChannelPool, Endpoint, PeerAddress, RequestRejected, WireSettings
+from apiary.wire import ChannelPool, Endpoint, RequestRejected
 
 logger = logging.getLogger(__name__)
+
+
+class EmbeddedServices(Protocol):
+    """A participant's dht and averager services started in this process (`apiary.services.embedded`)."""
+
+    @property
+    def dht_local(self) -> Endpoint: ...
+
+    @property
+    def averager_local(self) -> Endpoint: ...
+
+    @property
+    def dht_address(self) -> str | None: ...  # what others join through
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -45,7 +54,7 @@ class SwarmLink:
     peer_id: str
     client_mode: bool
     pool: ChannelPool
-    services: list[Any] = field(default_factory=list)  # started here, stopped by close()
+    services: EmbeddedServices | None = None  # started for this link, stopped by close()
     _registered: tuple[tuple[tuple[int, ...], torch.dtype], ...] | None = None
     _registering: asyncio.Lock = field(default_factory=asyncio.Lock)  # a schema stays registered until its call ends
 
@@ -64,36 +73,13 @@ class SwarmLink:
         return cls(dht, averager, info.peer_id, info.client_mode, pool)
 
     @classmethod
-    async def embedded(cls, run_id: str, initial_peers: Sequence[PeerAddress | str] = (), *,
-                       averaging: dict[str, Any] | None = None, client_mode: bool = False, auxiliary: bool = False,
-                       wire: WireSettings | None = None, identity: Path | None = None,
-                       announce_period: float = 5.0, round_timeout: float = 300.0) -> SwarmLink:
-        """Starts a dht and an averager service in this process (joining `initial_peers`, or a new
-        swarm) and links to them. `averaging`: further AveragerSettings fields (codec, group sizes...);
-        `auxiliary`: the averager only reduces others' parts (a peer that lends bandwidth, not compute);
-        `wire`: their public ports (default: loopback), TLS and private-run credentials; `identity`:
-        the identity file both services use (the key an access token is bound to)."""
-        peers = [p if isinstance(p, PeerAddress) else PeerAddress.parse(p) for p in initial_peers]
-        if client_mode and auxiliary:
-            raise ValueError("an auxiliary peer reduces others' parts: it cannot be in client mode")
-        mode = Mode.CLIENT if client_mode else Mode.AUX if auxiliary else Mode.NODE
-        wire = wire or WireSettings(listen_host="127.0.0.1")
-        dht_service = DHTService(wire, ServiceSettings(identity=identity), DHTSettings(client_mode=client_mode),
-                                 DHTServiceSettings(initial_peers=peers))
-        await dht_service.start()
-        services: list[Any] = [dht_service]
+    async def embedded(cls, starting: Awaitable[EmbeddedServices], *, round_timeout: float = 300.0) -> SwarmLink:
+        """Links to the services `starting` starts in this process; the link stops them at close()."""
+        services = await starting
         try:
-            averager_service = AveragerService(
-                wire, ServiceSettings(identity=identity), AveragerSettings(prefix=run_id, mode=mode, **(averaging or {})),
-                AveragerServiceSettings(dht_local=dht_service.local_endpoint, announce_period=announce_period),
-            )
-            await averager_service.start()
-            services.append(averager_service)
-            link = await cls.connect(dht_service.local_endpoint, averager_service.local_endpoint,
-                                     round_timeout=round_timeout)
+            link = await cls.connect(services.dht_local, services.averager_local, round_timeout=round_timeout)
         except BaseException:
-            for service in reversed(services):
-                await service.host.shutdown()
+            await services.close()
             raise
         link.services = services
         return link
@@ -101,8 +87,8 @@ class SwarmLink:
     @property
     def dht_address(self) -> str | None:
         """The address others join through (embedded, non-client peers only)."""
-        if self.services and self.services[0].node is not None and not self.client_mode:
-            return self.services[0].node.address
+        if self.services is not None and not self.client_mode:
+            return self.services.dht_address
         return None
 
     async def average(self, tensors: Sequence[torch.Tensor], weight: float, round_index: int) -> int | None:
@@ -160,5 +146,5 @@ class SwarmLink:
     async def close(self) -> None:
         await self.averager.close()
         await self.pool.close()
-        for service in reversed(self.services):
-            await service.host.shutdown()
+        if self.services is not None:
+            await self.services.close()

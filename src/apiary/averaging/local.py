@@ -288,6 +288,23 @@ class RoundResult:
     received_bytes: int = 0  # and received
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """How one round went, as the averager's reply tells the trainer."""
+
+    result: str  # OK, NO_GROUP or FAILED
+    group_size: int  # 0 unless OK
+    error: str = ""  # why the round failed
+    formed_early: bool = False  # the group was formed ahead (Prepare)
+    sent_bytes: int = 0  # all-reduce tensor bytes the averager sent since its previous reply
+    received_bytes: int = 0  # and received
+
+    @classmethod
+    def of(cls, reply: RoundOutcome) -> Outcome:
+        return cls(reply.result, reply.group_size, reply.error, reply.formed_early, reply.sent_bytes,
+                   reply.received_bytes)
+
+
 @dataclass
 class Traffic:
     """Tensor bytes of the all-reduce parts and means an averager sent and received so far
@@ -567,7 +584,7 @@ class AveragerClient:
         self._rpc = RpcClient(self.pool, LOCAL_SERVICE, self.endpoint, timeout=timeout)
         self.schema: Schema | None = None
         self.matchmaking_seconds = 0.0  # how long the averager takes to form a group (from register())
-        self.last_outcome: RoundOutcome | None = None  # of the latest average()
+        self.last_outcome: Outcome | None = None  # of the latest average()
         self.averaged_bytes = 0  # all-reduce tensor bytes sent and received, as the rounds' replies report them
         self._segment: SharedMemory | None = None
         self._flat: torch.Tensor | None = None  # float32 view of the whole segment
@@ -609,7 +626,7 @@ class AveragerClient:
             outcome = await self._average_shared(tensors, weight, round, timeout)
         else:
             outcome = await self._average_streamed(tensors, weight, round, timeout)
-        self.last_outcome = outcome
+        self.last_outcome = Outcome.of(outcome)
         self.averaged_bytes += outcome.sent_bytes + outcome.received_bytes
         if outcome.result == FAILED:
             logger.warning("averaging round failed: %s", outcome.error)

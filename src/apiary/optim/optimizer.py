@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from apiary.averaging.protos.local_pb2 import RoundOutcome
+from apiary.averaging.local import Outcome
 from apiary.background import LoopThread
 from apiary.optim.progress import ProgressTracker, SwarmProgress
 from apiary.optim.state import load_optimizer_statistics, optimizer_statistics
@@ -151,7 +151,7 @@ class Optimizer:
         self._last_step: float | None = None
         self._training = True  # False while averaging: the published throughput is then 0
         self._prepared_epoch = -1  # the latest epoch whose group the averager was asked to form ahead
-        self._last_outcome: RoundOutcome | None = None  # of the latest round
+        self._last_outcome: Outcome | None = None  # of the latest round
         self.loop = LoopThread(f"apiary-optimizer-{run_id}")
         try:
             if (dht_local is None) != (averager_local is None):
@@ -307,7 +307,7 @@ class Optimizer:
                 p.grad = g.to(p.dtype)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._after_update(size)
+        self._after_update()
 
     def _outer_step(self, samples: int) -> None:
         assert self.outer is not None
@@ -328,7 +328,7 @@ class Optimizer:
         with torch.no_grad():
             for p, outer in zip(self.params, self.outer_params):
                 p.copy_(outer)
-        self._after_update(size)
+        self._after_update()
 
     def _result(self, future: concurrent.futures.Future[int | None], what: str) -> int | None:
         try:
@@ -339,7 +339,7 @@ class Optimizer:
         self.rounds["ok" if size else "no_group"] += 1
         return size
 
-    def _after_update(self, group_size: int | None) -> None:
+    def _after_update(self) -> None:
         if self.scheduler is not None:
             self.scheduler.step()
 

@@ -61,8 +61,3 @@ def load_optimizer_statistics(optimizer: torch.optim.Optimizer, layout: Sequence
             optimizer.state[param] = state
         else:
             optimizer.state.pop(param, None)
-
-
-def averageable_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Parameters followed by the optimizer's floating-point statistics (averaged every few epochs)."""
-    return parameters_of(optimizer) + optimizer_statistics(optimizer)[1]

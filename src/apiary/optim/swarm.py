@@ -22,8 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from apiary.averaging.local import AveragerClient
-from apiary.averaging.protos.local_pb2 import RoundOutcome
+from apiary.averaging.local import AveragerClient, Outcome
 from apiary.dht.local import DHTClient
 from apiary.wire import ChannelPool, Endpoint, RequestRejected
 
@@ -117,7 +116,7 @@ class SwarmLink:
         return self.averager.matchmaking_seconds
 
     @property
-    def last_outcome(self) -> RoundOutcome | None:
+    def last_outcome(self) -> Outcome | None:
         """How the latest round went: result, group size, whether its group was formed ahead."""
         return self.averager.last_outcome
 

@@ -4,7 +4,7 @@ Server side:
 - `apiary.moe.kinds`: expert kinds (`ffn`, `transformer`, the test kinds `slow` and `failing`,
   or `package.module:factory`);
 - `apiary.moe.experts`: `ExpertSpec`, `Expert` (a module with its own optimizer);
-- `apiary.moe.runtime`: dynamic batching of requests per expert (`BatchingRuntime`);
+- `apiary.moe.batching`: dynamic batching of requests per expert (`BatchingRuntime`);
 - `apiary.moe.server`: the `apiary.moe.Experts` gRPC service (`ExpertServer`);
 - `apiary.moe.finite`: the check that keeps NaN and infinity out of an expert;
 - `apiary.moe.checkpoints`, `apiary.moe.declaration`, `apiary.moe.names`, `apiary.moe.metrics`.
@@ -17,6 +17,7 @@ Client side:
 - `apiary.moe.switch`: `RemoteSwitchMixtureOfExperts` (top-1 routing, load-balancing loss).
 """
 
+from apiary.moe.batching import BatchingRuntime, BatchTooLarge, QueueFull
 from apiary.moe.beam_search import ExpertChoice, beam_search
 from apiary.moe.client import RemoteExpert, background_loop, run_sync
 from apiary.moe.dispatch import ExpertsUnavailable, FaultTolerance
@@ -24,7 +25,6 @@ from apiary.moe.experts import Expert, ExpertSpec, build_expert
 from apiary.moe.kinds import BUILT_IN_KINDS, ExpertKind, resolve_kind
 from apiary.moe.mixture import RemoteMixtureOfExperts
 from apiary.moe.names import expand_expert_names
-from apiary.moe.runtime import BatchingRuntime, BatchTooLarge, QueueFull
 from apiary.moe.server import EXPERTS_SERVICE, ExpertServer, UnknownExpert
 from apiary.moe.switch import RemoteSwitchMixtureOfExperts
 

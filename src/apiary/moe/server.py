@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from apiary.moe.activations import ActivationCache
+from apiary.moe.batching import BatchingRuntime, BatchStats, BatchTooLarge, QueueFull
 from apiary.moe.checkpoints import load_checkpoints, save_checkpoints
 from apiary.moe.experts import Expert
 from apiary.moe.finite import all_finite
@@ -35,7 +36,6 @@ from apiary.moe.protos.moe_pb2 import (
     InfoReply,
     InfoRequest,
 )
-from apiary.moe.runtime import BatchingRuntime, BatchStats, BatchTooLarge, QueueFull
 from apiary.wire import CallContext, InvalidRequest, Method, RpcServer, ServiceSpec
 from apiary.wire.errors import PayloadTooLarge
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor

@@ -23,11 +23,11 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import DHTClient
 from apiary.moe.activations import ActivationCache
+from apiary.moe.batching import BatchingRuntime
 from apiary.moe.declaration import keep_declared
 from apiary.moe.experts import Expert, ExpertSpec
 from apiary.moe.kinds import resolve_kind
 from apiary.moe.metrics import ExpertServerMetrics
-from apiary.moe.runtime import BatchingRuntime
 from apiary.moe.server import ExpertServer
 from apiary.services.runtime import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, WireSettings

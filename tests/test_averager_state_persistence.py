@@ -9,7 +9,7 @@ from apiary.averaging.local import AveragerClient
 from apiary.averaging.state import State, download_state, load_saved_state, save_state
 from apiary.dht import DHTNode
 from apiary.services.averager import AveragerService, AveragerServiceSettings
-from apiary.services.runtime import ServiceSettings
+from apiary.services.host import ServiceSettings
 from apiary.wire import PeerAddress, WireSettings
 from apiary.wire.bulk import BulkClient
 

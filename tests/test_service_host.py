@@ -9,7 +9,7 @@ import sys
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import PROBE, ChannelPool, RpcClient, WireSettings
 from apiary.wire.protos.wire_pb2 import PingRequest
 
@@ -82,7 +82,7 @@ def test_a_restarted_service_keeps_its_peer_id(tmp_path) -> None:
     identity = tmp_path / "id" / "peer.key"
     script = (
         "import asyncio\n"
-        "from apiary.services.runtime import ServiceHost, ServiceSettings\n"
+        "from apiary.services.host import ServiceHost, ServiceSettings\n"
         "from apiary.wire import WireSettings\n"
         "async def main():\n"
         f"    host = ServiceHost('peer', WireSettings(listen_host='127.0.0.1'), ServiceSettings(identity={str(identity)!r}))\n"
@@ -98,7 +98,7 @@ def test_a_restarted_service_keeps_its_peer_id(tmp_path) -> None:
 def test_the_dht_and_lean_layers_import_without_torch() -> None:
     code = (
         "import sys, apiary.wire, apiary.dht, apiary.dht.local, apiary.dht.storage, apiary.telemetry\n"
-        "import apiary.services.runtime, apiary.services.dht, apiary.cli.main  # `apiary dht` needs no torch\n"
+        "import apiary.services.host, apiary.services.dht, apiary.cli.main  # `apiary dht` needs no torch\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -14,7 +14,7 @@ from apiary.cli.options import (
 )
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
-from apiary.services.runtime import ServiceSettings
+from apiary.services.host import ServiceSettings
 from apiary.wire import WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)

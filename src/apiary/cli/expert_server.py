@@ -15,7 +15,7 @@ from apiary.cli.options import (
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
     TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings, transfer_limits
 )
-from apiary.services.runtime import ServiceSettings
+from apiary.services.host import ServiceSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from apiary.services.runtime import ServiceSettings
+from apiary.services.host import ServiceSettings
 from apiary.telemetry import TracingSettings
 
 ENV_PREFIX = "APIARY_"

@@ -14,7 +14,7 @@ from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
     TlsOption, TracingOption, option, service_settings
 )
-from apiary.services.runtime import ServiceSettings
+from apiary.services.host import ServiceSettings
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)

@@ -29,7 +29,7 @@ from apiary.averaging.partition import Mode
 from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import DHTClient
-from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, Identity, InvalidRequest, PeerAddress, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient, Payload
 

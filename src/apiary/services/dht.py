@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.local import LOCAL_SERVICE, LocalServicer
 from apiary.dht.storage import MemoryStorage, RedisStorage, Storage
-from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer, WireSettings
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from apiary.dht import DHTSettings
 from apiary.optim import Optimizer as _Optimizer
 from apiary.services.averager import AveragerService, AveragerServiceSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
-from apiary.services.runtime import ServiceSettings
+from apiary.services.host import ServiceSettings
 from apiary.wire import Endpoint, PeerAddress, WireSettings
 
 

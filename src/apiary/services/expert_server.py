@@ -29,7 +29,7 @@ from apiary.moe.experts import Expert, ExpertSpec
 from apiary.moe.kinds import resolve_kind
 from apiary.moe.metrics import ExpertServerMetrics
 from apiary.moe.server import ExpertServer
-from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, WireSettings
 
 logger = logging.getLogger(__name__)

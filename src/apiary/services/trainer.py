@@ -25,7 +25,7 @@ from apiary.averaging.state import State, load_saved_state, save_state
 from apiary.files import write_atomically
 from apiary.optim import MODES
 from apiary.services.embedded import Optimizer
-from apiary.services.runtime import ServiceHost, ServiceSettings
+from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.tasks import Task, load_task
 from apiary.wire import Endpoint, PeerAddress, WireSettings
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from apiary.dht.api import DHTClient
 from apiary.dht.ids import node_id
-from apiary.dht.local import DHTClient
 from apiary.wire import ChannelPool, Endpoint, PeerAddress
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ import threading
 from worker_support import die_with_parent, emit
 
 from apiary.dht import DHTNode, DHTSettings
-from apiary.dht.local import LOCAL_SERVICE, LocalServicer
+from apiary.dht.api import LOCAL_SERVICE, LocalServicer
 from apiary.wire import PeerAddress, RpcServer, WireSettings, parse_peer_list
 
 

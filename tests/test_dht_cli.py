@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from apiary.dht.local import DHTClient
+from apiary.dht.api import DHTClient
 from apiary.wire import ChannelPool, Endpoint
 
 APIARY = [sys.executable, "-m", "apiary.cli.main"]

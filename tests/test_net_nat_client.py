@@ -23,7 +23,7 @@ from net.network import Host, Link, Network, skip_reason
 from net.processes import HostProcess
 
 from apiary.averaging.local import AveragerClient
-from apiary.dht.local import DHTClient
+from apiary.dht.api import DHTClient
 from apiary.wire import ChannelPool, Endpoint
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")

@@ -97,7 +97,7 @@ def test_a_restarted_service_keeps_its_peer_id(tmp_path) -> None:
 
 def test_the_dht_and_lean_layers_import_without_torch() -> None:
     code = (
-        "import sys, apiary.wire, apiary.dht, apiary.dht.local, apiary.dht.storage, apiary.telemetry\n"
+        "import sys, apiary.wire, apiary.dht, apiary.dht.api, apiary.dht.storage, apiary.telemetry\n"
         "import apiary.services.host, apiary.services.dht, apiary.cli.main  # `apiary dht` needs no torch\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

@@ -27,7 +27,7 @@ from service_processes import APIARY, ServiceProcess, ServiceProcesses, free_por
 
 from apiary.averaging.local import AveragerClient
 from apiary.dht import DHTNode, DHTSettings
-from apiary.dht.local import DHTClient
+from apiary.dht.api import DHTClient
 from apiary.dht.node import NODE_SERVICE
 from apiary.dht.protos.dht_pb2 import NodeInfo, PingRequest
 from apiary.moe.client import RemoteExpert, run_sync

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from apiary.dht import DHTNode, DHTSettings
+from apiary.dht.api import DHTClient
 from apiary.dht.interface import DHTLike
-from apiary.dht.local import DHTClient
 from apiary.moe import ExpertChoice, FaultTolerance, RemoteMixtureOfExperts, run_sync
 from apiary.moe.client import shared_pool
 from apiary.wire import Endpoint, parse_peer_list

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from apiary.averaging.local import AveragerClient, Outcome
-from apiary.dht.local import DHTClient
+from apiary.dht.api import DHTClient
 from apiary.wire import ChannelPool, Endpoint, RequestRejected
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalSer
 from apiary.averaging.partition import Mode
 from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
 from apiary.dht import DHTNode, DHTSettings
-from apiary.dht.local import DHTClient
+from apiary.dht.api import DHTClient
 from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, Identity, InvalidRequest, PeerAddress, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient, Payload

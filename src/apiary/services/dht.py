@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from apiary.dht import DHTNode, DHTSettings
-from apiary.dht.local import LOCAL_SERVICE, LocalServicer
+from apiary.dht.api import LOCAL_SERVICE, LocalServicer
 from apiary.dht.storage import MemoryStorage, RedisStorage, Storage
 from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer, WireSettings

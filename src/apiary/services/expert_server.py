@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from apiary.dht import DHTNode, DHTSettings
-from apiary.dht.local import DHTClient
+from apiary.dht.api import DHTClient
 from apiary.moe.activations import ActivationCache
 from apiary.moe.batching import BatchingRuntime
 from apiary.moe.declaration import keep_declared

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from record import save
+
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 # the training part: a model whose averaging rounds carry ~2 MB per peer, small enough for 4
 # trainers on a 2-core machine; quick matchmaking, a little slower than on loopback for the RTT
@@ -58,7 +60,7 @@ async def run_worker(index: int, numel: int, host: str) -> None:
         run_allreduce,
     )
     from apiary.averaging.compression import codec_by_name
-    from apiary.averaging.partition import Member, Mode
+    from apiary.averaging.spans import Member, Role
     from apiary.wire import Identity, RpcServer, WireSettings
     from apiary.wire.bulk import BulkClient
 
@@ -78,7 +80,7 @@ async def run_worker(index: int, numel: int, host: str) -> None:
     while line := await reader.readline():
         command = json.loads(line)
         await asyncio.sleep(max(0.0, command["start"] - time.time()))
-        members = [Member(m["peer_id"], m["bulk"], Mode.NODE, 1.0) for m in command["members"]]
+        members = [Member(m["peer_id"], m["bulk"], Role.NODE, 1.0) for m in command["members"]]
         round_ = GroupRound(f"wan-{command['round']}", members, index, numel, sender_timeout=600)
         started = time.perf_counter()
         out = await run_allreduce(round_, flat, 1.0, service=service, client=client,
@@ -122,10 +124,14 @@ def allreduce_part(args: argparse.Namespace) -> None:
     print(f"{args.peers} hosts, {args.numel:,} float32 ({nbytes / 1e6:.0f} MB each), butterfly all-reduce, "
           f"no compression, links shaped with tbf{f', {args.rtt_ms:g} ms RTT each' if args.rtt_ms else ''}; "
           f"median of {args.repeats} round(s) after a warm-up round")
+    rows = []
     for rate, (elapsed, _) in results.items():
         bound = 2 * nbytes * (args.peers - 1) / (args.peers * rate * 1e6 / 8)
+        rows.append({"mbit_per_s": rate, "round_seconds": elapsed, "bound_seconds": bound})
         print(f"{rate:6.0f} Mbit/s links: round {elapsed:7.2f} s   bound 2·S·(n−1)/(n·B) {bound:7.2f} s   "
               f"bound/round {bound / elapsed:.2f}", flush=True)
+    save("allreduce_wan", {"peers": args.peers, "numel": args.numel, "repeats": args.repeats, "rtt_ms": args.rtt_ms,
+                           "rates": rows}, preset="allreduce")
 
 
 def train_swarm(args: argparse.Namespace, mode: str, directory: Path) -> list[dict[str, Any]]:
@@ -180,6 +186,9 @@ def training_part(args: argparse.Namespace) -> None:
           f"wall time {gradients['seconds'] / diloco['seconds']:.1f}x, "
           f"bytes per sample {(gradients['bytes'] / gradients['samples']) / (diloco['bytes'] / diloco['samples']):.1f}x",
           flush=True)
+    save("allreduce_wan", {"peers": args.peers, "rate_mbit_per_s": args.training_rate, "rtt_ms": args.training_rtt_ms,
+                           "diloco_h": args.diloco_h, "outer_epochs": args.outer_epochs,
+                           "task_options": json.loads(args.task_options), "modes": results}, preset="training")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import sys
 import time
 
 from measure import raw_exchange
+from record import save
 
 
 async def worker(index: int, numel: int) -> None:
@@ -35,7 +36,7 @@ async def worker(index: int, numel: int) -> None:
 
     from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, run_allreduce
     from apiary.averaging.compression import codec_by_name
-    from apiary.averaging.partition import Member, Mode
+    from apiary.averaging.spans import Member, Role
     from apiary.averaging.verification import AUDIT_ROUTE, PART_ROUTE, Verifier
     from apiary.wire import Identity, RpcServer, WireSettings
     from apiary.wire.bulk import BulkClient
@@ -77,7 +78,7 @@ async def worker(index: int, numel: int) -> None:
         if command["what"] == "raw":
             elapsed = await raw_exchange(index, command["raw_ports"], listener, command["nbytes"], sinks)
         else:
-            members = [Member(m["peer_id"], m["bulk"], Mode.NODE, 1.0) for m in command["members"]]
+            members = [Member(m["peer_id"], m["bulk"], Role.NODE, 1.0) for m in command["members"]]
             verify = command["what"] == "verify"
             round_ = GroupRound(f"bench-{command['round']}", members, index, numel, sender_timeout=300, verify=verify)
             sent_by_route.clear()
@@ -148,12 +149,16 @@ def main() -> None:
     for codec, elapsed in results.items():
         if codec != "verify":
             print(f"all-reduce, codec {codec:15s}         {elapsed:7.2f} s   bound/round {raw / elapsed:.2f}")
+    figures: dict[str, object] = {"peers": args.peers, "numel": args.numel, "repeats": args.repeats,
+                                  "raw_seconds": raw, "round_seconds": results}
     if "verify" in results:
         reduce_bytes = moved["none"].get("apiary.averaging/Reduce", 0)
         audit_bytes = sum(n for route, n in moved["verify"].items() if route != "apiary.averaging/Reduce")
+        figures |= {"reduce_bytes": reduce_bytes, "audit_bytes": audit_bytes}
         print(f"all-reduce, codec none, verified       {results['verify']:7.2f} s   "
               f"time / unverified {results['verify'] / results['none']:.2f}   audit bytes {audit_bytes:,} "
               f"(all peers; / all-reduce bytes {audit_bytes / max(reduce_bytes, 1):.4f})")
+    save("averaging", figures, preset="verify" if args.verify else None)
 
 
 if __name__ == "__main__":

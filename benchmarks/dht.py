@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from measure import percentile, rate
+from record import save
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC logs every GOAWAY of a killed node at INFO
 
@@ -194,6 +195,24 @@ def report(args: argparse.Namespace, rounds: list[Round], peak_mb: float, cli_jo
           f"vs the {RSS_BUDGET_MB:.0f} MB budget: {cli_after.get('VmHWM', 0) / RSS_BUDGET_MB:.2f} x; "
           f"exit code on SIGTERM {cli_code}")
     print(f"total time {seconds:.0f}s")
+    save("dht", {
+        "nodes": args.nodes, "rounds": args.rounds, "keys": args.keys, "kill": args.kill,
+        "concurrency": args.concurrency, "seed": args.seed,
+        "per_round": [figures(r.stores, r.gets) | {"killed": r.killed, "left": r.alive} for r in rounds],
+        "all": figures(all_stores, all_gets), "get_target": GET_TARGET, "peak_rss_mb": peak_mb,
+        "cli_rss_mb": {"joined": cli_joined.get("VmRSS"), "after": cli_after.get("VmRSS"),
+                       "peak": cli_after.get("VmHWM")},
+        "rss_budget_mb": RSS_BUDGET_MB, "seconds": seconds,
+    }, preset=None if args.nodes == 64 else f"{args.nodes}-nodes")
+
+
+def figures(stores: list[tuple[bool, float]], gets: list[tuple[bool, float]]) -> dict[str, float]:
+    """Success rates, counts and latency percentiles (ms) of some stores and gets."""
+    store_ms, get_ms = [t * 1000 for _, t in stores], [t * 1000 for _, t in gets]
+    return {"stores": len(stores), "stores_ok": rate([ok for ok, _ in stores]),
+            "store_p50_ms": percentile(store_ms, 0.5), "store_p99_ms": percentile(store_ms, 0.99),
+            "gets": len(gets), "gets_ok": rate([ok for ok, _ in gets]),
+            "get_p50_ms": percentile(get_ms, 0.5), "get_p99_ms": percentile(get_ms, 0.99)}
 
 
 def row(name: str, stores: list[tuple[bool, float]], gets: list[tuple[bool, float]], churn: str,

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from record import save
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "fuzz", "run.py")
 TARGETS = ["rpc_request", "tensor_message", "chunk_stream", "bulk_frame", "codec_part"]
@@ -81,6 +83,9 @@ def main() -> None:
             if result["findings"]:
                 print(result["tail"], file=sys.stderr)
             results.append(result)
+    save("fuzz", {"engine": engine, "seconds": args.seconds,
+                  "targets": {r["target"]: {key: r[key] for key in ("executions", "seconds", "findings", "exit")}
+                              for r in [reference, *results]}})
     sys.exit(1 if any(r["findings"] for r in results) else 0)
 
 

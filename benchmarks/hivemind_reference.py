@@ -58,6 +58,7 @@ from collections.abc import Callable
 from typing import Any
 
 from measure import percentile, rate, raw_exchange
+from record import save
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -292,6 +293,14 @@ def dht_part(args: argparse.Namespace) -> None:
     print(f"memory, after round 1's stores: {memory_line(memory_stored)}")
     print(f"memory, at the end:             {memory_line(memory_end)}")
     print(f"  per node (PSS after round 1's stores / {args.nodes}): {memory_stored['pss'] / args.nodes:.0f} MB")
+    store_ms, get_ms = [t * 1000 for _, t in all_stores], [t * 1000 for _, t in all_gets]
+    save("hivemind", {
+        "version": hivemind.__version__, "nodes": args.nodes, "mode": args.mode, "rounds": args.rounds,
+        "keys": args.keys, "kill": args.kill, "stores_ok": rate([ok for ok, _ in all_stores]),
+        "store_p50_ms": percentile(store_ms, 0.5), "store_p99_ms": percentile(store_ms, 0.99),
+        "gets": len(all_gets), "gets_ok": rate([ok for ok, _ in all_gets]),
+        "get_p50_ms": percentile(get_ms, 0.5), "get_p99_ms": percentile(get_ms, 0.99),
+        "memory_mb": {"up": memory_up, "stored": memory_stored, "end": memory_end}}, preset="dht")
     print(f"total time {time.perf_counter() - started:.0f}s", flush=True)
     for n in alive:
         try:
@@ -479,6 +488,8 @@ def averaging_part(args: argparse.Namespace) -> None:
                      f"{r['trigger']:.2f} s", f"{raw / r['trigger']:.2f}", str(r["failures"])))
     print_table(rows)
     print(f"total time {time.perf_counter() - started_all:.0f}s", flush=True)
+    save("hivemind", {"version": hivemind.__version__, "peers": args.peers, "numel": args.numel,
+                      "repeats": args.repeats, "raw_seconds": raw, "codecs": results}, preset="averaging")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from record import save
+
 PRESETS = {"small": (256, 64), "large": (1024, 256)}  # hidden size, batch size
 NAME = "ffn.0.0"
 SEED = 0
@@ -124,7 +126,9 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(*args.serve))
         return
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    load_before = os.getloadavg()[0]
+    print(f"load average before: {load_before:.2f}")
+    presets = {}
     print(f"{'preset':8} {'hidden':>6} {'batch':>5} {'local':>8} {'remote':>8} {'recomputing':>11} "
           f"{'remote/local':>12} {'recomputing/local':>17}   (samples/s)")
     for name in args.presets.split(","):
@@ -132,7 +136,11 @@ def main() -> None:
         hidden, batch = PRESETS[name]
         print(f"{name:8} {hidden:>6} {batch:>5} {local:>8.0f} {remote:>8.0f} {recompute:>11.0f} "
               f"{remote / local:>12.2f} {recompute / local:>17.2f}", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+        presets[name] = {"hidden": hidden, "batch": batch, "local": local, "remote": remote, "recomputing": recompute}
+    load_after = os.getloadavg()[0]
+    print(f"load average after: {load_after:.2f}")
+    save("moe", {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "load_before": load_before,
+                 "load_after": load_after, "presets": presets})
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ import torch
 
 from apiary.averaging.grid import MoshpitGrid
 from apiary.averaging.matchmaking import my_group, short_partner
+from measure import percentile
+from record import save
 
 Grouping = Callable[["Swarm", int, list[str]], list[list[str]]]  # the group of each present peer
 
@@ -221,14 +223,16 @@ def trial(peers: int, group: int, rounds: int, rate: float, grouping: Grouping, 
     return spreads, swarm.drift()
 
 
-def summary(name: str, runs: list[tuple[list[float], float]], target: float) -> str:
+def summary(runs: list[tuple[list[float], float]], target: float) -> dict[str, object]:
+    """The median spread after each round, the share within `target`, the contraction, the drift."""
     rounds = len(runs[0][0])
-    medians = [statistics.median(run[r] for run, _ in runs) for r in range(rounds)]
-    within = sum(run[-1] <= target for run, _ in runs) / len(runs)  # the spread never grows
-    contraction = statistics.median(run[-1] ** (1 / rounds) for run, _ in runs)
-    drift = statistics.median(drift for _, drift in runs)
-    cells = " ".join(f"{m:8.2e}" for m in medians)
-    return f"{name:>28} | {cells} | {within:6.1%} | {contraction:11.3f} | {drift:.1e}"
+    return {
+        "median_spread": [statistics.median(run[r] for run, _ in runs) for r in range(rounds)],
+        "within_target": sum(run[-1] <= target for run, _ in runs) / len(runs),  # the spread never grows
+        "contraction": statistics.median(run[-1] ** (1 / rounds) for run, _ in runs),
+        "drift": statistics.median(drift for _, drift in runs),
+        "p90_final_spread": percentile([run[-1] for run, _ in runs], 0.9),
+    }
 
 
 def unpaired_grid_groups(swarm: Swarm, round_index: int, present: list[str]) -> list[list[str]]:
@@ -263,11 +267,16 @@ def main() -> None:
     header = " ".join(f"{'r' + str(r + 1):>8}" for r in range(args.rounds))
     print(f"{'failures, grid, rejoin':>28} | {header} | <= {args.target:g} | contraction | drift")
     finals: dict[float, list[float]] = {}
+    lines = []
     for rate in (float(r) for r in args.rates.split(",")):
         for name, grouping, rejoin in VARIANTS:
             runs = [trial(args.peers, args.group, args.rounds, rate, grouping, rejoin, args.seed + t)
                     for t in range(args.trials)]
-            print(summary(f"{rate:.0%} {name}", runs, args.target))
+            line = summary(runs, args.target)
+            cells = " ".join(f"{m:8.2e}" for m in line["median_spread"])
+            print(f"{f'{rate:.0%} {name}':>28} | {cells} | {line['within_target']:6.1%} | "
+                  f"{line['contraction']:11.3f} | {line['drift']:.1e}", flush=True)
+            lines.append({"failures": rate, "variant": name, **line})
             finals.setdefault(rate, []).append(statistics.median(run[-1] for run, _ in runs))
     print(f"\nmedian spread after {args.rounds} rounds against the failure rate "
           "(ratio: before / paired adopt, same failures)")
@@ -275,6 +284,8 @@ def main() -> None:
     for rate, row in finals.items():
         ratio = f"{row[0] / row[5]:5.1f}" if row[5] > 0 else "    -"
         print(f"{rate:8.0%} | " + " | ".join(f"{value:24.2e}" for value in row) + f" | {ratio}")
+    save("moshpit_churn", {"peers": args.peers, "group": args.group, "rounds": args.rounds, "trials": args.trials,
+                           "target": args.target, "seed": args.seed, "lines": lines})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from net.network import Link, Network, skip_reason
+from record import save
 
 # a loss this small drops (almost) nothing but turns the offloads off, as any loss does
 NO_OFFLOADS = 1e-9
@@ -49,10 +50,12 @@ def main() -> None:
     if reason := skip_reason():
         sys.exit(f"relay_ceiling: {reason}")
     reference = None
+    rates = {}
     for label, *links in CASES:
-        rate = stream((links[0], links[1]), args.seconds)
+        rate = rates[label] = stream((links[0], links[1]), args.seconds)
         reference = reference or rate
         print(f"{label:55s} {rate:8.0f} Mbit/s   ratio to veth {rate / reference:.3f}", flush=True)
+    save("relay_ceiling", {"seconds": args.seconds, "mbit_per_s": rates})
 
 
 if __name__ == "__main__":

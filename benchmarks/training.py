@@ -25,6 +25,7 @@ import torch
 
 from apiary.cli.up import LocalSwarm
 from apiary.tasks import load_task
+from record import save
 
 TASK_OPTIONS = {"width": 64, "layers": 2, "heads": 4, "context": 64, "batch_size": 16, "eval_batches": 4}
 ROUNDS = {"gather_seconds": 0.5, "join_seconds": 1.5, "sender_timeout": 10.0}
@@ -92,12 +93,16 @@ def main() -> None:
     print(f"{args.peers} peers, {samples_per_epoch} samples per epoch, {args.epochs} epochs' worth of samples each")
     print(f"{'mode':<18} {'s/epoch':>8} {'MB/epoch':>9} {'wait s':>7} {'early':>6} {'samples/s':>10} {'ratio':>6} "
           f"{'loss':>6}")
+    results = {}
     for name, (extra, h) in modes.items():
-        result = run_mode(args.peers, args.epochs, samples_per_epoch, extra, h)
+        result = results[name] = run_mode(args.peers, args.epochs, samples_per_epoch, extra, h)
         ratio = result["samples_per_second"] / reference
         print(f"{name:<18} {result['seconds_per_epoch']:8.2f} {result['mb_per_epoch']:9.2f} "
               f"{result['round_wait']:7.2f} {result['formed_early']:6.2f} "
               f"{result['samples_per_second']:10.0f} {ratio:6.2f} {result['loss_end']:6.3f}", flush=True)
+    save("training", {"peers": args.peers, "epochs": args.epochs, "h": args.h, "steps": args.steps,
+                      "samples_per_epoch": samples_per_epoch, "reference_samples_per_second": reference,
+                      "modes": results})
 
 
 if __name__ == "__main__":

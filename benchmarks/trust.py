@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from measure import percentile
+from record import save
 
 KINDS = {"open": {}, "private": {"private": True}, "tls": {"tls": True}, "private+tls": {"private": True, "tls": True}}
 
@@ -110,6 +111,8 @@ async def main() -> None:
     print(f"{'run':<12} {'Ping median ms':>15} {'ratio':>6} {'bulk MB/s':>10} {'ratio':>6}")
     for kind, (ms, rate) in results.items():
         print(f"{kind:<12} {ms:>15.3f} {ms / reference_ms:>6.2f} {rate:>10.0f} {rate / reference_rate:>6.2f}")
+    save("trust", {"pings": args.pings, "mib": args.mib, "repeats": args.repeats,
+                   "runs": {kind: {"ping_ms": ms, "bulk_mb_per_s": rate} for kind, (ms, rate) in results.items()}})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from record import save
+
 ACK = b"k"
 
 
@@ -133,6 +135,7 @@ def main() -> None:
     for name, label in (("raw", "raw TCP socket (reference)"), ("bulk", "apiary.wire bulk transport"),
                         ("grpc", "apiary.wire gRPC chunk stream")):
         print(f"{label:32s} {rates[name]:8.0f} MB/s   ratio to raw {rates[name] / rates['raw']:.2f}")
+    save("wire", {"mib": args.mib, "repeats": args.repeats, "mb_per_s": rates})
 
 
 if __name__ == "__main__":

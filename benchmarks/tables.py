@@ -1,0 +1,307 @@
+"""The tables of docs/benchmarks.md, each rendered from the JSON results of benchmarks/results/
+(written by benchmarks/record.py). A table whose results are missing renders as a note with the
+command that measures it. One function per table; TABLES names them as the doc's markers do.
+
+Fourteen small renderers in one module: they share the formatting helpers and each is only
+meaningful next to the others (the doc's sections), hence the length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from record import RESULTS, load
+
+Results = Callable[[str, "str | None"], "dict[str, Any] | None"]
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def provenance(result: dict[str, Any]) -> str:
+    """When, at which commit, under which load and by which command the figures were measured."""
+    commit = result["commit"]
+    edits = " + uncommitted edits" if commit.get("dirty") else ""
+    when = result["time"].replace("T", " ").removesuffix("Z")
+    load_average = result["machine"].get("load_average") or [float("nan")]
+    return (f"_Measured {when} UTC at commit {(commit.get('hash') or 'unknown')[:10]}{edits}, load average "
+            f"{load_average[0]:.1f} at the end: `{' '.join(result['command'])}`._")
+
+
+def missing(command: str) -> str:
+    return f"_Not re-measured in this run: `{command}`._"
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}"
+
+
+def percent(share: float, digits: int = 1) -> str:
+    text = f"{100 * share:.{digits}f}"
+    return (text.rstrip("0").rstrip(".") if "." in text else text) + "%"
+
+
+def small(value: float) -> str:
+    """A spread or drift: 0 when it vanished, else two significant digits."""
+    return "0" if abs(value) < 1e-12 else f"{value:.1e}"
+
+
+def wire(results: Results) -> str:
+    result = results("wire", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/wire.py --repeats 5")
+    rates = result["figures"]["mb_per_s"]
+    labels = {"raw": "raw TCP socket (reference: length prefix + bytes into a reused buffer)",
+              "bulk": "apiary.wire bulk transport (`BulkClient` → Probe bulk Sink)",
+              "grpc": "apiary.wire gRPC chunk stream (4 MiB `TensorChunk`s → `Probe.Sink`, with SHA-256)"}
+    rows = [[label, f"{rates[name]:.0f}", ratio(rates[name], rates["raw"])] for name, label in labels.items()]
+    return provenance(result) + "\n\n" + table(["path", "MB/s", "ratio to raw socket"], rows)
+
+
+def dht(results: Results) -> str:
+    result = results("dht", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/dht.py")
+    f = result["figures"]
+    rows = [[str(number), percent(r["stores_ok"]), f"{r['store_p50_ms']:.0f} / {r['store_p99_ms']:.0f} ms",
+             f"{r['killed']} / {r['left']}", f"{percent(r['gets_ok'], 2)} of {r['gets']}",
+             f"{r['get_p50_ms']:.0f} / {r['get_p99_ms']:.0f} ms"] for number, r in enumerate(f["per_round"], 1)]
+    total, cli = f["all"], f["cli_rss_mb"]
+    lines = [
+        f"- All rounds: store p50 / p99 {total['store_p50_ms']:.0f} / {total['store_p99_ms']:.0f} ms, get p50 / p99 "
+        f"{total['get_p50_ms']:.0f} / {total['get_p99_ms']:.0f} ms; get success {percent(total['gets_ok'], 2)} "
+        f"= {total['gets_ok'] / f['get_target']:.3f} × the {percent(f['get_target'])} target.",
+        f"- Peak RSS of the benchmark process: {f['peak_rss_mb']:.0f} MB "
+        f"({f['peak_rss_mb'] / f['nodes']:.1f} MB per in-process node).",
+        f"- A standalone `apiary dht` process (no torch): {cli['joined']:.0f} MB RSS after joining, "
+        f"{cli['after']:.0f} MB after the rounds (peak {cli['peak']:.0f} MB) = {cli['peak'] / f['rss_budget_mb']:.2f} "
+        f"× the {f['rss_budget_mb']:.0f} MB budget.",
+    ]
+    if (large := results("dht", "256-nodes")) is not None:
+        g = large["figures"]
+        lines.append(f"- `{' '.join(large['command'][1:])}`: {percent(g['all']['stores_ok'])} stored, "
+                     f"{percent(g['all']['gets_ok'], 2)} found, peak RSS {g['peak_rss_mb']:.0f} MB.")
+    header = ["round", "stores ok", "store p50 / p99", "killed / left", "gets ok (all keys so far)", "get p50 / p99"]
+    return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + "\n".join(lines)
+
+
+def averaging(results: Results) -> str:
+    result = results("averaging", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/averaging.py")
+    f = result["figures"]
+    rows = [["raw-socket bound: the same bytes (each peer's part to every other, and the reduced part back) over "
+             "plain sockets, all peers at once", f"{f['raw_seconds']:.2f} s", "1.00"]]
+    rows += [[f"all-reduce, codec `{codec}`", f"{seconds:.2f} s", ratio(f["raw_seconds"], seconds)]
+             for codec, seconds in f["round_seconds"].items() if codec != "verify"]
+    return provenance(result) + "\n\n" + table(["what", "round time", "raw bound / round time"], rows)
+
+
+def averaging_verify(results: Results) -> str:
+    result = results("averaging", "verify")
+    if result is None:
+        return missing(".venv/bin/python benchmarks/averaging.py --peers 4 --numel 10000000 --codecs none "
+                       "--verify --repeats 7")
+    f = result["figures"]
+    plain, verified = f["round_seconds"]["none"], f["round_seconds"]["verify"]
+    rows = [["all-reduce, codec `none`", f"{plain:.2f} s", "1.00"],
+            ["all-reduce, codec `none`, verified", f"{verified:.2f} s", ratio(verified, plain)]]
+    note = (f"The audits moved {f['audit_bytes'] / 1e6:.2f} MB for all {f['peers']} peers, "
+            f"{percent(f['audit_bytes'] / f['reduce_bytes'], 2)} of the all-reduce's bytes.")
+    return provenance(result) + "\n\n" + table(["what", "round time", "/ unverified"], rows) + "\n\n" + note
+
+
+MOSHPIT_LABELS = {"paired, adopt": "paired, adopt (now)", "random groups, mix (ref)": "random groups"}
+BEFORE, NOW, REFERENCE = "unpaired, mix (before)", "paired, adopt", "random groups, mix (ref)"
+
+
+def moshpit_churn(results: Results) -> str:
+    result = results("moshpit_churn", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/moshpit_churn.py")
+    f = result["figures"]
+    rows, finals = [], {}
+    for line in f["lines"]:
+        rate, variant, spreads = line["failures"], line["variant"], line["median_spread"]
+        finals.setdefault(rate, {})[variant] = line
+        if rate == 0 and variant == NOW:
+            label = "any grid rule"
+        elif rate == 0 and variant != REFERENCE or rate not in (0, 0.1) and variant not in (BEFORE, NOW, REFERENCE):
+            continue  # every grid rule is exact without failures; the doc shows every rule at 10% only
+        else:
+            label = MOSHPIT_LABELS.get(variant, variant)
+        exact = next((i + 1 for i, spread in enumerate(spreads) if spread < 1e-12), None)
+        contraction = f"exact after {exact} rounds" if exact else f"{line['contraction']:.2f}"
+        picks = [spreads[i - 1] if i <= len(spreads) else float("nan") for i in (2, 4)]
+        rows.append([percent(rate, 0), label, *(small(s) for s in picks), small(spreads[-1]),
+                     percent(line["within_target"]), contraction, small(line["drift"])])
+    rounds = f["rounds"]
+    header = ["failures", "grid, rejoin", "after 2", "after 4", f"after {rounds} rounds",
+              f"swarms within {f['target']:g} after {rounds}", "contraction per round", "drift"]
+    ratios = ", ".join(f"{lines[BEFORE]['median_spread'][-1] / lines[NOW]['median_spread'][-1]:.0f} at {percent(rate, 0)}"
+                       for rate, lines in finals.items() if rate > 0 and lines[NOW]["median_spread"][-1] > 0)
+    notes = [f"- Median spread after {rounds} rounds, before / now (same failures): {ratios}."]
+    if 0.1 in finals:
+        ten = finals[0.1]
+        notes.append(f"- At 10%, the 90th percentile of the final spread: {small(ten[NOW]['p90_final_spread'])} now, "
+                     f"{small(ten[BEFORE]['p90_final_spread'])} before.")
+    return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def moe(results: Results) -> str:
+    result = results("moe", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/moe.py --steps 30")
+    f = result["figures"]
+    rows = [[name, str(p["hidden"]), str(p["batch"]), f"{p['local']:.0f}", f"{p['remote']:.0f}",
+             f"{p['recomputing']:.0f}", ratio(p["remote"], p["local"]), ratio(p["recomputing"], p["local"])]
+            for name, p in f["presets"].items()]
+    header = ["preset", "hidden", "batch", "local samples/s", "remote", "remote, recomputing", "remote/local",
+              "recomputing/local"]
+    note = f"Load average {f['load_before']:.1f} before, {f['load_after']:.1f} after."
+    return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + note
+
+
+TRAINING_LABELS = {"synchronous": "synchronous gradient averaging", "delayed updates": "delayed updates"}
+
+
+def training(results: Results) -> str:
+    result = results("training", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/training.py --peers 4 --epochs 8 --steps 32")
+    f = result["figures"]
+    reference = f["reference_samples_per_second"]
+
+    def cell(value: float, digits: int) -> str:
+        return "–" if value != value else f"{value:.{digits}f}"  # NaN: no rounds waited on (delayed updates)
+
+    rows = [[TRAINING_LABELS.get(name, name.replace("diloco", "DiLoCo")), f"{m['seconds_per_epoch']:.2f}",
+             f"{m['mb_per_epoch']:.2f}", cell(m["round_wait"], 2), cell(m["formed_early"], 2),
+             f"{m['samples_per_second']:.0f}", ratio(m["samples_per_second"], reference), f"{m['loss_end']:.2f}"]
+            for name, m in f["modes"].items()]
+    header = ["mode", "s / epoch", "MB exchanged / epoch (all peers)", "wait (s)", "early", "swarm samples/s",
+              "ratio to plain loop", "held-out loss"]
+    note = f"Reference, one plain torch loop (2 threads) in the same run: {reference:.0f} samples/s."
+    return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + note
+
+
+def hivemind(results: Results) -> str:
+    dht_result, averaging_result = results("hivemind", "dht"), results("hivemind", "averaging")
+    ours_dht, ours_averaging = results("dht", None), results("averaging", None)
+    if None in (dht_result, averaging_result, ours_dht, ours_averaging):
+        return missing("/tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py dht --mode node --nodes 64 "
+                       "--rounds 3") + "\n" + missing("/tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py "
+                                                      "averaging --numel 100000000")
+    theirs, ours = dht_result["figures"], ours_dht["figures"]["all"]
+    mine, other = ours_averaging["figures"], averaging_result["figures"]
+    version = theirs["version"]
+    rows = [
+        ["DHT: store p50 / p99", f"{ours['store_p50_ms']:.0f} / {ours['store_p99_ms']:.0f} ms",
+         f"{theirs['store_p50_ms']:.0f} / {theirs['store_p99_ms']:.0f} ms"],
+        ["DHT: get p50 / p99", f"{ours['get_p50_ms']:.0f} / {ours['get_p99_ms']:.0f} ms",
+         f"{theirs['get_p50_ms']:.0f} / {theirs['get_p99_ms']:.0f} ms"],
+        ["DHT: gets found", f"{percent(ours['gets_ok'])} of {ours['gets']}",
+         f"{percent(theirs['gets_ok'])} of {theirs['gets']}"],
+    ]
+    for codec in ("none", "float16"):
+        if codec in mine["round_seconds"] and codec in other["codecs"]:
+            them = other["codecs"][codec]
+            rows.append([f"all-reduce, 4 peers, codec {codec}", f"{mine['round_seconds'][codec]:.2f} s",
+                         f"{them['trigger']:.1f} s after trigger, {them['step']:.1f} s per `step()`"])
+    return (provenance(dht_result) + "\n" + provenance(averaging_result) + "\n\n"
+            + table(["", "apiary", f"hivemind {version}"], rows))
+
+
+FUZZ_LABELS = {
+    "noop": "noop (reference)",
+    "rpc_request": "rpc_request (every public request type + DHT checks and signatures)",
+    "tensor_message": "tensor_message (single-message tensors, as experts get them)",
+    "chunk_stream": "chunk_stream (chunked tensors under a byte budget)",
+    "bulk_frame": "bulk_frame (bulk request frames and headers)",
+    "codec_part": "codec_part (averaging parts through every codec)",
+}
+
+
+def fuzz(results: Results) -> str:
+    result = results("fuzz", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/fuzz.py --seconds 60")
+    targets = result["figures"]["targets"]
+    reference = targets["noop"]["executions"] / targets["noop"]["seconds"]
+    rows = [[FUZZ_LABELS.get(name, name), f"{t['executions']:,}", f"{t['executions'] / t['seconds']:,.0f}",
+             f"{t['executions'] / t['seconds'] / reference:.3f}", str(t["findings"])] for name, t in targets.items()]
+    header = ["target (`fuzz/targets.py`)", "executions", "exec/s", "ratio to noop", "findings"]
+    return provenance(result) + f" Engine: {result['figures']['engine']}.\n\n" + table(header, rows)
+
+
+def allreduce_wan(results: Results) -> str:
+    result = results("allreduce_wan", "allreduce")
+    if result is None:
+        return missing(".venv/bin/python benchmarks/allreduce_wan.py --parts allreduce")
+    rows = [[f"{r['mbit_per_s'] / 1000:g} Gbit/s" if r["mbit_per_s"] >= 1000 else f"{r['mbit_per_s']:g} Mbit/s",
+             f"{r['round_seconds']:.3g} s", f"{r['bound_seconds']:.2f} s", ratio(r["bound_seconds"], r["round_seconds"])]
+            for r in result["figures"]["rates"]]
+    return provenance(result) + "\n\n" + table(["links", "round time", "bound 2·S·(n−1)/(n·B)", "bound / round"], rows)
+
+
+def allreduce_wan_training(results: Results) -> str:
+    result = results("allreduce_wan", "training")
+    if result is None:
+        return missing(".venv/bin/python benchmarks/allreduce_wan.py --parts training")
+    f = result["figures"]
+    modes = f["modes"]
+    rows = [[label, f"{m['epochs']:g}", str(m["samples"]), f"{m['seconds']:.1f} s", f"{m['seconds'] / m['epochs']:.2f} s",
+             f"{m['bytes'] / m['epochs'] / 1e6:.2f}", f"{m['bytes'] / 1e6:.1f}", f"{m['loss']:.2f}"]
+            for label, m in (("gradient averaging", modes["gradients"]), (f"DiLoCo (H = {f['diloco_h']})", modes["diloco"]))]
+    gradients, diloco = modes["gradients"], modes["diloco"]
+    rows.append(["gradients / DiLoCo", "", "", f"{gradients['seconds'] / diloco['seconds']:.1f}×", "",
+                 f"{(gradients['bytes'] / gradients['epochs']) / (diloco['bytes'] / diloco['epochs']):.1f}×",
+                 f"{gradients['bytes'] / diloco['bytes']:.1f}×", ""])
+    header = ["mode", "epochs", "samples trained", "wall time", "per epoch", "MB per epoch per peer", "MB per peer",
+              "held-out loss"]
+    return provenance(result) + "\n\n" + table(header, rows)
+
+
+RELAY_LABELS = ["veth both ends (reference)", "relay on the receiver's link, no delay",
+                "relay on both links, 20 ms RTT each", "same, TAP offloads off (as every link with loss runs)"]
+
+
+def relay_ceiling(results: Results) -> str:
+    result = results("relay_ceiling", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/relay_ceiling.py")
+    rates = list(result["figures"]["mbit_per_s"].values())
+    rows = [[label, f"{rate:.0f}", ratio(rate, rates[0])] for label, rate in zip(RELAY_LABELS, rates)]
+    return provenance(result) + "\n\n" + table(["link", "Mbit/s", "ratio to veth"], rows)
+
+
+TRUST_LABELS = {"open": "open plaintext (reference)", "private": "private (token + signed call)", "tls": "TLS",
+                "private+tls": "private + TLS"}
+
+
+def trust(results: Results) -> str:
+    result = results("trust", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/trust.py")
+    runs = result["figures"]["runs"]
+    reference = runs["open"]
+    rows = [[TRUST_LABELS[kind], f"{r['ping_ms']:.2f}", ratio(r["ping_ms"], reference["ping_ms"]),
+             f"{r['bulk_mb_per_s']:.0f}", ratio(r["bulk_mb_per_s"], reference["bulk_mb_per_s"])]
+            for kind, r in runs.items()]
+    return provenance(result) + "\n\n" + table(["run", "Ping median ms", "ratio", "bulk MB/s", "ratio"], rows)
+
+
+TABLES: dict[str, Callable[[Results], str]] = {
+    "wire": wire, "dht": dht, "averaging": averaging, "averaging-verify": averaging_verify,
+    "moshpit_churn": moshpit_churn, "moe": moe, "training": training, "hivemind": hivemind, "fuzz": fuzz,
+    "allreduce_wan": allreduce_wan, "allreduce_wan-training": allreduce_wan_training,
+    "relay_ceiling": relay_ceiling, "trust": trust,
+}
+
+
+def render(name: str, folder: Path = RESULTS) -> str:
+    """The markdown of table `name` from the results in `folder`."""
+    return TABLES[name](lambda benchmark, preset: load(benchmark, preset, folder))

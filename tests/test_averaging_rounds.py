@@ -25,8 +25,8 @@ from averaging_worker import identity_from_seed
 from apiary.averaging.allreduce import REDUCE_ROUTE, flatten
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
-from apiary.averaging.partition import Member, Mode, shares, spans
 from apiary.averaging.protos.averaging_pb2 import ReduceRequest
+from apiary.averaging.spans import Member, Role, shares, spans
 from apiary.dht import DHTNode
 from apiary.wire import Endpoint, Identity, PeerAddress, RequestRejected, RpcServer, WireSettings
 from apiary.wire.bulk import BulkCall, BulkClient
@@ -50,7 +50,7 @@ def weighted_mean(vectors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
 def group_spans(members: Sequence[tuple[str, str, float]], total: int) -> dict[str, tuple[int, int]]:
     """{peer id: its span} for a group of (peer id, mode, bandwidth), as every member computes it."""
     ordered = sorted(members)
-    group = [Member(peer_id, "", Mode(mode), bandwidth) for peer_id, mode, bandwidth in ordered]
+    group = [Member(peer_id, "", Role(mode), bandwidth) for peer_id, mode, bandwidth in ordered]
     return {member.peer_id: span for member, span in zip(group, spans(total, shares(group)))}
 
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apiary.averaging.partition import Member, Mode, shares, spans
+from apiary.averaging.spans import Member, Role, shares, spans
 
 
 def group(*peers: tuple[str, float]) -> list[Member]:
     """Members from (mode, bandwidth) pairs."""
-    return [Member(f"peer{i}", "" if mode == "client" else f"127.0.0.1:{7000 + i}", Mode(mode), bandwidth)
+    return [Member(f"peer{i}", "" if mode == "client" else f"127.0.0.1:{7000 + i}", Role(mode), bandwidth)
             for i, (mode, bandwidth) in enumerate(peers)]
 
 
@@ -25,17 +25,17 @@ def peer_times(members: list[Member], fractions: list[float]) -> list[float]:
     """Each peer's time under the documented traffic model: per element of the vector, a sender
     sends the (1 - s) it does not reduce; a reducer receives its share from every other sender
     and sends the mean back, 2 * s * (other senders)."""
-    senders = sum(m.mode is not Mode.AUX for m in members)
+    senders = sum(m.role is not Role.AUX for m in members)
     times = []
     for member, share in zip(members, fractions):
-        own = 1 if member.mode is not Mode.AUX else 0
+        own = 1 if member.role is not Role.AUX else 0
         times.append((own * (1 - share) + 2 * share * (senders - own)) / member.bandwidth)
     return times
 
 
 def brute_force_time(members: list[Member], steps: int) -> float:
     """The smallest slowest-peer time over a grid of shares (multiples of 1/steps)."""
-    reducers = [i for i, m in enumerate(members) if m.mode is not Mode.CLIENT]
+    reducers = [i for i, m in enumerate(members) if m.role is not Role.CLIENT]
     best = float("inf")
     for head in itertools.product(range(steps + 1), repeat=len(reducers) - 1):
         if sum(head) > steps:
@@ -52,7 +52,7 @@ def check_shares(members: list[Member], fractions: list[float]) -> None:
     assert sum(fractions) == pytest.approx(1.0, abs=1e-9)
     for member, share in zip(members, fractions):
         assert -1e-12 <= share <= 1 + 1e-12
-        if member.mode is Mode.CLIENT:
+        if member.role is Role.CLIENT:
             assert share == 0.0
 
 
@@ -131,7 +131,7 @@ def test_slowest_peer_time_is_minimal(modes):
     """The slowest peer's time under the shares equals the best a brute-force search finds (on a
     grid of shares, so the search may be up to one grid step worse, never better)."""
     for members in random_groups(seed=len(modes), count=40, modes=modes, max_size=4):
-        reducers = sum(m.mode is not Mode.CLIENT for m in members)
+        reducers = sum(m.role is not Role.CLIENT for m in members)
         if reducers > 3:
             continue
         steps = 400 if reducers <= 2 else 100

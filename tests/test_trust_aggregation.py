@@ -10,7 +10,7 @@ import torch
 
 from apiary.averaging.aggregation import Aggregation, Aggregator, centered_clip, trimmed_mean, weighted_mean
 from apiary.averaging.allreduce import GroupRound, _SpanReduction
-from apiary.averaging.partition import Member, Mode
+from apiary.averaging.spans import Member, Role
 from apiary.wire import InvalidRequest
 
 
@@ -97,7 +97,7 @@ def test_aggregators_refuse_negative_weights_and_misshaped_parts() -> None:
 
 
 def _round(senders: int, aggregator: Aggregator) -> GroupRound:
-    members = [Member(f"peer{i:02d}" + "x" * 44, f"127.0.0.1:{1000 + i}", Mode.NODE, 1e8) for i in range(senders)]
+    members = [Member(f"peer{i:02d}" + "x" * 44, f"127.0.0.1:{1000 + i}", Role.NODE, 1e8) for i in range(senders)]
     return GroupRound("group", members, 0, 40 * senders, sender_timeout=5.0, aggregator=aggregator)
 
 

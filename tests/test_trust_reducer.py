@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from apiary.averaging.aggregation import Aggregation, Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction, run_allreduce
 from apiary.averaging.compression import codec_by_name
-from apiary.averaging.partition import Member, Mode, shares, spans
 from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, PartRequest, ReduceRequest
+from apiary.averaging.spans import Member, Role, shares, spans
 from apiary.averaging.verification import (
     AUDIT_ROUTE, BLOCK, PART_ROUTE, Outcome, PartTree, Verifier, block_matches, commit,
 )
@@ -61,7 +61,7 @@ def expected_result(members: list[str], round_index: int, seed_of: dict[str, int
              for peer_id in members}
     expected = torch.stack(list(parts.values())).mean(dim=0)
     if liar in members:
-        group = [Member(peer_id, "", Mode.NODE, 1e8) for peer_id in members]
+        group = [Member(peer_id, "", Role.NODE, 1e8) for peer_id in members]
         start, end = spans(expected.numel(), shares(group))[members.index(liar)]
         honest = torch.stack([part for peer_id, part in parts.items() if peer_id != liar])
         expected[start:end] = honest[:, start:end].mean(dim=0)
@@ -93,7 +93,7 @@ def test_a_lying_reducer_is_caught_its_span_recomputed_and_it_is_banned() -> Non
 # ---- in one process: what a reducer cannot forge ----
 
 def _members(identities: list[Identity]) -> list[Member]:
-    return sorted((Member(i.peer_id, f"127.0.0.1:{2000 + n}", Mode.NODE, 1e8) for n, i in enumerate(identities)),
+    return sorted((Member(i.peer_id, f"127.0.0.1:{2000 + n}", Role.NODE, 1e8) for n, i in enumerate(identities)),
                   key=lambda m: m.peer_id)
 
 
@@ -122,7 +122,7 @@ async def test_a_reducer_refuses_forged_parts_and_bad_audits_and_keeps_serving()
     server.bulk.add_route(AUDIT_ROUTE, service.handle_audit)
     server.bulk.add_route(PART_ROUTE, service.handle_part)
     await server.start()
-    members[0] = Member(reducer.peer_id, str(server.announced_bulk), Mode.NODE, 1e8)
+    members[0] = Member(reducer.peer_id, str(server.announced_bulk), Role.NODE, 1e8)
     round_ = GroupRound("g:1", members, 0, 3 * 300, sender_timeout=5.0, aggregator=Aggregator(), verify=True)
     service.open(round_)
     numel = round_.spans[0][1] - round_.spans[0][0]
@@ -235,7 +235,7 @@ async def _three_members(answers_audits: bool, aggregator: Aggregator, numel: in
             servers.append(server)
             services.append(service)
             clients.append(BulkClient(server.settings, identity=identity))
-        members = [Member(i.peer_id, str(s.announced_bulk), Mode.NODE, 1e8) for i, s in zip(identities, servers)]
+        members = [Member(i.peer_id, str(s.announced_bulk), Role.NODE, 1e8) for i, s in zip(identities, servers)]
         vectors = [torch.randn(numel, generator=torch.Generator().manual_seed(n)) for n in range(3)]
         verifiers = [Verifier(identity) for identity in identities]
         bias_reduced_span(services[0], 1.0, lambda: True)

@@ -1,6 +1,6 @@
 """Butterfly all-reduce within one group, over the bulk transport.
 
-The flattened tensors are cut into one span per member (`partition.spans`). Every sender
+The flattened tensors are cut into one span per member (`spans.spans`). Every sender
 sends span j (encoded by its codec) to member j, the span's reducer, in one bulk call; the
 reducer accumulates the weighted sum of the parts that arrive, and once every expected sender
 has contributed — or `sender_timeout` has passed — answers every waiting call with the
@@ -31,8 +31,8 @@ import torch
 
 from apiary.averaging.aggregation import Aggregator
 from apiary.averaging.compression import Codec, codec_by_name
-from apiary.averaging.partition import Member, shares, spans
 from apiary.averaging.protos.averaging_pb2 import AuditRequest, PartRequest, ReduceReply, ReduceRequest
+from apiary.averaging.spans import Member, shares, spans
 from apiary.averaging.verification import (
     SignedPart, Verifier, audit_answer, check_part, checked_blocks, block_count, commit, part_answer,
 )

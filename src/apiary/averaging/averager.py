@@ -26,7 +26,7 @@ from apiary.averaging.compression import codec_by_name
 from apiary.averaging.grid import MoshpitGrid
 from apiary.averaging.matchmaking import MATCHMAKING, Matchmaker, MatchmakingSettings, schema_digest
 from apiary.dht.interface import DHTLike
-from apiary.averaging.partition import Member, Mode
+from apiary.averaging.spans import Member, Role
 from apiary.averaging.verification import AUDIT_ROUTE, PART_ROUTE, Verifier
 from apiary.wire import CallContext, ChannelPool, RpcServer
 from apiary.wire.bulk import BulkClient
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 class AveragerSettings(BaseModel):
     prefix: str = Field(..., description="the run's name: peers of one run average together")
-    mode: Mode = Field(Mode.NODE, description="node, client (behind NAT: sends only) or aux (reduces only)")
+    mode: Role = Field(Role.NODE, description="node, client (behind NAT: sends only) or aux (reduces only)")
     target_group_size: int = Field(16, ge=1)
     min_group_size: int = Field(2, ge=1)
     expected_peers: int = Field(16, ge=1, description="swarm size the Moshpit grid is shaped for")
@@ -107,7 +107,7 @@ class Averager:
 
     def attach(self, server: RpcServer) -> None:
         """Serves matchmaking and reduction on `server` (before it starts; it needs bulk unless client)."""
-        if self.settings.mode is not Mode.CLIENT:
+        if self.settings.mode is not Role.CLIENT:
             if server.bulk is None:
                 raise ValueError("an averager in node or aux mode needs the bulk transport")
             server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle, keeps_tensors=False)
@@ -128,7 +128,7 @@ class Averager:
         if self.matchmaker is None:
             if self.server is None or self.pool is None:
                 raise RuntimeError("attach() the averager to a server first")
-            bulk = str(self.server.announced_bulk) if self.settings.mode is not Mode.CLIENT else ""
+            bulk = str(self.server.announced_bulk) if self.settings.mode is not Role.CLIENT else ""
             me = Member(self.peer_id, bulk, self.settings.mode, self.settings.bandwidth)
             self.matchmaker = Matchmaker(
                 self.dht, me, str(self.server.announced), self.schema, self.pool,
@@ -173,9 +173,9 @@ class Averager:
             return None
         group_id, members = group
         position = [m.peer_id for m in members].index(self.peer_id)
-        flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Mode.AUX else torch.zeros(0)
+        flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Role.AUX else torch.zeros(0)
         self._flat = flat
-        total = flat.numel() if self.settings.mode is not Mode.AUX else self._total()
+        total = flat.numel() if self.settings.mode is not Role.AUX else self._total()
         round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout, self.settings.aggregator(),
                             verify=self.verifier is not None)
         assert self.bulk_client is not None  # a group was formed: attach() made it
@@ -185,7 +185,7 @@ class Averager:
                                        verifier=self.verifier)
         self._averaged = averaged
         self.averaged_round = round_index
-        if self.settings.mode is not Mode.AUX:
+        if self.settings.mode is not Role.AUX:
             unflatten_into(averaged, self.tensors)
         return len(members)
 

@@ -40,7 +40,7 @@ from apiary.averaging.allreduce import unflatten_into
 from apiary.averaging.averager import Averager
 from apiary.averaging.matchmaking import schema_digest
 from apiary.dht.interface import DHTLike
-from apiary.averaging.partition import Mode
+from apiary.averaging.spans import Role
 from apiary.averaging.protos.local_pb2 import (
     AverageHeader,
     AverageReply,
@@ -407,7 +407,7 @@ class LocalServicer:
                 result = await self._round(weight, round_index)
             finally:
                 self.averager.tensors = registration.tensors
-        averaged = result.result == OK and self.averager.settings.mode is not Mode.AUX
+        averaged = result.result == OK and self.averager.settings.mode is not Role.AUX
         yield AverageReply(outcome=self._outcome(result, averaged))
         if averaged:
             for chunk in tensors_to_chunks(tensors, self.wire.chunk_bytes):
@@ -424,7 +424,7 @@ class LocalServicer:
             if self.registration is not registration:
                 raise NotRegistered("the tensors were registered again during this call; call again")
             result = await self._round(weight, round_index)  # reads and writes the segment
-        averaged = result.result == OK and self.averager.settings.mode is not Mode.AUX
+        averaged = result.result == OK and self.averager.settings.mode is not Role.AUX
         return AverageSharedReply(group_size=result.group_size, outcome=self._outcome(result, averaged))
 
     async def prepare(self, request: PrepareRequest, context: CallContext) -> PrepareReply:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from collections.abc import Callable, Container, Hashable, Mapping
 from typing import Any
 
-from apiary.averaging.partition import Member, Mode
 from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest, MemberInfo
+from apiary.averaging.spans import Member, Role
 from apiary.dht.interface import DHTLike
 from apiary.wire import CallContext, ChannelPool, Endpoint, Method, RpcClient, ServiceSpec, WireError
 
@@ -114,7 +114,7 @@ class Matchmaker:
         `gather_seconds`: how long to gather announcements, when part of the window has passed."""
         key = self._key(group_key)
         window = self.settings.gather_seconds + self.settings.join_seconds
-        announcement = {"address": self.grpc_address, "bulk": self.me.bulk_address, "mode": self.me.mode.value,
+        announcement = {"address": self.grpc_address, "bulk": self.me.bulk_address, "mode": self.me.role.value,
                         "bandwidth": self.me.bandwidth, "schema": self.schema, "place": self.place}
         self.line_places, self.left_out = {self.me.peer_id: self.place}, True
         await self.dht.store(key, announcement, time.time() + window + 5, subkey=self.me.peer_id)
@@ -135,7 +135,7 @@ class Matchmaker:
         self.left_out = len(chunk) < self.settings.min_group_size
         if self.left_out:
             return None
-        dialable = [peer for peer in chunk if peers[peer]["mode"] != Mode.CLIENT.value]
+        dialable = [peer for peer in chunk if peers[peer]["mode"] != Role.CLIENT.value]
         if not dialable:
             return None
         leader = dialable[0]
@@ -176,7 +176,7 @@ class Matchmaker:
                 logger.warning("peer %s averages another tensor schema (%s); leaving it out", peer_id[:8], value.get("schema"))
                 continue
             peers[peer_id] = value
-        peers.setdefault(self.me.peer_id, {"address": self.grpc_address, "mode": self.me.mode.value,
+        peers.setdefault(self.me.peer_id, {"address": self.grpc_address, "mode": self.me.role.value,
                                            "place": self.place})
         return peers
 
@@ -212,7 +212,7 @@ class Matchmaker:
         return reply.group_id, [_member(info) for info in reply.members]
 
     def _info(self, member: Member) -> MemberInfo:
-        return MemberInfo(peer_id=member.peer_id, bulk_address=member.bulk_address, mode=member.mode.value,
+        return MemberInfo(peer_id=member.peer_id, bulk_address=member.bulk_address, mode=member.role.value,
                           bandwidth=member.bandwidth)
 
     async def join(self, request: JoinRequest, context: CallContext) -> JoinReply:
@@ -278,11 +278,11 @@ def _place(value: Any) -> int | None:
 
 def _member(info: MemberInfo) -> Member:
     try:
-        mode = Mode(info.mode)
+        role = Role(info.mode)
     except ValueError:
-        raise ValueError(f"unknown averaging mode {info.mode!r}") from None
+        raise ValueError(f"unknown averaging role {info.mode!r}") from None
     if not info.peer_id:
         raise ValueError("member without a peer id")
-    if mode is not Mode.CLIENT and not info.bulk_address:
-        raise ValueError(f"a {mode.value} member needs a bulk address")
-    return Member(info.peer_id, info.bulk_address, mode, info.bandwidth)
+    if role is not Role.CLIENT and not info.bulk_address:
+        raise ValueError(f"a {role.value} member needs a bulk address")
+    return Member(info.peer_id, info.bulk_address, role, info.bandwidth)

@@ -7,8 +7,8 @@ many shares that do when a slow peer alone sets the round's time, the balanced o
 every reducer with a share finishes at the same time, as early as possible (water-filling), so
 more bandwidth never means a smaller share. Groups where reducing more makes a peer faster (a
 single sender that also reduces) are solved as a small linear program with scipy's HiGHS.
-Client-mode peers (who cannot be dialled) reduce nothing; auxiliary peers reduce but send no
-data of their own.
+A member's `Role` says what it does in a group: client peers (who cannot be dialled) reduce
+nothing; aux peers reduce but send no data of their own; node peers do both.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import numpy as np
 from scipy.optimize import linprog
 
 
-class Mode(str, Enum):
+class Role(str, Enum):
+    """What a member does in a group (`AveragerSettings.mode`, the `--mode` flag of `apiary averager`)."""
+
     NODE = "node"  # sends its tensors and reduces a span
     CLIENT = "client"  # sends only (behind NAT)
     AUX = "aux"  # reduces only, contributes no tensors (weight 0)
@@ -32,23 +34,23 @@ class Member:
 
     peer_id: str
     bulk_address: str  # host:port of its bulk transport ("" for clients)
-    mode: Mode
+    role: Role
     bandwidth: float  # declared, in bytes per second (any consistent unit)
 
     @property
     def sends(self) -> bool:
-        return self.mode is not Mode.AUX
+        return self.role is not Role.AUX
 
     @property
     def reduces(self) -> bool:
-        return self.mode is not Mode.CLIENT
+        return self.role is not Role.CLIENT
 
 
 def shares(members: list[Member]) -> list[float]:
     """The fraction of the elements each member reduces (0 for clients); sums to 1."""
     reducers = [i for i, m in enumerate(members) if m.reduces]
     if not reducers:
-        raise ValueError("a group needs at least one member that reduces (node or auxiliary mode)")
+        raise ValueError("a group needs at least one member that reduces (node or aux role)")
     senders = sum(m.sends for m in members)
     count = len(members)
     # member i's time is (slopes[i] * share_i + owns[i]) / bandwidth_i (the traffic model below)

@@ -31,7 +31,7 @@ class AggregationRule(str, Enum):  # apiary.averaging.aggregation.Aggregation, w
     trimmed_mean = "trimmed_mean"
 
 
-class AveragingMode(str, Enum):  # apiary.averaging.partition.Mode, without importing torch for --help
+class AveragingRole(str, Enum):  # apiary.averaging.spans.Role, without importing torch for --help
     node = "node"
     client = "client"
     aux = "aux"
@@ -39,7 +39,7 @@ class AveragingMode(str, Enum):  # apiary.averaging.partition.Mode, without impo
 
 def averager_command(
     run_id: Annotated[str, option("--run-id", "the run's name: averagers of one run average together")],
-    mode: Annotated[AveragingMode, option("--mode", "node; client (behind NAT: sends only); aux (reduces only)")] = AveragingMode.node,
+    mode: Annotated[AveragingRole, option("--mode", "node; client (behind NAT: sends only); aux (reduces only)")] = AveragingRole.node,
     target_group_size: Annotated[int, option("--target-group-size", "peers per averaging group", min=1)] = 16,
     min_group_size: Annotated[int, option("--min-group-size", "fewest peers that make a group", min=1)] = 2,
     expected_peers: Annotated[int, option("--expected-peers", "swarm size the Moshpit grid is shaped for", min=1)] = 16,
@@ -96,7 +96,7 @@ def averager_command(
     from apiary.averaging.aggregation import Aggregation
     from apiary.averaging.averager import AveragerSettings
     from apiary.averaging.compression import CODECS
-    from apiary.averaging.partition import Mode
+    from apiary.averaging.spans import Role
     from apiary.services.averager import AveragerServiceSettings
 
     if codec not in CODECS:
@@ -112,7 +112,7 @@ def averager_command(
                                        stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         AveragerSettings(
-            prefix=run_id, mode=Mode(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
+            prefix=run_id, mode=Role(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
             expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, gather_seconds=gather_seconds,
             join_seconds=join_seconds, sender_timeout=sender_timeout, round_timeout=round_timeout,
             aggregation=Aggregation(aggregation.value), clip_radius=clip_radius, clip_iterations=clip_iterations,

@@ -25,7 +25,7 @@ from apiary.averaging.allreduce import AllReduceService
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.verification import Verifier
 from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult, Traffic
-from apiary.averaging.partition import Mode
+from apiary.averaging.spans import Role
 from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
@@ -168,7 +168,7 @@ class AveragerService:
         if settings.dht_local is not None:
             self.dht: DHTClient | DHTNode = DHTClient(settings.dht_local, self.pool, timeout=settings.dht_timeout)
         else:
-            self.node = DHTNode(self.host.identity, DHTSettings(client_mode=averaging.mode is Mode.CLIENT),
+            self.node = DHTNode(self.host.identity, DHTSettings(client_mode=averaging.mode is Role.CLIENT),
                                 pool=self.pool, registry=self.host.registry)
             self.dht = self.node
         self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool)
@@ -210,7 +210,7 @@ class AveragerService:
             await self.node.join(self.settings.initial_peers)
         else:
             await self.dht.info()  # fails now, with the address, if the dht service does not answer
-        if self.averaging.mode is not Mode.CLIENT:  # a client cannot be dialled: it gives no state
+        if self.averaging.mode is not Role.CLIENT:  # a client cannot be dialled: it gives no state
             self.donor.bulk_address = str(server.announced_bulk)
         if self.settings.state_path is not None:
             saved = await asyncio.to_thread(load_saved_state, self.settings.state_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from apiary.averaging.averager import AveragerSettings
-from apiary.averaging.partition import Mode
+from apiary.averaging.spans import Role
 from apiary.dht import DHTSettings
 from apiary.optim import Optimizer as _Optimizer
 from apiary.services.averager import AveragerService, AveragerServiceSettings
@@ -58,14 +58,14 @@ async def start_embedded(run_id: str, initial_peers: Sequence[PeerAddress], *, a
     file both services use (the key an access token is bound to)."""
     if client_mode and auxiliary:
         raise ValueError("an auxiliary peer reduces others' parts: it cannot be in client mode")
-    mode = Mode.CLIENT if client_mode else Mode.AUX if auxiliary else Mode.NODE
+    role = Role.CLIENT if client_mode else Role.AUX if auxiliary else Role.NODE
     wire = wire or WireSettings(listen_host="127.0.0.1")
     dht = DHTService(wire, ServiceSettings(identity=identity), DHTSettings(client_mode=client_mode),
                      DHTServiceSettings(initial_peers=list(initial_peers)))
     await dht.start()
     try:
         averager = AveragerService(
-            wire, ServiceSettings(identity=identity), AveragerSettings(prefix=run_id, mode=mode, **(averaging or {})),
+            wire, ServiceSettings(identity=identity), AveragerSettings(prefix=run_id, mode=role, **(averaging or {})),
             AveragerServiceSettings(dht_local=dht.local_endpoint, announce_period=announce_period),
         )
         await averager.start()

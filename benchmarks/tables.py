@@ -1,9 +1,6 @@
 """The tables of docs/benchmarks.md, each rendered from the JSON results of benchmarks/results/
 (written by benchmarks/record.py). A table whose results are missing renders as a note with the
-command that measures it. One function per table; TABLES names them as the doc's markers do.
-
-Fourteen small renderers in one module: they share the formatting helpers and each is only
-meaningful next to the others (the doc's sections), hence the length."""
+command that measures it. One function per table; TABLES names them as the doc's markers do."""
 
 from __future__ import annotations
 
@@ -121,7 +118,7 @@ BEFORE, NOW, REFERENCE = "unpaired, mix (before)", "paired, adopt", "random grou
 def moshpit_churn(results: Results) -> str:
     result = results("moshpit_churn", None)
     if result is None:
-        return missing(".venv/bin/python benchmarks/moshpit_churn.py")
+        return missing(".venv/bin/python benchmarks/moshpit_churn.py --rates 0,0.05,0.1,0.2,0.3")
     f = result["figures"]
     rows, finals = [], {}
     for line in f["lines"]:
@@ -240,7 +237,7 @@ def fuzz(results: Results) -> str:
 def allreduce_wan(results: Results) -> str:
     result = results("allreduce_wan", "allreduce")
     if result is None:
-        return missing(".venv/bin/python benchmarks/allreduce_wan.py --parts allreduce")
+        return missing("sudo .venv/bin/python benchmarks/allreduce_wan.py --parts allreduce")
     rows = [[f"{r['mbit_per_s'] / 1000:g} Gbit/s" if r["mbit_per_s"] >= 1000 else f"{r['mbit_per_s']:g} Mbit/s",
              f"{r['round_seconds']:.3g} s", f"{r['bound_seconds']:.2f} s", ratio(r["bound_seconds"], r["round_seconds"])]
             for r in result["figures"]["rates"]]
@@ -250,7 +247,7 @@ def allreduce_wan(results: Results) -> str:
 def allreduce_wan_training(results: Results) -> str:
     result = results("allreduce_wan", "training")
     if result is None:
-        return missing(".venv/bin/python benchmarks/allreduce_wan.py --parts training")
+        return missing("sudo .venv/bin/python benchmarks/allreduce_wan.py --parts training")
     f = result["figures"]
     modes = f["modes"]
     rows = [[label, f"{m['epochs']:g}", str(m["samples"]), f"{m['seconds']:.1f} s", f"{m['seconds'] / m['epochs']:.2f} s",
@@ -272,7 +269,7 @@ RELAY_LABELS = ["veth both ends (reference)", "relay on the receiver's link, no 
 def relay_ceiling(results: Results) -> str:
     result = results("relay_ceiling", None)
     if result is None:
-        return missing(".venv/bin/python benchmarks/relay_ceiling.py")
+        return missing("sudo .venv/bin/python benchmarks/relay_ceiling.py")
     rates = list(result["figures"]["mbit_per_s"].values())
     rows = [[label, f"{rate:.0f}", ratio(rate, rates[0])] for label, rate in zip(RELAY_LABELS, rates)]
     return provenance(result) + "\n\n" + table(["link", "Mbit/s", "ratio to veth"], rows)

@@ -1,8 +1,14 @@
 """A Kademlia DHT node: the swarm's only directory.
 
+Longer than 400 lines for a reason: it is one object, `DHTNode`, whose operations (join,
+`store`/`get` and their batched forms, `find_nearest`, re-pinging) all act on the same routing
+table, blacklist, storage and calls to other nodes; what stands alone is in modules of its own
+(`protocol`, `traversal`, `routing`, `republish`, `messages`, `validation`, `blacklist`).
+
 `DHTNode` is the façade: it serves the DHT protocol (`apiary.dht.Node`: Ping, Store, Find,
-answered by `protocol.NodeServicer`) on an `RpcServer`, calls it on other nodes, keeps a routing table of the nodes it hears from, and offers `store`/`get` (and their batched
-forms) to the code of its participant. Keys, subkeys and values are any msgpack-serializable
+answered by `protocol.NodeServicer`) on an `RpcServer`, calls it on other nodes, keeps a
+routing table of the nodes it hears from, and offers `store`/`get` (and their batched forms)
+to the code of its participant. Keys, subkeys and values are any msgpack-serializable
 values; each write has an absolute expiration time. A node in client mode (behind NAT) serves
 nothing and is never put in anyone's routing table, but gets and stores like any other.
 

@@ -18,14 +18,20 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def provenance(result: dict[str, Any]) -> str:
-    """When, at which commit, under which load and by which command the figures were measured."""
+def measured(result: dict[str, Any]) -> str:
+    """When, at which commit and under which load the figures were measured."""
     commit = result["commit"]
     edits = " + uncommitted edits" if commit.get("dirty") else ""
     when = result["time"].replace("T", " ").removesuffix("Z")
     load_average = result["machine"].get("load_average") or [float("nan")]
-    return (f"_Measured {when} UTC at commit {(commit.get('hash') or 'unknown')[:10]}{edits}, load average "
-            f"{load_average[0]:.1f} at the end: `{' '.join(result['command'])}`._")
+    return (f"measured {when} UTC at commit {(commit.get('hash') or 'unknown')[:10]}{edits}, load average "
+            f"{load_average[0]:.1f} at the end")
+
+
+def provenance(result: dict[str, Any]) -> str:
+    """The line above a table: when, where, under which load and by which command."""
+    when = measured(result)
+    return f"_{when[0].upper()}{when[1:]}: `{' '.join(result['command'])}`._"
 
 
 def missing(command: str) -> str:
@@ -37,8 +43,7 @@ def ratio(value: float, reference: float) -> str:
 
 
 def percent(share: float, digits: int = 1) -> str:
-    text = f"{100 * share:.{digits}f}"
-    return (text.rstrip("0").rstrip(".") if "." in text else text) + "%"
+    return f"{100 * share:.{digits}f}%"
 
 
 def small(value: float) -> str:
@@ -80,7 +85,8 @@ def dht(results: Results) -> str:
     if (large := results("dht", "256-nodes")) is not None:
         g = large["figures"]
         lines.append(f"- `{' '.join(large['command'][1:])}`: {percent(g['all']['stores_ok'])} stored, "
-                     f"{percent(g['all']['gets_ok'], 2)} found, peak RSS {g['peak_rss_mb']:.0f} MB.")
+                     f"{percent(g['all']['gets_ok'], 2)} found, peak RSS {g['peak_rss_mb']:.0f} MB "
+                     f"({g['peak_rss_mb'] / g['nodes']:.1f} MB per node; {measured(large)}).")
     header = ["round", "stores ok", "store p50 / p99", "killed / left", "gets ok (all keys so far)", "get p50 / p99"]
     return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + "\n".join(lines)
 

@@ -196,6 +196,10 @@ def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -
     config = yaml.safe_load((REPO / prometheus["/etc/prometheus/prometheus.yml"]).read_text())
     targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
     assert targets == {f"{name}:{Dockerfile.read(dockerfile_path(name)).env['APIARY_ADMIN_PORT']}" for name in SERVICES}
+    [rules] = config["rule_files"]  # relative to the configuration file's folder
+    rules_folder, pattern = rules.split("/")
+    assert sorted((REPO / prometheus[f"/etc/prometheus/{rules_folder}"]).glob(pattern)) == sorted(
+        (REPO / "deploy/prometheus/rules").glob("*.yml"))
 
     provisioning = REPO / grafana["/etc/grafana/provisioning"]
     providers = yaml.safe_load((provisioning / "dashboards" / "apiary.yaml").read_text())["providers"]

@@ -21,7 +21,8 @@ from deploy.helm import (
 )
 
 RENDERINGS = [None, *VALUES_FILES]  # the defaults, then every ci/<name>-values.yaml
-CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}  # not in Kubernetes' own schemas
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor"),  # not in Kubernetes' own schemas
+                    ("monitoring.coreos.com/v1", "PrometheusRule")}
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
 APIARY_CONTAINERS = {"dht", "expert-server", "trainer", "averager"}
 AUTHORITY = "uxu3btpujqu3npcmoy7j6cduwo5b7iyqge6losgthyhys4zp2b5q"  # a peer id (apiary token authority)

@@ -24,10 +24,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import apt
+from deploy.apt import find_tool
+
 PACKAGES = {"dockerd": "docker.io", "docker-compose": "docker-compose", "debootstrap": "debootstrap"}
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-APT_TIMEOUT_S = 600
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
@@ -35,30 +37,12 @@ class EngineUnavailable(Exception):
     """No Docker engine can run here; the message says why."""
 
 
-def find_tool(name: str) -> str | None:
-    return shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None
-    )
-
-
 def ensure_tools() -> None:
     """Installs the missing ones of dockerd, docker-compose and debootstrap with apt-get."""
-    missing = [package for tool, package in PACKAGES.items() if find_tool(tool) is None]
-    if not missing:
-        return
-    if shutil.which("apt-get") is None:
-        raise EngineUnavailable(f"{', '.join(missing)} missing and no apt-get to install them")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]):
-        try:
-            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=APT_TIMEOUT_S,
-                                    check=False)
-        except subprocess.TimeoutExpired:
-            raise EngineUnavailable(f"`{' '.join(command)}` took longer than {APT_TIMEOUT_S} s") from None
-        if result.returncode != 0:
-            tail = " | ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-            raise EngineUnavailable(f"`{' '.join(command)}` exited {result.returncode}: {tail}")
+    try:
+        apt.ensure_tools(PACKAGES)
+    except apt.NotInstallable as e:
+        raise EngineUnavailable(str(e)) from None
 
 
 def compose_cli() -> str:

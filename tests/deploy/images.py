@@ -26,7 +26,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from deploy.engine import Engine, EngineUnavailable, find_tool
+from deploy.apt import find_tool
+from deploy.engine import Engine, EngineUnavailable
 from deploy.files import REPO, Dockerfile, dockerfile_path
 
 CACHE = Path("/var/cache/apiary-test")

@@ -7,7 +7,9 @@ given, so a stopped service leaves nothing running.
 It watches its gRPC servers (the public one, and the local API a service adds with `watch`):
 `/healthz` answers 503 naming a server that stopped and could not be restarted, and
 `<prefix>_grpc_server_restarts_total{api}` counts the times one stopped unasked and was
-restarted (`apiary.wire.server`).
+restarted (`apiary.wire.server`). Its metrics also say which run the service takes part in
+(`apiary_run_info{run}`, from the `run_id` of its status) and, in a private run, when its access
+token expires (`apiary_access_token_expiry_timestamp_seconds`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from apiary.telemetry import AdminServer, TracingSettings, configure_tracing, metric_prefix, new_registry
 from apiary.wire import Identity, RpcServer, WireSettings
+from apiary.wire.auth import read_token
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,24 @@ class ServerWatch(Collector):
         yield restarts
 
 
+class RunInfo(Collector):
+    """`apiary_run_info{run}` = 1 for a service of one run (its status names a `run_id`), so that
+    dashboards and alerts can select a run's services."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]]):
+        self.status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("apiary_run_info", "The run this service takes part in (always 1)", labels=["run"])
+        try:
+            run = self.status().get("run_id")
+        except Exception:  # /status reports the failure; the metrics stay readable
+            run = None
+        if run:
+            family.add_metric([str(run)], 1)
+        yield family
+
+
 class ServiceHost:
     """Runs one service: its RpcServer, AdminServer and background tasks."""
 
@@ -78,6 +100,11 @@ class ServiceHost:
         self.servers = ServerWatch(metric_prefix(service))
         self.servers.servers["public"] = self.server
         self.registry.register(self.servers)
+        if status is not None:
+            self.registry.register(RunInfo(status))
+        if wire.access_token:
+            Gauge("apiary_access_token_expiry_timestamp_seconds", "When this peer's access token expires (Unix time)",
+                  registry=self.registry).set(read_token(wire.access_token).expires_at)
         self.admin = AdminServer(
             service,
             host=settings.admin_host,

@@ -8,9 +8,10 @@ Each config is a `tests/averaging_worker.py` config without the parts the harnes
 (`index`, `output`, `max_seconds`, and the start messages); one with `co_hosted` configs runs
 those averagers in the same process too (not the first: it starts the DHT), and results list
 every averager in that order. `kill_at(worker, when)` SIGKILLs a worker's process at a
-wall-clock time: it is then left out of the results. All workers start at once (their
-imports run in parallel); the first starts the DHT and the others join through it; once all are
-up, every worker is told the same `t0`, and round r of every worker starts at `t0 + r * period`.
+wall-clock time: it is then left out of the results, as is a worker whose `fault_plan`
+(`apiary.faults`) crashes it. All workers start at once (their imports run in parallel); the
+first starts the DHT and the others join through it; once all are up, every worker is told
+the same `t0`, and round r of every worker starts at `t0 + r * period`.
 When every worker has written its results, their stdin is closed and they shut down. Whatever
 happens (a worker fails, the test times out), every worker is killed on exit: no process is
 left behind.
@@ -33,6 +34,8 @@ from typing import IO, Any
 
 import torch
 from averaging_worker import DEFAULTS, make_tensors
+
+from apiary.faults import FaultPlan
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +127,7 @@ class AveragingSwarm:
         self.peer_ids: list[str] = []
         self.t0: float | None = None
         self.exit_codes: dict[int, int | None] = {}
-        self.killed: set[int] = set()  # workers scheduled for a SIGKILL (kill_at)
+        self.killed: set[int] = set()  # workers meant to die: a SIGKILL (kill_at) or a crash in their fault_plan
         self._timers: list[threading.Timer] = []
         self.unclean: dict[int, str] = {}  # stderr of workers that did not exit with 0
         self._directory = tempfile.TemporaryDirectory(prefix="apiary-averaging-")
@@ -160,6 +163,8 @@ class AveragingSwarm:
                 start_new_session=True,
             )
             worker = _Worker(index, full, process, stderr)
+            if any(fault.action == "crash" for fault in FaultPlan.parse(full["fault_plan"]).faults):
+                self.killed.add(index)
             worker.start_reader()
             self.workers.append(worker)
         deadline = time.monotonic() + self.start_timeout

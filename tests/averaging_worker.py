@@ -37,6 +37,9 @@ Fault injection (test code, selected by `faults` in the config):
   honestly but returns its span shifted by B (the parts it keeps, and serves to auditors, stay
   as received): a lying reducer.
 
+Keyed failures (`apiary.faults`): `fault_plan`, e.g. "averager.round=2:crash", is installed for
+the whole process (co-hosted averagers share it; a crash takes them all).
+
 With `verify_reductions`, each round's record also holds `banned` (the peer ids this averager
 has banned, after the round) and `audits` (its audited spans so far, by outcome).
 """
@@ -61,6 +64,7 @@ import torch
 
 from worker_support import die_with_parent, emit
 
+from apiary import faults
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
@@ -87,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
     "rounds": 1,
     "period": 4.0,
     "faults": {},
+    "fault_plan": "",  # apiary.faults plan of this process
     "verify_reductions": False,
     "max_seconds": 120.0,
     "plaintext": False,  # the DHT node and the averager's server speak plaintext (the averager's pool: its default)
@@ -325,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="JSON object: see DEFAULTS and the module docstring")
     config = {**DEFAULTS, **json.loads(parser.parse_args(argv).config)}
     die_with_parent()
+    faults.install(faults.FaultPlan.parse(config["fault_plan"]))
     # a hard limit: a worker never outlives its test, whatever happens to the swarm
     limit = threading.Timer(float(config["max_seconds"]), lambda: os._exit(3))
     limit.daemon = True

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, Field
 
+from apiary import faults
 from apiary.averaging.aggregation import Aggregation, Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, run_allreduce, unflatten_into
 from apiary.averaging.compression import codec_by_name
@@ -171,6 +172,7 @@ class Averager:
         group = await self._group_for(round_index)
         if group is None:
             return None
+        await faults.reached_async("averager.round", round_index)
         group_id, members = group
         position = [m.peer_id for m in members].index(self.peer_id)
         flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Role.AUX else torch.zeros(0)

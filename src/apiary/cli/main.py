@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import pydantic
 import typer
@@ -11,11 +12,13 @@ from apiary.cli.averager import averager_command
 from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
 from apiary.cli.expert_server import expert_server_command
+from apiary.cli.options import option
 from apiary.cli.token import token_app
 from apiary.cli.trainer import trainer_command
 from apiary.cli.up import up_command
 from apiary.dht import DHTBootstrapError
 from apiary.dht.storage import StorageUnavailable
+from apiary.faults import FaultPlan, FaultSpecError, install
 from apiary.wire import AddressError, IdentityError, WireError
 
 app = typer.Typer(
@@ -34,6 +37,18 @@ app.command("averager")(averager_command)
 app.command("expert-server")(expert_server_command)
 app.command("trainer")(trainer_command)
 app.add_typer(token_app, name="token")
+
+
+@app.callback()
+def process_options(
+    faults: Annotated[str, option("--faults", "test tool: failure injection plan, POINT=INDEX:ACTION,... "
+                                  "(apiary.faults)", hidden=True)] = "",
+) -> None:
+    """Options of the process, before the command: the failure injection plan (tests only)."""
+    try:
+        install(FaultPlan.parse(faults))
+    except FaultSpecError as e:
+        raise typer.BadParameter(str(e), param_hint="'--faults' / APIARY_FAULTS") from None
 
 
 def _one_line(error: pydantic.ValidationError) -> str:

@@ -21,6 +21,7 @@ import torch
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, Field, model_validator
 
+from apiary import faults
 from apiary.averaging.state import State, load_saved_state, save_state
 from apiary.files import write_atomically
 from apiary.optim import MODES
@@ -194,6 +195,7 @@ class TrainerService:
         self.summary["epoch_start"] = optimizer.epoch
         samples = 0
         while not self._stop.is_set():
+            faults.reached("trainer.epoch", optimizer.epoch)
             if s.max_epochs and optimizer.swarm_epoch >= s.max_epochs:
                 break
             if s.max_seconds and time.monotonic() - started >= s.max_seconds:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from apiary.averaging.state import load_saved_state
+from apiary.faults import CRASH_EXIT_CODE
 from apiary.wire import Identity
 from service_processes import APIARY, ServiceProcess, ServiceProcesses
 from trainer_processes import SMALL_LM, TrainerSwarm, epoch_totals
@@ -47,9 +47,8 @@ def test_a_killed_peer_does_not_stop_the_others_and_a_late_peer_loads_the_state(
     with TrainerSwarm(tmp_path, "churn", common) as swarm:
         swarm.start(seed=0)
         swarm.start(seed=1)
-        doomed = swarm.start(seed=2)
-        time.sleep(5)
-        doomed.process.kill()
+        doomed = swarm.start(seed=2, env={"APIARY_FAULTS": "trainer.epoch=2:crash"})  # dies without a goodbye
+        assert doomed.process.wait(60) == CRASH_EXIT_CODE, doomed.stderr()
         late = swarm.start(seed=3)
         summaries = swarm.finish(indices=[0, 1, 3])
         assert all(s["epoch_end"] >= 16 for s in summaries.values()), summaries

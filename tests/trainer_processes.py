@@ -34,7 +34,8 @@ class TrainerSwarm:
         self.trainers: list[ServiceProcess] = []
         self.first_address = ""
 
-    def start(self, seed: int, extra: list[str] = (), wait: bool = True) -> ServiceProcess:
+    def start(self, seed: int, extra: list[str] = (), wait: bool = True,
+              env: dict[str, str] | None = None) -> ServiceProcess:
         index = len(self.trainers)
         folder = self.directory / str(index)
         folder.mkdir(parents=True, exist_ok=True)
@@ -42,6 +43,7 @@ class TrainerSwarm:
             "trainer", "--run-id", self.run_id, "--seed", str(seed), "--initial-peers", self.first_address,
             "--task-options", SMALL_LM, "--averaging", QUICK_ROUNDS, "--threads", "1",
             "--summary-path", str(folder / "summary.json"), "--checkpoint-dir", str(folder), *self.common, *extra,
+            env=env,
         )
         self.trainers.append(trainer)
         if wait:

@@ -92,6 +92,7 @@ class DHTMetrics:
         self.rejected = Counter(
             "apiary_dht_rejected_records", "Records refused, by reason", ["reason"], registry=registry
         )
+        self.rejected.labels("validation")  # reads 0 from the start, not no data
         self.operations = Histogram(
             "apiary_dht_operation_duration_seconds", "Time of get/store operations", ["operation"], registry=registry
         )

@@ -27,8 +27,8 @@ from apiary.dht.node import NODE_SERVICE
 from apiary.dht.protos.dht_pb2 import FindRequest, PingRequest, StoreRequest
 from apiary.dht.validation import DHTRecord, SignatureValidator
 from apiary.wire import Identity, InvalidRequest, RpcServer, WireSettings
-from apiary.wire.bulk import MAX_TENSORS_PER_REQUEST, parse_request
 from apiary.wire.chunks import ChunkAssembler
+from apiary.wire.framing import MAX_TENSORS_PER_REQUEST, parse_request
 from apiary.wire.limits import ByteBudget
 from apiary.wire.probe import PROBE
 from apiary.wire.protos.wire_pb2 import SinkRequest, TensorChunk

@@ -30,8 +30,9 @@ from apiary.averaging.allreduce import AllReduceService
 from apiary.averaging.compression import CODECS, codec_by_name
 from apiary.averaging.state import StateDonor
 from apiary.wire import Endpoint, Identity, InvalidRequest, WireSettings
-from apiary.wire.bulk import MAGIC, BulkCall
+from apiary.wire.bulk import BulkCall
 from apiary.wire.chunks import DTYPE_ITEMSIZE, ChunkAssembler
+from apiary.wire.framing import MAGIC
 from apiary.wire.limits import ByteBudget
 from apiary.wire.probe import ProbeService
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorChunk, TensorHeader

@@ -15,7 +15,7 @@ from service_processes import ServiceProcess, ServiceProcesses
 from wire_helpers.attacks import bulk_endpoint, held_in_flight, metric, open_socket, ping, ports, rss_bytes
 
 from apiary.wire import ChannelPool, RpcClient, WireError, WireSettings
-from apiary.wire.bulk import MAGIC
+from apiary.wire.framing import MAGIC
 from apiary.wire.probe import PROBE, SINK_ROUTE
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, SinkRequest, TensorChunk, TensorHeader
 

@@ -25,7 +25,8 @@ from prometheus_client import CollectorRegistry
 from wire_helpers.tensors import as_stream
 
 from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, RequestRejected, RpcClient, RpcServer, WireSettings
-from apiary.wire.bulk import MAGIC, BulkClient
+from apiary.wire.bulk import BulkClient
+from apiary.wire.framing import MAGIC
 from apiary.wire.limits import LimitExceeded, ServerLimits, peer_key
 from apiary.wire.probe import SINK_ROUTE
 from apiary.wire.protos.wire_pb2 import PingRequest, SinkRequest, TensorChunk, TensorHeader

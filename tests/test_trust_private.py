@@ -35,7 +35,8 @@ from apiary.moe.mixture import RemoteMixtureOfExperts
 from apiary.wire import (AccessDenied, ChannelPool, Endpoint, Identity, PeerAddress, RequestRejected, RpcClient,
                          WireError, WireSettings)
 from apiary.wire.auth import AccessRefused, AccessToken, CallCredentials, Gatekeeper, request_digest
-from apiary.wire.bulk import MAGIC, BulkClient, signed_digest
+from apiary.wire.bulk import BulkClient
+from apiary.wire.framing import MAGIC, signed_digest
 from apiary.wire.probe import SINK_ROUTE
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, SinkReply, SinkRequest
 from apiary.wire.tensors import tensor_payload

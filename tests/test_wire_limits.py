@@ -16,7 +16,8 @@ from wire_helpers.peers import PeerProcess
 from wire_helpers.tensors import as_stream
 
 from apiary.wire import ChannelPool, RequestRejected, RpcClient, WireSettings
-from apiary.wire.bulk import MAGIC, MAX_TENSORS_PER_REQUEST, BulkClient
+from apiary.wire.bulk import BulkClient
+from apiary.wire.framing import MAGIC, MAX_TENSORS_PER_REQUEST
 from apiary.wire.probe import PROBE, SINK_ROUTE
 from apiary.wire.protos.wire_pb2 import (
     BulkReply,

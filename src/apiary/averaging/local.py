@@ -71,8 +71,9 @@ from apiary.wire import (
     WireError,
     WireSettings,
 )
-from apiary.wire.bulk import MAX_TENSORS_PER_REQUEST, BulkClient
+from apiary.wire.bulk import BulkClient
 from apiary.wire.chunks import ChunkAssembler, check_header, make_header
+from apiary.wire.framing import MAX_TENSORS_PER_REQUEST
 from apiary.wire.protos.wire_pb2 import TensorChunk, TensorHeader
 from apiary.wire.tensors import dtype_name, tensor_from_payload, tensors_to_chunks, torch_dtype
 

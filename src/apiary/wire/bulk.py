@@ -1,8 +1,8 @@
 """The bulk tensor transport: large tensors over a plain TCP connection at socket speed.
 
-gRPC in Python moves bulk bytes at a fraction of what the socket can (see
-docs/benchmarks.md), so apiary carries large tensors (averaging parts, state downloads) over a
-second port with a minimal framing: a length-prefixed `BulkRequest` declaring the tensors,
+gRPC in Python moves bulk bytes at a fraction of what the socket can (see docs/benchmarks.md),
+so apiary carries large tensors (averaging parts, state downloads) over a second port with a
+minimal framing (`apiary.wire.framing`): a length-prefixed `BulkRequest` declaring the tensors,
 then their raw bytes. The receiver checks every header against its limits before it allocates,
 then receives straight into the tensors' final buffers; the sender writes straight from tensor
 memory. Errors, deadlines, tracing and metrics follow the same rules as the gRPC services, and
@@ -10,8 +10,8 @@ so do the per-peer limits (`apiary.wire.limits`): connections per peer, request 
 concurrency, and every frame and payload taken from the server's budget of bytes in flight
 before it is allocated (a connection's reused buffer holds its share until it closes). In a
 private run, every request frame carries the caller's token and signature (`apiary.wire.auth`,
-covering the route, body and tensor headers), checked before any tensor byte is read; with
-TLS, each connection is a TLS session whose server proves the expected peer id (`apiary.wire.tls`).
+covering the route, body and tensor headers), checked before any tensor byte is read; with TLS,
+each connection is a TLS session whose server proves the expected peer id (`apiary.wire.tls`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import os
 import socket
 import ssl
@@ -31,32 +30,27 @@ import grpc
 from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
-from apiary.wire.auth import CallCredentials, Gatekeeper, request_digest
-from apiary.wire.chunks import Budget, check_header
+from apiary.wire.auth import CallCredentials, Gatekeeper
 from apiary.wire.limits import STALLED, LimitExceeded, ServerLimits
 from apiary.wire.errors import (
     DeadlineExceeded,
     InvalidRequest,
-    PayloadTooLarge,
     PeerUnavailable,
     WireError,
     error_from_status,
 )
+from apiary.wire.framing import MAGIC, Connection, check_headers, parse_request, signed_digest
 from apiary.wire.identity import Identity
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
 from apiary.wire.rpc import decode
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.settings import WireSettings
-from apiary.wire.tls import TlsSocket, certified_peer_id, client_ssl_context, tls_failure
+from apiary.wire.tls import certified_peer_id, client_ssl_context, tls_failure
 from apiary.wire.tracing import incoming_context, outgoing_metadata, span_attributes, tracer
 
 logger = logging.getLogger(__name__)
 
-MAGIC = b"APIARY-BULK/1\n"
-MAX_TENSORS_PER_REQUEST = 4096
-_LENGTH_BYTES = 4
 _DRAIN_SECONDS = 1.0
-_LAZY_BUFFER_BYTES = 1 << 20  # buffers from this size up are committed page by page, as bytes arrive
 
 Payload = tuple[TensorHeader, memoryview]
 
@@ -80,161 +74,6 @@ class BulkAnswer:
 
 
 Handler = Callable[[BulkCall], Awaitable[BulkAnswer]]
-
-
-class _Connection:
-    """A non-blocking socket (plain or TLS) with whole-frame and whole-buffer reads and writes."""
-
-    def __init__(self, sock: socket.socket, budget: Budget | None = None, stall_timeout: float | None = None):
-        self._scratch: bytearray | memoryview = bytearray()
-        self.budget = budget  # where the peer's frames and tensors (the reused buffer's too) are reserved
-        self._stall_timeout = stall_timeout  # seconds a read may wait for the peer's next byte
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-        self.tls: TlsSocket | None = None
-        self.peer_id: str | None = None  # the id a TLS server proved
-
-    async def start_tls(self, context: ssl.SSLContext, *, server_side: bool) -> TlsSocket:
-        tls = TlsSocket(self.sock, context, server_side=server_side)
-        await tls.handshake()
-        self.tls = tls
-        return tls
-
-    async def _recv_into(self, buffer: memoryview) -> int:
-        async with asyncio.timeout(self._stall_timeout):  # TimeoutError: the peer stalled
-            if self.tls is not None:
-                return await self.tls.recv_into(buffer)
-            return await self.loop.sock_recv_into(self.sock, buffer)
-
-    async def send(self, data: bytes | memoryview) -> None:
-        if self.tls is not None:
-            await self.tls.sendall(data)
-        else:
-            await self.loop.sock_sendall(self.sock, data)
-
-    async def read_into(self, buffer: memoryview) -> None:
-        filled = 0
-        while filled < len(buffer):
-            received = await self._recv_into(buffer[filled:])
-            if received == 0:
-                raise ConnectionError(f"connection closed after {filled} of {len(buffer)} bytes")
-            filled += received
-
-    async def read_exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        await self.read_into(memoryview(buffer))
-        return buffer
-
-    async def read_frame(self, max_bytes: int) -> bytes:
-        size = int.from_bytes(await self.read_exactly(_LENGTH_BYTES), "big")
-        if size > max_bytes:
-            raise PayloadTooLarge(f"bulk frame of {size} bytes exceeds the limit max_message_bytes={max_bytes}")
-        if self.budget is not None:
-            self.budget.take(size, "a bulk frame")
-        try:
-            return bytes(await self.read_exactly(size))
-        finally:
-            if self.budget is not None:
-                self.budget.give_back(size)
-
-    async def write_frame(self, message: BulkRequest | BulkReply, payloads: Sequence[memoryview] = ()) -> None:
-        frame = message.SerializeToString()
-        await self.send(len(frame).to_bytes(_LENGTH_BYTES, "big") + frame)
-        for payload in payloads:
-            if len(payload):
-                await self.send(payload.cast("B"))
-
-    async def read_payloads(
-        self, headers: Sequence[TensorHeader], *, scratch: bool = False, into: Sequence[memoryview] = ()
-    ) -> list[tuple[TensorHeader, bytearray | memoryview]]:
-        """Receives each declared tensor into `into[i]` when given with the right size, else into
-        a new buffer, or (scratch) into this connection's reused buffer, valid only until the
-        next request on the connection. New buffers take memory as their bytes arrive."""
-        if scratch and len(self._scratch) < (total := sum(header.nbytes for header in headers)):
-            if self.budget is not None:
-                self.budget.take(total - len(self._scratch), "a bulk request")
-            self._scratch = receive_buffer(total)
-        tensors: list[tuple[TensorHeader, bytearray | memoryview]] = []
-        offset = 0
-        for index, header in enumerate(headers):
-            if index < len(into) and into[index].nbytes == header.nbytes:
-                buffer: bytearray | memoryview = into[index].cast("B")
-            elif scratch:
-                buffer = memoryview(self._scratch)[offset : offset + header.nbytes]
-                offset += header.nbytes
-            else:
-                buffer = receive_buffer(header.nbytes)
-            await self.read_into(memoryview(buffer))
-            tensors.append((header, buffer))
-        return tensors
-
-    def idle_and_open(self) -> bool:
-        """Whether an idle connection can carry a request: the peer neither closed it nor sent anything."""
-        if self.tls is not None and self.tls.pending():
-            return False
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        return False
-
-    async def wait_readable(self, timeout: float) -> bool:
-        """Waits until the peer sends something; False if it stays silent for `timeout` seconds
-        (an idle connection is then closed, freeing its task and buffer)."""
-        if self.tls is not None and self.tls.pending():
-            return True
-        readable = self.loop.create_future()
-        self.loop.add_reader(self.sock.fileno(), lambda: readable.done() or readable.set_result(True))
-        try:
-            return await asyncio.wait_for(readable, timeout)
-        except asyncio.TimeoutError:
-            return False
-        finally:
-            self.loop.remove_reader(self.sock.fileno())
-
-    def close(self) -> None:
-        if self.budget is not None:
-            self.budget.give_back(len(self._scratch))
-        self._scratch = bytearray()
-        self.sock.close()
-
-
-def receive_buffer(nbytes: int) -> bytearray | memoryview:
-    """A zeroed buffer for `nbytes` about to be received. A large one is an anonymous memory map:
-    the system commits its pages only as they are written, so a peer that declares gigabytes and
-    sends a few bytes costs a few pages, not the declared size (nor a pass to zero it)."""
-    if nbytes < _LAZY_BUFFER_BYTES:
-        return bytearray(nbytes)
-    return memoryview(mmap.mmap(-1, nbytes))
-
-
-def check_headers(headers: Sequence[TensorHeader], max_tensor_bytes: int, max_total_bytes: int | None) -> int:
-    """Checks the tensors a frame declares against the limits; returns their total bytes."""
-    if len(headers) > MAX_TENSORS_PER_REQUEST:
-        raise InvalidRequest(f"{len(headers)} tensors in one request exceed the limit of {MAX_TENSORS_PER_REQUEST}")
-    for header in headers:
-        check_header(header, max_tensor_bytes)
-    total = sum(header.nbytes for header in headers)
-    if max_total_bytes is not None and total > max_total_bytes:
-        raise PayloadTooLarge(f"{total} tensor bytes in one request exceed the limit max_bytes_in_flight={max_total_bytes}")
-    return total
-
-
-def signed_digest(request: BulkRequest) -> bytes:
-    """What a private run's signature of a bulk request covers: its route, tensor headers and body."""
-    return request_digest(BulkRequest(route=request.route, tensors=request.tensors, body=request.body).SerializeToString())
-
-
-def parse_request(frame: bytes, settings: WireSettings) -> BulkRequest:
-    """The request in a frame, each tensor header checked; InvalidRequest if malformed or too large.
-    (Their total is reserved in the server's budget of bytes in flight before they are received.)"""
-    request = decode(BulkRequest, frame)
-    check_headers(request.tensors, settings.max_tensor_bytes, None)
-    return request
 
 
 class BulkServer:
@@ -301,7 +140,7 @@ class BulkServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, address = await loop.sock_accept(listener)
-            connection = _Connection(sock, self.limits.bytes_in_flight.for_peer(address[0]),
+            connection = Connection(sock, self.limits.bytes_in_flight.for_peer(address[0]),
                                      self.settings.stream_stall_timeout)
             try:
                 closed = self.limits.open_connection(address[0])
@@ -310,7 +149,7 @@ class BulkServer:
                 continue
             self._spawn(self._serve_connection(connection, address[0], f"{address[0]}:{address[1]}", closed))
 
-    async def _refuse_connection(self, connection: _Connection, refusal: LimitExceeded) -> None:
+    async def _refuse_connection(self, connection: Connection, refusal: LimitExceeded) -> None:
         try:
             await self._refuse(connection, refusal.code, str(refusal))
         except (ConnectionError, OSError):
@@ -318,7 +157,7 @@ class BulkServer:
         finally:
             connection.close()
 
-    async def _serve_connection(self, connection: _Connection, host: str, peer: str, closed: Callable[[], None]) -> None:
+    async def _serve_connection(self, connection: Connection, host: str, peer: str, closed: Callable[[], None]) -> None:
         try:
             if self._tls is not None:
                 await asyncio.wait_for(connection.start_tls(self._tls, server_side=True), self.settings.default_timeout)
@@ -337,7 +176,7 @@ class BulkServer:
             connection.close()
             closed()
 
-    async def _serve_request(self, connection: _Connection, host: str, peer: str) -> bool:
+    async def _serve_request(self, connection: Connection, host: str, peer: str) -> bool:
         """Serves one request; returns whether the connection can carry another."""
         try:
             done = self.limits.admit(host)
@@ -349,7 +188,7 @@ class BulkServer:
         finally:
             done()
 
-    async def _serve_admitted(self, connection: _Connection, host: str, peer: str) -> bool:
+    async def _serve_admitted(self, connection: Connection, host: str, peer: str) -> bool:
         budget, held = self.limits.bytes_in_flight.for_peer(host), 0
         try:
             try:
@@ -401,7 +240,7 @@ class BulkServer:
             span.set_status(trace.Status(trace.StatusCode.ERROR, details))
             return BulkReply(code=code.value[0], details=details), []
 
-    async def _refuse(self, connection: _Connection, code: grpc.StatusCode, details: str) -> None:
+    async def _refuse(self, connection: Connection, code: grpc.StatusCode, details: str) -> None:
         """Answers with an error, then discards what the peer still sends for a moment and closes."""
         await connection.write_frame(BulkReply(code=code.value[0], details=details))
         connection.sock.shutdown(socket.SHUT_WR)
@@ -434,7 +273,7 @@ class BulkClient:
         self.settings = settings or WireSettings()
         self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
         self.max_idle_per_peer = max_idle_per_peer
-        self._idle: dict[Endpoint, list[_Connection]] = {}
+        self._idle: dict[Endpoint, list[Connection]] = {}
 
     async def call(
         self,
@@ -492,7 +331,7 @@ class BulkClient:
         finally:
             self._release(endpoint, connection, reusable)
 
-    async def _connect(self, endpoint: Endpoint, peer_id: str | None) -> _Connection:
+    async def _connect(self, endpoint: Endpoint, peer_id: str | None) -> Connection:
         idle = self._idle.get(endpoint)
         while idle:
             connection = idle.pop()
@@ -509,7 +348,7 @@ class BulkClient:
         except BaseException:
             sock.close()
             raise
-        connection = _Connection(sock)
+        connection = Connection(sock)
         try:
             if self.settings.tls:
                 tls = await connection.start_tls(client_ssl_context(), server_side=False)
@@ -520,7 +359,7 @@ class BulkClient:
             raise
         return connection
 
-    def _release(self, endpoint: Endpoint, connection: _Connection, reusable: bool) -> None:
+    def _release(self, endpoint: Endpoint, connection: Connection, reusable: bool) -> None:
         idle = self._idle.setdefault(endpoint, [])
         if reusable and len(idle) < self.max_idle_per_peer:
             idle.append(connection)

@@ -245,7 +245,7 @@ def allreduce_wan(results: Results) -> str:
     if result is None:
         return missing("sudo .venv/bin/python benchmarks/allreduce_wan.py --parts allreduce")
     rows = [[f"{r['mbit_per_s'] / 1000:g} Gbit/s" if r["mbit_per_s"] >= 1000 else f"{r['mbit_per_s']:g} Mbit/s",
-             f"{r['round_seconds']:.3g} s", f"{r['bound_seconds']:.2f} s", ratio(r["bound_seconds"], r["round_seconds"])]
+             f"{r['round_seconds']:.2f} s", f"{r['bound_seconds']:.2f} s", ratio(r["bound_seconds"], r["round_seconds"])]
             for r in result["figures"]["rates"]]
     return provenance(result) + "\n\n" + table(["links", "round time", "bound 2·S·(n−1)/(n·B)", "bound / round"], rows)
 

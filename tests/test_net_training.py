@@ -3,9 +3,9 @@ killed mid-run, the other four finish and their loss falls.
 
 Every participant is one `apiary trainer` process (embedded dht and averager) in a network
 namespace of its own, as on six machines: the first starts the run, the others join through
-it, and all wait until the run has six peers. Once the swarm has finished two epochs, two of
-them are killed (SIGKILL: no goodbye); the survivors must still reach `--max-epochs` and exit
-cleanly with a summary whose held-out loss fell.
+it, and all wait until the run has six peers. Two of them crash as they reach epoch 2 (the
+fault `trainer.epoch=2:crash`: an exit with no goodbye); the survivors must still reach
+`--max-epochs` and exit cleanly with a summary whose held-out loss fell.
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from net.network import Link, Network, skip_reason
 from net.trainers import read_summary, start_trainers
 from trainer_processes import SMALL_LM
+
+from apiary.faults import CRASH_EXIT_CODE
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -45,19 +46,15 @@ def network() -> Iterator[Network]:
 @pytest.mark.timeout(240)
 def test_six_peers_train_on_shaped_links_and_four_finish_after_two_are_killed(network: Network, tmp_path: Path) -> None:
     started = time.monotonic()
-    trainers = start_trainers(network.hosts, "wan-lm", tmp_path, OPTIONS)
+    crash = {index: {"APIARY_FAULTS": f"trainer.epoch={KILL_AT_EPOCH}:crash"} for index in KILLED}
+    trainers = start_trainers(network.hosts, "wan-lm", tmp_path, OPTIONS, env=crash)
     all_up = time.monotonic()
-    first = trainers[0]
-    admin_port = int(first.wait_for(r"admin http://127\.0\.0\.1:(\d+)").group(1))
-    admin = f"http://{network.hosts[0].forward(admin_port)}"
-
-    while (httpx.get(f"{admin}/status", timeout=5).json()["swarm_epoch"] or 0) < KILL_AT_EPOCH:
-        assert time.monotonic() - all_up < 120, f"the swarm did not reach epoch {KILL_AT_EPOCH}\n{first.report()}"
-        for trainer in trainers:
-            assert trainer.alive, trainer.report()
-        time.sleep(0.5)
     for index in KILLED:
-        trainers[index].kill()
+        try:
+            code = trainers[index].wait(max(1.0, 120 - (time.monotonic() - all_up)))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"h{index} did not reach epoch {KILL_AT_EPOCH} within 120s\n{trainers[index].report()}")
+        assert code == CRASH_EXIT_CODE, trainers[index].report()
     killed_at = time.monotonic()
 
     survivors = [index for index in range(PEERS) if index not in KILLED]

@@ -31,7 +31,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-ENV_VAR = "APIARY_FAULTS"
 CRASH_EXIT_CODE = 86  # what a crash fault exits with: tests tell it from other failures
 ACTIONS = ("crash", "hang", "raise")
 POINTS = {

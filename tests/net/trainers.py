@@ -27,19 +27,23 @@ def read_summary(directory: Path, index: int) -> dict[str, Any]:
     return json.loads(summary_path(directory, index).read_text())
 
 
-def start_trainer(host: Host, run_id: str, initial_peers: str, directory: Path, options: list[str]) -> HostProcess:
+def start_trainer(host: Host, run_id: str, initial_peers: str, directory: Path, options: list[str],
+                  env: dict[str, str] | None = None) -> HostProcess:
     """`apiary trainer` on `host` with embedded services; its data seed is the host's index."""
     return host.apiary("trainer", "--run-id", run_id, "--seed", str(host.index), "--initial-peers", initial_peers,
-                       "--summary-path", str(summary_path(directory, host.index)), *options)
+                       "--summary-path", str(summary_path(directory, host.index)), *options, env=env)
 
 
 def start_trainers(hosts: list[Host], run_id: str, directory: Path, options: list[str],
-                   timeout: float = 120.0) -> list[HostProcess]:
+                   timeout: float = 120.0, env: dict[int, dict[str, str]] | None = None) -> list[HostProcess]:
     """One trainer per host, all of run `run_id`; returns once every one has started (printed
-    `training`: with `--min-peers`, it then waits for the run to have that many peers)."""
-    first = start_trainer(hosts[0], run_id, "", directory, options)
+    `training`: with `--min-peers`, it then waits for the run to have that many peers). `env`:
+    environment variables of some trainers, by host index."""
+    env = env or {}
+    first = start_trainer(hosts[0], run_id, "", directory, options, env.get(0))
     bootstrap = first.wait_for(r"others join with: --initial-peers (\S+)", timeout).group(1)
-    trainers = [first, *(start_trainer(host, run_id, bootstrap, directory, options) for host in hosts[1:])]
+    trainers = [first, *(start_trainer(host, run_id, bootstrap, directory, options, env.get(host.index))
+                         for host in hosts[1:])]
     for trainer in trainers:
         trainer.wait_for(r"^training", timeout)
     return trainers

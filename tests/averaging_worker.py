@@ -64,11 +64,11 @@ import torch
 
 from worker_support import die_with_parent, emit
 
-from apiary import faults
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
 from apiary.dht import DHTNode
+from apiary.faults import FaultPlan, install
 from apiary.wire import Identity, PeerAddress, RpcServer, WireSettings
 from apiary.wire.bulk import BulkCall
 
@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="JSON object: see DEFAULTS and the module docstring")
     config = {**DEFAULTS, **json.loads(parser.parse_args(argv).config)}
     die_with_parent()
-    faults.install(faults.FaultPlan.parse(config["fault_plan"]))
+    install(FaultPlan.parse(config["fault_plan"]))
     # a hard limit: a worker never outlives its test, whatever happens to the swarm
     limit = threading.Timer(float(config["max_seconds"]), lambda: os._exit(3))
     limit.daemon = True

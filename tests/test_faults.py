@@ -12,11 +12,10 @@ import time
 import pytest
 import torch
 from averaging_harness import AveragingSwarm, make_tensors
+from service_processes import APIARY
 
 from apiary import faults
 from apiary.faults import CRASH_EXIT_CODE, Fault, FaultPlan, FaultSpecError, InjectedFault
-
-APIARY = [sys.executable, "-m", "apiary.cli.main"]
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ from apiary.averaging.spans import Member, Role, shares, spans
 
 
 def group(*peers: tuple[str, float]) -> list[Member]:
-    """Members from (mode, bandwidth) pairs."""
-    return [Member(f"peer{i}", "" if mode == "client" else f"127.0.0.1:{7000 + i}", Role(mode), bandwidth)
-            for i, (mode, bandwidth) in enumerate(peers)]
+    """Members from (role, bandwidth) pairs."""
+    return [Member(f"peer{i}", "" if role == "client" else f"127.0.0.1:{7000 + i}", Role(role), bandwidth)
+            for i, (role, bandwidth) in enumerate(peers)]
 
 
 def peer_times(members: list[Member], fractions: list[float]) -> list[float]:
@@ -56,22 +56,22 @@ def check_shares(members: list[Member], fractions: list[float]) -> None:
             assert share == 0.0
 
 
-# ---------------------------------------------------------------- modes
+# ---------------------------------------------------------------- roles
 
 
-@pytest.mark.parametrize("modes", [
+@pytest.mark.parametrize("roles", [
     ["node"], ["node", "node"], ["node", "client"], ["node", "aux"], ["client", "aux"], ["aux", "aux"],
     ["node", "node", "client", "aux"], ["client", "client", "client", "aux"], ["node", "client", "client", "aux", "aux"],
 ])
-def test_clients_reduce_nothing_and_others_share_the_rest(modes):
-    members = group(*((mode, 1e8) for mode in modes))
+def test_clients_reduce_nothing_and_others_share_the_rest(roles):
+    members = group(*((role, 1e8) for role in roles))
     fractions = shares(members)
     check_shares(members, fractions)
-    senders = sum(mode != "aux" for mode in modes)
-    for mode, share in zip(modes, fractions):
-        if mode == "aux" and (senders >= 2 or (senders == 1 and "node" not in modes)):
+    senders = sum(role != "aux" for role in roles)
+    for role, share in zip(roles, fractions):
+        if role == "aux" and (senders >= 2 or (senders == 1 and "node" not in roles)):
             assert share > 0.01  # an auxiliary peer takes load off the senders
-        if mode == "node" and senders > 1 and "aux" not in modes:
+        if role == "node" and senders > 1 and "aux" not in roles:
             assert share > 0.01
 
 
@@ -99,12 +99,12 @@ def test_a_group_without_a_reducer_is_refused():
 # ---------------------------------------------------------------- bandwidths
 
 
-def random_groups(seed: int, count: int, modes: tuple[str, ...], max_size: int) -> list[list[Member]]:
+def random_groups(seed: int, count: int, roles: tuple[str, ...], max_size: int) -> list[list[Member]]:
     rng = random.Random(seed)
     groups = []
     while len(groups) < count:
-        peers = [(rng.choice(modes), rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0])) for _ in range(rng.randint(1, max_size))]
-        if any(mode != "client" for mode, _ in peers):
+        peers = [(rng.choice(roles), rng.choice([1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 10.0])) for _ in range(rng.randint(1, max_size))]
+        if any(role != "client" for role, _ in peers):
             groups.append(group(*peers))
     return groups
 
@@ -113,7 +113,7 @@ def test_shares_follow_bandwidths_among_nodes():
     """Among nodes, more bandwidth never means a smaller share (so twice the bandwidth gets at
     least as much, and equal bandwidth gets equal shares), also when a slow peer alone decides
     the round's time and the others could split their work in many ways."""
-    cases = random_groups(seed=1, count=300, modes=("node",), max_size=6)
+    cases = random_groups(seed=1, count=300, roles=("node",), max_size=6)
     cases += [group(*(("node", b) for b in bandwidths)) for bandwidths in
               ([10, 10, 10, 1], [10, 2, 5, 10], [3, 10, 8, 1], [1, 2], [1, 2, 4, 8])]
     for members in cases:
@@ -126,11 +126,11 @@ def test_shares_follow_bandwidths_among_nodes():
     assert twice[1] >= twice[0] and twice[1] > 0
 
 
-@pytest.mark.parametrize("modes", [("node",), ("node", "client"), ("node", "aux"), ("node", "client", "aux")])
-def test_slowest_peer_time_is_minimal(modes):
+@pytest.mark.parametrize("roles", [("node",), ("node", "client"), ("node", "aux"), ("node", "client", "aux")])
+def test_slowest_peer_time_is_minimal(roles):
     """The slowest peer's time under the shares equals the best a brute-force search finds (on a
     grid of shares, so the search may be up to one grid step worse, never better)."""
-    for members in random_groups(seed=len(modes), count=40, modes=modes, max_size=4):
+    for members in random_groups(seed=len(roles), count=40, roles=roles, max_size=4):
         reducers = sum(m.role is not Role.CLIENT for m in members)
         if reducers > 3:
             continue

@@ -72,7 +72,7 @@ def test_a_batch_with_overflowing_gradients_is_skipped_and_the_scale_drops():
         scaler.scale(model(x).sum()).backward()
         opt.step(8, grad_scaler=scaler)
         assert opt.samples == 8
-        assert torch.isfinite(opt.accumulated[0]).all() and opt.accumulated[0].abs().sum() > 0
+        assert torch.isfinite(opt.rule.accumulated[0]).all() and opt.rule.accumulated[0].abs().sum() > 0
 
 
 def test_a_state_of_another_model_or_mode_is_refused_with_a_clear_error():

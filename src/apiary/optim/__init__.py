@@ -2,6 +2,6 @@
 
 from apiary.optim.optimizer import MODES, Optimizer
 from apiary.optim.progress import PeerProgress, ProgressTracker, SwarmProgress
-from apiary.optim.swarm import SwarmLink
+from apiary.optim.swarm import Swarm, SwarmLink
 
-__all__ = ["MODES", "Optimizer", "PeerProgress", "ProgressTracker", "SwarmLink", "SwarmProgress"]
+__all__ = ["MODES", "Optimizer", "PeerProgress", "ProgressTracker", "Swarm", "SwarmLink", "SwarmProgress"]

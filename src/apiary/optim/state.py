@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from apiary.optim.rules import UpdateRule
+
 
 def parameters_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
@@ -61,3 +63,24 @@ def load_optimizer_statistics(optimizer: torch.optim.Optimizer, layout: Sequence
             optimizer.state[param] = state
         else:
             optimizer.state.pop(param, None)
+
+
+def run_state(rule: UpdateRule, epoch: int) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """(metadata, tensors) of a peer's state at `epoch`: the rule's synced parameters, then its
+    optimizer's statistics."""
+    optimizer, params = rule.synced()
+    layout, statistics = optimizer_statistics(optimizer)
+    return {"epoch": epoch, "mode": rule.mode, "layout": layout}, [*params, *statistics]
+
+
+def load_run_state(rule: UpdateRule, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> int:
+    """Takes a state `run_state` gave (this peer's or another's) into `rule`; its epoch. Raises
+    ValueError if it does not fit."""
+    optimizer, params = rule.synced()
+    if metadata.get("mode") != rule.mode:
+        raise ValueError(f"the state is of mode {metadata.get('mode')!r}, this optimizer runs {rule.mode!r}")
+    if len(tensors) < len(params) or any(t.shape != p.shape for t, p in zip(tensors, params)):
+        raise ValueError("the state's parameters do not match this model's shapes")
+    rule.take(params, tensors)
+    load_optimizer_statistics(optimizer, metadata["layout"], tensors[len(params):])
+    return int(metadata["epoch"])

@@ -1,0 +1,196 @@
+"""How the model is updated at the end of an epoch: one class per update rule.
+
+- `GradientAveraging` ("gradients"): accumulates each batch's gradients weighted by its samples;
+  at the epoch's end averages the epoch's mean gradient with the peers (weighted by samples) and
+  steps the wrapped optimizer on the result. With delayed updates the round runs in the
+  background and its step lands when it finishes (one epoch stale).
+- `LocalSGD` ("local"): the wrapped optimizer steps on every batch; at the epoch's end the peers
+  average their parameters (an outer step of rate 1 on the mean of start-minus-current).
+- `DiLoCo` ("diloco"): the wrapped optimizer is the inner one, stepping on every batch; at the
+  epoch's end the peers average their pseudo-gradients (parameters at the epoch's start minus
+  the current ones) and an outer Nesterov SGD applies the mean. A peer that joined mid-epoch
+  contributes nothing to that epoch's round.
+
+A rule owns its buffers and reaches the swarm only through `Rounds`, so it runs on plain tensors
+in tests. Its `synced()` tensors define the run's state (saved, served to newcomers, averaged).
+Another rule (e.g. PowerSGD) is one more subclass of `UpdateRule`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+RoundFuture = concurrent.futures.Future  # of the group size (int), or None when no group was found
+
+
+class Rounds(Protocol):
+    """Averaging rounds with the swarm, run in the background."""
+
+    def start(self, tensors: list[torch.Tensor], weight: float, round_index: int) -> RoundFuture:
+        """Starts averaging `tensors` in place (weighted by `weight`) in round `round_index`."""
+        ...
+
+    def result(self, future: RoundFuture, what: str) -> int | None:
+        """Waits for a round: its group size, or None (no group, or it failed: tensors unchanged)."""
+        ...
+
+
+class UpdateRule:
+    """Steps the wrapped `optimizer` of `params` as the rule says; steps `scheduler` after each update."""
+
+    mode: ClassVar[str]
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler: Any | None, rounds: Rounds):
+        self.params = params
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.rounds = rounds
+
+    def on_batch(self, batch_size: int) -> None:
+        """Takes the gradients of a local batch of `batch_size` samples."""
+        raise NotImplementedError
+
+    def finish_epoch(self, epoch: int, samples: int) -> None:
+        """Averages this epoch's contribution (`samples` accumulated here) with the swarm and updates."""
+        raise NotImplementedError
+
+    def poll(self) -> None:
+        """Applies an update whose background round has finished (delayed updates)."""
+
+    def flush(self) -> None:
+        """Waits for a pending update and applies it."""
+
+    def drop(self) -> None:
+        """The swarm moved on without this peer: forget its contribution to the epoch."""
+
+    def synced(self) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        """The optimizer whose state defines the run, and its parameters."""
+        return self.optimizer, list(self.params)
+
+    def take(self, destinations: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        """Copies `values` into synced tensors (parameters, then optimizer statistics)."""
+        with torch.no_grad():
+            for destination, value in zip(destinations, values):
+                destination.copy_(value)
+
+    def _updated(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+class GradientAveraging(UpdateRule):
+    mode = "gradients"
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler: Any | None, rounds: Rounds, delay_updates: bool = False):
+        super().__init__(params, optimizer, scheduler, rounds)
+        self.delay_updates = delay_updates
+        self.accumulated = [torch.zeros_like(p) for p in params]  # sum over batches of gradient x samples
+        self._pending: tuple[RoundFuture, list[torch.Tensor], int] | None = None
+
+    def on_batch(self, batch_size: int) -> None:
+        with torch.no_grad():
+            for buffer, p in zip(self.accumulated, self.params):
+                if p.grad is not None:
+                    buffer.add_(p.grad, alpha=batch_size)
+
+    def finish_epoch(self, epoch: int, samples: int) -> None:
+        grads = [buffer / max(samples, 1) for buffer in self.accumulated]
+        self.drop()
+        self.flush()
+        self._pending = (self.rounds.start(grads, float(samples), epoch), grads, epoch)
+        if not self.delay_updates:
+            self.flush()
+
+    def poll(self) -> None:
+        if self._pending is not None and self._pending[0].done():
+            self.flush()
+
+    def flush(self) -> None:
+        """Steps with the averaged gradients (own gradients if the round found no group or failed)."""
+        if self._pending is None:
+            return
+        future, grads, epoch = self._pending
+        self._pending = None
+        self.rounds.result(future, f"the gradient round of epoch {epoch}")
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                p.grad = g.to(p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._updated()
+
+    def drop(self) -> None:
+        for buffer in self.accumulated:
+            buffer.zero_()
+
+
+class LocalSGD(UpdateRule):
+    """Also the base of DiLoCo: inner steps every batch, an outer SGD step on the mean pseudo-gradient."""
+
+    mode = "local"
+    lr, momentum = 1.0, 0.0  # outer parameters minus the mean of (outer - current): the mean parameters
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler: Any | None, rounds: Rounds):
+        super().__init__(params, optimizer, scheduler, rounds)
+        self.outer_params = [p.detach().clone().requires_grad_(True) for p in params]  # at the epoch's start
+        self.outer = torch.optim.SGD(self.outer_params, lr=self.lr, momentum=self.momentum,
+                                     nesterov=self.momentum > 0)
+
+    def on_batch(self, batch_size: int) -> None:
+        self.optimizer.step()
+
+    def finish_epoch(self, epoch: int, samples: int) -> None:
+        deltas, weight = self._contribution(samples)
+        self.rounds.result(self.rounds.start(deltas, weight, epoch), f"the {self.mode} round of epoch {epoch}")
+        with torch.no_grad():
+            for outer, delta in zip(self.outer_params, deltas):
+                outer.grad = delta
+        self.outer.step()
+        self.outer.zero_grad(set_to_none=True)
+        self._restart()
+        self._updated()
+
+    def _contribution(self, samples: int) -> tuple[list[torch.Tensor], float]:
+        """This peer's pseudo-gradients and their weight."""
+        with torch.no_grad():
+            return [outer - p.detach() for outer, p in zip(self.outer_params, self.params)], float(samples)
+
+    def synced(self) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+        return self.outer, list(self.outer_params)
+
+    def take(self, destinations: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        super().take(destinations, values)
+        self._restart()
+
+    def _restart(self) -> None:
+        """The model's parameters restart from the outer ones."""
+        with torch.no_grad():
+            for p, outer in zip(self.params, self.outer_params):
+                p.copy_(outer)
+
+
+class DiLoCo(LocalSGD):
+    mode = "diloco"
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                 scheduler: Any | None, rounds: Rounds, outer_lr: float = 0.7, outer_momentum: float = 0.9):
+        self.lr, self.momentum = outer_lr, outer_momentum
+        super().__init__(params, optimizer, scheduler, rounds)
+        self._joined_mid_epoch = False
+
+    def _contribution(self, samples: int) -> tuple[list[torch.Tensor], float]:
+        deltas, weight = super()._contribution(samples)
+        if self._joined_mid_epoch:  # what it computed since it joined is not an epoch's worth
+            self._joined_mid_epoch = False
+            return [torch.zeros_like(delta) for delta in deltas], 0.0
+        return deltas, weight
+
+    def drop(self) -> None:
+        self._joined_mid_epoch = True

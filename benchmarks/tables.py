@@ -191,6 +191,15 @@ def training(results: Results) -> str:
     return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + note
 
 
+def hivemind_memory(memory: dict[str, Any], nodes: int) -> str:
+    """hivemind's DHT memory: a p2pd daemon per node, plus the one Python process of all nodes."""
+    p2pd_rss, _ = memory["by_name"].get("p2pd", [float("nan"), 0])
+    p2pd_count = memory["names"].get("p2pd", 1)
+    this_rss, _ = memory["by_name"]["this process"]
+    return (f"{p2pd_rss / p2pd_count:.0f} MB RSS per node's p2pd daemon, plus {this_rss:.0f} MB for the Python "
+            f"process of all {nodes} nodes (with torch)")
+
+
 def hivemind(results: Results) -> str:
     """apiary's DHT and averaging figures beside hivemind's, each part where both were measured."""
     theirs_dht, theirs_averaging = results("hivemind", "dht"), results("hivemind", "averaging")
@@ -209,6 +218,8 @@ def hivemind(results: Results) -> str:
              f"{theirs['get_p50_ms']:.0f} / {theirs['get_p99_ms']:.0f} ms"],
             ["DHT: gets found", f"{percent(ours['gets_ok'])} of {ours['gets']}",
              f"{percent(theirs['gets_ok'])} of {theirs['gets']}"],
+            ["DHT: memory", f"{ours_dht['figures']['cli_rss_mb']['peak']:.0f} MB RSS per standalone node "
+             "(`apiary dht`, no torch)", hivemind_memory(theirs["memory_mb"]["stored"], theirs["nodes"])],
         ]
     if theirs_averaging is None or ours_averaging is None:
         notes.append(missing("/tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py averaging "

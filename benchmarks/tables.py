@@ -231,9 +231,11 @@ def hivemind(results: Results) -> str:
         for codec in ("none", "float16"):
             if codec in mine["round_seconds"] and codec in other["codecs"]:
                 them = other["codecs"][codec]
-                rows.append([f"all-reduce, 4 peers, codec {codec} (raw bound: {mine['raw_seconds']:.2f} s / "
-                             f"{other['raw_seconds']:.2f} s)", f"{mine['round_seconds'][codec]:.2f} s",
-                             f"{them['trigger']:.2f} s after trigger, {them['step']:.2f} s per `step()`"])
+                ours_seconds = mine["round_seconds"][codec]
+                rows.append([f"all-reduce, 4 peers, codec {codec}: seconds (raw bound / round, same run)",
+                             f"{ours_seconds:.2f} s ({ratio(mine['raw_seconds'], ours_seconds)})",
+                             f"{them['trigger']:.2f} s after trigger ({ratio(other['raw_seconds'], them['trigger'])}), "
+                             f"{them['step']:.2f} s per `step()` ({ratio(other['raw_seconds'], them['step'])})"])
     text = "\n".join(notes)
     return text if not rows else text + "\n\n" + table(["", "apiary", f"hivemind {version}"], rows)
 

@@ -1,6 +1,6 @@
 """Fuzz targets: the decoders that take bytes from remote peers, each as a function of one byte
 string. A target returns normally when its input is decoded or refused with the documented
-error (`InvalidRequest` and its subclasses; `ValueError` from the averaging codecs); any other
+error (a `RequestError`, what a handler refuses with; `ValueError` from the averaging codecs); any other
 exception, or a broken invariant (an `AssertionError`), is a finding.
 
 Run them with atheris (`python fuzz/run.py TARGET`), with the hypothesis fallback (the same
@@ -26,7 +26,7 @@ from apiary.dht.messages import check_items, contact_of
 from apiary.dht.node import NODE_SERVICE
 from apiary.dht.protos.dht_pb2 import FindRequest, PingRequest, StoreRequest
 from apiary.dht.validation import DHTRecord, SignatureValidator
-from apiary.wire import Identity, InvalidRequest, RpcServer, WireSettings
+from apiary.wire import Identity, RequestError, RpcServer, WireSettings
 from apiary.wire.chunks import ChunkAssembler
 from apiary.wire.framing import MAX_TENSORS_PER_REQUEST, parse_request
 from apiary.wire.limits import ByteBudget
@@ -67,14 +67,14 @@ def rpc_request(data: bytes) -> None:
     message_type = REQUEST_TYPES[data[0] % len(REQUEST_TYPES)]
     try:
         request = decode(message_type, data[1:])
-    except InvalidRequest:
+    except RequestError:
         return
     if isinstance(request, (PingRequest, StoreRequest, FindRequest)):
         contact_of(request.sender)
     if isinstance(request, StoreRequest):
         try:
             check_items(list(request.items), 64, MAX_TENSOR_BYTES)
-        except InvalidRequest:
+        except RequestError:
             return
         for item in request.items:
             _VALIDATOR.validate(DHTRecord(item.key, item.subkey if item.has_subkey else None, item.value,
@@ -94,7 +94,7 @@ def tensor_message(data: bytes) -> None:
     """A single-message tensor (`TensorChunk` with header and data), as experts receive them."""
     try:
         tensor = deserialize_tensor(decode(TensorChunk, data), MAX_TENSOR_BYTES)
-    except InvalidRequest:
+    except RequestError:
         return
     assert tensor.numel() * tensor.element_size() <= MAX_TENSOR_BYTES
 
@@ -110,7 +110,7 @@ def chunk_stream(data: bytes) -> None:
                 if done is not None:
                     tensor_from_payload(*done)
             assembler.close()
-    except InvalidRequest:
+    except RequestError:
         pass
     assert budget.used == 0, f"{budget.used} bytes still reserved after the stream"
 
@@ -119,7 +119,7 @@ def bulk_frame(data: bytes) -> None:
     """A bulk request frame: the request and its tensor headers, checked before any allocation."""
     try:
         request = parse_request(data, SETTINGS)
-    except InvalidRequest:
+    except RequestError:
         return
     assert len(request.tensors) <= MAX_TENSORS_PER_REQUEST
     assert all(0 <= header.nbytes <= MAX_TENSOR_BYTES for header in request.tensors)
@@ -135,7 +135,7 @@ def codec_part(data: bytes) -> None:
     try:
         tensors = [deserialize_tensor(decode(TensorChunk, raw), MAX_TENSOR_BYTES) for raw in _messages(data[2:])]
         codec.decode(tensors, data[1])
-    except ValueError:  # InvalidRequest included
+    except (RequestError, ValueError):  # a malformed message, a codec's check
         pass
 
 

@@ -22,7 +22,7 @@ from service_processes import APIARY, ServiceProcess, ServiceProcesses
 
 from apiary.averaging.local import LOCAL_SERVICE, AveragerClient
 from apiary.averaging.protos.local_pb2 import AverageSharedRequest, RegisterRequest
-from apiary.wire import RequestRejected, RpcClient
+from apiary.wire import NotFound, PreconditionFailed, RequestRejected, RpcClient
 
 RUN = "service-test"
 SHAPES = [(64, 8), (37,), (3, 2, 5)]
@@ -181,7 +181,7 @@ async def test_bad_input_is_rejected_clearly_and_the_service_keeps_serving(swarm
         with pytest.raises(RequestRejected, match="weight must be a finite non-negative number"):
             await client.average(tensors, weight=-1)
         raw = RpcClient(client.pool, LOCAL_SERVICE, streamed.local_api, timeout=10)
-        with pytest.raises(RequestRejected, match="FAILED_PRECONDITION.*without shared memory"):
+        with pytest.raises(PreconditionFailed, match="FAILED_PRECONDITION.*without shared memory"):
             await raw.call("AverageShared", AverageSharedRequest(weight=1.0))
         with pytest.raises(RequestRejected, match="cannot be averaged"):
             await client.register([torch.zeros(3, dtype=torch.int64)])
@@ -238,7 +238,7 @@ async def test_a_newcomer_loads_the_published_state_even_after_the_trainer_is_go
     newcomer = swarm.newcomer()
     async with AveragerClient(newcomer.local_api, timeout=10) as fresh:
         raw = RpcClient(fresh.pool, LOCAL_SERVICE, newcomer.local_api, timeout=10)
-        with pytest.raises(RequestRejected, match="FAILED_PRECONDITION.*call Register first"):
+        with pytest.raises(PreconditionFailed, match="FAILED_PRECONDITION.*call Register first"):
             await raw.call("AverageShared", AverageSharedRequest(weight=1.0))
         for _ in range(2):
             got_metadata, got = await fresh.load_state(timeout=30)
@@ -249,6 +249,17 @@ async def test_a_newcomer_loads_the_published_state_even_after_the_trainer_is_go
     assert donor.status()["donor_tensors"] == 4
     assert metric_samples(donor)[("apiary_averager_state_requests_total", (("result", "ok"),))] >= 2
     assert newcomer.terminate() == 0, newcomer.stderr()
+
+
+async def test_with_no_donor_load_state_says_not_found_and_a_bad_timeout_is_rejected(swarm: Swarm) -> None:
+    lonely = swarm.services.start("averager", "--run-id", "lonely-run", *ROUND_OPTIONS,
+                                  "--initial-peers", swarm.dht.initial_peers).wait_until_up()
+    async with AveragerClient(lonely.local_api, timeout=10) as client:
+        with pytest.raises(NotFound, match=r"LoadState on .* NOT_FOUND: .*no donor is announced"):
+            await client.load_state(timeout=1)
+        with pytest.raises(RequestRejected, match="timeout must be a positive number of seconds, got -1"):
+            await client.load_state(timeout=-1)
+    assert lonely.terminate() == 0, lonely.stderr()
 
 
 async def test_sigterm_stops_every_process_cleanly_and_releases_shared_memory(

@@ -1,7 +1,7 @@
 """Property-based tests of everything that decodes what a remote peer sends: every public RPC's
 request decoder, the bulk frame parser and route handlers, the tensor deserializers and the
-averaging codecs. The only failures allowed are the documented ones (`InvalidRequest` and its
-subclasses, `ValueError` from codecs; gRPC statuses that name the request as bad), within a
+averaging codecs. The only failures allowed are the documented ones (a `RequestError`, what a
+handler refuses with; `ValueError` from codecs; gRPC statuses that name the request as bad), within a
 deadline (no hang). The end-to-end part sends raw bytes, raw HTTP/2 frames and random tensor
 streams to real `apiary dht` and `apiary averager` processes, then checks that they still serve.
 
@@ -29,7 +29,7 @@ from service_processes import ServiceProcess, ServiceProcesses
 from apiary.averaging.allreduce import AllReduceService
 from apiary.averaging.compression import CODECS, codec_by_name
 from apiary.averaging.state import StateDonor
-from apiary.wire import Endpoint, Identity, InvalidRequest, WireSettings
+from apiary.wire import Endpoint, Identity, RequestError, WireSettings
 from apiary.wire.bulk import BulkCall
 from apiary.wire.chunks import DTYPE_ITEMSIZE, ChunkAssembler
 from apiary.wire.framing import MAGIC
@@ -89,7 +89,7 @@ def test_every_public_request_type_is_fuzzed() -> None:
 def test_deserialize_tensor_accepts_consistent_messages_only(header: TensorHeader, data: bytes) -> None:
     try:
         tensor = deserialize_tensor(TensorChunk(header=header, data=data), MAX_TENSOR_BYTES)
-    except InvalidRequest:
+    except RequestError:
         return
     assert tensor.numel() * tensor.element_size() == header.nbytes == len(data) <= MAX_TENSOR_BYTES
     assert list(tensor.shape) == list(header.shape)
@@ -109,7 +109,7 @@ def test_chunk_streams_reassemble_or_are_refused_and_give_back_their_bytes(strea
                     assert len(payload) == header.nbytes
                     tensor_from_payload(header, payload)
             assembler.close()
-    except InvalidRequest:
+    except RequestError:
         pass
     assert budget.used == 0
 
@@ -152,7 +152,7 @@ def test_bulk_route_handlers_refuse_malformed_calls_with_invalid_request(call: B
         for handler in (probe.bulk_sink, donor.handle, reductions.handle):
             try:
                 await asyncio.wait_for(handler(call), 2)
-            except InvalidRequest:
+            except RequestError:
                 pass
 
     asyncio.run(serve())

@@ -20,7 +20,7 @@ import torch
 from moe_expert_worker import build_local
 
 from apiary.moe import BatchingRuntime, Expert, ExpertSpec, QueueFull, RemoteExpert
-from apiary.wire import RequestRejected
+from apiary.wire import NotFound, OverLimit, RequestRejected, WireError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HIDDEN = 16
@@ -118,20 +118,22 @@ def test_concurrent_requests_are_batched(endpoint: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "x", "message"),
+    ("name", "x", "error", "message"),
     [
-        ("ffn.0.2", torch.randn(3, HIDDEN + 1), "input shape is [3, 17], expected float32[batch, 16]"),
-        ("ffn.0.2", torch.randn(3, 2, HIDDEN), "input shape is [3, 2, 16]"),
-        ("ffn.0.2", torch.randn(3, HIDDEN, dtype=torch.float64), "input dtype is float64, expected float32"),
-        ("ffn.9.9", torch.randn(3, HIDDEN), "expert 'ffn.9.9' is not hosted here"),
-        ("ffn.0.2", torch.randn(MAX_BATCH + 1, HIDDEN), f"17 samples; the limit is max_batch_size={MAX_BATCH}"),
+        ("ffn.0.2", torch.randn(3, HIDDEN + 1), RequestRejected, "input shape is [3, 17], expected float32[batch, 16]"),
+        ("ffn.0.2", torch.randn(3, 2, HIDDEN), RequestRejected, "input shape is [3, 2, 16]"),
+        ("ffn.0.2", torch.randn(3, HIDDEN, dtype=torch.float64), RequestRejected,
+         "input dtype is float64, expected float32"),
+        ("ffn.9.9", torch.randn(3, HIDDEN), NotFound, "expert 'ffn.9.9' is not hosted here"),
+        ("ffn.0.2", torch.randn(MAX_BATCH + 1, HIDDEN), OverLimit,
+         f"17 samples; the limit is max_batch_size={MAX_BATCH}"),
     ],
     ids=["hidden", "rank", "dtype", "unknown", "oversized"],
 )
 def test_bad_requests_are_rejected_and_the_server_keeps_serving(endpoint: str, name: str, x: torch.Tensor,
-                                                                message: str) -> None:
+                                                                error: type[WireError], message: str) -> None:
     remote = RemoteExpert(endpoint, name, timeout=10)
-    with pytest.raises(RequestRejected) as raised, torch.no_grad():
+    with pytest.raises(error) as raised, torch.no_grad():
         remote(x)
     assert message in str(raised.value)
     if name != "ffn.9.9":

@@ -26,7 +26,7 @@ from torch import nn
 from apiary.dht import DHTNode, DHTSettings
 from apiary.moe import Expert, ExpertSpec, FaultTolerance, RemoteExpert, RemoteMixtureOfExperts, run_sync
 from apiary.moe.checkpoints import load_checkpoints
-from apiary.wire import PeerAddress, RequestRejected
+from apiary.wire import NotFound, OverLimit, PeerAddress, RequestRejected
 
 HIDDEN = 32
 SERVED = r"experts served at: (\S+)"
@@ -75,9 +75,9 @@ def test_the_servers_serve_count_and_refuse_bad_requests(swarm: Swarm) -> None:
     remote(x).sum().backward()
     with pytest.raises(RequestRejected, match=r"expert 'digits.0.1': input shape is \[5, 7\]"), torch.no_grad():
         remote(torch.randn(5, 7))
-    with pytest.raises(RequestRejected, match="expert 'digits.9.9' is not hosted here"), torch.no_grad():
+    with pytest.raises(NotFound, match="expert 'digits.9.9' is not hosted here"), torch.no_grad():
         RemoteExpert(address, "digits.9.9", timeout=10)(x)
-    with pytest.raises(RequestRejected, match="1025 samples; the limit is max_batch_size=1024"), torch.no_grad():
+    with pytest.raises(OverLimit, match="1025 samples; the limit is max_batch_size=1024"), torch.no_grad():
         remote(torch.randn(1025, HIDDEN))
     assert remote.info().updates == 1  # still serving
 

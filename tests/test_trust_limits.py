@@ -24,7 +24,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from wire_helpers.tensors import as_stream
 
-from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, RequestRejected, RpcClient, RpcServer, WireSettings
+from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, OverLimit, RpcClient, RpcServer, WireSettings
 from apiary.wire.bulk import BulkClient
 from apiary.wire.framing import MAGIC
 from apiary.wire.limits import LimitExceeded, ServerLimits, peer_key
@@ -101,7 +101,7 @@ async def test_rate_limit_refuses_with_resource_exhausted_and_counts() -> None:
         async with ChannelPool() as pool:
             for _ in range(5):
                 await ping(pool, server.local_endpoint)
-            with pytest.raises(RequestRejected, match="RESOURCE_EXHAUSTED.*max_requests_per_second=1") as raised:
+            with pytest.raises(OverLimit, match="RESOURCE_EXHAUSTED.*max_requests_per_second=1") as raised:
                 await ping(pool, server.local_endpoint)
             assert raised.value.code is not None and raised.value.code.name == "RESOURCE_EXHAUSTED"
         assert rejected(registry, "rate") == 1
@@ -128,7 +128,7 @@ async def test_concurrent_streams_share_the_budget_of_bytes_in_flight() -> None:
             first = asyncio.ensure_future(client.call("Sink", slow_stream(header, b"\0" * 1024, release), timeout=20))
             while server.limits.bytes_in_flight.used < 4 * MiB:  # the first stream holds its tensor's bytes
                 await asyncio.sleep(0.01)
-            with pytest.raises(RequestRejected, match="max_bytes_in_flight=6291456"):
+            with pytest.raises(OverLimit, match="max_bytes_in_flight=6291456"):
                 await client.call("Sink", slow_stream(header, b"", asyncio.Event()), timeout=20)
             release.set()
             assert (await first).total_bytes == 4 * MiB
@@ -160,7 +160,7 @@ async def test_bulk_requests_beyond_the_budget_are_refused_before_allocating() -
         body = SinkRequest().SerializeToString()
         reply, _ = await client.call(endpoint, SINK_ROUTE, body=body, tensors=[tensor_payload(fits)] * 1)
         two = [tensor_payload(fits), tensor_payload(fits)]  # 6 MiB in one request: more than the budget
-        with pytest.raises(RequestRejected, match="max_bytes_in_flight=4194304"):
+        with pytest.raises(OverLimit, match="max_bytes_in_flight=4194304"):
             await client.call(endpoint, SINK_ROUTE, body=body, tensors=two)
         await client.call(endpoint, SINK_ROUTE, body=body, tensors=[tensor_payload(fits)])  # still serving
         assert rejected(registry, "bytes_in_flight") == 1

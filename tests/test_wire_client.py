@@ -21,6 +21,7 @@ from apiary.wire import (
     DeadlineExceeded,
     Endpoint,
     Identity,
+    OverLimit,
     PeerUnavailable,
     RemoteFailure,
     RequestRejected,
@@ -147,7 +148,7 @@ async def test_invalid_request_is_request_rejected_with_its_message(pool: Channe
     with pytest.raises(RequestRejected, match=r"field 'count' must be positive, got -3") as raised:
         await client.call("Reject", PingRequest())
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(RequestRejected, match="max_items=100") as raised:
+    with pytest.raises(OverLimit, match="max_items=100") as raised:
         await client.call("TooLarge", PingRequest())
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     await assert_serving(pool, server)

@@ -15,7 +15,7 @@ import torch
 from wire_helpers.peers import PeerProcess
 from wire_helpers.tensors import as_stream
 
-from apiary.wire import ChannelPool, RequestRejected, RpcClient, WireSettings
+from apiary.wire import ChannelPool, OverLimit, RequestRejected, RpcClient, WireSettings
 from apiary.wire.bulk import BulkClient
 from apiary.wire.framing import MAGIC, MAX_TENSORS_PER_REQUEST
 from apiary.wire.probe import PROBE, SINK_ROUTE
@@ -80,7 +80,7 @@ def header(dtype: str, shape: list[int], nbytes: int) -> TensorHeader:
 
 async def test_grpc_tensor_above_max_tensor_bytes(pool: ChannelPool, peer: PeerProcess) -> None:
     too_big = header("float32", [MAX_TENSOR_BYTES // 4 + 1], MAX_TENSOR_BYTES + 4)
-    with pytest.raises(RequestRejected, match=f"max_tensor_bytes={MAX_TENSOR_BYTES}") as raised:
+    with pytest.raises(OverLimit, match=f"max_tensor_bytes={MAX_TENSOR_BYTES}") as raised:
         await sink(pool, peer, [TensorChunk(header=too_big, data=b"\0" * 1024)])
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert raised.value.peer == str(peer.endpoint)
@@ -93,7 +93,7 @@ async def test_grpc_tensor_above_max_tensor_bytes(pool: ChannelPool, peer: PeerP
 
 async def test_bulk_tensor_above_max_tensor_bytes(pool: ChannelPool, peer: PeerProcess, bulk: BulkClient) -> None:
     tensor = torch.zeros(MAX_TENSOR_BYTES // 2 + 1, dtype=torch.float16)
-    with pytest.raises(RequestRejected, match=f"max_tensor_bytes={MAX_TENSOR_BYTES}") as raised:
+    with pytest.raises(OverLimit, match=f"max_tensor_bytes={MAX_TENSOR_BYTES}") as raised:
         await bulk.call(peer.bulk_endpoint, SINK_ROUTE, body=SinkRequest(digest=True).SerializeToString(),
                         tensors=[tensor_payload(tensor)])
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -102,7 +102,7 @@ async def test_bulk_tensor_above_max_tensor_bytes(pool: ChannelPool, peer: PeerP
 
 async def test_grpc_message_above_max_message_bytes(pool: ChannelPool, peer: PeerProcess) -> None:
     oversized = TensorChunk(header=header("uint8", [3 * MiB], 3 * MiB), data=b"\0" * (3 * MiB))
-    with pytest.raises(RequestRejected) as raised:
+    with pytest.raises(OverLimit) as raised:
         await sink(pool, peer, [oversized])
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in str(raised.value)

@@ -64,12 +64,16 @@ from apiary.wire import (
     Endpoint,
     InvalidRequest,
     Method,
+    NotFoundHere,
+    PayloadTooLarge,
     RemoteFailure,
     RequestRejected,
     RpcClient,
+    RequestError,
     ServiceSpec,
     WireError,
     WireSettings,
+    WrongState,
 )
 from apiary.wire.bulk import BulkClient
 from apiary.wire.chunks import ChunkAssembler, check_header, make_header
@@ -96,16 +100,12 @@ OK, NO_GROUP, FAILED = "ok", "no_group", "failed"
 MAX_REGISTERED_TENSORS = MAX_TENSORS_PER_REQUEST
 
 
-class NotRegistered(InvalidRequest):
+class NotRegistered(WrongState):
     """The call needs a registration (or a shared-memory one) first: FAILED_PRECONDITION."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
-
-class StateUnavailable(InvalidRequest):
+class StateUnavailable(NotFoundHere):
     """No donor gave a state in time: NOT_FOUND."""
-
-    code = grpc.StatusCode.NOT_FOUND
 
 
 # ---------------------------------------------------------------- schema
@@ -133,7 +133,7 @@ class Schema:
             try:
                 check_header(header, max_tensor_bytes)
                 dtype = torch_dtype(header.dtype)
-            except InvalidRequest as e:
+            except (InvalidRequest, PayloadTooLarge) as e:
                 raise type(e)(f"tensor {index}: {e}") from None
             if not dtype.is_floating_point:
                 raise InvalidRequest(f"tensor {index}: dtype {header.dtype} cannot be averaged (floating-point only)")
@@ -397,7 +397,7 @@ class LocalServicer:
             weight = _check_weight(first.header.weight)
             round_index = _check_round(first.header.HasField("round"), first.header.round)
             tensors = await self._receive(requests, registration.schema)
-        except InvalidRequest:
+        except RequestError:
             await _drain(requests)
             raise
         async with self._lock:
@@ -485,7 +485,7 @@ class LocalServicer:
     async def publish_state(self, requests: AsyncIterator[PublishStateRequest], context: CallContext) -> PublishStateReply:
         try:
             metadata, tensors = await self._receive_state(requests)
-        except InvalidRequest:
+        except RequestError:
             await _drain(requests)
             raise
         state = State(metadata, tensors)
@@ -548,7 +548,7 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
     try:
         async for _ in requests:
             pass
-    except InvalidRequest:  # a malformed message: the refusal already says what is wrong
+    except RequestError:  # a malformed message: the refusal already says what is wrong
         pass
 
 
@@ -710,7 +710,7 @@ class AveragerClient:
 
     async def load_state(self, timeout: float = 60.0) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The swarm's newest state (metadata, tensors), downloaded by the averager from a donor.
-        Raises RequestRejected (NOT_FOUND) if no donor gave one within `timeout` seconds."""
+        Raises NotFound if no donor gave one within `timeout` seconds."""
         replies = self._rpc.stream("LoadState", LoadStateRequest(timeout=timeout), timeout=timeout + 30)
         try:
             first = await anext(replies, None)
@@ -755,6 +755,6 @@ async def _receive_chunks(replies: AsyncIterator[Any], max_tensor_bytes: int, pe
             if done is not None:
                 tensors.append(tensor_from_payload(*done))
         assembler.close()
-    except InvalidRequest as e:
+    except (InvalidRequest, PayloadTooLarge) as e:  # what the chunk assembler refuses
         raise RemoteFailure(f"{peer} sent a malformed tensor stream: {e}", peer=peer) from None
     return tensors

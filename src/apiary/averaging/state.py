@@ -24,7 +24,7 @@ import torch
 from apiary.dht.interface import DHTLike
 from apiary.files import write_atomically
 from apiary.averaging.protos.averaging_pb2 import StateReply, StateRequest
-from apiary.wire import Endpoint, InvalidRequest, WireError
+from apiary.wire import Endpoint, InvalidRequest, NotFoundHere, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 from apiary.wire.protos.wire_pb2 import TensorHeader
 from apiary.wire.rpc import decode
@@ -87,10 +87,10 @@ class StateDonor:
     async def handle(self, call: BulkCall) -> BulkAnswer:
         request = decode(StateRequest, call.body)  # InvalidRequest if malformed
         if request.prefix != self.prefix:
-            raise InvalidRequest(f"this peer holds the state of run {self.prefix!r}, not {request.prefix!r}")
+            raise NotFoundHere(f"this peer holds the state of run {self.prefix!r}, not {request.prefix!r}")
         state = self._state
         if state is None:
-            raise InvalidRequest("this peer has no state to give yet")
+            raise NotFoundHere("this peer has no state to give yet")
         metadata = msgpack.packb(state.metadata, use_bin_type=True)
         payloads = [tensor_payload(t) for t in state.tensors]
         reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=state_digest(metadata, payloads))
@@ -115,7 +115,7 @@ async def download_state(
             break
         try:
             return await _download_from(client, Endpoint.parse(info["bulk"]), prefix, remaining, peer_id)
-        except (WireError, ValueError, KeyError, TypeError) as e:
+        except (WireError, InvalidRequest, ValueError, KeyError, TypeError) as e:  # InvalidRequest: a malformed reply
             logger.warning("state from %s failed: %s; trying the next donor", peer_id[:8], e)
             tried.append(f"{peer_id[:8]} ({e})")
     detail = "; ".join(tried) if tried else "no donor is announced"
@@ -125,7 +125,7 @@ async def download_state(
 async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, timeout: float, peer_id: str) -> State:
     body, payloads = await client.call(endpoint, STATE_ROUTE, body=StateRequest(prefix=prefix).SerializeToString(),
                                        timeout=timeout, peer_id=peer_id)
-    reply = StateReply.FromString(body)
+    reply = decode(StateReply, body)
     if state_digest(reply.metadata, payloads) != reply.sha256:
         raise ValueError("the state's checksum does not match: the transfer was corrupted")
     metadata = msgpack.unpackb(reply.metadata, raw=False)

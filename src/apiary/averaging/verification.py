@@ -42,9 +42,10 @@ import torch
 from apiary.averaging.aggregation import Aggregation, Aggregator
 from apiary.averaging.compression import codec_by_name
 from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, PartCommitment, PartReply, PartRequest
-from apiary.wire import Endpoint, Identity, InvalidRequest, WireError
+from apiary.wire import AddressError, Endpoint, Identity, InvalidRequest, WireError
 from apiary.wire.bulk import BulkClient
 from apiary.wire.identity import verify_signature
+from apiary.wire.rpc import decode
 from apiary.wire.tensors import tensor_from_payload
 
 if TYPE_CHECKING:
@@ -270,9 +271,9 @@ class Verifier:
             body, tensors = await client.call(Endpoint.parse(reducer.bulk_address), AUDIT_ROUTE,
                                               body=request.SerializeToString(), timeout=self.audit_timeout,
                                               peer_id=reducer.peer_id)
-            reply = AuditReply.FromString(body)
+            reply = decode(AuditReply, body)
             values = [tensor_from_payload(h, p) for h, p in tensors]
-        except (WireError, ValueError) as e:
+        except (AddressError, WireError, InvalidRequest) as e:  # announced unreachable, failed, or answered garbage
             logger.warning("reducer %s did not answer the audit of span %d: %s", reducer.peer_id[:8], span, e)
             return Outcome(span, "unanswered", str(e))
         reason = self._problem(round_, span, blocks, reply, values, result[start:end], codec, own)
@@ -332,9 +333,9 @@ class Verifier:
             try:
                 body, tensors = await client.call(Endpoint.parse(address), PART_ROUTE, body=request.SerializeToString(),
                                                   timeout=self.audit_timeout, peer_id=peer_id)
-                reply = PartReply.FromString(body)
+                reply = decode(PartReply, body)
                 values = [tensor_from_payload(h, p) for h, p in tensors]
-            except (WireError, ValueError) as e:
+            except (AddressError, WireError, InvalidRequest) as e:  # announced unreachable, failed, or answered garbage
                 logger.info("sender %s did not serve its part of span %d: %s", peer_id[:8], span, e)
                 return
             if len(values) == 1 and values[0].numel() == end - start and reply.weight >= 0 \

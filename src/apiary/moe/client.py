@@ -26,6 +26,8 @@ from apiary.wire import (
     ChannelPool,
     DeadlineExceeded,
     Endpoint,
+    InvalidRequest,
+    PayloadTooLarge,
     PeerAddress,
     RemoteFailure,
     RpcClient,
@@ -121,7 +123,7 @@ class RemoteExpert(nn.Module):
         reply = await self._client().call(method, request, timeout=self.timeout)
         try:
             return [deserialize_tensor(message, self.max_tensor_bytes) for message in reply.tensors], reply.handle
-        except ValueError as e:
+        except (InvalidRequest, PayloadTooLarge) as e:  # what deserialize_tensor refuses
             raise RemoteFailure(f"{method} of expert {self.name!r} on {self.endpoint} answered a malformed tensor: {e}",
                                 peer=str(self.endpoint)) from None
 

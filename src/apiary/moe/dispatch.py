@@ -28,7 +28,7 @@ from apiary.moe.beam_search import ExpertChoice
 from apiary.moe.client import run_sync
 from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults, InfoRequest
 from apiary.moe.server import EXPERTS_SERVICE
-from apiary.wire import ChannelPool, PeerAddress, RpcClient, WireError
+from apiary.wire import ChannelPool, InvalidRequest, PayloadTooLarge, PeerAddress, RpcClient, WireError
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
 
 logger = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def _collect(task: asyncio.Task[ExpertResults], address: str, indices: list[int]
             continue
         try:
             results[e] = [deserialize_tensor(t, MAX_REPLY_TENSOR_BYTES) for t in result.tensors]
-        except ValueError as error:
+        except (InvalidRequest, PayloadTooLarge) as error:  # what deserialize_tensor refuses
             errors.append(f"expert {name!r} on {address} answered a malformed tensor: {error}")
             continue
         kept[e] = result.handle

@@ -36,8 +36,8 @@ from apiary.moe.protos.moe_pb2 import (
     InfoReply,
     InfoRequest,
 )
-from apiary.wire import CallContext, InvalidRequest, Method, RpcServer, ServiceSpec
-from apiary.wire.errors import PayloadTooLarge
+from apiary.wire import (Busy, CallContext, InvalidRequest, Method, NotFoundHere, PayloadTooLarge, RequestError, RpcServer,
+                         ServiceSpec)
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
 
 EXPERTS_SERVICE = ServiceSpec(
@@ -55,10 +55,8 @@ MAX_TENSORS_PER_REQUEST = 16
 MAX_CALLS_PER_REQUEST = 4096
 
 
-class UnknownExpert(InvalidRequest):
+class UnknownExpert(NotFoundHere):
     """No expert of that name is hosted here: NOT_FOUND."""
-
-    code = grpc.StatusCode.NOT_FOUND
 
 
 def status_name(error: BaseException | None) -> str:
@@ -67,7 +65,7 @@ def status_name(error: BaseException | None) -> str:
         return "ok"
     if isinstance(error, asyncio.CancelledError):
         return "cancelled"
-    if isinstance(error, InvalidRequest):
+    if isinstance(error, RequestError):
         return error.code.name.lower()
     return "internal"
 
@@ -208,8 +206,8 @@ class ExpertServer:
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if isinstance(outcome, BaseException):
-                code = outcome.code if isinstance(outcome, InvalidRequest) else grpc.StatusCode.INTERNAL
-                message = str(outcome) if isinstance(outcome, InvalidRequest) else (
+                code = outcome.code if isinstance(outcome, RequestError) else grpc.StatusCode.INTERNAL
+                message = str(outcome) if isinstance(outcome, RequestError) else (
                     f"{method} of expert {call.expert!r} failed: {type(outcome).__name__}: {outcome}")
                 results.append(ExpertResult(code=code.name, error=message))
             else:
@@ -237,7 +235,7 @@ class ExpertServer:
         for index, message in enumerate(request.tensors):
             try:
                 tensors.append(deserialize_tensor(message, self.max_tensor_bytes))
-            except InvalidRequest as e:
+            except (InvalidRequest, PayloadTooLarge) as e:
                 raise type(e)(f"expert {request.expert!r}: tensor {index}: {e}") from None
         return tensors
 
@@ -254,7 +252,7 @@ class ExpertServer:
         except BatchTooLarge as e:
             raise PayloadTooLarge(f"expert {expert.name!r}: {e}") from None
         except QueueFull as e:
-            raise PayloadTooLarge(str(e)) from None
+            raise Busy(str(e)) from None
 
 
 def _refuse_non_finite(expert: Expert, method: str, tensors: dict[str, torch.Tensor], *,

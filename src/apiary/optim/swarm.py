@@ -30,7 +30,7 @@ import torch
 from apiary.averaging.local import AveragerClient, Outcome
 from apiary.dht.api import DHTClient
 from apiary.optim.progress import ProgressTracker, SwarmProgress
-from apiary.wire import ChannelPool, Endpoint, PeerAddress, RequestRejected, WireSettings
+from apiary.wire import ChannelPool, Endpoint, NotFound, PeerAddress, WireSettings
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class SwarmLink:
         """The swarm's newest state, or None when no peer gives one within `timeout` seconds."""
         try:
             return await self.averager.load_state(timeout=timeout)
-        except RequestRejected as e:
+        except NotFound as e:
             logger.info("no state loaded from the swarm: %s", e)
             return None
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from apiary.wire.errors import InvalidRequest
+from apiary.wire.errors import RequestError
 from apiary.wire.identity import (
     PUBLIC_KEY_BYTES,
     Identity,
@@ -66,8 +66,9 @@ class CredentialsError(IdentityError):
     """A token or private-run setting is unusable (a bad config, not a refused call)."""
 
 
-class AccessRefused(InvalidRequest):
-    """A call refused for its credentials; `reason` is one of `REASONS`."""
+class AccessRefused(RequestError):
+    """A call refused for its credentials; `reason` is one of `REASONS`; UNAUTHENTICATED, or
+    PERMISSION_DENIED for a caller whose credentials hold but who may not make this call."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)

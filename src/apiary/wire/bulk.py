@@ -34,8 +34,8 @@ from apiary.wire.auth import CallCredentials, Gatekeeper
 from apiary.wire.limits import STALLED, LimitExceeded, ServerLimits
 from apiary.wire.errors import (
     DeadlineExceeded,
-    InvalidRequest,
     PeerUnavailable,
+    RequestError,
     WireError,
     error_from_status,
 )
@@ -203,7 +203,7 @@ class BulkServer:
                     budget.take(total, "a bulk request")
                     held = total
                 tensors = await connection.read_payloads(request.tensors, scratch=not keeps_tensors)
-            except InvalidRequest as e:
+            except RequestError as e:
                 await self._refuse(connection, e.code, str(e))
                 return False
             except _Refusal as e:
@@ -229,7 +229,7 @@ class BulkServer:
                     BulkReply(code=0, body=answer.body, tensors=[header for header, _ in answer.tensors]),
                     [payload for _, payload in answer.tensors],
                 )
-            except InvalidRequest as e:
+            except RequestError as e:
                 code, details = e.code, str(e)
             except Exception as e:  # noqa: BLE001 - every failure becomes a status
                 logger.exception("bulk route %s failed", call.route)
@@ -326,7 +326,7 @@ class BulkClient:
             tensors = await connection.read_payloads(reply.tensors, into=reply_into)
             reusable = True
             return reply.body, tensors
-        except InvalidRequest as e:
+        except RequestError as e:
             raise PeerUnavailable(f"bulk {request.route} on {endpoint}: bad reply: {e}", peer=str(endpoint)) from None
         finally:
             self._release(endpoint, connection, reusable)

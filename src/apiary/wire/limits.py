@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from apiary.wire.errors import InvalidRequest, PayloadTooLarge
+from apiary.wire.errors import Busy, RequestError
 from apiary.wire.settings import WireSettings
 
 RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS, STALLED = (
@@ -34,7 +34,7 @@ RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS, STALLED = (
 REASONS = (RATE, CONCURRENCY, CONNECTIONS, BYTES, PEERS, STALLED)
 
 
-class LimitExceeded(PayloadTooLarge):
+class LimitExceeded(Busy):
     """A request refused by a limit (RESOURCE_EXHAUSTED); `reason` is one of `REASONS`."""
 
     def __init__(self, reason: str, message: str):
@@ -42,7 +42,7 @@ class LimitExceeded(PayloadTooLarge):
         self.reason = reason
 
 
-class StreamStalled(InvalidRequest):
+class StreamStalled(RequestError):
     """A stream that sent nothing for `stream_stall_timeout` seconds (DEADLINE_EXCEEDED); it is
     aborted and gives its bytes in flight back, counted in `rejected{reason="stalled"}`."""
 

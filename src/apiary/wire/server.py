@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import gatekeeper_for, request_digest
 from apiary.wire.bulk import BulkServer
-from apiary.wire.errors import InvalidRequest
+from apiary.wire.errors import RequestError
 from apiary.wire.identity import Identity
 from apiary.wire.limits import ServerLimits, StreamStalled, peer_key
 from apiary.wire.metrics import RpcMetrics
@@ -314,7 +314,7 @@ async def _drain(requests: AsyncIterator[bytes]) -> None:
 
 def _status_of(name: str, error: Exception, span: trace.Span) -> tuple[grpc.StatusCode, str]:
     """The status a handler's exception is answered with; unexpected ones are logged."""
-    if isinstance(error, InvalidRequest):
+    if isinstance(error, RequestError):
         code, details = error.code, str(error)
     else:
         logger.exception("%s failed", name)

@@ -53,13 +53,9 @@ TRAINING_ROUNDS = {"gather_seconds": 1.0, "join_seconds": 2.0, "sender_timeout":
 async def run_worker(index: int, numel: int, host: str) -> None:
     import torch
 
-    from apiary.averaging.allreduce import (
-        REDUCE_ROUTE,
-        AllReduceService,
-        GroupRound,
-        run_allreduce,
-    )
+    from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound
     from apiary.averaging.compression import codec_by_name
+    from apiary.averaging.exchange import run_allreduce
     from apiary.averaging.spans import Member, Role
     from apiary.wire import Identity, RpcServer, WireSettings
     from apiary.wire.bulk import BulkClient

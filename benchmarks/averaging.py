@@ -34,8 +34,9 @@ from record import save
 async def worker(index: int, numel: int) -> None:
     import torch
 
-    from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, run_allreduce
+    from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound
     from apiary.averaging.compression import codec_by_name
+    from apiary.averaging.exchange import run_allreduce
     from apiary.averaging.spans import Member, Role
     from apiary.averaging.verification import AUDIT_ROUTE, PART_ROUTE, Verifier
     from apiary.wire import Identity, RpcServer, WireSettings

@@ -20,8 +20,9 @@ from averaging_worker import bias_reduced_span
 from prometheus_client import CollectorRegistry
 
 from apiary.averaging.aggregation import Aggregation, Aggregator
-from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction, run_allreduce
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, _SpanReduction
 from apiary.averaging.compression import codec_by_name
+from apiary.averaging.exchange import run_allreduce
 from apiary.averaging.protos.averaging_pb2 import AuditReply, AuditRequest, PartRequest, ReduceRequest
 from apiary.averaging.spans import Member, Role, shares, spans
 from apiary.averaging.verification import (

@@ -16,6 +16,9 @@ With a `Verifier` (`verification`), every part carries its sender's signed commi
 refuse parts that do not match theirs and keep their recent rounds' parts to answer audits
 (`Audit` route), members keep their own parts to serve (`Part` route), and each member audits
 the spans others reduced for it before the round ends.
+
+Here: the round (`GroupRound`) and the reducers' side (`AllReduceService`, the `Reduce`, `Audit`
+and `Part` routes); a member's side of a round, `run_allreduce`, is `apiary.averaging.exchange`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,10 @@ from apiary.averaging.compression import Codec, codec_by_name
 from apiary.averaging.protos.averaging_pb2 import AuditRequest, PartRequest, ReduceReply, ReduceRequest
 from apiary.averaging.spans import Member, shares, spans
 from apiary.averaging.verification import (
-    SignedPart, Verifier, audit_answer, check_part, checked_blocks, block_count, commit, part_answer,
+    SignedPart, audit_answer, check_part, checked_blocks, block_count, part_answer,
 )
-from apiary.wire import AddressError, Endpoint, InvalidRequest, NotFoundHere, WireError, WrongState
-from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
-from apiary.wire.protos.wire_pb2 import TensorHeader
+from apiary.wire import InvalidRequest
+from apiary.wire.bulk import BulkAnswer, BulkCall
 from apiary.wire.rpc import decode
 from apiary.wire.tensors import tensor_from_payload, tensor_payload
 
@@ -137,7 +139,7 @@ class _SpanReduction:
     def admissible(self, sender: str, part: torch.Tensor, weight: float) -> None:
         """Raises InvalidRequest naming why `sender`'s part cannot be taken now."""
         if self.done.is_set():
-            raise WrongState(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
+            raise InvalidRequest(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
         if sender not in self.expected:
             raise InvalidRequest(f"peer {sender[:8]} is not a sender of this group")
         if sender in self.contributors:
@@ -171,9 +173,9 @@ class _SpanReduction:
     def audit(self, request: AuditRequest) -> BulkAnswer:
         """Every contributor's signed commitment, proofs and values in the blocks asked for."""
         if not self.verify:
-            raise WrongState(f"all-reduce round {self.group_id!r} was not verified: no commitments kept")
+            raise InvalidRequest(f"all-reduce round {self.group_id!r} was not verified: no commitments kept")
         if not self.done.is_set():
-            raise WrongState(f"span {self.span} of round {self.group_id!r} is not reduced yet")
+            raise InvalidRequest(f"span {self.span} of round {self.group_id!r} is not reduced yet")
         blocks = checked_blocks(request, self.numel, block_count(self.numel))
         parts = [(self.signed[peer], self._parts[self._rows[peer]]) for peer in sorted(self.contributors)]
         reply, tensors = audit_answer(parts, blocks)
@@ -198,7 +200,7 @@ class AllReduceService:
         self._registered: dict[str, asyncio.Event] = {}
         self._closed: dict[str, None] = {}  # recently finished rounds, oldest first
         self._audited: dict[str, _SpanReduction] = {}  # recent verified rounds' reductions, for audits
-        self._own_parts: dict[str, _OwnParts] = {}  # our weight and parts, by round
+        self._own_parts: dict[str, OwnParts] = {}  # our weight and parts, by round
         self.buffers = _Buffers()
 
     def open(self, round_: GroupRound) -> None:
@@ -221,7 +223,7 @@ class AllReduceService:
         while len(self._closed) > _REMEMBERED_ROUNDS:
             self._closed.pop(next(iter(self._closed)))
 
-    def keep_own_parts(self, group_id: str, own: _OwnParts) -> None:
+    def keep_own_parts(self, group_id: str, own: OwnParts) -> None:
         """Serves our parts of a verified round on the Part route (for the next rounds too)."""
         for gone in _keep_recent(self._own_parts, group_id, own):
             self.buffers.give(gone.storage)
@@ -240,7 +242,11 @@ class AllReduceService:
         reduction = await self._reduction_for(request.group_id)
         if request.numel != reduction.numel:
             raise InvalidRequest(f"span {request.span}: {request.numel} elements declared, this span has {reduction.numel}")
-        codec, part = _decoded(request.codec, call.tensors, request.numel, f"part from {request.sender[:8]}")
+        try:
+            codec = codec_by_name(request.codec)
+            part = codec.decode([tensor_from_payload(h, p) for h, p in call.tensors], request.numel)
+        except ValueError as e:
+            raise InvalidRequest(f"malformed part from {request.sender[:8]}: {e}") from None
         signed = None
         if reduction.verify:  # hashing the part runs beside the event loop (hashlib lets go of the GIL)
             reduction.admissible(request.sender, part, request.weight)  # before the hashing
@@ -257,7 +263,7 @@ class AllReduceService:
         request = decode(AuditRequest, call.body)
         reduction = self._reductions.get(request.group_id) or self._audited.get(request.group_id)
         if reduction is None or reduction.span != request.span:
-            raise NotFoundHere(f"no verified reduction of span {request.span} of round {request.group_id!r} here")
+            raise InvalidRequest(f"no verified reduction of span {request.span} of round {request.group_id!r} here")
         return reduction.audit(request)
 
     async def handle_part(self, call: BulkCall) -> BulkAnswer:
@@ -265,159 +271,33 @@ class AllReduceService:
         request = decode(PartRequest, call.body)
         own = self._own_parts.get(request.group_id)
         if own is None or request.span not in own.parts:
-            raise NotFoundHere(f"no part of span {request.span} of round {request.group_id!r} here")
+            raise InvalidRequest(f"no part of span {request.span} of round {request.group_id!r} here")
         reply, tensors = part_answer(own.weight, own.parts[request.span].clone())  # its buffer may be reused
         return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in tensors])
 
     async def _reduction_for(self, group_id: str) -> _SpanReduction:
         """The reduction of `group_id`, waiting briefly if the part arrived before our own round began."""
         if group_id in self._closed:
-            raise WrongState(f"all-reduce round {group_id!r} is over")
+            raise InvalidRequest(f"all-reduce round {group_id!r} is over")
         event = self._registered.setdefault(group_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), self.registration_timeout)
         except asyncio.TimeoutError:
             self._registered.pop(group_id, None)
-            raise NotFoundHere(f"no all-reduce round {group_id!r} here") from None
+            raise InvalidRequest(f"no all-reduce round {group_id!r} here") from None
         reduction = self._reductions.get(group_id)
         if reduction is None:
-            raise WrongState(f"all-reduce round {group_id!r} is over")
+            raise InvalidRequest(f"all-reduce round {group_id!r} is over")
         return reduction
 
 
-async def run_allreduce(
-    round_: GroupRound,
-    flat: torch.Tensor,
-    weight: float,
-    *,
-    service: AllReduceService,
-    client: BulkClient,
-    codec: Codec,
-    deadline: float,
-    out: torch.Tensor | None = None,
-    verifier: Verifier | None = None,
-) -> torch.Tensor:
-    """This member's part of one round. `flat` is the member's flattened float32 tensors (empty
-    for auxiliary members); returns the averaged vector (local values kept where a reducer
-    failed), written into `out` when given (a buffer reused across rounds saves fresh memory).
-    With `verifier` (and `round_.verify`), parts are committed to and the spans others reduced
-    are audited before the round ends. Runs no longer than `deadline` seconds (raises
-    asyncio.TimeoutError)."""
-    result = out if out is not None and out.shape == flat.shape else torch.empty_like(flat)
-    exchange = _Exchange(round_, weight, service, client, codec, result, verifier if round_.verify else None)
-    return await asyncio.wait_for(_allreduce(exchange, flat), deadline)
-
-
 @dataclass
-class _OwnParts:
+class OwnParts:
     """Our weight and parts of one verified round (span -> part as its reducer decodes it), in one buffer."""
 
     weight: float
     storage: torch.Tensor
     parts: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class _Exchange:
-    """One member's round: where results go and, with verification, what it committed to."""
-
-    round_: GroupRound
-    weight: float
-    service: AllReduceService
-    client: BulkClient
-    codec: Codec
-    result: torch.Tensor
-    verifier: Verifier | None
-    answered: dict[int, str] = field(default_factory=dict)  # span -> codec of its reducer's reply
-    shunned: set[int] = field(default_factory=set)  # spans of reducers we banned: recomputed from the parts
-    commitments: dict[int, SignedPart] = field(default_factory=dict)  # our commitments, by span
-    own: _OwnParts | None = None  # with verification: our parts as decoded, kept for the Part route
-
-    async def committed(self, index: int, part: torch.Tensor) -> SignedPart | None:
-        """Our signed commitment to `part` (span `index`), kept to serve and to audit against."""
-        if self.verifier is None or self.own is None:
-            return None
-        start, end = self.round_.spans[index]
-        kept = self.own.parts[index] = self.own.storage[start:end].copy_(part)
-        signed = await asyncio.to_thread(commit, self.verifier.identity, self.round_.group_id, index, self.weight, kept)
-        self.commitments[index] = signed
-        return signed
-
-
-async def _allreduce(exchange: _Exchange, flat: torch.Tensor) -> torch.Tensor:
-    """Fills every span of `result`: with the mean, or with local values where its reducer failed."""
-    round_, service = exchange.round_, exchange.service
-    me = round_.me
-    if me.reduces:
-        service.open(round_)
-    if exchange.verifier is not None and me.sends:
-        exchange.own = _OwnParts(exchange.weight, service.buffers.take(round_.total))
-        service.keep_own_parts(round_.group_id, exchange.own)
-    try:
-        tasks = []
-        if me.sends:
-            for index, member in enumerate(round_.members):
-                start, end = round_.spans[index]
-                if end > start:
-                    tasks.append(_exchange(exchange, index, member, flat[start:end]))
-        if me.reduces:
-            tasks.append(service.local_result(round_.group_id))  # stay until our span is served
-        await asyncio.gather(*tasks)
-        if exchange.verifier is not None:
-            await exchange.verifier.audit(round_, exchange.result, exchange.weight, exchange.answered,
-                                          exchange.commitments, exchange.own.parts if exchange.own else {},
-                                          exchange.client, exchange.shunned)
-    finally:
-        if me.reduces:
-            service.close(round_.group_id)
-    return exchange.result
-
-
-async def _exchange(exchange: _Exchange, index: int, member: Member, part: torch.Tensor) -> None:
-    """Sends one span to its reducer and writes the mean into `result` (keeps local values on failure)."""
-    round_, service, client, codec, weight = exchange.round_, exchange.service, exchange.client, exchange.codec, exchange.weight
-    start, end = round_.spans[index]
-    me = round_.me
-    if index == round_.own_index:
-        service.contribute_local(round_.group_id, me.peer_id, part, weight, await exchange.committed(index, part))
-        exchange.result[start:end] = await service.local_result(round_.group_id)
-        return
-    encoded = codec.encode(part)
-    signed = await exchange.committed(index, codec.decode(encoded, end - start)) if exchange.verifier else None
-    target = exchange.result[start:end]
-    if exchange.verifier is not None and member.peer_id in exchange.verifier.banned:
-        target.copy_(part)  # a group led by a peer that has not banned it: we neither send to it nor trust it
-        exchange.shunned.add(index)
-        return
-    request = ReduceRequest(group_id=round_.group_id, sender=me.peer_id, span=index, weight=weight,
-                            codec=codec.name, numel=end - start, commitment=signed.commitment if signed else b"",
-                            signature=signed.signature if signed else b"")
-    try:
-        body, tensors = await client.call(
-            Endpoint.parse(member.bulk_address), REDUCE_ROUTE, body=request.SerializeToString(),
-            tensors=[tensor_payload(t) for t in encoded], timeout=round_.sender_timeout * 2,
-            reply_into=[memoryview(target.numpy())],  # an uncompressed mean lands in place
-            peer_id=member.peer_id,
-        )
-        reply = decode(ReduceReply, body)
-        _, mean = _decoded(reply.codec, tensors, end - start, f"mean from reducer {member.peer_id[:8]}")
-        if mean.data_ptr() != target.data_ptr():
-            target.copy_(mean)
-        exchange.answered[index] = reply.codec
-    except (AddressError, WireError, InvalidRequest) as e:  # announced unreachable, failed, or answered garbage
-        logger.warning("reducer %s of span %d failed, keeping local values: %s", member.peer_id[:8], index, e)
-        target.copy_(part)
-
-
-def _decoded(codec_name: str, tensors: Sequence[tuple[TensorHeader, Any]], numel: int,
-             what: str) -> tuple[Codec, torch.Tensor]:
-    """The codec a peer named and the `numel` values it sent encoded by it; InvalidRequest naming
-    `what` if they are malformed."""
-    try:
-        codec = codec_by_name(codec_name)
-        return codec, codec.decode([tensor_from_payload(h, p) for h, p in tensors], numel)
-    except (ValueError, InvalidRequest) as e:  # the codec's checks of what arrived, an unknown dtype
-        raise InvalidRequest(f"malformed {what}: {e}") from None
 
 
 def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> list[Any]:

@@ -22,8 +22,9 @@ from pydantic import BaseModel, Field
 
 from apiary import faults
 from apiary.averaging.aggregation import Aggregation, Aggregator
-from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, run_allreduce, unflatten_into
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, unflatten_into
 from apiary.averaging.compression import codec_by_name
+from apiary.averaging.exchange import run_allreduce
 from apiary.averaging.grid import MoshpitGrid
 from apiary.averaging.matchmaking import MATCHMAKING, Matchmaker, MatchmakingSettings, schema_digest
 from apiary.dht.interface import DHTLike

@@ -39,8 +39,9 @@ from apiary.averaging.spans import Member, shares, spans
 from apiary.averaging.verification import (
     SignedPart, audit_answer, check_part, checked_blocks, block_count, part_answer,
 )
-from apiary.wire import InvalidRequest
+from apiary.wire import InvalidRequest, NotFoundHere, WrongState
 from apiary.wire.bulk import BulkAnswer, BulkCall
+from apiary.wire.protos.wire_pb2 import TensorHeader
 from apiary.wire.rpc import decode
 from apiary.wire.tensors import tensor_from_payload, tensor_payload
 
@@ -139,7 +140,7 @@ class _SpanReduction:
     def admissible(self, sender: str, part: torch.Tensor, weight: float) -> None:
         """Raises InvalidRequest naming why `sender`'s part cannot be taken now."""
         if self.done.is_set():
-            raise InvalidRequest(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
+            raise WrongState(f"part from {sender[:8]} arrived after the span was reduced (sender timeout)")
         if sender not in self.expected:
             raise InvalidRequest(f"peer {sender[:8]} is not a sender of this group")
         if sender in self.contributors:
@@ -173,9 +174,9 @@ class _SpanReduction:
     def audit(self, request: AuditRequest) -> BulkAnswer:
         """Every contributor's signed commitment, proofs and values in the blocks asked for."""
         if not self.verify:
-            raise InvalidRequest(f"all-reduce round {self.group_id!r} was not verified: no commitments kept")
+            raise WrongState(f"all-reduce round {self.group_id!r} was not verified: no commitments kept")
         if not self.done.is_set():
-            raise InvalidRequest(f"span {self.span} of round {self.group_id!r} is not reduced yet")
+            raise WrongState(f"span {self.span} of round {self.group_id!r} is not reduced yet")
         blocks = checked_blocks(request, self.numel, block_count(self.numel))
         parts = [(self.signed[peer], self._parts[self._rows[peer]]) for peer in sorted(self.contributors)]
         reply, tensors = audit_answer(parts, blocks)
@@ -242,11 +243,7 @@ class AllReduceService:
         reduction = await self._reduction_for(request.group_id)
         if request.numel != reduction.numel:
             raise InvalidRequest(f"span {request.span}: {request.numel} elements declared, this span has {reduction.numel}")
-        try:
-            codec = codec_by_name(request.codec)
-            part = codec.decode([tensor_from_payload(h, p) for h, p in call.tensors], request.numel)
-        except ValueError as e:
-            raise InvalidRequest(f"malformed part from {request.sender[:8]}: {e}") from None
+        codec, part = decode_part(request.codec, call.tensors, request.numel, f"part from {request.sender[:8]}")
         signed = None
         if reduction.verify:  # hashing the part runs beside the event loop (hashlib lets go of the GIL)
             reduction.admissible(request.sender, part, request.weight)  # before the hashing
@@ -263,7 +260,7 @@ class AllReduceService:
         request = decode(AuditRequest, call.body)
         reduction = self._reductions.get(request.group_id) or self._audited.get(request.group_id)
         if reduction is None or reduction.span != request.span:
-            raise InvalidRequest(f"no verified reduction of span {request.span} of round {request.group_id!r} here")
+            raise NotFoundHere(f"no verified reduction of span {request.span} of round {request.group_id!r} here")
         return reduction.audit(request)
 
     async def handle_part(self, call: BulkCall) -> BulkAnswer:
@@ -271,23 +268,23 @@ class AllReduceService:
         request = decode(PartRequest, call.body)
         own = self._own_parts.get(request.group_id)
         if own is None or request.span not in own.parts:
-            raise InvalidRequest(f"no part of span {request.span} of round {request.group_id!r} here")
+            raise NotFoundHere(f"no part of span {request.span} of round {request.group_id!r} here")
         reply, tensors = part_answer(own.weight, own.parts[request.span].clone())  # its buffer may be reused
         return BulkAnswer(reply.SerializeToString(), [tensor_payload(t) for t in tensors])
 
     async def _reduction_for(self, group_id: str) -> _SpanReduction:
         """The reduction of `group_id`, waiting briefly if the part arrived before our own round began."""
         if group_id in self._closed:
-            raise InvalidRequest(f"all-reduce round {group_id!r} is over")
+            raise WrongState(f"all-reduce round {group_id!r} is over")
         event = self._registered.setdefault(group_id, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), self.registration_timeout)
         except asyncio.TimeoutError:
             self._registered.pop(group_id, None)
-            raise InvalidRequest(f"no all-reduce round {group_id!r} here") from None
+            raise NotFoundHere(f"no all-reduce round {group_id!r} here") from None
         reduction = self._reductions.get(group_id)
         if reduction is None:
-            raise InvalidRequest(f"all-reduce round {group_id!r} is over")
+            raise WrongState(f"all-reduce round {group_id!r} is over")
         return reduction
 
 
@@ -298,6 +295,17 @@ class OwnParts:
     weight: float
     storage: torch.Tensor
     parts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def decode_part(codec_name: str, tensors: Sequence[tuple[TensorHeader, Any]], numel: int,
+             what: str) -> tuple[Codec, torch.Tensor]:
+    """The codec a peer named and the `numel` values it sent encoded by it; InvalidRequest naming
+    `what` if they are malformed."""
+    try:
+        codec = codec_by_name(codec_name)
+        return codec, codec.decode([tensor_from_payload(h, p) for h, p in tensors], numel)
+    except (ValueError, InvalidRequest) as e:  # the codec's checks of what arrived, an unknown dtype
+        raise InvalidRequest(f"malformed {what}: {e}") from None
 
 
 def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> list[Any]:

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, OwnParts
-from apiary.averaging.compression import Codec, codec_by_name
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, OwnParts, decode_part
+from apiary.averaging.compression import Codec
 from apiary.averaging.protos.averaging_pb2 import ReduceReply, ReduceRequest
 from apiary.averaging.spans import Member
 from apiary.averaging.verification import SignedPart, Verifier, commit
-from apiary.wire import Endpoint, WireError
+from apiary.wire import AddressError, Endpoint, InvalidRequest, WireError
 from apiary.wire.bulk import BulkClient
-from apiary.wire.tensors import tensor_from_payload, tensor_payload
+from apiary.wire.rpc import decode
+from apiary.wire.tensors import tensor_payload
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +133,11 @@ async def _exchange(exchange: _Exchange, index: int, member: Member, part: torch
             reply_into=[memoryview(target.numpy())],  # an uncompressed mean lands in place
             peer_id=member.peer_id,
         )
-        reply = ReduceReply.FromString(body)
-        mean = codec_by_name(reply.codec).decode([tensor_from_payload(h, p) for h, p in tensors], end - start)
+        reply = decode(ReduceReply, body)
+        _, mean = decode_part(reply.codec, tensors, end - start, f"mean from reducer {member.peer_id[:8]}")
         if mean.data_ptr() != target.data_ptr():
             target.copy_(mean)
         exchange.answered[index] = reply.codec
-    except (WireError, ValueError) as e:
+    except (AddressError, WireError, InvalidRequest) as e:  # announced unreachable, failed, or answered garbage
         logger.warning("reducer %s of span %d failed, keeping local values: %s", member.peer_id[:8], index, e)
         target.copy_(part)

@@ -26,12 +26,14 @@ def results_path(benchmark: str, preset: str | None = None) -> Path:
 
 
 def commit() -> dict[str, Any]:
-    """HEAD's hash, and whether tracked files differed from it (another edit in the checkout)."""
+    """HEAD's hash, and whether tracked files other than the results differed from it (an edit
+    in the checkout: the code measured was not HEAD's)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        return {"hash": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {"hash": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                                             f":!{RESULTS.relative_to(ROOT)}"))}
     except (OSError, subprocess.CalledProcessError):
         return {"hash": None, "dirty": None}
 

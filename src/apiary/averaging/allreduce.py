@@ -298,7 +298,7 @@ class OwnParts:
 
 
 def decode_part(codec_name: str, tensors: Sequence[tuple[TensorHeader, Any]], numel: int,
-             what: str) -> tuple[Codec, torch.Tensor]:
+                what: str) -> tuple[Codec, torch.Tensor]:
     """The codec a peer named and the `numel` values it sent encoded by it; InvalidRequest naming
     `what` if they are malformed."""
     try:

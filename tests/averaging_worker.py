@@ -64,9 +64,10 @@ import torch
 
 from worker_support import die_with_parent, emit
 
-from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
+from apiary.averaging.flat import flatten
 from apiary.dht import DHTNode
 from apiary.faults import FaultPlan, install
 from apiary.wire import Identity, PeerAddress, RpcServer, WireSettings

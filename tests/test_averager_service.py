@@ -20,7 +20,8 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from service_processes import APIARY, ServiceProcess, ServiceProcesses
 
-from apiary.averaging.local import LOCAL_SERVICE, AveragerClient
+from apiary.averaging.api.client import AveragerClient
+from apiary.averaging.api.spec import LOCAL_SERVICE
 from apiary.averaging.protos.local_pb2 import AverageSharedRequest, RegisterRequest
 from apiary.wire import NotFound, PreconditionFailed, RequestRejected, RpcClient
 

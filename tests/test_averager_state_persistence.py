@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from apiary.averaging.averager import AveragerSettings
-from apiary.averaging.local import AveragerClient
+from apiary.averaging.api.client import AveragerClient
 from apiary.averaging.state import State, download_state, load_saved_state, save_state
 from apiary.dht import DHTNode
 from apiary.services.averager import AveragerService, AveragerServiceSettings

@@ -22,9 +22,10 @@ import torch
 from averaging_harness import PeerResult, make_tensors, run_swarm
 from averaging_worker import identity_from_seed
 
-from apiary.averaging.allreduce import REDUCE_ROUTE, flatten
+from apiary.averaging.allreduce import REDUCE_ROUTE
 from apiary.averaging.averager import Averager, AveragerSettings
 from apiary.averaging.compression import codec_by_name
+from apiary.averaging.flat import flatten
 from apiary.averaging.protos.averaging_pb2 import ReduceRequest
 from apiary.averaging.spans import Member, Role, shares, spans
 from apiary.dht import DHTNode

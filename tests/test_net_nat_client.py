@@ -22,7 +22,7 @@ from net.experts import start_expert_server, wait_until_declared
 from net.network import Host, Link, Network, skip_reason
 from net.processes import HostProcess
 
-from apiary.averaging.local import AveragerClient
+from apiary.averaging.api.client import AveragerClient
 from apiary.dht.api import DHTClient
 from apiary.wire import ChannelPool, Endpoint
 

@@ -25,7 +25,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 from service_processes import APIARY, ServiceProcess, ServiceProcesses, free_port
 
-from apiary.averaging.local import AveragerClient
+from apiary.averaging.api.client import AveragerClient
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.dht.node import NODE_SERVICE

@@ -316,22 +316,3 @@ def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> list[Any]:
         gone.append(kept.pop(next(iter(kept))))
     return gone
 
-
-def flatten(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """The tensors' values as one float32 vector (written into `out` if it has the right size)."""
-    if not tensors:
-        return torch.zeros(0)
-    parts = [t.detach().reshape(-1).to(torch.float32) for t in tensors]
-    if out is not None and out.numel() == sum(p.numel() for p in parts):
-        return torch.cat(parts, out=out)
-    return torch.cat(parts)
-
-
-def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    """Writes `flat` back into `tensors` (in place, casting to each tensor's dtype)."""
-    offset = 0
-    with torch.no_grad():
-        for tensor in tensors:
-            count = tensor.numel()
-            tensor.copy_(flat[offset : offset + count].view_as(tensor))
-            offset += count

@@ -8,13 +8,19 @@ only when the round succeeds; a failed or cancelled round leaves them untouched.
 `Averager.prepare(round)` forms a round's group ahead of time (while the trainer still computes
 its last batches); that round's `step()` then goes straight to the all-reduce. Peers that found
 no group early meet again under the round's retry key when their tensors are ready.
+
+`Averager.register(tensors)` changes the tensors averaged between rounds (a new schema forms
+groups anew). The averager counts the all-reduce tensor bytes it sends and receives; whoever
+runs it observes them and each round's `RoundResult` through hooks given at construction
+(`on_bytes_sent`, `on_bytes_received`, `on_round`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,16 +28,19 @@ from pydantic import BaseModel, Field
 
 from apiary import faults
 from apiary.averaging.aggregation import Aggregation, Aggregator
-from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound, flatten, unflatten_into
+from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound
+from apiary.averaging.api.spec import FAILED, NO_GROUP, OK, Schema
 from apiary.averaging.compression import codec_by_name
 from apiary.averaging.exchange import run_allreduce
+from apiary.averaging.flat import flatten, unflatten_into
 from apiary.averaging.grid import MoshpitGrid
-from apiary.averaging.matchmaking import MATCHMAKING, Matchmaker, MatchmakingSettings, schema_digest
+from apiary.averaging.matchmaking import MATCHMAKING, Matchmaker, MatchmakingSettings
 from apiary.dht.interface import DHTLike
 from apiary.averaging.spans import Member, Role
 from apiary.averaging.verification import AUDIT_ROUTE, PART_ROUTE, Verifier
 from apiary.wire import CallContext, ChannelPool, RpcServer
-from apiary.wire.bulk import BulkClient
+from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
+from apiary.wire.protos.wire_pb2 import TensorHeader
 from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest
 
 logger = logging.getLogger(__name__)
@@ -68,6 +77,20 @@ class AveragerSettings(BaseModel):
 Group = tuple[str, list[Member]]
 
 
+@dataclass(frozen=True)
+class RoundResult:
+    """How one step went, as the averager reports it (`Averager.last_round`, `on_round`)."""
+
+    result: str  # OK, NO_GROUP or FAILED
+    group_size: int
+    seconds: float
+    finished_at: float  # unix time
+    error: str = ""
+    formed_early: bool = False  # the group was formed ahead of the round (prepare())
+    sent_bytes: int = 0  # all-reduce tensor bytes sent since the previous round's result
+    received_bytes: int = 0  # and received
+
+
 @dataclass
 class _EarlyGroup:
     """A group being formed ahead of its round's step, for the schema of that moment."""
@@ -81,23 +104,28 @@ class Averager:
     """Averages `tensors` (in place) with peers of the same run. Attach to a server before it starts.
 
     It dials with `pool`, by default one made like the server it is attached to (same TLS or
-    plaintext, same run and credentials); a given pool that disagrees with that server is refused."""
+    plaintext, same run and credentials); a given pool that disagrees with that server is refused.
+    `on_bytes_sent` and `on_bytes_received` are told the tensor bytes of every all-reduce part and
+    mean sent and received (its own rounds' and those it reduces for others); `on_round`, every
+    step's result."""
 
     def __init__(self, tensors: Sequence[torch.Tensor], dht: DHTLike, peer_id: str, settings: AveragerSettings,
-                 pool: ChannelPool | None = None):
+                 pool: ChannelPool | None = None, *, on_bytes_sent: Callable[[int], None] | None = None,
+                 on_bytes_received: Callable[[int], None] | None = None,
+                 on_round: Callable[[RoundResult], None] | None = None):
         self.tensors = list(tensors)
         self.dht = dht
         self.peer_id = peer_id
         self.settings = settings
         self.codec = codec_by_name(settings.codec)
         self.pool = pool
-        self.bulk_client: BulkClient | None = None  # made at attach() like the pool, unless set before
+        self.bulk_client: BulkClient | None = None  # made at attach() like the pool
         self._own_pool: ChannelPool | None = None  # the pool made at attach(), closed with the averager
         self.reductions = AllReduceService()
         self.grid = MoshpitGrid.for_swarm(settings.expected_peers, settings.target_group_size)
         self.round_index = 0
         self.averaged_round = -1  # the latest round whose all-reduce this averager completed (-1: none)
-        self.schema = schema_digest([(tuple(t.shape), str(t.dtype)) for t in self.tensors])
+        self.schema = Schema.of_tensors(self.tensors).digest
         self.matchmaker: Matchmaker | None = None
         self.server: RpcServer | None = None
         self._flat: torch.Tensor | None = None  # buffers reused round after round
@@ -106,13 +134,25 @@ class Averager:
         self._in_step = False
         self.formed_early = False  # the latest step found its group formed ahead (prepare())
         self.verifier: Verifier | None = None  # made at attach() with verify_reductions
+        self.last_round: RoundResult | None = None  # of the latest step
+        self._on_bytes_sent, self._on_bytes_received, self._on_round = on_bytes_sent, on_bytes_received, on_round
+        self._sent = self._received = 0  # all-reduce tensor bytes so far
+        self._reported = (0, 0)  # and at the latest step's result
+
+    def register(self, tensors: Sequence[torch.Tensor]) -> str:
+        """Averages `tensors` from the next step on (a step in flight keeps its own); returns
+        their schema digest. Groups are formed anew, for the new schema."""
+        self.tensors = list(tensors)
+        self.schema = Schema.of_tensors(self.tensors).digest
+        self.matchmaker = None
+        return self.schema
 
     def attach(self, server: RpcServer) -> None:
         """Serves matchmaking and reduction on `server` (before it starts; it needs bulk unless client)."""
         if self.settings.mode is not Role.CLIENT:
             if server.bulk is None:
                 raise ValueError("an averager in node or aux mode needs the bulk transport")
-            server.bulk.add_route(REDUCE_ROUTE, self.reductions.handle, keeps_tensors=False)
+            server.bulk.add_route(REDUCE_ROUTE, self._reduce, keeps_tensors=False)
             if self.settings.verify_reductions:
                 server.bulk.add_route(AUDIT_ROUTE, self.reductions.handle_audit)
                 server.bulk.add_route(PART_ROUTE, self.reductions.handle_part)
@@ -121,8 +161,8 @@ class Averager:
         if self.pool is None:
             self.pool = self._own_pool = ChannelPool.like(server)
         self.pool.check_matches(server.settings, "the averager")
-        if self.bulk_client is None:
-            self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity)
+        # its calls (parts to reducers, audits) count as the averager's traffic
+        self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity, on_call=self._count)
         server.add_service(MATCHMAKING, _JoinServicer(self))
         self.server = server
 
@@ -157,28 +197,63 @@ class Averager:
         self._early = _EarlyGroup(round_index, self.schema, task)
         return True
 
-    async def step(self, weight: float = 1.0, round: int | None = None) -> int | None:
+    async def step(self, weight: float = 1.0, round: int | None = None, *,
+                   tensors: Sequence[torch.Tensor] | None = None) -> int | None:
         """One round: the next one, or `round` (a peer that skipped rounds names the one the swarm
         is at; the next step follows it). Returns the group size, or None if no group formed
-        (tensors unchanged)."""
+        (tensors unchanged). `tensors` (shaped as registered) are averaged in place instead of
+        the registered ones. The round's result goes to `last_round` and `on_round`, also when
+        the step raises."""
         round_index = self.round_index if round is None else round
         self.round_index = round_index + 1
+        started = time.monotonic()
         self._in_step = True
         try:
-            return await self._run(round_index, weight)
+            size = await self._run(round_index, weight, self.tensors if tensors is None else list(tensors))
+        except asyncio.CancelledError:
+            self._report(FAILED, 0, started, "cancelled (the caller hung up or the averager is stopping)")
+            raise
+        except Exception as e:
+            self._report(FAILED, 0, started, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            raise
         finally:
             self._in_step = False
+        self._report(OK if size else NO_GROUP, size or 0, started)
+        return size
 
-    async def _run(self, round_index: int, weight: float) -> int | None:
+    def _report(self, result: str, size: int, started: float, error: str = "") -> None:
+        (sent, received), self._reported = self._reported, (self._sent, self._received)
+        self.last_round = RoundResult(result, size, time.monotonic() - started, time.time(), error, self.formed_early,
+                                      self._sent - sent, self._received - received)
+        if self._on_round is not None:
+            self._on_round(self.last_round)
+
+    async def _reduce(self, call: BulkCall) -> BulkAnswer:
+        """The Reduce route: a part from another sender, answered with its span's mean."""
+        self._count(0, _payload_bytes(call.tensors))
+        answer = await self.reductions.handle(call)
+        self._count(_payload_bytes(answer.tensors), 0)
+        return answer
+
+    def _count(self, sent: int, received: int) -> None:
+        """Tensor bytes of a completed exchange: a call of the bulk client, or a Reduce answered."""
+        self._sent += sent
+        self._received += received
+        if sent and self._on_bytes_sent is not None:
+            self._on_bytes_sent(sent)
+        if received and self._on_bytes_received is not None:
+            self._on_bytes_received(received)
+
+    async def _run(self, round_index: int, weight: float, tensors: list[torch.Tensor]) -> int | None:
         group = await self._group_for(round_index)
         if group is None:
             return None
         await faults.reached_async("averager.round", round_index)
         group_id, members = group
         position = [m.peer_id for m in members].index(self.peer_id)
-        flat = flatten(self.tensors, out=self._flat) if self.settings.mode is not Role.AUX else torch.zeros(0)
+        flat = flatten(tensors, out=self._flat) if self.settings.mode is not Role.AUX else torch.zeros(0)
         self._flat = flat
-        total = flat.numel() if self.settings.mode is not Role.AUX else self._total()
+        total = flat.numel() if self.settings.mode is not Role.AUX else sum(t.numel() for t in tensors)
         round_ = GroupRound(group_id, members, position, total, self.settings.sender_timeout, self.settings.aggregator(),
                             verify=self.verifier is not None)
         assert self.bulk_client is not None  # a group was formed: attach() made it
@@ -189,7 +264,7 @@ class Averager:
         self._averaged = averaged
         self.averaged_round = round_index
         if self.settings.mode is not Role.AUX:
-            unflatten_into(averaged, self.tensors)
+            unflatten_into(averaged, tensors)
         return len(members)
 
     def _rejoin_factor(self, round_index: int) -> float:
@@ -256,9 +331,6 @@ class Averager:
     def _group_key(self, round_index: int, suffix: str, coords: list[int] | None = None) -> str:
         return f"{self.grid.key(round_index, coords)}.r{round_index}{suffix}"
 
-    def _total(self) -> int:
-        return sum(t.numel() for t in self.tensors)
-
     async def close(self) -> None:
         if self._early is not None:
             await _cancelled(self._early.task)
@@ -267,6 +339,10 @@ class Averager:
             await self.bulk_client.close()
         if self._own_pool is not None:
             await self._own_pool.close()
+
+
+def _payload_bytes(tensors: Sequence[tuple[TensorHeader, object]]) -> int:
+    return sum(header.nbytes for header, _ in tensors)
 
 
 async def _cancelled(task: asyncio.Task[Group | None]) -> None:

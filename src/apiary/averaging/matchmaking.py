@@ -15,7 +15,6 @@ leader, so no two peers can wait on each other.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
@@ -39,11 +38,6 @@ class MatchmakingSettings:
     min_group_size: int = 2
     gather_seconds: float = 2.0  # how long announcements are collected before reading them
     join_seconds: float = 3.0  # how long a leader waits for its chunk to join
-
-
-def schema_digest(shapes: list[tuple[tuple[int, ...], str]]) -> str:
-    """A digest of the tensors' shapes and dtypes: peers average only with equal digests."""
-    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
 
 
 class _Gathering:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from apiary.averaging.local import Outcome
+from apiary.averaging.api.client import Outcome
 from apiary.background import LoopThread
 from apiary.optim.rules import RoundFuture
 from apiary.optim.swarm import Swarm

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from apiary.averaging.local import AveragerClient, Outcome
+from apiary.averaging.api.client import AveragerClient, Outcome
 from apiary.dht.api import DHTClient
 from apiary.optim.progress import ProgressTracker, SwarmProgress
 from apiary.wire import ChannelPool, Endpoint, NotFound, PeerAddress, WireSettings

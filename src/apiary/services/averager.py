@@ -1,7 +1,7 @@
 """The averager service: averages its trainer's tensors with the swarm and keeps the latest state.
 
 One process per participant. Its public port serves matchmaking (gRPC) and all-reduce and state
-transfer (bulk) to other averagers; its local port serves the trainer (`apiary.averaging.local`):
+transfer (bulk) to other averagers; its local port serves the trainer (`apiary.averaging.api`):
 rounds through shared memory or gRPC streaming, the state to give newcomers, and the swarm's
 newest state to load. It reaches the DHT through the participant's dht service (`dht_local`)
 or through a DHT node of its own that joins `initial_peers`, and re-announces its state in the
@@ -14,24 +14,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel, Field, model_validator
 
-from apiary.averaging.allreduce import AllReduceService
-from apiary.averaging.averager import Averager, AveragerSettings
+from apiary.averaging.api.servicer import LocalServicer
+from apiary.averaging.api.spec import FAILED, LOCAL_SERVICE, NO_GROUP, OK
+from apiary.averaging.averager import Averager, AveragerSettings, RoundResult
 from apiary.averaging.verification import Verifier
-from apiary.averaging.local import FAILED, LOCAL_SERVICE, NO_GROUP, OK, LocalServicer, RoundResult, Traffic
 from apiary.averaging.spans import Role
 from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, save_state
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.services.host import ServiceHost, ServiceSettings
-from apiary.wire import ChannelPool, Endpoint, Identity, PeerAddress, RequestError, RpcServer, WireSettings
-from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient, Payload
+from apiary.wire import ChannelPool, Endpoint, InvalidRequest, PeerAddress, RpcServer, WireSettings
+from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,6 @@ class AveragerMetrics:
     state requests."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.traffic = Traffic()  # what sent_bytes and received_bytes count, for the local API's replies
         self.rounds = Counter("apiary_averager_rounds", "Averaging rounds, by result (ok, no_group, failed)",
                               ["result"], registry=registry)
         self.group_size = Histogram("apiary_averager_group_size", "Peers in the groups of successful rounds",
@@ -100,14 +98,6 @@ class AveragerMetrics:
         verifier.on_audit = lambda outcome: self.audits.labels(outcome.result).inc()
         self.banned_peers.set_function(lambda: len(verifier.banned))
 
-    def count_sent(self, nbytes: int) -> None:
-        self.traffic.sent += nbytes
-        self.sent_bytes.inc(nbytes)
-
-    def count_received(self, nbytes: int) -> None:
-        self.traffic.received += nbytes
-        self.received_bytes.inc(nbytes)
-
     def observe(self, result: RoundResult) -> None:
         self.rounds.labels(result.result).inc()
         self.round_seconds.labels(result.result).observe(result.seconds)
@@ -115,41 +105,6 @@ class AveragerMetrics:
             self.group_size.observe(result.group_size)
             if result.formed_early:
                 self.formed_early.inc()
-
-
-def _payload_bytes(tensors: Sequence[tuple[Any, Any]]) -> int:
-    return sum(header.nbytes for header, _ in tensors)
-
-
-class _CountingBulkClient(BulkClient):
-    """The averager's bulk client, counting the tensor bytes of the parts it sends to reducers
-    and of the means it gets back (completed exchanges)."""
-
-    def __init__(self, settings: WireSettings, metrics: AveragerMetrics, identity: Identity):
-        super().__init__(settings, identity=identity)
-        self.metrics = metrics
-
-    async def call(self, endpoint: Endpoint, route: str, *, body: bytes = b"", tensors: Sequence[Payload] = (),
-                   timeout: float | None = None, reply_into: Sequence[memoryview] = (), peer_id: str | None = None) -> Any:
-        reply = await super().call(endpoint, route, body=body, tensors=tensors, timeout=timeout, reply_into=reply_into,
-                                   peer_id=peer_id)
-        self.metrics.count_sent(_payload_bytes(tensors))
-        self.metrics.count_received(_payload_bytes(reply[1]))
-        return reply
-
-
-class _CountingReductions(AllReduceService):
-    """The reducer's side, counting the parts received from other senders and the means sent back."""
-
-    def __init__(self, metrics: AveragerMetrics):
-        super().__init__()
-        self.metrics = metrics
-
-    async def handle(self, call: BulkCall) -> BulkAnswer:
-        self.metrics.count_received(_payload_bytes(call.tensors))
-        answer = await super().handle(call)
-        self.metrics.count_sent(_payload_bytes(answer.tensors))
-        return answer
 
 
 class AveragerService:
@@ -171,15 +126,14 @@ class AveragerService:
             self.node = DHTNode(self.host.identity, DHTSettings(client_mode=averaging.mode is Role.CLIENT),
                                 pool=self.pool, registry=self.host.registry)
             self.dht = self.node
-        self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool)
-        self.averager.bulk_client = _CountingBulkClient(wire, self.metrics, self.host.identity)
-        self.averager.reductions = _CountingReductions(self.metrics)
+        self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool,
+                                 on_bytes_sent=self.metrics.sent_bytes.inc,
+                                 on_bytes_received=self.metrics.received_bytes.inc, on_round=self.metrics.observe)
         self.donor = StateDonor(averaging.prefix, peer_id)
         self.state_client = BulkClient(wire, identity=self.host.identity)
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
-            state_timeout=settings.state_timeout, on_round=self.metrics.observe, on_state=self._state_published,
-            traffic=self.metrics.traffic,
+            state_timeout=settings.state_timeout, on_state=self._state_published,
         )
         self.local_server = RpcServer(wire.for_local_api(settings.local_host, settings.local_port), self.host.identity)
         self.host.watch(self.local_server, "local")
@@ -233,7 +187,7 @@ class AveragerService:
     async def _serve_state(self, call: BulkCall) -> BulkAnswer:
         try:
             answer = await self.donor.handle(call)
-        except RequestError:
+        except InvalidRequest:
             self.metrics.state_requests.labels("refused").inc()
             raise
         self.metrics.state_requests.labels("ok").inc()
@@ -276,7 +230,7 @@ class AveragerService:
     def status(self) -> dict[str, Any]:
         averaging = self.averaging
         registration = self.servicer.registration
-        last = self.servicer.last_round
+        last = self.averager.last_round
         state = self.donor.state
         schema = None
         if registration is not None:

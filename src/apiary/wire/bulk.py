@@ -269,8 +269,9 @@ class BulkClient:
     signs every request."""
 
     def __init__(self, settings: WireSettings | None = None, *, identity: Identity | None = None,
-                 max_idle_per_peer: int = 4):
+                 max_idle_per_peer: int = 4, on_call: Callable[[int, int], None] | None = None):
         self.settings = settings or WireSettings()
+        self.on_call = on_call  # told the tensor bytes sent and received of each completed call
         self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
         self.max_idle_per_peer = max_idle_per_peer
         self._idle: dict[Endpoint, list[Connection]] = {}
@@ -296,7 +297,7 @@ class BulkClient:
                                   metadata=dict(outgoing_metadata()))
             try:
                 exchange = self._exchange(endpoint, peer_id, request, [p for _, p in tensors], reply_into)
-                return await asyncio.wait_for(exchange, timeout)
+                reply = await asyncio.wait_for(exchange, timeout)
             except WireError:  # the peer's own answer (its DeadlineExceeded too): pass it on as is
                 raise
             except asyncio.TimeoutError:
@@ -305,6 +306,9 @@ class BulkClient:
             except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:  # TlsError too
                 raise PeerUnavailable(f"{name} on {endpoint} failed: {tls_failure(str(e)) or e}", peer=str(endpoint),
                                       code=grpc.StatusCode.UNAVAILABLE) from None
+        if self.on_call is not None:
+            self.on_call(sum(h.nbytes for h, _ in tensors), sum(h.nbytes for h, _ in reply[1]))
+        return reply
 
     async def _exchange(
         self, endpoint: Endpoint, peer_id: str | None, request: BulkRequest, payloads: list[memoryview],

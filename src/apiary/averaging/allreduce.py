@@ -315,4 +315,3 @@ def _keep_recent(kept: dict[str, Any], key: str, value: Any) -> list[Any]:
     while len(kept) > _AUDITED_ROUNDS:
         gone.append(kept.pop(next(iter(kept))))
     return gone
-

@@ -38,11 +38,11 @@ async def serve(hidden: int, batch: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from apiary.moe import BatchingRuntime, Expert, ExpertServer, ExpertSpec
+    from apiary.moe import BatchingRuntime, Expert, ExpertServer, ExpertSpec, ExpertTraining
     from apiary.wire import Identity, RpcServer, WireSettings
 
     torch.manual_seed(SEED)
-    expert = Expert(ExpertSpec(NAME, "ffn", hidden), lr=1e-4)
+    expert = Expert(ExpertSpec(NAME, "ffn", hidden), training=ExpertTraining(lr=1e-4))
     server = ExpertServer([expert], BatchingRuntime(max_batch_size=batch, max_wait_seconds=0.0))
     rpc = RpcServer(WireSettings(listen_host="127.0.0.1", bulk=False, tls=False), Identity.generate())  # plaintext, as the figures in docs/benchmarks.md (benchmarks/trust.py measures TLS)
     server.attach(rpc)
@@ -75,7 +75,7 @@ def measure(steps_of: list, batch: int, steps: int, warmup: int) -> list[float]:
 def run_preset(name: str, steps: int, warmup: int, threads: int) -> tuple[float, float, float]:
     import torch
 
-    from apiary.moe import Expert, ExpertSpec, RemoteExpert
+    from apiary.moe import Expert, ExpertSpec, ExpertTraining, RemoteExpert
     from apiary.wire import ChannelPool, WireSettings
 
     torch.set_num_threads(threads)
@@ -90,7 +90,7 @@ def run_preset(name: str, steps: int, warmup: int, threads: int) -> tuple[float,
         grad = torch.randn(batch, hidden, generator=generator)
 
         torch.manual_seed(SEED)
-        local = Expert(ExpertSpec(NAME, "ffn", hidden), lr=1e-4)  # what the server hosts
+        local = Expert(ExpertSpec(NAME, "ffn", hidden), training=ExpertTraining(lr=1e-4))  # what the server hosts
 
         def local_step() -> None:
             inputs = x.clone().requires_grad_(True)

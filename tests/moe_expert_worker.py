@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from worker_support import die_with_parent, emit
 
-from apiary.moe import BatchingRuntime, Expert, ExpertServer, ExpertSpec, build_expert
+from apiary.moe import BatchingRuntime, Expert, ExpertServer, ExpertSpec, ExpertTraining, build_expert
 from apiary.wire import Identity, RpcServer, WireSettings
 
 
@@ -30,7 +30,7 @@ def build_local(name: str, kind: str, hidden: int, seed: int) -> torch.nn.Module
 
 
 async def main(config: dict[str, Any]) -> None:
-    experts = [Expert(ExpertSpec(name, kind, hidden), build_local(name, kind, hidden, seed), lr=config.get("lr", 1e-2))
+    experts = [Expert(ExpertSpec(name, kind, hidden), build_local(name, kind, hidden, seed), training=ExpertTraining(lr=config.get("lr", 1e-2)))
                for name, kind, hidden, seed in config["experts"]]
     runtime = BatchingRuntime(config.get("max_batch_size", 16), config.get("max_wait_seconds", 0.05),
                               config.get("max_queued_requests", 64))

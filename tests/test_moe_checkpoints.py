@@ -7,12 +7,13 @@ import torch
 
 from apiary.moe.checkpoints import load_checkpoints, save_checkpoints
 from apiary.moe.experts import Expert, ExpertSpec
+from apiary.moe.training import ExpertTraining
 from apiary.moe.server import ExpertServer
 
 
 def make_expert(seed: int) -> Expert:
     torch.manual_seed(seed)
-    return Expert(ExpertSpec("ffn.0.0", "ffn", 16), lr=1e-2)
+    return Expert(ExpertSpec("ffn.0.0", "ffn", 16), training=ExpertTraining(lr=1e-2))
 
 
 def train_step(expert: Expert, seed: int) -> None:
@@ -60,3 +61,21 @@ def test_without_a_checkpoint_the_expert_keeps_its_initial_weights(tmp_path) -> 
     before = {k: v.clone() for k, v in expert.module.state_dict().items()}
     assert load_checkpoints({"ffn.0.0": expert}, tmp_path) == []
     assert all(torch.equal(before[k], v) for k, v in expert.module.state_dict().items())
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_clearly(tmp_path) -> None:
+    trained = make_expert(0)
+    train_step(trained, 1)
+    save_checkpoints({"ffn.0.0": trained}, tmp_path)
+    with_sgd = Expert(ExpertSpec("ffn.0.0", "ffn", 16), training=ExpertTraining("sgd"))
+    with pytest.raises(ValueError, match="written with the adam optimizer, not sgd"):
+        load_checkpoints({"ffn.0.0": with_sgd}, tmp_path)
+
+
+def test_a_frozen_expert_checkpoints_its_weights_without_optimizer_state(tmp_path) -> None:
+    torch.manual_seed(0)
+    frozen = Expert(ExpertSpec("ffn.0.0", "ffn", 16), training=ExpertTraining("none"))
+    save_checkpoints({"ffn.0.0": frozen}, tmp_path)
+    restored = Expert(ExpertSpec("ffn.0.0", "ffn", 16), training=ExpertTraining("none"))
+    assert load_checkpoints({"ffn.0.0": restored}, tmp_path) == ["ffn.0.0"]
+    assert same_parameters(restored, frozen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import select
@@ -19,7 +20,7 @@ import pytest
 import torch
 from moe_expert_worker import build_local
 
-from apiary.moe import BatchingRuntime, Expert, ExpertSpec, QueueFull, RemoteExpert
+from apiary.moe import BatchingRuntime, Expert, ExpertSpec, ExpertTraining, QueueFull, RemoteExpert
 from apiary.wire import NotFound, OverLimit, RequestRejected, WireError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -161,12 +162,60 @@ def test_expert_validation_names_the_expert() -> None:
 
 
 def test_expert_backward_clips_and_steps() -> None:
-    expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), lr=0.1, max_grad_norm=0.5)
+    expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), training=ExpertTraining(lr=0.1, max_grad_norm=0.5))
     before = [p.detach().clone() for p in expert.module.parameters()]
     x = torch.randn(3, 8)
     (grad,) = expert.backward([x], [torch.ones(3, 8)])
     assert grad.shape == x.shape and expert.updates == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, expert.module.parameters()))
+
+
+def test_schedules_warm_up_then_decay_to_zero_at_total_steps() -> None:
+    linear = ExpertTraining(lr=1.0, scheduler="linear", warmup_steps=2, total_steps=6)
+    assert [linear.learning_rate(u) for u in range(7)] == pytest.approx([0.5, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    cosine = ExpertTraining(lr=1.0, scheduler="cosine", warmup_steps=0, total_steps=4)
+    assert [cosine.learning_rate(u) for u in range(5)] == pytest.approx([0.8535534, 0.5, 0.1464466, 0.0, 0.0])
+    assert [ExpertTraining(lr=1.0, warmup_steps=4).learning_rate(u) for u in (0, 3, 9)] == [0.25, 1.0, 1.0]
+    with pytest.raises(ValueError, match="cosine scheduler decays until total_steps, which must exceed warmup_steps=5"):
+        ExpertTraining(scheduler="cosine", warmup_steps=5, total_steps=5)
+    with pytest.raises(ValueError, match="momentum is for sgd; the optimizer is adam"):
+        ExpertTraining(momentum=0.9)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_an_expert_steps_as_its_torch_optimizer_under_its_schedule(optimizer: str) -> None:
+    training = ExpertTraining(optimizer, lr=0.05, momentum=0.9 if optimizer == "sgd" else 0.0, weight_decay=0.01,
+                              scheduler="linear", warmup_steps=1, total_steps=3)
+    torch.manual_seed(0)
+    expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), training=training)
+    reference = copy.deepcopy(expert.module)
+    torch_optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer]
+    kwargs = {"momentum": 0.9} if optimizer == "sgd" else {}
+    reference_optimizer = torch_optimizer(reference.parameters(), lr=0.05, weight_decay=0.01, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    for lr in [0.05, 0.025, 0.0, 0.0]:  # warm-up step, then linear decay reaching 0 at step 3
+        x, grad = torch.randn(4, 8, generator=generator), torch.randn(4, 8, generator=generator)
+        expert.backward([x], [grad])
+        reference_optimizer.zero_grad()
+        reference(x).backward(grad)
+        reference_optimizer.param_groups[0]["lr"] = lr
+        reference_optimizer.step()
+    assert expert.updates == 4
+    for ours, theirs in zip(expert.module.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_an_expert_without_optimizer_answers_gradients_and_never_changes() -> None:
+    torch.manual_seed(0)
+    expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), training=ExpertTraining("none"))
+    before = copy.deepcopy(expert.module)
+    x, grad = torch.randn(4, 8), torch.randn(4, 8)
+    (grad_input,) = expert.backward([x], [grad])
+    local_x = x.clone().requires_grad_(True)
+    before(local_x).backward(grad)
+    torch.testing.assert_close(grad_input, local_x.grad)
+    assert expert.updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(before.parameters(), expert.module.parameters()))
 
 
 async def test_runtime_batches_and_bounds_its_queue() -> None:
@@ -209,9 +258,9 @@ def test_kept_activations_give_the_recomputed_gradients_and_are_bounded() -> Non
     from apiary.moe.activations import ActivationCache
 
     torch.manual_seed(0)
-    kept_expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), lr=0.1)
+    kept_expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8), training=ExpertTraining(lr=0.1))
     torch.manual_seed(0)
-    recomputing = Expert(ExpertSpec("ffn.0.0", "ffn", 8), lr=0.1)
+    recomputing = Expert(ExpertSpec("ffn.0.0", "ffn", 8), training=ExpertTraining(lr=0.1))
     x, grad = torch.randn(4, 8), torch.randn(4, 8)
     (output,), kept = kept_expert.forward_keeping([x])
     torch.testing.assert_close(output, recomputing.forward([x])[0])

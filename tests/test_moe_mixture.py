@@ -17,6 +17,7 @@ from apiary.moe import (
     Expert,
     ExpertServer,
     ExpertSpec,
+    ExpertTraining,
     ExpertsUnavailable,
     FaultTolerance,
     RemoteMixtureOfExperts,
@@ -39,7 +40,7 @@ def local_copy(name: str) -> torch.nn.Module:
 
 def hosted(name: str, module: torch.nn.Module | None = None) -> Expert:
     # lr=0: backward passes leave the weights as they are, so local copies stay exact
-    return Expert(ExpertSpec(name, "ffn", HIDDEN), module if module is not None else local_copy(name), lr=0.0)
+    return Expert(ExpertSpec(name, "ffn", HIDDEN), module if module is not None else local_copy(name), training=ExpertTraining(lr=0.0))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from service_processes import ServiceProcess, ServiceProcesses
 from torch import nn
 
 from apiary.dht import DHTNode, DHTSettings
-from apiary.moe import Expert, ExpertSpec, FaultTolerance, RemoteExpert, RemoteMixtureOfExperts, run_sync
+from apiary.moe import Expert, ExpertSpec, ExpertTraining, FaultTolerance, RemoteExpert, RemoteMixtureOfExperts, run_sync
 from apiary.moe.checkpoints import load_checkpoints
 from apiary.wire import NotFound, OverLimit, PeerAddress, RequestRejected
 
@@ -169,13 +169,32 @@ def test_a_restarted_server_resumes_from_its_checkpoint(swarm: Swarm, tmp_path: 
         torch.testing.assert_close(remote(x), before, atol=0, rtol=0)  # same weights
     assert remote.info().updates == 3
     # the same optimizer step: one more update equals the saved state's next update done locally
-    local = Expert(ExpertSpec("ckpt.0.0", kind, 16), lr=0.01)
+    local = Expert(ExpertSpec("ckpt.0.0", kind, 16), training=ExpertTraining(lr=0.01))
     load_checkpoints({"ckpt.0.0": local}, saved)
     local.backward([x], [grads[3]])
     remote.call("Backward", [x, grads[3]])
     with torch.no_grad():
         torch.testing.assert_close(remote(x), local.forward([x])[0], atol=1e-5, rtol=1e-5)
     restarted.terminate()
+
+
+def test_a_server_trains_its_experts_with_the_optimizer_and_schedule_asked(swarm: Swarm) -> None:
+    server, address = swarm.start_server("--experts", "sgd.0.0", "--hidden-size", "16", "--optimizer", "sgd",
+                                         "--lr", "0.05", "--momentum", "0.9", "--scheduler", "cosine",
+                                         "--warmup-steps", "1", "--total-steps", "3", "--max-wait", "0")
+    remote = RemoteExpert(address, "sgd.0.0", timeout=10)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 16, generator=generator)
+    outputs = []
+    for _ in range(4):
+        with torch.no_grad():
+            outputs.append(remote(x))
+        remote.call("Backward", [x, torch.randn(8, 16, generator=generator)])
+    assert remote.info().updates == 4
+    # learning rates 0.05 (warm-up), 0.025, then 0 from the third update on (cosine at total_steps)
+    assert not torch.allclose(outputs[1], outputs[0]) and not torch.allclose(outputs[2], outputs[1])
+    torch.testing.assert_close(outputs[3], outputs[2], atol=0, rtol=0)
+    server.terminate()
 
 
 @pytest.mark.parametrize(
@@ -188,8 +207,10 @@ def test_a_restarted_server_resumes_from_its_checkpoint(swarm: Swarm, tmp_path: 
         (["--experts", "ffn.0.0", "--initial-peers", "127.0.0.1:1", "--device", "quantum"], "unknown device 'quantum'"),
         pytest.param(["--experts", "ffn.0.0", "--initial-peers", "127.0.0.1:1", "--device", "cuda"],
                      "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
+        (["--experts", "ffn.0.0", "--initial-peers", "127.0.0.1:1", "--scheduler", "cosine", "--warmup-steps", "10"],
+         "the cosine scheduler decays until total_steps, which must exceed warmup_steps=10; got None"),
     ],
-    ids=["pattern", "no-dht", "kind", "device", "cuda"],
+    ids=["pattern", "no-dht", "kind", "device", "cuda", "scheduler"],
 )
 def test_a_bad_configuration_stops_with_one_clear_line(args: list[str], named: str) -> None:
     result = subprocess.run([sys.executable, "-m", "apiary.cli.main", "expert-server", *args], capture_output=True,

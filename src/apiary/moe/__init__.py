@@ -4,6 +4,7 @@ Server side:
 - `apiary.moe.kinds`: expert kinds (`ffn`, `transformer`, the test kinds `slow` and `failing`,
   or `package.module:factory`);
 - `apiary.moe.experts`: `ExpertSpec`, `Expert` (a module with its own optimizer);
+- `apiary.moe.training`: `ExpertTraining` (an expert's optimizer and learning-rate schedule);
 - `apiary.moe.batching`: dynamic batching of requests per expert (`BatchingRuntime`);
 - `apiary.moe.server`: the `apiary.moe.Experts` gRPC service (`ExpertServer`);
 - `apiary.moe.finite`: the check that keeps NaN and infinity out of an expert;
@@ -27,6 +28,7 @@ from apiary.moe.mixture import RemoteMixtureOfExperts
 from apiary.moe.names import expand_expert_names
 from apiary.moe.server import EXPERTS_SERVICE, ExpertServer, UnknownExpert
 from apiary.moe.switch import RemoteSwitchMixtureOfExperts
+from apiary.moe.training import ExpertTraining
 
 __all__ = [
     "BUILT_IN_KINDS",
@@ -38,6 +40,7 @@ __all__ = [
     "ExpertKind",
     "ExpertServer",
     "ExpertSpec",
+    "ExpertTraining",
     "ExpertsUnavailable",
     "FaultTolerance",
     "QueueFull",

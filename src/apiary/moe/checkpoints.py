@@ -2,6 +2,7 @@
 
 An expert server saves them periodically and at shutdown, and loads them at start, so a
 restarted server resumes each expert exactly where it was (same weights, same optimizer step).
+A checkpoint names the optimizer that wrote it; an expert with another optimizer refuses it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from apiary.moe.experts import Expert
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or holds another kind or size of expert."""
+    """A checkpoint that cannot be read, or holds another kind or size of expert, or another optimizer's state."""
 
 
 def checkpoint_path(directory: str | os.PathLike[str], expert: Expert) -> Path:
@@ -31,7 +32,8 @@ def save_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike
             state = {
                 "spec": {"name": expert.spec.name, "kind": expert.spec.kind, "hidden_size": expert.spec.hidden_size},
                 "module": expert.module.state_dict(),
-                "optimizer": expert.optimizer.state_dict(),
+                "optimizer_name": expert.training.optimizer,
+                "optimizer": expert.optimizer.state_dict() if expert.optimizer is not None else None,
                 "updates": expert.updates,
             }
             write_atomically(checkpoint_path(directory, expert), lambda f: torch.save(state, f))
@@ -39,7 +41,8 @@ def save_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike
 
 def load_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike[str]) -> list[str]:
     """Restores every expert that has a checkpoint in `directory`; returns their names. A
-    checkpoint of another kind or size than the expert, or an unreadable one, raises CheckpointError."""
+    checkpoint of another kind, size or optimizer than the expert, or an unreadable one, raises
+    CheckpointError."""
     loaded = []
     for expert in experts.values():
         path = checkpoint_path(directory, expert)
@@ -55,9 +58,15 @@ def load_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike
                 f"checkpoint {path} holds a {saved['kind']} expert of hidden size {saved['hidden_size']}, "
                 f"not {expert.spec.kind} of {expert.spec.hidden_size}"
             )
+        optimizer_name = state.get("optimizer_name", "adam")  # checkpoints that do not say were all Adam's
+        if optimizer_name != expert.training.optimizer:
+            raise CheckpointError(f"checkpoint {path} was written with the {optimizer_name} optimizer, not "
+                                  f"{expert.training.optimizer}: start with --optimizer {optimizer_name} "
+                                  f"or another checkpoint directory")
         with expert._lock:
             expert.module.load_state_dict(state["module"])
-            expert.optimizer.load_state_dict(state["optimizer"])
+            if expert.optimizer is not None:
+                expert.optimizer.load_state_dict(state["optimizer"])
             expert.updates = int(state["updates"])
         loaded.append(expert.name)
     return loaded

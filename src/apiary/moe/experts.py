@@ -4,14 +4,14 @@ An `ExpertSpec` names an expert (e.g. "ffn.0.3"), its kind (`apiary.moe.kinds`) 
 size; `build_expert` makes the module from the spec. An `Expert` pairs the module with its own
 optimizer: a forward request only computes, a backward request recomputes the forward with
 grad, returns the gradient of the inputs and applies one optimizer step (as in the DMoE paper,
-the requests that flow through an expert are what trains it); a step whose gradients are not
-finite is skipped and counted, never applied. The module lives on the
+the requests that flow through an expert are what trains it; `apiary.moe.training` says which
+optimizer and schedule); a step whose gradients are not finite is skipped and counted, never
+applied. The module lives on the
 expert's device; inputs come and results go back on the CPU (the wire's side).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +21,7 @@ from torch import nn
 
 from apiary.moe.activations import KeptActivations
 from apiary.moe.kinds import resolve_kind
+from apiary.moe.training import ExpertTraining
 
 INPUT_DTYPE = torch.float32
 
@@ -58,25 +59,17 @@ def build_expert(spec: ExpertSpec) -> nn.Module:
 
 
 class Expert:
-    """A hosted expert: module, Adam, optional linear LR warm-up and gradient clipping.
+    """A hosted expert: module, optimizer and schedule (`training`, default Adam at 1e-3).
     Thread-safe: the runtime runs its batches in worker threads, one lock per expert keeps
     them from overlapping."""
 
-    def __init__(self, spec: ExpertSpec, module: nn.Module | None = None, *, lr: float = 1e-3,
-                 max_grad_norm: float | None = None, warmup_steps: int = 0, device: str | torch.device = "cpu"):
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"expert {spec.name!r}: lr must be a finite non-negative number, got {lr}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"expert {spec.name!r}: max_grad_norm must be positive, got {max_grad_norm}")
-        if warmup_steps < 0:
-            raise ValueError(f"expert {spec.name!r}: warmup_steps must be non-negative, got {warmup_steps}")
+    def __init__(self, spec: ExpertSpec, module: nn.Module | None = None, *,
+                 training: ExpertTraining = ExpertTraining(), device: str | torch.device = "cpu"):
         self.spec = spec
         self.device = torch.device(device)
         self.module = (module if module is not None else build_expert(spec)).to(self.device)
-        self.lr = lr
-        self.optimizer = torch.optim.Adam(self.module.parameters(), lr=lr)
-        self.max_grad_norm = max_grad_norm
-        self.warmup_steps = warmup_steps
+        self.training = training
+        self.optimizer = training.make_optimizer(self.module.parameters())
         self.updates = 0
         self.skipped_updates = 0  # backward passes whose gradients were not finite
         self._lock = threading.Lock()
@@ -128,8 +121,8 @@ class Expert:
     def backward(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
                  kept: KeptActivations | None = None) -> list[torch.Tensor]:
         """The gradients of the inputs; also one optimizer step on the expert's parameters (skipped
-        if their gradients are not finite). With `kept` activations of these inputs and no update
-        since, the forward is not recomputed."""
+        if their gradients are not finite; none without an optimizer). With `kept` activations of
+        these inputs and no update since, the forward is not recomputed."""
         self.check_inputs(inputs)
         self.check_grad_outputs(inputs, grad_outputs)
         with self._lock:
@@ -140,14 +133,19 @@ class Expert:
                 x = inputs[0].to(self.device).detach().requires_grad_(True)
                 with torch.enable_grad():
                     output = self.module(x)
+            grad_output = grad_outputs[0].to(self.device)
+            if self.optimizer is None:  # frozen: the input gradient only
+                with torch.enable_grad():
+                    (grad_input,) = torch.autograd.grad(output, x, grad_output)
+                return [grad_input.cpu()]
             with torch.enable_grad():
                 self.optimizer.zero_grad(set_to_none=True)
-                output.backward(grad_outputs[0].to(self.device))
-            self._step()
+                output.backward(grad_output)
+            self._step(self.optimizer)
             assert x.grad is not None
             return [x.grad.cpu()]
 
-    def _step(self) -> None:
+    def _step(self, optimizer: torch.optim.Optimizer) -> None:
         """One optimizer step on the gradients just computed, unless their norm is not finite (a
         NaN or infinity, or values whose squares overflow float32): that step would poison the
         weights and Adam's moments, so it is skipped and counted in `skipped_updates`."""
@@ -156,16 +154,10 @@ class Expert:
         if not bool(torch.isfinite(norm)):
             self.skipped_updates += 1
         else:
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(parameters, self.max_grad_norm, norm)
-            self._set_learning_rate()
-            self.optimizer.step()
+            if self.training.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(parameters, self.training.max_grad_norm, norm)
+            for group in optimizer.param_groups:
+                group["lr"] = self.training.learning_rate(self.updates)
+            optimizer.step()
             self.updates += 1
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _set_learning_rate(self) -> None:
-        """Linear warm-up over the first `warmup_steps` updates, then `lr` (follows `updates`,
-        so a restored expert continues its schedule where it was)."""
-        scale = min(1.0, (self.updates + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * scale
+        optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,7 @@ from apiary.moe.experts import Expert, ExpertSpec
 from apiary.moe.kinds import resolve_kind
 from apiary.moe.metrics import ExpertServerMetrics
 from apiary.moe.server import ExpertServer
+from apiary.moe.training import ExpertTraining, OptimizerName, SchedulerName
 from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, WireSettings
 
@@ -59,9 +60,14 @@ class ExpertServerSettings(BaseModel):
     experts: list[str] = Field(min_length=1, description="names of the experts hosted, on a grid (ffn.0.3)")
     kind: str = Field("ffn", description="ffn, transformer, slow or failing (tests), or package.module:factory")
     hidden_size: int = Field(1024, gt=0, description="the experts' input and output size")
-    lr: float = Field(1e-3, ge=0, allow_inf_nan=False, description="Adam learning rate of every expert")
+    optimizer: OptimizerName = Field("adam", description="every expert's optimizer (none: experts never change)")
+    lr: float = Field(1e-3, ge=0, allow_inf_nan=False, description="learning rate of every expert")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="weight decay")
     max_grad_norm: float | None = Field(None, gt=0, description="clip each expert's gradient norm (none: no clipping)")
+    scheduler: SchedulerName = Field("constant", description="after warm-up: constant, or linear or cosine decay to 0 at total_steps")
     warmup_steps: int = Field(0, ge=0, description="updates of linear learning-rate warm-up")
+    total_steps: int | None = Field(None, gt=0, description="updates after which linear and cosine decay reach 0")
     slow_seconds: float = Field(1.0, ge=0, description="delay of every pass of the `slow` test kind")
     max_batch_size: int = Field(1024, ge=1, description="most samples in one batch (and in one request)")
     max_wait: float = Field(0.005, ge=0, description="seconds a request waits for others to join its batch")
@@ -88,6 +94,16 @@ class ExpertServerSettings(BaseModel):
         resolve_device(device)
         return device
 
+    @property
+    def training(self) -> ExpertTraining:
+        return ExpertTraining(self.optimizer, self.lr, self.momentum, self.weight_decay, self.max_grad_norm,
+                              self.scheduler, self.warmup_steps, self.total_steps)
+
+    @model_validator(mode="after")
+    def _a_possible_training(self) -> ExpertServerSettings:
+        self.training  # noqa: B018 - raises ValueError naming what cannot be combined
+        return self
+
     @model_validator(mode="after")
     def _one_way_to_the_dht(self) -> ExpertServerSettings:
         if (self.dht_local is None) == (not self.initial_peers):
@@ -109,8 +125,7 @@ class ExpertServerService:
         kind = resolve_kind(settings.kind, slow_seconds=settings.slow_seconds)
         experts = [
             Expert(ExpertSpec(name, settings.kind, settings.hidden_size), kind.factory(settings.hidden_size),
-                   lr=settings.lr, max_grad_norm=settings.max_grad_norm, warmup_steps=settings.warmup_steps,
-                   device=self.device)
+                   training=settings.training, device=self.device)
             for name in settings.experts
         ]
         runtime = BatchingRuntime(settings.max_batch_size, settings.max_wait, settings.max_queued_requests)

@@ -17,13 +17,14 @@ from apiary.averaging.compression import (
     Codec,
     Float16,
     NoCompression,
+    Quantile8Bit,
     ScaledFloat16,
     Uniform8Bit,
     codec_by_name,
 )
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
 
-NAMES = ["none", "float16", "scaled_float16", "uniform8", "blockwise8"]
+NAMES = ["none", "float16", "scaled_float16", "uniform8", "blockwise8", "quantile8"]
 LOSSY = [name for name in NAMES if name != "none"]
 EIGHT_BIT = ["uniform8", "blockwise8"]
 SIZES = [0, 1, 7, 4097, 1_000_003]
@@ -81,6 +82,8 @@ def test_normal_data_round_trip_is_within_a_meaningful_bound(name, numel):
     elif name == "scaled_float16":
         spread = (x.double() - x.double().mean()).abs().max().item()
         assert bound <= spread * 2.0**-11 * 1.01 + 8 * 2.0**-24 * peak
+    elif name == "quantile8":  # exact, and within one of 129 even steps of the range
+        assert bound == error and bound <= (high - low) / 129 + 2.0**-23 * peak
     else:  # 8-bit: half a level of 255 across the range, well under 1% of it
         assert bound <= (high - low) / 255 * 0.5 * 1.001 + 2.0**-22 * peak
         if numel > 1:
@@ -98,7 +101,7 @@ def test_constant_parts(name, value, numel):
     decoded, error = roundtrip(codec, x)
     assert error <= codec.error_bound(x)
     assert torch.isfinite(decoded).all()
-    if name in ("none", *EIGHT_BIT):  # min + 0 * 0 gives the value back exactly
+    if name in ("none", *EIGHT_BIT, "quantile8"):  # min + 0 * 0, or the mean of equal values: exact
         assert torch.equal(decoded, x)
     elif name == "float16":
         assert torch.equal(decoded, x.half().float())
@@ -257,6 +260,7 @@ EXPECTED_RATIO = {  # bytes on the wire / float32 bytes, for 1_000_003 elements
     "scaled_float16": (0.5, 0.50001),
     "uniform8": (0.25, 0.25001),
     "blockwise8": (0.25, 0.2505),
+    "quantile8": (0.25, 0.2503),
 }
 
 
@@ -385,6 +389,11 @@ PARAM_DAMAGE = {
         (lambda enc: [enc[0], _set(enc[1], (0, 0), -math.inf), enc[2]], "finite"),
         (lambda enc: [enc[0], _set(enc[1], (1, 1), 1e37), enc[2]], "overflows"),
     ],
+    "quantile8": [
+        (lambda enc: [enc[0], _set(enc[1], 3, math.nan)], "finite"),
+        (lambda enc: [enc[0], _set(enc[1], 255, -math.inf)], "finite"),
+        (lambda enc: [enc[0], enc[1][:255]], "shape"),
+    ],
 }
 
 
@@ -422,6 +431,42 @@ def test_blockwise_block_size_must_be_positive():
     for block_size in [0, -1, 2.5, True]:
         with pytest.raises(ValueError, match="block_size"):
             Blockwise8Bit(block_size)
+
+
+# ---------------------------------------------------------------- quantile8
+
+
+def student_t(numel: int, seed: int, df: int = 3) -> torch.Tensor:
+    """Student-t values: a normal over the root of a chi-square per df, heavy tails."""
+    generator = torch.Generator().manual_seed(seed)
+    normal = torch.randn(numel, generator=generator, dtype=torch.float64)
+    chi2 = torch.randn(df, numel, generator=generator, dtype=torch.float64).pow(2).sum(0)
+    return (normal / (chi2 / df).sqrt()).float()
+
+
+@pytest.mark.parametrize("numel", [5000, 1_000_003])
+def test_quantile8_beats_uniform8_on_heavy_tails(numel):
+    x = student_t(numel, seed=numel)
+    quantile, uniform = Quantile8Bit(), Uniform8Bit()
+    q, _ = roundtrip(quantile, x)
+    u, _ = roundtrip(uniform, x)
+    q_mse, u_mse = ((q - x) ** 2).mean().item(), ((u - x) ** 2).mean().item()
+    assert q_mse < u_mse / 3
+
+
+def test_quantile8_error_is_within_the_spread_of_each_bucket():
+    x = student_t(300_000, seed=5)
+    encoded = Quantile8Bit().encode(x)
+    codes = encoded[0].long()
+    decoded = Quantile8Bit().decode(encoded, x.numel())
+    low = torch.full((256,), math.inf).scatter_reduce(0, codes, x, "amin")
+    high = torch.full((256,), -math.inf).scatter_reduce(0, codes, x, "amax")
+    error = (decoded.double() - x.double()).abs()
+    assert bool((error <= (high - low).double()[codes]).all())  # the stated bound, element by element
+    assert error.max().item() == Quantile8Bit().error_bound(x)
+    assert error.max().item() <= (x.max() - x.min()).item() / 129 + 2.0**-23 * x.abs().max().item()
+    counts = torch.bincount(codes, minlength=256)  # quantile cuts from a sample: under n/128 per bucket
+    assert counts.max().item() < 1.2 * x.numel() / 128
 
 
 # ---------------------------------------------------------------- adaptive choice

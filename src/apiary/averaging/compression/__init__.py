@@ -16,6 +16,7 @@ of the elementwise error, float32 arithmetic included; `wire_bytes` is exact for
 | scaled_float16 | float16 (x - mean) / std; float32 [mean, std]         | 2 (+8)            |
 | uniform8       | uint8 codes; float32 [min, scale]                     | 1 (+8)            |
 | blockwise8     | uint8 codes; float32 [mins; scales] per block; block  | 1 + 8/block (+8)  |
+| quantile8      | uint8 codes of quantile buckets; float32 bucket means | 1 (+1024)         |
 
 All codecs but `none` reject parts holding inf or NaN with a ValueError. `decode` checks the
 structure of what a peer sent (count, dtypes, shapes, parameters) and raises ValueError for
@@ -29,9 +30,10 @@ from collections.abc import Callable, Mapping
 from apiary.averaging.compression.codec import Codec, check_numel
 from apiary.averaging.compression.eight_bit import Blockwise8Bit, Uniform8Bit
 from apiary.averaging.compression.floats import Float16, NoCompression, ScaledFloat16
+from apiary.averaging.compression.quantile import Quantile8Bit
 
-__all__ = ["CODECS", "AdaptiveCodec", "Blockwise8Bit", "Codec", "Float16", "NoCompression", "ScaledFloat16",
-           "Uniform8Bit", "codec_by_name"]
+__all__ = ["CODECS", "AdaptiveCodec", "Blockwise8Bit", "Codec", "Float16", "NoCompression", "Quantile8Bit",
+           "ScaledFloat16", "Uniform8Bit", "codec_by_name"]
 
 CODECS: dict[str, Callable[[], Codec]] = {
     NoCompression.name: NoCompression,
@@ -39,6 +41,7 @@ CODECS: dict[str, Callable[[], Codec]] = {
     ScaledFloat16.name: ScaledFloat16,
     Uniform8Bit.name: Uniform8Bit,
     Blockwise8Bit.name: Blockwise8Bit,
+    Quantile8Bit.name: Quantile8Bit,
 }
 
 

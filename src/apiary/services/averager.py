@@ -29,7 +29,7 @@ from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, sa
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.services.host import ServiceHost, ServiceSettings
-from apiary.wire import ChannelPool, Endpoint, InvalidRequest, PeerAddress, RpcServer, WireSettings
+from apiary.wire import ChannelPool, Endpoint, PeerAddress, RequestError, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class AveragerService:
     async def _serve_state(self, call: BulkCall) -> BulkAnswer:
         try:
             answer = await self.donor.handle(call)
-        except InvalidRequest:
+        except RequestError:
             self.metrics.state_requests.labels("refused").inc()
             raise
         self.metrics.state_requests.labels("ok").inc()

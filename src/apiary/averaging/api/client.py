@@ -27,7 +27,7 @@ from apiary.averaging.protos.local_pb2 import (
     RegisterRequest,
     RoundOutcome,
 )
-from apiary.wire import ChannelPool, Endpoint, InvalidRequest, RemoteFailure, RequestRejected, RpcClient
+from apiary.wire import ChannelPool, Endpoint, InvalidRequest, PayloadTooLarge, RemoteFailure, RequestRejected, RpcClient
 from apiary.wire.tensors import dtype_name, receive_tensors, tensors_to_chunks
 
 logger = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class AveragerClient:
 
     async def load_state(self, timeout: float = 60.0) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """The swarm's newest state (metadata, tensors), downloaded by the averager from a donor.
-        Raises RequestRejected (NOT_FOUND) if no donor gave one within `timeout` seconds."""
+        Raises NotFound if no donor gave one within `timeout` seconds."""
         replies = self._rpc.stream("LoadState", LoadStateRequest(timeout=timeout), timeout=timeout + 30)
         try:
             first = await anext(replies, None)
@@ -207,7 +207,7 @@ class AveragerClient:
         try:
             chunks = tensor_chunks(replies, after)
             return [tensor async for tensor in receive_tensors(chunks, self.pool.settings.max_tensor_bytes)]
-        except InvalidRequest as e:
+        except (InvalidRequest, PayloadTooLarge) as e:  # what receive_tensors refuses
             raise RemoteFailure(f"{self.endpoint} sent a malformed tensor stream: {e}", peer=str(self.endpoint)) from None
 
     def _release(self) -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
-import grpc
 import msgpack
 import torch
 
@@ -37,7 +36,7 @@ from apiary.averaging.protos.local_pb2 import (
 )
 from apiary.averaging.state import State, StateDonor, StateTransferError, download_state
 from apiary.dht.interface import DHTLike
-from apiary.wire import CallContext, InvalidRequest, WireError, WireSettings
+from apiary.wire import CallContext, InvalidRequest, NotFoundHere, RequestError, WireError, WireSettings, WrongState
 from apiary.wire.bulk import BulkClient
 from apiary.wire.framing import MAX_TENSORS_PER_REQUEST
 from apiary.wire.protos.wire_pb2 import TensorHeader
@@ -46,16 +45,12 @@ from apiary.wire.tensors import receive_tensors, tensors_to_chunks, torch_dtype
 logger = logging.getLogger(__name__)
 
 
-class NotRegistered(InvalidRequest):
+class NotRegistered(WrongState):
     """The call needs a registration (or a shared-memory one) first: FAILED_PRECONDITION."""
 
-    code = grpc.StatusCode.FAILED_PRECONDITION
 
-
-class StateUnavailable(InvalidRequest):
+class StateUnavailable(NotFoundHere):
     """No donor gave a state in time: NOT_FOUND."""
-
-    code = grpc.StatusCode.NOT_FOUND
 
 
 @dataclass
@@ -156,7 +151,7 @@ class LocalServicer:
             weight = _check_weight(first.header.weight)
             round_index = _check_round(first.header.HasField("round"), first.header.round)
             tensors = await self._receive(requests, registration.schema)
-        except InvalidRequest:
+        except RequestError:
             await _drain(requests)
             raise
         async with self._lock:
@@ -222,7 +217,7 @@ class LocalServicer:
     async def publish_state(self, requests: AsyncIterator[PublishStateRequest], context: CallContext) -> PublishStateReply:
         try:
             metadata, tensors = await self._receive_state(requests)
-        except InvalidRequest:
+        except RequestError:
             await _drain(requests)
             raise
         state = State(metadata, tensors)
@@ -280,7 +275,7 @@ async def _drain(requests: AsyncIterator[Any]) -> None:
     try:
         async for _ in requests:
             pass
-    except InvalidRequest:  # a malformed message: the refusal already says what is wrong
+    except RequestError:  # a malformed message: the refusal already says what is wrong
         pass
 
 

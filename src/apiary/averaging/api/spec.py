@@ -41,7 +41,7 @@ from apiary.averaging.protos.local_pb2 import (
     RegisterReply,
     RegisterRequest,
 )
-from apiary.wire import InvalidRequest, Method, ServiceSpec
+from apiary.wire import InvalidRequest, Method, PayloadTooLarge, ServiceSpec
 from apiary.wire.chunks import check_header, make_header
 from apiary.wire.framing import MAX_TENSORS_PER_REQUEST
 from apiary.wire.protos.wire_pb2 import TensorChunk, TensorHeader
@@ -86,7 +86,7 @@ class Schema:
             try:
                 check_header(header, max_tensor_bytes)
                 dtype = torch_dtype(header.dtype)
-            except InvalidRequest as e:
+            except (InvalidRequest, PayloadTooLarge) as e:
                 raise type(e)(f"tensor {index}: {e}") from None
             if not dtype.is_floating_point:
                 raise InvalidRequest(f"tensor {index}: dtype {header.dtype} cannot be averaged (floating-point only)")

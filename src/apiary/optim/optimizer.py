@@ -6,7 +6,13 @@ a run (`run_id`) publish their progress in the DHT; when the samples the swarm a
 `mode` names (optim/rules.py): "gradients" (average the gradients, then step; optionally delayed
 by an epoch), "local" (local SGD, parameters averaged) or "diloco" (outer Nesterov SGD on the
 mean pseudo-gradient). In "gradients" mode parameters and optimizer statistics are averaged
-every `average_state_every` epochs to undo any drift (e.g. a round a peer missed).
+every `average_state_every` epochs to undo any drift (e.g. a round a peer missed); with
+`delay_updates` such an epoch waits for its gradient round first (no overlap that epoch).
+
+Memory (mode "gradients"): `reuse_grad_buffers` accumulates in the parameters' `.grad` instead
+of a separate buffer (do not zero gradients between steps: the optimizer does after each epoch,
+and raises if they were reset); `offload_optimizer` keeps the wrapped optimizer, its statistics
+and its step on CPU copies of the parameters (parameters already on CPU are used as they are).
 
 This class is the façade: the epoch controller (optim/epochs.py) decides when an epoch ends,
 whom to follow and when the averager forms a group ahead, from frozen snapshots (this peer's
@@ -34,7 +40,7 @@ from apiary.optim.epochs import EpochController, LocalProgress, Step
 from apiary.optim.progress import SwarmProgress
 from apiary.optim.rounds import SwarmRounds
 from apiary.optim.rules import DiLoCo, GradientAveraging, LocalSGD, UpdateRule
-from apiary.optim.state import load_run_state, run_state
+from apiary.optim.state import load_run_state, parameters_of, run_state
 from apiary.optim.swarm import StartEmbedded, Swarm, SwarmLink
 from apiary.optim.watch import SwarmWatch, logged
 from apiary.wire import Endpoint, PeerAddress, WireSettings
@@ -46,6 +52,13 @@ MODES = ("gradients", "local", "diloco")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradient rounds
+
+
+def offloaded(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """The CPU parameter an offloaded optimizer steps for `param` (`param` itself if on CPU)."""
+    if param.device.type == "cpu":
+        return param
+    return torch.nn.Parameter(param.detach().to("cpu", copy=True))
 
 
 class Optimizer:
@@ -73,7 +86,8 @@ class Optimizer:
         averager_local: Endpoint | str | None = None, initial_peers: Sequence[PeerAddress | str] = (),
         client_mode: bool = False, auxiliary: bool = False, wire: WireSettings | None = None,
         identity: Path | None = None, averaging: dict[str, Any] | None = None, average_state_every: int = 5,
-        delay_updates: bool = False, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+        delay_updates: bool = False, reuse_grad_buffers: bool = False, offload_optimizer: bool = False,
+        outer_lr: float = 0.7, outer_momentum: float = 0.9,
         scheduler: SchedulerFactory | None = None, load_state: bool = True, state_timeout: float = 30.0,
         round_timeout: float = 60.0, refresh_period: float = 0.25, max_samples_per_second: float = math.inf,
         swarm: Swarm | None = None,
@@ -88,15 +102,20 @@ class Optimizer:
             raise ValueError("delay_updates applies to mode='gradients' only")
         if auxiliary and mode != "gradients":
             raise ValueError("auxiliary peers assist gradient rounds: mode must be 'gradients'")
+        if (reuse_grad_buffers or offload_optimizer) and mode != "gradients":
+            raise ValueError("reuse_grad_buffers and offload_optimizer apply to mode='gradients' only (in 'local' "
+                             "and 'diloco' the wrapped optimizer steps every batch on the device)")
         self.run_id, self.mode, self.auxiliary = run_id, mode, auxiliary
         self.target_batch_size = target_batch_size
         self.average_state_every = average_state_every
         self.delay_updates = delay_updates
+        self.reuse_grad_buffers = reuse_grad_buffers
         self.state_timeout = state_timeout
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("the optimizer was given no parameters that require gradients")
-        self.optimizer = optimizer(self.params)
+        masters = [offloaded(p) for p in self.params] if offload_optimizer else self.params
+        self.optimizer = optimizer(masters)
         self.controller = EpochController(target_batch_size, refresh_period)
         self.local = LocalProgress(epoch=0)  # replaced (never changed) by the training thread
         self.history: list[dict[str, Any]] = []  # per finished epoch: samples contributed, the round's group and wait
@@ -114,7 +133,8 @@ class Optimizer:
                                        alone=lambda: self.view is not None and self.view.peers <= 1)
             schedule = scheduler(self.optimizer) if scheduler is not None else None
             common = (self.params, self.optimizer, schedule, self._rounds)
-            self.rule: UpdateRule = (GradientAveraging(*common, delay_updates=delay_updates) if mode == "gradients"
+            self.rule: UpdateRule = (GradientAveraging(*common, delay_updates=delay_updates, masters=masters,
+                                                       reuse_grad_buffers=reuse_grad_buffers) if mode == "gradients"
                                      else LocalSGD(*common) if mode == "local"
                                      else DiLoCo(*common, outer_lr=outer_lr, outer_momentum=outer_momentum))
             if load_state and not auxiliary:
@@ -135,6 +155,9 @@ class Optimizer:
         unscaled first, and a batch with inf/NaN gradients is skipped (the scale adapts)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if grad_scaler is not None and (self.reuse_grad_buffers or self.optimizer_offloaded):
+            raise ValueError("grad_scaler cannot be combined with reuse_grad_buffers or offload_optimizer: "
+                             "unscale the gradients before step() instead")
         if grad_scaler is not None and not self._unscale(grad_scaler):
             return False
         self._count(batch_size)
@@ -174,7 +197,20 @@ class Optimizer:
                 stop.wait(self.controller.refresh_interval(self.local, self.view, time.monotonic()))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        """Clears the parameters' gradients (refused with reuse_grad_buffers: the optimizer clears them)."""
+        if self.reuse_grad_buffers:
+            raise RuntimeError("with reuse_grad_buffers=True gradients accumulate in .grad across steps: do not "
+                               "zero them (the optimizer clears them after each epoch)")
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.detach_().zero_()
+
+    @property
+    def optimizer_offloaded(self) -> bool:
+        """The wrapped optimizer steps CPU copies of (some of) the parameters."""
+        return any(master is not p for master, p in zip(parameters_of(self.optimizer), self.params))
 
     def _unscale(self, scaler: torch.amp.GradScaler) -> bool:
         scaler.unscale_(self.optimizer)
@@ -203,7 +239,8 @@ class Optimizer:
             entry.update(round_seconds=time.monotonic() - started, group_size=outcome.group_size if outcome else 0,
                          formed_early=bool(outcome and outcome.formed_early))
         self._advance(local.epoch + 1)
-        if self.average_state_every and self.epoch % self.average_state_every == 0 and not self.delay_updates:
+        if self.average_state_every and self.epoch % self.average_state_every == 0:
+            self.rule.flush()  # delayed updates: the state averaged includes this epoch's update
             self._average_state()
         self._resume()
         self._publish_state()

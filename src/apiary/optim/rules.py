@@ -3,7 +3,11 @@
 - `GradientAveraging` ("gradients"): accumulates each batch's gradients weighted by its samples;
   at the epoch's end averages the epoch's mean gradient with the peers (weighted by samples) and
   steps the wrapped optimizer on the result. With delayed updates the round runs in the
-  background and its step lands when it finishes (one epoch stale).
+  background and its step lands when it finishes (one epoch stale). With reused gradient
+  buffers there is no accumulator: the user's `.grad` sums the batches' gradients and the
+  epoch's gradient is that sum over the number of batches (each batch weighs the same). With an
+  offloaded optimizer the wrapped optimizer owns CPU copies of the parameters (`masters`): the
+  averaged gradient is copied to them, it steps there, and the parameters are copied back.
 - `LocalSGD` ("local"): the wrapped optimizer steps on every batch; at the epoch's end the peers
   average their parameters (an outer step of rate 1 on the mean of start-minus-current).
 - `DiLoCo` ("diloco"): the wrapped optimizer is the inner one, stepping on every batch; at the
@@ -87,20 +91,48 @@ class GradientAveraging(UpdateRule):
     mode = "gradients"
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                 scheduler: Any | None, rounds: Rounds, delay_updates: bool = False):
+                 scheduler: Any | None, rounds: Rounds, delay_updates: bool = False, reuse_grad_buffers: bool = False,
+                 masters: list[torch.Tensor] | None = None):
         super().__init__(params, optimizer, scheduler, rounds)
+        if delay_updates and reuse_grad_buffers:
+            raise ValueError("reuse_grad_buffers cannot be combined with delay_updates: the next epoch's gradients "
+                             "would accumulate in the buffers the background round is averaging")
         self.delay_updates = delay_updates
-        self.accumulated = [torch.zeros_like(p) for p in params]  # sum over batches of gradient x samples
+        self.reuse_grad_buffers = reuse_grad_buffers
+        self.masters = masters if masters is not None else list(params)  # what the wrapped optimizer steps
+        # sum over batches of gradient x samples (reused buffers: the user's .grad sums the batches' gradients)
+        self.accumulated = [] if reuse_grad_buffers else [torch.zeros_like(p) for p in params]
+        self.batches = 0
+        self._accumulating: list[torch.Tensor | None] = [None] * len(params)  # the .grad tensors seen (reuse)
         self._pending: tuple[RoundFuture, list[torch.Tensor], int] | None = None
 
     def on_batch(self, batch_size: int) -> None:
-        with torch.no_grad():
-            for buffer, p in zip(self.accumulated, self.params):
-                if p.grad is not None:
-                    buffer.add_(p.grad, alpha=batch_size)
+        if self.reuse_grad_buffers:
+            self._check_accumulating()
+        else:
+            with torch.no_grad():
+                for buffer, p in zip(self.accumulated, self.params):
+                    if p.grad is not None:
+                        buffer.add_(p.grad, alpha=batch_size)
+        self.batches += 1
+
+    def _check_accumulating(self) -> None:
+        """Reused buffers: each .grad must be the tensor seen at the previous batch (backward adds to
+        it in place); a tensor replaced or gone means the gradients were zeroed between steps."""
+        grads = [p.grad for p in self.params]
+        if any(seen is not None and grad is not seen for seen, grad in zip(self._accumulating, grads)):
+            raise RuntimeError("reuse_grad_buffers=True accumulates the epoch's gradients in .grad, but they were "
+                               "reset since the previous step (zero_grad?): do not zero gradients between steps "
+                               "(the optimizer clears them after each epoch), or pass reuse_grad_buffers=False")
+        self._accumulating = grads
 
     def finish_epoch(self, epoch: int, samples: int) -> None:
-        grads = [buffer / max(samples, 1) for buffer in self.accumulated]
+        with torch.no_grad():
+            if self.reuse_grad_buffers:  # averaged in place: no model-sized copy
+                grads = [p.grad.div_(max(self.batches, 1)) if p.grad is not None else torch.zeros_like(p)
+                         for p in self.params]
+            else:
+                grads = [buffer / max(samples, 1) for buffer in self.accumulated]
         self.drop()
         self.flush()
         self._pending = (self.rounds.start(grads, float(samples), epoch), grads, epoch)
@@ -119,15 +151,41 @@ class GradientAveraging(UpdateRule):
         self._pending = None
         self.rounds.result(future, f"the gradient round of epoch {epoch}")
         with torch.no_grad():
-            for p, g in zip(self.params, grads):
-                p.grad = g.to(p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            for p, master, g in zip(self.params, self.masters, grads):
+                master.grad = g.to(master.device, master.dtype)
+                if master is not p:
+                    p.grad = None  # offloaded: the device's gradients are no longer needed
+            del grads
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for p in self.params:
+                p.grad = None
+            self._copy_masters(to_params=True)
         self._updated()
 
     def drop(self) -> None:
         for buffer in self.accumulated:
             buffer.zero_()
+        if self.reuse_grad_buffers:
+            for p in self.params:
+                p.grad = None
+            self._accumulating = [None] * len(self.params)
+        self.batches = 0
+
+    def take(self, destinations: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        super().take(destinations, values)
+        with torch.no_grad():
+            self._copy_masters(to_params=False)
+
+    def _copy_masters(self, to_params: bool) -> None:
+        """An offloaded optimizer's parameters to the model's (after a step) or back (after a state was taken)."""
+        for p, master in zip(self.params, self.masters):
+            if master is p:
+                continue
+            if to_params:
+                p.copy_(master)
+            else:
+                master.copy_(p)
 
 
 class LocalSGD(UpdateRule):

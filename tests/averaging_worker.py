@@ -65,8 +65,8 @@ import torch
 from worker_support import die_with_parent, emit
 
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound
-from apiary.averaging.averager import Averager, AveragerSettings
-from apiary.averaging.compression import codec_by_name
+from apiary.averaging.averager import GRADIENTS, STATE, STATE_ROUNDS, Averager, AveragerSettings
+from apiary.averaging.compression.selection import codec_selection
 from apiary.averaging.flat import flatten
 from apiary.dht import DHTNode
 from apiary.faults import FaultPlan, install
@@ -80,7 +80,9 @@ DEFAULTS: dict[str, Any] = {
     "min_group_size": 2,
     "expected_peers": 4,
     "bandwidth": 1e8,
-    "codec": "none",  # or a list: round r uses codec[r % len]
+    "codec": "none",  # or a list: round r uses codec[r % len] (in both roles)
+    "state_codec": None,
+    "state_rounds": [],  # rounds stepped as state rounds (numbered STATE_ROUNDS + r)
     "gather_seconds": 1.0,
     "join_seconds": 1.0,
     "sender_timeout": 3.0,
@@ -231,7 +233,8 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
         tensors = make_tensors(seed, config["shapes"])
         initial = [t.clone() for t in tensors]
         codecs = config["codec"] if isinstance(config["codec"], list) else [config["codec"]]
-        settings = AveragerSettings(**{name: config[name] for name in AVERAGER_FIELDS}, codec=codecs[0])
+        settings = AveragerSettings(**{name: config[name] for name in AVERAGER_FIELDS}, codec=codecs[0],
+                                    state_codec=config["state_codec"])
         averager = Averager(tensors, dht, identity.peer_id, settings)
         if "grid_coords" in config:
             averager.grid.coords = list(config["grid_coords"])
@@ -255,14 +258,19 @@ async def run(config: dict[str, Any], stdin: _Stdin, stop: asyncio.Event) -> Non
                 with torch.no_grad():
                     for tensor, fresh in zip(tensors, make_tensors(seed, config["shapes"], round_index)):
                         tensor.copy_(fresh)
-            codec = codecs[round_index % len(codecs)]
-            averager.codec = codec_by_name(codec)
+            state = round_index in config["state_rounds"]
+            if len(codecs) > 1:
+                codec = codecs[round_index % len(codecs)]
+                averager.codecs = dict.fromkeys([GRADIENTS, STATE], codec_selection(codec))
+            else:
+                codec = (settings.state_codec or settings.codec) if state else settings.codec
             started = time.time()
             record: dict[str, Any] = {"round": round_index, "codec": codec, "started": started, "size": None,
                                       "error": None, "members": None}
             groups.clear()
             try:
-                record["size"] = await averager.step(float(config["weight"]), round=round_index)
+                record["size"] = await averager.step(float(config["weight"]),
+                                                     round=STATE_ROUNDS + round_index if state else round_index)
             except Exception as e:  # noqa: BLE001 - reported to the test
                 record["error"] = repr(e)
                 traceback.print_exc()

@@ -1,5 +1,5 @@
 """Compression codecs: round-trip error within the stated bound, bounds that mean something,
-wire sizes, strict decoding of what peers send, lookup by name and adaptive choice."""
+wire sizes, strict decoding of what peers send, lookup by name, adaptive choice, codec settings by role."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from apiary.averaging.averager import GRADIENTS, STATE, AveragerSettings
 from apiary.averaging.compression import (
     CODECS,
     AdaptiveCodec,
@@ -22,6 +24,7 @@ from apiary.averaging.compression import (
     Uniform8Bit,
     codec_by_name,
 )
+from apiary.averaging.compression.selection import ADAPTIVE_THRESHOLD, codec_names, codec_selection
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
 
 NAMES = ["none", "float16", "scaled_float16", "uniform8", "blockwise8", "quantile8"]
@@ -526,3 +529,35 @@ def test_adaptive_rejects_bad_configuration(kwargs, problem):
 def test_adaptive_rejects_negative_sizes():
     with pytest.raises(ValueError, match="numel"):
         AdaptiveCodec(Float16(), Uniform8Bit(), threshold_numel=10).choose(-1)
+
+
+# ---------------------------------------------------------------- codec settings by role
+
+
+def test_a_codec_setting_names_a_codec_for_every_size_or_adaptive():
+    assert codec_names() == [*NAMES, "adaptive"]
+    for name in NAMES:
+        assert {codec_selection(name).choose(n).name for n in [0, 10, 10**8]} == {name}
+    adaptive = codec_selection("adaptive")
+    assert adaptive.choose(ADAPTIVE_THRESHOLD - 1).name == "float16"
+    assert adaptive.choose(ADAPTIVE_THRESHOLD).name == "quantile8"
+
+
+@pytest.mark.parametrize("name", ["zip", "", "Adaptive", None])
+def test_a_bad_codec_setting_is_refused_listing_the_known_ones(name):
+    with pytest.raises(ValueError, match="unknown codec") as info:
+        codec_selection(name)
+    assert all(known in str(info.value) for known in [*NAMES, "adaptive"])
+    if name is not None:
+        with pytest.raises(ValidationError, match="unknown codec"):
+            AveragerSettings(prefix="run", state_codec=name)
+        with pytest.raises(ValidationError, match="unknown codec"):
+            AveragerSettings(prefix="run", codec=name)
+
+
+def test_averager_settings_give_each_role_of_round_its_codec():
+    same = AveragerSettings(prefix="run", codec="uniform8").codecs()
+    assert same[GRADIENTS].choose(10).name == same[STATE].choose(10).name == "uniform8"  # state: as codec
+    both = AveragerSettings(prefix="run", codec="adaptive", state_codec="scaled_float16").codecs()
+    assert [both[GRADIENTS].choose(n).name for n in [10, 10**6]] == ["float16", "quantile8"]
+    assert both[STATE].choose(10**6).name == "scaled_float16"

@@ -251,6 +251,39 @@ def test_every_codec_stays_within_its_error_bound():
             assert worst > 1e-6, f"{name}: exact results, so the codec was not used on the wire"
 
 
+def test_gradient_and_state_rounds_use_their_own_codecs():
+    """Three nodes with codec quantile8 and state_codec float16: a gradient round, then a state
+    round (numbered from STATE_ROUNDS). Each stays within its codec's bound, and the gradient
+    round's error is beyond float16's: the roles were sent with different codecs."""
+    shapes = [[100, 120], [300]]
+    weights = [1.0, 2.0, 3.0]
+    configs = [{"seed": 500 + i, "weight": weights[i], "shapes": shapes, "codec": "quantile8", "state_codec": "float16",
+                "state_rounds": [1], "rounds": 2, "fresh_each_round": True, "target_group_size": 3,
+                "expected_peers": 3, "period": 2.6}
+               for i in range(3)]
+    results = run_swarm(configs)
+
+    inputs = [[flat_inputs(r.config["seed"], shapes, round_index) for r in results] for round_index in range(2)]
+    means = [weighted_mean(inputs[round_index], weights).float() for round_index in range(2)]
+    by_span = group_spans([(r.peer_id, "node", 1e8) for r in results], means[0].numel())
+
+    def bound(name: str, round_index: int, start: int, end: int) -> float:
+        codec = codec_by_name(name)
+        return (max(codec.error_bound(x[start:end]) for x in inputs[round_index])
+                + codec.error_bound(means[round_index][start:end]))
+
+    for round_index, name in enumerate(["quantile8", "float16"]):
+        assert [r.rounds[round_index].size for r in results] == [3, 3, 3], describe_rounds(results)
+        assert all(r.rounds[round_index].codec == name for r in results)
+        for start, end in by_span.values():
+            for result in results:
+                error = max_error(result.history[round_index][start:end], means[round_index][start:end])
+                assert error <= bound(name, round_index, start, end) * 1.01 + 1e-6
+    start, end = next(iter(by_span.values()))
+    gradient_error = max_error(results[0].history[0][start:end], means[0][start:end])
+    assert gradient_error > 2 * bound("float16", 0, start, end)
+
+
 # ---------------------------------------------------------------- in-process groups
 
 

@@ -9,6 +9,9 @@ only when the round succeeds; a failed or cancelled round leaves them untouched.
 its last batches); that round's `step()` then goes straight to the all-reduce. Peers that found
 no group early meet again under the round's retry key when their tensors are ready.
 
+Rounds numbered from `STATE_ROUNDS` up are state rounds (parameters, optimizer statistics),
+the others gradient rounds; each role has its codec setting (`codec`, `state_codec`).
+
 `Averager.register(tensors)` changes the tensors averaged between rounds (a new schema forms
 groups anew). The averager counts the all-reduce tensor bytes it sends and receives; whoever
 runs it observes them and each round's `RoundResult` through hooks given at construction
@@ -24,13 +27,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from apiary import faults
 from apiary.averaging.aggregation import Aggregation, Aggregator
 from apiary.averaging.allreduce import REDUCE_ROUTE, AllReduceService, GroupRound
 from apiary.averaging.api.spec import FAILED, NO_GROUP, OK, Schema
-from apiary.averaging.compression import codec_by_name
+from apiary.averaging.compression import AdaptiveCodec
+from apiary.averaging.compression.selection import codec_selection
 from apiary.averaging.exchange import run_allreduce
 from apiary.averaging.flat import flatten, unflatten_into
 from apiary.averaging.grid import MoshpitGrid
@@ -45,6 +49,9 @@ from apiary.averaging.protos.averaging_pb2 import JoinReply, JoinRequest
 
 logger = logging.getLogger(__name__)
 
+STATE_ROUNDS = 1 << 32  # rounds numbered from here are state rounds, apart from the epochs' gradient rounds
+GRADIENTS, STATE = "gradients", "state"  # the roles of rounds
+
 
 class AveragerSettings(BaseModel):
     prefix: str = Field(..., description="the run's name: peers of one run average together")
@@ -53,7 +60,10 @@ class AveragerSettings(BaseModel):
     min_group_size: int = Field(2, ge=1)
     expected_peers: int = Field(16, ge=1, description="swarm size the Moshpit grid is shaped for")
     bandwidth: float = Field(1e8, gt=0, description="declared link bandwidth, bytes/s")
-    codec: str = Field("none", description="compression of parts on the wire")
+    codec: str = Field("none", description="compression of the gradient rounds' parts on the wire: a codec of "
+                       "apiary.averaging.compression, or adaptive (by the part's size)")
+    state_codec: str | None = Field(None, description="compression of the state rounds' parts (rounds from "
+                                    "STATE_ROUNDS up); None: as `codec`")
     gather_seconds: float = Field(2.0, gt=0)
     join_seconds: float = Field(3.0, gt=0)
     sender_timeout: float = Field(10.0, gt=0, description="how long a reducer waits for a sender's part")
@@ -69,6 +79,17 @@ class AveragerSettings(BaseModel):
     rejoin_weight: float = Field(1.0, gt=0, le=1, description="factor on the weight of a round that follows rounds "
                                  "this averager missed: 1 mixes its stale values in fully (gradients); 0.01 all but "
                                  "adopts its group's average (Moshpit parameter averaging)")
+
+    @field_validator("codec", "state_codec")
+    @classmethod
+    def _known_codec(cls, name: str | None) -> str | None:
+        if name is not None:
+            codec_selection(name)  # ValueError naming the known ones
+        return name
+
+    def codecs(self) -> dict[str, AdaptiveCodec]:
+        """The codec selection of each role of round."""
+        return {GRADIENTS: codec_selection(self.codec), STATE: codec_selection(self.state_codec or self.codec)}
 
     def aggregator(self) -> Aggregator:
         return Aggregator(self.aggregation, self.clip_radius, self.clip_iterations, self.trim_fraction)
@@ -117,7 +138,7 @@ class Averager:
         self.dht = dht
         self.peer_id = peer_id
         self.settings = settings
-        self.codec = codec_by_name(settings.codec)
+        self.codecs = settings.codecs()  # role of round -> codec selection
         self.pool = pool
         self.bulk_client: BulkClient | None = None  # made at attach() like the pool
         self._own_pool: ChannelPool | None = None  # the pool made at attach(), closed with the averager
@@ -258,8 +279,10 @@ class Averager:
                             verify=self.verifier is not None)
         assert self.bulk_client is not None  # a group was formed: attach() made it
         weight *= self._rejoin_factor(round_index)
+        role = STATE if round_index >= STATE_ROUNDS else GRADIENTS
+        codec = self.codecs[role].choose(total // len(members))  # by the size of a span, about
         averaged = await run_allreduce(round_, flat, weight, service=self.reductions, client=self.bulk_client,
-                                       codec=self.codec, deadline=self.settings.round_timeout, out=self._averaged,
+                                       codec=codec, deadline=self.settings.round_timeout, out=self._averaged,
                                        verifier=self.verifier)
         self._averaged = averaged
         self.averaged_round = round_index

@@ -43,7 +43,8 @@ def averager_command(
     target_group_size: Annotated[int, option("--target-group-size", "peers per averaging group", min=1)] = 16,
     min_group_size: Annotated[int, option("--min-group-size", "fewest peers that make a group", min=1)] = 2,
     expected_peers: Annotated[int, option("--expected-peers", "swarm size the Moshpit grid is shaped for", min=1)] = 16,
-    codec: Annotated[str, option("--codec", "compression of parts: none, float16, scaled_float16, uniform8, blockwise8")] = "none",
+    codec: Annotated[str, option("--codec", "compression of the gradient rounds' parts: none, float16, scaled_float16, uniform8, blockwise8, quantile8, adaptive (by the part's size)")] = "none",
+    state_codec: Annotated[Optional[str], option("--state-codec", "compression of the state rounds' parts (parameters, optimizer statistics), a --codec value (default: as --codec)")] = None,
     bandwidth: Annotated[float, option("--bandwidth", "declared link bandwidth, bytes/s (sets this peer's share)", min=1)] = 1e8,
     gather_seconds: Annotated[float, option("--gather-seconds", "seconds a round collects announcements", min=0.01)] = 2.0,
     join_seconds: Annotated[float, option("--join-seconds", "seconds a leader waits for its group to join", min=0.01)] = 3.0,
@@ -95,12 +96,13 @@ def averager_command(
         raise typer.BadParameter(f"{rejoin_weight} is not in (0, 1]", param_hint="'--rejoin-weight'")
     from apiary.averaging.aggregation import Aggregation
     from apiary.averaging.averager import AveragerSettings
-    from apiary.averaging.compression import CODECS
+    from apiary.averaging.compression.selection import codec_names
     from apiary.averaging.spans import Role
     from apiary.services.averager import AveragerServiceSettings
 
-    if codec not in CODECS:
-        raise typer.BadParameter(f"unknown codec {codec!r} (known: {', '.join(CODECS)})", param_hint="'--codec'")
+    for flag, name in [("--codec", codec), ("--state-codec", state_codec)]:
+        if name is not None and name not in codec_names():
+            raise typer.BadParameter(f"unknown codec {name!r} (known: {', '.join(codec_names())})", param_hint=f"'{flag}'")
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port,
                      bulk=True, bulk_port=bulk_port, announce_bulk_port=announce_bulk_port,
@@ -113,8 +115,9 @@ def averager_command(
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         AveragerSettings(
             prefix=run_id, mode=Role(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
-            expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, gather_seconds=gather_seconds,
-            join_seconds=join_seconds, sender_timeout=sender_timeout, round_timeout=round_timeout,
+            expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, state_codec=state_codec,
+            gather_seconds=gather_seconds, join_seconds=join_seconds, sender_timeout=sender_timeout,
+            round_timeout=round_timeout,
             aggregation=Aggregation(aggregation.value), clip_radius=clip_radius, clip_iterations=clip_iterations,
             trim_fraction=trim_fraction, verify_reductions=verify_reductions, audit_blocks=audit_blocks,
             rejoin_weight=rejoin_weight,

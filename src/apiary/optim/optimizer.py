@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import torch
 
+from apiary.averaging.averager import STATE_ROUNDS
 from apiary.background import LoopThread
 from apiary.optim.epochs import EpochController, LocalProgress, Step
 from apiary.optim.progress import SwarmProgress
@@ -51,7 +52,6 @@ Mode = Literal["gradients", "local", "diloco"]
 MODES = ("gradients", "local", "diloco")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-STATE_ROUNDS = 1 << 32  # state rounds are numbered apart from the epochs' gradient rounds
 
 
 def offloaded(param: torch.nn.Parameter) -> torch.nn.Parameter:

@@ -191,6 +191,23 @@ def training(results: Results) -> str:
     return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + note
 
 
+def memory(results: Results, preset: str | None) -> str:
+    result = results("memory", preset)
+    if result is None:
+        return missing(f".venv/bin/python benchmarks/memory.py --device {preset or 'cpu'}")
+    f = result["figures"]
+    cuda = preset is not None
+    rows = [[name, f"{m['peak_rss_mb']:.0f}", ratio(m["peak_rss_mb"], f["variants"]["plain torch loop"]["peak_rss_mb"]),
+             *([f"{m['peak_cuda_mb']:.0f}", f"{m['cuda_ratio']:.2f}"] if cuda else []),
+             f"{m['step_seconds']:.2f}", f"{m['speed_ratio']:.2f}"] for name, m in f["variants"].items()]
+    header = ["training loop", "peak RSS (MB)", "ratio", *(["peak CUDA (MB)", "ratio"] if cuda else []),
+              "s / step (median)", "speed ratio to plain loop"]
+    plain = f["variants"]["plain torch loop"]
+    note = (f"{plain['params'] / 1e6:.0f} M parameters ({plain['model_mb']:.0f} MB in float32), Adam, batch "
+            f"{f['batch']}, {f['steps']} steps on {f['device']}; each loop in a fresh process.")
+    return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + note
+
+
 def hivemind_memory(memory: dict[str, Any], nodes: int) -> str:
     """hivemind's DHT memory: a p2pd daemon per node, plus the one Python process of all nodes."""
     p2pd_rss, _ = memory["by_name"].get("p2pd", [float("nan"), 0])
@@ -323,7 +340,8 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "wire": wire, "dht": dht, "averaging": averaging, "averaging-verify": averaging_verify,
     "moshpit_churn": moshpit_churn, "moe": moe, "training": training, "hivemind": hivemind, "fuzz": fuzz,
     "allreduce_wan": allreduce_wan, "allreduce_wan-training": allreduce_wan_training,
-    "relay_ceiling": relay_ceiling, "trust": trust,
+    "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
+    "memory-cuda": lambda results: memory(results, "cuda"),
 }
 
 

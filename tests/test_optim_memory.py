@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from apiary.averaging.averager import STATE_ROUNDS
 from apiary.optim import Optimizer
-from apiary.optim.optimizer import STATE_ROUNDS
 from apiary.optim.rules import GradientAveraging
 from apiary.optim.state import load_run_state, run_state
 from tests.test_optim_epochs import TARGET, MemorySwarm, Peers, view

@@ -68,13 +68,15 @@ def test_gradients_zeroed_between_steps_with_reused_buffers_are_detected():
         _loss(model, 1).backward()
         opt.step(4)
         _loss(model, 2).backward()
-        opt.step(4)  # accumulated in .grad: fine
+        _loss(model, 3).backward()  # two backward passes in one step
+        opt.step(8)  # accumulated in .grad: fine
         with pytest.raises(RuntimeError, match="do not zero them"):
             opt.zero_grad()
-        model.zero_grad()  # torch's default: the gradients are set to None
-        _loss(model, 3).backward()
-        with pytest.raises(RuntimeError, match="reset since the previous step"):
-            opt.step(4)
+        for set_to_none in (False, True):  # zeroed in place, then set to None (torch's default)
+            model.zero_grad(set_to_none=set_to_none)
+            _loss(model, 4).backward()
+            with pytest.raises(RuntimeError, match="reset since the previous step"):
+                opt.step(4)
 
 
 def test_an_offloaded_optimizer_steps_cpu_copies_and_gives_the_on_device_update_and_state():

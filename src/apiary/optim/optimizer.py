@@ -345,6 +345,7 @@ class Optimizer:
         try:
             self.rule.flush()
         finally:
+            self.rule.close()
             try:
                 self.watch.stop()
                 self.loop.run(self.swarm.close(), timeout=30)

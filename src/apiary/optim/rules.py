@@ -23,6 +23,7 @@ Another rule (e.g. PowerSGD) is one more subclass of `UpdateRule`.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Sequence
 from typing import Any, ClassVar, Protocol
 
@@ -72,6 +73,9 @@ class UpdateRule:
     def drop(self) -> None:
         """The swarm moved on without this peer: forget its contribution to the epoch."""
 
+    def close(self) -> None:
+        """Releases what the rule attached to the parameters (gradient hooks)."""
+
     def synced(self) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
         """The optimizer whose state defines the run, and its parameters."""
         return self.optimizer, list(self.params)
@@ -103,7 +107,11 @@ class GradientAveraging(UpdateRule):
         # sum over batches of gradient x samples (reused buffers: the user's .grad sums the batches' gradients)
         self.accumulated = [] if reuse_grad_buffers else [torch.zeros_like(p) for p in params]
         self.batches = 0
-        self._accumulating: list[torch.Tensor | None] = [None] * len(params)  # the .grad tensors seen (reuse)
+        # reuse: each .grad seen at the previous batch and its version then, and the accumulations since
+        self._accumulating: list[tuple[torch.Tensor, int] | None] = [None] * len(params)
+        self._accumulations = [0] * len(params)
+        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._accumulated, i))
+                       for i, p in enumerate(params)] if reuse_grad_buffers else []
         self._pending: tuple[RoundFuture, list[torch.Tensor], int] | None = None
 
     def on_batch(self, batch_size: int) -> None:
@@ -116,15 +124,20 @@ class GradientAveraging(UpdateRule):
                         buffer.add_(p.grad, alpha=batch_size)
         self.batches += 1
 
+    def _accumulated(self, index: int, param: torch.Tensor) -> None:
+        self._accumulations[index] += 1
+
     def _check_accumulating(self) -> None:
-        """Reused buffers: each .grad must be the tensor seen at the previous batch (backward adds to
-        it in place); a tensor replaced or gone means the gradients were zeroed between steps."""
-        grads = [p.grad for p in self.params]
-        if any(seen is not None and grad is not seen for seen, grad in zip(self._accumulating, grads)):
-            raise RuntimeError("reuse_grad_buffers=True accumulates the epoch's gradients in .grad, but they were "
-                               "reset since the previous step (zero_grad?): do not zero gradients between steps "
-                               "(the optimizer clears them after each epoch), or pass reuse_grad_buffers=False")
-        self._accumulating = grads
+        """Reused buffers: each .grad must be the tensor seen at the previous batch, changed only by
+        the backward passes since (each adds to it in place: one version each); a tensor replaced or
+        gone, or changed otherwise (zeroed in place), means the gradients were reset between steps."""
+        for index, (p, seen) in enumerate(zip(self.params, self._accumulating)):
+            if seen is not None and (p.grad is not seen[0] or p.grad._version - seen[1] != self._accumulations[index]):
+                raise RuntimeError("reuse_grad_buffers=True accumulates the epoch's gradients in .grad, but they were "
+                                   "reset since the previous step (zero_grad?): do not zero gradients between steps "
+                                   "(the optimizer clears them after each epoch), or pass reuse_grad_buffers=False")
+        self._accumulating = [(p.grad, p.grad._version) if p.grad is not None else None for p in self.params]
+        self._accumulations = [0] * len(self.params)
 
     def finish_epoch(self, epoch: int, samples: int) -> None:
         with torch.no_grad():
@@ -171,6 +184,10 @@ class GradientAveraging(UpdateRule):
                 p.grad = None
             self._accumulating = [None] * len(self.params)
         self.batches = 0
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
     def take(self, destinations: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
         super().take(destinations, values)

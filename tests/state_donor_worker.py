@@ -1,8 +1,8 @@
 """A state donor in its own process, for the state-transfer tests.
 
-`python -m tests.state_donor_worker --seed S --epoch E [--initial-peer ADDR] [--corrupt]`
-runs a DHT node and a donor of seeded tensors, announces it, prints the DHT address as JSON,
-and serves until terminated. With --corrupt it flips a byte of every tensor it sends after the
+`python -m tests.state_donor_worker --seed S --epoch E [--initial-peer ADDR] [--corrupt]
+[--codec NAME]` runs a DHT node and a donor of seeded tensors (compressed by the download codec
+NAME), announces it, prints the DHT address as JSON, and serves until terminated. With --corrupt it flips a byte of every tensor it sends after the
 checksum is computed (a fault injected for the test).
 """
 
@@ -43,7 +43,7 @@ async def main(args: argparse.Namespace) -> None:
     dht = await DHTNode.launch(initial)
     identity = Identity.generate()
     server = RpcServer(WireSettings(listen_host="127.0.0.1"), identity)
-    donor = (CorruptingDonor if args.corrupt else StateDonor)("run", identity.peer_id)
+    donor = (CorruptingDonor if args.corrupt else StateDonor)("run", identity.peer_id, codec=args.codec)
     server.bulk.add_route(STATE_ROUTE, donor.handle)
     await server.start()
     donor.bulk_address = str(server.announced_bulk)
@@ -64,4 +64,5 @@ if __name__ == "__main__":
     parser.add_argument("--epoch", type=int, required=True)
     parser.add_argument("--initial-peer", default="")
     parser.add_argument("--corrupt", action="store_true")
+    parser.add_argument("--codec", default="none")
     asyncio.run(main(parser.parse_args()))

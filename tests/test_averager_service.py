@@ -290,6 +290,7 @@ async def test_sigterm_stops_every_process_cleanly_and_releases_shared_memory(
         (["--run-id", "r", "--initial-peers", "a@127.0.0.1:1", "--mode", "bogus"], "--mode"),
         (["--run-id", "r", "--initial-peers", "a@127.0.0.1:1", "--codec", "zip"], "--codec"),
         (["--run-id", "r", "--initial-peers", "a@127.0.0.1:1", "--state-codec", "quantile9"], "--state-codec"),
+        (["--run-id", "r", "--initial-peers", "a@127.0.0.1:1", "--download-codec", "gzip"], "--download-codec"),
         (["--run-id", "r"], "--dht-local"),
         (["--run-id", "r", "--dht-local", "127.0.0.1:1", "--initial-peers", "a@127.0.0.1:1"], "--initial-peers"),
     ],

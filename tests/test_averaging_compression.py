@@ -553,6 +553,8 @@ def test_a_bad_codec_setting_is_refused_listing_the_known_ones(name):
             AveragerSettings(prefix="run", state_codec=name)
         with pytest.raises(ValidationError, match="unknown codec"):
             AveragerSettings(prefix="run", codec=name)
+        with pytest.raises(ValidationError, match="unknown codec"):
+            AveragerSettings(prefix="run", download_codec=name)
 
 
 def test_averager_settings_give_each_role_of_round_its_codec():

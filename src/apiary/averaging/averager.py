@@ -10,7 +10,8 @@ its last batches); that round's `step()` then goes straight to the all-reduce. P
 no group early meet again under the round's retry key when their tensors are ready.
 
 Rounds numbered from `STATE_ROUNDS` up are state rounds (parameters, optimizer statistics),
-the others gradient rounds; each role has its codec setting (`codec`, `state_codec`).
+the others gradient rounds; each role has its codec setting (`codec`, `state_codec`; the state
+sent to newcomers, `download_codec`, is the service's: `apiary.averaging.state`).
 
 `Averager.register(tensors)` changes the tensors averaged between rounds (a new schema forms
 groups anew). The averager counts the all-reduce tensor bytes it sends and receives; whoever
@@ -64,6 +65,8 @@ class AveragerSettings(BaseModel):
                        "apiary.averaging.compression, or adaptive (by the part's size)")
     state_codec: str | None = Field(None, description="compression of the state rounds' parts (rounds from "
                                     "STATE_ROUNDS up); None: as `codec`")
+    download_codec: str = Field("none", description="compression of the state this peer sends to newcomers "
+                                "(checksummed after decoding)")
     gather_seconds: float = Field(2.0, gt=0)
     join_seconds: float = Field(3.0, gt=0)
     sender_timeout: float = Field(10.0, gt=0, description="how long a reducer waits for a sender's part")
@@ -80,7 +83,7 @@ class AveragerSettings(BaseModel):
                                  "this averager missed: 1 mixes its stale values in fully (gradients); 0.01 all but "
                                  "adopts its group's average (Moshpit parameter averaging)")
 
-    @field_validator("codec", "state_codec")
+    @field_validator("codec", "state_codec", "download_codec")
     @classmethod
     def _known_codec(cls, name: str | None) -> str | None:
         if name is not None:

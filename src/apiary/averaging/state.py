@@ -5,12 +5,18 @@ bulk route `STATE_ROUTE`, and announce themselves in the DHT under `<prefix>.sta
 (one subkey per donor, with its epoch). `download_state` asks the donors newest epoch first,
 checks each answer against its SHA-256, falls back to the next donor when one fails or sends
 corrupted bytes, and gives up with a clear error after a bounded time.
+
+A donor with a download codec (a codec setting of `compression.selection`, e.g. float16 or
+adaptive) sends each floating tensor encoded by the codec chosen for its size (others, and any
+that codec refuses, as they are) and says how in `StateReply.packing`; the SHA-256 then covers
+the tensors as decoded, which the newcomer checks after decoding.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -21,9 +27,11 @@ from typing import Any
 import msgpack
 import torch
 
+from apiary.averaging.compression import AdaptiveCodec, codec_by_name
+from apiary.averaging.compression.selection import codec_selection
 from apiary.dht.interface import DHTLike
 from apiary.files import write_atomically
-from apiary.averaging.protos.averaging_pb2 import StateReply, StateRequest
+from apiary.averaging.protos.averaging_pb2 import PackedTensor, StateReply, StateRequest
 from apiary.wire import Endpoint, InvalidRequest, NotFoundHere, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 from apiary.wire.protos.wire_pb2 import TensorHeader
@@ -57,22 +65,81 @@ def state_digest(metadata: bytes, payloads: Sequence[tuple[TensorHeader, Any]]) 
     return digest.digest()
 
 
+Payload = tuple[TensorHeader, Any]
+
+
+def pack_tensors(tensors: Sequence[torch.Tensor],
+                 selection: AdaptiveCodec) -> tuple[list[Payload], list[PackedTensor], list[torch.Tensor]]:
+    """(wire payloads, packing, the tensors as a receiver decodes them) of `tensors`, each
+    floating one encoded by the codec `selection` picks for its size."""
+    payloads: list[Payload] = []
+    packing: list[PackedTensor] = []
+    decoded: list[torch.Tensor] = []
+    for tensor in tensors:
+        dtype, shape = str(tensor.dtype).removeprefix("torch."), list(tensor.shape)
+        encoded: list[torch.Tensor] | None = None
+        if tensor.is_floating_point() and tensor.numel():
+            codec = selection.choose(tensor.numel())
+            try:
+                encoded = codec.encode(tensor.reshape(-1))
+            except ValueError:  # inf or NaN: sent as it is
+                encoded = None
+        if encoded is None:
+            payloads.append(tensor_payload(tensor))
+            packing.append(PackedTensor(codec="", count=1, dtype=dtype, shape=shape))
+            decoded.append(tensor)
+            continue
+        payloads += [tensor_payload(t) for t in encoded]
+        packing.append(PackedTensor(codec=codec.name, count=len(encoded), dtype=dtype, shape=shape))
+        decoded.append(codec.decode(encoded, tensor.numel()).to(tensor.dtype).view(tensor.shape))
+    return payloads, packing, decoded
+
+
+def unpack_tensors(payloads: Sequence[Payload], packing: Sequence[PackedTensor]) -> list[torch.Tensor]:
+    """The state tensors that `payloads` carry as `packing` says (none: one payload each, as is);
+    ValueError for anything inconsistent."""
+    if not packing:
+        return [tensor_from_payload(header, payload) for header, payload in payloads]
+    tensors: list[torch.Tensor] = []
+    position = 0
+    for packed in packing:
+        if packed.count < 1 or position + packed.count > len(payloads) or (not packed.codec and packed.count != 1):
+            raise ValueError("the state's packing does not match its tensors")
+        wire = [tensor_from_payload(h, p) for h, p in payloads[position : position + packed.count]]
+        position += packed.count
+        if not packed.codec:
+            tensors.append(wire[0])
+            continue
+        dtype = getattr(torch, packed.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or any(d < 0 for d in packed.shape):
+            raise ValueError(f"a packed state tensor has dtype {packed.dtype!r} and shape {list(packed.shape)}")
+        values = codec_by_name(packed.codec).decode(wire, math.prod(packed.shape))
+        tensors.append(values.to(dtype).view(tuple(packed.shape)))
+    if position != len(payloads):
+        raise ValueError("the state's packing does not match its tensors")
+    return tensors
+
+
 def donors_key(prefix: str) -> str:
     return f"{prefix}.state_donors"
 
 
 class StateDonor:
-    """Holds the latest state and serves it; `announce()` keeps it listed in the DHT."""
+    """Holds the latest state and serves it, compressed by `codec` (a codec setting; none: as
+    it is); `announce()` keeps it listed in the DHT."""
 
-    def __init__(self, prefix: str, peer_id: str, bulk_address: str = ""):
+    def __init__(self, prefix: str, peer_id: str, bulk_address: str = "", codec: str = "none"):
         self.prefix = prefix
         self.peer_id = peer_id
         self.bulk_address = bulk_address
+        self._selection = None if codec == "none" else codec_selection(codec)
         self._state: State | None = None
+        self._packed: tuple[list[Payload], list[PackedTensor], bytes] | None = None  # of the state, made once
 
     def update(self, state: State) -> None:
         """Replaces the state served (tensors are copied, so the caller may keep training)."""
         self._state = State(dict(state.metadata), [t.detach().to("cpu", copy=True) for t in state.tensors])
+        self._packed = None
 
     @property
     def state(self) -> State | None:
@@ -92,8 +159,15 @@ class StateDonor:
         if state is None:
             raise NotFoundHere("this peer has no state to give yet")
         metadata = msgpack.packb(state.metadata, use_bin_type=True)
-        payloads = [tensor_payload(t) for t in state.tensors]
-        reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=state_digest(metadata, payloads))
+        if self._selection is None:
+            payloads = [tensor_payload(t) for t in state.tensors]
+            reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=state_digest(metadata, payloads))
+            return BulkAnswer(reply.SerializeToString(), payloads)
+        if self._packed is None:
+            payloads, packing, decoded = pack_tensors(state.tensors, self._selection)
+            self._packed = payloads, packing, state_digest(metadata, [tensor_payload(t) for t in decoded])
+        payloads, packing, digest = self._packed
+        reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=digest, packing=packing)
         return BulkAnswer(reply.SerializeToString(), payloads)
 
 
@@ -126,12 +200,14 @@ async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, ti
     body, payloads = await client.call(endpoint, STATE_ROUTE, body=StateRequest(prefix=prefix).SerializeToString(),
                                        timeout=timeout, peer_id=peer_id)
     reply = decode(StateReply, body)
-    if state_digest(reply.metadata, payloads) != reply.sha256:
+    tensors = unpack_tensors(payloads, reply.packing)
+    checked = [tensor_payload(t) for t in tensors] if reply.packing else payloads  # decoded, or as received
+    if state_digest(reply.metadata, checked) != reply.sha256:
         raise ValueError("the state's checksum does not match: the transfer was corrupted")
     metadata = msgpack.unpackb(reply.metadata, raw=False)
     if not isinstance(metadata, dict):
         raise ValueError("the state's metadata is not a mapping")
-    return State(metadata, [tensor_from_payload(header, payload) for header, payload in payloads])
+    return State(metadata, tensors)
 
 
 def save_state(state: State, path: str | os.PathLike[str]) -> None:

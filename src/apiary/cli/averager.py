@@ -45,6 +45,7 @@ def averager_command(
     expected_peers: Annotated[int, option("--expected-peers", "swarm size the Moshpit grid is shaped for", min=1)] = 16,
     codec: Annotated[str, option("--codec", "compression of the gradient rounds' parts: none, float16, scaled_float16, uniform8, blockwise8, quantile8, adaptive (by the part's size)")] = "none",
     state_codec: Annotated[Optional[str], option("--state-codec", "compression of the state rounds' parts (parameters, optimizer statistics), a --codec value (default: as --codec)")] = None,
+    download_codec: Annotated[str, option("--download-codec", "compression of the state sent to newcomers, a --codec value (checksummed after decoding)")] = "none",
     bandwidth: Annotated[float, option("--bandwidth", "declared link bandwidth, bytes/s (sets this peer's share)", min=1)] = 1e8,
     gather_seconds: Annotated[float, option("--gather-seconds", "seconds a round collects announcements", min=0.01)] = 2.0,
     join_seconds: Annotated[float, option("--join-seconds", "seconds a leader waits for its group to join", min=0.01)] = 3.0,
@@ -100,7 +101,7 @@ def averager_command(
     from apiary.averaging.spans import Role
     from apiary.services.averager import AveragerServiceSettings
 
-    for flag, name in [("--codec", codec), ("--state-codec", state_codec)]:
+    for flag, name in [("--codec", codec), ("--state-codec", state_codec), ("--download-codec", download_codec)]:
         if name is not None and name not in codec_names():
             raise typer.BadParameter(f"unknown codec {name!r} (known: {', '.join(codec_names())})", param_hint=f"'{flag}'")
     settings = (
@@ -116,8 +117,8 @@ def averager_command(
         AveragerSettings(
             prefix=run_id, mode=Role(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
             expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, state_codec=state_codec,
-            gather_seconds=gather_seconds, join_seconds=join_seconds, sender_timeout=sender_timeout,
-            round_timeout=round_timeout,
+            download_codec=download_codec, gather_seconds=gather_seconds, join_seconds=join_seconds,
+            sender_timeout=sender_timeout, round_timeout=round_timeout,
             aggregation=Aggregation(aggregation.value), clip_radius=clip_radius, clip_iterations=clip_iterations,
             trim_fraction=trim_fraction, verify_reductions=verify_reductions, audit_blocks=audit_blocks,
             rejoin_weight=rejoin_weight,

@@ -129,7 +129,7 @@ class AveragerService:
         self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool,
                                  on_bytes_sent=self.metrics.sent_bytes.inc,
                                  on_bytes_received=self.metrics.received_bytes.inc, on_round=self.metrics.observe)
-        self.donor = StateDonor(averaging.prefix, peer_id)
+        self.donor = StateDonor(averaging.prefix, peer_id, codec=averaging.download_codec)
         self.state_client = BulkClient(wire, identity=self.host.identity)
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,

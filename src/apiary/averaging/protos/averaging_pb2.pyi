@@ -79,14 +79,28 @@ class StateRequest(_message.Message):
     def __init__(self, prefix: _Optional[str] = ...) -> None: ...
 
 class StateReply(_message.Message):
-    __slots__ = ("metadata", "epoch", "sha256")
+    __slots__ = ("metadata", "epoch", "sha256", "packing")
     METADATA_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    PACKING_FIELD_NUMBER: _ClassVar[int]
     metadata: bytes
     epoch: int
     sha256: bytes
-    def __init__(self, metadata: _Optional[bytes] = ..., epoch: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    packing: _containers.RepeatedCompositeFieldContainer[PackedTensor]
+    def __init__(self, metadata: _Optional[bytes] = ..., epoch: _Optional[int] = ..., sha256: _Optional[bytes] = ..., packing: _Optional[_Iterable[_Union[PackedTensor, _Mapping]]] = ...) -> None: ...
+
+class PackedTensor(_message.Message):
+    __slots__ = ("codec", "count", "dtype", "shape")
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    codec: str
+    count: int
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, codec: _Optional[str] = ..., count: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PartCommitment(_message.Message):
     __slots__ = ("group_id", "span", "sender", "weight", "numel", "root")

@@ -197,6 +197,24 @@ def test_a_server_trains_its_experts_with_the_optimizer_and_schedule_asked(swarm
     server.terminate()
 
 
+def test_servers_given_the_same_pattern_spread_over_it(swarm: Swarm) -> None:
+    args = ("--experts", "spread.0.[0:6]", "--num-experts", "2", "--hidden-size", "8", "--declare-period", "1")
+    started = [swarm.services.start("expert-server", *args, "--initial-peers", swarm.dht.initial_peers)
+               for _ in range(3)]  # at the same moment: they race for the same names
+    chosen = [server.wait_for_line(r"free in the DHT: (.+)$").group(1).split(", ") for server in started]
+    addresses = [server.wait_for_line(SERVED).group(1) for server in started]
+    assert all(len(names) == 2 for names in chosen)
+    assert sorted(sum(chosen, [])) == [f"spread.0.{j}" for j in range(6)]  # no name hosted twice
+    with torch.no_grad():
+        RemoteExpert(addresses[0], chosen[0][1], timeout=10)(torch.randn(2, 8))
+    late = swarm.services.start("expert-server", *args, "--initial-peers", swarm.dht.initial_peers)
+    assert late.process.wait(60) != 0
+    last = late.stderr().strip().splitlines()[-1]
+    assert last.startswith("apiary: error:") and "2 experts asked, but only 0 of the 6 the pattern names are free" in last
+    for server in started:
+        server.terminate()
+
+
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -209,8 +227,10 @@ def test_a_server_trains_its_experts_with_the_optimizer_and_schedule_asked(swarm
                      "CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")),
         (["--experts", "ffn.0.0", "--initial-peers", "127.0.0.1:1", "--scheduler", "cosine", "--warmup-steps", "10"],
          "the cosine scheduler decays until total_steps, which must exceed warmup_steps=10; got None"),
+        (["--experts", "ffn.0.[0:2]", "--initial-peers", "127.0.0.1:1", "--num-experts", "3"],
+         "num_experts=3 is more than the 2 experts named"),
     ],
-    ids=["pattern", "no-dht", "kind", "device", "cuda", "scheduler"],
+    ids=["pattern", "no-dht", "kind", "device", "cuda", "scheduler", "num-experts"],
 )
 def test_a_bad_configuration_stops_with_one_clear_line(args: list[str], named: str) -> None:
     result = subprocess.run([sys.executable, "-m", "apiary.cli.main", "expert-server", *args], capture_output=True,

@@ -26,6 +26,7 @@ console = Console(soft_wrap=True)
 
 def expert_server_command(
     experts: Annotated[str, option("--experts", "experts to host, as grid patterns: ffn.0.[0:4] = ffn.0.0 … ffn.0.3; comma-separated")],
+    num_experts: Annotated[Optional[int], option("--num-experts", "host this many of the experts --experts names, chosen among those no other server declares in the DHT (default: all)", min=1)] = None,
     kind: Annotated[str, option("--kind", "ffn, transformer, slow or failing (for tests), or package.module:factory")] = "ffn",
     hidden_size: Annotated[int, option("--hidden-size", "the experts' input and output size", min=1)] = 1024,
     optimizer: Annotated[str, option("--optimizer", "every expert's optimizer: adam, adamw, sgd or none (experts never change)")] = "adam",
@@ -68,6 +69,7 @@ def expert_server_command(
     """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
     require_one_way_to_the_dht(dht_local, initial_peers)
     from apiary.moe.checkpoints import CheckpointError
+    from apiary.moe.claiming import NoFreeExperts
     from apiary.moe.names import expand_expert_names
     from apiary.services.expert_server import ExpertServerSettings
 
@@ -82,7 +84,7 @@ def expert_server_command(
                                        stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         ExpertServerSettings(
-            experts=names, kind=kind, hidden_size=hidden_size, optimizer=optimizer, lr=lr, momentum=momentum,
+            experts=names, num_experts=num_experts, kind=kind, hidden_size=hidden_size, optimizer=optimizer, lr=lr, momentum=momentum,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, scheduler=scheduler, warmup_steps=warmup_steps,
             total_steps=total_steps, slow_seconds=slow_seconds, max_batch_size=max_batch_size, max_wait=max_wait,
             max_queued_requests=max_queued_requests, kept_activations=kept_activations,
@@ -96,6 +98,8 @@ def expert_server_command(
         asyncio.run(_serve(*settings))
     except CheckpointError as e:
         raise typer.BadParameter(str(e), param_hint="'--checkpoint-dir'") from None
+    except NoFreeExperts as e:
+        raise typer.BadParameter(str(e), param_hint="'--num-experts'") from None
 
 
 async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings: ExpertServerSettings) -> None:
@@ -104,8 +108,11 @@ async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings
     service = ExpertServerService(wire, service_settings, settings)  # grpc.aio objects need the running loop
     await service.start()
     host = service.host
-    console.print(f"hosting {len(settings.experts)} {settings.kind} experts of hidden size {settings.hidden_size} "
+    console.print(f"hosting {len(service.server.experts)} {settings.kind} experts of hidden size {settings.hidden_size} "
                   f"on {service.device}; peer id {host.identity.peer_id}", highlight=False)
+    if settings.num_experts is not None:
+        console.print(f"chosen among the {len(settings.experts)} named, free in the DHT: "
+                      f"{', '.join(service.server.experts)}", highlight=False)
     if service.node is not None:
         console.print(f"DHT: embedded node, {len(service.node.routing)} neighbours; others join with: "
                       f"--initial-peers {service.node.address}", highlight=False)

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -51,9 +51,10 @@ class ExpertServerMetrics:
             for method in METHODS:
                 self.requests.labels(kind, method, "ok")
 
-    def count_skipped_updates(self, experts: Iterable[Expert]) -> None:
-        """Exports the experts' skipped updates (they count them themselves, in their threads)."""
-        self.registry.register(_SkippedUpdates(list(experts)))
+    def count_skipped_updates(self, experts: Collection[Expert]) -> None:
+        """Exports the experts' skipped updates (they count them themselves, in their threads);
+        `experts` may be a live view, read at every scrape."""
+        self.registry.register(_SkippedUpdates(experts))
 
     def request(self, kind: str, method: str, status: str) -> None:
         self.requests.labels(kind, method, status).inc()
@@ -68,7 +69,7 @@ class ExpertServerMetrics:
 
 
 class _SkippedUpdates(Collector):
-    def __init__(self, experts: list[Expert]):
+    def __init__(self, experts: Collection[Expert]):
         self.experts = experts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -76,7 +77,7 @@ class _SkippedUpdates(Collector):
                                      "Backward passes whose gradients were not finite: no optimizer step",
                                      labels=["kind"])
         totals: dict[str, int] = {}
-        for expert in self.experts:
+        for expert in list(self.experts):
             totals[expert.spec.kind] = totals.get(expert.spec.kind, 0) + expert.skipped_updates
         for kind, total in sorted(totals.items()):
             family.add_metric([kind], total)

@@ -71,17 +71,14 @@ def status_name(error: BaseException | None) -> str:
 
 
 class ExpertServer:
-    """Hosts experts behind one batching runtime. `await start()` before serving, `close()` after."""
+    """Hosts experts behind one batching runtime. `await start()` before serving, `close()` after;
+    experts chosen later (`host`) join before `start()`."""
 
     def __init__(self, experts: Iterable[Expert], runtime: BatchingRuntime | None = None, *,
                  max_tensor_bytes: int = 1 << 30, checkpoint_dir: str | os.PathLike[str] | None = None,
                  checkpoint_period: float = 300.0, metrics: ExpertServerMetrics | None = None,
                  activations: ActivationCache | None = None):
         self.experts: dict[str, Expert] = {}
-        for expert in experts:
-            if expert.name in self.experts:
-                raise ValueError(f"two experts are named {expert.name!r}")
-            self.experts[expert.name] = expert
         self.runtime = runtime or BatchingRuntime()
         self.max_tensor_bytes = max_tensor_bytes
         self.checkpoint_dir = checkpoint_dir
@@ -89,11 +86,20 @@ class ExpertServer:
         self.metrics = metrics
         self.activations = activations if activations is not None else ActivationCache()
         if metrics is not None:
-            metrics.experts.set(len(self.experts))
-            metrics.hosting({expert.spec.kind for expert in self.experts.values()})
             metrics.count_skipped_updates(self.experts.values())
             self.runtime.observer = metrics.batch
         self._checkpointing: asyncio.Task[None] | None = None
+        self.host(experts)
+
+    def host(self, experts: Iterable[Expert]) -> None:
+        """Adds experts to those hosted (ValueError if a name is taken)."""
+        for expert in experts:
+            if expert.name in self.experts:
+                raise ValueError(f"two experts are named {expert.name!r}")
+            self.experts[expert.name] = expert
+        if self.metrics is not None:
+            self.metrics.experts.set(len(self.experts))
+            self.metrics.hosting({expert.spec.kind for expert in self.experts.values()})
 
     def attach(self, rpc_server: RpcServer) -> None:
         rpc_server.add_service(EXPERTS_SERVICE, self)

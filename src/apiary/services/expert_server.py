@@ -1,7 +1,9 @@
 """The expert-server service: hosts experts, trains them on the requests that reach them,
 checkpoints them and declares them in the DHT.
 
-One process hosts many experts of one kind and hidden size, named on a grid (`ffn.0.3`). Its
+One process hosts many experts of one kind and hidden size, named on a grid (`ffn.0.3`): all
+the names given, or (`num_experts`) that many of them chosen among those no other server
+declares (`apiary.moe.claiming`), once the DHT is reached. Its
 public port serves `apiary.moe.Experts` (and, with an embedded DHT node, the DHT). Every
 `declare_period` seconds it declares its experts in the DHT (through the participant's dht
 service with `dht_local`, or its own node joining `initial_peers`), each declaration living
@@ -24,6 +26,7 @@ from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.moe.activations import ActivationCache
 from apiary.moe.batching import BatchingRuntime
+from apiary.moe.claiming import claim_free_experts
 from apiary.moe.declaration import keep_declared
 from apiary.moe.experts import Expert, ExpertSpec
 from apiary.moe.kinds import resolve_kind
@@ -58,6 +61,7 @@ def resolve_device(name: str) -> torch.device:
 
 class ExpertServerSettings(BaseModel):
     experts: list[str] = Field(min_length=1, description="names of the experts hosted, on a grid (ffn.0.3)")
+    num_experts: int | None = Field(None, ge=1, description="host this many of `experts`, free in the DHT (none: all)")
     kind: str = Field("ffn", description="ffn, transformer, slow or failing (tests), or package.module:factory")
     hidden_size: int = Field(1024, gt=0, description="the experts' input and output size")
     optimizer: OptimizerName = Field("adam", description="every expert's optimizer (none: experts never change)")
@@ -100,6 +104,12 @@ class ExpertServerSettings(BaseModel):
                               self.scheduler, self.warmup_steps, self.total_steps)
 
     @model_validator(mode="after")
+    def _enough_names(self) -> ExpertServerSettings:
+        if self.num_experts is not None and self.num_experts > len(self.experts):
+            raise ValueError(f"num_experts={self.num_experts} is more than the {len(self.experts)} experts named")
+        return self
+
+    @model_validator(mode="after")
     def _a_possible_training(self) -> ExpertServerSettings:
         self.training  # noqa: B018 - raises ValueError naming what cannot be combined
         return self
@@ -122,12 +132,7 @@ class ExpertServerService:
         self.device = resolve_device(settings.device)
         self.host = ServiceHost("expert-server", wire, service, status=self.status, ready=lambda: self.declared_at is not None)
         self.metrics = ExpertServerMetrics(self.host.registry)
-        kind = resolve_kind(settings.kind, slow_seconds=settings.slow_seconds)
-        experts = [
-            Expert(ExpertSpec(name, settings.kind, settings.hidden_size), kind.factory(settings.hidden_size),
-                   training=settings.training, device=self.device)
-            for name in settings.experts
-        ]
+        experts = self._experts(settings.experts) if settings.num_experts is None else []
         runtime = BatchingRuntime(settings.max_batch_size, settings.max_wait, settings.max_queued_requests)
         self.server = ExpertServer(experts, runtime, max_tensor_bytes=wire.max_tensor_bytes,
                                    checkpoint_dir=settings.checkpoint_dir, checkpoint_period=settings.checkpoint_period,
@@ -142,8 +147,15 @@ class ExpertServerService:
             self.dht = self.node
         self.declared_at: float | None = None
 
+    def _experts(self, names: list[str]) -> list[Expert]:
+        settings = self.settings
+        kind = resolve_kind(settings.kind, slow_seconds=settings.slow_seconds)
+        return [Expert(ExpertSpec(name, settings.kind, settings.hidden_size), kind.factory(settings.hidden_size),
+                       training=settings.training, device=self.device) for name in names]
+
     async def start(self) -> None:
-        """Loads checkpoints, starts serving and reaches the DHT; on failure, stops what it started."""
+        """Loads checkpoints, starts serving and reaches the DHT (choosing the experts with
+        `num_experts`); on failure, stops what it started."""
         await self.host.start_service(self._start)
 
     async def _start(self) -> None:
@@ -153,13 +165,19 @@ class ExpertServerService:
             self.node.attach(self.host.server)
         self.server.attach(self.host.server)
         self.host.on_stop(self._close_dht)
-        await self.server.start()  # checkpoints are loaded before the first request is served
+        if self.settings.num_experts is None:
+            await self.server.start()  # checkpoints are loaded before the first request is served
         self.host.on_stop(self.server.close)  # runs before the servers stop: saves the last checkpoints
         await self.host.start()
         if self.node is not None:
             await self.node.join(self.settings.initial_peers)
         else:
             await self.dht.info()  # fails now, with the address, if the dht service does not answer
+        if self.settings.num_experts is not None:  # none hosted yet: callers get NOT_FOUND meanwhile
+            names = await claim_free_experts(self.dht, self.settings.experts, self.settings.num_experts,
+                                             self.address, ttl=3 * self.settings.declare_period)
+            self.server.host(self._experts(names))
+            await self.server.start()
         self.host.spawn(keep_declared(self.dht, list(self.server.experts), self.address,
                                       self.settings.declare_period, on_declared=self._declared), "declare-experts")
 

@@ -2,7 +2,7 @@
 
     python -m tests.moe_expert_worker --config '{"experts": [["ffn.0.0", "ffn", 16, 0]], ...}'
 
-Each expert is [name, kind, hidden_size, seed]: built right after `torch.manual_seed(seed)`,
+Each expert is [name, kind, hidden_size, seed] (and optionally its dtype): built right after `torch.manual_seed(seed)`,
 so a test can build the identical module with `build_local`. Prints `{"port": PORT}` once
 serving; stops when stdin closes or on SIGTERM.
 """
@@ -30,8 +30,9 @@ def build_local(name: str, kind: str, hidden: int, seed: int) -> torch.nn.Module
 
 
 async def main(config: dict[str, Any]) -> None:
-    experts = [Expert(ExpertSpec(name, kind, hidden), build_local(name, kind, hidden, seed), training=ExpertTraining(lr=config.get("lr", 1e-2)))
-               for name, kind, hidden, seed in config["experts"]]
+    experts = [Expert(ExpertSpec(name, kind, hidden, *dtype), build_local(name, kind, hidden, seed),
+                      training=ExpertTraining(lr=config.get("lr", 1e-2)))
+               for name, kind, hidden, seed, *dtype in config["experts"]]
     runtime = BatchingRuntime(config.get("max_batch_size", 16), config.get("max_wait_seconds", 0.05),
                               config.get("max_queued_requests", 64))
     server = ExpertServer(experts, runtime)

@@ -30,6 +30,7 @@ EXPERTS = [
     ["ffn.0.1", "ffn", HIDDEN, 1],  # trained by the backward test
     ["ffn.0.2", "ffn", HIDDEN, 2],  # batching and refusals
     ["block.0.0", "transformer", HIDDEN, 3],
+    ["half.0.0", "ffn", HIDDEN, 4, "bfloat16"],
 ]
 MAX_BATCH = 16
 
@@ -77,6 +78,37 @@ def test_forward_and_input_gradient_match_the_local_module(endpoint: str) -> Non
     (y_local * weights).sum().backward()
     assert x_remote.grad is not None and x_local.grad is not None
     torch.testing.assert_close(x_remote.grad, x_local.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bfloat16_expert_matches_the_local_module_with_half_the_bytes(endpoint: str) -> None:
+    local = build_local("half.0.0", "ffn", HIDDEN, 4)
+    x = torch.randn(8, HIDDEN, requires_grad=True)
+    grad = torch.randn(8, HIDDEN)
+    local_x = x.detach().clone().requires_grad_(True)
+    local(local_x).backward(grad)
+    half = RemoteExpert(endpoint, "half.0.0", timeout=10, dtype=None)  # the wire's dtype from the schema
+    output = half(x)
+    output.backward(grad)
+    assert half.wire_dtype() == torch.bfloat16 and output.dtype == x.grad.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(output, local(x), atol=3e-2, rtol=3e-2)  # bfloat16: 8 bits of mantissa
+    torch.testing.assert_close(x.grad, local_x.grad, atol=3e-2, rtol=3e-2)
+    full = RemoteExpert(endpoint, "half.0.0", timeout=10)  # float32 on the wire: accepted too
+    full(x).backward(grad)
+    assert half.bytes_sent / full.bytes_sent < 0.55 and half.bytes_received / full.bytes_received < 0.55
+
+
+def test_a_float16_expert_on_the_cpu_computes_in_float32_and_answers_float16() -> None:
+    torch.manual_seed(0)
+    expert = Expert(ExpertSpec("ffn.0.0", "ffn", 8, "float16"), training=ExpertTraining(lr=0.0))
+    x = torch.randn(4, 8)
+    (output,) = expert.forward([x.half()])
+    assert output.dtype == torch.float16
+    torch.testing.assert_close(output.float(), expert.module(x).detach(), atol=1e-2, rtol=1e-2)
+    (grad_input,) = expert.backward([x.half()], [torch.ones(4, 8, dtype=torch.float16)])
+    assert grad_input.dtype == torch.float16 and bool(torch.isfinite(grad_input).all())
+    with pytest.raises(ValueError, match="input dtype is bfloat16, expected float16 or float32"):
+        expert.forward([x.bfloat16()])
 
 
 def test_transformer_expert_matches_the_local_module(endpoint: str) -> None:
@@ -134,8 +166,8 @@ def test_concurrent_requests_are_batched(endpoint: str) -> None:
 def test_bad_requests_are_rejected_and_the_server_keeps_serving(endpoint: str, name: str, x: torch.Tensor,
                                                                 error: type[WireError], message: str) -> None:
     remote = RemoteExpert(endpoint, name, timeout=10)
-    with pytest.raises(error) as raised, torch.no_grad():
-        remote(x)
+    with pytest.raises(error) as raised:
+        remote.call("Forward", [x])  # as sent: a RemoteExpert module would cast x to the wire's dtype
     assert message in str(raised.value)
     if name != "ffn.9.9":
         assert f"'{name}'" in str(raised.value)

@@ -197,6 +197,21 @@ def test_a_server_trains_its_experts_with_the_optimizer_and_schedule_asked(swarm
     server.terminate()
 
 
+def test_a_bfloat16_server_is_called_in_bfloat16_by_clients_that_follow_its_schema(swarm: Swarm) -> None:
+    server, address = swarm.start_server("--experts", "half.0.0", "--hidden-size", "16", "--dtype", "bfloat16",
+                                         "--lr", "0", "--max-wait", "0")
+    assert "in bfloat16" in server.output
+    half, full = RemoteExpert(address, "half.0.0", timeout=10, dtype=None), RemoteExpert(address, "half.0.0", timeout=10)
+    x = torch.randn(32, 16, requires_grad=True)
+    half(x).sum().backward()
+    half_grad, x.grad = x.grad, None
+    full(x).sum().backward()  # float32 on the wire: the server still computes in bfloat16
+    assert half.wire_dtype() == torch.bfloat16
+    torch.testing.assert_close(half_grad, x.grad, atol=2e-2, rtol=2e-2)
+    assert half.bytes_sent < 0.55 * full.bytes_sent
+    server.terminate()
+
+
 def test_servers_given_the_same_pattern_spread_over_it(swarm: Swarm) -> None:
     args = ("--experts", "spread.0.[0:6]", "--num-experts", "2", "--hidden-size", "8", "--declare-period", "1")
     started = [swarm.services.start("expert-server", *args, "--initial-peers", swarm.dht.initial_peers)
@@ -229,8 +244,9 @@ def test_servers_given_the_same_pattern_spread_over_it(swarm: Swarm) -> None:
          "the cosine scheduler decays until total_steps, which must exceed warmup_steps=10; got None"),
         (["--experts", "ffn.0.[0:2]", "--initial-peers", "127.0.0.1:1", "--num-experts", "3"],
          "num_experts=3 is more than the 2 experts named"),
+        (["--experts", "ffn.0.0", "--initial-peers", "127.0.0.1:1", "--dtype", "float64"], "dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
     ],
-    ids=["pattern", "no-dht", "kind", "device", "cuda", "scheduler", "num-experts"],
+    ids=["pattern", "no-dht", "kind", "device", "cuda", "scheduler", "num-experts", "dtype"],
 )
 def test_a_bad_configuration_stops_with_one_clear_line(args: list[str], named: str) -> None:
     result = subprocess.run([sys.executable, "-m", "apiary.cli.main", "expert-server", *args], capture_output=True,

@@ -33,6 +33,7 @@ def expert_server_command(
     lr: Annotated[float, option("--lr", "learning rate of every expert", min=0)] = 1e-3,
     momentum: Annotated[float, option("--momentum", "SGD momentum", min=0)] = 0.0,
     weight_decay: Annotated[float, option("--weight-decay", "weight decay (decoupled for adamw)", min=0)] = 0.0,
+    dtype: Annotated[str, option("--dtype", "the experts' compute dtype, also carried on the wire: float32, bfloat16 or float16 (half the bytes)")] = "float32",
     max_grad_norm: Annotated[Optional[float], option("--max-grad-norm", "clip each expert's gradient to this norm (default: no clipping)")] = None,
     scheduler: Annotated[str, option("--scheduler", "learning rate after warm-up: constant, or linear or cosine decay to 0 at --total-steps")] = "constant",
     warmup_steps: Annotated[int, option("--warmup-steps", "updates of linear learning-rate warm-up per expert", min=0)] = 0,
@@ -84,7 +85,8 @@ def expert_server_command(
                                        stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
         ExpertServerSettings(
-            experts=names, num_experts=num_experts, kind=kind, hidden_size=hidden_size, optimizer=optimizer, lr=lr, momentum=momentum,
+            experts=names, num_experts=num_experts, kind=kind, hidden_size=hidden_size, dtype=dtype, optimizer=optimizer,
+            lr=lr, momentum=momentum,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, scheduler=scheduler, warmup_steps=warmup_steps,
             total_steps=total_steps, slow_seconds=slow_seconds, max_batch_size=max_batch_size, max_wait=max_wait,
             max_queued_requests=max_queued_requests, kept_activations=kept_activations,
@@ -109,6 +111,7 @@ async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings
     await service.start()
     host = service.host
     console.print(f"hosting {len(service.server.experts)} {settings.kind} experts of hidden size {settings.hidden_size} "
+                  f"in {settings.dtype} "
                   f"on {service.device}; peer id {host.identity.peer_id}", highlight=False)
     if settings.num_experts is not None:
         console.print(f"chosen among the {len(settings.experts)} named, free in the DHT: "

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from apiary.moe.experts import DTYPES
 from apiary.moe.protos.moe_pb2 import ExpertRequest, InfoReply, InfoRequest
 from apiary.moe.server import EXPERTS_SERVICE
 from apiary.wire import (
@@ -80,19 +81,22 @@ def run_sync(coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
 
 
 class RemoteExpert(nn.Module):
-    """An expert hosted by the server at `endpoint`, usable as a module (inputs: float32).
+    """An expert hosted by the server at `endpoint`, usable as a module.
 
     `endpoint` is the server's address as its expert declarations name it, `peer_id@host:port`
     (or `host:port`, where TLS proves the id at first contact). Every RemoteExpert of the process
     shares one channel per server unless given `pool` (e.g. one that dials in plaintext, or with
     a private run's token), which must then only be used from `background_loop()` (gRPC channels
-    belong to one loop). With
+    belong to one loop). Activations and gradients travel in `dtype` (None: the expert's compute
+    dtype, asked once with Info; bfloat16 or float16 halve the bytes) and come back in the
+    caller's dtype. With
     `keep_activations` (the default), a forward pass that will be followed by a backward asks
     the server to keep its activations, so that the backward does not recompute them.
     """
 
     def __init__(self, endpoint: PeerAddress | Endpoint | str, name: str, pool: ChannelPool | None = None, *,
-                 timeout: float = 30.0, max_tensor_bytes: int = 1 << 30, keep_activations: bool = True):
+                 timeout: float = 30.0, max_tensor_bytes: int = 1 << 30, keep_activations: bool = True,
+                 dtype: torch.dtype | None = torch.float32):
         super().__init__()
         address = PeerAddress.parse(endpoint) if isinstance(endpoint, str) else endpoint
         if isinstance(address, Endpoint):
@@ -103,6 +107,9 @@ class RemoteExpert(nn.Module):
         self.timeout = timeout
         self.keep_activations = keep_activations
         self.max_tensor_bytes = max_tensor_bytes
+        self.dtype = dtype
+        self.bytes_sent = 0  # serialized requests and replies of Forward and Backward
+        self.bytes_received = 0
         self._pool = pool
         self._rpc: RpcClient | None = None
 
@@ -121,6 +128,8 @@ class RemoteExpert(nn.Module):
         request = ExpertRequest(expert=self.name, tensors=[serialize_tensor(t.detach().cpu()) for t in tensors],
                                 keep_activations=keep_activations, handle=handle)
         reply = await self._client().call(method, request, timeout=self.timeout)
+        self.bytes_sent += request.ByteSize()
+        self.bytes_received += reply.ByteSize()
         try:
             return [deserialize_tensor(message, self.max_tensor_bytes) for message in reply.tensors], reply.handle
         except (InvalidRequest, PayloadTooLarge) as e:  # what deserialize_tensor refuses
@@ -137,6 +146,12 @@ class RemoteExpert(nn.Module):
 
         return run_sync(ask(), self.timeout + 1.0)
 
+    def wire_dtype(self) -> torch.dtype:
+        """The dtype tensors travel in: `dtype`, or the expert's schema's (asked once)."""
+        if self.dtype is None:
+            self.dtype = DTYPES[self.info().dtype or "float32"]
+        return self.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         keep = self.keep_activations and torch.is_grad_enabled() and x.requires_grad
         return _RemoteCall.apply(self, keep, x)
@@ -148,20 +163,23 @@ class RemoteExpert(nn.Module):
 class _RemoteCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, expert: RemoteExpert, keep: bool, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        outputs, handle = run_sync(expert.call_async("Forward", [x], keep_activations=keep), expert.timeout + 1.0)
+        wire = expert.wire_dtype()
+        outputs, handle = run_sync(expert.call_async("Forward", [x.to(wire)], keep_activations=keep),
+                                   expert.timeout + 1.0)
         (output,) = _one(outputs, expert, "Forward")
         ctx.expert, ctx.handle = expert, handle
         ctx.save_for_backward(x)
-        return output.to(x.device)
+        return output.to(x.device, x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         expert: RemoteExpert = ctx.expert
-        grads, _ = run_sync(expert.call_async("Backward", [x, grad_output.to(x.dtype)], handle=ctx.handle),
+        wire = expert.wire_dtype()
+        grads, _ = run_sync(expert.call_async("Backward", [x.to(wire), grad_output.to(wire)], handle=ctx.handle),
                             expert.timeout + 1.0)
         (grad_input,) = _one(grads, expert, "Backward")
-        return None, None, grad_input.to(x.device)
+        return None, None, grad_input.to(x.device, x.dtype)
 
 
 def _one(tensors: list[torch.Tensor], expert: RemoteExpert, method: str) -> list[torch.Tensor]:

@@ -8,6 +8,11 @@ the requests that flow through an expert are what trains it; `apiary.moe.trainin
 optimizer and schedule); a step whose gradients are not finite is skipped and counted, never
 applied. The module lives on the
 expert's device; inputs come and results go back on the CPU (the wire's side).
+
+An expert's `dtype` (float32, bfloat16 or float16) is its compute precision: inputs may come in
+it (half the bytes of float32) or in float32, results go back in the inputs' dtype, and the
+module (float32 weights) runs under autocast at that precision; float16 on the CPU, where
+half-precision matmuls are not always available, computes in float32.
 """
 
 from __future__ import annotations
@@ -23,16 +28,17 @@ from apiary.moe.activations import KeptActivations
 from apiary.moe.kinds import resolve_kind
 from apiary.moe.training import ExpertTraining
 
-INPUT_DTYPE = torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    """What an expert is: its name (unique on the server), kind and hidden size."""
+    """What an expert is: its name (unique on the server), kind, hidden size and compute dtype."""
 
     name: str
     kind: str
     hidden_size: int
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -43,6 +49,12 @@ class ExpertSpec:
             raise ValueError(f"expert {self.name!r}: {e}") from None
         if self.hidden_size <= 0:
             raise ValueError(f"expert {self.name!r}: hidden_size must be positive, got {self.hidden_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"expert {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
 
     @property
     def input_ndim(self) -> int:
@@ -50,7 +62,7 @@ class ExpertSpec:
 
     def describe_input(self) -> str:
         dims = ["batch", "seq"][: self.input_ndim - 1] + [str(self.hidden_size)]
-        return f"float32[{', '.join(dims)}]"
+        return f"{self.dtype}[{', '.join(dims)}]"
 
 
 def build_expert(spec: ExpertSpec) -> nn.Module:
@@ -84,9 +96,9 @@ class Expert:
         if len(inputs) != 1:
             raise ValueError(f"expert {self.name!r} takes 1 input tensor ({expected}), got {len(inputs)}")
         x = inputs[0]
-        if x.dtype != INPUT_DTYPE:
+        if x.dtype not in (torch.float32, self.spec.torch_dtype):
             raise ValueError(f"expert {self.name!r}: input dtype is {str(x.dtype).removeprefix('torch.')}, "
-                             f"expected float32 ({expected})")
+                             f"expected {' or '.join(dict.fromkeys([self.spec.dtype, 'float32']))} ({expected})")
         if x.dim() != self.spec.input_ndim or x.shape[-1] != self.spec.hidden_size:
             raise ValueError(f"expert {self.name!r}: input shape is {list(x.shape)}, expected {expected}")
         if x.shape[0] == 0:
@@ -97,9 +109,10 @@ class Expert:
         if len(grad_outputs) != 1:
             raise ValueError(f"expert {self.name!r}: backward takes 1 output gradient, got {len(grad_outputs)}")
         g = grad_outputs[0]
-        if g.dtype != INPUT_DTYPE:
+        if g.dtype != inputs[0].dtype:
             raise ValueError(f"expert {self.name!r}: output gradient dtype is "
-                             f"{str(g.dtype).removeprefix('torch.')}, expected float32")
+                             f"{str(g.dtype).removeprefix('torch.')}, expected the input's "
+                             f"{str(inputs[0].dtype).removeprefix('torch.')}")
         if g.shape != inputs[0].shape:  # every kind maps hidden -> hidden
             raise ValueError(f"expert {self.name!r}: output gradient shape is {list(g.shape)}, "
                              f"expected {list(inputs[0].shape)} (the output's shape)")
@@ -107,7 +120,7 @@ class Expert:
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.check_inputs(inputs)
         with self._lock, torch.no_grad():
-            return [self.module(inputs[0].to(self.device)).cpu()]
+            return [self._compute(inputs[0].to(self.device)).to("cpu", inputs[0].dtype)]
 
     def forward_keeping(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], KeptActivations]:
         """The outputs, computed with grad; also the activations for a `backward` of the same inputs."""
@@ -115,8 +128,8 @@ class Expert:
         with self._lock:
             x = inputs[0].to(self.device).detach().requires_grad_(True)
             with torch.enable_grad():
-                output = self.module(x)
-            return [output.detach().cpu()], KeptActivations(x, output, self.updates)
+                output = self._compute(x)
+            return [output.detach().to("cpu", x.dtype)], KeptActivations(x, output, self.updates)
 
     def backward(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
                  kept: KeptActivations | None = None) -> list[torch.Tensor]:
@@ -132,8 +145,8 @@ class Expert:
             else:
                 x = inputs[0].to(self.device).detach().requires_grad_(True)
                 with torch.enable_grad():
-                    output = self.module(x)
-            grad_output = grad_outputs[0].to(self.device)
+                    output = self._compute(x)
+            grad_output = grad_outputs[0].to(self.device, output.dtype)
             if self.optimizer is None:  # frozen: the input gradient only
                 with torch.enable_grad():
                     (grad_input,) = torch.autograd.grad(output, x, grad_output)
@@ -144,6 +157,15 @@ class Expert:
             self._step(self.optimizer)
             assert x.grad is not None
             return [x.grad.cpu()]
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output for `x` (on the device, in float32 or the expert's dtype), computed
+        at the expert's precision."""
+        dtype = self.spec.torch_dtype
+        if dtype == torch.float32 or (dtype == torch.float16 and self.device.type == "cpu"):
+            return self.module(x.float())
+        with torch.autocast(self.device.type, dtype=dtype):
+            return self.module(x)
 
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
         """One optimizer step on the gradients just computed, unless their norm is not finite (a

@@ -147,7 +147,7 @@ class ExpertServer:
         forward = self.runtime.stats.get((expert.name, "forward"), BatchStats())
         backward = self.runtime.stats.get((expert.name, "backward"), BatchStats())
         return InfoReply(
-            name=expert.name, kind=expert.spec.kind, hidden_size=expert.spec.hidden_size,
+            name=expert.name, kind=expert.spec.kind, hidden_size=expert.spec.hidden_size, dtype=expert.spec.dtype,
             max_batch_size=self.runtime.max_batch_size,
             forward_batches=forward.batches, forward_requests=forward.requests,
             backward_batches=backward.batches, backward_requests=backward.requests,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -64,6 +64,7 @@ class ExpertServerSettings(BaseModel):
     num_experts: int | None = Field(None, ge=1, description="host this many of `experts`, free in the DHT (none: all)")
     kind: str = Field("ffn", description="ffn, transformer, slow or failing (tests), or package.module:factory")
     hidden_size: int = Field(1024, gt=0, description="the experts' input and output size")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the experts' compute dtype, also on the wire")
     optimizer: OptimizerName = Field("adam", description="every expert's optimizer (none: experts never change)")
     lr: float = Field(1e-3, ge=0, allow_inf_nan=False, description="learning rate of every expert")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
@@ -150,7 +151,7 @@ class ExpertServerService:
     def _experts(self, names: list[str]) -> list[Expert]:
         settings = self.settings
         kind = resolve_kind(settings.kind, slow_seconds=settings.slow_seconds)
-        return [Expert(ExpertSpec(name, settings.kind, settings.hidden_size), kind.factory(settings.hidden_size),
+        return [Expert(ExpertSpec(name, settings.kind, settings.hidden_size, settings.dtype), kind.factory(settings.hidden_size),
                        training=settings.training, device=self.device) for name in names]
 
     async def start(self) -> None:
@@ -201,6 +202,7 @@ class ExpertServerService:
         return {
             "kind": settings.kind,
             "hidden_size": settings.hidden_size,
+            "dtype": settings.dtype,
             "device": str(self.device),
             "experts": len(experts),
             "updates": sum(expert.updates for expert in experts),

@@ -58,7 +58,7 @@ class InfoRequest(_message.Message):
     def __init__(self, expert: _Optional[str] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("name", "kind", "hidden_size", "max_batch_size", "forward_batches", "forward_requests", "backward_batches", "backward_requests", "updates")
+    __slots__ = ("name", "kind", "hidden_size", "max_batch_size", "forward_batches", "forward_requests", "backward_batches", "backward_requests", "updates", "dtype")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class InfoReply(_message.Message):
     BACKWARD_BATCHES_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     hidden_size: int
@@ -77,4 +78,5 @@ class InfoReply(_message.Message):
     backward_batches: int
     backward_requests: int
     updates: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., forward_batches: _Optional[int] = ..., forward_requests: _Optional[int] = ..., backward_batches: _Optional[int] = ..., backward_requests: _Optional[int] = ..., updates: _Optional[int] = ...) -> None: ...
+    dtype: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., forward_batches: _Optional[int] = ..., forward_requests: _Optional[int] = ..., backward_batches: _Optional[int] = ..., backward_requests: _Optional[int] = ..., updates: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...

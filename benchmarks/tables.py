@@ -154,10 +154,12 @@ def moshpit_churn(results: Results) -> str:
     return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + "\n".join(notes)
 
 
-def moe(results: Results) -> str:
-    result = results("moe", None)
+def moe(results: Results, preset: str | None = None) -> str:
+    """The remote expert against local compute; `preset` names a device and dtype (moe-<preset>.json)."""
+    result = results("moe", preset)
     if result is None:
-        return missing(".venv/bin/python benchmarks/moe.py --steps 30")
+        device, _, dtype = (preset or "cpu-float32").partition("-")
+        return missing(f".venv/bin/python benchmarks/moe.py --steps 30 --device {device} --dtype {dtype}")
     f = result["figures"]
     rows = [[name, str(p["hidden"]), str(p["batch"]), f"{p['local']:.0f}", f"{p['remote']:.0f}",
              f"{p['recomputing']:.0f}", ratio(p["remote"], p["local"]), ratio(p["recomputing"], p["local"])]
@@ -338,7 +340,8 @@ def trust(results: Results) -> str:
 
 TABLES: dict[str, Callable[[Results], str]] = {
     "wire": wire, "dht": dht, "averaging": averaging, "averaging-verify": averaging_verify,
-    "moshpit_churn": moshpit_churn, "moe": moe, "training": training, "hivemind": hivemind, "fuzz": fuzz,
+    "moshpit_churn": moshpit_churn, "moe": moe, "moe-cuda-float32": lambda results: moe(results, "cuda-float32"),
+    "moe-cuda-bfloat16": lambda results: moe(results, "cuda-bfloat16"), "training": training, "hivemind": hivemind, "fuzz": fuzz,
     "allreduce_wan": allreduce_wan, "allreduce_wan-training": allreduce_wan_training,
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
     "memory-cuda": lambda results: memory(results, "cuda"),

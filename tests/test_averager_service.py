@@ -112,6 +112,7 @@ async def test_three_trainers_average_through_shared_memory_and_grpc(swarm: Swar
             assert samples[("apiary_averager_round_seconds_count", (("result", "ok"),))] >= 1
             status = averager.status()
             assert status["run_id"] == RUN and status["mode"] == "node" and status["registered"] is True
+            assert (status["codec"], status["state_codec"], status["download_codec"]) == ("none", "none", "none")
             assert status["schema"]["digest"] == digests[0]
             assert status["schema"]["numel"] == sum(torch.Size(s).numel() for s in SHAPES)
             assert status["schema"]["listed"][1] == {"dtype": "float32", "shape": [37]}

@@ -246,6 +246,8 @@ class AveragerService:
             "run_id": averaging.prefix,
             "mode": averaging.mode.value,
             "codec": averaging.codec,
+            "state_codec": averaging.state_codec or averaging.codec,
+            "download_codec": averaging.download_codec,
             "target_group_size": averaging.target_group_size,
             "min_group_size": averaging.min_group_size,
             "rejoin_weight": averaging.rejoin_weight,

@@ -30,6 +30,13 @@ def test_two_peers_averaging_gradients_match_one_peer_with_the_same_global_batch
     # both runs took `epochs` steps of 16 samples: the held-out loss agrees within 3%
     assert abs(pair[0]["loss_end"] - alone["loss_end"]) <= 0.03 * alone["loss_end"], (alone, pair)
     assert alone["loss_end"] < alone["loss_start"] - 1.0
+    # the same run accumulating in .grad (one batch per epoch: the same mean gradient) and stepping
+    # the optimizer from CPU copies (here on CPU already) reaches the same loss
+    with TrainerSwarm(tmp_path / "reused", "reused", [*common, "--reuse-grad-buffers", "--offload-optimizer"]) as swarm:
+        swarm.start(seed=0)
+        reused = swarm.finish()[0]
+    assert reused["epoch_end"] == epochs
+    assert abs(reused["loss_end"] - alone["loss_end"]) <= 1e-3 * alone["loss_end"], (alone, reused)
 
 
 def test_diloco_matches_synchronous_training_with_h_times_fewer_bytes(tmp_path):
@@ -68,6 +75,7 @@ def test_diloco_matches_synchronous_training_with_h_times_fewer_bytes(tmp_path):
     (["--mode", "fancy"], "mode must be one of gradients, local, diloco"),
     (["--target-batch-size", "0"], "--target-batch-size"),
     (["--dht-local", "127.0.0.1:1"], "give both dht_local and averager_local"),
+    (["--mode", "local", "--reuse-grad-buffers"], "reuse_grad_buffers"),
 ])
 def test_bad_tasks_and_settings_stop_the_trainer_with_one_line(args, expected):
     result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", *args], capture_output=True, text=True, timeout=60)

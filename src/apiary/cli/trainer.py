@@ -39,6 +39,8 @@ def trainer_command(
     mode: Annotated[str, option("--mode", "gradients, local or diloco")] = "gradients",
     average_state_every: Annotated[int, option("--average-state-every", "epochs between state averaging rounds (0: never)", min=0)] = 5,
     delay_updates: Annotated[bool, option("--delay-updates", "overlap gradient averaging with the next batches")] = False,
+    reuse_grad_buffers: Annotated[bool, option("--reuse-grad-buffers", "accumulate in the gradients themselves: no separate buffer (gradients mode)")] = False,
+    offload_optimizer: Annotated[bool, option("--offload-optimizer", "keep the optimizer's state and update on the CPU (gradients mode)")] = False,
     outer_lr: Annotated[float, option("--outer-lr", "DiLoCo's outer learning rate", min=0)] = 0.7,
     outer_momentum: Annotated[float, option("--outer-momentum", "DiLoCo's outer Nesterov momentum", min=0, max=0.999)] = 0.9,
     client_mode: Annotated[bool, option("--client-mode", "behind NAT: dial out only (embedded services)")] = False,
@@ -74,7 +76,8 @@ def trainer_command(
     settings = TrainerSettings(
         run_id=run_id, task=task, task_options=_json_object(task_options, "--task-options"), seed=seed,
         target_batch_size=target_batch_size, mode=mode, average_state_every=average_state_every,
-        delay_updates=delay_updates, outer_lr=outer_lr, outer_momentum=outer_momentum,
+        delay_updates=delay_updates, reuse_grad_buffers=reuse_grad_buffers, offload_optimizer=offload_optimizer,
+        outer_lr=outer_lr, outer_momentum=outer_momentum,
         client_mode=client_mode, auxiliary=auxiliary, progress_every=progress_every,
         dht_local=Endpoint.parse(dht_local) if dht_local else None,
         averager_local=Endpoint.parse(averager_local) if averager_local else None,

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -40,7 +40,7 @@ from apiary.background import LoopThread
 from apiary.optim.epochs import EpochController, LocalProgress, Step
 from apiary.optim.progress import SwarmProgress
 from apiary.optim.rounds import SwarmRounds
-from apiary.optim.rules import DiLoCo, GradientAveraging, LocalSGD, UpdateRule
+from apiary.optim.rules import DiLoCo, GradientAveraging, LocalSGD, Mode, UpdateRule, check_mode
 from apiary.optim.state import load_run_state, parameters_of, run_state
 from apiary.optim.swarm import StartEmbedded, Swarm, SwarmLink
 from apiary.optim.watch import SwarmWatch, logged
@@ -48,8 +48,6 @@ from apiary.wire import Endpoint, PeerAddress, WireSettings
 
 logger = logging.getLogger(__name__)
 
-Mode = Literal["gradients", "local", "diloco"]
-MODES = ("gradients", "local", "diloco")
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -92,19 +90,12 @@ class Optimizer:
         round_timeout: float = 60.0, refresh_period: float = 0.25, max_samples_per_second: float = math.inf,
         swarm: Swarm | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_mode(mode, delay_updates=delay_updates, auxiliary=auxiliary, reuse_grad_buffers=reuse_grad_buffers,
+                   offload_optimizer=offload_optimizer)
         if target_batch_size < 1:
             raise ValueError(f"target_batch_size must be at least 1, got {target_batch_size}")
         if average_state_every < 0:
             raise ValueError(f"average_state_every must be 0 (never) or more, got {average_state_every}")
-        if delay_updates and mode != "gradients":
-            raise ValueError("delay_updates applies to mode='gradients' only")
-        if auxiliary and mode != "gradients":
-            raise ValueError("auxiliary peers assist gradient rounds: mode must be 'gradients'")
-        if (reuse_grad_buffers or offload_optimizer) and mode != "gradients":
-            raise ValueError("reuse_grad_buffers and offload_optimizer apply to mode='gradients' only (in 'local' "
-                             "and 'diloco' the wrapped optimizer steps every batch on the device)")
         self.run_id, self.mode, self.auxiliary = run_id, mode, auxiliary
         self.target_batch_size = target_batch_size
         self.average_state_every = average_state_every

@@ -25,7 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
@@ -42,6 +42,27 @@ class Rounds(Protocol):
     def result(self, future: RoundFuture, what: str) -> int | None:
         """Waits for a round: its group size, or None (no group, or it failed: tensors unchanged)."""
         ...
+
+
+Mode = Literal["gradients", "local", "diloco"]
+MODES = ("gradients", "local", "diloco")
+
+
+def check_mode(mode: str, *, delay_updates: bool = False, auxiliary: bool = False, reuse_grad_buffers: bool = False,
+               offload_optimizer: bool = False) -> None:
+    """Raises ValueError naming the option when `mode` is unknown or does not go with an option."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if delay_updates and mode != "gradients":
+        raise ValueError("delay_updates applies to mode='gradients' only")
+    if auxiliary and mode != "gradients":
+        raise ValueError("auxiliary peers assist gradient rounds: mode must be 'gradients'")
+    if (reuse_grad_buffers or offload_optimizer) and mode != "gradients":
+        raise ValueError("reuse_grad_buffers and offload_optimizer apply to mode='gradients' only (in 'local' "
+                         "and 'diloco' the wrapped optimizer steps every batch on the device)")
+    if reuse_grad_buffers and delay_updates:
+        raise ValueError("reuse_grad_buffers cannot be combined with delay_updates: the next epoch's gradients "
+                         "would accumulate in the buffers the delayed round still averages")
 
 
 class UpdateRule:
@@ -98,9 +119,7 @@ class GradientAveraging(UpdateRule):
                  scheduler: Any | None, rounds: Rounds, delay_updates: bool = False, reuse_grad_buffers: bool = False,
                  masters: list[torch.Tensor] | None = None):
         super().__init__(params, optimizer, scheduler, rounds)
-        if delay_updates and reuse_grad_buffers:
-            raise ValueError("reuse_grad_buffers cannot be combined with delay_updates: the next epoch's gradients "
-                             "would accumulate in the buffers the background round is averaging")
+        check_mode(self.mode, delay_updates=delay_updates, reuse_grad_buffers=reuse_grad_buffers)
         self.delay_updates = delay_updates
         self.reuse_grad_buffers = reuse_grad_buffers
         self.masters = masters if masters is not None else list(params)  # what the wrapped optimizer steps

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 from apiary import faults
 from apiary.averaging.state import State, load_saved_state, save_state
 from apiary.files import write_atomically
-from apiary.optim import MODES
+from apiary.optim import check_mode
 from apiary.services.embedded import Optimizer
 from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.tasks import Task, load_task
@@ -42,6 +42,8 @@ class TrainerSettings(BaseModel):
     mode: str = Field("gradients", description="gradients, local or diloco")
     average_state_every: int = Field(5, ge=0, description="epochs between state averaging rounds (0: never)")
     delay_updates: bool = Field(False, description="overlap gradient averaging with the next batches")
+    reuse_grad_buffers: bool = Field(False, description="accumulate in the gradients themselves (gradients mode)")
+    offload_optimizer: bool = Field(False, description="the optimizer's state and update on the CPU (gradients mode)")
     outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo's outer Nesterov momentum")
     client_mode: bool = Field(False, description="behind NAT: dial out only (embedded services)")
@@ -64,8 +66,8 @@ class TrainerSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerSettings:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_mode(self.mode, delay_updates=self.delay_updates, auxiliary=self.auxiliary,
+                   reuse_grad_buffers=self.reuse_grad_buffers, offload_optimizer=self.offload_optimizer)
         services = (self.dht_local is not None, self.averager_local is not None)
         if services[0] != services[1]:
             raise ValueError("give both dht_local and averager_local (the participant's services), or neither")
@@ -147,7 +149,8 @@ class TrainerService:
             dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (),
             client_mode=s.client_mode, auxiliary=s.auxiliary, wire=self.embedded_wire, identity=self.identity_path,
             averaging=s.averaging,
-            average_state_every=s.average_state_every, delay_updates=s.delay_updates, outer_lr=s.outer_lr,
+            average_state_every=s.average_state_every, delay_updates=s.delay_updates,
+            reuse_grad_buffers=s.reuse_grad_buffers, offload_optimizer=s.offload_optimizer, outer_lr=s.outer_lr,
             outer_momentum=s.outer_momentum,
         )
         address = optimizer.swarm.dht_address
@@ -204,7 +207,8 @@ class TrainerService:
             loss = task.loss(task.model, batch)
             loss.backward()
             optimizer.step(task.batch_size)
-            optimizer.zero_grad()
+            if not s.reuse_grad_buffers:  # else the optimizer clears them after each epoch
+                optimizer.zero_grad()
             samples += task.batch_size
             self.last_loss = float(loss.item())
             self._observe(optimizer, task.batch_size)

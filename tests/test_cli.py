@@ -37,6 +37,8 @@ def test_version_prints_apiary_version() -> None:
     result = run("version")
     assert result.returncode == 0
     assert apiary.__version__ in result.stdout
+    as_module = subprocess.run([sys.executable, "-m", "apiary", "version"], capture_output=True, text=True, timeout=60)
+    assert as_module.returncode == 0 and as_module.stdout == result.stdout, as_module.stderr
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ Another rule (e.g. PowerSGD) is one more subclass of `UpdateRule`.
 
 from __future__ import annotations
 
+import abc
 import concurrent.futures
 import functools
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def check_mode(mode: str, *, delay_updates: bool = False, auxiliary: bool = Fals
                          "would accumulate in the buffers the delayed round still averages")
 
 
-class UpdateRule:
+class UpdateRule(abc.ABC):
     """Steps the wrapped `optimizer` of `params` as the rule says; steps `scheduler` after each update."""
 
     mode: ClassVar[str]
@@ -77,13 +78,13 @@ class UpdateRule:
         self.scheduler = scheduler
         self.rounds = rounds
 
+    @abc.abstractmethod
     def on_batch(self, batch_size: int) -> None:
         """Takes the gradients of a local batch of `batch_size` samples."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish_epoch(self, epoch: int, samples: int) -> None:
         """Averages this epoch's contribution (`samples` accumulated here) with the swarm and updates."""
-        raise NotImplementedError
 
     def poll(self) -> None:
         """Applies an update whose background round has finished (delayed updates)."""

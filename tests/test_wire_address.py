@@ -94,3 +94,42 @@ def test_parse_peer_list_accepts_commas_and_whitespace() -> None:
     assert parse_peer_list(" , \n") == []
     with pytest.raises(AddressError, match="nope"):
         parse_peer_list("a.example:1, nope")
+
+
+RELAY = Identity.generate().peer_id
+
+
+def test_relayed_addresses_round_trip_in_both_forms() -> None:
+    relayed = Endpoint.relayed_to(PeerAddress.parse(f"{RELAY}@203.0.113.9:4001"), PEER)
+    assert relayed.relayed and relayed.direct == Endpoint("203.0.113.9", 4001)
+    assert str(relayed) == f"203.0.113.9:4001/via/{RELAY}/to/{PEER}"
+    assert Endpoint.parse(str(relayed)) == relayed
+    address = PeerAddress(relayed, PEER)
+    assert str(address) == f"{PEER}@203.0.113.9:4001/via/{RELAY}"
+    assert PeerAddress.parse(str(address)) == address
+    assert PeerAddress.parse(str(relayed)) == address  # the endpoint form names its peer too
+    assert PeerAddress.parse(f"{PEER}@{relayed}") == address
+    assert parse_peer_list(f"{address}, 127.0.0.1:1") == [address, PeerAddress(Endpoint("127.0.0.1", 1))]
+    assert not Endpoint.parse("127.0.0.1:1").relayed
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        (f"203.0.113.9:4001/via/{RELAY}", "names its target"),
+        (f"203.0.113.9:4001/via/{RELAY}/to/", "is not host:port/via/"),
+        ("203.0.113.9:4001/via/nonsense/to/nonsense", "relay of a relayed endpoint"),
+        (f"203.0.113.9:4001/via/{RELAY}/to/{PEER}/more", "is not host:port/via/"),
+        ("203.0.113.9:4001/", "a relayed address reads"),
+    ],
+)
+def test_malformed_relayed_endpoints_are_refused_naming_the_part(text: str, complaint: str) -> None:
+    with pytest.raises(AddressError, match=complaint):
+        Endpoint.parse(text)
+
+
+def test_a_relayed_address_names_one_peer() -> None:
+    with pytest.raises(AddressError, match=f"connects to {PEER}"):
+        PeerAddress.parse(f"{RELAY}@203.0.113.9:4001/via/{RELAY}/to/{PEER}")
+    with pytest.raises(AddressError, match="names its peer id"):
+        Endpoint.relayed_to(PeerAddress.parse("203.0.113.9:4001"), PEER)

@@ -14,7 +14,10 @@ Layout (nothing of it in the machine's own namespace):
 - each host's link: a veth pair `eth0` <-> `h<i>` on the bridge, or, where the link has latency,
   jitter, loss or dial-out-only filtering, two TAPs joined by a relay process (`net.relay`);
 - rates: `tbf` on both ends of the link (egress of `eth0` = the host's upload, egress of `h<i>`
-  = its download).
+  = its download);
+- a host behind a real NAT (`Link(nat="cone" | "symmetric")`) has a private address behind a
+  router namespace `<prefix>-r<i>` that holds the public address and the shaped link;
+  `nat="firewall"` keeps the public address and drops unsolicited inbound packets (`net.nat`).
 
 Partitions move bridge ports: each group of `partition()` gets a bridge of its own, so frames
 between groups have no path (connections stall, as across a real partition); `heal()` puts
@@ -41,6 +44,7 @@ from pathlib import Path
 from typing import Self
 
 from apiary.wire import Endpoint
+from net import nat
 from net.forward import Forwarder
 from net.netns import NETNS_DIR
 from net.processes import HostProcess
@@ -62,6 +66,7 @@ class Link:
     jitter_ms: float = 0.0  # ± uniform, each way (frames keep their order)
     loss: float = 0.0  # fraction of frames dropped, each way
     dial_out_only: bool = False  # behind a NAT: only answers to flows the host opened come in
+    nat: str | None = None  # a real NAT: "cone", "symmetric" or "firewall" (see net.nat)
 
     def __post_init__(self) -> None:
         if self.rate_mbit is not None and self.rate_mbit <= 0:
@@ -72,6 +77,10 @@ class Link:
             raise ValueError(f"jitter_ms {self.jitter_ms} is above the one-way delay rtt_ms/2 = {self.rtt_ms / 2}")
         if not 0 <= self.loss < 1:
             raise ValueError(f"loss must be in [0, 1), not {self.loss}")
+        if self.nat is not None and self.nat not in nat.KINDS:
+            raise ValueError(f"nat must be one of {nat.KINDS}, not {self.nat!r}")
+        if self.nat is not None and self.dial_out_only:
+            raise ValueError("dial_out_only is the user-space stand-in for a NAT: not both")
 
     @property
     def needs_relay(self) -> bool:
@@ -88,6 +97,11 @@ def skip_reason() -> str | None:
     if not os.path.exists("/dev/net/tun"):
         return "network tests need /dev/net/tun (TAP devices for the latency relay)"
     return None
+
+
+def nat_skip_reason() -> str | None:
+    """Why tests with real NATs cannot run here (None: they can); installs iptables if missing."""
+    return skip_reason() or nat.iptables_missing()
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -164,14 +178,21 @@ def host_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Host:
-    """One participant's machine: a namespace with an address and a shaped link."""
+    """One participant's machine: a namespace with an address and a shaped link. Behind a NAT
+    with a router, `address` is the private one the host binds, `public_address` the router's
+    (what others see and dial); elsewhere both are the same."""
 
     def __init__(self, network: Network, index: int, link: Link):
         self.network = network
         self.index = index
         self.name = f"h{index}"
         self.namespace = f"{network.prefix}-{self.name}"
-        self.address = f"{SUBNET}.{index + 1}"
+        self.public_address = f"{SUBNET}.{index + 1}"
+        self.router: str | None = None  # the router's namespace, which holds the switch link
+        self.address = self.public_address
+        if link.nat in nat.ROUTED:
+            self.router = f"{network.prefix}-r{index}"
+            self.address = f"{nat.private_subnet(index)}.2"
         self.link = link
         self.relay: HostProcess | None = None
         self.processes: list[HostProcess] = []
@@ -179,6 +200,11 @@ class Host:
 
     def __repr__(self) -> str:
         return f"Host({self.name}, {self.address}, {self.link})"
+
+    @property
+    def edge(self) -> str:
+        """The namespace whose `eth0` is the link to the switch (the router's, behind a NAT)."""
+        return self.router or self.namespace
 
     def start(self, argv: list[str], *, env: dict[str, str] | None = None, name: str | None = None,
               stdin: bool = False) -> HostProcess:
@@ -200,7 +226,7 @@ class Host:
 
     def shape(self, rate_mbit: float | None) -> None:
         """Changes this host's rate limit (both directions) while it runs; None: no limit."""
-        for namespace, device in ((self.namespace, "eth0"), (self.network.switch, self.name)):
+        for namespace, device in ((self.edge, "eth0"), (self.network.switch, self.name)):
             if rate_mbit is None:
                 run("tc", "-n", namespace, "qdisc", "delete", "dev", device, "root", check=False)
             else:
@@ -237,7 +263,7 @@ class Network:
         self._bridges = ["br0"]
 
     def __enter__(self) -> Self:
-        reason = skip_reason()
+        reason = nat_skip_reason() if any(host.link.nat for host in self.hosts) else skip_reason()
         if reason:
             raise RuntimeError(reason)
         remove_stale()
@@ -253,7 +279,7 @@ class Network:
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.switch, *(host.namespace for host in self.hosts)]
+        return [self.switch, *(host.namespace for host in self.hosts), *(h.router for h in self.hosts if h.router)]
 
     def _build(self) -> None:
         for namespace in self.namespaces:
@@ -269,13 +295,19 @@ class Network:
                 self._start_relay(host)
             else:
                 run("ip", "-n", self.switch, "link", "add", host.name, "type", "veth",
-                    "peer", "name", "eth0", "netns", host.namespace)
+                    "peer", "name", "eth0", "netns", host.edge)
         for host in self.hosts:
-            run("ip", "-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", "eth0")
-            run("ip", "-n", host.namespace, "link", "set", "eth0", "up")
+            run("ip", "-n", host.edge, "addr", "add", f"{host.public_address}/24", "dev", "eth0")
+            run("ip", "-n", host.edge, "link", "set", "eth0", "up")
             run("ip", "-n", self.switch, "link", "set", host.name, "master", "br0", "up")
             if host.link.rate_mbit is not None:
                 host.shape(host.link.rate_mbit)
+            if host.router is not None:
+                for command in nat.router_commands(host.router, host.namespace, host.index):
+                    run(*command)
+                nat.restore(host.router, nat.router_rules(str(host.link.nat), host.index))
+            elif host.link.nat == "firewall":
+                nat.restore(host.namespace, nat.FIREWALL_RULES)
 
     def _start_relay(self, host: Host) -> None:
         link = host.link
@@ -284,7 +316,7 @@ class Network:
                 "--loss", str(link.loss), "--seed", str(host.index)]
         if link.dial_out_only:
             argv.append("--dial-out-only")
-        host.relay = HostProcess(host.namespace, argv, host_env(), f"relay of {host.name}")
+        host.relay = HostProcess(host.edge, argv, host_env(), f"relay of {host.name}")
         host.relay.wait_for(r"^ready", self.ready_timeout)
 
     # ---- partitions ----

@@ -24,8 +24,8 @@ echo reply to its echo request; ICMP errors pass as "related"; ARP passes). Anyt
 TCP SYN from outside, a UDP datagram nobody asked for — is dropped silently, so a peer dialing
 in sees its connection time out, exactly as behind a real NAT.
 
-Run by `net.network` inside the host's namespace as `python -m net.relay ...` (with `tests/`
-on the path); it creates the host's TAP there, moves into the switch's namespace for good
+Run by `net.network` inside the host's namespace (its router's, behind a NAT) as `python -m
+net.relay ...` (with `tests/` on the path); it creates the host's TAP there, moves into the switch's namespace for good
 (so cleanup finds it among that namespace's processes), creates the switch's TAP, prints one
 line `ready`, and runs until killed (it dies with the test process); the TAPs, which only this
 process holds, disappear with it.

@@ -6,6 +6,9 @@
     python -m net.tools ping --to 198.18.0.2:5002 --count 20
     python -m net.tools connect --to 198.18.0.2:5003 --timeout 3
     python -m net.tools listen --port 5003                 # TCP: accepts connections
+    python -m net.tools observe --port 5004                # TCP: tells each caller its address as seen
+    python -m net.tools mapped --to 198.18.0.2:5004 --to 198.18.0.3:5004 --source-port 40000
+    python -m net.tools punch --to 198.18.0.4:40000 --source-port 40000 --timeout 8
 
 Servers print `listening` once bound; every tool prints its result as one JSON line. Standard
 library only: these start on the hosts while links are being measured.
@@ -117,24 +120,82 @@ def listen(port: int) -> None:
             connection.close()
 
 
+def _bound(source_port: int) -> socket.socket:
+    """A TCP socket bound to `source_port` that other sockets may share (as hole punchers do)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("0.0.0.0", source_port))
+    return sock
+
+
+def observe(port: int) -> None:
+    """Writes to each caller the address its connection came from (`host:port` and a newline)."""
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print("listening", flush=True)
+        while True:
+            connection, (host, source_port) = server.accept()
+            with connection:
+                connection.sendall(f"{host}:{source_port}\n".encode())
+
+
+def mapped(to: list[tuple[str, int]], source_port: int, timeout: float) -> None:
+    """Connects from `source_port` to each `observe` server in turn, all connections open at
+    once, and reports the address each server saw (the NAT's mapping per destination)."""
+    seen: list[str] = []
+    sockets: list[socket.socket] = []
+    try:
+        for destination in to:
+            sock = _bound(source_port)
+            sockets.append(sock)
+            sock.settimeout(timeout)
+            sock.connect(destination)
+            seen.append(sock.makefile().readline().strip())
+    finally:
+        for sock in sockets:
+            sock.close()
+    _report({"source_port": source_port, "observed": seen})
+
+
+def punch(to: tuple[str, int], source_port: int, timeout: float, message: str) -> None:
+    """TCP simultaneous open: connects from `source_port` to `to` (the peer does the same the
+    other way at about the same time); on success both sides exchange one line. Reports whether
+    it connected, the peer's line, and the error otherwise."""
+    started = time.monotonic()
+    sock = _bound(source_port)
+    sock.settimeout(timeout)
+    try:
+        with sock:
+            sock.connect(to)
+            sock.sendall(f"{message}\n".encode())
+            heard = sock.makefile().readline().strip()
+        _report({"connected": True, "heard": heard, "seconds": time.monotonic() - started})
+    except OSError as e:
+        _report({"connected": False, "error": repr(e), "seconds": time.monotonic() - started})
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     tools = parser.add_subparsers(dest="tool", required=True)
-    for name in ("sink", "echo", "listen"):
+    for name in ("sink", "echo", "listen", "observe"):
         tool = tools.add_parser(name)
         tool.add_argument("--port", type=int, required=True)
         if name == "sink":
             tool.add_argument("--skip", type=float, default=0.5)
-    for name in ("source", "ping", "connect"):
+    for name in ("source", "ping", "connect", "mapped", "punch"):
         tool = tools.add_parser(name)
-        tool.add_argument("--to", type=endpoint, required=True)
+        tool.add_argument("--to", type=endpoint, required=True, action="append" if name == "mapped" else "store")
         if name == "source":
             tool.add_argument("--seconds", type=float, default=3.0)
         if name == "ping":
             tool.add_argument("--count", type=int, default=10)
             tool.add_argument("--interval", type=float, default=0.05)
-        if name in ("ping", "connect"):
+        if name in ("ping", "connect", "mapped", "punch"):
             tool.add_argument("--timeout", type=float, default=2.0)
+        if name in ("mapped", "punch"):
+            tool.add_argument("--source-port", type=int, required=True)
+        if name == "punch":
+            tool.add_argument("--message", default="hello")
     args = parser.parse_args(argv)
     if args.tool == "sink":
         sink(args.port, args.skip)
@@ -146,6 +207,12 @@ def main(argv: list[str] | None = None) -> None:
         ping(args.to, args.count, args.interval, args.timeout)
     elif args.tool == "connect":
         connect(args.to, args.timeout)
+    elif args.tool == "observe":
+        observe(args.port)
+    elif args.tool == "mapped":
+        mapped(args.to, args.source_port, args.timeout)
+    elif args.tool == "punch":
+        punch(args.to, args.source_port, args.timeout, args.message)
     else:
         listen(args.port)
 

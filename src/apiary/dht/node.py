@@ -19,6 +19,9 @@ once it heals.
 
 A node new to the routing table is given the records it should now hold (`republish`, section
 2.5 of the Kademlia paper).
+
+Every reply tells the caller where its call came from; `DHTNode.observed` keeps what the nodes
+that answer report (`apiary.wire.observed`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from apiary.wire import (
     WireError,
     WireSettings,
 )
+from apiary.wire.observed import ObservedAddresses, observed_host
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,7 @@ class DHTNode:
         self.routing = RoutingTable(self.id, self.settings.bucket_size)
         self.unreachable = Unreachable(self.settings.reping_for)
         self.blacklist = Blacklist()
+        self.observed = ObservedAddresses()  # where the nodes that answer see this node's calls come from
         self.republisher = Republisher(self)
         self._late: set[str] = set()  # peers whose Find outlived its lookup's deadline and still runs
         self.metrics = DHTMetrics(registry, self)
@@ -295,6 +300,7 @@ class DHTNode:
             self.unreachable.discard(contact.peer_id)
             return None
         self.blacklist.succeeded(contact.peer_id)
+        self._observed_by(contact.peer_id, response)
         self._add(contact)
         self.unreachable.discard(contact.peer_id)
         return response
@@ -313,8 +319,15 @@ class DHTNode:
             logger.warning("initial peer %s answered as %s", peer, response.node.peer_id)
             return f"it answered as {response.node.peer_id}"
         contact = contact_of(response.node) or Contact(response.node.peer_id, peer.endpoint)
+        self._observed_by(contact.peer_id, response)
         self._add(Contact(contact.peer_id, peer.endpoint))
         return None
+
+    def _observed_by(self, peer_id: str, response: Any) -> None:
+        """Notes where the node `peer_id` saw this node's call come from (its reply says)."""
+        host = observed_host(response.observed_address)
+        if host is not None:
+            self.observed.report(peer_id, host)
 
     def _bootstrap_failure(self, peers: list[PeerAddress], failures: list[WireError | str | None]) -> str:
         """Why joining failed: the refusals of the peers that answered, else why none answered."""

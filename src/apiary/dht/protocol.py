@@ -5,6 +5,7 @@
 nodes), each carrying many keys or items. `NodeServicer` answers them for a `DHTNode`; every
 request also tells the node of its sender (section 2.2: a node updates its k-buckets on every
 message it receives), which may make the sender a newcomer that gets records (section 2.5).
+Every reply tells the caller the address its call came from (`apiary.wire.observed`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from apiary.dht.protos.dht_pb2 import (
     StoreResponse,
 )
 from apiary.wire import CallContext, InvalidRequest, Method, ServiceSpec
+from apiary.wire.observed import observed_address
 
 if TYPE_CHECKING:
     from apiary.dht.node import DHTNode
@@ -47,14 +49,14 @@ class NodeServicer:
 
     async def ping(self, request: PingRequest, context: CallContext) -> PingResponse:
         self._heard_from(request.sender)
-        return PingResponse(node=self.node._me(), dht_time=time.time())
+        return PingResponse(node=self.node._me(), dht_time=time.time(), observed_address=observed_address(context.peer))
 
     async def store(self, request: StoreRequest, context: CallContext) -> StoreResponse:
         settings = self.node.settings
         check_items(list(request.items), settings.max_items_per_request, settings.max_value_bytes)
         self._heard_from(request.sender)
         stored = [await self.node._store_local(item) for item in request.items]
-        return StoreResponse(node=self.node._me(), stored=stored)
+        return StoreResponse(node=self.node._me(), stored=stored, observed_address=observed_address(context.peer))
 
     async def find(self, request: FindRequest, context: CallContext) -> FindResponse:
         node = self.node
@@ -73,7 +75,7 @@ class NodeServicer:
             nearest = node.routing.nearest(key_id, node.settings.bucket_size, exclude=request.sender.peer_id)
             entry = await node.storage.get(id_to_bytes(key_id))
             results.append(FindResult(value=found_value(entry), nearest=[node_info(c) for c in nearest]))
-        return FindResponse(node=node._me(), results=results)
+        return FindResponse(node=node._me(), results=results, observed_address=observed_address(context.peer))
 
     def _heard_from(self, sender: NodeInfo) -> None:
         """Learns a sender into the routing table (client-mode senders have no address: never)."""

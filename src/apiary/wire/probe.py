@@ -1,6 +1,7 @@
 """The probe service, hosted by every apiary gRPC server.
 
-`Ping` tells who answers at an address (peer id, announced address, version, clock).
+`Ping` tells who answers at an address (peer id, announced address, version, clock) and the
+caller where its call came from (`apiary.wire.observed`).
 `Echo` returns every tensor it receives and `Sink` returns a digest of each: both check the
 chunk stream's framing and limits, so they measure links and prove tensors arrive intact.
 The bulk route `SINK_ROUTE` does what `Sink` does over the bulk transport.
@@ -18,6 +19,7 @@ from apiary.wire.bulk import BulkAnswer, BulkCall
 from apiary.wire.chunks import ChunkAssembler, split_payload
 from apiary.wire.identity import Identity
 from apiary.wire.limits import ByteBudget, PeerBudget, peer_key
+from apiary.wire.observed import observed_address
 from apiary.wire.protos.wire_pb2 import PingReply, PingRequest, SinkReply, SinkRequest, TensorChunk, TensorDigest, TensorHeader
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
 from apiary.wire.settings import WireSettings
@@ -56,6 +58,7 @@ class ProbeService:
             version=apiary.__version__,
             server_time=time.time(),
             bulk_address=str(self.announced_bulk or ""),
+            observed_address=observed_address(context.peer),
         )
 
     def _budget_of(self, context: CallContext) -> PeerBudget | None:

@@ -21,12 +21,14 @@ class PingRequest(_message.Message):
     def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ...) -> None: ...
 
 class PingResponse(_message.Message):
-    __slots__ = ("node", "dht_time")
+    __slots__ = ("node", "dht_time", "observed_address")
     NODE_FIELD_NUMBER: _ClassVar[int]
     DHT_TIME_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     dht_time: float
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., dht_time: _Optional[float] = ...) -> None: ...
+    observed_address: str
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., dht_time: _Optional[float] = ..., observed_address: _Optional[str] = ...) -> None: ...
 
 class StoreItem(_message.Message):
     __slots__ = ("key", "has_subkey", "subkey", "value", "expiration")
@@ -51,12 +53,14 @@ class StoreRequest(_message.Message):
     def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., items: _Optional[_Iterable[_Union[StoreItem, _Mapping]]] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
-    __slots__ = ("node", "stored")
+    __slots__ = ("node", "stored", "observed_address")
     NODE_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     stored: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., stored: _Optional[_Iterable[bool]] = ...) -> None: ...
+    observed_address: str
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., stored: _Optional[_Iterable[bool]] = ..., observed_address: _Optional[str] = ...) -> None: ...
 
 class SubkeyValue(_message.Message):
     __slots__ = ("subkey", "value", "expiration")
@@ -97,12 +101,14 @@ class FindResult(_message.Message):
     def __init__(self, value: _Optional[_Union[FoundValue, _Mapping]] = ..., nearest: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ...) -> None: ...
 
 class FindResponse(_message.Message):
-    __slots__ = ("node", "results")
+    __slots__ = ("node", "results", "observed_address")
     NODE_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     results: _containers.RepeatedCompositeFieldContainer[FindResult]
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., results: _Optional[_Iterable[_Union[FindResult, _Mapping]]] = ...) -> None: ...
+    observed_address: str
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., results: _Optional[_Iterable[_Union[FindResult, _Mapping]]] = ..., observed_address: _Optional[str] = ...) -> None: ...
 
 class LocalGetRequest(_message.Message):
     __slots__ = ("keys", "latest")

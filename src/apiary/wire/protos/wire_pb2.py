@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61piary/wire/protos/wire.proto\x12\x0b\x61piary.wire\"<\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"F\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\r\n\x0bPingRequest\"s\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x19\n\x11\x61nnounced_address\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bserver_time\x18\x04 \x01(\x01\x12\x14\n\x0c\x62ulk_address\x18\x05 \x01(\t\"I\n\x0cTensorDigest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\x1d\n\x0bSinkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x08\"L\n\tSinkReply\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.apiary.wire.TensorDigest\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xc1\x01\n\x0b\x42ulkRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.apiary.wire.BulkRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\tBulkReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61piary/wire/protos/wire.proto\x12\x0b\x61piary.wire\"<\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"F\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\r\n\x0bPingRequest\"\x8d\x01\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x19\n\x11\x61nnounced_address\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bserver_time\x18\x04 \x01(\x01\x12\x14\n\x0c\x62ulk_address\x18\x05 \x01(\t\x12\x18\n\x10observed_address\x18\x06 \x01(\t\"I\n\x0cTensorDigest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\x1d\n\x0bSinkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x08\"L\n\tSinkReply\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.apiary.wire.TensorDigest\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xc1\x01\n\x0b\x42ulkRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.apiary.wire.BulkRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\tBulkReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORCHUNK']._serialized_end=178
   _globals['_PINGREQUEST']._serialized_start=180
   _globals['_PINGREQUEST']._serialized_end=193
-  _globals['_PINGREPLY']._serialized_start=195
-  _globals['_PINGREPLY']._serialized_end=310
-  _globals['_TENSORDIGEST']._serialized_start=312
-  _globals['_TENSORDIGEST']._serialized_end=385
-  _globals['_SINKREQUEST']._serialized_start=387
-  _globals['_SINKREQUEST']._serialized_end=416
-  _globals['_SINKREPLY']._serialized_start=418
-  _globals['_SINKREPLY']._serialized_end=494
-  _globals['_BULKREQUEST']._serialized_start=497
-  _globals['_BULKREQUEST']._serialized_end=690
-  _globals['_BULKREQUEST_METADATAENTRY']._serialized_start=643
-  _globals['_BULKREQUEST_METADATAENTRY']._serialized_end=690
-  _globals['_BULKREPLY']._serialized_start=692
-  _globals['_BULKREPLY']._serialized_end=792
+  _globals['_PINGREPLY']._serialized_start=196
+  _globals['_PINGREPLY']._serialized_end=337
+  _globals['_TENSORDIGEST']._serialized_start=339
+  _globals['_TENSORDIGEST']._serialized_end=412
+  _globals['_SINKREQUEST']._serialized_start=414
+  _globals['_SINKREQUEST']._serialized_end=443
+  _globals['_SINKREPLY']._serialized_start=445
+  _globals['_SINKREPLY']._serialized_end=521
+  _globals['_BULKREQUEST']._serialized_start=524
+  _globals['_BULKREQUEST']._serialized_end=717
+  _globals['_BULKREQUEST_METADATAENTRY']._serialized_start=670
+  _globals['_BULKREQUEST_METADATAENTRY']._serialized_end=717
+  _globals['_BULKREPLY']._serialized_start=719
+  _globals['_BULKREPLY']._serialized_end=819
 # @@protoc_insertion_point(module_scope)

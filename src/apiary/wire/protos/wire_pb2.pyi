@@ -29,18 +29,20 @@ class PingRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PingReply(_message.Message):
-    __slots__ = ("peer_id", "announced_address", "version", "server_time", "bulk_address")
+    __slots__ = ("peer_id", "announced_address", "version", "server_time", "bulk_address", "observed_address")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ANNOUNCED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     BULK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     announced_address: str
     version: str
     server_time: float
     bulk_address: str
-    def __init__(self, peer_id: _Optional[str] = ..., announced_address: _Optional[str] = ..., version: _Optional[str] = ..., server_time: _Optional[float] = ..., bulk_address: _Optional[str] = ...) -> None: ...
+    observed_address: str
+    def __init__(self, peer_id: _Optional[str] = ..., announced_address: _Optional[str] = ..., version: _Optional[str] = ..., server_time: _Optional[float] = ..., bulk_address: _Optional[str] = ..., observed_address: _Optional[str] = ...) -> None: ...
 
 class TensorDigest(_message.Message):
     __slots__ = ("header", "sha256")

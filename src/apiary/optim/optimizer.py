@@ -4,9 +4,11 @@ Wrap any torch optimizer; call `step(batch_size)` after every local backward pas
 a run (`run_id`) publish their progress in the DHT; when the samples the swarm accumulated reach
 `target_batch_size`, every peer finishes the epoch together and updates the model by the rule
 `mode` names (optim/rules.py): "gradients" (average the gradients, then step; optionally delayed
-by an epoch), "local" (local SGD, parameters averaged) or "diloco" (outer Nesterov SGD on the
-mean pseudo-gradient). In "gradients" mode parameters and optimizer statistics are averaged
-every `average_state_every` epochs to undo any drift (e.g. a round a peer missed); with
+by an epoch), "local" (local SGD, parameters averaged), "diloco" (outer Nesterov SGD on the
+mean pseudo-gradient) or "powersgd" (gradients averaged as rank-`powersgd_rank` factors with
+error feedback, tensors under `powersgd_min_size` elements uncompressed: optim/powersgd.py).
+In "gradients" and "powersgd" modes parameters and optimizer statistics are averaged every
+`average_state_every` epochs to undo any drift (e.g. a round a peer missed); with
 `delay_updates` such an epoch waits for its gradient round first (no overlap that epoch).
 
 Memory (mode "gradients"): `reuse_grad_buffers` accumulates in the parameters' `.grad` instead
@@ -28,6 +30,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +41,7 @@ import torch
 from apiary.averaging.averager import STATE_ROUNDS
 from apiary.background import LoopThread
 from apiary.optim.epochs import EpochController, LocalProgress, Step
+from apiary.optim.powersgd import PowerSGD
 from apiary.optim.progress import SwarmProgress
 from apiary.optim.rounds import SwarmRounds
 from apiary.optim.rules import DiLoCo, GradientAveraging, LocalSGD, Mode, UpdateRule, check_mode
@@ -85,7 +89,7 @@ class Optimizer:
         client_mode: bool = False, auxiliary: bool = False, wire: WireSettings | None = None,
         identity: Path | None = None, averaging: dict[str, Any] | None = None, average_state_every: int = 5,
         delay_updates: bool = False, reuse_grad_buffers: bool = False, offload_optimizer: bool = False,
-        outer_lr: float = 0.7, outer_momentum: float = 0.9,
+        outer_lr: float = 0.7, outer_momentum: float = 0.9, powersgd_rank: int = 4, powersgd_min_size: int = 4096,
         scheduler: SchedulerFactory | None = None, load_state: bool = True, state_timeout: float = 30.0,
         round_timeout: float = 60.0, refresh_period: float = 0.25, max_samples_per_second: float = math.inf,
         swarm: Swarm | None = None,
@@ -127,12 +131,15 @@ class Optimizer:
             self.rule: UpdateRule = (GradientAveraging(*common, delay_updates=delay_updates, masters=masters,
                                                        reuse_grad_buffers=reuse_grad_buffers) if mode == "gradients"
                                      else LocalSGD(*common) if mode == "local"
+                                     else PowerSGD(*common, rank=powersgd_rank, min_size=powersgd_min_size,
+                                                   seed=zlib.crc32(run_id.encode())) if mode == "powersgd"
                                      else DiLoCo(*common, outer_lr=outer_lr, outer_momentum=outer_momentum))
+            self.watch.params = self.rule.round_template()  # groups formed ahead are for the first round's tensors
             if load_state and not auxiliary:
                 self.load_state_from_peers()
             if not auxiliary:
                 self._publish_state()
-            self.loop.run(swarm.register(self.params), timeout=60)  # the gradient rounds' schema
+            self.loop.run(swarm.register(self.watch.params), timeout=60)  # the gradient rounds' schema
             self.watch.start()
         except BaseException:
             self.loop.stop()
@@ -240,7 +247,7 @@ class Optimizer:
         """The swarm moved on without us: load its state, drop what we accumulated, follow it."""
         logger.info("peer is at epoch %d, the swarm at %d: loading the state from peers", self.epoch, swarm_epoch)
         if self.watch.prepared_epoch == self.epoch:  # its group counts on us: take part, contributing nothing
-            nothing = [torch.zeros_like(p) for p in self.params]
+            nothing = [torch.zeros_like(t) for t in self.watch.params]
             self.loop.submit(logged(self._rounds.average(nothing, 0.0, self.epoch), "a promised round"))
         self.local = replace(self.local, training=False)
         self.rule.flush()

@@ -17,7 +17,8 @@
 
 A rule owns its buffers and reaches the swarm only through `Rounds`, so it runs on plain tensors
 in tests. Its `synced()` tensors define the run's state (saved, served to newcomers, averaged).
-Another rule (e.g. PowerSGD) is one more subclass of `UpdateRule`.
+`PowerSGD` ("powersgd", optim/powersgd.py) is one more subclass: gradient averaging through
+low-rank factors with error feedback, two rounds per epoch.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class Rounds(Protocol):
         ...
 
 
-Mode = Literal["gradients", "local", "diloco"]
-MODES = ("gradients", "local", "diloco")
+Mode = Literal["gradients", "local", "diloco", "powersgd"]
+MODES = ("gradients", "local", "diloco", "powersgd")  # powersgd: optim/powersgd.py
 
 
 def check_mode(mode: str, *, delay_updates: bool = False, auxiliary: bool = False, reuse_grad_buffers: bool = False,
@@ -85,6 +86,10 @@ class UpdateRule(abc.ABC):
     @abc.abstractmethod
     def finish_epoch(self, epoch: int, samples: int) -> None:
         """Averages this epoch's contribution (`samples` accumulated here) with the swarm and updates."""
+
+    def round_template(self) -> list[torch.Tensor]:
+        """Shaped like the tensors of the epoch's (first) round, which groups are formed ahead for."""
+        return list(self.params)
 
     def poll(self) -> None:
         """Applies an update whose background round has finished (delayed updates)."""

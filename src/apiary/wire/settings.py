@@ -45,6 +45,19 @@ class WireSettings(BaseModel):
                                          "False (plaintext) only for tests and fully trusted networks")
     run_authority: str | None = Field(None, description="private run: the peer id of the run's authority (none: an open run)")
     access_token: str | None = Field(None, description="private run: this peer's access token, or the file holding it")
+    relay: bool = Field(False, description="offer relaying to peers behind NAT on relay_port (apiary.wire.relay)")
+    relay_port: int = Field(0, ge=0, le=65535, description="relay port to bind (0: any free port)")
+    announce_relay_port: int | None = Field(None, ge=1, le=65535, description="relay port other peers dial "
+                                                                                "(default: the bound one)")
+    relay_max_reservations: int = Field(128, ge=1, description="peers this relay keeps reservations for at once")
+    relay_max_circuits: int = Field(1024, ge=1, description="circuits this relay splices at once, all dialers together")
+    relay_max_circuits_per_peer: int = Field(64, ge=1, description="circuits one dialer (host) may have open at once")
+    relay_circuit_bytes_per_second: float = Field(0.0, ge=0, description="bytes per second one circuit may carry, "
+                                                                         "both ways together (0: unlimited)")
+    relay_bytes_per_second: float = Field(0.0, ge=0, description="bytes per second this relay carries in all (0: unlimited)")
+    relay_idle_timeout: float = Field(120.0, gt=0, description="seconds a circuit may carry no byte before it is closed")
+    relay_reservation_timeout: float = Field(30.0, gt=0, description="seconds a reservation may stay silent (no "
+                                                                     "keepalive) before it is dropped")
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> WireSettings:
@@ -82,7 +95,8 @@ class WireSettings(BaseModel):
         """The settings of a local API server (a participant's own services call it, from the same
         host or pod): plaintext and open, with no bulk port and nothing announced."""
         return self.model_copy(update={"listen_host": host, "port": port, "announce_host": None, "announce_port": None,
-                                       "bulk": False, "tls": False, "run_authority": None, "access_token": None})
+                                       "bulk": False, "tls": False, "run_authority": None, "access_token": None,
+                                       "relay": False})
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Channel and server options shared by both ends of every connection."""

@@ -1,0 +1,271 @@
+"""The side of a peer behind NAT: reservations at relays, and the circuits they bring.
+
+`Reservations` keeps `count` reservations among the relays that its `relays()` callable names
+(e.g. read from the DHT). To fill a free place it tries a few more relays than it needs at
+once and keeps the fastest to answer (lowest connect latency); a relay that fails or drops the
+reservation is retried only after a backoff that doubles up to `MAX_BACKOFF_SECONDS`. Each
+reservation sends a keepalive every few seconds and is given up when the relay falls silent
+for two of them, or closes it; its place is filled again at once. When the relay announces an
+incoming circuit, this peer opens a new connection to the relay, accepts it (signed), and
+hands the socket to the handler of its kind: `grpc` and `bulk` circuits are spliced to the
+server's own gRPC and bulk ports; other kinds (punch) can be added with `add_handler`.
+`endpoints` are this server's relayed endpoints, primary (fastest) first; `on_change` is
+called whenever they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from apiary.wire.address import Endpoint, PeerAddress
+from apiary.wire.errors import WireError
+from apiary.wire.framing import Connection
+from apiary.wire.protos.relay_pb2 import BULK, GRPC, Accept, ClientFrame, Incoming, RelayFrame, Reserve, Reserved
+from apiary.wire.relay.protocol import (
+    accept_signed,
+    client_frame,
+    connect_tcp,
+    expect,
+    open_control,
+    receive,
+    request_digest_of,
+    reserve_signed,
+    send,
+)
+from apiary.wire.relay.splice import splice
+
+if TYPE_CHECKING:
+    from apiary.wire.client import ChannelPool
+    from apiary.wire.server import RpcServer
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[socket.socket, Incoming], Awaitable[None]]
+
+SPARE_ATTEMPTS = 2  # relays tried beyond those needed, the slowest then let go
+BASE_BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 30.0
+CHECK_SECONDS = 1.0  # how often missing reservations are looked for
+
+
+@dataclass(eq=False)
+class _Held:
+    relay: PeerAddress
+    connection: Connection
+    latency: float
+    reserved: Reserved
+
+
+class Reservations:
+    """Keeps `count` reservations for `server` among the relays `relays()` returns."""
+
+    def __init__(self, server: RpcServer, pool: ChannelPool, relays: Callable[[], Awaitable[list[PeerAddress]]], *,
+                 count: int = 2, on_change: Callable[[], None] | None = None, keepalive: float = 5.0,
+                 timeout: float = 5.0):
+        if count < 1:
+            raise ValueError(f"count={count}: keep at least one reservation")
+        self.server = server
+        self.pool = pool
+        self.relays = relays
+        self.count = count
+        self.on_change = on_change
+        self.keepalive = keepalive  # seconds between keepalives (fewer if the relay asks)
+        self.timeout = timeout  # for each step: reaching a relay, reserving, accepting a circuit
+        self._held: dict[str, _Held] = {}
+        self._failures: dict[str, tuple[float, int]] = {}  # relay peer id -> (retry after, failures in a row)
+        self._handlers: dict[int, Handler] = {GRPC: self._splice_to(lambda: server.port),
+                                              BULK: self._splice_to(lambda: server.bulk.port if server.bulk else None)}
+        self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._maintainer: asyncio.Task[None] | None = None
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """This server's relayed endpoints (one per reservation held), primary (fastest) first."""
+        held = sorted(self._held.values(), key=lambda h: h.latency)
+        return [Endpoint.relayed_to(h.relay, self.server.identity.peer_id) for h in held]
+
+    def add_handler(self, kind: int, handler: Handler) -> None:
+        """Serves the circuits of `kind` with `handler`, which owns the socket it is given."""
+        self._handlers[kind] = handler
+
+    async def start(self) -> None:
+        self._maintainer = asyncio.create_task(self._maintain(), name="apiary-relay-reservations")
+
+    async def stop(self) -> None:
+        """Gives up every reservation and circuit and waits for their tasks."""
+        held, self._held = list(self._held.values()), {}  # given up, not lost: no backoff, no on_change
+        tasks = [*self._tasks, *([self._maintainer] if self._maintainer else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._maintainer = None
+        for reservation in held:
+            reservation.connection.close()
+
+    def _spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the reservations
+                logger.exception("on_change of the relay reservations failed")
+
+    async def _maintain(self) -> None:
+        while True:
+            self._changed.clear()
+            missing = self.count - len(self._held)
+            if missing > 0:
+                await self._fill(missing)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHECK_SECONDS if len(self._held) < self.count else None):
+                    await self._changed.wait()
+
+    async def _candidates(self) -> list[PeerAddress]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                relays = await self.relays()
+        except Exception as e:  # noqa: BLE001 - no relays this time; asked again in a moment
+            logger.warning("could not list relays: %s", e)
+            return []
+        now, own = time.monotonic(), self.server.identity.peer_id
+        usable: dict[str, PeerAddress] = {}
+        for relay in relays:
+            if (relay.peer_id and relay.peer_id != own and relay.peer_id not in self._held
+                    and not relay.endpoint.relayed and self._failures.get(relay.peer_id, (0.0, 0))[0] <= now):
+                usable.setdefault(relay.peer_id, relay)
+        candidates = list(usable.values())
+        random.shuffle(candidates)
+        return candidates
+
+    async def _fill(self, missing: int) -> None:
+        """Tries `missing` + spare relays at once and keeps the `missing` fastest."""
+        attempts = (await self._candidates())[: missing + SPARE_ATTEMPTS]
+        results = await asyncio.gather(*(self._reserve(relay) for relay in attempts), return_exceptions=True)
+        held = sorted((r for r in results if isinstance(r, _Held)), key=lambda h: h.latency)
+        for relay, result in zip(attempts, results):
+            if isinstance(result, BaseException):
+                self._failed(relay, result)
+        for extra in held[missing:]:
+            extra.connection.close()
+        for kept in held[:missing]:
+            self._held[kept.relay.peer_id] = kept  # type: ignore[index]
+            self._failures.pop(kept.relay.peer_id, None)  # type: ignore[arg-type]
+            self._spawn(self._hold(kept))
+        if held:
+            logger.info("relay reservations: %s", ", ".join(str(e) for e in self.endpoints))
+            self._changed_now()
+
+    def _failed(self, relay: PeerAddress, error: BaseException) -> None:
+        failures = self._failures.get(relay.peer_id, (0.0, 0))[1] + 1  # type: ignore[arg-type]
+        backoff = min(MAX_BACKOFF_SECONDS, BASE_BACKOFF_SECONDS * 2 ** (failures - 1))
+        self._failures[relay.peer_id] = (time.monotonic() + backoff, failures)  # type: ignore[index]
+        logger.info("relay %s: %s (next try in %.0f s)", relay, error, backoff)
+
+    async def _reserve(self, relay: PeerAddress) -> _Held:
+        started = time.monotonic()
+        own = self.server.identity
+        async with asyncio.timeout(self.timeout):
+            connection, greeting = await open_control(relay.endpoint, relay.peer_id, self.timeout)
+            try:
+                request = Reserve(peer_id=own.peer_id,
+                                  signature=own.sign(reserve_signed(greeting.relay_peer, greeting.nonce, own.peer_id)))
+                if self.pool.credentials is not None:
+                    request.metadata.update(self.pool.credentials.metadata(
+                        "relay:reserve", audience=greeting.relay_peer, digest=request_digest_of(greeting.nonce, request)))
+                await send(connection, client_frame(request))
+                reserved = await expect(connection, "reserved", relay.endpoint, "relay reservation")
+            except BaseException:
+                connection.close()
+                raise
+        return _Held(relay, connection, time.monotonic() - started, reserved)
+
+    async def _hold(self, held: _Held) -> None:
+        """Keeps a reservation alive and takes its circuits, until the relay closes or falls silent."""
+        interval = min(self.keepalive, held.reserved.keepalive_seconds or self.keepalive)
+        sender = asyncio.ensure_future(self._keep_alive(held.connection, interval))
+        try:
+            while True:
+                async with asyncio.timeout(2 * interval):  # the relay answers each keepalive
+                    frame = await receive(held.connection, RelayFrame)
+                if frame.WhichOneof("frame") == "incoming":
+                    self._spawn(self._take(held.relay, frame.incoming))
+                elif frame.WhichOneof("frame") != "keepalive":
+                    logger.warning("relay %s sent %s on a reservation: given up", held.relay, frame.WhichOneof("frame"))
+                    break
+        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, WireError) as e:
+            logger.info("the reservation at relay %s ended: %s", held.relay, e or type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - a bad frame (InvalidRequest): this relay is given up
+            logger.warning("the reservation at relay %s ended: %s", held.relay, e)
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+            held.connection.close()
+            if self._held.get(held.relay.peer_id) is held:  # type: ignore[arg-type]
+                del self._held[held.relay.peer_id]  # type: ignore[arg-type]
+                self._failed(held.relay, ConnectionError("reservation lost"))
+                self._changed_now()
+
+    @staticmethod
+    async def _keep_alive(connection: Connection, interval: float) -> None:
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval)
+            sequence += 1
+            await send(connection, ClientFrame(keepalive={"sequence": sequence}))
+
+    async def _take(self, relay: PeerAddress, incoming: Incoming) -> None:
+        """Accepts one circuit on a new connection to the relay and hands it to its kind's handler."""
+        handler = self._handlers.get(incoming.kind)
+        if handler is None:
+            logger.info("a circuit of kind %d from %s: no handler, not taken", incoming.kind, incoming.dialer_address)
+            return
+        own = self.server.identity
+        try:
+            async with asyncio.timeout(self.timeout):
+                connection, greeting = await open_control(relay.endpoint, relay.peer_id, self.timeout)
+                try:
+                    signed = accept_signed(greeting.relay_peer, greeting.nonce, incoming.circuit_id, own.peer_id)
+                    await send(connection, client_frame(Accept(circuit_id=incoming.circuit_id, peer_id=own.peer_id,
+                                                               signature=own.sign(signed))))
+                    await expect(connection, "connected", relay.endpoint, "relay accept")
+                except BaseException:
+                    connection.close()
+                    raise
+        except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, WireError) as e:
+            logger.info("a circuit from %s through relay %s was not taken: %s", incoming.dialer_address, relay, e)
+            return
+        await handler(connection.sock, incoming)
+
+    def _splice_to(self, port: Callable[[], int | None]) -> Handler:
+        """A handler that splices a circuit to this server's own port `port()`."""
+
+        async def handle(circuit: socket.socket, incoming: Incoming) -> None:
+            target = port()
+            try:
+                if target is None:
+                    raise ConnectionError("no such port on this server")
+                local = await asyncio.wait_for(connect_tcp(Endpoint(self.server.local_endpoint.host, target)),
+                                               self.timeout)
+            except (TimeoutError, OSError) as e:
+                logger.warning("a circuit of kind %d could not reach this server: %s", incoming.kind, e)
+                circuit.close()
+                return
+            with contextlib.suppress(Exception):  # the circuit ended, however it ended
+                await splice(circuit, local, idle_timeout=self.server.settings.relay_idle_timeout)
+
+        return handle

@@ -191,11 +191,13 @@ class Averager:
         self.server = server
 
     def _matchmaker(self) -> Matchmaker:
-        if self.matchmaker is None:
-            if self.server is None or self.pool is None:
-                raise RuntimeError("attach() the averager to a server first")
-            bulk = str(self.server.announced_bulk) if self.settings.mode is not Role.CLIENT else ""
-            me = Member(self.peer_id, bulk, self.settings.mode, self.settings.bandwidth)
+        if self.server is None or self.pool is None:
+            raise RuntimeError("attach() the averager to a server first")
+        bulk = str(self.server.announced_bulk) if self.settings.mode is not Role.CLIENT else ""
+        me = Member(self.peer_id, bulk, self.settings.mode, self.settings.bandwidth)
+        if self.matchmaker is not None:  # announcements carry the server's current addresses
+            self.matchmaker.me, self.matchmaker.grpc_address = me, str(self.server.announced)
+        else:
             self.matchmaker = Matchmaker(
                 self.dht, me, str(self.server.announced), self.schema, self.pool,
                 MatchmakingSettings(self.settings.target_group_size, self.settings.min_group_size,

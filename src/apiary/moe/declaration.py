@@ -75,14 +75,15 @@ def _entries(found: Any) -> dict[int, tuple[str, str]]:
             and all(isinstance(part, str) for part in item.value)}
 
 
-async def keep_declared(dht: DHTLike, names: Sequence[str], address: str, period: float,
+async def keep_declared(dht: DHTLike, names: Sequence[str], address: str | Callable[[], str], period: float,
                         on_declared: Callable[[], None] | None = None) -> None:
     """Re-declares the experts every `period` seconds (each declaration lives 3 periods) until
-    cancelled. A failed declaration is logged and tried again next period; `on_declared` is
-    called after each one the DHT took."""
+    cancelled, at `address` (a function of none: read at each declaration, so a server whose
+    announced address changes is declared at the new one). A failed declaration is logged and
+    tried again next period; `on_declared` is called after each one the DHT took."""
     while True:
         try:
-            stored = await declare_experts(dht, names, address, ttl=3 * period)
+            stored = await declare_experts(dht, names, address() if callable(address) else address, ttl=3 * period)
         except Exception as e:  # noqa: BLE001 - the DHT may be down for a while; try again next period
             logger.warning("declaring %d experts in the DHT failed: %s", len(names), e)
         else:

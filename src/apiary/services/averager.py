@@ -200,7 +200,10 @@ class AveragerService:
         return await self.announce()
 
     async def announce(self) -> bool:
-        """Lists the state held in the DHT (if any, and if others can dial us); never raises."""
+        """Lists the state held in the DHT (if any, and if others can dial us) at the server's
+        current bulk address; never raises."""
+        if self.donor.bulk_address:  # set at start unless a client: follows what the server announces
+            self.donor.bulk_address = str(self.host.server.announced_bulk)
         if self.donor.state is None or not self.donor.bulk_address:
             return False
         try:

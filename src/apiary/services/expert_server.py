@@ -179,7 +179,7 @@ class ExpertServerService:
                                              self.address, ttl=3 * self.settings.declare_period)
             self.server.host(self._experts(names))
             await self.server.start()
-        self.host.spawn(keep_declared(self.dht, list(self.server.experts), self.address,
+        self.host.spawn(keep_declared(self.dht, list(self.server.experts), lambda: self.address,
                                       self.settings.declare_period, on_declared=self._declared), "declare-experts")
 
     @property

@@ -77,6 +77,8 @@ class RpcServer:
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0  # times the gRPC server stopped without being asked and was started again
+        self._announce: tuple[Endpoint, Endpoint | None] | None = None  # set by announce(): replaces the settings'
+        self._probe: ProbeService | None = None
 
     def add_service(self, spec: ServiceSpec, implementation: object) -> None:
         """Serves `spec` with `implementation`, whose snake_case methods handle each RPC."""
@@ -120,8 +122,8 @@ class RpcServer:
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: {e}") from None
         self._bound_port = bound
-        probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings,
-                             self.limits.bytes_in_flight)
+        probe = self._probe = ProbeService(self.identity, self.announced, self.announced_bulk, self.settings,
+                                           self.limits.bytes_in_flight)
         if self.bulk is not None:
             self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
         probe_handler = self._generic_handler(PROBE, probe)  # made anew: a restart announces its new ports
@@ -190,7 +192,9 @@ class RpcServer:
 
     @property
     def announced(self) -> Endpoint:
-        """The endpoint other peers should dial."""
+        """The endpoint other peers should dial: the last `announce()`d one, else from the settings."""
+        if self._announce is not None:
+            return self._announce[0]
         return Endpoint(self.settings.resolved_announce_host(), self.settings.announce_port or self.port)
 
     @property
@@ -198,7 +202,17 @@ class RpcServer:
         """The endpoint other peers should dial for bulk transfers (None: no bulk server)."""
         if self.bulk is None:
             return None
+        if self._announce is not None and self._announce[1] is not None:
+            return self._announce[1]
         return Endpoint(self.settings.resolved_announce_host(), self.settings.announce_bulk_port or self.bulk.port)
+
+    def announce(self, grpc: Endpoint, bulk: Endpoint | None) -> None:
+        """Announces `grpc` (and `bulk`, for the bulk server) from now on: what `announced` and
+        `announced_bulk` return, and what Ping answers. Everything that publishes this server's
+        address reads them at each publication, so the next one carries the new endpoints."""
+        self._announce = (grpc, bulk)
+        if self._probe is not None:
+            self._probe.announced, self._probe.announced_bulk = self.announced, self.announced_bulk
 
     def _method_handler(self, spec: ServiceSpec, method: Method, handler: Callable[..., Any]) -> grpc.RpcMethodHandler:
         serialize = method.response.SerializeToString

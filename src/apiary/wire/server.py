@@ -37,6 +37,7 @@ from apiary.wire.identity import Identity
 from apiary.wire.limits import ServerLimits, StreamStalled, peer_key
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.probe import PROBE, SINK_ROUTE, ProbeService
+from apiary.wire.reachability import DIAL_BACK, NONCE_ROUTE, DialBacks
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
 from apiary.wire.settings import WireSettings
 from apiary.wire.tls import ServerCertificate
@@ -52,8 +53,9 @@ _DRAIN_SECONDS = 1.0
 class RpcServer:
     """A grpc.aio server bound to `settings.listen_host:port`, announcing `announced`.
 
-    Every server hosts the probe service (`apiary.wire.probe`) next to the services added,
-    and, unless `settings.bulk` is off, a bulk tensor server (`apiary.wire.bulk`) beside it.
+    Every server hosts the probe service (`apiary.wire.probe`, with `apiary.wire.reachability`'s
+    DialBack and Nonce) next to the services added, and, unless `settings.bulk` is off, a bulk
+    tensor server (`apiary.wire.bulk`) beside it.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class RpcServer:
         self._server: grpc.aio.Server | None = None  # made at start: an unstarted one upsets grpc at exit
         self._handlers: list[grpc.GenericRpcHandler] = []
         self.bulk = BulkServer(settings, metrics=self.metrics, limits=self.limits, gate=self.gate) if settings.bulk else None
+        self.dial_backs = DialBacks(settings, identity)  # reachability checks: its own nonces, dial-backs for others
         self._bound_port: int | None = None
         self._certificate: ServerCertificate | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -126,8 +129,9 @@ class RpcServer:
                                            self.limits.bytes_in_flight)
         if self.bulk is not None:
             self.bulk.add_route(SINK_ROUTE, probe.bulk_sink, keeps_tensors=False)
+            self.bulk.add_route(NONCE_ROUTE, self.dial_backs.bulk_nonce, keeps_tensors=False)
         probe_handler = self._generic_handler(PROBE, probe)  # made anew: a restart announces its new ports
-        server.add_generic_rpc_handlers((*self._handlers, probe_handler))
+        server.add_generic_rpc_handlers((*self._handlers, probe_handler, self._generic_handler(DIAL_BACK, self.dial_backs)))
         await server.start()
         return server
 

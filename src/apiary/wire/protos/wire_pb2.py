@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61piary/wire/protos/wire.proto\x12\x0b\x61piary.wire\"<\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"F\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\r\n\x0bPingRequest\"\x8d\x01\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x19\n\x11\x61nnounced_address\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bserver_time\x18\x04 \x01(\x01\x12\x14\n\x0c\x62ulk_address\x18\x05 \x01(\t\x12\x18\n\x10observed_address\x18\x06 \x01(\t\"I\n\x0cTensorDigest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\x1d\n\x0bSinkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x08\"L\n\tSinkReply\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.apiary.wire.TensorDigest\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xc1\x01\n\x0b\x42ulkRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.apiary.wire.BulkRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\tBulkReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61piary/wire/protos/wire.proto\x12\x0b\x61piary.wire\"<\n\x0cTensorHeader\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"F\n\x0bTensorChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\r\n\x0bPingRequest\"\x8d\x01\n\tPingReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x19\n\x11\x61nnounced_address\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0bserver_time\x18\x04 \x01(\x01\x12\x14\n\x0c\x62ulk_address\x18\x05 \x01(\t\x12\x18\n\x10observed_address\x18\x06 \x01(\t\"W\n\x0f\x44ialBackRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x11\n\tgrpc_port\x18\x02 \x01(\r\x12\x11\n\tbulk_port\x18\x03 \x01(\r\x12\x0f\n\x07peer_id\x18\x04 \x01(\t\"\x8f\x01\n\rDialBackReply\x12\x14\n\x0cgrpc_address\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_reached\x18\x02 \x01(\x08\x12\x12\n\ngrpc_error\x18\x03 \x01(\t\x12\x14\n\x0c\x62ulk_address\x18\x04 \x01(\t\x12\x14\n\x0c\x62ulk_reached\x18\x05 \x01(\x08\x12\x12\n\nbulk_error\x18\x06 \x01(\t\"\x1e\n\x0cNonceRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x0c\"\x1b\n\nNonceReply\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"I\n\x0cTensorDigest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\x1d\n\x0bSinkRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\x08\"L\n\tSinkReply\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.apiary.wire.TensorDigest\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\xc1\x01\n\x0b\x42ulkRequest\x12\r\n\x05route\x18\x01 \x01(\t\x12*\n\x07tensors\x18\x02 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x38\n\x08metadata\x18\x04 \x03(\x0b\x32&.apiary.wire.BulkRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"d\n\tBulkReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07\x64\x65tails\x18\x02 \x01(\t\x12*\n\x07tensors\x18\x03 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x0c\n\x04\x62ody\x18\x04 \x01(\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,16 +41,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINGREQUEST']._serialized_end=193
   _globals['_PINGREPLY']._serialized_start=196
   _globals['_PINGREPLY']._serialized_end=337
-  _globals['_TENSORDIGEST']._serialized_start=339
-  _globals['_TENSORDIGEST']._serialized_end=412
-  _globals['_SINKREQUEST']._serialized_start=414
-  _globals['_SINKREQUEST']._serialized_end=443
-  _globals['_SINKREPLY']._serialized_start=445
-  _globals['_SINKREPLY']._serialized_end=521
-  _globals['_BULKREQUEST']._serialized_start=524
-  _globals['_BULKREQUEST']._serialized_end=717
-  _globals['_BULKREQUEST_METADATAENTRY']._serialized_start=670
-  _globals['_BULKREQUEST_METADATAENTRY']._serialized_end=717
-  _globals['_BULKREPLY']._serialized_start=719
-  _globals['_BULKREPLY']._serialized_end=819
+  _globals['_DIALBACKREQUEST']._serialized_start=339
+  _globals['_DIALBACKREQUEST']._serialized_end=426
+  _globals['_DIALBACKREPLY']._serialized_start=429
+  _globals['_DIALBACKREPLY']._serialized_end=572
+  _globals['_NONCEREQUEST']._serialized_start=574
+  _globals['_NONCEREQUEST']._serialized_end=604
+  _globals['_NONCEREPLY']._serialized_start=606
+  _globals['_NONCEREPLY']._serialized_end=633
+  _globals['_TENSORDIGEST']._serialized_start=635
+  _globals['_TENSORDIGEST']._serialized_end=708
+  _globals['_SINKREQUEST']._serialized_start=710
+  _globals['_SINKREQUEST']._serialized_end=739
+  _globals['_SINKREPLY']._serialized_start=741
+  _globals['_SINKREPLY']._serialized_end=817
+  _globals['_BULKREQUEST']._serialized_start=820
+  _globals['_BULKREQUEST']._serialized_end=1013
+  _globals['_BULKREQUEST_METADATAENTRY']._serialized_start=966
+  _globals['_BULKREQUEST_METADATAENTRY']._serialized_end=1013
+  _globals['_BULKREPLY']._serialized_start=1015
+  _globals['_BULKREPLY']._serialized_end=1115
 # @@protoc_insertion_point(module_scope)

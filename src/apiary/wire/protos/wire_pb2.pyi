@@ -44,6 +44,46 @@ class PingReply(_message.Message):
     observed_address: str
     def __init__(self, peer_id: _Optional[str] = ..., announced_address: _Optional[str] = ..., version: _Optional[str] = ..., server_time: _Optional[float] = ..., bulk_address: _Optional[str] = ..., observed_address: _Optional[str] = ...) -> None: ...
 
+class DialBackRequest(_message.Message):
+    __slots__ = ("nonce", "grpc_port", "bulk_port", "peer_id")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    GRPC_PORT_FIELD_NUMBER: _ClassVar[int]
+    BULK_PORT_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    grpc_port: int
+    bulk_port: int
+    peer_id: str
+    def __init__(self, nonce: _Optional[bytes] = ..., grpc_port: _Optional[int] = ..., bulk_port: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
+
+class DialBackReply(_message.Message):
+    __slots__ = ("grpc_address", "grpc_reached", "grpc_error", "bulk_address", "bulk_reached", "bulk_error")
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_REACHED_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ERROR_FIELD_NUMBER: _ClassVar[int]
+    BULK_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BULK_REACHED_FIELD_NUMBER: _ClassVar[int]
+    BULK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    grpc_address: str
+    grpc_reached: bool
+    grpc_error: str
+    bulk_address: str
+    bulk_reached: bool
+    bulk_error: str
+    def __init__(self, grpc_address: _Optional[str] = ..., grpc_reached: _Optional[bool] = ..., grpc_error: _Optional[str] = ..., bulk_address: _Optional[str] = ..., bulk_reached: _Optional[bool] = ..., bulk_error: _Optional[str] = ...) -> None: ...
+
+class NonceRequest(_message.Message):
+    __slots__ = ("digest",)
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    digest: bytes
+    def __init__(self, digest: _Optional[bytes] = ...) -> None: ...
+
+class NonceReply(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
 class TensorDigest(_message.Message):
     __slots__ = ("header", "sha256")
     HEADER_FIELD_NUMBER: _ClassVar[int]

@@ -29,6 +29,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-message-bytes", type=int)
     parser.add_argument("--chunk-bytes", type=int)
     parser.add_argument("--tls", action="store_true", help="TLS (the default of services); else plaintext for raw frames")
+    parser.add_argument("--relay", action="store_true", help="offer relaying (apiary.wire.relay) on a port of its own")
     return parser.parse_args(argv)
 
 
@@ -43,7 +44,8 @@ async def serve(args: argparse.Namespace) -> None:
         if value is not None
     }
     settings = WireSettings(  # plaintext unless --tls: most wire tests send it raw frames and bytes
-        listen_host="127.0.0.1", port=args.port, bulk_port=args.bulk_port, shutdown_grace=0.5, tls=args.tls, **limits
+        listen_host="127.0.0.1", port=args.port, bulk_port=args.bulk_port, shutdown_grace=0.5, tls=args.tls,
+        relay=args.relay, **limits
     )
     identity = Identity.load_or_create(args.identity) if args.identity else Identity.generate()
     server = RpcServer(settings, identity)
@@ -64,6 +66,7 @@ async def serve(args: argparse.Namespace) -> None:
                 "pid": os.getpid(),
                 "port": server.port,
                 "bulk_port": server.bulk.port if server.bulk is not None else None,
+                "relay_port": server.relay.port if server.relay is not None else None,
                 "peer_id": identity.peer_id,
                 "settings": settings.model_dump(),
             }

@@ -12,6 +12,8 @@ before it is allocated (a connection's reused buffer holds its share until it cl
 private run, every request frame carries the caller's token and signature (`apiary.wire.auth`,
 covering the route, body and tensor headers), checked before any tensor byte is read; with TLS,
 each connection is a TLS session whose server proves the expected peer id (`apiary.wire.tls`).
+A relayed endpoint's connection is a circuit through its relay (`apiary.wire.relay`), with TLS
+to the target over it as on a direct connection.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ from apiary.wire.errors import (
 )
 from apiary.wire.framing import MAGIC, Connection, check_headers, parse_request, signed_digest
 from apiary.wire.identity import Identity
+from apiary.wire.protos.relay_pb2 import BULK
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
+from apiary.wire.relay.dial import open_circuit
+from apiary.wire.relay.protocol import connect_tcp
 from apiary.wire.rpc import decode
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.settings import WireSettings
@@ -314,6 +319,7 @@ class BulkClient:
         self, endpoint: Endpoint, peer_id: str | None, request: BulkRequest, payloads: list[memoryview],
         reply_into: Sequence[memoryview],
     ) -> tuple[bytes, list[tuple[TensorHeader, bytearray | memoryview]]]:
+        peer_id = peer_id or endpoint.target_peer or None  # a relayed endpoint names who answers there
         connection = await self._connect(endpoint, peer_id)
         reusable = False
         try:
@@ -342,16 +348,11 @@ class BulkClient:
             if connection.idle_and_open() and (peer_id is None or connection.peer_id in (None, peer_id)):
                 return connection
             connection.close()  # the peer closed it (e.g. it restarted) while it sat idle
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
-        family, _, _, _, address = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await loop.sock_connect(sock, address)
-        except BaseException:
-            sock.close()
-            raise
+        if endpoint.relayed:  # a circuit through the relay, then TLS to the target as on a direct connection
+            sock = await open_circuit(endpoint, kind=BULK, credentials=self.credentials,
+                                      timeout=self.settings.default_timeout)
+        else:
+            sock = await connect_tcp(endpoint)
         connection = Connection(sock)
         try:
             if self.settings.tls:

@@ -17,11 +17,18 @@ that dial take a pool, by default one made like the server they are attached to
 (`ChannelPool.like(server)`), and `check_matches` refuses a pool that disagrees with the server
 (TLS or plaintext, which run). A call that fails because the peer speaks the other protocol
 fails with an error naming both sides.
+
+A relayed endpoint's channel connects to a forwarder owned by the pool, which opens a circuit
+through the relay for each connection (`apiary.wire.relay`); with TLS the channel is bound to
+the endpoint's target peer id, so the relay carries ciphertext it cannot answer for.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterable, AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -32,6 +39,7 @@ from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials, request_digest
 from apiary.wire.errors import RequestRejected, WireError, error_from_status
 from apiary.wire.identity import Identity
+from apiary.wire.relay.forward import Forwarder
 from apiary.wire.rpc import Method, ServiceSpec
 from apiary.wire.settings import WireSettings
 from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials, plaintext_failure, tls_failure
@@ -55,6 +63,8 @@ class ChannelPool:
         self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
         self._channels: dict[tuple[Endpoint, str | None], grpc.aio.Channel] = {}
         self._proven: dict[Endpoint, str] = {}  # TLS: the ids servers proved at addresses dialled without one
+        self._forwarders: dict[Endpoint, Forwarder] = {}  # relayed endpoints: where their channels connect
+        self._folder: Path | None = None  # the forwarders' sockets
 
     @classmethod
     def like(cls, server: RpcServer) -> ChannelPool:
@@ -80,25 +90,33 @@ class ChannelPool:
     def channel(self, endpoint: Endpoint, peer_id: str | None = None, *, local: bool = False) -> grpc.aio.Channel:
         """The channel to `endpoint`: plaintext, or (TLS, not `local`) one that only `peer_id` can answer."""
         tls = self.settings.tls and not local
+        if endpoint.relayed:  # the relay splices to its target: no other peer can be expected there
+            if peer_id not in (None, endpoint.target_peer):
+                raise ValueError(f"{endpoint} reaches peer {endpoint.target_peer}, not {peer_id}")
+            peer_id = endpoint.target_peer
         if tls and peer_id is None:
             raise ValueError(f"a TLS channel to {endpoint} needs the peer id expected there (see `connect`)")
         key = (endpoint, peer_id if tls else None)
         channel = self._channels.get(key)
         if channel is None:
+            target = self._forwarder(endpoint).target if endpoint.relayed else str(endpoint)
             if tls:
                 assert peer_id is not None
                 credentials, options = grpc_channel_credentials(peer_id)
-                channel = grpc.aio.secure_channel(str(endpoint), credentials,
+                channel = grpc.aio.secure_channel(target, credentials,
                                                   options=[*self.settings.grpc_options(), *options])
             else:
-                channel = grpc.aio.insecure_channel(str(endpoint), options=self.settings.grpc_options())
+                channel = grpc.aio.insecure_channel(target, options=self.settings.grpc_options())
             self._channels[key] = channel
         return channel
 
     async def connect(self, endpoint: Endpoint, peer_id: str | None, *, local: bool, timeout: float,
                       method: str = "connecting") -> tuple[grpc.aio.Channel, str | None]:
         """The channel for a call (to `method`, named in errors) and the peer id it is bound to (None:
-        plaintext, id unknown). With TLS and no `peer_id`, the id is the one the server proves at first contact."""
+        plaintext, id unknown). With TLS and no `peer_id`, the id is the one the server proves at first contact
+        (a relayed endpoint's, its target)."""
+        if endpoint.relayed:
+            peer_id = peer_id or endpoint.target_peer
         if self.settings.tls and not local and peer_id is None:
             peer_id = self._proven.get(endpoint)
             if peer_id is None:
@@ -113,6 +131,22 @@ class ChannelPool:
         bound = peer_id if self.settings.tls and not local else None
         return self.channel(endpoint, peer_id, local=local), bound
 
+    def _forwarder(self, endpoint: Endpoint) -> Forwarder:
+        """The forwarder of a relayed endpoint (made at first use, closed with the pool)."""
+        forwarder = self._forwarders.get(endpoint)
+        if forwarder is None:
+            if self._folder is None:
+                self._folder = Path(tempfile.mkdtemp(prefix="apiary-relay-"))  # mode 0700: this user's only
+            forwarder = self._forwarders[endpoint] = Forwarder(
+                endpoint, self._folder, credentials=self.credentials, timeout=self.settings.default_timeout,
+                idle_timeout=self.settings.relay_idle_timeout)
+        return forwarder
+
+    def relay_failure(self, endpoint: Endpoint) -> WireError | None:
+        """Why the latest circuit to a relayed endpoint could not be opened (None: it could, or none was tried)."""
+        forwarder = self._forwarders.get(endpoint)
+        return forwarder.failure() if forwarder is not None else None
+
     def forget(self, endpoint: Endpoint) -> None:
         """Forgets the id proven at `endpoint` (e.g. the peer there restarted with another one)."""
         self._proven.pop(endpoint, None)
@@ -122,11 +156,19 @@ class ChannelPool:
         self.forget(endpoint)
         for key in [key for key in self._channels if key[0] == endpoint]:
             await self._channels.pop(key).close()
+        if endpoint in self._forwarders:
+            await self._forwarders.pop(endpoint).close()
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+        forwarders, self._forwarders = list(self._forwarders.values()), {}
+        for forwarder in forwarders:
+            await forwarder.close()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     async def __aenter__(self) -> ChannelPool:
         return self
@@ -224,10 +266,14 @@ class RpcClient:
     async def _error(self, method: Method, error: grpc.aio.AioRpcError) -> WireError:
         details = error.details() or ""
         if error.code() == grpc.StatusCode.UNAVAILABLE:
+            failure = self.pool.relay_failure(self.endpoint) if self.endpoint.relayed else None
+            if failure is not None:  # the relay refused the circuit, or could not be reached: say why
+                return type(failure)(f"{self.spec.name}/{method.name} on {self.endpoint} failed: {failure}",
+                                     peer=str(self.endpoint), code=failure.code)
             if "handshake failed" in details.lower() and self.pool.settings.tls and not self.spec.local:
-                expected = self.peer_id or "the id it proved before"
+                expected = self.peer_id or self.endpoint.target_peer or "the id it proved before"
                 details = tls_failure(details) or f"the server did not prove peer id {expected} over TLS ({details})"
-            elif not self.pool.settings.tls and not self.spec.local:
+            elif not self.pool.settings.tls and not self.spec.local and not self.endpoint.relayed:
                 details = await plaintext_failure(self.endpoint, details) or details
             if self.peer_id is None:
                 self.pool.forget(self.endpoint)  # whoever answers there next proves its id afresh

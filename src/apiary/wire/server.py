@@ -29,7 +29,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from apiary.wire.address import Endpoint
+from apiary.wire.address import Endpoint, PeerAddress
 from apiary.wire.auth import gatekeeper_for, request_digest
 from apiary.wire.bulk import BulkServer
 from apiary.wire.errors import RequestError
@@ -37,6 +37,7 @@ from apiary.wire.identity import Identity
 from apiary.wire.limits import ServerLimits, StreamStalled, peer_key
 from apiary.wire.metrics import RpcMetrics
 from apiary.wire.probe import PROBE, SINK_ROUTE, ProbeService
+from apiary.wire.relay.server import RelayServer
 from apiary.wire.reachability import DIAL_BACK, NONCE_ROUTE, DialBacks
 from apiary.wire.rpc import CallContext, Method, ServiceSpec, decode
 from apiary.wire.settings import WireSettings
@@ -74,6 +75,7 @@ class RpcServer:
         self._server: grpc.aio.Server | None = None  # made at start: an unstarted one upsets grpc at exit
         self._handlers: list[grpc.GenericRpcHandler] = []
         self.bulk = BulkServer(settings, metrics=self.metrics, limits=self.limits, gate=self.gate) if settings.bulk else None
+        self.relay = RelayServer(settings, identity, registry=registry, prefix=metrics_prefix) if settings.relay else None
         self.dial_backs = DialBacks(settings, identity)  # reachability checks: its own nonces, dial-backs for others
         self._bound_port: int | None = None
         self._certificate: ServerCertificate | None = None
@@ -107,6 +109,14 @@ class RpcServer:
             if self.bulk is not None:
                 await self.bulk.stop()
             raise
+        if self.relay is not None:
+            try:
+                await self.relay.start()
+            except OSError:
+                if self.bulk is not None:
+                    await self.bulk.stop()
+                await self._server.stop(0)
+                raise
         self._stopping = False
         self._supervisor = asyncio.create_task(self._supervise(), name=f"apiary-grpc-supervisor-{self.port}")
 
@@ -178,6 +188,8 @@ class RpcServer:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        if self.relay is not None:
+            await self.relay.stop()
         if self.bulk is not None:
             await self.bulk.stop()
         await self._server.stop(self.settings.shutdown_grace if grace is None else grace)
@@ -209,6 +221,15 @@ class RpcServer:
         if self._announce is not None and self._announce[1] is not None:
             return self._announce[1]
         return Endpoint(self.settings.resolved_announce_host(), self.settings.announce_bulk_port or self.bulk.port)
+
+    @property
+    def relay_address(self) -> PeerAddress | None:
+        """Where peers behind NAT reserve and dialers reach them: `peer_id@<announced host>:<relay port>`
+        (None: this server offers no relay)."""
+        if self.relay is None:
+            return None
+        host = self.settings.resolved_announce_host() if self.announced.relayed else self.announced.host
+        return PeerAddress(Endpoint(host, self.settings.announce_relay_port or self.relay.port), self.identity.peer_id)
 
     def announce(self, grpc: Endpoint, bulk: Endpoint | None) -> None:
         """Announces `grpc` (and `bulk`, for the bulk server) from now on: what `announced` and

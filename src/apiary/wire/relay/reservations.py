@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from apiary.wire.address import Endpoint, PeerAddress
+from apiary.wire.auth import CallCredentials
 from apiary.wire.errors import WireError
 from apiary.wire.framing import Connection
+from apiary.wire.identity import Identity
 from apiary.wire.protos.relay_pb2 import BULK, GRPC, Accept, ClientFrame, Incoming, RelayFrame, Reserve, Reserved
 from apiary.wire.relay.protocol import (
     accept_signed,
@@ -177,20 +179,7 @@ class Reservations:
 
     async def _reserve(self, relay: PeerAddress) -> _Held:
         started = time.monotonic()
-        own = self.server.identity
-        async with asyncio.timeout(self.timeout):
-            connection, greeting = await open_control(relay.endpoint, relay.peer_id, self.timeout)
-            try:
-                request = Reserve(peer_id=own.peer_id,
-                                  signature=own.sign(reserve_signed(greeting.relay_peer, greeting.nonce, own.peer_id)))
-                if self.pool.credentials is not None:
-                    request.metadata.update(self.pool.credentials.metadata(
-                        "relay:reserve", audience=greeting.relay_peer, digest=request_digest_of(greeting.nonce, request)))
-                await send(connection, client_frame(request))
-                reserved = await expect(connection, "reserved", relay.endpoint, "relay reservation")
-            except BaseException:
-                connection.close()
-                raise
+        connection, reserved = await reserve(relay, self.server.identity, self.pool.credentials, self.timeout)
         return _Held(relay, connection, time.monotonic() - started, reserved)
 
     async def _hold(self, held: _Held) -> None:
@@ -269,3 +258,25 @@ class Reservations:
                 await splice(circuit, local, idle_timeout=self.server.settings.relay_idle_timeout)
 
         return handle
+
+
+async def reserve(relay: PeerAddress, identity: Identity, credentials: CallCredentials | None,
+                  timeout: float) -> tuple[Connection, Reserved]:
+    """A reservation of `identity` at `relay` (`peer_id@host:port`) made within `timeout` seconds:
+    its control connection and the relay's terms. The relay's refusal is raised as the WireError
+    its code maps to, naming the limit."""
+    async with asyncio.timeout(timeout):
+        connection, greeting = await open_control(relay.endpoint, relay.peer_id, timeout)
+        try:
+            request = Reserve(peer_id=identity.peer_id,
+                              signature=identity.sign(reserve_signed(greeting.relay_peer, greeting.nonce,
+                                                                     identity.peer_id)))
+            if credentials is not None:
+                request.metadata.update(credentials.metadata("relay:reserve", audience=greeting.relay_peer,
+                                                             digest=request_digest_of(greeting.nonce, request)))
+            await send(connection, client_frame(request))
+            reserved = await expect(connection, "reserved", relay.endpoint, "relay reservation")
+        except BaseException:
+            connection.close()
+            raise
+    return connection, reserved

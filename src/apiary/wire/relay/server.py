@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 HANDSHAKE_SECONDS = 10.0  # for a connection's magic line and first frame
 ACCEPT_SECONDS = 10.0  # for a reserved peer to take a circuit
+LINGER_SECONDS = 1.0  # a refused connection's unread bytes are discarded for this long before it closes
 
 
 @dataclass(eq=False)
@@ -209,13 +210,9 @@ class RelayServer:
                 raise Refusal(MALFORMED, grpc.StatusCode.INVALID_ARGUMENT,
                               f"a connection starts with reserve, connect or accept, not {kind or 'an empty frame'}")
         except Refusal as e:
-            self._count(e.reason)
-            with contextlib.suppress(ConnectionError, OSError):
-                await send(connection, e.frame())
+            await self._refuse(connection, e)
         except RequestError as e:  # a frame too large or malformed
-            self._count(MALFORMED)
-            with contextlib.suppress(ConnectionError, OSError):
-                await send(connection, Refusal(MALFORMED, e.code, str(e)).frame())
+            await self._refuse(connection, Refusal(MALFORMED, e.code, str(e)))
         except TimeoutError:
             self._count(STALLED)
         except (ConnectionError, OSError, asyncio.IncompleteReadError, Idle):
@@ -223,6 +220,17 @@ class RelayServer:
         finally:
             if not kept:
                 connection.close()
+
+    async def _refuse(self, connection: Connection, refusal: Refusal) -> None:
+        """Counts a refusal and answers with it; then discards what the client still sends for a
+        moment (closing with unread bytes would reset the connection before the answer is read)."""
+        self._count(refusal.reason)
+        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
+            await send(connection, refusal.frame())
+            connection.sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await connection.loop.sock_recv(connection.sock, 1 << 16):
+                    pass
 
     def _check_access(self, metadata: dict[str, str], method: str, digest: bytes) -> str:
         """The caller's peer id, proven by its private-run credentials ("" in an open run)."""

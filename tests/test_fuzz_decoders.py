@@ -35,6 +35,7 @@ from apiary.wire.chunks import DTYPE_ITEMSIZE, ChunkAssembler
 from apiary.wire.framing import MAGIC
 from apiary.wire.limits import ByteBudget
 from apiary.wire.probe import ProbeService
+from apiary.wire.reachability import DialBacks
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorChunk, TensorHeader
 from apiary.wire.tensors import deserialize_tensor, tensor_from_payload
 
@@ -147,9 +148,10 @@ def test_bulk_route_handlers_refuse_malformed_calls_with_invalid_request(call: B
     probe = ProbeService(Identity.generate(), Endpoint("127.0.0.1", 1), None, WireSettings())
     donor = StateDonor("run", "a" * 52)
     reductions = AllReduceService(registration_timeout=0.01)
+    dial_backs = DialBacks(WireSettings(), Identity.generate())
 
     async def serve() -> None:
-        for handler in (probe.bulk_sink, donor.handle, reductions.handle):
+        for handler in (probe.bulk_sink, donor.handle, reductions.handle, dial_backs.bulk_nonce):
             try:
                 await asyncio.wait_for(handler(call), 2)
             except RequestError:
@@ -180,7 +182,8 @@ def public_endpoints(service: ServiceProcess) -> tuple[str, str | None]:
 
 METHODS = [
     ("dht", "/apiary.dht.Node/Ping"), ("dht", "/apiary.dht.Node/Store"), ("dht", "/apiary.dht.Node/Find"),
-    ("dht", "/apiary.wire.Probe/Ping"), ("averager", "/apiary.averaging.Matchmaking/Join"),
+    ("dht", "/apiary.wire.Probe/Ping"), ("dht", "/apiary.wire.Probe/DialBack"), ("dht", "/apiary.wire.Probe/Nonce"),
+    ("averager", "/apiary.averaging.Matchmaking/Join"),
     ("averager", "/apiary.wire.Probe/Ping"),
 ]  # fmt: skip
 

@@ -145,14 +145,18 @@ class BulkServer:
         loop = asyncio.get_running_loop()
         while True:
             sock, address = await loop.sock_accept(listener)
-            connection = Connection(sock, self.limits.bytes_in_flight.for_peer(address[0]),
-                                     self.settings.stream_stall_timeout)
-            try:
-                closed = self.limits.open_connection(address[0])
-            except LimitExceeded as e:
-                self._spawn(self._refuse_connection(connection, e))
-                continue
-            self._spawn(self._serve_connection(connection, address[0], f"{address[0]}:{address[1]}", closed))
+            self.serve_socket(sock, Endpoint(address[0], address[1]))
+
+    def serve_socket(self, sock: socket.socket, peer: Endpoint) -> None:
+        """Serves a connection from `peer` (its host bears the per-peer limits): one accepted here,
+        or a relay's circuit (`apiary.wire.relay`, `peer` as the relay saw the dialer)."""
+        connection = Connection(sock, self.limits.bytes_in_flight.for_peer(peer.host), self.settings.stream_stall_timeout)
+        try:
+            closed = self.limits.open_connection(peer.host)
+        except LimitExceeded as e:
+            self._spawn(self._refuse_connection(connection, e))
+            return
+        self._spawn(self._serve_connection(connection, peer.host, str(peer), closed))
 
     async def _refuse_connection(self, connection: Connection, refusal: LimitExceeded) -> None:
         try:

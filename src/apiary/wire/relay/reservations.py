@@ -7,8 +7,9 @@ reservation is retried only after a backoff that doubles up to `MAX_BACKOFF_SECO
 reservation sends a keepalive every few seconds and is given up when the relay falls silent
 for two of them, or closes it; its place is filled again at once. When the relay announces an
 incoming circuit, this peer opens a new connection to the relay, accepts it (signed), and
-hands the socket to the handler of its kind: `grpc` and `bulk` circuits are spliced to the
-server's own gRPC and bulk ports; other kinds (punch) can be added with `add_handler`.
+hands the socket to the handler of its kind: a `grpc` circuit is spliced to the server's own
+gRPC port, a `bulk` one served by its bulk server directly (the dialer's host, as the relay saw
+it, bearing the per-peer limits); other kinds (punch) can be added with `add_handler`.
 `endpoints` are this server's relayed endpoints, primary (fastest) first; `on_change` is
 called whenever they change.
 """
@@ -25,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from apiary.wire.address import Endpoint, PeerAddress
+from apiary.wire.address import AddressError, Endpoint, PeerAddress
 from apiary.wire.auth import CallCredentials
 from apiary.wire.errors import WireError
 from apiary.wire.framing import Connection
@@ -83,8 +84,7 @@ class Reservations:
         self.timeout = timeout  # for each step: reaching a relay, reserving, accepting a circuit
         self._held: dict[str, _Held] = {}
         self._failures: dict[str, tuple[float, int]] = {}  # relay peer id -> (retry after, failures in a row)
-        self._handlers: dict[int, Handler] = {GRPC: self._splice_to(lambda: server.port),
-                                              BULK: self._splice_to(lambda: server.bulk.port if server.bulk else None)}
+        self._handlers: dict[int, Handler] = {GRPC: self._to_grpc, BULK: self._to_bulk}
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._maintainer: asyncio.Task[None] | None = None
@@ -240,25 +240,27 @@ class Reservations:
             return
         await handler(connection.sock, incoming)
 
-    def _splice_to(self, port: Callable[[], int | None]) -> Handler:
-        """A handler that splices a circuit to this server's own port `port()`."""
+    async def _to_grpc(self, circuit: socket.socket, incoming: Incoming) -> None:
+        """Splices a gRPC circuit to this server's own gRPC port (grpc.aio takes no sockets)."""
+        try:
+            local = await asyncio.wait_for(connect_tcp(self.server.local_endpoint), self.timeout)
+        except (TimeoutError, OSError) as e:
+            logger.warning("a relayed gRPC circuit could not reach this server: %s", e)
+            circuit.close()
+            return
+        with contextlib.suppress(Exception):  # the circuit ended, however it ended
+            await splice(circuit, local, idle_timeout=self.server.settings.relay_idle_timeout)
 
-        async def handle(circuit: socket.socket, incoming: Incoming) -> None:
-            target = port()
-            try:
-                if target is None:
-                    raise ConnectionError("no such port on this server")
-                local = await asyncio.wait_for(connect_tcp(Endpoint(self.server.local_endpoint.host, target)),
-                                               self.timeout)
-            except (TimeoutError, OSError) as e:
-                logger.warning("a circuit of kind %d could not reach this server: %s", incoming.kind, e)
-                circuit.close()
-                return
-            with contextlib.suppress(Exception):  # the circuit ended, however it ended
-                await splice(circuit, local, idle_timeout=self.server.settings.relay_idle_timeout)
-
-        return handle
-
+    async def _to_bulk(self, circuit: socket.socket, incoming: Incoming) -> None:
+        """Hands a bulk circuit to this server's bulk server, as if accepted there from the dialer."""
+        if self.server.bulk is None:
+            circuit.close()
+            return
+        try:
+            dialer = Endpoint.parse(incoming.dialer_address)
+        except AddressError:
+            dialer = Endpoint("relayed", 0)
+        self.server.bulk.serve_socket(circuit, dialer)
 
 async def reserve(relay: PeerAddress, identity: Identity, credentials: CallCredentials | None,
                   timeout: float) -> tuple[Connection, Reserved]:

@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -70,13 +71,13 @@ async def eventually(check: Callable[[], bool], timeout: float, what: str) -> fl
 
 
 @contextlib.asynccontextmanager
-async def reservations(target: RpcServer, relays: Callable[[], Awaitable[list[PeerAddress]]] | list[PeerAddress],
-                       count: int = 1) -> AsyncIterator[Reservations]:
+async def reservations(target: RpcServer, relays: list[PeerAddress], count: int = 1,
+                       **options: Any) -> AsyncIterator[Reservations]:
     async def listed() -> list[PeerAddress]:
-        return relays if isinstance(relays, list) else await relays()
+        return relays
 
     pool = ChannelPool.like(target)
-    held = Reservations(target, pool, listed, count=count)
+    held = Reservations(target, pool, listed, count=count, **options)
     await held.start()
     try:
         await eventually(lambda: len(held.endpoints) >= count, 10, "reservations held")
@@ -141,6 +142,25 @@ async def test_a_reserved_peer_is_called_over_grpc_and_bulk_through_the_relay_al
             assert metric(registry, "apiary_wire_relay_circuits_opened_total") == 2
             assert metric(registry, "apiary_wire_relay_bytes_total") > 9 << 20
             await eventually(lambda: metric(registry, "apiary_wire_relay_circuits") == 0, 5, "circuits closed")
+
+
+async def test_keepalives_keep_a_reservation_and_a_silent_one_is_dropped() -> None:
+    settings = BASE.model_copy(update={"relay": True, "relay_reservation_timeout": 1.5})
+    async with serving(settings) as relay, serving() as target:
+        assert relay.relay_address is not None and relay.relay is not None
+        changes: list[float] = []
+        async with reservations(target, [relay.relay_address], keepalive=0.5, timeout=0.5,
+                                on_change=lambda: changes.append(time.monotonic())) as held:
+            await asyncio.sleep(3)  # six keepalives, two relay timeouts
+            assert len(changes) == 1 and relay.relay.reservations == 1
+            async with ChannelPool(BASE) as pool:
+                assert await ping(pool, held.endpoints[0]) == target.identity.peer_id
+        connection, reserved = await reserve(relay.relay_address, Identity.generate(), None, 5)  # then silent
+        try:
+            assert reserved.idle_timeout == 1.5 and relay.relay.reservations == 1
+            assert await eventually(lambda: relay.relay.reservations == 0, 5, "silent reservation dropped") > 1
+        finally:
+            connection.close()
 
 
 class Tap:

@@ -281,4 +281,4 @@ async def reserve(relay: PeerAddress, identity: Identity, credentials: CallCrede
         except BaseException:
             connection.close()
             raise
-    return connection, reserved
+    return Connection(connection.sock), reserved  # without the handshake's stall timeout: keepalives set the pace

@@ -22,7 +22,7 @@ from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.ids import ID_BITS, ID_BYTES, distance, id_of, id_to_bytes, node_id
 from apiary.dht.node import NODE_SERVICE, pack
 from apiary.dht.protos.dht_pb2 import FindRequest, NodeInfo, StoreItem, StoreRequest
-from apiary.wire import ChannelPool, Identity, OverLimit, RequestRejected, RpcClient
+from apiary.wire import ChannelPool, Identity, RequestRejected, RpcClient
 
 DEFAULTS = DHTSettings()  # what the swarm's nodes run with
 REPLICAS = DEFAULTS.num_replicas
@@ -181,8 +181,6 @@ def _item(value: bytes = b"\xa1v", expiration: float | None = None, key: bytes =
 
 TOO_MANY = DEFAULTS.max_items_per_request + 1
 BAD_REQUESTS = {  # case: (the request, what the refusal names, the error the caller gets)
-    "value over max_value_bytes": (lambda: _store([_item(b"x" * (DEFAULTS.max_value_bytes + 1))]), "max_value_bytes",
-                                   OverLimit),
     "key id of the wrong length": (lambda: _find([id_to_bytes(1), b"\x01" * (ID_BYTES - 1)]), "key_ids", RequestRejected),
     "too many items": (lambda: _store([_item() for _ in range(TOO_MANY)]), "max_items_per_request", RequestRejected),
     "too many key ids": (lambda: _find([id_to_bytes(i) for i in range(TOO_MANY)]), "max_items_per_request",
@@ -218,6 +216,17 @@ async def test_a_bad_request_is_rejected_naming_the_limit_and_the_node_keeps_ser
     with pytest.raises(error) as caught:
         await RpcClient(pool, NODE_SERVICE, node.endpoint, timeout=10).call(method, request)
     assert named in str(caught.value), str(caught.value)
+    await _still_serves(swarm, node, pool, key)
+
+
+async def test_a_record_past_a_limit_is_refused_naming_the_limit_and_the_others_are_stored(
+    swarm: Swarm, pool: ChannelPool, target: tuple[SwarmNode, str]
+) -> None:
+    node, key = target
+    method, request = _store([_item(b"x" * (DEFAULTS.max_value_bytes + 1)), _item(key=pack(unique_key("fits")))])
+    response = await RpcClient(pool, NODE_SERVICE, node.endpoint, timeout=10).call(method, request)
+    assert list(response.stored) == [False, True]
+    assert list(response.refused) == [f"max_value_bytes={DEFAULTS.max_value_bytes}", ""]
     await _still_serves(swarm, node, pool, key)
 
 

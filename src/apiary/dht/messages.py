@@ -8,7 +8,7 @@ from apiary.dht.protos.dht_pb2 import FoundValue, NodeInfo, StoreItem, SubkeyVal
 from apiary.dht.routing import Contact
 from apiary.dht.storage import StoredEntry, ValueWithExpiration
 from apiary.dht.validation import DHTRecord
-from apiary.wire import AddressError, Endpoint, IdentityError, InvalidRequest, PayloadTooLarge
+from apiary.wire import AddressError, Endpoint, IdentityError, InvalidRequest
 from apiary.wire.identity import public_key_from_peer_id
 
 
@@ -27,16 +27,25 @@ def node_info(contact: Contact) -> NodeInfo:
     return NodeInfo(peer_id=contact.peer_id, address=str(contact.endpoint))
 
 
-def found_value(entry: StoredEntry | None) -> FoundValue:
+def found_value(entry: StoredEntry | None, *, after: bytes = b"", page_bytes: int | None = None) -> FoundValue:
+    """An entry as a Find answers it. A dictionary comes in pages of about `page_bytes` (at least
+    one subkey each), its subkeys in byte order after the cursor `after`; `more` marks a page
+    that others follow (not found: nothing after the cursor)."""
     if entry is None:
         return FoundValue(found=False)
     if entry.value is not None:
         return FoundValue(found=True, value=entry.value.value, expiration=entry.value.expiration)
-    return FoundValue(
-        found=True,
-        expiration=entry.expiration,
-        subkeys=[SubkeyValue(subkey=k, value=v.value, expiration=v.expiration) for k, v in entry.subkeys.items()],
-    )
+    page, size, more = [], 0, False
+    for subkey in sorted(k for k in entry.subkeys if k > after):
+        item = entry.subkeys[subkey]
+        size += len(subkey) + len(item.value) + 16
+        if page_bytes is not None and page and size > page_bytes:
+            more = True
+            break
+        page.append(SubkeyValue(subkey=subkey, value=item.value, expiration=item.expiration))
+    if not page:
+        return FoundValue(found=False)
+    return FoundValue(found=True, expiration=entry.expiration, subkeys=page, more=more)
 
 
 def stored_entry(found: FoundValue) -> StoredEntry | None:
@@ -54,15 +63,12 @@ def records_of(key: bytes, entry: StoredEntry) -> list[DHTRecord]:
     return [DHTRecord(key, subkey, item.value, item.expiration) for subkey, item in entry.subkeys.items()]
 
 
-def check_items(items: list[StoreItem], max_items: int, max_value_bytes: int) -> None:
-    """Raises InvalidRequest naming the first item that breaks a limit."""
+def check_items(items: list[StoreItem], max_items: int) -> None:
+    """Raises InvalidRequest naming the first item that is malformed (a record past a storage
+    limit is refused on its own, with the limit named in the reply: `DHTNode._store_local`)."""
     if len(items) > max_items:
         raise InvalidRequest(f"{len(items)} items in one request exceed max_items_per_request={max_items}")
     for index, item in enumerate(items):
-        if len(item.value) > max_value_bytes:
-            raise PayloadTooLarge(
-                f"item {index}: value of {len(item.value)} bytes exceeds max_value_bytes={max_value_bytes}"
-            )
         if not math.isfinite(item.expiration):
             raise InvalidRequest(f"item {index}: expiration {item.expiration} is not a finite time")
         if not item.key:

@@ -20,6 +20,13 @@ once it heals.
 A node new to the routing table is given the records it should now hold (`republish`, section
 2.5 of the Kademlia paper).
 
+Hot keys: a node that found a value caches it on the nearest node of its lookup that lacked it
+(section 2.3; `storage.cache`), for less time the further that node is from the key; a node
+answers from its records and its cached copies, and reports the keys it is asked for far more
+than others (`hotkeys`). A dictionary is answered in pages that `get` follows. A record past a
+limit (`max_value_bytes`, `max_subkeys`) is refused with the limit named, and `store` raises
+`StoreRefused` with it.
+
 Every reply tells the caller where its call came from; `DHTNode.observed` keeps what the nodes
 that answer report (`apiary.wire.observed`).
 """
@@ -36,14 +43,16 @@ import msgpack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from apiary.dht.blacklist import Blacklist
+from apiary.dht.hotkeys import HotKeys
 from apiary.dht.ids import id_of, id_to_bytes, node_id, random_id_in
-from apiary.dht.messages import contact_of, merge_entries, node_info, records_of
+from apiary.dht.messages import contact_of, merge_entries, node_info, records_of, stored_entry
 from apiary.dht.protos.dht_pb2 import FindRequest, FindResponse, NodeInfo, PingRequest, StoreItem, StoreRequest
 from apiary.dht.protocol import NODE_SERVICE, NodeServicer
 from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
 from apiary.dht.storage import MemoryStorage, Storage, StoredEntry
+from apiary.dht.storage.cache import LookupCache
 from apiary.dht.traversal import LookupState, traverse
 from apiary.dht.validation import DHTRecord, RecordValidator, SignatureValidator
 from apiary.wire import (
@@ -64,6 +73,10 @@ logger = logging.getLogger(__name__)
 
 class DHTBootstrapError(RuntimeError):
     """No initial peer answered, or those that answered refused this node's credentials."""
+
+
+class StoreRefused(ValueError):
+    """A record was refused by every node asked to store it, for a limit its reply names."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +109,20 @@ class DHTMetrics:
         self.rejected = Counter(
             "apiary_dht_rejected_records", "Records refused, by reason", ["reason"], registry=registry
         )
-        self.rejected.labels("validation")  # reads 0 from the start, not no data
+        for reason in ("validation", "max_value_bytes", "max_subkeys"):
+            self.rejected.labels(reason)  # reads 0 from the start, not no data
+        self.served = Counter(
+            "apiary_dht_served_keys", "Keys other nodes asked this node for, by what it answered (stored, cached, none)",
+            ["answer"], registry=registry,
+        )
+        self.hot_keys = Gauge(
+            "apiary_dht_hot_keys", "Keys asked for far more than others (hot_key_factor times the average)",
+            registry=registry,
+        )
+        self.hot_keys.set_function(node.hot_keys.hot)
+        self.hot_key_requests = Counter(
+            "apiary_dht_hot_key_requests", "Requests answered for keys that were hot then", registry=registry
+        )
         self.operations = Histogram(
             "apiary_dht_operation_duration_seconds", "Time of get/store operations", ["operation"], registry=registry
         )
@@ -132,6 +158,8 @@ class DHTNode:
         self.blacklist = Blacklist()
         self.observed = ObservedAddresses()  # where the nodes that answer see this node's calls come from
         self.republisher = Republisher(self)
+        self.cache = LookupCache(self.settings.max_cached_keys)
+        self.hot_keys = HotKeys(self.settings.hot_key_factor, self.settings.hot_key_half_life)
         self._late: set[str] = set()  # peers whose Find outlived its lookup's deadline and still runs
         self.metrics = DHTMetrics(registry, self)
         self.server: RpcServer | None = None
@@ -261,18 +289,58 @@ class DHTNode:
         contact = self.contact
         return node_info(contact) if contact is not None else NodeInfo(peer_id=self.identity.peer_id)
 
-    async def _store_local(self, item: StoreItem) -> bool:
+    async def _store_local(self, item: StoreItem) -> tuple[bool, str]:
+        """Stores one record; whether it was, and the limit it broke ("" if none)."""
         subkey = item.subkey if item.has_subkey else None
-        if self.validator is not None and not self.validator.validate(
-            DHTRecord(item.key, subkey, item.value, item.expiration)
-        ):
-            self.metrics.rejected.labels("validation").inc()
-            return False
         key_id = id_to_bytes(id_of(item.key))
+        refused = await self._over_limit(key_id, subkey, item.value)
+        if refused:
+            self.metrics.rejected.labels(refused.split("=")[0]).inc()
+            return False, refused
+        if not self._valid(item):
+            return False, ""
         stored = await self.storage.store(key_id, subkey, item.value, item.expiration)
         if stored:
             self.republisher.remember(key_id, item.key)
-        return stored
+        return stored, ""
+
+    async def _cache_local(self, item: StoreItem, keep_for: float) -> bool:
+        """Caches a copy of another node's record for at most `keep_for` seconds (section 2.3)."""
+        subkey = item.subkey if item.has_subkey else None
+        key_id = id_to_bytes(id_of(item.key))
+        if await self._over_limit(key_id, subkey, item.value, cached=True) or not self._valid(item):
+            return False
+        return self.cache.store(key_id, subkey, item.value, item.expiration, keep_for)
+
+    def _valid(self, item: StoreItem) -> bool:
+        subkey = item.subkey if item.has_subkey else None
+        if self.validator is None or self.validator.validate(DHTRecord(item.key, subkey, item.value, item.expiration)):
+            return True
+        self.metrics.rejected.labels("validation").inc()
+        return False
+
+    async def _over_limit(self, key_id: bytes, subkey: bytes | None, value: bytes, *, cached: bool = False) -> str:
+        """The limit a record breaks ("" if none): its size, or a new subkey past `max_subkeys`."""
+        if len(value) > self.settings.max_value_bytes:
+            return f"max_value_bytes={self.settings.max_value_bytes}"
+        if subkey is not None:
+            current = self.cache.get(key_id) if cached else await self.storage.get(key_id)
+            if current is not None and len(current.subkeys) >= self.settings.max_subkeys and subkey not in current.subkeys:
+                return f"max_subkeys={self.settings.max_subkeys}"
+        return ""
+
+    async def _held(self, key_id: bytes) -> StoredEntry | None:
+        """What this node holds for a key: its records merged with its cached copies."""
+        return merge_entries([e for e in (await self.storage.get(key_id), self.cache.get(key_id)) if e is not None])
+
+    async def _answer(self, key_id: bytes) -> StoredEntry | None:
+        """What a Find of a key gets from this node; counts the request (hot keys, metrics)."""
+        stored = await self.storage.get(key_id)
+        cached = self.cache.get(key_id)
+        if self.hot_keys.seen(key_id):
+            self.metrics.hot_key_requests.inc()
+        self.metrics.served.labels("stored" if stored else "cached" if cached else "none").inc()
+        return merge_entries([e for e in (stored, cached) if e is not None])
 
     # ---- the protocol, called ----
 
@@ -404,6 +472,7 @@ class DHTNode:
             for contact in nearest[key_id]:
                 by_node.setdefault(contact.peer_id, (contact, []))[1].append(index)
         accepted = [False] * len(records)
+        refused: dict[int, str] = {}  # item: a limit a node named in refusing it
 
         async def store_on(contact: Contact, indices: list[int]) -> None:
             if contact.peer_id == self.identity.peer_id:
@@ -413,14 +482,25 @@ class DHTNode:
                 for batch in self._batches([records[i] for i in indices]):  # a node refuses larger requests
                     request = StoreRequest(sender=self._me(), items=batch)
                     response = await self._call(contact, "Store", request)
-                    outcomes += list(response.stored) if response is not None else [False] * len(batch)
-            for index, outcome in zip(indices, outcomes):
+                    if response is None:
+                        outcomes += [(False, "")] * len(batch)
+                    else:
+                        reasons = list(response.refused) + [""] * (len(batch) - len(response.refused))
+                        outcomes += list(zip(response.stored, reasons))
+            for index, (outcome, reason) in zip(indices, outcomes):
                 accepted[index] = accepted[index] or outcome
+                if reason:
+                    refused[index] = reason
 
         if not by_node and self.contact is None:
             logger.warning("client-mode node knows no other node: nothing stored")
         await asyncio.gather(*(store_on(contact, indices) for contact, indices in by_node.values()))
         self.metrics.operations.labels("store").observe(time.perf_counter() - started)
+        over = {index: reason for index, reason in refused.items() if not accepted[index]}
+        if over:
+            raise StoreRefused("refused by every node asked, past a limit: " + "; ".join(
+                f"key {items[index][0]!r}" + ("" if items[index][1] is None else f" subkey {items[index][1]!r}")
+                + f": {reason}" for index, reason in sorted(over.items())[:8]))
         return accepted
 
     async def get(self, key: Any, latest: bool = False, *, timeout: float | None = None) -> Found | None:
@@ -431,14 +511,16 @@ class DHTNode:
 
     async def get_many(self, keys: list[Any], latest: bool = False, *, timeout: float | None = None
                        ) -> list[Found | None]:
-        """`get` for many keys at once: one lookup, one Find RPC per node per round."""
+        """`get` for many keys at once: one lookup, one Find RPC per node per round. A dictionary
+        answered in pages is read on from the nodes that paged it (`_rest`)."""
         started = time.perf_counter()
         deadline = None if timeout is None else time.monotonic() + timeout
         raw_keys = [pack(key) for key in keys]
         key_ids = [id_of(raw) for raw in raw_keys]
-        local = {key_id: await self.storage.get(id_to_bytes(key_id)) for key_id in key_ids}
+        local = {key_id: await self._held(id_to_bytes(key_id)) for key_id in key_ids}
         wanted = [key_id for key_id in set(key_ids) if latest or local[key_id] is None]
         states = await self._lookup(wanted, stop_at_first_value=not latest, deadline=deadline) if wanted else {}
+        complete = {key_id: await self._rest(state, deadline) for key_id, state in states.items()}
         results = []
         for raw_key, key_id in zip(raw_keys, key_ids):
             state = states.get(key_id)
@@ -446,7 +528,7 @@ class DHTNode:
             if local[key_id] is not None:
                 entries.append(local[key_id])
             merged = merge_entries([e for e in (self._validated(raw_key, entry) for entry in entries) if e])
-            if merged is not None and state is not None and self.settings.cache_on_lookup:
+            if merged is not None and state is not None and complete[key_id] and self.settings.cache_on_lookup:
                 self._cache(raw_key, merged, state)
             results.append(self._decoded(raw_key, merged))
         self.metrics.operations.labels("get").observe(time.perf_counter() - started)
@@ -472,13 +554,14 @@ class DHTNode:
 
     def _signed_record(self, key: Any, subkey: Any, value: Any, expiration: float) -> DHTRecord:
         record = DHTRecord(pack(key), None if subkey is None else pack(subkey), pack(value), float(expiration))
+        if self.validator is not None:
+            record = DHTRecord(record.key, record.subkey, self.validator.sign_value(record), record.expiration)
         if len(record.value) > self.settings.max_value_bytes:
-            raise ValueError(
-                f"value of {len(record.value)} bytes for key {key!r} exceeds max_value_bytes={self.settings.max_value_bytes}"
+            raise StoreRefused(
+                f"value of {len(record.value)} bytes (signed) for key {key!r} exceeds max_value_bytes="
+                f"{self.settings.max_value_bytes}"
             )
-        if self.validator is None:
-            return record
-        return DHTRecord(record.key, record.subkey, self.validator.sign_value(record), record.expiration)
+        return record
 
     def _validated(self, raw_key: bytes, entry: StoredEntry) -> StoredEntry | None:
         """The entry without records that fail validation (None if nothing is left)."""
@@ -508,14 +591,50 @@ class DHTNode:
             entry.expiration,
         )
 
+    async def _rest(self, state: LookupState, deadline: float | None) -> bool:
+        """Reads on the dictionaries that nodes answered in pages, each page a Find of its own
+        deadline, until the last page or `max_get_bytes` in all (or the get's deadline); adds
+        the pages to `state.values`. Whether every paged answer was read to its end."""
+        budget = self.settings.max_get_bytes - sum(_size(entry) for entry, _ in state.values)
+        complete = True
+        for contact in state.paged:
+            entry = next(entry for entry, c in reversed(state.values) if c.peer_id == contact.peer_id)
+            more = True
+            while more and budget > 0 and (deadline is None or time.monotonic() < deadline):
+                request = FindRequest(sender=self._me(), key_ids=[id_to_bytes(state.key_id)], after=[max(entry.subkeys)])
+                response = await self._call(contact, "Find", request)
+                if response is None or not response.results or not response.results[0].value.subkeys:
+                    break
+                entry = stored_entry(response.results[0].value)
+                more = response.results[0].value.more
+                state.values.append((entry, contact))
+                budget -= _size(entry)
+            complete = complete and not more
+        return complete
+
     def _cache(self, raw_key: bytes, entry: StoredEntry, state: LookupState) -> None:
-        """Section 2.3, caching: stores a found value on the nearest queried node that answered
-        without it, so that later lookups of a popular key end sooner."""
+        """Section 2.3, caching: the nearest queried node that answered without the value is
+        given a copy, so that later lookups of a popular key end there. The copy lives
+        `cache_ttl` seconds if no other node is between it and the key's `num_replicas` nearest,
+        halved for each node between ("exponentially inversely proportional to the number of
+        nodes between the current node and the node whose ID is closest to the key ID"), and
+        never past the record's own expiration."""
         if not state.without_value:
             return
         target = min(state.without_value, key=lambda c: c.id ^ state.key_id)
+        nearer = sum(1 for c in state.candidates.values()
+                     if c.peer_id not in state.failed and c.id ^ state.key_id < target.id ^ state.key_id)
+        keep_for = self.settings.cache_ttl * 0.5 ** max(0, nearer - self.settings.num_replicas)
         for batch in self._batches(records_of(raw_key, entry)):
-            self._spawn(self._call(target, "Store", StoreRequest(sender=self._me(), items=batch)))
+            request = StoreRequest(sender=self._me(), items=batch, cache_for=keep_for)
+            self._spawn(self._call(target, "Store", request))
+
+
+def _size(entry: StoredEntry) -> int:
+    """About how many bytes an entry takes."""
+    if entry.value is not None:
+        return len(entry.value.value)
+    return sum(len(subkey) + len(item.value) for subkey, item in entry.subkeys.items())
 
 
 def _item_of(record: DHTRecord) -> StoreItem:

@@ -53,10 +53,15 @@ class NodeServicer:
 
     async def store(self, request: StoreRequest, context: CallContext) -> StoreResponse:
         settings = self.node.settings
-        check_items(list(request.items), settings.max_items_per_request, settings.max_value_bytes)
+        check_items(list(request.items), settings.max_items_per_request)
         self._heard_from(request.sender)
-        stored = [await self.node._store_local(item) for item in request.items]
-        return StoreResponse(node=self.node._me(), stored=stored, observed_address=observed_address(context.peer))
+        if request.cache_for > 0:  # copies to cache (section 2.3), not records for this node to keep
+            keep_for = min(request.cache_for, settings.cache_ttl)
+            outcomes = [(await self.node._cache_local(item, keep_for), "") for item in request.items]
+        else:
+            outcomes = [await self.node._store_local(item) for item in request.items]
+        stored, refused = [ok for ok, _ in outcomes], [why for _, why in outcomes]
+        return StoreResponse(node=self.node._me(), stored=stored, refused=refused, observed_address=observed_address(context.peer))
 
     async def find(self, request: FindRequest, context: CallContext) -> FindResponse:
         node = self.node
@@ -69,12 +74,16 @@ class NodeServicer:
             ids = [id_from_bytes(raw) for raw in request.key_ids]
         except ValueError as e:
             raise InvalidRequest(f"key_ids: {e}") from None
+        if len(request.after) > len(ids):
+            raise InvalidRequest(f"{len(request.after)} cursors (after) for {len(ids)} key ids")
         self._heard_from(request.sender)
         results = []
-        for key_id in ids:
+        for index, key_id in enumerate(ids):
             nearest = node.routing.nearest(key_id, node.settings.bucket_size, exclude=request.sender.peer_id)
-            entry = await node.storage.get(id_to_bytes(key_id))
-            results.append(FindResult(value=found_value(entry), nearest=[node_info(c) for c in nearest]))
+            entry = await node._answer(id_to_bytes(key_id))
+            after = request.after[index] if index < len(request.after) else b""
+            value = found_value(entry, after=after, page_bytes=node.settings.page_bytes)
+            results.append(FindResult(value=value, nearest=[node_info(c) for c in nearest]))
         return FindResponse(node=node._me(), results=results, observed_address=observed_address(context.peer))
 
     def _heard_from(self, sender: NodeInfo) -> None:

@@ -38,6 +38,7 @@ class LookupState:
     failed: set[str] = field(default_factory=set)
     values: list[tuple[StoredEntry, Contact]] = field(default_factory=list)
     without_value: list[Contact] = field(default_factory=list)
+    paged: list[Contact] = field(default_factory=list)  # answered a first page of a dictionary: more follow
     done: bool = False
 
     def nearest(self, count: int, *, answered_only: bool = False) -> list[Contact]:
@@ -116,6 +117,8 @@ def _learn(states: dict[int, LookupState], contact: Contact, ids: list[int], res
         entry = stored_entry(result.value)
         if entry is not None:
             state.values.append((entry, contact))
+            if result.value.more:
+                state.paged.append(contact)
         else:
             state.without_value.append(contact)
         for info in result.nearest:

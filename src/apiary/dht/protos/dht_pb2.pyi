@@ -45,22 +45,26 @@ class StoreItem(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., has_subkey: _Optional[bool] = ..., subkey: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("sender", "items")
+    __slots__ = ("sender", "items", "cache_for")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FOR_FIELD_NUMBER: _ClassVar[int]
     sender: NodeInfo
     items: _containers.RepeatedCompositeFieldContainer[StoreItem]
-    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., items: _Optional[_Iterable[_Union[StoreItem, _Mapping]]] = ...) -> None: ...
+    cache_for: float
+    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., items: _Optional[_Iterable[_Union[StoreItem, _Mapping]]] = ..., cache_for: _Optional[float] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
-    __slots__ = ("node", "stored", "observed_address")
+    __slots__ = ("node", "stored", "observed_address", "refused")
     NODE_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     node: NodeInfo
     stored: _containers.RepeatedScalarFieldContainer[bool]
     observed_address: str
-    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., stored: _Optional[_Iterable[bool]] = ..., observed_address: _Optional[str] = ...) -> None: ...
+    refused: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., stored: _Optional[_Iterable[bool]] = ..., observed_address: _Optional[str] = ..., refused: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubkeyValue(_message.Message):
     __slots__ = ("subkey", "value", "expiration")
@@ -73,24 +77,28 @@ class SubkeyValue(_message.Message):
     def __init__(self, subkey: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ...) -> None: ...
 
 class FoundValue(_message.Message):
-    __slots__ = ("found", "value", "expiration", "subkeys")
+    __slots__ = ("found", "value", "expiration", "subkeys", "more")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPIRATION_FIELD_NUMBER: _ClassVar[int]
     SUBKEYS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     found: bool
     value: bytes
     expiration: float
     subkeys: _containers.RepeatedCompositeFieldContainer[SubkeyValue]
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ..., subkeys: _Optional[_Iterable[_Union[SubkeyValue, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ..., subkeys: _Optional[_Iterable[_Union[SubkeyValue, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class FindRequest(_message.Message):
-    __slots__ = ("sender", "key_ids")
+    __slots__ = ("sender", "key_ids", "after")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
     sender: NodeInfo
     key_ids: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., key_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    after: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., key_ids: _Optional[_Iterable[bytes]] = ..., after: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class FindResult(_message.Message):
     __slots__ = ("value", "nearest")

@@ -82,6 +82,15 @@ def accepts(current: StoredEntry | None, subkey: bytes | None, expiration: float
     return existing is None or expiration > existing.expiration
 
 
+def merged(current: StoredEntry | None, subkey: bytes | None, item: ValueWithExpiration) -> StoredEntry:
+    """What a key holds after an accepted write (see `accepts`)."""
+    if subkey is None:
+        return StoredEntry(value=item)
+    subkeys = dict(current.subkeys) if current is not None and current.value is None else {}
+    subkeys[subkey] = item
+    return StoredEntry(subkeys=subkeys)
+
+
 def unexpired(entry: StoredEntry, at: float) -> StoredEntry | None:
     """The entry without its expired parts, or None if nothing is left."""
     if entry.value is not None:

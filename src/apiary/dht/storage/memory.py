@@ -6,10 +6,15 @@ from apiary.dht.storage.base import StoredEntry, ValueWithExpiration, accepts, n
 
 
 class MemoryStorage:
-    """Records in a dict; expired ones are dropped when read and by `purge()`."""
+    """Records in a dict; expired ones are dropped when read and by `purge()`.
+
+    A dictionary's subkeys are updated in place and each key remembers a time before which
+    nothing of it expires, so that writing and reading a key of thousands of subkeys does not
+    copy or scan them all every time."""
 
     def __init__(self) -> None:
         self._entries: dict[bytes, StoredEntry] = {}
+        self._intact_until: dict[bytes, float] = {}  # key: no part of it expires before then
 
     async def store(self, key: bytes, subkey: bytes | None, value: bytes, expiration: float) -> bool:
         at = now()
@@ -17,12 +22,12 @@ class MemoryStorage:
         if not accepts(current, subkey, expiration, at):
             return False
         item = ValueWithExpiration(value, expiration)
-        if subkey is None:
-            self._entries[key] = StoredEntry(value=item)
+        if subkey is None or current is None or current.value is not None:
+            self._entries[key] = StoredEntry(value=item) if subkey is None else StoredEntry(subkeys={subkey: item})
+            self._intact_until[key] = expiration
         else:
-            subkeys = dict(current.subkeys) if current is not None and current.value is None else {}
-            subkeys[subkey] = item
-            self._entries[key] = StoredEntry(subkeys=subkeys)
+            current.subkeys[subkey] = item
+            self._intact_until[key] = min(self._intact_until[key], expiration)
         return True
 
     async def get(self, key: bytes) -> StoredEntry | None:
@@ -37,14 +42,18 @@ class MemoryStorage:
 
     async def close(self) -> None:
         self._entries.clear()
+        self._intact_until.clear()
 
     def _alive(self, key: bytes, at: float) -> StoredEntry | None:
         entry = self._entries.get(key)
-        if entry is None:
-            return None
+        if entry is None or at < self._intact_until[key]:
+            return entry
         alive = unexpired(entry, at)
         if alive is None:
-            del self._entries[key]
-        elif alive is not entry:
+            del self._entries[key], self._intact_until[key]
+        else:
             self._entries[key] = alive
+            self._intact_until[key] = min(
+                [alive.value.expiration] if alive.value is not None else [v.expiration for v in alive.subkeys.values()]
+            )
         return alive

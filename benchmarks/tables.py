@@ -210,6 +210,28 @@ def memory(results: Results, preset: str | None) -> str:
     return provenance(result) + "\n\n" + table(header, rows) + "\n\n" + note
 
 
+def megabytes(count: int) -> str:
+    """`count` bytes in MB: three significant digits, no exponent."""
+    value = count / 1e6
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def powersgd(results: Results) -> str:
+    result = results("powersgd", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/powersgd.py")
+    f = result["figures"]
+    parts = [provenance(result)]
+    for name, model in f["models"].items():
+        columns = list(next(iter(model["bytes"].values())))
+        rows = [[codec, *(f"{megabytes(b)} MB ({model['float32_bytes'] / b:.1f}×)" for b in row.values())]
+                for codec, row in model["bytes"].items()]
+        parts.append(f"{name}, {model['params']:,} parameters:\n\n" + table(["codec", *columns], rows))
+    parts.append(f"Bytes one peer sends and receives per epoch in a group of {f['group']} (× fewer than "
+                 f"uncompressed float32 in brackets); PowerSGD compresses tensors of {f['min_size']} elements or more.")
+    return "\n\n".join(parts)
+
+
 def hivemind_memory(memory: dict[str, Any], nodes: int) -> str:
     """hivemind's DHT memory: a p2pd daemon per node, plus the one Python process of all nodes."""
     p2pd_rss, _ = memory["by_name"].get("p2pd", [float("nan"), 0])
@@ -344,7 +366,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "moe-cuda-bfloat16": lambda results: moe(results, "cuda-bfloat16"), "training": training, "hivemind": hivemind, "fuzz": fuzz,
     "allreduce_wan": allreduce_wan, "allreduce_wan-training": allreduce_wan_training,
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
-    "memory-cuda": lambda results: memory(results, "cuda"),
+    "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
 }
 
 

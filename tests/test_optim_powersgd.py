@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -15,7 +17,10 @@ import torch
 from apiary.optim import Optimizer, SwarmProgress, check_mode
 from apiary.optim.powersgd import Q_ROUNDS, PowerSGD, compressible, round_values
 from apiary.tasks.charlm import task as charlm
+from service_processes import APIARY
 from test_optim_epochs import MemorySwarm, Peers
+from test_optim_training import FAST_ROUNDS
+from trainer_processes import TrainerSwarm
 
 ROWS, COLS, RANK = 12, 10, 2
 
@@ -237,3 +242,43 @@ def test_the_optimizer_in_powersgd_mode_runs_both_rounds_and_forms_groups_ahead_
     assert opt.rule.fallbacks == 1  # round two found no group: its own weight gradient, the bias averaged
     torch.testing.assert_close(net.weight.detach(), -grad[0])
     torch.testing.assert_close(net.bias.detach(), -grad[1] * 70 / 100)
+
+
+@pytest.mark.timeout(360)  # four trainer processes, two at a time, on 2 cores
+def test_two_peers_train_as_well_as_with_uncompressed_gradients_on_over_10x_fewer_bytes(tmp_path):
+    """The charlm task's own model (its default size: the one the 10x is claimed for), 2 peers."""
+    epochs = 12
+    common = ["--target-batch-size", "32", "--max-epochs", str(epochs), "--average-state-every", "0",
+              "--averaging", FAST_ROUNDS, "--min-peers", "2", "--task-options", '{"eval_batches": 2}']
+    swarms = {mode: TrainerSwarm(tmp_path / mode, mode, [*common, "--mode", mode, "--powersgd-rank", "4"])
+              for mode in ("gradients", "powersgd")}
+    with swarms["gradients"], swarms["powersgd"]:  # both runs at once: their rounds wait on the network, not CPU
+        for swarm in swarms.values():
+            swarm.start(seed=0)
+            swarm.start(seed=1)
+        runs = {mode: swarm.finish() for mode, swarm in swarms.items()}
+    for summaries in runs.values():
+        assert all(s["epoch_end"] >= epochs - 1 for s in summaries.values()), summaries  # one may stop a step early
+    plain, powersgd = (max(summaries.values(), key=lambda s: s["rounds"]["ok"]) for summaries in runs.values())
+    assert plain["rounds"]["ok"] >= 0.8 * epochs and powersgd["rounds"]["ok"] >= 0.8 * 2 * epochs, (plain, powersgd)
+    # the same samples: the loss after them within 5% of uncompressed averaging's
+    plain_loss, powersgd_loss = (min(s["loss_end"] for s in summaries.values()) for summaries in runs.values())
+    assert powersgd_loss <= 1.05 * plain_loss, (plain_loss, powersgd_loss)
+    assert powersgd_loss < powersgd["loss_start"] - 1.0
+    # bytes per epoch as the averager reported them: one float32 round against a P and a Q round
+    per_epoch_plain = plain["averaged_bytes"] / plain["rounds"]["ok"]
+    per_epoch_powersgd = powersgd["averaged_bytes"] / (powersgd["rounds"]["ok"] / 2)
+    assert per_epoch_plain >= 10 * per_epoch_powersgd, (per_epoch_plain, per_epoch_powersgd)
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["--mode", "powersgd", "--powersgd-rank", "0"], {}, "--powersgd-rank"),
+    (["--mode", "powersgd"], {"APIARY_POWERSGD_MIN_SIZE": "-1"}, "--powersgd-min-size"),
+    (["--mode", "powersgd", "--delay-updates"], {}, "delay_updates"),
+])
+def test_bad_powersgd_settings_stop_the_trainer_with_one_line(args, env, expected):
+    result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", *args], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **env})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("apiary: error:") and expected in lines[0], result.stderr

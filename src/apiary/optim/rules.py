@@ -61,7 +61,8 @@ def check_mode(mode: str, *, delay_updates: bool = False, auxiliary: bool = Fals
         raise ValueError("auxiliary peers assist gradient rounds: mode must be 'gradients'")
     if (reuse_grad_buffers or offload_optimizer) and mode != "gradients":
         raise ValueError("reuse_grad_buffers and offload_optimizer apply to mode='gradients' only (in 'local' "
-                         "and 'diloco' the wrapped optimizer steps every batch on the device)")
+                         "and 'diloco' the wrapped optimizer steps every batch on the device; 'powersgd' keeps "
+                         "buffers of its own)")
     if reuse_grad_buffers and delay_updates:
         raise ValueError("reuse_grad_buffers cannot be combined with delay_updates: the next epoch's gradients "
                          "would accumulate in the buffers the delayed round still averages")

@@ -39,13 +39,15 @@ class TrainerSettings(BaseModel):
     task_options: dict[str, Any] = Field(default_factory=dict, description="keyword settings for the task's factory")
     seed: int = Field(0, description="this peer's data seed")
     target_batch_size: int = Field(256, ge=1, description="samples the swarm accumulates per epoch")
-    mode: str = Field("gradients", description="gradients, local or diloco")
+    mode: str = Field("gradients", description="gradients, local, diloco or powersgd")
     average_state_every: int = Field(5, ge=0, description="epochs between state averaging rounds (0: never)")
     delay_updates: bool = Field(False, description="overlap gradient averaging with the next batches")
     reuse_grad_buffers: bool = Field(False, description="accumulate in the gradients themselves (gradients mode)")
     offload_optimizer: bool = Field(False, description="the optimizer's state and update on the CPU (gradients mode)")
     outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate")
     outer_momentum: float = Field(0.9, ge=0, lt=1, description="DiLoCo's outer Nesterov momentum")
+    powersgd_rank: int = Field(4, ge=1, description="PowerSGD's rank of the gradients' factors")
+    powersgd_min_size: int = Field(4096, ge=0, description="PowerSGD: smaller tensors are averaged uncompressed")
     client_mode: bool = Field(False, description="behind NAT: dial out only (embedded services)")
     auxiliary: bool = Field(False, description="do not train: lend bandwidth to the swarm's gradient rounds")
     progress_every: float = Field(10.0, gt=0, description="seconds between progress lines")
@@ -151,7 +153,7 @@ class TrainerService:
             averaging=s.averaging,
             average_state_every=s.average_state_every, delay_updates=s.delay_updates,
             reuse_grad_buffers=s.reuse_grad_buffers, offload_optimizer=s.offload_optimizer, outer_lr=s.outer_lr,
-            outer_momentum=s.outer_momentum,
+            outer_momentum=s.outer_momentum, powersgd_rank=s.powersgd_rank, powersgd_min_size=s.powersgd_min_size,
         )
         address = optimizer.swarm.dht_address
         print(f"training; others join with: --initial-peers {address}" if address else "training", flush=True)

@@ -13,7 +13,8 @@ private run, every request frame carries the caller's token and signature (`apia
 covering the route, body and tensor headers), checked before any tensor byte is read; with TLS,
 each connection is a TLS session whose server proves the expected peer id (`apiary.wire.tls`).
 A relayed endpoint's connection is a circuit through its relay (`apiary.wire.relay`), with TLS
-to the target over it as on a direct connection.
+to the target over it as on a direct connection; once a direct connection to the target was
+punched (`apiary.wire.relay.punch`), new connections take direct ones and idle relayed ones are let go.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -45,7 +47,7 @@ from apiary.wire.framing import MAGIC, Connection, check_headers, parse_request,
 from apiary.wire.identity import Identity
 from apiary.wire.protos.relay_pb2 import BULK
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
-from apiary.wire.relay.dial import open_circuit
+from apiary.wire.relay.punch import Puncher
 from apiary.wire.relay.protocol import connect_tcp
 from apiary.wire.rpc import decode
 from apiary.wire.metrics import RpcMetrics
@@ -278,12 +280,18 @@ class BulkClient:
     signs every request."""
 
     def __init__(self, settings: WireSettings | None = None, *, identity: Identity | None = None,
-                 max_idle_per_peer: int = 4, on_call: Callable[[int, int], None] | None = None):
+                 max_idle_per_peer: int = 4, on_call: Callable[[int, int], None] | None = None,
+                 puncher: Puncher | None = None):
         self.settings = settings or WireSettings()
         self.on_call = on_call  # told the tensor bytes sent and received of each completed call
         self.credentials = CallCredentials.for_run(self.settings.run_authority, self.settings.access_token, identity)
         self.max_idle_per_peer = max_idle_per_peer
         self._idle: dict[Endpoint, list[Connection]] = {}
+        # relayed endpoints: direct connections punched in the background (a pool's puncher may be shared)
+        self._own_puncher = puncher is None
+        self.puncher = puncher or Puncher(self.credentials, timeout=self.settings.default_timeout,
+                                          enabled=self.settings.relay_punch)
+        self._relayed: weakref.WeakSet[Connection] = weakref.WeakSet()  # connections that are circuits
 
     async def call(
         self,
@@ -347,17 +355,21 @@ class BulkClient:
 
     async def _connect(self, endpoint: Endpoint, peer_id: str | None) -> Connection:
         idle = self._idle.get(endpoint)
+        direct_ready = endpoint.relayed and self.puncher.ready(endpoint, BULK)
         while idle:
             connection = idle.pop()
-            if connection.idle_and_open() and (peer_id is None or connection.peer_id in (None, peer_id)):
+            if (connection.idle_and_open() and (peer_id is None or connection.peer_id in (None, peer_id))
+                    and not (direct_ready and connection in self._relayed)):
                 return connection
-            connection.close()  # the peer closed it (e.g. it restarted) while it sat idle
-        if endpoint.relayed:  # a circuit through the relay, then TLS to the target as on a direct connection
-            sock = await open_circuit(endpoint, kind=BULK, credentials=self.credentials,
-                                      timeout=self.settings.default_timeout)
+            connection.close()  # the peer closed it (e.g. it restarted) while it sat idle, or it goes direct now
+        relayed = False
+        if endpoint.relayed:  # a direct connection punched before, else a circuit through the relay; then TLS
+            sock, relayed = await self.puncher.dial(endpoint, BULK, timeout=self.settings.default_timeout)
         else:
             sock = await connect_tcp(endpoint)
         connection = Connection(sock)
+        if relayed:
+            self._relayed.add(connection)
         try:
             if self.settings.tls:
                 tls = await connection.start_tls(client_ssl_context(), server_side=False)
@@ -380,3 +392,5 @@ class BulkClient:
             for connection in connections:
                 connection.close()
         self._idle.clear()
+        if self._own_puncher:
+            await self.puncher.close()

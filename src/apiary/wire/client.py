@@ -25,6 +25,7 @@ the endpoint's target peer id, so the relay carries ciphertext it cannot answer 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator
@@ -39,7 +40,9 @@ from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials, request_digest
 from apiary.wire.errors import RequestRejected, WireError, error_from_status
 from apiary.wire.identity import Identity
+from apiary.wire.protos.relay_pb2 import GRPC
 from apiary.wire.relay.forward import Forwarder
+from apiary.wire.relay.punch import Puncher
 from apiary.wire.rpc import Method, ServiceSpec
 from apiary.wire.settings import WireSettings
 from apiary.wire.tls import TlsError, fetch_peer_id, grpc_channel_credentials, plaintext_failure, tls_failure
@@ -65,6 +68,11 @@ class ChannelPool:
         self._proven: dict[Endpoint, str] = {}  # TLS: the ids servers proved at addresses dialled without one
         self._forwarders: dict[Endpoint, Forwarder] = {}  # relayed endpoints: where their channels connect
         self._folder: Path | None = None  # the forwarders' sockets
+        # relayed endpoints: direct connections punched in the background; a channel moves to one when it is ready
+        self.puncher = Puncher(self.credentials, timeout=self.settings.default_timeout,
+                               enabled=self.settings.relay_punch)
+        self.puncher.on_direct(self._upgrade)
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # replaced channels, closing with grace
 
     @classmethod
     def like(cls, server: RpcServer) -> ChannelPool:
@@ -139,8 +147,20 @@ class ChannelPool:
                 self._folder = Path(tempfile.mkdtemp(prefix="apiary-relay-"))  # mode 0700: this user's only
             forwarder = self._forwarders[endpoint] = Forwarder(
                 endpoint, self._folder, credentials=self.credentials, timeout=self.settings.default_timeout,
-                idle_timeout=self.settings.relay_idle_timeout)
+                idle_timeout=self.settings.relay_idle_timeout, puncher=self.puncher)
         return forwarder
+
+    def _upgrade(self, endpoint: Endpoint, kind: int) -> None:
+        """A direct connection to the target of `endpoint` is ready: its channels are replaced (the
+        new ones' connection takes it), the old ones close once their calls end (at most a default timeout)."""
+        if kind != GRPC:
+            return
+        for key in [key for key in self._channels if key[0] == endpoint]:
+            old = self._channels.pop(key)
+            self.channel(endpoint, key[1])
+            task = asyncio.ensure_future(old.close(self.settings.default_timeout))
+            self._retiring[task] = old
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def relay_failure(self, endpoint: Endpoint) -> WireError | None:
         """Why the latest circuit to a relayed endpoint could not be opened (None: it could, or none was tried)."""
@@ -163,6 +183,13 @@ class ChannelPool:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
+        retiring, self._retiring = dict(self._retiring), {}
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
+        for channel in retiring.values():
+            await channel.close()
+        await self.puncher.close()
         forwarders, self._forwarders = list(self._forwarders.values()), {}
         for forwarder in forwarders:
             await forwarder.close()

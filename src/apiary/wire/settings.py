@@ -58,6 +58,8 @@ class WireSettings(BaseModel):
     relay_idle_timeout: float = Field(120.0, gt=0, description="seconds a circuit may carry no byte before it is closed")
     relay_reservation_timeout: float = Field(30.0, gt=0, description="seconds a reservation may stay silent (no "
                                                                      "keepalive) before it is dropped")
+    relay_punch: bool = Field(True, description="move to a direct connection (hole punching, apiary.wire.relay.punch) "
+                                                "with peers reached through a relay, and answer those others try")
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> WireSettings:

@@ -30,7 +30,8 @@ reservations; each refusal is a frame naming the limit, raised by the dialer as 
 
 Dialing: `ChannelPool` points a relayed endpoint's gRPC channel at a local `Forwarder` that
 opens a circuit per connection; `BulkClient` opens a circuit per bulk connection (`open_circuit`).
-A circuit's kind (grpc, bulk, punch) tells the target where to splice it.
+A circuit's kind (grpc, bulk, punch) tells the target where to splice it. Peers that reach
+each other through a relay move to a direct connection when hole punching works (`punch`).
 """
 
 from apiary.wire.relay.dial import open_circuit

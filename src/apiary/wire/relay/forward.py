@@ -6,7 +6,8 @@ through it this peer's credentials) that opens a circuit (`open_circuit`) for ea
 gRPC makes and splices the two. TLS runs inside, from the channel to the target, bound to
 the target's peer id as on a direct channel. When a circuit cannot be opened the connection is
 closed and the reason kept (`failure`), so the call's error can name it rather than gRPC's
-"connection closed".
+"connection closed". With a `Puncher`, a connection takes a direct socket to the target when
+one was punched, and a connection through the relay starts a punch for the next one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials
@@ -25,6 +27,9 @@ from apiary.wire.errors import WireError
 from apiary.wire.protos.relay_pb2 import GRPC
 from apiary.wire.relay.dial import open_circuit
 from apiary.wire.relay.splice import splice
+
+if TYPE_CHECKING:
+    from apiary.wire.relay.punch import Puncher
 
 FAILURE_KEPT_SECONDS = 30.0  # how long a failure to open a circuit explains failed calls
 _numbers = itertools.count()
@@ -34,8 +39,9 @@ class Forwarder:
     """Listens on a Unix socket in `folder`; each connection is spliced to a circuit to `endpoint`."""
 
     def __init__(self, endpoint: Endpoint, folder: Path, *, credentials: CallCredentials | None, timeout: float,
-                 idle_timeout: float | None = None, kind: int = GRPC):
+                 idle_timeout: float | None = None, kind: int = GRPC, puncher: Puncher | None = None):
         self.endpoint = endpoint
+        self.puncher = puncher
         self.credentials = credentials
         self.timeout = timeout
         self.idle_timeout = idle_timeout
@@ -79,8 +85,11 @@ class Forwarder:
 
     async def _forward(self, local: socket.socket) -> None:
         try:
-            circuit = await open_circuit(self.endpoint, kind=self.kind, credentials=self.credentials,
-                                         timeout=self.timeout)
+            if self.puncher is not None:
+                circuit, _ = await self.puncher.dial(self.endpoint, self.kind, timeout=self.timeout)
+            else:
+                circuit = await open_circuit(self.endpoint, kind=self.kind, credentials=self.credentials,
+                                             timeout=self.timeout)
         except WireError as e:
             self._failure = (time.monotonic(), e)
             local.close()

@@ -110,12 +110,13 @@ async def _relay_frame(connection: Connection, relay: Endpoint) -> RelayFrame:
         raise PeerUnavailable(f"the relay at {relay} sent a bad frame: {e}", peer=str(relay)) from None
 
 
-async def connect_tcp(endpoint: Endpoint) -> socket.socket:
-    """A non-blocking TCP socket connected to `endpoint` (host:port); OSError if it cannot be."""
+async def connect_tcp(endpoint: Endpoint, *, local_port: int | None = None) -> socket.socket:
+    """A non-blocking TCP socket connected to `endpoint` (host:port); OSError if it cannot be. With
+    `local_port` (0: any), from that port, shared with other sockets (`reusable_socket`)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM) if local_port is None else reusable_socket(family, local_port)
     try:
         sock.setblocking(False)
         await loop.sock_connect(sock, address)
@@ -125,10 +126,26 @@ async def connect_tcp(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
-async def open_control(relay: Endpoint, relay_peer: str | None, timeout: float) -> tuple[Connection, Greeting]:
-    """A connection to the relay at `relay` (host:port) past its greeting; PeerUnavailable if the
-    relay cannot be reached, does not greet, or is not `relay_peer`. Must run within a deadline."""
-    connection = Connection(await connect_tcp(relay), stall_timeout=timeout)
+def reusable_socket(family: int, port: int) -> socket.socket:
+    """A TCP socket bound to `port` (0: any) that other such sockets may share (SO_REUSEADDR and
+    SO_REUSEPORT), as hole punching needs: its connections and its listener use one port."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_control(relay: Endpoint, relay_peer: str | None, timeout: float, *,
+                       local_port: int | None = None) -> tuple[Connection, Greeting]:
+    """A connection to the relay at `relay` (host:port) past its greeting (from `local_port`, see
+    `connect_tcp`); PeerUnavailable if the relay cannot be reached, does not greet, or is not
+    `relay_peer` (None: any). Must run within a deadline."""
+    connection = Connection(await connect_tcp(relay, local_port=local_port), stall_timeout=timeout)
     try:
         await connection.send(MAGIC)
         frame = await _relay_frame(connection, relay)

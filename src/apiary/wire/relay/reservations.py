@@ -9,9 +9,10 @@ for two of them, or closes it; its place is filled again at once. When the relay
 incoming circuit, this peer opens a new connection to the relay, accepts it (signed), and
 hands the socket to the handler of its kind: a `grpc` circuit is spliced to the server's own
 gRPC port, a `bulk` one served by its bulk server directly (the dialer's host, as the relay saw
-it, bearing the per-peer limits); other kinds (punch) can be added with `add_handler`.
-`endpoints` are this server's relayed endpoints, primary (fastest) first; `on_change` is
-called whenever they change.
+it, bearing the per-peer limits); a `punch` one coordinates a direct connection, served then
+like the kind it is for (`apiary.wire.relay.punch`; unless `relay_punch` is off); other kinds
+can be added with `add_handler`. `endpoints` are this server's relayed endpoints, primary
+(fastest) first; `on_change` is called whenever they change.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from apiary.wire.auth import CallCredentials
 from apiary.wire.errors import WireError
 from apiary.wire.framing import Connection
 from apiary.wire.identity import Identity
-from apiary.wire.protos.relay_pb2 import BULK, GRPC, Accept, ClientFrame, Incoming, RelayFrame, Reserve, Reserved
+from apiary.wire.protos.relay_pb2 import BULK, GRPC, PUNCH, Accept, ClientFrame, Incoming, RelayFrame, Reserve, Reserved
 from apiary.wire.relay.protocol import (
     accept_signed,
     client_frame,
@@ -43,6 +44,7 @@ from apiary.wire.relay.protocol import (
     reserve_signed,
     send,
 )
+from apiary.wire.relay.punch import PunchTarget
 from apiary.wire.relay.splice import splice
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class Reservations:
         self._held: dict[str, _Held] = {}
         self._failures: dict[str, tuple[float, int]] = {}  # relay peer id -> (retry after, failures in a row)
         self._handlers: dict[int, Handler] = {GRPC: self._to_grpc, BULK: self._to_bulk}
+        if server.settings.relay_punch:
+            self._handlers[PUNCH] = PunchTarget(self._handlers, timeout=timeout)
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._maintainer: asyncio.Task[None] | None = None

@@ -28,6 +28,7 @@ def dht_command(
     announce_port: Annotated[Optional[int], option("--announce-port", "port other peers dial (default: the bound port)")] = None,
     client_mode: Annotated[bool, option("--client-mode", "behind NAT: get and store, accept no connections")] = False,
     redis_url: Annotated[Optional[str], option("--redis-url", "keep records in Redis, e.g. redis://localhost:6379/0")] = None,
+    monitor: Annotated[bool, option("--monitor", "serve the swarm monitor (web page and /api/...) at /monitor/ of the admin endpoint")] = False,
     identity: IdentityOption = None,
     local_host: Annotated[str, option("--local-host", "interface of the local API")] = "127.0.0.1",
     local_port: Annotated[int, option("--local-port", "port of the local API (0: any free port)")] = 0,
@@ -56,7 +57,7 @@ def dht_command(
         DHTSettings(bucket_size=bucket_size, num_replicas=num_replicas, client_mode=client_mode,
                     bootstrap_timeout=bootstrap_timeout),
         DHTServiceSettings(initial_peers=parse_peer_list(initial_peers), redis_url=redis_url,
-                           local_host=local_host, local_port=local_port),
+                           local_host=local_host, local_port=local_port, monitor=monitor),
     )
     asyncio.run(_serve(*settings))
 
@@ -73,4 +74,6 @@ async def _serve(
         console.print("client mode: this node accepts no connections")
     console.print(f"peer id {node.identity.peer_id}; {len(node.routing)} neighbours")
     console.print(f"local API: {service.local_endpoint}   admin: {service.host.admin.url}", highlight=False)
+    if settings.monitor:
+        console.print(f"monitor: {service.host.admin.url}/monitor/", highlight=False)
     await service.host.run()

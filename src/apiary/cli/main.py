@@ -12,6 +12,7 @@ from apiary.cli.averager import averager_command
 from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
 from apiary.cli.expert_server import expert_server_command
+from apiary.cli.monitor import monitor_command, status_command
 from apiary.cli.options import option
 from apiary.cli.token import token_app
 from apiary.cli.trainer import trainer_command
@@ -36,6 +37,8 @@ app.command("dht")(dht_command)
 app.command("averager")(averager_command)
 app.command("expert-server")(expert_server_command)
 app.command("trainer")(trainer_command)
+app.command("monitor")(monitor_command)
+app.command("status")(status_command)
 app.add_typer(token_app, name="token")
 
 

@@ -29,6 +29,7 @@ from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, sa
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.services.host import ServiceHost, ServiceSettings
+from apiary.services.records import RoundLog
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RequestError, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 
@@ -117,6 +118,7 @@ class AveragerService:
         self.averaging = averaging
         self.host = ServiceHost("averager", wire, service, status=self.status, ready=lambda: self.registered)
         self.metrics = AveragerMetrics(self.host.registry)
+        self.round_log = RoundLog()  # published with its peer record
         self.pool = ChannelPool(wire, identity=self.host.identity)
         peer_id = self.host.identity.peer_id
         self.node: DHTNode | None = None
@@ -128,7 +130,7 @@ class AveragerService:
             self.dht = self.node
         self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool,
                                  on_bytes_sent=self.metrics.sent_bytes.inc,
-                                 on_bytes_received=self.metrics.received_bytes.inc, on_round=self.metrics.observe)
+                                 on_bytes_received=self.metrics.received_bytes.inc, on_round=self._round_done)
         self.donor = StateDonor(averaging.prefix, peer_id, codec=averaging.download_codec)
         self.state_client = BulkClient(wire, identity=self.host.identity)
         self.servicer = LocalServicer(
@@ -172,7 +174,12 @@ class AveragerService:
                 self.donor.update(saved)
                 await self.announce()
         self.host.spawn(self._announce_loop(), "announce-state")
+        self.host.publish_record(self.dht, rounds=self.round_log)
         self.started = True
+
+    def _round_done(self, result: RoundResult) -> None:
+        self.metrics.observe(result)
+        self.round_log.observe(result)
 
     async def _close_clients(self) -> None:
         await self.averager.close()

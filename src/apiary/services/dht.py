@@ -10,6 +10,8 @@ from pydantic import BaseModel, Field
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import LOCAL_SERVICE, LocalServicer
 from apiary.dht.storage import MemoryStorage, RedisStorage, Storage
+from apiary.monitor.app import mount_monitor
+from apiary.monitor.view import SwarmWatch
 from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer, WireSettings
 
@@ -21,6 +23,7 @@ class DHTServiceSettings(BaseModel):
     redis_url: str | None = Field(None, description="keep records in Redis (survive restarts); none: in memory")
     local_host: str = Field("127.0.0.1", description="interface of the local API for this participant's services")
     local_port: int = Field(0, ge=0, le=65535, description="port of the local API (0: any free port)")
+    monitor: bool = Field(False, description="serve the swarm monitor at /monitor/ of the admin endpoint")
 
 
 async def open_storage(redis_url: str | None) -> Storage:
@@ -56,11 +59,19 @@ class DHTService:
         if not self.dht_settings.client_mode:
             self.node.attach(self.host.server)
         self.local_server.add_service(LOCAL_SERVICE, LocalServicer(self.node))
+        if self.settings.monitor:
+            self._serve_monitor(self.node)
         await self.host.start()
         self.host.on_stop(self.node.shutdown)
         await self.local_server.start()
         await self.node.join(self.settings.initial_peers)
         self.joined = True
+        self.host.publish_record(self.node)
+
+    def _serve_monitor(self, node: DHTNode) -> None:
+        watch = SwarmWatch(node)
+        mount_monitor(self.host.admin.app, watch)
+        self.host.spawn(watch.run(), "monitor")  # cancelled at shutdown
 
     @property
     def local_endpoint(self) -> Endpoint:

@@ -181,6 +181,7 @@ class ExpertServerService:
             await self.server.start()
         self.host.spawn(keep_declared(self.dht, list(self.server.experts), lambda: self.address,
                                       self.settings.declare_period, on_declared=self._declared), "declare-experts")
+        self.host.publish_record(self.dht, experts=lambda: list(self.server.experts))
 
     @property
     def address(self) -> str:

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
+from apiary.services.records import RecordPublisher, RoundLog
 from apiary.telemetry import AdminServer, TracingSettings, configure_tracing, metric_prefix, new_registry
 from apiary.wire import Identity, RpcServer, WireSettings
 from apiary.wire.auth import read_token
@@ -114,6 +115,7 @@ class ServiceHost:
             ready=ready,
             problems=self.servers.problems,
         )
+        self._status = status
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._cleanups: list[Callable[[], Awaitable[None]]] = [self.server.stop]
@@ -142,6 +144,15 @@ class ServiceHost:
         """Adds a service's other gRPC server (e.g. its local API, `api="local"`) to `/healthz` and
         the restart count."""
         self.servers.servers[api] = server
+
+    def publish_record(self, dht: Any, *, experts: Callable[[], list[str]] | None = None,
+                       rounds: RoundLog | None = None) -> RecordPublisher:
+        """Keeps this service's peer record (and an averager's `rounds`) in the DHT until shutdown
+        (`apiary.services.records`); `dht`: the DHT, or a function giving the dht service's local API."""
+        status = lambda: {"address": self.address, **(self._status() if self._status else {})}  # noqa: E731
+        publisher = RecordPublisher(self.service, self.identity.peer_id, status, dht, experts=experts, rounds=rounds)
+        self.spawn(publisher.run(), "peer-record")
+        return publisher
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Registers a coroutine function to run at shutdown (before the servers stop)."""

@@ -124,6 +124,12 @@ class TrainerService:
 
     async def start(self) -> None:
         await self.host.start_service(self.host.start)
+        self.host.publish_record(self._dht_local)
+
+    def _dht_local(self) -> Endpoint | None:
+        """The local API of the participant's dht service (an embedded one's once the optimizer starts)."""
+        services = getattr(self.optimizer.swarm, "services", None) if self.optimizer is not None else None
+        return self.settings.dht_local or (services.dht_local if services is not None else None)
 
     async def run(self) -> None:
         """Trains until done (max_epochs, max_seconds) or stopped, then shuts down."""

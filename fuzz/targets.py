@@ -73,7 +73,7 @@ def rpc_request(data: bytes) -> None:
         contact_of(request.sender)
     if isinstance(request, StoreRequest):
         try:
-            check_items(list(request.items), 64, MAX_TENSOR_BYTES)
+            check_items(list(request.items), 64)
         except RequestError:
             return
         for item in request.items:

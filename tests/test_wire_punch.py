@@ -5,6 +5,8 @@ Real RpcServers and sockets on loopback: a relay, a target holding a reservation
 dialer that knows only the target's relayed endpoint. Once a punch succeeded, new gRPC calls
 and new bulk connections go direct: the relay carries no more bytes. A target that does not
 answer punches leaves the dialer relayed, calls still work, and the peer is not punched again.
+A punch never makes the target dial another host than the dialer's, and a stray connection to
+a punch port is not taken.
 The same with real NATs (cone: direct; symmetric: relayed) is tests/test_net_punch.py.
 """
 
@@ -13,13 +15,16 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 from prometheus_client import CollectorRegistry
 from test_wire_relay import BASE, bulk_sink, eventually, grpc_sink, metric, ping, reservations, serving
 
 from apiary.wire import ChannelPool, Endpoint
 from apiary.wire.bulk import BulkClient
+from apiary.wire.protos.relay_pb2 import GRPC, PUNCH
+from apiary.wire.relay.dial import open_circuit
 from apiary.wire.relay.protocol import reusable_socket
-from apiary.wire.relay.punch import DIRECT_MAGIC, connect_direct
+from apiary.wire.relay.punch import DIRECT_MAGIC, Offer, connect_direct
 
 PUNCHING = BASE.model_copy(update={"relay_punch": True})  # the default, off in test_wire_relay's BASE
 RELAY = PUNCHING.model_copy(update={"relay": True})
@@ -74,6 +79,25 @@ async def test_a_failed_punch_leaves_calls_relayed_and_the_peer_is_not_punched_a
                 assert (pool.puncher.attempted, pool.puncher.succeeded) == (1, 0)  # the peer stays relayed
             finally:
                 await client.close()
+
+
+async def test_a_target_never_dials_an_address_on_another_host_than_the_dialers() -> None:
+    loop = asyncio.get_running_loop()
+    async with (serving(RELAY) as relay, serving(PUNCHING) as target,
+                reservations(target, [relay.relay_address]) as held):
+        [endpoint] = held.endpoints
+        victim = socket.create_server(("127.0.0.2", 0))  # a third party the offer points at
+        victim.setblocking(False)
+        circuit = await open_circuit(endpoint, kind=PUNCH, credentials=None, timeout=10)
+        try:
+            offer = Offer(GRPC, b"n" * 16, Endpoint("127.0.0.2", victim.getsockname()[1]))
+            await loop.sock_sendall(circuit, offer.encode())
+            assert await asyncio.wait_for(loop.sock_recv(circuit, 100), 10) == b""  # refused: no answer, closed
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(loop.sock_accept(victim), 1.0)
+        finally:
+            circuit.close()
+            victim.close()
 
 
 def free_port() -> int:

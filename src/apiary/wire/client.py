@@ -152,12 +152,13 @@ class ChannelPool:
 
     def _upgrade(self, endpoint: Endpoint, kind: int) -> None:
         """A direct connection to the target of `endpoint` is ready: its channels are replaced (the
-        new ones' connection takes it), the old ones close once their calls end (at most a default timeout)."""
+        new ones connect at once and take it), the old ones close once their calls end (at most a
+        default timeout)."""
         if kind != GRPC:
             return
         for key in [key for key in self._channels if key[0] == endpoint]:
             old = self._channels.pop(key)
-            self.channel(endpoint, key[1])
+            self.channel(endpoint, key[1]).get_state(try_to_connect=True)
             task = asyncio.ensure_future(old.close(self.settings.default_timeout))
             self._retiring[task] = old
             task.add_done_callback(lambda done: self._retiring.pop(done, None))

@@ -6,7 +6,8 @@ connection to it; calls never wait for it. The two coordinate over a `punch` cir
    relay FROM P (SO_REUSEADDR and SO_REUSEPORT, so P can be used again) and reads the address
    the relay's greeting says it came from;
 2. the dialer sends its offer (the kind of connection it wants, grpc or bulk, a nonce and its
-   mapping), the target answers with its own nonce and mapping (`Offer`);
+   mapping), the target answers with its own nonce and mapping (`Offer`); an offer whose host
+   is not the dialer's as the relay saw it is refused: nobody can make a target dial a third party;
 3. both listen on P and connect from P to the other's mapping at once, retrying refused
    attempts for at most `CONNECT_SECONDS`: behind endpoint-independent (cone) NATs each side's
    SYN opens the hole the other's comes through (TCP simultaneous open); where one side can be
@@ -96,8 +97,10 @@ class Offer:
 
 
 async def own_mapping(relay: Endpoint, relay_peer: str | None, timeout: float) -> tuple[int, Endpoint]:
-    """A fresh local port and its public mapping: the address the relay saw a connection from it come from."""
-    connection, greeting = await open_control(relay, relay_peer, timeout, local_port=0)
+    """A fresh local port and its public mapping: the address the relay saw a connection from it
+    come from (within `timeout` seconds)."""
+    async with asyncio.timeout(timeout):
+        connection, greeting = await open_control(relay, relay_peer, timeout, local_port=0)
     try:
         return connection.sock.getsockname()[1], Endpoint.parse(greeting.observed_address)
     finally:
@@ -229,6 +232,9 @@ class PunchTarget:
                 handler = self.handlers.get(offer.kind) if offer.kind in PUNCHED_KINDS else None
                 if handler is None:
                     raise PunchFailed(f"a punch for circuits of kind {offer.kind}, which are not served here")
+                dialer_host = Endpoint.parse(incoming.dialer_address).host
+                if offer.address.host != dialer_host:  # never made to dial a third party
+                    raise PunchFailed(f"the offer names {offer.address}, not the dialer's host {dialer_host}")
                 relay_host, relay_port = circuit.getpeername()[:2]
                 port, address = await own_mapping(Endpoint(relay_host, relay_port), None, self.timeout)
                 nonce = secrets.token_bytes(NONCE_BYTES)

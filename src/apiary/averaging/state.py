@@ -2,9 +2,12 @@
 
 Donors keep their latest state (tensors plus metadata such as the epoch), serve it over the
 bulk route `STATE_ROUTE`, and announce themselves in the DHT under `<prefix>.state_donors`
-(one subkey per donor, with its epoch). `download_state` asks the donors newest epoch first,
-checks each answer against its SHA-256, falls back to the next donor when one fails or sends
-corrupted bytes, and gives up with a clear error after a bounded time.
+(one subkey per donor, with its epoch and free capacity). `download_state` asks the donors
+newest epoch first, checks each answer against its SHA-256, falls back to the next donor when
+one fails, is busy or sends corrupted bytes, and gives up with a clear error after a bounded
+time. Newcomers spread over the donors: among those of the newest epoch each picks at random,
+weighted by the free capacity they announce; a donor serving `max_downloads` downloads at once
+refuses more with `Busy`.
 
 A donor with a download codec (a codec setting of `compression.selection`, e.g. float16 or
 adaptive) sends each floating tensor encoded by the codec chosen for its size (others, and any
@@ -14,10 +17,12 @@ the tensors as decoded, which the newcomer checks after decoding.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ from apiary.averaging.compression.selection import codec_selection
 from apiary.dht.interface import DHTLike
 from apiary.files import write_atomically
 from apiary.averaging.protos.averaging_pb2 import PackedTensor, StateReply, StateRequest
-from apiary.wire import Endpoint, InvalidRequest, NotFoundHere, WireError
+from apiary.wire import Busy, Endpoint, InvalidRequest, NotFoundHere, OverLimit, WireError
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 from apiary.wire.protos.wire_pb2 import TensorHeader
 from apiary.wire.rpc import decode
@@ -126,12 +131,19 @@ def donors_key(prefix: str) -> str:
 
 class StateDonor:
     """Holds the latest state and serves it, compressed by `codec` (a codec setting; none: as
-    it is); `announce()` keeps it listed in the DHT."""
+    it is), to at most `max_downloads` newcomers at once; `announce()` keeps it listed in the
+    DHT. `downloads` counts the states sent."""
 
-    def __init__(self, prefix: str, peer_id: str, bulk_address: str = "", codec: str = "none"):
+    def __init__(self, prefix: str, peer_id: str, bulk_address: str = "", codec: str = "none",
+                 max_downloads: int = 4):
+        if max_downloads < 1:
+            raise ValueError(f"max_downloads={max_downloads} must be at least 1")
         self.prefix = prefix
         self.peer_id = peer_id
         self.bulk_address = bulk_address
+        self.max_downloads = max_downloads
+        self.downloads = 0
+        self._serving = 0
         self._selection = None if codec == "none" else codec_selection(codec)
         self._state: State | None = None
         self._packed: tuple[list[Payload], list[PackedTensor], bytes] | None = None  # of the state, made once
@@ -148,7 +160,7 @@ class StateDonor:
     async def announce(self, dht: DHTLike, ttl: float) -> bool:
         if self._state is None or not self.bulk_address:
             return False
-        value = {"bulk": self.bulk_address, "epoch": self._state.epoch}
+        value = {"bulk": self.bulk_address, "epoch": self._state.epoch, "free": self.max_downloads - self._serving}
         return await dht.store(donors_key(self.prefix), value, time.time() + ttl, subkey=self.peer_id)
 
     async def handle(self, call: BulkCall) -> BulkAnswer:
@@ -158,42 +170,75 @@ class StateDonor:
         state = self._state
         if state is None:
             raise NotFoundHere("this peer has no state to give yet")
+        if self._serving >= self.max_downloads:
+            raise Busy(f"this donor serves its limit of {self.max_downloads} downloads at once; try another")
         metadata = msgpack.packb(state.metadata, use_bin_type=True)
         if self._selection is None:
             payloads = [tensor_payload(t) for t in state.tensors]
             reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=state_digest(metadata, payloads))
-            return BulkAnswer(reply.SerializeToString(), payloads)
-        if self._packed is None:
-            payloads, packing, decoded = pack_tensors(state.tensors, self._selection)
-            self._packed = payloads, packing, state_digest(metadata, [tensor_payload(t) for t in decoded])
-        payloads, packing, digest = self._packed
-        reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=digest, packing=packing)
-        return BulkAnswer(reply.SerializeToString(), payloads)
+        else:
+            if self._packed is None:
+                packed, packing, decoded = pack_tensors(state.tensors, self._selection)
+                self._packed = packed, packing, state_digest(metadata, [tensor_payload(t) for t in decoded])
+            payloads, packing, digest = self._packed
+            reply = StateReply(metadata=metadata, epoch=state.epoch, sha256=digest, packing=packing)
+        self._serving += 1
+        return BulkAnswer(reply.SerializeToString(), payloads, on_sent=self._sent)
+
+    def _sent(self) -> None:
+        self._serving -= 1
+        self.downloads += 1
 
 
 async def download_state(
-    dht: DHTLike, prefix: str, client: BulkClient, *, timeout: float = 60.0, exclude: Sequence[str] = ()
+    dht: DHTLike, prefix: str, client: BulkClient, *, timeout: float = 60.0, exclude: Sequence[str] = (),
+    rng: random.Random | None = None,
 ) -> State:
-    """The newest valid state among the announced donors; raises StateTransferError after `timeout`."""
+    """The newest valid state among the announced donors; raises StateTransferError after `timeout`.
+    Donors that were busy are asked again after a pause (doubling, with jitter) until then."""
     deadline = time.monotonic() + timeout
+    rng = rng or random.Random()
     tried: list[str] = []
     found = await dht.get(donors_key(prefix), latest=True)
     entries = found.value if found is not None and isinstance(found.value, dict) else {}
-    donors = sorted(
-        ((peer, item.value) for peer, item in entries.items() if peer not in exclude and isinstance(item.value, dict)),
-        key=lambda donor: -int(donor[1].get("epoch", 0)),
+    donors = donor_order(
+        {peer: item.value for peer, item in entries.items() if peer not in exclude and isinstance(item.value, dict)}, rng
     )
-    for peer_id, info in donors:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            return await _download_from(client, Endpoint.parse(info["bulk"]), prefix, remaining, peer_id)
-        except (WireError, InvalidRequest, ValueError, KeyError, TypeError) as e:  # InvalidRequest: a malformed reply
-            logger.warning("state from %s failed: %s; trying the next donor", peer_id[:8], e)
-            tried.append(f"{peer_id[:8]} ({e})")
+    pause = 0.2
+    while donors and time.monotonic() < deadline:
+        busy = []
+        for peer_id, info in donors:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                return await _download_from(client, Endpoint.parse(info["bulk"]), prefix, remaining, peer_id)
+            except OverLimit as e:  # busy (Busy, or the bulk server's own limits): asked again later
+                logger.info("state donor %s is busy: %s; trying the next donor", peer_id[:8], e)
+                busy.append((peer_id, info))
+                tried.append(f"{peer_id[:8]} (busy: {e})")
+            except (WireError, InvalidRequest, ValueError, KeyError, TypeError) as e:  # InvalidRequest: a malformed reply
+                logger.warning("state from %s failed: %s; trying the next donor", peer_id[:8], e)
+                tried.append(f"{peer_id[:8]} ({e})")
+        donors = busy
+        if donors:
+            await asyncio.sleep(max(0.0, min(pause * (1 + rng.random()), deadline - time.monotonic())))
+            pause *= 2
     detail = "; ".join(tried) if tried else "no donor is announced"
     raise StateTransferError(f"could not download the state of run {prefix!r} within {timeout:.0f}s: {detail}")
+
+
+def donor_order(donors: dict[str, dict[str, Any]], rng: random.Random) -> list[tuple[str, dict[str, Any]]]:
+    """The order to ask donors in: newest epoch first; within an epoch, a random order weighted
+    by the free capacity each announces (none announced: weight 1; none free: asked last), so
+    that newcomers spread over donors instead of all asking the same one."""
+    def rank(donor: tuple[str, dict[str, Any]]) -> tuple[int, float]:
+        free = donor[1].get("free", 1)
+        weight = max(float(free), 0.0) if isinstance(free, (int, float)) and math.isfinite(free) else 1.0
+        # weighted random order (Efraimidis and Spirakis): sort by u ** (1 / weight), largest first
+        key = rng.random() ** (1.0 / weight) if weight > 0 else -rng.random()
+        return -int(donor[1].get("epoch", 0)), -key
+    return sorted(donors.items(), key=rank)
 
 
 async def _download_from(client: BulkClient, endpoint: Endpoint, prefix: str, timeout: float, peer_id: str) -> State:

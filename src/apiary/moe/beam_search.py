@@ -4,7 +4,11 @@ A gating network scores every coordinate of every grid dimension; an expert's sc
 sum of the scores of its coordinates. The search walks the grid one dimension at a time: at
 each level it reads, for every prefix still in some sample's beam, which next coordinates have
 live experts (one DHT lookup for all prefixes of the level, `next_coordinates_many`), extends
-each sample's beam with them and keeps the `beam_size` best. Only declared (live) experts are
+each sample's beam with them and keeps the `beam_size` best. A level looks up at most
+`max_lookups` prefixes (default: `beam_size`) however large the batch and popular the grid:
+each sample's best prefix first, those of more samples before others (`_bounded`), then each
+sample's second best, and so on; prefixes left out drop out of their beams (a sample left
+with none extends the prefixes read, by its own scores). Only declared (live) experts are
 ever considered, so a dead server's experts drop out once their declarations expire; those of
 a server the caller has banned (`apiary.moe.bans`) are skipped at once. With a `timeout`, each
 level's lookup gets its share of the time left and the search goes on with what it found.
@@ -33,13 +37,18 @@ class ExpertChoice:
 
 async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Tensor], k_best: int,
                       beam_size: int | None = None, *, timeout: float | None = None,
-                      banned: Callable[[str], bool] | None = None) -> list[list[ExpertChoice]]:
+                      banned: Callable[[str], bool] | None = None,
+                      max_lookups: int | None = None) -> list[list[ExpertChoice]]:
     """Up to `k_best` live experts per sample, best first. `grid_scores[d]` is [batch, size of
     dimension d]; `prefix` is the grid's name (`"ffn"` for experts `ffn.i.j`). `timeout`: the
-    search's seconds; `banned(address)`: servers to skip."""
+    search's seconds; `banned(address)`: servers to skip; `max_lookups`: DHT keys read per
+    level at most (default `beam_size`)."""
     if k_best < 1:
         raise ValueError(f"k_best must be at least 1, got {k_best}")
     beam_size = max(beam_size or k_best, k_best)
+    max_lookups = beam_size if max_lookups is None else max_lookups
+    if max_lookups < 1:
+        raise ValueError(f"max_lookups must be at least 1, got {max_lookups}")
     scores = [s.detach().float().cpu().tolist() for s in grid_scores]
     batch = len(scores[0]) if scores else 0
     beams: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(batch)]
@@ -47,7 +56,7 @@ async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Ten
     chosen: list[list[ExpertChoice]] = [[] for _ in range(batch)]
     deadline = None if timeout is None else time.monotonic() + timeout
     for depth, level in enumerate(scores):
-        keys = {coordinates: _key(prefix, coordinates) for beam in beams for _, coordinates in beam}
+        keys = {coordinates: _key(prefix, coordinates) for coordinates in _bounded(beams, max_lookups)}
         share = None if deadline is None else max(0.0, deadline - time.monotonic()) / (len(scores) - depth)
         found = await next_coordinates_many(dht, list(keys.values()), timeout=share)
         if depth == last and banned is not None:
@@ -55,7 +64,11 @@ async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Ten
                      for key, entries in found.items()}
         for sample, beam in enumerate(beams):
             candidates = []
-            for score, coordinates in beam:
+            looked_up = [(score, coordinates) for score, coordinates in beam if coordinates in keys]
+            if not looked_up:  # the sample's whole beam was left out: it extends the prefixes read instead
+                looked_up = [(sum(scores[d][sample][c] for d, c in enumerate(coordinates)), coordinates)
+                             for coordinates in keys]
+            for score, coordinates in looked_up:
                 for coordinate, (name, address) in found[keys[coordinates]].items():
                     if 0 <= coordinate < len(level[sample]):
                         candidates.append((score + level[sample][coordinate], coordinates + (coordinate,), name, address))
@@ -66,6 +79,18 @@ async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Ten
             else:
                 beams[sample] = [(score, coordinates) for score, coordinates, _, _ in candidates[:beam_size]]
     return chosen
+
+
+def _bounded(beams: list[list[tuple[float, tuple[int, ...]]]], count: int) -> list[tuple[int, ...]]:
+    """At most `count` prefixes of the beams to look up: by their best place in any sample's
+    beam (beams are sorted best first), then by how many samples' beams hold them."""
+    place: dict[tuple[int, ...], int] = {}
+    holders: dict[tuple[int, ...], int] = {}
+    for beam in beams:
+        for position, (_, coordinates) in enumerate(beam):
+            place[coordinates] = min(place.get(coordinates, position), position)
+            holders[coordinates] = holders.get(coordinates, 0) + 1
+    return sorted(place, key=lambda c: (place[c], -holders[c], c))[:count]
 
 
 def _key(prefix: str, coordinates: tuple[int, ...]) -> str:

@@ -78,6 +78,7 @@ class BulkAnswer:
 
     body: bytes = b""
     tensors: list[Payload] = field(default_factory=list)
+    on_sent: Callable[[], None] | None = None  # called once the answer is written (or writing it failed)
 
 
 Handler = Callable[[BulkCall], Awaitable[BulkAnswer]]
@@ -220,13 +221,18 @@ class BulkServer:
             except _Refusal as e:
                 await self._refuse(connection, e.code, e.details)
                 return False
-            reply, payloads = await self._handle(handler, BulkCall(request.route, request.body, tensors, peer), request)
-            await connection.write_frame(reply, payloads)
+            reply, payloads, sent = await self._handle(handler, BulkCall(request.route, request.body, tensors, peer), request)
+            try:
+                await connection.write_frame(reply, payloads)
+            finally:
+                if sent is not None:
+                    sent()
             return True
         finally:
             budget.give_back(held)
 
-    async def _handle(self, handler: Handler, call: BulkCall, request: BulkRequest) -> tuple[BulkReply, list[memoryview]]:
+    async def _handle(self, handler: Handler, call: BulkCall, request: BulkRequest
+                      ) -> tuple[BulkReply, list[memoryview], Callable[[], None] | None]:
         started, code = time.perf_counter(), grpc.StatusCode.OK
         with tracer.start_as_current_span(
             f"bulk {call.route}",
@@ -239,6 +245,7 @@ class BulkServer:
                 return (
                     BulkReply(code=0, body=answer.body, tensors=[header for header, _ in answer.tensors]),
                     [payload for _, payload in answer.tensors],
+                    answer.on_sent,
                 )
             except RequestError as e:
                 code, details = e.code, str(e)
@@ -249,7 +256,7 @@ class BulkServer:
                 if self.metrics is not None:
                     self.metrics.observe(call.route, code, time.perf_counter() - started)
             span.set_status(trace.Status(trace.StatusCode.ERROR, details))
-            return BulkReply(code=code.value[0], details=details), []
+            return BulkReply(code=code.value[0], details=details), [], None
 
     async def _refuse(self, connection: Connection, code: grpc.StatusCode, details: str) -> None:
         """Answers with an error, then discards what the peer still sends for a moment and closes."""

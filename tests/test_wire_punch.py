@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 from test_wire_relay import BASE, bulk_sink, eventually, grpc_sink, metric, ping, reservations, serving
 
-from apiary.wire import ChannelPool, Endpoint
+from apiary.wire import PROBE, ChannelPool, Endpoint, RpcClient
 from apiary.wire.bulk import BulkClient
 from apiary.wire.protos.relay_pb2 import GRPC, PUNCH
+from apiary.wire.protos.wire_pb2 import TensorChunk, TensorHeader
 from apiary.wire.relay.dial import open_circuit
 from apiary.wire.relay.protocol import reusable_socket
 from apiary.wire.relay.punch import DIRECT_MAGIC, Offer, connect_direct
@@ -57,6 +59,25 @@ async def test_punched_peers_move_new_grpc_calls_and_bulk_connections_off_the_re
             assert (pool.puncher.attempted, pool.puncher.succeeded, pool.puncher.failed) == (2, 2, 0)
             assert metric(registry, "apiary_wire_punches_total", outcome="succeeded") == 2
             assert metric(registry, "apiary_wire_punches_total", outcome="failed") == 0
+
+
+async def test_a_call_in_flight_when_the_channel_moves_finishes_on_the_relayed_one() -> None:
+    async with (serving(RELAY) as relay, serving(PUNCHING) as target,
+                reservations(target, [relay.relay_address]) as held):
+        [endpoint] = held.endpoints
+        async with ChannelPool(PUNCHING) as pool:
+            header = TensorHeader(dtype="uint8", shape=[64 * 1024], nbytes=64 * 1024)
+
+            async def slow_chunks() -> AsyncIterator[TensorChunk]:
+                yield TensorChunk(header=header, data=bytes(32 * 1024))
+                await eventually(lambda: pool.puncher.succeeded == 1, 10, "the punch")  # the channel moves now
+                await asyncio.sleep(0.3)
+                yield TensorChunk(data=bytes(32 * 1024))
+
+            reply = await RpcClient(pool, PROBE, endpoint, timeout=20).call("Sink", slow_chunks())
+            assert reply.total_bytes == 64 * 1024
+            assert await ping(pool, endpoint) == target.identity.peer_id  # and the next call goes direct
+            await eventually(lambda: relay.relay is not None and relay.relay.circuits == 0, 15, "circuits closed")
 
 
 async def test_a_failed_punch_leaves_calls_relayed_and_the_peer_is_not_punched_again() -> None:

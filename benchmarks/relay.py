@@ -36,7 +36,9 @@ PINGS = 20
 def _settings(args: argparse.Namespace, **update: Any) -> Any:
     from apiary.wire import WireSettings
 
-    return WireSettings(listen_host=args.listen_host, tls=not args.plaintext, default_timeout=600, **update)
+    # no hole punching (apiary.wire.relay.punch): the relayed transfers must stay relayed to be measured
+    return WireSettings(listen_host=args.listen_host, tls=not args.plaintext, default_timeout=600, relay_punch=False,
+                        **update)
 
 
 async def _until_stdin_closes() -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from apiary.cli.main import app
 from apiary.wire import Identity
 from apiary.wire.auth import CallCredentials, CredentialsError
-from deploy.cli import commands
+from deploy.cli import commands, env_vars
 from deploy.engine import EngineUnavailable, compose_cli
 from deploy.files import (
     COMPOSE_FILE, COMPOSE_GPU_FILE, COMPOSE_SCHEMA, ENV_EXAMPLE, REPO, SERVICES, Dockerfile, MissingVariable,
@@ -27,7 +27,7 @@ from deploy.files import (
 )
 
 FILES = (COMPOSE_FILE, COMPOSE_GPU_FILE)
-PUBLIC_PORTS = ("APIARY_PORT", "APIARY_BULK_PORT")
+PUBLIC_PORTS = ("APIARY_PORT", "APIARY_BULK_PORT", "APIARY_RELAY_PORT")
 DOCS = REPO / "docs" / "deploy.md"
 # the .env entry of each service's access token (each service has its own identity)
 TOKEN_ENTRIES = {name: f"APIARY_{name.upper().replace('-', '_')}_ACCESS_TOKEN" for name in SERVICES}
@@ -124,7 +124,7 @@ def test_a_missing_required_setting_is_named(missing: str) -> None:
 
 def test_one_participant_runs_the_four_services_and_redis() -> None:
     services = bundle(COMPOSE_FILE)["services"]
-    assert set(services) == {*SERVICES, "redis", "prometheus", "grafana"}
+    assert set(services) == {*SERVICES, "redis", "prometheus", "grafana", "monitor"}
     for name in SERVICES:
         assert services[name]["build"] == {"context": ".", "dockerfile": f"services/{name}/Dockerfile"}
         assert services[name]["image"].endswith(f"/{name}:latest")
@@ -173,7 +173,7 @@ def test_public_ports_are_published_as_announced_and_admin_ports_only_locally() 
         admin = Dockerfile.read(dockerfile_path(name)).env["APIARY_ADMIN_PORT"]
         local_only = [p for p in ports if p.endswith(f":{admin}")]
         assert len(local_only) == 1 and local_only[0].startswith("127.0.0.1:"), f"{name}: {ports}"
-    assert all(p.startswith("127.0.0.1:") for s in ("prometheus", "grafana") for p in services[s]["ports"])
+    assert all(p.startswith("127.0.0.1:") for s in ("prometheus", "grafana", "monitor") for p in services[s]["ports"])
 
 
 def test_the_gpu_overlay_reserves_nvidia_gpus_for_trainer_and_expert_server_only() -> None:
@@ -190,7 +190,8 @@ def test_the_gpu_overlay_reserves_nvidia_gpus_for_trainer_and_expert_server_only
 def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -> None:
     services = bundle(COMPOSE_FILE)["services"]
     profiled = {name for name, service in services.items() if service.get("profiles")}
-    assert profiled == {"prometheus", "grafana"} and services["grafana"]["profiles"] == ["monitoring"]
+    assert profiled == {"prometheus", "grafana", "monitor"}
+    assert all(services[name]["profiles"] == ["monitoring"] for name in profiled)
 
     prometheus, grafana = mounts(services["prometheus"]), mounts(services["grafana"])
     config = yaml.safe_load((REPO / prometheus["/etc/prometheus/prometheus.yml"]).read_text())
@@ -210,10 +211,22 @@ def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -
     assert [d["url"] for d in datasources["datasources"]] == [f"http://prometheus:{prometheus_port}"]
 
 
+def test_the_monitoring_profile_serves_the_swarm_monitor_from_the_dht_image() -> None:
+    services = bundle(COMPOSE_FILE)["services"]
+    monitor, dht = services["monitor"], services["dht"]
+    assert monitor["image"] == dht["image"] and "build" not in monitor  # the dht's image: no torch
+    assert monitor["entrypoint"] == ["apiary", "monitor"]
+    assert set(monitor["environment"]) <= env_vars("monitor")
+    assert monitor["environment"]["APIARY_DHT_LOCAL"] == f"dht:{Dockerfile.read(dockerfile_path('dht')).env['APIARY_LOCAL_PORT']}"
+    admin = Dockerfile.read(dockerfile_path("dht")).env["APIARY_ADMIN_PORT"]  # the monitor's page port, as the image sets it
+    assert "APIARY_ADMIN_PORT" in env_vars("monitor") and monitor["ports"] == [f"127.0.0.1:8900:{admin}"]
+    assert monitor["healthcheck"]["test"][-1] == "/readyz" and monitor["depends_on"] == {"dht": {"condition": "service_healthy"}}
+
+
 @pytest.mark.parametrize("files", [(COMPOSE_FILE,), FILES], ids=["cpu", "gpu"])
 def test_docker_compose_accepts_the_bundle(files: tuple[Path, ...], tmp_path: Path) -> None:
     services = docker_compose_config(files, ENV_EXAMPLE.read_text(), tmp_path)["services"]
-    assert set(services) == {*SERVICES, "redis", "prometheus", "grafana"}
+    assert set(services) == {*SERVICES, "redis", "prometheus", "grafana", "monitor"}
     assert services["averager"]["environment"]["APIARY_RUN_ID"] == "my-run"
 
 
@@ -306,3 +319,11 @@ def test_the_documented_private_run_steps_admit_each_service_with_its_own_token(
         other = SERVICES[(SERVICES.index(name) + 1) % len(SERVICES)]
         with pytest.raises(CredentialsError, match="start it with the identity file the token was issued for"):
             CallCredentials.for_run(authority, str(tokens[other]), identity)
+
+
+def test_the_dht_relays_for_peers_behind_nat_by_default() -> None:
+    dht = bundle(COMPOSE_FILE)["services"]["dht"]
+    env = dht["environment"]
+    assert env["APIARY_RELAY"] == "true" and env["APIARY_REACHABILITY"] == "auto"
+    assert f"{env['APIARY_RELAY_PORT']}:{env['APIARY_RELAY_PORT']}" in dht["ports"]
+    assert read_env_file(ENV_EXAMPLE)["APIARY_ANNOUNCE_HOST"] == ""  # learned from what peers observe

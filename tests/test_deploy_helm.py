@@ -75,11 +75,24 @@ def test_the_validator_refuses_a_manifest_with_an_unknown_field() -> None:
     ({"security": {"runAuthority": AUTHORITY}}, "/security/accessTokens/existingSecret"),  # no tokens
     ({"security": {"accessTokens": {"existingSecret": "tokens"}}}, "/security/runAuthority"),  # no authority
     ({"trainer": {"identity": {"secret": "keys"}}}, "secret"),
+    ({"monitor": {"refresh": 0}}, "/monitor/refresh"),
 ])
 def test_the_values_schema_names_what_is_wrong(values: dict, problem: str) -> None:
     with pytest.raises(helm.HelmValuesError) as refused:
         validate_values(values)
     assert problem in str(refused.value)
+
+
+def test_the_monitor_is_an_optional_deployment_reading_the_dht_from_the_dht_image() -> None:
+    assert not [m for m in render(None) if m["metadata"]["name"].endswith("-monitor")]
+    manifests = render(values_of("monitoring"))
+    monitor = container(find(manifests, "Deployment", "-monitor")["spec"]["template"]["spec"], "monitor")
+    dht = container(find(manifests, "StatefulSet", "-dht")["spec"]["template"]["spec"], "dht")
+    assert monitor["image"] == dht["image"] and apiary_command(monitor) == ["apiary", "monitor"]
+    assert env_of(monitor)["APIARY_REFRESH"] == "5"
+    service = find(manifests, "Service", "-monitor")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "admin", "port": 9100, "targetPort": "admin", "protocol": "TCP"}]
 
 
 def test_the_example_values_pass_the_schema() -> None:
@@ -311,3 +324,14 @@ def test_tokens_without_identity_secrets_name_the_keys_each_pod_makes_itself(tmp
         assert started["env"]["APIARY_ACCESS_TOKEN"] == f"/etc/apiary/access-tokens/{spec['name']}-2.token"
         assert "APIARY_IDENTITY" not in started["env"]
         assert "identity" not in {v["name"] for v in pod["volumes"]}
+
+
+def test_the_dht_relays_for_peers_behind_nat_when_asked() -> None:
+    plain = find(render(None), "StatefulSet", "-dht")["spec"]["template"]["spec"]
+    assert env_of(container(plain, "dht"))["APIARY_RELAY"] == "false"
+    assert [p["name"] for p in container(plain, "dht")["ports"]] == ["dht", "local", "admin"]
+    relaying = find(render({"dht": {"relay": True, "reachability": "public"}}), "StatefulSet", "-dht")
+    dht = container(relaying["spec"]["template"]["spec"], "dht")
+    env = env_of(dht)
+    assert env["APIARY_RELAY"] == "true" and env["APIARY_RELAY_PORT"] == "31341" and env["APIARY_REACHABILITY"] == "public"
+    assert {"name": "relay", "containerPort": 31341, "protocol": "TCP", "hostPort": 31341} in dht["ports"]  # as public

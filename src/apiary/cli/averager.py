@@ -13,9 +13,11 @@ from rich.console import Console
 from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
-    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings, transfer_limits
+    ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
+    option, reachability_settings, relay_fields, require_one_way_to_the_dht, service_settings, transfer_limits
 )
 from apiary.services.host import ServiceSettings
+from apiary.services.reachability import ReachabilityMode
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 if TYPE_CHECKING:
@@ -87,6 +89,11 @@ def averager_command(
     tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
+    reachability: ReachabilityOption = ReachabilityMode.AUTO,
+    relays: RelaysOption = 2,
+    reachability_period: ReachabilityPeriodOption = 300.0,
+    relay: RelayOption = False,
+    relay_port: RelayPortOption = 0,
 ) -> None:
     """Run an averager: average the trainer's tensors with the swarm; keep and serve the latest state."""
     require_one_way_to_the_dht(dht_local, initial_peers)
@@ -95,6 +102,9 @@ def averager_command(
                                  param_hint="'--min-group-size'")
     if not 0 < rejoin_weight <= 1:
         raise typer.BadParameter(f"{rejoin_weight} is not in (0, 1]", param_hint="'--rejoin-weight'")
+    if reachability is ReachabilityMode.CLIENT and mode.value == "aux":
+        raise typer.BadParameter("an aux averager reduces others' parts: it cannot be in client mode",
+                                 param_hint="'--reachability'")
     from apiary.averaging.aggregation import Aggregation
     from apiary.averaging.averager import AveragerSettings
     from apiary.averaging.compression.selection import codec_names
@@ -110,10 +120,11 @@ def averager_command(
                      max_requests_per_second=max_requests_per_second, request_burst=request_burst,
                      max_concurrent_per_peer=max_concurrent_per_peer,
                      max_bulk_connections_per_peer=max_bulk_connections_per_peer,
-                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),
                      **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
                                        stream_stall_timeout)),
-        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
+        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,
+                         reachability_settings(reachability, relays, reachability_period)),
         AveragerSettings(
             prefix=run_id, mode=Role(mode.value), target_group_size=target_group_size, min_group_size=min_group_size,
             expected_peers=expected_peers, bandwidth=bandwidth, codec=codec, state_codec=state_codec,

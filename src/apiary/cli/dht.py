@@ -10,11 +10,13 @@ from rich.console import Console
 from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
-    TlsOption, TracingOption, option, service_settings, transfer_limits
+    ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
+    option, reachability_settings, relay_fields, service_settings, transfer_limits
 )
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
 from apiary.services.host import ServiceSettings
+from apiary.services.reachability import ReachabilityMode
 from apiary.wire import WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)
@@ -46,14 +48,20 @@ def dht_command(
     max_bytes_in_flight: MaxBytesInFlightOption = 16 << 20,
     max_bytes_in_flight_per_peer: MaxBytesInFlightPerPeerOption = None,
     stream_stall_timeout: StreamStallTimeoutOption = 30.0,
+    reachability: ReachabilityOption = ReachabilityMode.AUTO,
+    relays: RelaysOption = 2,
+    reachability_period: ReachabilityPeriodOption = 300.0,
+    relay: RelayOption = False,
+    relay_port: RelayPortOption = 0,
 ) -> None:
     """Run a DHT node: the swarm's directory of peers, experts, groups and progress."""
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
-                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),
                      **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
                                        stream_stall_timeout)),
-        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
+        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,
+                         reachability_settings(reachability, relays, reachability_period)),
         DHTSettings(bucket_size=bucket_size, num_replicas=num_replicas, client_mode=client_mode,
                     bootstrap_timeout=bootstrap_timeout),
         DHTServiceSettings(initial_peers=parse_peer_list(initial_peers), redis_url=redis_url,

@@ -13,9 +13,11 @@ from rich.console import Console
 from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
-    TlsOption, TracingOption, option, require_one_way_to_the_dht, service_settings, transfer_limits
+    ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
+    option, reachability_settings, relay_fields, require_one_way_to_the_dht, service_settings, transfer_limits
 )
 from apiary.services.host import ServiceSettings
+from apiary.services.reachability import ReachabilityMode
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 if TYPE_CHECKING:
@@ -66,9 +68,17 @@ def expert_server_command(
     max_bytes_in_flight: MaxBytesInFlightOption = 512 << 20,
     max_bytes_in_flight_per_peer: MaxBytesInFlightPerPeerOption = None,
     stream_stall_timeout: StreamStallTimeoutOption = 30.0,
+    reachability: ReachabilityOption = ReachabilityMode.AUTO,
+    relays: RelaysOption = 2,
+    reachability_period: ReachabilityPeriodOption = 300.0,
+    relay: RelayOption = False,
+    relay_port: RelayPortOption = 0,
 ) -> None:
     """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
     require_one_way_to_the_dht(dht_local, initial_peers)
+    if reachability is ReachabilityMode.CLIENT:
+        raise typer.BadParameter("an expert server has no client mode: trainers dial it (auto, public or relayed)",
+                                 param_hint="'--reachability'")
     from apiary.moe.checkpoints import CheckpointError
     from apiary.moe.claiming import NoFreeExperts
     from apiary.moe.names import expand_expert_names
@@ -80,10 +90,11 @@ def expert_server_command(
         raise typer.BadParameter(str(e), param_hint="'--experts'") from None
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
-                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),
                      **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
                                        stream_stall_timeout)),
-        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint),
+        service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,
+                         reachability_settings(reachability, relays, reachability_period)),
         ExpertServerSettings(
             experts=names, num_experts=num_experts, kind=kind, hidden_size=hidden_size, dtype=dtype, optimizer=optimizer,
             lr=lr, momentum=momentum,

@@ -1,5 +1,5 @@
 """Options that are both a flag and an `APIARY_*` environment variable with the same meaning,
-and the options every service shares (admin endpoint, identity, tracing, security)."""
+and the options every service shares (admin endpoint, identity, tracing, security, reachability)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from apiary.services.host import ServiceSettings
+from apiary.services.reachability import ReachabilityMode, ReachabilitySettings
 from apiary.telemetry import TracingSettings
 
 ENV_PREFIX = "APIARY_"
@@ -41,12 +42,33 @@ MaxBytesInFlightOption = Annotated[int, option("--max-bytes-in-flight", "bytes o
 MaxBytesInFlightPerPeerOption = Annotated[Optional[int], option("--max-bytes-in-flight-per-peer", "share of --max-bytes-in-flight one peer (host) may hold (default: a quarter, at least --max-tensor-bytes)", min=0)]
 StreamStallTimeoutOption = Annotated[float, option("--stream-stall-timeout", "seconds a peer's stream may send nothing before it is cut off and its bytes given back", min=0.01)]
 
+# Reachability (apiary.services.reachability) and relaying for others (apiary.wire.relay).
+ReachabilityOption = Annotated[ReachabilityMode, option("--reachability", "auto: check whether peers can dial this "
+                               "service, behind NAT use relays (else client mode); public: no check; relayed: always "
+                               "through relays; client: dial out only", case_sensitive=False)]
+RelaysOption = Annotated[int, option("--relays", "relay reservations kept when behind NAT", min=1, max=16)]
+ReachabilityPeriodOption = Annotated[float, option("--reachability-period", "seconds between reachability checks", min=1)]
+RelayOption = Annotated[bool, option("--relay/--no-relay", "offer relaying to peers behind NAT (on --relay-port), "
+                                     "listed in the DHT")]
+RelayPortOption = Annotated[int, option("--relay-port", "relay port to bind, with --relay (0: any free port)", min=0, max=65535)]
+
 
 def service_settings(identity: Path | None, admin_host: str, admin_port: int, tracing: str,
-                     otlp_endpoint: str | None) -> ServiceSettings:
+                     otlp_endpoint: str | None, reachability: ReachabilitySettings | None = None) -> ServiceSettings:
     """The settings every service has, from the shared options above."""
     return ServiceSettings(identity=identity, admin_host=admin_host, admin_port=admin_port,
-                           tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint))
+                           tracing=TracingSettings(exporter=tracing, otlp_endpoint=otlp_endpoint),
+                           reachability=reachability or ReachabilitySettings())
+
+
+def reachability_settings(reachability: ReachabilityMode, relays: int, period: float) -> ReachabilitySettings:
+    """The settings of the reachability options above."""
+    return ReachabilitySettings(reachability=reachability, relays=relays, reachability_period=period)
+
+
+def relay_fields(relay: bool, relay_port: int) -> dict[str, Any]:
+    """The `WireSettings` fields of the relay options above."""
+    return {"relay": relay, "relay_port": relay_port}
 
 
 def transfer_limits(max_tensor_bytes: int, max_bytes_in_flight: int, max_bytes_in_flight_per_peer: int | None,

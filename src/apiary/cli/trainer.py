@@ -11,10 +11,12 @@ import typer
 from rich.console import Console
 
 from apiary.cli.options import (
-    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, RunAuthorityOption,
-    TlsOption, TracingOption, option, service_settings
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, ReachabilityOption,
+    ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, RunAuthorityOption, TlsOption, TracingOption,
+    option, reachability_settings, relay_fields, service_settings
 )
 from apiary.services.host import ServiceSettings
+from apiary.services.reachability import ReachabilityMode
 from apiary.wire import Endpoint, WireSettings, parse_peer_list
 
 console = Console(soft_wrap=True)
@@ -71,6 +73,11 @@ def trainer_command(
     identity: IdentityOption = None,
     tracing: TracingOption = "none",
     otlp_endpoint: OtlpEndpointOption = None,
+    reachability: ReachabilityOption = ReachabilityMode.AUTO,
+    relays: RelaysOption = 2,
+    reachability_period: ReachabilityPeriodOption = 300.0,
+    relay: RelayOption = False,
+    relay_port: RelayPortOption = 0,
 ) -> None:
     """Run a trainer: train a task with the swarm through the collaborative optimizer."""
     from apiary.services.trainer import TrainerSettings
@@ -89,8 +96,10 @@ def trainer_command(
         device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
         summary_path=summary_path, evaluate_every=evaluate_every,
     )
-    wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token)
-    asyncio.run(_serve(wire, service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint), settings))
+    wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token,
+                        **relay_fields(relay, relay_port))
+    asyncio.run(_serve(wire, service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,
+                                              reachability_settings(reachability, relays, reachability_period)), settings))
 
 
 async def _serve(wire: WireSettings, shared: ServiceSettings, settings: Any) -> None:

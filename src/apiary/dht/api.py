@@ -1,17 +1,21 @@
 """The local API: how a participant's other services use its DHT node over gRPC.
 
 `LOCAL_SERVICE` is served next to the node on a local-only port; `DHTClient` calls it with the
-same methods as `DHTNode` (`get`, `get_many`, `store`, `store_many`, plus `info`), so services
-work the same against an embedded node or the participant's dht service.
+same methods as `DHTNode` (`get`, `get_many`, `store`, `store_many`, plus `info`, and `contacts`:
+a sample of the node's routing table, whom a service asks to check its reachability), so
+services work the same against an embedded node or the participant's dht service.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from apiary.dht.node import DHTNode, Found, pack, unpack
 from apiary.dht.protos.dht_pb2 import (
     FoundValue,
+    LocalContactsRequest,
+    LocalContactsResponse,
     LocalGetRequest,
     LocalGetResponse,
     LocalInfoRequest,
@@ -21,7 +25,7 @@ from apiary.dht.protos.dht_pb2 import (
     StoreItem,
     SubkeyValue,
 )
-from apiary.wire import CallContext, ChannelPool, Endpoint, InvalidRequest, Method, RpcClient, ServiceSpec
+from apiary.wire import CallContext, ChannelPool, Endpoint, InvalidRequest, Method, PeerAddress, RpcClient, ServiceSpec
 
 LOCAL_SERVICE = ServiceSpec(
     "apiary.dht.Local",
@@ -29,6 +33,7 @@ LOCAL_SERVICE = ServiceSpec(
         Method("Get", LocalGetRequest, LocalGetResponse),
         Method("Store", LocalStoreRequest, LocalStoreResponse),
         Method("Info", LocalInfoRequest, LocalInfoResponse),
+        Method("Contacts", LocalContactsRequest, LocalContactsResponse),
     ),
     local=True,
 )
@@ -93,6 +98,13 @@ class LocalServicer:
             routing_table_size=len(self.node.routing),
         )
 
+    async def contacts(self, request: LocalContactsRequest, context: CallContext) -> LocalContactsResponse:
+        if request.limit < 0:
+            raise InvalidRequest(f"limit={request.limit} must be at least 0")
+        contacts = self.node.routing.contacts()
+        sample = random.sample(contacts, min(request.limit, len(contacts)))
+        return LocalContactsResponse(addresses=[str(PeerAddress(c.endpoint, c.peer_id)) for c in sample])
+
 
 class DHTClient:
     """The participant's DHT node, seen from another local service.
@@ -130,3 +142,8 @@ class DHTClient:
 
     async def info(self) -> LocalInfoResponse:
         return await self._rpc.call("Info", LocalInfoRequest())
+
+    async def contacts(self, limit: int) -> list[PeerAddress]:
+        """At most `limit` of the node's contacts, a random sample of its routing table."""
+        response = await self._rpc.call("Contacts", LocalContactsRequest(limit=limit))
+        return [PeerAddress.parse(address) for address in response.addresses]

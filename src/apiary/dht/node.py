@@ -207,8 +207,8 @@ class DHTNode:
 
     @property
     def contact(self) -> Contact | None:
-        """How others reach this node (None in client mode)."""
-        if self.server is None:
+        """How others reach this node (None in client mode, also when switched to it while serving)."""
+        if self.server is None or self.settings.client_mode:
             return None
         return Contact(self.identity.peer_id, self.server.announced)
 

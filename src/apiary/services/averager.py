@@ -29,6 +29,7 @@ from apiary.averaging.state import STATE_ROUTE, StateDonor, load_saved_state, sa
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.services.host import ServiceHost, ServiceSettings
+from apiary.services.reachability import dht_peers, node_client_switch, with_client_mode
 from apiary.services.records import RoundLog
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RequestError, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
@@ -114,6 +115,12 @@ class AveragerService:
     def __init__(self, wire: WireSettings, service: ServiceSettings, averaging: AveragerSettings,
                  settings: AveragerServiceSettings):
         wire = wire.model_copy(update={"bulk": True})  # all-reduce and state transfer need it
+        reachability, client_mode = with_client_mode(service.reachability, averaging.mode is Role.CLIENT)
+        if client_mode and averaging.mode is Role.AUX:
+            raise ValueError("an aux averager reduces others' parts: it cannot be in client mode "
+                             "(--reachability client)")
+        service = service.model_copy(update={"reachability": reachability})
+        averaging = averaging.model_copy(update={"mode": Role.CLIENT if client_mode else averaging.mode})
         self.settings = settings
         self.averaging = averaging
         self.host = ServiceHost("averager", wire, service, status=self.status, ready=lambda: self.registered)
@@ -174,8 +181,18 @@ class AveragerService:
                 self.donor.update(saved)
                 await self.announce()
         self.host.spawn(self._announce_loop(), "announce-state")
+        self.host.reach(self.pool, dht_peers(self.dht, self.settings.initial_peers), self.dht,
+                        self._client_switch if self.averaging.mode is Role.NODE else None)
         self.host.publish_record(self.dht, rounds=self.round_log)
         self.started = True
+
+    def _client_switch(self, client: bool) -> None:
+        """Behind a NAT with no relay: rounds as a client (sends only), no state given, and back."""
+        self.averager.settings = self.averager.settings.model_copy(
+            update={"mode": Role.CLIENT if client else self.averaging.mode})
+        self.donor.bulk_address = "" if client else str(self.host.server.announced_bulk)
+        if self.node is not None:
+            node_client_switch(self.node)(client)
 
     def _round_done(self, result: RoundResult) -> None:
         self.metrics.observe(result)

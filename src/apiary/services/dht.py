@@ -13,6 +13,7 @@ from apiary.dht.storage import MemoryStorage, RedisStorage, Storage
 from apiary.monitor.app import mount_monitor
 from apiary.monitor.view import SwarmWatch
 from apiary.services.host import ServiceHost, ServiceSettings
+from apiary.services.reachability import dht_peers, node_client_switch, with_client_mode
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer, WireSettings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class DHTService:
     """Builds and runs the service; `start()` returns once the node has joined the swarm."""
 
     def __init__(self, wire: WireSettings, service: ServiceSettings, dht: DHTSettings, settings: DHTServiceSettings):
+        reachability, client_mode = with_client_mode(service.reachability, dht.client_mode)
+        service = service.model_copy(update={"reachability": reachability})
+        dht = dht.model_copy(update={"client_mode": client_mode})
         self.settings = settings
         self.host = ServiceHost("dht", wire, service, status=self.status, ready=lambda: self.joined)
         self.dht_settings = dht
@@ -66,6 +70,8 @@ class DHTService:
         await self.local_server.start()
         await self.node.join(self.settings.initial_peers)
         self.joined = True
+        self.host.reach(self.node.pool, dht_peers(self.node, self.settings.initial_peers), self.node,
+                        None if self.dht_settings.client_mode else node_client_switch(self.node))
         self.host.publish_record(self.node)
 
     def _serve_monitor(self, node: DHTNode) -> None:

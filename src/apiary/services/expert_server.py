@@ -34,6 +34,7 @@ from apiary.moe.metrics import ExpertServerMetrics
 from apiary.moe.server import ExpertServer
 from apiary.moe.training import ExpertTraining, OptimizerName, SchedulerName
 from apiary.services.host import ServiceHost, ServiceSettings
+from apiary.services.reachability import ReachabilityMode, dht_peers
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, WireSettings
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class ExpertServerService:
 
     def __init__(self, wire: WireSettings, service: ServiceSettings, settings: ExpertServerSettings):
         wire = wire.model_copy(update={"bulk": False})  # expert tensors travel in gRPC messages
+        if service.reachability.reachability is ReachabilityMode.CLIENT:
+            raise ValueError("an expert server has no client mode: trainers dial it (use --reachability auto, "
+                             "public or relayed)")
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.host = ServiceHost("expert-server", wire, service, status=self.status, ready=lambda: self.declared_at is not None)
@@ -181,12 +185,13 @@ class ExpertServerService:
             await self.server.start()
         self.host.spawn(keep_declared(self.dht, list(self.server.experts), lambda: self.address,
                                       self.settings.declare_period, on_declared=self._declared), "declare-experts")
+        self.host.reach(self.pool, dht_peers(self.dht, self.settings.initial_peers), self.dht)
         self.host.publish_record(self.dht, experts=lambda: list(self.server.experts))
 
     @property
     def address(self) -> str:
         """The address its experts are declared at, `peer_id@host:port`: callers sign for that id."""
-        return f"{self.host.identity.peer_id}@{self.host.server.announced}"
+        return self.host.address
 
     def _declared(self) -> None:
         self.declared_at = time.time()

@@ -27,8 +27,10 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from apiary.services.records import RecordPublisher, RoundLog
+from apiary.services.reachability import Peers, Reachability, ReachabilitySettings
 from apiary.telemetry import AdminServer, TracingSettings, configure_tracing, metric_prefix, new_registry
-from apiary.wire import Identity, RpcServer, WireSettings
+from apiary.dht.interface import DHTLike
+from apiary.wire import ChannelPool, Identity, PeerAddress, RpcServer, WireSettings
 from apiary.wire.auth import read_token
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class ServiceSettings(BaseModel):
     admin_host: str = Field("127.0.0.1", description="interface of the admin HTTP endpoint")
     admin_port: int = Field(0, ge=0, le=65535, description="admin HTTP port (0: any free port)")
     tracing: TracingSettings = TracingSettings()
+    reachability: ReachabilitySettings = ReachabilitySettings()
 
 
 class ServerWatch(Collector):
@@ -103,6 +106,8 @@ class ServiceHost:
         self.registry.register(self.servers)
         if status is not None:
             self.registry.register(RunInfo(status))
+        self.reachability = Reachability(self.server, settings.reachability, metric_prefix(service))
+        self.registry.register(self.reachability)
         if wire.access_token:
             Gauge("apiary_access_token_expiry_timestamp_seconds", "When this peer's access token expires (Unix time)",
                   registry=self.registry).set(read_token(wire.access_token).expires_at)
@@ -111,9 +116,11 @@ class ServiceHost:
             host=settings.admin_host,
             port=settings.admin_port,
             registry=self.registry,
-            status=lambda: {"peer_id": self.identity.peer_id, "address": self.address, **(status() if status else {})},
+            status=lambda: {"peer_id": self.identity.peer_id, "address": self.address, **(status() if status else {}),
+                            **({"reachability": self.reachability.status()} if self.reachability.running else {})},
             ready=ready,
             problems=self.servers.problems,
+            detail=lambda: {"reachability": self.reachability.state.value} if self.reachability.running else {},
         )
         self._status = status
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -122,8 +129,9 @@ class ServiceHost:
 
     @property
     def address(self) -> str:
-        """The full address others use to reach this service: `peer_id@host:port`."""
-        return f"{self.identity.peer_id}@{self.server.announced}"
+        """The full address others use to reach this service: `peer_id@host:port` (relayed:
+        `peer_id@relay-host:port/via/<relay-peer-id>`)."""
+        return str(PeerAddress(self.server.announced, self.identity.peer_id))
 
     async def start(self) -> None:
         configure_tracing(self.service, self.settings.tracing)
@@ -149,10 +157,18 @@ class ServiceHost:
                        rounds: RoundLog | None = None) -> RecordPublisher:
         """Keeps this service's peer record (and an averager's `rounds`) in the DHT until shutdown
         (`apiary.services.records`); `dht`: the DHT, or a function giving the dht service's local API."""
-        status = lambda: {"address": self.address, **(self._status() if self._status else {})}  # noqa: E731
+        status = lambda: {"address": self.address, "reachability": self.reachability.state.value,  # noqa: E731
+                          **(self._status() if self._status else {})}
         publisher = RecordPublisher(self.service, self.identity.peer_id, status, dht, experts=experts, rounds=rounds)
         self.spawn(publisher.run(), "peer-record")
         return publisher
+
+    def reach(self, pool: ChannelPool, peers: Peers, dht: DHTLike | None,
+              client: Callable[[bool], None] | None = None) -> None:
+        """Runs the reachability lifecycle (`apiary.services.reachability`) until shutdown: `peers`
+        lists whom to ask (DHT contacts), `dht` is where relays are listed, `client` switches the
+        service to and from its client mode (None: it has none)."""
+        self.spawn(self.reachability.run(pool, peers, dht, client), "reachability")
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:
         """Registers a coroutine function to run at shutdown (before the servers stop)."""

@@ -25,7 +25,7 @@ from apiary import faults
 from apiary.averaging.state import State, load_saved_state, save_state
 from apiary.files import write_atomically
 from apiary.optim import check_mode
-from apiary.services.embedded import Optimizer
+from apiary.services.embedded import Optimizer, reaching
 from apiary.services.host import ServiceHost, ServiceSettings
 from apiary.tasks import Task, load_task
 from apiary.wire import Endpoint, PeerAddress, WireSettings
@@ -114,7 +114,9 @@ class TrainerService:
         self.task.model.to(self.device)
         self.embedded_wire = wire  # the embedded dht and averager's public ports, TLS, credentials
         self.identity_path = service.identity
-        own = wire.model_copy(update={"listen_host": "127.0.0.1", "port": 0, "announce_host": None, "announce_port": None})
+        self.reachability = service.reachability  # of the embedded services
+        own = wire.model_copy(update={"listen_host": "127.0.0.1", "port": 0, "announce_host": None, "announce_port": None,
+                                      "relay": False})
         self.host = ServiceHost("trainer", own, service, status=self.status, ready=lambda: self.optimizer is not None)
         self.metrics = TrainerMetrics(self.host.registry)
         self.optimizer: Optimizer | None = None
@@ -152,7 +154,7 @@ class TrainerService:
     def train(self) -> None:
         s = self.settings
         task = self.task
-        self.optimizer = optimizer = Optimizer(
+        self.optimizer = optimizer = reaching(self.reachability)(
             s.run_id, task.model.parameters(), task.optimizer, target_batch_size=s.target_batch_size, mode=s.mode,
             dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (),
             client_mode=s.client_mode, auxiliary=s.auxiliary, wire=self.embedded_wire, identity=self.identity_path,

@@ -8,7 +8,8 @@ Routes:
     GET /healthz  200 ``{"status": "ok"}`` while the process serves requests (liveness); 503
                   ``{"status": "unhealthy", "problems": [...]}`` when the service's own
                   ``problems()`` callback names any (e.g. a gRPC server that stopped for good).
-    GET /readyz   200 ``{"ready": true}`` or 503 ``{"ready": false}`` (readiness).
+    GET /readyz   200 ``{"ready": true}`` or 503 ``{"ready": false}`` (readiness), with the
+                  service's own ``detail()`` fields beside (e.g. its reachability).
     GET /status   service, version, uptime and the service's own ``status()`` fields.
     GET /metrics  Prometheus text exposition of the service's registry.
 """
@@ -90,6 +91,7 @@ class AdminServer:
         status: Callable[[], Mapping[str, Any]] | None = None,
         ready: Callable[[], bool] | None = None,
         problems: Callable[[], list[str]] | None = None,
+        detail: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.service = service
         self.host = host
@@ -98,6 +100,7 @@ class AdminServer:
         self._status = status
         self._ready = ready
         self._problems = problems
+        self._detail = detail
         self._started_at = time.monotonic()
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -133,7 +136,7 @@ class AdminServer:
         @app.get("/readyz")
         async def readyz() -> JSONResponse:
             ready = self._is_ready()
-            return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+            return JSONResponse({"ready": ready, **self._readiness_detail()}, status_code=200 if ready else 503)
 
         @app.get("/status")
         async def status() -> JSONResponse:
@@ -166,6 +169,15 @@ class AdminServer:
         except Exception as exc:
             logger.exception("%s admin: problems() failed; reporting unhealthy", self.service)
             return [f"problems() failed: {type(exc).__name__}: {exc}"]
+
+    def _readiness_detail(self) -> Mapping[str, Any]:
+        if self._detail is None:
+            return {}
+        try:
+            return self._detail()
+        except Exception:
+            logger.exception("%s admin: detail() failed", self.service)
+            return {}
 
     def _is_ready(self) -> bool:
         if self._ready is None:

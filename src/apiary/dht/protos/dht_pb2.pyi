@@ -159,3 +159,15 @@ class LocalInfoResponse(_message.Message):
     client_mode: bool
     routing_table_size: int
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., client_mode: _Optional[bool] = ..., routing_table_size: _Optional[int] = ...) -> None: ...
+
+class LocalContactsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class LocalContactsResponse(_message.Message):
+    __slots__ = ("addresses",)
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,58 @@
+"""Relay discovery: relays list themselves in the DHT, peers behind NAT read the list.
+
+A service that offers relaying (`WireSettings.relay`) and can be dialled keeps a record under
+`RELAYS_KEY`, one subkey per relay (its peer id), value `{"address": "peer@host:port",
+"circuits": <circuits open>, "limit": <bytes/s per circuit, 0: none>}`, re-stored every period
+and living three, so a relay that stops disappears from the list on its own. `find_relays` is
+what `Reservations` asks for candidates: the relays listed, least busy first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from apiary.dht.interface import DHTLike
+from apiary.wire import AddressError, PeerAddress, RpcServer
+
+logger = logging.getLogger(__name__)
+
+RELAYS_KEY = "_apiary.relays"
+
+
+def relay_record(server: RpcServer) -> dict[str, Any] | None:
+    """The record `server` lists itself with (None: it offers no relay)."""
+    address = server.relay_address
+    if address is None or server.relay is None:
+        return None
+    return {"address": str(address), "circuits": server.relay.circuits,
+            "limit": server.settings.relay_circuit_bytes_per_second}
+
+
+async def list_relay(dht: DHTLike, server: RpcServer, ttl: float) -> bool:
+    """Stores `server`'s relay record for `ttl` seconds; whether the DHT took it."""
+    record = relay_record(server)
+    if record is None:
+        return False
+    return await dht.store(RELAYS_KEY, record, time.time() + ttl, subkey=server.identity.peer_id)
+
+
+async def find_relays(dht: DHTLike) -> list[PeerAddress]:
+    """The relays listed in the DHT, fewest circuits open first (malformed entries skipped)."""
+    found = await dht.get(RELAYS_KEY, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    listed: list[tuple[int, PeerAddress]] = []
+    for peer_id, item in found.value.items():
+        value = getattr(item, "value", None)
+        if not isinstance(value, dict) or not isinstance(value.get("address"), str):
+            continue
+        try:
+            address = PeerAddress.parse(value["address"])
+        except AddressError:
+            continue
+        circuits = value.get("circuits")
+        if address.peer_id == peer_id and not address.endpoint.relayed:
+            listed.append((circuits if isinstance(circuits, int) else 0, address))
+    return [address for _, address in sorted(listed, key=lambda entry: entry[0])]

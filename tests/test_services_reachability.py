@@ -15,7 +15,7 @@ import httpx
 import pytest
 import torch
 import typer
-from net.network import Network, skip_reason
+from net.network import Link, Network, nat_skip_reason, skip_reason
 from prometheus_client.parser import text_string_to_metric_families
 
 from apiary.averaging.api.client import AveragerClient
@@ -305,3 +305,45 @@ async def test_a_dht_service_announces_what_peers_observe_and_reports_a_wrong_an
             assert samples((await reported.get("/metrics")).text)["apiary_dht_announce_mismatch", ()] == 1
             assert samples((await learned.get("/metrics")).text)["apiary_dht_announce_mismatch", ()] == 0
         assert line in wrong.stderr()  # said once at start, in the log
+
+
+async def test_a_dht_service_behind_a_nat_serves_as_a_client_then_through_a_relay_once_one_appears() -> None:
+    """Three public hosts and one behind a real (cone) NAT (tests/net): the NATed dht and
+    averager services find that nobody can dial them back; with no relay in the swarm they run as
+    clients, and once a relaying dht joins, they reserve there and are reached through it (an
+    `apiary ping` of the relayed address from another host)."""
+    reason = nat_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with Network([Link(), Link(), Link(), Link(nat="cone")]) as net:
+        first, second, relaying, natted = net.hosts
+        bootstrap = first.apiary("dht", "--port", "7000").wait_for(r"--initial-peers (\S+)").group(1)
+        joined = second.apiary("dht", "--port", "7000", "--initial-peers", bootstrap)
+        peers = ",".join([bootstrap, joined.wait_for(r"--initial-peers (\S+)").group(1)])
+        behind = natted.apiary("dht", "--port", "7000", "--admin-port", "9100", "--initial-peers", peers)
+        local = behind.wait_for(r"local API: (\S+)").group(1)
+        averager = natted.apiary("averager", "--run-id", "r", "--dht-local", local, "--admin-port", "9101")
+        averager.wait_for(r"local API", timeout=120)
+        async with (httpx.AsyncClient(base_url=f"http://{natted.forward(9100)}", timeout=5) as admin,
+                    httpx.AsyncClient(base_url=f"http://{natted.forward(9101)}", timeout=5) as averaging):
+            async def state(expected: str, http: httpx.AsyncClient = admin) -> Any:
+                status = (await http.get("/status")).json()
+                return status if status.get("reachability", {}).get("state") == expected else None
+            status = await eventually(lambda: state("client"), timeout=40)
+            await eventually(lambda: state("client", averaging), timeout=40)
+            assert status["reachability"]["observed_host"] == natted.public_address  # the router's
+            assert "could dial this node back" in status["reachability"]["detail"]
+            assert status["initial_peers_for_others"] == ""  # a client: nobody is told to dial it
+            assert samples((await admin.get("/metrics")).text)["apiary_dht_reachability", (("state", "client"),)] == 1
+
+            relay = relaying.apiary("dht", "--port", "7000", "--relay", "--relay-port", "7001", "--initial-peers", peers)
+            relay_id = relay.wait_for(r"--initial-peers (\S+)@").group(1)
+            status = await eventually(lambda: state("relayed"), timeout=60)
+            relayed_averager = await eventually(lambda: state("relayed", averaging), timeout=60)
+            assert f"/via/{relay_id}/to/" in relayed_averager["bulk_address"]  # its state is given through the relay
+        address = status["address"]
+        assert address.endswith(f"@{relaying.address}:7001/via/{relay_id}"), address
+        assert status["reachability"]["relayed_addresses"] == [str(PeerAddress.parse(address).endpoint)]
+        pinged = second.start([sys.executable, "-m", "apiary.cli.main", "ping", address, "--timeout", "20"])
+        assert pinged.wait(60) == 0, pinged.report()
+        assert PeerAddress.parse(address).peer_id in pinged.output()

@@ -215,7 +215,7 @@ class DHTNode:
     @property
     def address(self) -> str:
         """The value others should pass as --initial-peers (empty in client mode)."""
-        return f"{self.identity.peer_id}@{self.server.announced}" if self.server is not None else ""
+        return f"{self.identity.peer_id}@{self.contact.endpoint}" if self.contact is not None else ""
 
     async def join(self, initial_peers: list[PeerAddress]) -> None:
         """Contacts the initial peers (at least one must answer) and fills the routing table."""

@@ -125,6 +125,7 @@ class Reachability(Collector):
         self.reservations: Reservations | None = None
         self._client: Callable[[bool], None] | None = None
         self._relayed = asyncio.Event()
+        self._reserving = False  # the reservations are kept (started, not stopped)
         self.running = False
 
     # ---- what others read
@@ -208,7 +209,8 @@ class Reachability(Collector):
         self.report = report
         self._learn(report.observed_host)
         if report.verdict is Verdict.PUBLIC:
-            if self.reservations is not None and self.state is ReachabilityState.RELAYED:
+            if self.reservations is not None and self._reserving:  # dialled directly again: relays let go
+                self._reserving = False
                 await self.reservations.stop()
             self._set(ReachabilityState.PUBLIC, report.detail)
         elif report.verdict is Verdict.BEHIND_NAT:
@@ -257,8 +259,10 @@ class Reachability(Collector):
         if self.reservations is None:
             self._unreachable(f"{why}; no DHT to find relays in")
             return
-        self._relayed.clear()
-        await self.reservations.start()
+        if not self._reserving:
+            self._relayed.clear()
+            await self.reservations.start()
+            self._reserving = True
         try:
             async with asyncio.timeout(RELAY_WAIT_SECONDS):
                 await self._relayed.wait()
@@ -280,9 +284,9 @@ class Reachability(Collector):
     def _set(self, state: ReachabilityState, detail: str) -> None:
         """Moves to `state`: announces accordingly, switches client mode, says so in one line."""
         previous, self.state, self.detail = self.state, state, detail
+        self._announce()
         if self._client is not None and (state is ReachabilityState.CLIENT) != (previous is ReachabilityState.CLIENT):
             self._client(state is ReachabilityState.CLIENT)
-        self._announce()
         if state is not previous:
             how = {ReachabilityState.CLIENT: "serving as a client: nobody can dial it",
                    ReachabilityState.BEHIND_NAT: "nobody can dial it and it has no client mode",

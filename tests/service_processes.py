@@ -40,12 +40,12 @@ def free_port() -> int:
 
 class ServiceProcess:
     def __init__(self, command: str, args: tuple[str, ...], admin_port: int, env: dict[str, str] | None = None,
-                 port_flag: str = "--admin-port"):
+                 host_flag: str = "--host"):
         self.command = command
         self.admin = f"http://127.0.0.1:{admin_port}"
         self.stderr_file: IO[bytes] = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [*APIARY, command, "--host", "127.0.0.1", port_flag, str(admin_port), *args],
+            [*APIARY, command, host_flag, "127.0.0.1", "--admin-port", str(admin_port), *args],
             stdout=subprocess.PIPE, stderr=self.stderr_file, stdin=subprocess.DEVNULL, text=True,
             env={**os.environ, "COLUMNS": "400", "PYTHONUNBUFFERED": "1", **(env or {})},
         )
@@ -127,10 +127,10 @@ class ServiceProcesses:
         self.started: list[ServiceProcess] = []
 
     def start(self, command: str, *args: str, env: dict[str, str] | None = None,
-              port_flag: str = "--admin-port") -> ServiceProcess:
-        """Starts `apiary <command> <args>`, with `env` over this process's environment; `port_flag`
-        names the option given the free port its HTTP endpoint binds (`--port` for `apiary monitor`)."""
-        service = ServiceProcess(command, args, free_port(), env, port_flag)
+              host_flag: str = "--host") -> ServiceProcess:
+        """Starts `apiary <command> <args>`, with `env` over this process's environment; `host_flag`
+        is the option given 127.0.0.1 (`--admin-host` for `apiary monitor`, which has no public port)."""
+        service = ServiceProcess(command, args, free_port(), env, host_flag)
         self.started.append(service)
         return service
 

@@ -38,7 +38,7 @@ def swarm(processes: ServiceProcesses) -> Swarm:
 def monitor(swarm: Swarm, processes: ServiceProcesses) -> ServiceProcess:
     """`apiary monitor`, a client of the DHT (no port of its own in the swarm), reading every second."""
     return processes.start("monitor", "--initial-peers", swarm.dhts[0].initial_peers, "--refresh", "1",
-                           port_flag="--port").wait_until_up(until="monitor: ")
+                           host_flag="--admin-host").wait_until_up(until="monitor: ")
 
 
 def api(process: ServiceProcess, path: str, prefix: str = "") -> dict[str, Any]:

@@ -34,15 +34,17 @@ def _source(initial_peers: str, dht_local: str | None, tls: bool, run_authority:
 def monitor_command(
     initial_peers: InitialPeersOption = "",
     dht_local: DhtLocalOption = None,
-    host: Annotated[str, option("--host", "interface the web page binds")] = "127.0.0.1",
-    port: Annotated[int, option("--port", "port of the web page (0: any free port)")] = 8900,
+    admin_host: Annotated[str, option("--admin-host", "interface of the web page (its admin endpoint: also "
+                                      "/healthz, /readyz, /status, /metrics)")] = "127.0.0.1",
+    admin_port: Annotated[int, option("--admin-port", "port of the web page (0: any free port)")] = 8900,
     refresh: Annotated[float, option("--refresh", "seconds between readings of the swarm", min=0.5)] = 5.0,
     tls: TlsOption = True,
     run_authority: RunAuthorityOption = None,
     access_token: AccessTokenOption = None,
 ) -> None:
     """Serve a live web page of the swarm: peers, runs, experts, averaging rounds (and /api/... JSON)."""
-    asyncio.run(_monitor(*_source(initial_peers, dht_local, tls, run_authority, access_token), host, port, refresh))
+    asyncio.run(_monitor(*_source(initial_peers, dht_local, tls, run_authority, access_token), admin_host, admin_port,
+                         refresh))
 
 
 async def _monitor(initial_peers: list[Any], dht_local: Endpoint | None, wire: WireSettings, host: str, port: int,

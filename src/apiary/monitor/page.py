@@ -62,8 +62,9 @@ def _peers(peers: dict[str, Any]) -> str:
              _duration(p["uptime_seconds"]), escape(p["device"]), _number(p["load"], 2),
              escape(", ".join(p["addresses"][:2]))] for p in peers["peers"]]
     return (f'<h2>Peers <span class="count" id="peer-count">{peers["count"]}</span></h2><p>{kinds}</p>'
+            '<div class="scroll">'
             + _table(["peer", "kind", "version", "run", "reachability", "uptime", "device", "load", "address"], rows,
-                     css="peers", empty="no peer records yet"))
+                     css="peers", empty="no peer records yet") + '</div>')
 
 
 def _runs(runs: dict[str, Any]) -> str:

@@ -5,6 +5,9 @@ records and the rounds its averagers published, and the experts the expert serve
 against their live declarations. `SwarmWatch` reads every `refresh` seconds and keeps what one
 reading cannot show: each run's throughput and loss over time, each peer's contribution over the
 epochs, and the peers that joined or left. Both give the JSON of the monitor's `/api/...`.
+
+A trainer publishes a throughput of 0 while it averages (its samples do not grow then); the
+watch shows such a peer at the throughput it last trained at, as one reading shows it at 0.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class RunHistory:
 
     series: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     best: dict[tuple[str, int], int] = field(default_factory=dict)  # (peer, epoch) -> most samples reported
+    speeds: dict[str, float] = field(default_factory=dict)  # peer -> the last throughput it trained at
 
 
 class SwarmWatch:
@@ -102,7 +106,9 @@ class SwarmWatch:
             for record in records:
                 key = (record.peer_id, record.epoch)
                 history.best[key] = max(history.best.get(key, 0), record.samples)
-            summary = run_summary(reading, run)
+                if record.samples_per_second > 0:
+                    history.speeds[record.peer_id] = record.samples_per_second
+            summary = run_summary(reading, run, history.speeds)
             history.series.append({"time": reading.taken_at, "epoch": summary["epoch"],
                                    "samples_per_second": summary["samples_per_second"], "loss": summary["loss"]})
 
@@ -117,14 +123,19 @@ def _event(at: float, record: PeerRecord, what: str) -> dict[str, Any]:
     return {"time": at, "peer_id": record.peer_id, "kind": record.kind, "run": record.run, "event": what}
 
 
-def run_summary(reading: Reading, run: str) -> dict[str, Any]:
+def speed(record: Progress, speeds: dict[str, float] | None) -> float:
+    """A peer's throughput: as published, or while it averages, the last it trained at (`speeds`)."""
+    return record.samples_per_second or (speeds or {}).get(record.peer_id, 0.0)
+
+
+def run_summary(reading: Reading, run: str, speeds: dict[str, float] | None = None) -> dict[str, Any]:
     """A run's epoch, throughput at that epoch, mean loss of its trainers and peer count."""
     records = reading.progress.get(run, [])
     epoch = reading.epochs.get(run, 0)
     losses = [p.info["loss"] for p in reading.peers
               if p.run == run and p.kind == "trainer" and isinstance(p.info.get("loss"), (int, float))]
     return {"run": run, "epoch": epoch, "peers": len(records),
-            "samples_per_second": round(sum(r.samples_per_second for r in records if r.epoch == epoch), 2),
+            "samples_per_second": round(sum(speed(r, speeds) for r in records if r.epoch == epoch), 2),
             "samples": sum(r.samples for r in records if r.epoch == epoch),
             "loss": round(statistics.fmean(losses), 4) if losses else None}
 
@@ -144,15 +155,16 @@ def runs_json(reading: Reading, watch: SwarmWatch | None = None) -> dict[str, An
     runs = []
     for run in sorted(reading.progress):
         history = watch.history.get(run) if watch is not None else None
+        speeds = history.speeds if history is not None else None
         contributed: dict[str, int] = {}
         for (peer_id, _), samples in (history.best.items() if history is not None else ()):
             contributed[peer_id] = contributed.get(peer_id, 0) + samples
         leaderboard = sorted(
-            ({"peer_id": r.peer_id, "epoch": r.epoch, "samples": r.samples, "samples_per_second": r.samples_per_second,
+            ({"peer_id": r.peer_id, "epoch": r.epoch, "samples": r.samples, "samples_per_second": speed(r, speeds),
               "client": r.client, "contributed": contributed.get(r.peer_id, r.samples)}
              for r in reading.progress[run]),
             key=lambda entry: (-entry["contributed"], entry["peer_id"]))
-        runs.append({**run_summary(reading, run), "leaderboard": leaderboard,
+        runs.append({**run_summary(reading, run, speeds), "leaderboard": leaderboard,
                      "history": list(history.series) if history is not None else [],
                      "events": [e for e in (watch.events if watch is not None else ()) if e["run"] == run]})
     return {"runs": runs}

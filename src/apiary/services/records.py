@@ -5,11 +5,12 @@ version, addresses, reachability (from its status' `reachability` entry; "unknow
 start time, device, load and a few figures of its status. An averager also keeps a summary of its
 recent rounds (group size, seconds, bytes, result) under `rounds_key(run)` (`<run>.rounds`).
 
-A record is published at start and then every `PERIOD` seconds, living `TTL` seconds, so the
-records of a service that stopped disappear on their own; an averager republishes soon after
-each round. The subkey is ``owner_marker(signer) + peer_id``: the DHT node that stores the record
-signs it (`apiary.dht.validation`), i.e. the service's own embedded node, or the participant's dht
-service, which speaks for the services that reach the swarm through its local API.
+A record is published at start and then every `PERIOD` seconds, living three periods, so the
+records of a service that stopped disappear on their own; an averager also republishes
+`ROUNDS_DELAY` seconds after a round. The subkey is ``owner_marker(signer) + peer_id``: the DHT
+node that stores the record signs it (`apiary.dht.validation`): the service's own embedded node,
+or the participant's dht service, which speaks for the services that reach the swarm through its
+local API.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ logger = logging.getLogger(__name__)
 
 PEERS_KEY = "_apiary.peers"
 PERIOD = 15.0  # seconds between publications of a record
-TTL = 3 * PERIOD
 RETRY = 1.0  # seconds before trying again while the DHT is not known yet
 ROUNDS_KEPT = 16  # rounds in an averager's summary
+ROUNDS_DELAY = 5.0  # seconds from a round to the publication of the summary (rounds close together go at once)
 MAX_EXPERTS = 256  # expert names listed in an expert server's record
 MAX_TEXT = 200  # characters of a string field kept from a record
 INFO_FIELDS = ("task", "mode", "loss", "local_epoch", "swarm_epoch", "samples_per_second", "peers", "experts",
@@ -223,7 +224,7 @@ class RecordPublisher:
             return
         try:
             await asyncio.wait_for(self.rounds.changed.wait(), seconds)
-            await asyncio.sleep(RETRY)  # rounds of a busy averager are sent together
+            await asyncio.sleep(ROUNDS_DELAY)
         except asyncio.TimeoutError:
             pass
         self.rounds.changed.clear()

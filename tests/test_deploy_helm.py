@@ -13,6 +13,8 @@ import kubernetes_validate
 import pytest
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from apiary.wire.address import AddressError, PeerAddress
+from apiary.wire.identity import Identity, public_key_from_peer_id
 from deploy.cli import admin_routes, commands, env_vars
 from deploy.files import REPO
 from deploy.helm import (
@@ -335,3 +337,38 @@ def test_the_dht_relays_for_peers_behind_nat_when_asked() -> None:
     env = env_of(dht)
     assert env["APIARY_RELAY"] == "true" and env["APIARY_RELAY_PORT"] == "31341" and env["APIARY_REACHABILITY"] == "public"
     assert {"name": "relay", "containerPort": 31341, "protocol": "TCP", "hostPort": 31341} in dht["ports"]  # as public
+
+
+def peer_ids_in(values: dict) -> list[str]:
+    """Every peer id a values file names: its initial peers' and its run authority."""
+    peers = [PeerAddress.parse(address).peer_id for address in values.get("run", {}).get("initialPeers", [])]
+    return [p for p in peers if p] + [p for p in [values.get("security", {}).get("runAuthority")] if p]
+
+
+@pytest.mark.parametrize("values", sorted(VALUES_FILES))
+def test_every_peer_id_in_the_example_values_is_one_the_services_accept(values: str) -> None:
+    for peer_id in peer_ids_in(values_of(values)):
+        public_key_from_peer_id(peer_id)  # raises for what `apiary` would refuse at start
+
+
+def test_the_schemas_peer_ids_are_those_the_code_parses() -> None:
+    """The schema's pattern accepts every real peer id and refuses what PeerAddress.parse refuses."""
+    for _ in range(64):
+        peer_id = Identity.generate().peer_id
+        relay = Identity.generate().peer_id
+        for address in (f"{peer_id}@dht.example.org:31337", f"{peer_id}@[2001:db8::1]:31337",
+                        f"{peer_id}@198.51.100.7:31341/via/{relay}"):
+            PeerAddress.parse(address)
+            validate_values({"run": {"initialPeers": [address]}, "security": {
+                "runAuthority": peer_id, "accessTokens": {"existingSecret": "tokens"}}})
+    real = Identity.generate().peer_id
+    wrong = ["12D3KooWExamplePeer", real.upper(), real[:-1], real[:-1] + ("b" if real[-1] != "b" else "c")]
+    for peer_id in wrong:
+        with pytest.raises(AddressError):
+            PeerAddress.parse(f"{peer_id}@dht.example.org:31337")
+        with pytest.raises(helm.HelmValuesError) as refused:
+            validate_values({"run": {"initialPeers": [f"{peer_id}@dht.example.org:31337"]}})
+        assert "/run/initialPeers/0" in str(refused.value)
+        with pytest.raises(helm.HelmValuesError) as refused:
+            validate_values({"security": {"runAuthority": peer_id, "accessTokens": {"existingSecret": "tokens"}}})
+        assert "/security/runAuthority" in str(refused.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -30,6 +31,15 @@ def _json_object(text: str, flag: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise typer.BadParameter("must be a JSON object", param_hint=f"'{flag}'")
     return value
+
+
+def _gpus(text: str) -> int | list[int]:
+    """--gpus: a count of local ranks ("2") or CUDA device ids ("0,1")."""
+    try:
+        return [int(part) for part in text.split(",")] if "," in text else int(text)
+    except ValueError:
+        raise typer.BadParameter(f"a count of GPUs (e.g. 2) or CUDA device ids (e.g. 0,1), got {text!r}",
+                                 param_hint="'--gpus'") from None
 
 
 def trainer_command(
@@ -59,6 +69,7 @@ def trainer_command(
     max_epochs: Annotated[int, option("--max-epochs", "stop at this swarm epoch (0: no limit)", min=0)] = 0,
     max_seconds: Annotated[float, option("--max-seconds", "stop after this many seconds of training (0: no limit)", min=0)] = 0,
     device: Annotated[str, option("--device", "auto (cuda when present), cpu or cuda[:N]")] = "auto",
+    gpus: Annotated[str, option("--gpus", "local trainer ranks, one per GPU, reduced together before the swarm: a count (ranks on cuda:0.. when CUDA has them, else CPU) or CUDA device ids, e.g. 0,1")] = "1",
     threads: Annotated[int, option("--threads", "torch intra-op threads (0: torch's default)", min=0)] = 0,
     checkpoint_dir: Annotated[Optional[Path], option("--checkpoint-dir", "keep the optimizer's state here across restarts")] = None,
     checkpoint_period: Annotated[float, option("--checkpoint-period", "seconds between checkpoints", min=1)] = 300.0,
@@ -93,7 +104,7 @@ def trainer_command(
         initial_peers=parse_peer_list(initial_peers) if initial_peers is not None else None,
         averaging=_json_object(averaging, "--averaging"), min_peers=min_peers,
         min_peers_timeout=min_peers_timeout, max_epochs=max_epochs, max_seconds=max_seconds,
-        device=device, threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
+        device=device, gpus=_gpus(gpus), threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
         summary_path=summary_path, evaluate_every=evaluate_every,
     )
     wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token,
@@ -103,6 +114,7 @@ def trainer_command(
 
 
 async def _serve(wire: WireSettings, shared: ServiceSettings, settings: Any) -> None:
+    from apiary.optim.local_group import LocalGroupError
     from apiary.services.trainer import TrainerService
     from apiary.tasks import TaskError
 
@@ -111,8 +123,12 @@ async def _serve(wire: WireSettings, shared: ServiceSettings, settings: Any) -> 
     except TaskError as e:
         raise typer.BadParameter(str(e), param_hint="'--task' / '--task-options'") from None
     except ValueError as e:  # a device that is not there
-        raise typer.BadParameter(str(e), param_hint="'--device'") from None
+        raise typer.BadParameter(str(e), param_hint="'--device' / '--gpus'") from None
     await service.start()
     console.print(f"trainer of run {settings.run_id!r}: admin {service.host.admin.url}", highlight=False)
-    await service.run()
+    try:
+        await service.run()
+    except LocalGroupError as e:  # a local rank failed: the others are stopped; one line, as main() writes errors
+        print(f"apiary: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     console.print(json.dumps(service.summary), highlight=False)

@@ -27,6 +27,7 @@ from apiary.files import write_atomically
 from apiary.optim import check_mode
 from apiary.services.embedded import Optimizer, reaching
 from apiary.services.host import ServiceHost, ServiceSettings
+from apiary.services.trainer_group import RankWork, TrainerGroup, rank_devices
 from apiary.tasks import Task, load_task
 from apiary.wire import Endpoint, PeerAddress, WireSettings
 
@@ -60,6 +61,7 @@ class TrainerSettings(BaseModel):
     max_epochs: int = Field(0, ge=0, description="stop at this swarm epoch (0: no limit)")
     max_seconds: float = Field(0, ge=0, description="stop after this many seconds of training (0: no limit)")
     device: str = Field("auto", description="auto (cuda when present), cpu or cuda")
+    gpus: int | list[int] = Field(1, description="local trainer ranks, one per GPU: a count, or CUDA device ids")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     checkpoint_dir: Path | None = Field(None, description="where the optimizer's state is kept across restarts")
     checkpoint_period: float = Field(300.0, gt=0, description="seconds between checkpoints")
@@ -79,7 +81,26 @@ class TrainerSettings(BaseModel):
             self.initial_peers = []
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self._check_gpus()
         return self
+
+    def _check_gpus(self) -> None:
+        if isinstance(self.gpus, int):
+            valid = self.gpus >= 1
+        else:
+            valid = bool(self.gpus) and min(self.gpus) >= 0 and len(set(self.gpus)) == len(self.gpus)
+        if not valid:
+            raise ValueError(f"gpus must be a count of at least 1 or distinct CUDA device ids, got {self.gpus!r}")
+        if self.ranks > 1 and self.auxiliary:
+            raise ValueError("an auxiliary peer trains nothing: it runs on one rank (gpus 1)")
+        if self.ranks > 1 and self.reuse_grad_buffers:
+            raise ValueError("reuse_grad_buffers cannot be combined with several gpus: the local ranks reduce "
+                             "each batch's gradients, which the reused buffers would mix with earlier batches'")
+
+    @property
+    def ranks(self) -> int:
+        """Local trainer ranks (processes) of this participant."""
+        return self.gpus if isinstance(self.gpus, int) else len(self.gpus)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,7 +128,10 @@ class TrainerService:
 
     def __init__(self, wire: WireSettings, service: ServiceSettings, settings: TrainerSettings):
         self.settings = settings
-        self.device = resolve_device(settings.device)
+        self.devices = ([resolve_device(settings.device)] if settings.gpus == 1
+                        else rank_devices(settings.gpus, settings.device))  # one per local rank
+        self.device = self.devices[0]
+        self.group: TrainerGroup | None = None  # the other local ranks, with several gpus
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.task: Task = load_task(settings.task, seed=settings.seed, **settings.task_options)
@@ -154,6 +178,19 @@ class TrainerService:
     def train(self) -> None:
         s = self.settings
         task = self.task
+        if len(self.devices) > 1:
+            work = RankWork(s.task, s.task_options, s.seed, s.threads, str(self.device))
+            self.group = TrainerGroup.start(work, self.devices, timeout=max(1800.0, s.min_peers_timeout + 600))
+            self.summary["local_ranks"] = self.group.ranks()
+            print("local ranks: " + ", ".join(f"{r['rank']} (pid {r['pid']}, {r['device']})"
+                                              for r in self.group.ranks()), flush=True)
+        try:
+            self._train(s, task)
+        finally:
+            if self.group is not None:
+                self.group.close()
+
+    def _train(self, s: TrainerSettings, task: Task) -> None:
         self.optimizer = optimizer = reaching(self.reachability)(
             s.run_id, task.model.parameters(), task.optimizer, target_batch_size=s.target_batch_size, mode=s.mode,
             dht_local=s.dht_local, averager_local=s.averager_local, initial_peers=s.initial_peers or (),
@@ -163,6 +200,8 @@ class TrainerService:
             reuse_grad_buffers=s.reuse_grad_buffers, offload_optimizer=s.offload_optimizer, outer_lr=s.outer_lr,
             outer_momentum=s.outer_momentum, powersgd_rank=s.powersgd_rank, powersgd_min_size=s.powersgd_min_size,
         )
+        if self.group is not None:
+            self.group.lead(optimizer.optimizer)
         address = optimizer.swarm.dht_address
         print(f"training; others join with: --initial-peers {address}" if address else "training", flush=True)
         try:
@@ -207,21 +246,29 @@ class TrainerService:
         self.summary["loss_start"] = self._evaluate()
         self.summary["epoch_start"] = optimizer.epoch
         samples = 0
+        group = self.group
+        if group is not None:
+            group.share(task.model, optimizer.epoch, advanced=False, force=True)  # the state loaded or restored
         while not self._stop.is_set():
             faults.reached("trainer.epoch", optimizer.epoch)
             if s.max_epochs and optimizer.swarm_epoch >= s.max_epochs:
                 break
             if s.max_seconds and time.monotonic() - started >= s.max_seconds:
                 break
+            if group is not None:
+                group.go(True)
             batch = next(task.batches)
             loss = task.loss(task.model, batch)
             loss.backward()
-            optimizer.step(task.batch_size)
+            size = group.reduce_gradients(optimizer.params, task.batch_size) if group is not None else task.batch_size
+            advanced = optimizer.step(size)
+            if group is not None:
+                group.share(task.model, optimizer.epoch, advanced)
             if not s.reuse_grad_buffers:  # else the optimizer clears them after each epoch
                 optimizer.zero_grad()
-            samples += task.batch_size
+            samples += size
             self.last_loss = float(loss.item())
-            self._observe(optimizer, task.batch_size)
+            self._observe(optimizer, size)
             now = time.monotonic()
             if now - last_progress >= s.progress_every:
                 self._print_progress(optimizer, samples, now - started)
@@ -232,6 +279,9 @@ class TrainerService:
             if now - last_evaluation >= s.evaluate_every:
                 self.summary["loss_latest"] = self._evaluate()
                 last_evaluation = now
+        if group is not None:
+            group.go(False)
+            self.summary["rank_digests"] = group.digests
         elapsed = time.monotonic() - started
         self.summary.update(loss_end=self._evaluate(), epoch_end=optimizer.epoch, samples=samples,
                             seconds=round(elapsed, 2), samples_per_second=round(samples / max(elapsed, 1e-9), 1),
@@ -300,6 +350,7 @@ class TrainerService:
             "task": self.settings.task,
             "mode": self.settings.mode,
             "device": str(self.device),
+            "local_ranks": self.group.ranks() if self.group is not None else None,
             "loss": self.last_loss,
             "local_epoch": optimizer.epoch if optimizer else None,
             "swarm_epoch": optimizer.swarm_epoch if optimizer else None,

@@ -126,12 +126,14 @@ def test_without_a_secret_each_dht_pod_keeps_the_identity_it_creates_on_its_volu
     assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "256Mi"
 
 
-def test_gpu_workloads_request_gpus_on_gpu_nodes() -> None:
+def test_gpu_workloads_request_the_one_device_each_process_uses_on_gpu_nodes() -> None:
     manifests = render(values_of("gpu"))
-    for suffix, name, gpus in (("-expert-server", "expert-server", 2), ("-trainer", "trainer", 1)):
+    for suffix, name, resource in (("-expert-server", "expert-server", "nvidia.com/mig-1g.10gb"),
+                                   ("-trainer", "trainer", "nvidia.com/gpu")):
         pod = find(manifests, "StatefulSet", suffix)["spec"]["template"]["spec"]
         resources = container(pod, name)["resources"]
-        assert resources["requests"]["nvidia.com/gpu"] == gpus and resources["limits"]["nvidia.com/gpu"] == gpus
+        assert {k: v for k, v in resources["requests"].items() if "/" in k} == {resource: 1}
+        assert {k: v for k, v in resources["limits"].items() if "/" in k} == {resource: 1}
         assert pod["runtimeClassName"] == "nvidia"
         assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -146,6 +148,21 @@ def test_cpu_only_values_ask_for_no_gpu() -> None:
         assert "runtimeClassName" not in pod and "tolerations" not in pod
     experts = find(manifests, "StatefulSet", "-expert-server")["spec"]["template"]["spec"]
     assert env_of(container(experts, "expert-server"))["APIARY_DEVICE"] == "cpu"
+
+
+def test_cpu_workloads_keep_no_gpu_runtime_class_and_one_process_asks_for_one_device() -> None:
+    """runtimeClassName only with GPUs: `gpus: 0` runs on clusters that have no nvidia RuntimeClass."""
+    manifests = render({"expertServer": {"gpus": 0}, "trainer": {"gpus": 0}})
+    for _, pod in pod_specs(manifests):
+        assert "runtimeClassName" not in pod
+        assert "nvidia.com/gpu" not in json.dumps(pod["containers"])
+    for workload in ("expertServer", "trainer"):
+        with pytest.raises(helm.HelmValuesError) as refused:
+            validate_values({workload: {"gpus": 2}})
+        assert f"/{workload}/gpus" in str(refused.value)
+        with pytest.raises(helm.HelmValuesError) as refused:
+            validate_values({workload: {"gpuResource": "nvidia.com/mig 1g"}})
+        assert f"/{workload}/gpuResource" in str(refused.value)
 
 
 def test_the_averager_runs_beside_each_trainer_sharing_a_memory_backed_dev_shm() -> None:

@@ -170,8 +170,8 @@ readinessProbe:
 
 {{/* The pod-level fields of a GPU workload; pass its values (expertServer or trainer). */}}
 {{- define "apiary.gpuScheduling" -}}
-{{- with .runtimeClassName }}
-runtimeClassName: {{ . }}
+{{- if and .runtimeClassName (gt (int .gpus) 0) }}
+runtimeClassName: {{ .runtimeClassName }}
 {{- end }}
 {{- with .nodeSelector }}
 nodeSelector:
@@ -206,12 +206,13 @@ volumeClaimTemplates:
 {{- end }}
 {{- end -}}
 
-{{/* A GPU workload's resources with nvidia.com/gpu requested (and limited) when gpus > 0; pass its values. */}}
+{{/* A GPU workload's resources with its gpuResource (nvidia.com/gpu or a MIG profile) requested (and
+limited) when gpus > 0; pass its values. */}}
 {{- define "apiary.gpuResources" -}}
 {{- $resources := deepCopy (default (dict) .resources) -}}
 {{- if gt (int .gpus) 0 -}}
 {{- range $kind := list "requests" "limits" -}}
-{{- $_ := set $resources $kind (merge (dict "nvidia.com/gpu" (int $.gpus)) (default (dict) (get $resources $kind))) -}}
+{{- $_ := set $resources $kind (merge (dict (default "nvidia.com/gpu" $.gpuResource) (int $.gpus)) (default (dict) (get $resources $kind))) -}}
 {{- end -}}
 {{- end -}}
 {{- toYaml $resources -}}

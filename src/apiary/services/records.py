@@ -224,7 +224,7 @@ class RecordPublisher:
             return
         try:
             await asyncio.wait_for(self.rounds.changed.wait(), seconds)
-            await asyncio.sleep(ROUNDS_DELAY)
+            await asyncio.sleep(min(ROUNDS_DELAY, seconds))  # the record lives on: at most 2 periods apart
         except asyncio.TimeoutError:
             pass
         self.rounds.changed.clear()

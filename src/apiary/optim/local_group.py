@@ -10,7 +10,9 @@ broadcasts rank 0's parameters and buffers when its step changed them (an update
 averaged state), so the ranks stay identical; `digests` lets rank 0 check that they are.
 
 Rank 0 leads every collective's order: it tells the others whether to go on (`go`), whether
-to take its tensors and check digests (`share`); the others follow.
+to take its tensors and check digests (`share`); the others follow. These control messages
+always travel over gloo, where the ranks wait for rank 0 (its swarm rounds may take minutes)
+and a lost rank is noticed at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import torch
 import torch.distributed as dist
 
 
+DATA_TIMEOUT = 300.0  # seconds an NCCL collective of tensors may take
+
+
 class LocalGroupError(RuntimeError):
     """A local rank failed or stopped: the participant's group cannot go on."""
 
@@ -31,13 +36,18 @@ class LocalGroup:
     """This process's place in its participant's group of `size` local ranks."""
 
     def __init__(self, rank: int, size: int, device: torch.device, store: dist.Store, timeout: float):
+        """`timeout`: the longest the others may wait for rank 0 (its swarm rounds included)."""
         self.rank, self.size, self.device = rank, size, device
         self.backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        # The ranks wait for rank 0 in the control messages (gloo, which notices a lost rank at
+        # once); NCCL's tensor collectives start together, so a short limit is enough there.
+        data_timeout = min(timeout, DATA_TIMEOUT) if self.backend == "nccl" else timeout
         dist.init_process_group(self.backend, store=store, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout))
-        self._flags_device = device if self.backend == "nccl" else torch.device("cpu")
+                                timeout=timedelta(seconds=data_timeout))
+        self._control = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+                         if self.backend == "nccl" else None)  # None: the default (gloo) group
 
     @property
     def leader(self) -> bool:
@@ -85,9 +95,9 @@ class LocalGroup:
         return [hashlib.sha256(g.cpu().numpy().tobytes()).hexdigest()[:16] for g in gathered]
 
     def _flags(self, values: list[int]) -> list[int]:
-        flags = torch.tensor(values, dtype=torch.int64, device=self._flags_device)
-        dist.broadcast(flags, src=0)
-        return flags.cpu().tolist()
+        flags = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(flags, src=0, group=self._control)
+        return flags.tolist()
 
     def close(self) -> None:
         if dist.is_initialized():

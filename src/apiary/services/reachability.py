@@ -216,8 +216,10 @@ class Reachability(Collector):
         elif report.verdict is Verdict.BEHIND_NAT:
             if self.state is not ReachabilityState.RELAYED:
                 await self._use_relays(report.detail)
-        elif self.state is not ReachabilityState.RELAYED:
+        elif self.state is ReachabilityState.UNKNOWN:
             self._set(ReachabilityState.UNKNOWN, report.detail)
+        else:  # no verdict this time (too few helpers answered): the last one stands
+            self.detail = f"{report.detail}; still {self.state.value} from the check before"
         enough = len(report.asked) >= 2 and report.verdict is not Verdict.UNKNOWN
         return self.settings.reachability_period if enough else min(RETRY_SECONDS, self.settings.reachability_period)
 

@@ -184,6 +184,7 @@ def test_the_gpu_overlay_reserves_nvidia_gpus_for_trainer_and_expert_server_only
     for devices in reserving.values():
         assert devices == [{"driver": "nvidia", "count": "1", "capabilities": ["gpu"]}]  # from .env, as text
     assert overlaid["expert-server"]["environment"]["APIARY_DEVICE"] == "cuda"
+    assert overlaid["trainer"]["environment"]["APIARY_GPUS"] == reserving["trainer"][0]["count"]  # a rank per GPU
     assert overlaid["expert-server"]["environment"]["APIARY_EXPERTS"] == base["expert-server"]["environment"]["APIARY_EXPERTS"]
 
 

@@ -34,11 +34,17 @@ def _json_object(text: str, flag: str) -> dict[str, Any]:
 
 
 def _gpus(text: str) -> int | list[int]:
-    """--gpus: a count of local ranks ("2") or CUDA device ids ("0,1")."""
+    """--gpus: a count of local ranks ("2"), CUDA device ids ("0,1") or "all" (every CUDA device)."""
+    if text.strip() == "all":
+        import torch
+
+        if not torch.cuda.device_count():
+            raise typer.BadParameter("'all' GPUs were asked for, but torch sees no CUDA device", param_hint="'--gpus'")
+        return torch.cuda.device_count()
     try:
         return [int(part) for part in text.split(",")] if "," in text else int(text)
     except ValueError:
-        raise typer.BadParameter(f"a count of GPUs (e.g. 2) or CUDA device ids (e.g. 0,1), got {text!r}",
+        raise typer.BadParameter(f"a count of GPUs (e.g. 2), CUDA device ids (e.g. 0,1) or all, got {text!r}",
                                  param_hint="'--gpus'") from None
 
 
@@ -69,7 +75,7 @@ def trainer_command(
     max_epochs: Annotated[int, option("--max-epochs", "stop at this swarm epoch (0: no limit)", min=0)] = 0,
     max_seconds: Annotated[float, option("--max-seconds", "stop after this many seconds of training (0: no limit)", min=0)] = 0,
     device: Annotated[str, option("--device", "auto (cuda when present), cpu or cuda[:N]")] = "auto",
-    gpus: Annotated[str, option("--gpus", "local trainer ranks, one per GPU, reduced together before the swarm: a count (ranks on cuda:0.. when CUDA has them, else CPU) or CUDA device ids, e.g. 0,1")] = "1",
+    gpus: Annotated[str, option("--gpus", "local trainer ranks, one per GPU, reduced together before the swarm: a count (ranks on cuda:0.. when CUDA has them, else CPU), CUDA device ids (e.g. 0,1) or all")] = "1",
     threads: Annotated[int, option("--threads", "torch intra-op threads (0: torch's default)", min=0)] = 0,
     checkpoint_dir: Annotated[Optional[Path], option("--checkpoint-dir", "keep the optimizer's state here across restarts")] = None,
     checkpoint_period: Annotated[float, option("--checkpoint-period", "seconds between checkpoints", min=1)] = 300.0,

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from service_processes import ServiceProcess, ServiceProcesses
+from service_processes import ServiceProcesses
 from test_monitoring_dashboards import EXPERTS, RUN, Swarm
 
 from apiary.moe.names import expand_expert_names

@@ -199,7 +199,6 @@ class RecordPublisher:
         self.experts = experts
         self.rounds = rounds
         self.period = period
-        self.published = 0  # records the DHT took
 
     async def run(self) -> None:
         pool: ChannelPool | None = None
@@ -244,7 +243,6 @@ class RecordPublisher:
         except Exception as e:  # noqa: BLE001 - the DHT may be unreachable for a while
             logger.warning("publishing the %s peer record failed: %s", self.kind, e)
             return False
-        self.published += any(stored)
         return stored[0]
 
 

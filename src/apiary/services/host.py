@@ -122,6 +122,7 @@ class ServiceHost:
             detail=lambda: {"reachability": self.reachability.state.value} if self.reachability.running else {},
         )
         self._status = status
+        self._ready = ready
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._cleanups: list[Callable[[], Awaitable[None]]] = [self.server.stop]
@@ -137,6 +138,8 @@ class ServiceHost:
         await self.server.start()
         await self.admin.start()
         self._cleanups.append(self.admin.stop)
+        logger.info("%s started: peer id %s, public %s, admin %s", self.service, self.identity.peer_id,
+                    self.server.announced, self.admin.url, extra={"event": "started"})
 
     async def start_service(self, start: Callable[[], Awaitable[None]]) -> None:
         """Runs a service's start-up (which calls `start()` of this host); if it fails, stops
@@ -196,6 +199,7 @@ class ServiceHost:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop)
+        self.spawn(self._log_ready(), "ready-log")
         try:
             await asyncio.wait_for(self._stopping.wait(), duration)
         except asyncio.TimeoutError:
@@ -204,6 +208,12 @@ class ServiceHost:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.shutdown()
+
+    async def _log_ready(self) -> None:
+        """Logs the `ready` event once `/readyz` would first answer ready (checked every 0.5 s)."""
+        while self._ready is not None and not self._ready():
+            await asyncio.sleep(0.5)
+        logger.info("%s ready: %s", self.service, self.address, extra={"event": "ready"})
 
     async def shutdown(self) -> None:
         """Cancels background tasks and stops everything started, newest first."""

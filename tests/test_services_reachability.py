@@ -28,6 +28,7 @@ from apiary.moe.client import RemoteExpert
 from apiary.moe.declaration import find_experts
 from apiary.services.averager import AveragerService, AveragerServiceSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
+from apiary.services.embedded import start_embedded
 from apiary.services.expert_server import ExpertServerService, ExpertServerSettings
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode, ReachabilitySettings
@@ -347,3 +348,16 @@ async def test_a_dht_service_behind_a_nat_serves_as_a_client_then_through_a_rela
         pinged = second.start([sys.executable, "-m", "apiary.cli.main", "ping", address, "--timeout", "20"])
         assert pinged.wait(60) == 0, pinged.report()
         assert PeerAddress.parse(address).peer_id in pinged.output()
+
+
+async def test_embedded_services_follow_the_reachability_asked_and_only_the_dht_relays() -> None:
+    services = await start_embedded("run", [], wire=LOCAL.model_copy(update={"relay": True}),
+                                    reachability=ReachabilitySettings(reachability=ReachabilityMode.PUBLIC))
+    try:
+        for service in (services.dht, services.averager):
+            async def public(host: Any = service.host) -> bool:
+                return host.reachability.running and host.reachability.state == "public"
+            await eventually(public)
+        assert services.dht.host.server.relay is not None and services.averager.host.server.relay is None
+    finally:
+        await services.close()

@@ -222,7 +222,8 @@ class Verifier:
     def ban(self, peer_id: str, reason: str) -> None:
         if peer_id not in self.banned:
             self.banned[peer_id] = reason
-            logger.warning("banning reducer %s for the rest of the run: %s", peer_id[:8], reason)
+            logger.warning("banning reducer %s for the rest of the run: %s", peer_id[:8], reason,
+                           extra={"event": "peer_banned"})
 
     async def audit(self, round_: GroupRound, result: torch.Tensor, weight: float, answered: dict[int, str],
                     own: dict[int, SignedPart], own_parts: dict[int, torch.Tensor], client: BulkClient,

@@ -20,6 +20,7 @@ from apiary.cli.up import up_command
 from apiary.dht import DHTBootstrapError
 from apiary.dht.storage import StorageUnavailable
 from apiary.faults import FaultPlan, FaultSpecError, install
+from apiary.logs import LogError, configure as configure_logs
 from apiary.wire import AddressError, IdentityError, WireError
 
 app = typer.Typer(
@@ -46,8 +47,15 @@ app.add_typer(token_app, name="token")
 def process_options(
     faults: Annotated[str, option("--faults", "test tool: failure injection plan, POINT=INDEX:ACTION,... "
                                   "(apiary.faults)", hidden=True)] = "",
+    log_level: Annotated[str, option("--log-level", "lowest level logged: debug, info, warning or error")] = "info",
+    log_format: Annotated[str, option("--log-format", "text, or json: one JSON object per line, "
+                                      "stdout's lines included")] = "text",
 ) -> None:
-    """Options of the process, before the command: the failure injection plan (tests only)."""
+    """Options of the process, before the command: logging, and the failure injection plan (tests only)."""
+    try:
+        configure_logs(log_level, log_format)
+    except LogError as e:
+        raise typer.BadParameter(str(e), param_hint="'--log-level' / '--log-format'") from None
     try:
         install(FaultPlan.parse(faults))
     except FaultSpecError as e:

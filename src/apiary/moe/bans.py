@@ -41,7 +41,7 @@ class ServerBans:
             self._blacklist.succeeded(address)
         else:
             if not self.banned(address):
-                logger.info("expert server %s is skipped for a while: %s", address, error)
+                logger.info("expert server %s is skipped for a while: %s", address, error, extra={"event": "peer_banned"})
             self._blacklist.failed(address)
 
     def probe(self, address: str, ask: Callable[[], Awaitable[object]]) -> None:

@@ -7,6 +7,7 @@ A checkpoint names the optimizer that wrote it; an expert with another optimizer
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from apiary.files import write_atomically
 from apiary.moe.experts import Expert
 
+logger = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, or holds another kind or size of expert, or another optimizer's state."""
@@ -37,6 +39,7 @@ def save_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike
                 "updates": expert.updates,
             }
             write_atomically(checkpoint_path(directory, expert), lambda f: torch.save(state, f))
+    logger.info("checkpoints of %d experts saved in %s", len(experts), directory, extra={"event": "checkpoint_saved"})
 
 
 def load_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike[str]) -> list[str]:
@@ -69,4 +72,7 @@ def load_checkpoints(experts: Mapping[str, Expert], directory: str | os.PathLike
                 expert.optimizer.load_state_dict(state["optimizer"])
             expert.updates = int(state["updates"])
         loaded.append(expert.name)
+    if loaded:
+        logger.info("resumed %d experts from their checkpoints in %s", len(loaded), directory,
+                    extra={"event": "checkpoint_resumed"})
     return loaded

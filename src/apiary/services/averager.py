@@ -179,6 +179,8 @@ class AveragerService:
             saved = await asyncio.to_thread(load_saved_state, self.settings.state_path)
             if saved is not None:  # a restarted averager serves what it held before
                 self.donor.update(saved)
+                logger.info("resumed the state of epoch %d from %s", saved.epoch, self.settings.state_path,
+                            extra={"event": "checkpoint_resumed"})
                 await self.announce()
         self.host.spawn(self._announce_loop(), "announce-state")
         self.host.reach(self.pool, dht_peers(self.dht, self.settings.initial_peers), self.dht,

@@ -70,6 +70,7 @@ class DHTService:
         await self.local_server.start()
         await self.node.join(self.settings.initial_peers)
         self.joined = True
+        logger.info("joined the DHT: %d neighbours", len(self.node.routing), extra={"event": "joined"})
         self.host.reach(self.node.pool, dht_peers(self.node, self.settings.initial_peers), self.node,
                         None if self.dht_settings.client_mode else node_client_switch(self.node))
         self.host.publish_record(self.node)

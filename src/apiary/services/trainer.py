@@ -328,13 +328,14 @@ class TrainerService:
             path.parent.mkdir(parents=True, exist_ok=True)
             metadata, tensors = optimizer.state()
             save_state(State(metadata, [t.detach().cpu() for t in tensors]), path)
+            logger.info("checkpoint of epoch %d saved in %s", optimizer.epoch, path, extra={"event": "checkpoint_saved"})
 
     def _restore_checkpoint(self, optimizer: Optimizer) -> None:
         path = self._checkpoint_path()
         saved = load_saved_state(path) if path is not None else None
         if saved is not None and saved.epoch > optimizer.epoch:
             optimizer.load_state(saved.metadata, saved.tensors)
-            logger.info("resumed from the checkpoint of epoch %d", saved.epoch)
+            logger.info("resumed from the checkpoint of epoch %d", saved.epoch, extra={"event": "checkpoint_resumed"})
 
     def _write_summary(self, optimizer: Optimizer) -> None:
         if self.settings.summary_path is not None:

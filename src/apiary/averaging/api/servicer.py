@@ -203,7 +203,7 @@ class LocalServicer:
         result = self.averager.last_round
         assert result is not None  # every step reports its result
         if result.result == FAILED:
-            logger.warning("averaging round failed: %s", result.error)
+            logger.warning("averaging round failed: %s", result.error, extra={"event": "round_failed"})
         return result
 
     @staticmethod

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from apiary.optim.progress import SwarmProgress
 
 NEAR_END = 0.8  # past this share of the target (estimated), the swarm's counts are read every FINAL_REFRESH s
-FINAL_REFRESH = 0.05
+FINAL_REFRESH = 0.05  # ... times the number of progress shards (a larger swarm), up to MAX_FINAL_REFRESH
+MAX_FINAL_REFRESH = 2.0
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,12 @@ class EpochController:
         return remaining / speed if speed > 0 else None
 
     def refresh_interval(self, local: LocalProgress, view: SwarmProgress | None, now: float) -> float:
-        """Shorter as the epoch's end nears, so peers notice it together."""
+        """Shorter as the epoch's end nears, so peers notice it together; never shorter than
+        `final_refresh` of the swarm's size."""
         eta = self.seconds_until(NEAR_END, local, view, now)
-        if eta is None:
+        if eta is None or view is None:
             return self.refresh_period
-        return min(self.refresh_period, max(FINAL_REFRESH, eta / 2))
+        return max(final_refresh(view.shards), min(self.refresh_period, eta / 2))
 
     def preparation_due(self, local: LocalProgress, view: SwarmProgress | None, prepared_epoch: int,
                         matchmaking_seconds: float, now: float) -> bool:
@@ -119,3 +121,10 @@ class EpochController:
             return False
         eta = self.seconds_until(1.0, local, view, now)
         return eta is not None and eta <= matchmaking_seconds
+
+
+def final_refresh(shards: int) -> float:
+    """The shortest refresh period when progress is read from `shards` keys: FINAL_REFRESH for
+    one key, longer for a larger swarm (each holder of a shard serves every reader of it, and of
+    the many readers of a sample one sees the end about as soon), at most MAX_FINAL_REFRESH."""
+    return min(MAX_FINAL_REFRESH, FINAL_REFRESH * shards)

@@ -11,6 +11,16 @@ A peer cannot push the swarm forward alone by lying: the swarm's epoch is the ne
 peers report (one, in a swarm of two), and a reader counts no more of a peer's samples than
 `throughput_slack` times the swarm's median throughput (and at most `max_samples_per_second`)
 allows since it first saw that peer in the epoch.
+
+A large swarm shards the records over several keys and each peer reads a sample of them
+(optim/shards.py); a swarm of up to ~45 peers keeps one key and every peer reads all of it,
+exactly. A sampled reader scales its sums by the share of the swarm it read and counts, as
+reported, its estimate less `CONFIDENCE` standard errors, so that an epoch still ends on at
+least the target: the sums are exact with one key, and with a sample they err by about
+√((1-p)/n) of the count for n records read, a share p of the swarm (4.4% for the default ~512
+records, of which `CONFIDENCE` = 3.5 takes 15% off). A liar's record counts as in a full read,
+bounded, and is scaled like any other: it moves a reader's estimate by at most its bounded share
+of the records read; a record in a shard its peer id does not belong to is ignored.
 """
 
 from __future__ import annotations
@@ -21,16 +31,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from apiary.clock import REAL, Clock
 from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
+from apiary.optim.shards import Sample, read_level, sampled, shard_of, write_levels
+from apiary.wire import WireError
 
 
 GRACE_SECONDS = 5.0  # a peer first seen mid-epoch may have counted this long before we saw it
 MAX_EXTRAPOLATION = 5.0  # seconds: a record older than that is from a peer that stalled or left
+CONFIDENCE = 3.5  # a sampled reader counts as reported its estimate less this many standard errors
+MAX_LEVEL = 12  # the most shards: 4096 (about 130,000 peers at SHARD_RECORDS)
 
 
-def progress_key(run_id: str) -> str:
-    return f"{run_id}.progress"
+def progress_key(run_id: str, shards: int = 1, index: int = 0) -> str:
+    """The key of shard `index` of `shards` (one shard: the run's one progress key)."""
+    return f"{run_id}.progress" if shards == 1 else f"{run_id}.progress.{shards}.{index}"
 
 
 @dataclass(frozen=True)
@@ -74,9 +90,11 @@ class SwarmProgress:
     samples_per_second: float  # the other peers' throughput at `epoch`
     peers: int  # live peers (including clients), at any epoch
     fetched_at: float
+    shards: int = 1  # the progress keys the reader's level has (1: it read every record)
+    error: float = 0.0  # the standard error of the estimate that `reported` is CONFIDENCE of them below
 
     def others_now(self, now: float | None = None) -> float:
-        """The other peers' samples toward `epoch`, extrapolated to `now`."""
+        """The other peers' samples toward `epoch`, extrapolated to `now` (monotonic time)."""
         elapsed = min(max(0.0, (now if now is not None else time.monotonic()) - self.fetched_at), MAX_EXTRAPOLATION)
         return self.samples + self.samples_per_second * elapsed
 
@@ -92,48 +110,88 @@ class ProgressTracker:
     ttl: float = 30.0
     max_samples_per_second: float = math.inf
     throughput_slack: float = 4.0  # a peer may be this many times faster than the median peer
+    clock: Clock = REAL
     _first_seen: dict[tuple[str, int], float] = field(default_factory=dict)
     _own_epoch: int = 0
+    _peers: float | None = None  # the swarm's size, as the latest read estimated it (None: not read yet)
 
     @property
     def subkey(self) -> str:
         return owner_marker(self.peer_id)
 
     async def publish(self, epoch: int, samples: int, samples_per_second: float) -> bool:
-        """Stores this peer's record (signed by the DHT node that stores it)."""
-        now = time.time()
+        """Stores this peer's record (signed by the DHT node that stores it) in its shard at each
+        of its levels. A shard full to the DHT's `max_subkeys` means a larger swarm than thought:
+        False, and the next read learns the swarm's size anew (`_read`)."""
+        now = self.clock.time()
         self._own_epoch = epoch
-        record = PeerProgress(self.peer_id, epoch, samples, samples_per_second, now, self.client)
-        return await self.dht.store(progress_key(self.run_id), record.as_value(), now + self.ttl, subkey=self.subkey)
+        value = PeerProgress(self.peer_id, epoch, samples, samples_per_second, now, self.client).as_value()
+        levels = write_levels(self._peers or 1.0)
+        keys = [self._own_shard(level) for level in levels]
+        try:
+            if len(keys) == 1:
+                return await self.dht.store(keys[0], value, now + self.ttl, subkey=self.subkey)
+            return any(await self.dht.store_many([(key, self.subkey, value, now + self.ttl) for key in keys]))
+        except (ValueError, WireError) as e:
+            if "max_subkeys" not in str(e):
+                raise
+            self._peers = None
+            return False
+
+    def _own_shard(self, level: int) -> str:
+        return progress_key(self.run_id, 2**level, shard_of(self.peer_id, 2**level))
+
+    async def _read(self) -> tuple[list[PeerProgress], int, float]:
+        """The valid records of this peer's sample of shards at its level, the level's number of
+        shards and the share of the swarm's records the sample holds. The first read (and one
+        after a read that found nothing) learns the swarm's size from this peer's shard at
+        every level up to MAX_LEVEL: the largest count a level implies (from two records up)."""
+        probed: list[list[PeerProgress]] = []
+        if self._peers is None:
+            found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
+            probed = [_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
+            self._peers = max([1.0, len(probed[0])] + [len(records) * 2.0**level for level, records in enumerate(probed)
+                                                     if len(records) >= 2])
+            if read_level(self._peers) == 0:
+                return probed[0], 1, 1.0
+        shards = 2 ** read_level(self._peers)
+        indices = sampled(self.peer_id, shards)
+        if shards == 1:
+            found = [await self.dht.get(progress_key(self.run_id), latest=True)]
+        else:
+            found = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in indices], latest=True)
+        records = _records(found, indices, shards)
+        fraction = len(indices) / shards
+        if records:
+            self._peers = len(records) / fraction
+        elif not probed:  # (after a probe: the peers move up to the level it found at their next publication)
+            self._peers = None
+        return records, shards, fraction
 
     async def fetch(self) -> SwarmProgress:
-        """The swarm's view from the live records (own record excluded from the sums)."""
-        found = await self.dht.get(progress_key(self.run_id), latest=True)
-        now_unix, now = time.time(), time.monotonic()
-        records: list[PeerProgress] = []
-        if found is not None and isinstance(found.value, dict):
-            for subkey, item in found.value.items():
-                peer_id = _owner(subkey)
-                record = PeerProgress.from_value(peer_id, getattr(item, "value", None)) if peer_id else None
-                if record is not None:
-                    records.append(record)
+        """The swarm's view from the live records of this peer's sample of shards (own record
+        excluded from the sums)."""
+        records, shards, fraction = await self._read()
+        now_unix, now = self.clock.time(), self.clock.monotonic()
         if not records:
-            return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now)
+            return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now, shards)
         epochs = sorted((r.epoch for r in records), reverse=True)
         # the newest epoch two peers report (ours counts as one), or ours if we are ahead of that
         epoch = max(epochs[1] if len(epochs) > 2 else epochs[0], self._own_epoch)
         current = [r for r in records if r.epoch == epoch]
         median_speed = statistics.median(r.samples_per_second for r in current)
-        samples = reported = speed = 0.0
+        samples, reported, speed = [], [], []
         for record in current:
             if record.peer_id == self.peer_id:
                 continue
             since = min(max(0.0, now_unix - record.reported_at), MAX_EXTRAPOLATION)
             bound = self._bound(record, now, median_speed)
-            samples += min(record.samples + record.samples_per_second * since, bound)
-            reported += min(record.samples, bound)
-            speed += min(record.samples_per_second, self.max_samples_per_second)
-        return SwarmProgress(epoch, samples, reported, speed, len(records), now)
+            samples.append(min(record.samples + record.samples_per_second * since, bound))
+            reported.append(min(record.samples, bound))
+            speed.append(min(record.samples_per_second, self.max_samples_per_second))
+        counted = Sample.of(reported, fraction)
+        return SwarmProgress(epoch, Sample.of(samples, fraction).total, max(0.0, counted.total - CONFIDENCE * counted.error),
+                             Sample.of(speed, fraction).total, round(len(records) / fraction), now, shards, counted.error)
 
     def _bound(self, record: PeerProgress, now: float, median_speed: float) -> float:
         """The most samples this peer can have made in this epoch: the plausible throughput (the
@@ -147,6 +205,20 @@ class ProgressTracker:
             for key in [k for k in self._first_seen if k[1] < record.epoch - 1]:
                 del self._first_seen[key]
         return rate * (now - seen_at + GRACE_SECONDS)
+
+
+def _records(found: list[Any], indices: list[int], shards: int) -> list[PeerProgress]:
+    """The valid records of the shards read, each from the shard its peer belongs to."""
+    records = []
+    for index, shard in zip(indices, found):
+        if shard is None or not isinstance(shard.value, dict):
+            continue
+        for subkey, item in shard.value.items():
+            peer_id = _owner(subkey)
+            record = PeerProgress.from_value(peer_id, getattr(item, "value", None)) if peer_id else None
+            if record is not None and shard_of(record.peer_id, shards) == index:
+                records.append(record)
+    return records
 
 
 def _owner(subkey: Any) -> str | None:

@@ -1,0 +1,18 @@
+"""The clock code reads time from: wall time (expirations, reports) and monotonic time (intervals,
+deadlines). Injected, with the real one as the default, so that a simulator can run the same code
+in virtual time (`tests/sim`)."""
+
+from __future__ import annotations
+
+import time as _time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Clock:
+    time: Callable[[], float] = _time.time  # seconds since the epoch
+    monotonic: Callable[[], float] = _time.monotonic  # seconds, for intervals only
+
+
+REAL = Clock()

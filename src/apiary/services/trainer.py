@@ -179,7 +179,7 @@ class TrainerService:
         s = self.settings
         task = self.task
         if len(self.devices) > 1:
-            work = RankWork(s.task, s.task_options, s.seed, s.threads, str(self.device))
+            work = RankWork(s.task, s.task_options, s.seed, s.threads)
             self.group = TrainerGroup.start(work, self.devices, timeout=max(1800.0, s.min_peers_timeout + 600))
             self.summary["local_ranks"] = self.group.ranks()
             print("local ranks: " + ", ".join(f"{r['rank']} (pid {r['pid']}, {r['device']})"

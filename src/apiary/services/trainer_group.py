@@ -59,13 +59,12 @@ def rank_devices(gpus: int | list[int], device: str) -> list[torch.device]:
 
 @dataclass(frozen=True)
 class RankWork:
-    """What a local rank needs to train: the task and its settings, its device."""
+    """What a local rank needs to train: the task and its settings."""
 
     task: str
     task_options: dict[str, Any]
     seed: int
     threads: int
-    device: str
 
 
 class TrainerGroup:
@@ -89,9 +88,9 @@ class TrainerGroup:
         processes = []
         try:
             for rank in range(1, size):
-                work_of_rank = RankWork(work.task, work.task_options, work.seed, work.threads, str(devices[rank]))
-                process = context.Process(target=follow, args=(rank, size, store.port, work_of_rank, os.getpid(), timeout),
-                                          name=f"apiary-trainer-rank-{rank}", daemon=True)
+                process = context.Process(
+                    target=follow, args=(rank, size, store.port, work, str(devices[rank]), os.getpid(), timeout),
+                    name=f"apiary-trainer-rank-{rank}", daemon=True)
                 process.start()
                 processes.append(process)
             _wait_for_ranks(store, processes)
@@ -155,7 +154,7 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def follow(rank: int, size: int, port: int, work: RankWork, parent: int, timeout: float) -> None:
+def follow(rank: int, size: int, port: int, work: RankWork, device_name: str, parent: int, timeout: float) -> None:
     """A local rank's process: trains its batches, following rank 0, until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     _exit_with(parent)
@@ -164,7 +163,7 @@ def follow(rank: int, size: int, port: int, work: RankWork, parent: int, timeout
         if work.threads:
             torch.set_num_threads(work.threads)
         task = load_task(work.task, seed=rank_seed(work.seed, rank), **work.task_options)
-        device = torch.device(work.device)
+        device = torch.device(device_name)
         task.model.to(device)
         store.set(f"joined/{rank}", "1")
         group = LocalGroup(rank, size, device, store, timeout)

@@ -67,8 +67,11 @@ def test_the_validator_refuses_a_manifest_with_an_unknown_field() -> None:
     ({"dht": {"replicaz": 2}}, "replicaz"),
     ({"run": {"task": "no colon"}}, "/run/task"),
     ({"expertServer": {"experts": ""}}, "/expertServer/experts"),
-    ({"publicAddress": {"announceFrom": "host", "host": ""}}, "/publicAddress/host"),
-    ({"publicAddress": {"announceFrom": "hostIP", "hostPort": False}}, "/publicAddress/hostPort"),
+    ({"exposure": {"mode": "hostIP"}}, "/exposure/mode"),
+    ({"exposure": {"mode": "NodePort", "nodePort": {"dht": 8080}}}, "/exposure/nodePort/dht"),
+    ({"exposure": {"mode": "NodePort"}, "dht": {"relay": True}}, "/dht/relay"),  # a relay's port is announced as is
+    ({"exposure": {"mode": "relayed"}, "dht": {"relay": True}}, "/dht/relay"),
+    ({"exposure": {"hosts": {"demo-apiary-dht-0": "a host; rm -rf /"}}}, "/exposure/hosts/demo-apiary-dht-0"),
     ({"trainer": {"averager": {"mode": "leader"}}}, "/trainer/averager/mode"),
     ({"run": {"initialPeers": ["not an address"]}}, "/run/initialPeers/0"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
@@ -189,23 +192,6 @@ def test_services_reach_their_dht_through_its_local_service(values: str | None) 
                 assert env_of(spec)["APIARY_DHT_LOCAL"] == address, workload["metadata"]["name"]
 
 
-@pytest.mark.parametrize(("values", "source"), [
-    ("gpu", {"fieldRef": {"fieldPath": "status.hostIP"}}),
-    ("cpu", {"fieldRef": {"fieldPath": "status.podIP"}}),
-    ("monitoring", "apiary.example.org"),
-])
-def test_public_services_announce_the_configured_address(values: str, source: object) -> None:
-    manifests = render(values_of(values))
-    announcing = [spec for _, pod in pod_specs(manifests) for spec in pod["containers"]
-                  if spec["name"] in ("dht", "expert-server", "averager")]
-    assert len(announcing) == 3
-    host_port = values_of(values)["publicAddress"].get("hostPort", True)
-    for spec in announcing:
-        assert env_of(spec)["APIARY_ANNOUNCE_HOST"] == source
-        public = [p for p in spec["ports"] if "admin" not in p["name"] and p["name"] != "local"]
-        assert public and all(("hostPort" in p) == host_port for p in public)
-
-
 @pytest.mark.parametrize("values", RENDERINGS)
 def test_every_pod_runs_as_non_root_with_probes_on_its_admin_endpoint(values: str | None) -> None:
     routes = admin_routes()
@@ -275,7 +261,7 @@ def test_dashboards_ship_as_configmaps_for_the_grafana_sidecar() -> None:
     shipped = {name: json.loads(text) for m in configmaps for name, text in m["data"].items()}
     assert all(m["metadata"]["labels"]["grafana_dashboard"] == "1" for m in configmaps)
     assert shipped == {path.name: json.loads(path.read_text()) for path in DASHBOARDS.glob("*.json")}
-    assert not [m for m in render(None) if m["kind"] in ("ConfigMap", "ServiceMonitor")]
+    assert not [m for m in render(None) if m["kind"] == "ServiceMonitor" or m["metadata"]["name"].endswith("-dashboard")]
 
 
 @pytest.mark.parametrize("values", RENDERINGS)
@@ -353,7 +339,9 @@ def test_the_dht_relays_for_peers_behind_nat_when_asked() -> None:
     dht = container(relaying["spec"]["template"]["spec"], "dht")
     env = env_of(dht)
     assert env["APIARY_RELAY"] == "true" and env["APIARY_RELAY_PORT"] == "31341" and env["APIARY_REACHABILITY"] == "public"
-    assert {"name": "relay", "containerPort": 31341, "protocol": "TCP", "hostPort": 31341} in dht["ports"]  # as public
+    assert {"name": "relay", "containerPort": 31341, "protocol": "TCP"} in dht["ports"]
+    exposed = find(render({"dht": {"relay": True}}), "Service", "-dht-0")  # published like the public port
+    assert [(p["name"], p["port"]) for p in exposed["spec"]["ports"]] == [("dht", 31337), ("relay", 31341)]
 
 
 def peer_ids_in(values: dict) -> list[str]:

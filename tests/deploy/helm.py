@@ -75,10 +75,15 @@ def apiary_command(container_spec: dict[str, Any]) -> list[str] | None:
     return None
 
 
-def start_as_pod(container_spec: dict[str, Any], pod_name: str, directory: Path) -> dict[str, Any]:
+ANNOUNCE_FILE = "/run/apiary/announce/env"  # written by the announce init container (files/announce.py)
+
+
+def start_as_pod(container_spec: dict[str, Any], pod_name: str, directory: Path,
+                 announce: str = "export APIARY_ANNOUNCE_HOST='203.0.113.7'\n") -> dict[str, Any]:
     """What a container's shell script hands `apiary` in the pod named `pod_name`: {"argv": [...],
     "env": {APIARY_* -> value}}. The script runs in /bin/sh with the container's literal env and
-    POD_NAME, and an `apiary` on PATH that only reports how it was called."""
+    POD_NAME, `announce` as the file the announce init container writes, and an `apiary` on PATH
+    that only reports how it was called."""
     command = container_spec.get("command", [])
     assert command[:2] == ["/bin/sh", "-c"], f"{container_spec['name']} runs no script: {command}"
     bin_dir = directory / "bin"
@@ -88,7 +93,10 @@ def start_as_pod(container_spec: dict[str, Any], pod_name: str, directory: Path)
     fake.chmod(0o755)
     env = {e["name"]: e["value"] for e in container_spec.get("env", []) if "value" in e}
     env.update({"POD_NAME": pod_name, "PATH": f"{bin_dir}:/usr/bin:/bin"})
-    result = subprocess.run(["/bin/sh", "-c", "\n".join(container_spec["args"])], env=env, capture_output=True,
+    announce_file = directory / "announce.env"
+    announce_file.write_text(announce)
+    script = "\n".join(container_spec["args"]).replace(ANNOUNCE_FILE, str(announce_file))
+    result = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True,
                             text=True, timeout=30, check=True)
     lines = result.stdout.splitlines()
     assert lines and lines[0].startswith("argv "), result.stdout + result.stderr

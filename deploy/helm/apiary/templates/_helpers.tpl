@@ -44,15 +44,132 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-dht:%d" (include "apiary.fullname" .) (int .Values.dht.ports.local) -}}
 {{- end -}}
 
-{{/* APIARY_ANNOUNCE_HOST from publicAddress. */}}
-{{- define "apiary.announceHost" -}}
+{{/* Whether pods read their announced host with the announce init container (exposure.mode
+LoadBalancer, NodePort or hostNetwork): "true" or "". */}}
+{{- define "apiary.readsAnnounce" -}}
+{{- if has .Values.exposure.mode (list "LoadBalancer" "NodePort" "hostNetwork") }}true{{ end -}}
+{{- end -}}
+
+{{/* The announce settings of a public service's container from exposure.mode (podIP: the pod's
+address; relayed: reached through relays; otherwise the script's lines of apiary.announceLines);
+pass (dict "root" $ "service" "dht"). The dht's reachability is its own (dht.reachability). */}}
+{{- define "apiary.exposureEnv" -}}
+{{- $exposure := .root.Values.exposure -}}
+{{- if eq $exposure.mode "podIP" }}
 - name: APIARY_ANNOUNCE_HOST
-{{- if eq .Values.publicAddress.announceFrom "host" }}
-  value: {{ required "publicAddress.host is required with publicAddress.announceFrom: host" .Values.publicAddress.host | quote }}
-{{- else }}
   valueFrom:
     fieldRef:
-      fieldPath: {{ ternary "status.hostIP" "status.podIP" (eq .Values.publicAddress.announceFrom "hostIP") }}
+      fieldPath: status.podIP
+{{- else if eq $exposure.mode "relayed" }}
+{{- if ne .service "dht" }}
+- name: APIARY_REACHABILITY
+  value: relayed
+{{- end }}
+- name: APIARY_RELAYS
+  value: {{ $exposure.relayed.reservations | default 2 | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The lines of a public service's script that set what it announces, found by the announce init
+container, and with NodePort its pod's node ports; pass (dict "root" $ "service" ..). */}}
+{{- define "apiary.announceLines" -}}
+{{- $exposure := .root.Values.exposure -}}
+{{- if and (include "apiary.readsAnnounce" .root) (has .service (list "dht" "expert-server" "averager")) }}
+. /run/apiary/announce/env
+{{- if eq $exposure.mode "NodePort" }}
+{{- $base := get (dict "dht" $exposure.nodePort.dht "expert-server" $exposure.nodePort.expertServer "averager" $exposure.nodePort.averager) .service }}
+export APIARY_ANNOUNCE_PORT="$(({{ $base }} + ordinal))"
+{{- if eq .service "averager" }}
+export APIARY_ANNOUNCE_BULK_PORT="$(({{ $exposure.nodePort.averagerBulk }} + ordinal))"
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The pod-level fields of a public workload from exposure.mode: the node's network, or the
+service account the announce init container reads the API with (its token mounted in that
+container alone); pass $. */}}
+{{- define "apiary.exposurePod" -}}
+{{- if eq .Values.exposure.mode "hostNetwork" }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- if include "apiary.readsAnnounce" . }}
+serviceAccountName: {{ include "apiary.fullname" . }}-announce
+{{- end }}
+{{- end -}}
+
+{{/* The announce init container (files/announce.py, from the dht image); pass $. */}}
+{{- define "apiary.announceInit" -}}
+{{- if include "apiary.readsAnnounce" . }}
+initContainers:
+  - name: announce
+    image: {{ include "apiary.image" (dict "root" . "service" "dht") }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    command: ["python3", "/etc/apiary/announce-script/announce.py",
+              {{ ternary "loadbalancer" "node" (eq .Values.exposure.mode "LoadBalancer") | quote }},
+              "--out", "/run/apiary/announce/env", "--timeout", {{ .Values.exposure.announceTimeout | default 900 | quote }}]
+    env:
+      - name: POD_NAME
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.name
+      - name: NODE_NAME
+        valueFrom:
+          fieldRef:
+            fieldPath: spec.nodeName
+      - name: ANNOUNCE_HOSTS
+        value: {{ .Values.exposure.hosts | default (dict) | toJson | quote }}
+    resources:
+      requests: {cpu: 10m, memory: 32Mi}
+      limits: {memory: 64Mi}
+    securityContext:
+      {{- toYaml .Values.securityContext | nindent 6 }}
+    volumeMounts:
+      - name: announce-script
+        mountPath: /etc/apiary/announce-script
+        readOnly: true
+      - name: announce
+        mountPath: /run/apiary/announce
+      - name: announce-api
+        mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+        readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The mount of the announce file in a public service's container; pass $. */}}
+{{- define "apiary.announceMount" -}}
+{{- if include "apiary.readsAnnounce" . }}
+- name: announce
+  mountPath: /run/apiary/announce
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The volumes of the announce init container: its script, the file it writes, and the API
+credentials automountServiceAccountToken would give every container; pass $. */}}
+{{- define "apiary.announceVolumes" -}}
+{{- if include "apiary.readsAnnounce" . }}
+- name: announce-script
+  configMap:
+    name: {{ include "apiary.fullname" . }}-announce
+- name: announce
+  emptyDir:
+    medium: Memory
+    sizeLimit: 1Mi
+- name: announce-api
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items: [{key: ca.crt, path: ca.crt}]
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef: {fieldPath: metadata.namespace}
 {{- end }}
 {{- end -}}
 
@@ -79,6 +196,7 @@ workload's Secret, its access token from security.accessTokens. Pass (dict "root
 "averager" "identitySecret" ..). */}}
 {{- define "apiary.ownFiles" -}}
 ordinal="${POD_NAME##*-}"
+{{- include "apiary.announceLines" . }}
 {{- if .identitySecret }}
 export APIARY_IDENTITY="/etc/apiary/identity/{{ .service }}-$ordinal.key"
 {{- end }}
@@ -91,7 +209,7 @@ export APIARY_ACCESS_TOKEN="/etc/apiary/access-tokens/{{ .service }}-$ordinal.to
 shell that first points it at its own files when it has any (apiary.ownFiles); pass as for
 apiary.ownFiles. */}}
 {{- define "apiary.command" -}}
-{{- if or .identitySecret .root.Values.security.accessTokens.existingSecret }}
+{{- if or .identitySecret .root.Values.security.accessTokens.existingSecret (include "apiary.announceLines" .) }}
 command: ["/bin/sh", "-c"]
 args:
   - |
@@ -140,14 +258,11 @@ command: ["apiary", {{ .service | quote }}]
 {{- end }}
 {{- end -}}
 
-{{/* A public container port, on the node too with publicAddress.hostPort; pass (dict "root" $ "name" "dht" "port" 31337). */}}
+{{/* A public container port; pass (dict "name" "dht" "port" 31337). */}}
 {{- define "apiary.publicPort" -}}
 - name: {{ .name }}
   containerPort: {{ .port }}
   protocol: TCP
-{{- if .root.Values.publicAddress.hostPort }}
-  hostPort: {{ .port }}
-{{- end }}
 {{- end -}}
 
 {{/* Probes on a service's admin endpoint; pass the admin port's name. */}}

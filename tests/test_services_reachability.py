@@ -163,7 +163,7 @@ async def test_the_reachability_verdict_is_on_status_readyz_and_metrics() -> Non
 
 
 async def test_a_relayed_service_is_served_through_its_relay() -> None:
-    relaying = LOCAL.model_copy(update={"relay": True})
+    relaying = LOCAL.model_copy(update={"relay": True, "relay_circuit_bytes_per_second": 50e6})
     relayed = ServiceSettings(reachability=ReachabilitySettings(reachability=ReachabilityMode.RELAYED))
     relay = DHTService(relaying, ServiceSettings(), DHTSettings(), DHTServiceSettings())
     await relay.start()
@@ -207,7 +207,9 @@ async def test_a_relayed_service_is_served_through_its_relay() -> None:
         y = await asyncio.to_thread(lambda: RemoteExpert(address, "ffn.0.0", timeout=20)(x))
         assert y.shape == (3, 4) and torch.isfinite(y).all()
 
-        # an averaging round with the relayed averager: the exact mean on both sides
+        # an averaging round with the relayed averager: the exact mean on both sides; it declares
+        # the bandwidth of its relay's circuits (50 MB/s), the other its own (1e8 bytes/s by default)
+        assert [a.averager.settings.bandwidth for a in averagers] == [50e6, 1e8]
         values = [torch.full((5,), 1.0), torch.full((5,), 4.0)]
         for averager, tensor in zip(averagers, values):
             averager.averager.register([tensor])

@@ -183,6 +183,7 @@ class AveragerService:
                             extra={"event": "checkpoint_resumed"})
                 await self.announce()
         self.host.spawn(self._announce_loop(), "announce-state")
+        self.host.reachability.on_change.append(self._bandwidth_through_relay)
         self.host.reach(self.pool, dht_peers(self.dht, self.settings.initial_peers), self.dht,
                         self._client_switch if self.averaging.mode is Role.NODE else None)
         self.host.publish_record(self.dht, rounds=self.round_log)
@@ -195,6 +196,12 @@ class AveragerService:
         self.donor.bulk_address = "" if client else str(self.host.server.announced_bulk)
         if self.node is not None:
             node_client_switch(self.node)(client)
+
+    def _bandwidth_through_relay(self) -> None:
+        """Relayed: the bandwidth declared to groups is at most what a circuit of the primary relay carries."""
+        limit = self.host.reachability.relay_limit
+        bandwidth = min(self.averaging.bandwidth, limit) if limit else self.averaging.bandwidth
+        self.averager.settings = self.averager.settings.model_copy(update={"bandwidth": bandwidth})
 
     def _round_done(self, result: RoundResult) -> None:
         self.metrics.observe(result)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from apiary.dht import DHTNode
 from apiary.dht.api import DHTClient
 from apiary.dht.interface import DHTLike
-from apiary.services.relays import find_relays, list_relay
+from apiary.services.relays import list_relay, listed_relays
 from apiary.wire import ChannelPool, Endpoint, PeerAddress, RpcServer
 from apiary.wire.observed import PUBLIC, announce_problem, host_scope
 from apiary.wire.reachability import ReachabilityReport, Verdict, check_reachability
@@ -126,6 +126,8 @@ class Reachability(Collector):
         self._client: Callable[[bool], None] | None = None
         self._relayed = asyncio.Event()
         self._reserving = False  # the reservations are kept (started, not stopped)
+        self._relay_limits: dict[str, float] = {}  # relay peer id -> bytes/s per circuit (0: none), as listed
+        self.on_change: list[Callable[[], None]] = []  # called after each change of state or relayed address
         self.running = False
 
     # ---- what others read
@@ -151,6 +153,14 @@ class Reachability(Collector):
                                 "peers cannot dial while they observe this node at a public host",
                                 value=float(self.problem is not None))
 
+    @property
+    def relay_limit(self) -> float | None:
+        """Bytes per second a circuit through the primary relay may carry, when relayed (None: no limit)."""
+        endpoints = self.reservations.endpoints if self.reservations is not None else []
+        if self.state is not ReachabilityState.RELAYED or not endpoints:
+            return None
+        return self._relay_limits.get(endpoints[0].relay_peer) or None
+
     # ---- the lifecycle
 
     async def run(self, pool: ChannelPool, peers: Peers, dht: DHTLike | None,
@@ -165,7 +175,7 @@ class Reachability(Collector):
                 self.detail = "client mode (--reachability client): nothing announced"
                 await asyncio.Event().wait()
             if dht is not None and self.mode in (ReachabilityMode.AUTO, ReachabilityMode.RELAYED):
-                self.reservations = Reservations(self.server, pool, lambda: find_relays(dht),
+                self.reservations = Reservations(self.server, pool, lambda: self._find_relays(dht),
                                                  count=self.settings.relays, on_change=self._relays_changed)
             if self.mode is ReachabilityMode.RELAYED:
                 await self._use_relays("--reachability relayed")
@@ -271,6 +281,11 @@ class Reachability(Collector):
         except TimeoutError:
             self._unreachable(f"{why}; no relay found yet (still looking)")
 
+    async def _find_relays(self, dht: DHTLike) -> list[PeerAddress]:
+        listed = await listed_relays(dht)
+        self._relay_limits.update({relay.address.peer_id: relay.limit for relay in listed if relay.address.peer_id})
+        return [relay.address for relay in listed]
+
     def _relays_changed(self) -> None:
         assert self.reservations is not None
         endpoints = self.reservations.endpoints
@@ -289,6 +304,8 @@ class Reachability(Collector):
         self._announce()
         if self._client is not None and (state is ReachabilityState.CLIENT) != (previous is ReachabilityState.CLIENT):
             self._client(state is ReachabilityState.CLIENT)
+        for listener in self.on_change:
+            listener()
         if state is not previous:
             how = {ReachabilityState.CLIENT: "serving as a client: nobody can dial it",
                    ReachabilityState.BEHIND_NAT: "nobody can dial it and it has no client mode",

@@ -1,5 +1,8 @@
-"""Services and their reachability: announced addresses that change while they run, what peers
-observe, the verdict on /status, /readyz and the metrics, and relayed services."""
+"""Services and their reachability: announced addresses that change while they run (every record
+follows), the verdict on /status, /readyz and the metrics, services forced through a relay on
+loopback (DHT, experts, averaging, state), the reachability options of the CLI, and, in network
+namespaces (tests/net), the host peers observe, a wrong announce host, and a service behind a real
+NAT that is a client until a relay appears."""
 
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from net.network import Link, Network, nat_skip_reason, skip_reason
 from prometheus_client.parser import text_string_to_metric_families
 
 from apiary.averaging.api.client import AveragerClient
-from apiary.cli.main import app
 from apiary.averaging.averager import AveragerSettings
 from apiary.averaging.state import donors_key, download_state
+from apiary.cli.main import app
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.api import DHTClient
 from apiary.moe.client import RemoteExpert
@@ -32,7 +35,8 @@ from apiary.services.embedded import start_embedded
 from apiary.services.expert_server import ExpertServerService, ExpertServerSettings
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode, ReachabilitySettings
-from apiary.wire import PROBE, ChannelPool, Endpoint, PeerAddress, RpcClient, RpcServer, WireSettings
+from apiary.services.relays import RELAYS_KEY, listed_relays
+from apiary.wire import PROBE, ChannelPool, Endpoint, Identity, PeerAddress, RpcClient, RpcServer, WireSettings
 from apiary.wire.bulk import BulkClient
 from apiary.wire.protos.wire_pb2 import PingRequest
 
@@ -363,3 +367,25 @@ async def test_embedded_services_follow_the_reachability_asked_and_only_the_dht_
         assert services.dht.host.server.relay is not None and services.averager.host.server.relay is None
     finally:
         await services.close()
+
+
+async def test_relays_are_read_from_the_dht_least_busy_first_and_malformed_listings_skipped() -> None:
+    node = await DHTNode.launch()
+    busy, idle, other = (Identity.generate().peer_id for _ in range(3))
+    expiration = time.time() + 60
+    listings = {
+        busy: {"address": f"{busy}@198.51.100.1:7001", "circuits": 9, "limit": 1e6},
+        idle: {"address": f"{idle}@198.51.100.2:7001", "circuits": 1, "limit": 0},
+        other: {"address": f"{idle}@198.51.100.3:7001", "circuits": 0, "limit": 0},  # names another peer
+        "x": {"address": "not an address", "circuits": 0},
+        "y": "not a mapping",
+        "z": {"address": f"{busy}@198.51.100.4:7001/via/{idle}", "circuits": 0},  # a relay is dialled directly
+    }
+    try:
+        for subkey, value in listings.items():
+            assert await node.store(RELAYS_KEY, value, expiration, subkey=subkey)
+        relays = await listed_relays(node)
+    finally:
+        await node.shutdown()
+    assert [str(r.address) for r in relays] == [listings[idle]["address"], listings[busy]["address"]]
+    assert [r.limit for r in relays] == [0.0, 1e6]

@@ -10,15 +10,12 @@ limit (a relayed averager declares no more bandwidth than its primary relay's ci
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from apiary.dht.interface import DHTLike
 from apiary.wire import AddressError, PeerAddress, RpcServer
-
-logger = logging.getLogger(__name__)
 
 RELAYS_KEY = "_apiary.relays"
 

@@ -10,6 +10,9 @@ the time of the forward calls to the experts (`dispatch`: the pass without its b
 the DHT) and of the backward pass, and how many of the samples' chosen experts answered, per
 first grid coordinate; and the held-out loss before and after. With `--wait-all-passes N` it
 then times N forward passes that wait for every chosen expert (k_min = k_best), for reference.
+With `--tolerate-failures` a step that fails (too few experts answered) is recorded as
+`{"failed": error}` and training goes on; `--progress` prints `step <i> done|failed` after
+each step and `--step-pause` sleeps between steps (a run long enough to break something in).
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--wait-all-passes", type=int, default=0)
+    parser.add_argument("--tolerate-failures", action="store_true", help="a failed step is recorded, not fatal")
+    parser.add_argument("--progress", action="store_true", help="print a line after each step")
+    parser.add_argument("--step-pause", type=float, default=0.0, help="seconds to sleep after each step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -97,19 +103,30 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     loss_start = held_out_loss()
     steps = []
-    for x in inputs:
+    for number, x in enumerate(inputs):
         started = time.monotonic()
-        loss = nn.functional.mse_loss(model(x), teacher(x))
         optimizer.zero_grad()
-        backward_started = time.monotonic()
-        loss.backward()
-        ended = time.monotonic()
-        steps.append({"seconds": round(ended - started, 4), "dispatch": round(moe.dispatch_seconds, 4),
-                      "backward": round(ended - backward_started, 4), "chosen": moe.chosen, "answered": moe.answered})
-        optimizer.step()
+        try:
+            loss = nn.functional.mse_loss(model(x), teacher(x))
+            backward_started = time.monotonic()
+            loss.backward()
+        except Exception as e:
+            if not args.tolerate_failures:
+                raise
+            steps.append({"failed": repr(e)})
+        else:
+            ended = time.monotonic()
+            steps.append({"seconds": round(ended - started, 4), "dispatch": round(moe.dispatch_seconds, 4),
+                          "backward": round(ended - backward_started, 4), "chosen": moe.chosen,
+                          "answered": moe.answered})
+            optimizer.step()
+        if args.progress:
+            print(f"step {number} {'failed' if 'failed' in steps[-1] else 'done'}", flush=True)
+        time.sleep(args.step_pause)
     report = {"steps": steps, "loss_start": loss_start, "loss_end": held_out_loss()}
+    done = [step for step in steps if "failed" not in step]
     for part in ("seconds", "dispatch", "backward"):
-        report[f"median_{part}"] = statistics.median(step[part] for step in steps)
+        report[f"median_{part}"] = statistics.median(step[part] for step in done) if done else None
 
     if args.wait_all_passes:
         moe.fault_tolerance = FaultTolerance(k_min=args.k_best, forward_timeout=10 * args.timeout,

@@ -213,7 +213,9 @@ async def check_reachability(server: RpcServer, pool: ChannelPool, peers: Sequen
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     me = server.identity.peer_id
-    candidates = list({peer.peer_id or str(peer.endpoint): peer for peer in peers if peer.peer_id != me}.values())
+    # a peer reached through a relay sees the relay's splice, not this node: it can neither observe nor dial back
+    candidates = list({peer.peer_id or str(peer.endpoint): peer for peer in peers
+                       if peer.peer_id != me and not peer.endpoint.relayed}.values())
     pings = await asyncio.gather(*(_ping(pool, peer, deadline - loop.time()) for peer in candidates))
     observed = ObservedAddresses()
     alive: dict[str, PeerAddress] = {}

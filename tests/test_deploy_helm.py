@@ -229,7 +229,7 @@ def test_redis_is_optional() -> None:
     with_redis = render(None)
     dht = find(with_redis, "StatefulSet", "-dht")["spec"]["template"]["spec"]
     redis_service = find(with_redis, "Service", "-redis")["metadata"]["name"]
-    assert env_of(container(dht, "dht"))["REDIS_BASE_URL"] == f"redis://{redis_service}:6379"
+    assert env_of(container(dht, "dht"))["REDIS_BASE_URL"] == f"redis://:$(REDIS_PASSWORD)@{redis_service}:6379"
 
     external = render(values_of("monitoring"))
     assert not [m for m in external if m["metadata"]["name"].endswith("-redis")]

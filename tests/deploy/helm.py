@@ -71,7 +71,7 @@ def apiary_command(container_spec: dict[str, Any]) -> list[str] | None:
     if command[:2] == ["/bin/sh", "-c"]:
         script = "\n".join(container_spec.get("args", []))
         lines = [line.split()[1:] for line in script.splitlines() if line.strip().startswith("exec ")]
-        return lines[-1] if lines else None
+        return lines[-1] if lines and lines[-1][:1] == ["apiary"] else None  # Redis runs a script too
     return None
 
 

@@ -39,6 +39,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s%s/%s:%s" $registry $image.repositoryPrefix .service (default .root.Chart.AppVersion $image.tag) -}}
 {{- end -}}
 
+{{/* The Secret with the chart's Redis password (key "password"). */}}
+{{- define "apiary.redisSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "apiary.fullname" .)) -}}
+{{- end -}}
+
 {{/* The address the DHT's local API has for this participant's other services. */}}
 {{- define "apiary.dhtLocal" -}}
 {{- printf "%s-dht:%d" (include "apiary.fullname" .) (int .Values.dht.ports.local) -}}

@@ -32,11 +32,47 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* The image of a service; pass (dict "root" $ "service" "dht"). */}}
-{{- define "apiary.image" -}}
+{{/* A container's image and pull policy: the chart's image values, overridden by the workload's own
+(`own`: registry, repository, tag, pullPolicy); the expert server and the trainer in the variant
+of their device (<version>-cuda with GPUs, else <version>-cpu), as `make images` tags them. Pass
+(dict "root" $ "service" "dht" "own" $dht.image "gpus" 0). */}}
+{{- define "apiary.imageFields" -}}
 {{- $image := .root.Values.image -}}
-{{- $registry := ternary "" (printf "%s/" $image.registry) (empty $image.registry) -}}
-{{- printf "%s%s/%s:%s" $registry $image.repositoryPrefix .service (default .root.Chart.AppVersion $image.tag) -}}
+{{- $own := .own | default (dict) -}}
+{{- $registry := $own.registry | default $image.registry -}}
+{{- $repository := $own.repository | default (printf "%s/%s" $image.repositoryPrefix .service) -}}
+{{- $tag := $image.tag | default .root.Chart.AppVersion -}}
+{{- if has .service (list "expert-server" "trainer") }}
+{{- $tag = printf "%s-%s" $tag (ternary "cuda" "cpu" (gt (int .gpus) 0)) -}}
+{{- end }}
+image: {{ printf "%s%s:%s" (ternary "" (printf "%s/" $registry) (empty $registry)) $repository ($own.tag | default $tag) }}
+imagePullPolicy: {{ $own.pullPolicy | default $image.pullPolicy }}
+{{- end -}}
+
+{{/* A pod template's metadata: the component's labels, plus podLabels and podAnnotations (the
+chart's, then the workload's own); pass (dict "root" $ "component" "dht" "values" $dht). */}}
+{{- define "apiary.podMetadata" -}}
+labels:
+  {{- include "apiary.labels" (dict "root" .root "component" .component) | nindent 2 }}
+  {{- with merge (dict) (.values.podLabels | default (dict)) (.root.Values.podLabels | default (dict)) }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- with merge (dict) (.values.podAnnotations | default (dict)) (.root.Values.podAnnotations | default (dict)) }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A pod's priorityClassName (the workload's, else the chart's) and topologySpreadConstraints;
+pass (dict "root" $ "values" $dht). */}}
+{{- define "apiary.podExtras" -}}
+{{- with .values.priorityClassName | default .root.Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .values.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* The Secret with the chart's Redis password (key "password"). */}}
@@ -109,8 +145,7 @@ serviceAccountName: {{ include "apiary.fullname" . }}-announce
 {{- if include "apiary.readsAnnounce" . }}
 initContainers:
   - name: announce
-    image: {{ include "apiary.image" (dict "root" . "service" "dht") }}
-    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    {{- include "apiary.imageFields" (dict "root" . "service" "dht" "own" .Values.dht.image) | nindent 4 }}
     command: ["python3", "/etc/apiary/announce-script/announce.py",
               {{ ternary "loadbalancer" "node" (eq .Values.exposure.mode "LoadBalancer") | quote }},
               "--out", "/run/apiary/announce/env", "--timeout", {{ .Values.exposure.announceTimeout | default 900 | quote }}]

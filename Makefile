@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(wildcard src/apiary/*/protos/*.proto)
 
-.PHONY: demo test bench proto clean
+.PHONY: demo test bench proto images clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,24 @@ bench: $(STAMP)
 # Regenerates the protobuf modules next to their .proto files (they are committed).
 proto: $(STAMP)
 	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $(PROTOS:src/%=%)
+
+# The four service images, tagged with the package's version (latest: an alias), as compose.yaml
+# names them; the trainer and the expert server in the variant of APIARY_DEVICE (cpu or cuda).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+APIARY_IMAGE_PREFIX ?= apiary
+APIARY_DEVICE ?= cpu
+DOCKER ?= docker
+
+images:
+	for service in dht averager; do \
+		$(DOCKER) build -f services/$$service/Dockerfile -t $(APIARY_IMAGE_PREFIX)/$$service:$(VERSION) \
+			-t $(APIARY_IMAGE_PREFIX)/$$service:latest . || exit 1; \
+	done
+	for service in expert-server trainer; do \
+		$(DOCKER) build -f services/$$service/Dockerfile --build-arg DEVICE=$(APIARY_DEVICE) \
+			-t $(APIARY_IMAGE_PREFIX)/$$service:$(VERSION)-$(APIARY_DEVICE) \
+			-t $(APIARY_IMAGE_PREFIX)/$$service:latest-$(APIARY_DEVICE) . || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,11 @@ from deploy.files import (
 FILES = (COMPOSE_FILE, COMPOSE_GPU_FILE)
 PUBLIC_PORTS = ("APIARY_PORT", "APIARY_BULK_PORT", "APIARY_RELAY_PORT")
 DOCS = REPO / "docs" / "deploy.md"
-# the .env entry of each service's access token (each service has its own identity)
-TOKEN_ENTRIES = {name: f"APIARY_{name.upper().replace('-', '_')}_ACCESS_TOKEN" for name in SERVICES}
+# the .env entry of each service's access token file (each service has its own identity)
+TOKEN_ENTRIES = {name: f"APIARY_{name.upper().replace('-', '_')}_TOKEN_FILE" for name in SERVICES}
+SECRET_TOKEN = "/run/secrets/access-token"
+VARIANT_SERVICES = ("expert-server", "trainer")  # images in a cpu and a cuda variant
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 def validator() -> jsonschema.protocols.Validator:
@@ -48,12 +52,18 @@ def bundle(*files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
 
 def private_run_env_file(authority: str) -> str:
     """.env.example as an operator fills it in for a private run: the authority, and each
-    service's own token (here a text naming the service)."""
+    service's own token file (./secrets/<service>.token)."""
     text = ENV_EXAMPLE.read_text()
     text = re.sub(r"^APIARY_RUN_AUTHORITY=$", f"APIARY_RUN_AUTHORITY={authority}", text, count=1, flags=re.MULTILINE)
     for name, entry in TOKEN_ENTRIES.items():
-        text = re.sub(rf"^{entry}=$", f"{entry}=apiary-token-v1.for-{name}", text, count=1, flags=re.MULTILINE)
+        text = re.sub(rf"^{entry}=$", f"{entry}=./secrets/{name}.token", text, count=1, flags=re.MULTILINE)
     return text
+
+
+def token_file(doc: dict[str, Any], service: str) -> str:
+    """The file a service's /run/secrets/access-token comes from."""
+    [secret] = [s for s in doc["services"][service]["secrets"] if s["target"] == SECRET_TOKEN.rsplit("/", 1)[1]]
+    return doc["secrets"][secret["source"]]["file"]
 
 
 def mounts(service: dict[str, Any]) -> dict[str, str]:
@@ -126,8 +136,13 @@ def test_one_participant_runs_the_four_services_and_redis() -> None:
     services = bundle(COMPOSE_FILE)["services"]
     assert set(services) == {*SERVICES, "redis", "prometheus", "grafana", "monitor"}
     for name in SERVICES:
-        assert services[name]["build"] == {"context": ".", "dockerfile": f"services/{name}/Dockerfile"}
-        assert services[name]["image"].endswith(f"/{name}:latest")
+        build = services[name]["build"]
+        assert (build["context"], build["dockerfile"]) == (".", f"services/{name}/Dockerfile")
+        variant = "-cpu" if name in VARIANT_SERVICES else ""
+        assert services[name]["image"] == f"apiary/{name}:{VERSION}{variant}"  # the package's version, no latest
+        assert services[name]["pull_policy"] == "build"  # never pulled from a registry namespace we do not own
+        assert build.get("args", {}) == ({"DEVICE": "cpu"} if variant else {})
+    assert read_env_file(ENV_EXAMPLE)["APIARY_IMAGE_TAG"] == VERSION and read_env_file(ENV_EXAMPLE)["APIARY_DEVICE"] == "cpu"
     assert services["dht"]["environment"]["APIARY_REDIS_URL"] == "redis://redis:6379/0"
     assert "redis-data:/data" in services["redis"]["volumes"]
 
@@ -153,6 +168,8 @@ def test_the_trainer_and_its_averager_share_memory() -> None:
 
 def test_identity_checkpoints_and_redis_data_live_on_named_volumes() -> None:
     doc = bundle(COMPOSE_FILE)
+    identities = {name: mounts(doc["services"][name])["/var/lib/apiary/identity"] for name in SERVICES}
+    assert identities == {name: f"{name}-identity" for name in SERVICES}  # one volume each: no shared keys
     for name in SERVICES:
         mounted = mounts(doc["services"][name])
         image_env = Dockerfile.read(dockerfile_path(name)).env
@@ -181,11 +198,55 @@ def test_the_gpu_overlay_reserves_nvidia_gpus_for_trainer_and_expert_server_only
     assert not [name for name, service in base.items() if "deploy" in service]
     reserving = {name: s["deploy"]["resources"]["reservations"]["devices"] for name, s in overlaid.items() if "deploy" in s}
     assert set(reserving) == {"trainer", "expert-server"}
-    for devices in reserving.values():
-        assert devices == [{"driver": "nvidia", "count": "1", "capabilities": ["gpu"]}]  # from .env, as text
-    assert overlaid["expert-server"]["environment"]["APIARY_DEVICE"] == "cuda"
-    assert overlaid["trainer"]["environment"]["APIARY_GPUS"] == reserving["trainer"][0]["count"]  # a rank per GPU
+    ids = {}
+    for name, devices in reserving.items():
+        [device] = devices
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and "count" not in device
+        ids[name] = device["device_ids"]
+    assert ids == {"trainer": ["0"], "expert-server": ["1"]}  # by default never the same GPU
+    assert overlaid["trainer"]["environment"]["APIARY_GPUS"] == "all"  # a rank on every GPU it is given
+    for name in VARIANT_SERVICES:  # the CUDA variant of the same image, on the same base
+        assert overlaid[name]["environment"]["APIARY_DEVICE"] == "cuda"
+        assert overlaid[name]["image"] == f"apiary/{name}:{VERSION}-cuda"
+        assert overlaid[name]["build"]["args"] == {"DEVICE": "cuda"}
     assert overlaid["expert-server"]["environment"]["APIARY_EXPERTS"] == base["expert-server"]["environment"]["APIARY_EXPERTS"]
+
+
+def test_gpus_are_shared_only_when_asked() -> None:
+    env = {**read_env_file(ENV_EXAMPLE), "APIARY_TRAINER_GPUS": "0,1", "APIARY_EXPERT_SERVER_GPUS": "2"}
+    services = bundle(*FILES, env=env)["services"]
+    assert services["trainer"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0,1"]
+    assert services["expert-server"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["2"]
+    shared = bundle(*FILES, env={**env, "APIARY_TRAINER_GPUS": "0", "APIARY_EXPERT_SERVER_GPUS": "0"})["services"]
+    assert {name: shared[name]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+            for name in VARIANT_SERVICES} == {"trainer": ["0"], "expert-server": ["0"]}
+
+
+@pytest.mark.parametrize("gpus", [("0", "1"), ("0,1", "2"), ("0", "0")], ids=["defaults", "two-for-the-trainer", "shared"])
+def test_docker_compose_renders_the_gpus_asked_for(gpus: tuple[str, str], tmp_path: Path) -> None:
+    text = ENV_EXAMPLE.read_text().replace("APIARY_TRAINER_GPUS=0", f"APIARY_TRAINER_GPUS={gpus[0]}").replace(
+        "APIARY_EXPERT_SERVER_GPUS=1", f"APIARY_EXPERT_SERVER_GPUS={gpus[1]}")
+    services = docker_compose_config(FILES, text, tmp_path)["services"]
+    rendered = {name: services[name]["deploy"]["resources"]["reservations"]["devices"] for name in VARIANT_SERVICES}
+    for name, asked in zip(VARIANT_SERVICES[::-1], gpus):
+        assert rendered[name] == [{"driver": "nvidia", "device_ids": [asked], "capabilities": ["gpu"]}], rendered
+        assert services[name]["image"] == f"apiary/{name}:{VERSION}-cuda"
+
+
+def test_the_trainer_takes_tasks_from_the_task_path_on_its_pythonpath() -> None:
+    trainer = bundle(COMPOSE_FILE)["services"]["trainer"]
+    folder = Dockerfile.read(dockerfile_path("trainer")).env["PYTHONPATH"]
+    assert mounts(trainer)[folder] == read_env_file(ENV_EXAMPLE)["APIARY_TASK_PATH"] == "./deploy/tasks"
+    assert f"./deploy/tasks:{folder}:ro" in trainer["volumes"]  # read-only
+    assert (REPO / "deploy" / "tasks").is_dir()
+
+
+def test_the_default_task_uses_this_participants_expert_server_through_its_dht() -> None:
+    services = bundle(COMPOSE_FILE)["services"]
+    assert services["trainer"]["environment"]["APIARY_TASK"] == "digits_moe"  # reads APIARY_DHT_LOCAL
+    assert services["trainer"]["environment"]["APIARY_DHT_LOCAL"] == services["expert-server"]["environment"]["APIARY_DHT_LOCAL"]
+    assert services["expert-server"]["environment"]["APIARY_EXPERTS"] == "digits.[0:3].[0:4]"  # digits_moe's grid
+    assert services["expert-server"]["environment"]["APIARY_HIDDEN_SIZE"] == "32"
 
 
 def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -> None:
@@ -236,8 +297,9 @@ def test_every_service_speaks_tls_by_default_in_an_open_run() -> None:
     for name in SERVICES:
         env = services[name]["environment"]
         assert env["APIARY_TLS"] == "true", name
-        # empty: unset for the CLI, so an open run
-        assert env["APIARY_RUN_AUTHORITY"] == "" and env["APIARY_ACCESS_TOKEN"] == "", name
+        # empty: unset for the CLI, so an open run; the token file it names is empty
+        assert env["APIARY_RUN_AUTHORITY"] == "" and env["APIARY_ACCESS_TOKEN"] == SECRET_TOKEN, name
+        assert (REPO / token_file(bundle(*FILES), name)).read_bytes() == b"", name
     plaintext = bundle(COMPOSE_FILE, env={**read_env_file(ENV_EXAMPLE), "APIARY_TLS": "false"})["services"]
     assert {name: plaintext[name]["environment"]["APIARY_TLS"] for name in SERVICES} == dict.fromkeys(SERVICES, "false")
 
@@ -252,11 +314,12 @@ def test_in_a_private_run_each_service_gets_the_authority_and_its_own_token(tmp_
     authority = Identity.generate().peer_id
     env_file = tmp_path / "private.env"
     env_file.write_text(private_run_env_file(authority))
-    services = bundle(*FILES, env=read_env_file(env_file))["services"]
+    doc = bundle(*FILES, env=read_env_file(env_file))
     for name in SERVICES:
-        env = services[name]["environment"]
+        env = doc["services"][name]["environment"]
         assert env["APIARY_RUN_AUTHORITY"] == authority, name
-        assert env["APIARY_ACCESS_TOKEN"] == f"apiary-token-v1.for-{name}", name
+        assert env["APIARY_ACCESS_TOKEN"] == SECRET_TOKEN, name  # the file, never the token itself
+        assert token_file(doc, name) == f"./secrets/{name}.token", name
         assert env["APIARY_TLS"] == "true", name
 
 
@@ -264,11 +327,13 @@ def test_in_a_private_run_each_service_gets_the_authority_and_its_own_token(tmp_
 def test_docker_compose_hands_each_service_the_authority_and_its_own_token(files: tuple[Path, ...],
                                                                            tmp_path: Path) -> None:
     authority = Identity.generate().peer_id
-    services = docker_compose_config(files, private_run_env_file(authority), tmp_path)["services"]
+    doc = docker_compose_config(files, private_run_env_file(authority), tmp_path)
     for name in SERVICES:
-        env = services[name]["environment"]
+        env = doc["services"][name]["environment"]
         assert env["APIARY_RUN_AUTHORITY"] == authority, name
-        assert env["APIARY_ACCESS_TOKEN"] == f"apiary-token-v1.for-{name}", name
+        assert env["APIARY_ACCESS_TOKEN"] == SECRET_TOKEN, name
+        assert "apiary-token" not in json.dumps(env)  # no token text in what `docker inspect` shows
+        assert token_file(doc, name) == str(REPO / "secrets" / f"{name}.token"), name
         assert env["APIARY_TLS"] == "true", name
 
 
@@ -328,3 +393,14 @@ def test_the_dht_relays_for_peers_behind_nat_by_default() -> None:
     assert env["APIARY_RELAY"] == "true" and env["APIARY_REACHABILITY"] == "auto"
     assert f"{env['APIARY_RELAY_PORT']}:{env['APIARY_RELAY_PORT']}" in dht["ports"]
     assert read_env_file(ENV_EXAMPLE)["APIARY_ANNOUNCE_HOST"] == ""  # learned from what peers observe
+
+
+def test_the_open_runs_empty_token_file_is_no_token_and_a_real_one_still_needs_an_authority(tmp_path: Path) -> None:
+    from apiary.wire import WireSettings
+
+    empty = REPO / token_file(bundle(COMPOSE_FILE), "dht")
+    assert WireSettings(access_token=str(empty)).run_authority is None  # an open run starts
+    token = tmp_path / "dht.token"
+    token.write_text("apiary-token-v1.anything\n")
+    with pytest.raises(ValueError, match="run_authority is not"):
+        WireSettings(access_token=str(token))

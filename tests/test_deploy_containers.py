@@ -91,7 +91,7 @@ class Participant:
         self.settings = {**read_env_file(ENV_EXAMPLE), "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_IMAGE_TAG": TAG,
                          "APIARY_REDIS_IMAGE": REDIS_IMAGE, "APIARY_ANNOUNCE_HOST": announce_host,
                          "APIARY_INITIAL_PEERS": initial_peers, "APIARY_DHT_PORT": str(self.port),
-                         "APIARY_DHT_ADMIN_PORT": str(self.admin_port)}
+                         "APIARY_DHT_ADMIN_PORT": str(self.admin_port), "APIARY_RELAY_PORT": str(free_port())}
         self.env_file = directory / f"{name}.env"
         self._write_env()
         self.project = ComposeProject(engine, f"{PREFIX}-{RUN}-{name}", self.env_file)
@@ -100,15 +100,17 @@ class Participant:
         self.env_file.write_text("".join(f"{key}={value}\n" for key, value in self.settings.items()))
 
     def join_private_run(self, authority: str, authority_key: Path) -> str:
-        """The steps of .env.example for the dht: its key made on the identity volume before the
-        first `up` (keygen prints its peer id), a token issued for that peer id, both in .env.
+        """The steps of .env.example for the dht: its key made on its identity volume before the
+        first `up` (keygen prints its peer id), a token file issued for that peer id, named in .env.
         Returns the peer id."""
         made = self.project.compose("run", "--rm", "--no-deps", "--entrypoint", "apiary", "dht",
                                     "keygen", "--identity", "/var/lib/apiary/identity/dht.key")
         peer_id = _peer_id_in(made)
-        token = _apiary("token", "issue", "--authority-key", str(authority_key), "--peer-id", peer_id,
-                        "--expires-in", "2592000").strip()
-        self.settings.update(APIARY_RUN_AUTHORITY=authority, APIARY_DHT_ACCESS_TOKEN=token)
+        token_file = self.env_file.with_suffix(".dht.token")
+        _apiary("token", "issue", "--authority-key", str(authority_key), "--peer-id", peer_id,
+                "--expires-in", "2592000", "--output", str(token_file))
+        token_file.chmod(0o644)  # the file is mounted as a secret: the containers' user reads it
+        self.settings.update(APIARY_RUN_AUTHORITY=authority, APIARY_DHT_TOKEN_FILE=str(token_file))
         self._write_env()
         return peer_id
 

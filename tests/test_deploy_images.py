@@ -10,6 +10,7 @@ import sys
 import pytest
 from service_processes import ServiceProcesses, free_port
 
+from deploy.images import torch_pin
 from deploy.cli import admin_routes, commands, console_scripts, env_vars
 from deploy.files import (
     COMPOSE_FILE, ENV_EXAMPLE, REPO, SERVICES, Dockerfile, dockerfile_path, load_compose, read_env_file,
@@ -18,6 +19,7 @@ from deploy.files import (
 HEALTHCHECK_SCRIPT = REPO / "services" / "healthcheck.py"
 IN_IMAGE = "/opt/apiary/healthcheck.py"
 GPU_SERVICES = ("expert-server", "trainer")
+TORCH_SERVICES = ("averager", "expert-server", "trainer")
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -67,15 +69,43 @@ def test_the_dht_image_carries_no_torch() -> None:
     assert "torch" not in installs and "[ml]" not in installs and "/src" in installs
 
 
-@pytest.mark.parametrize("service", GPU_SERVICES)
-def test_gpu_images_build_on_cuda_by_default_and_on_cpu_by_argument(service: str) -> None:
+def test_every_image_builds_on_one_python_slim_base() -> None:
+    for service in SERVICES:
+        dockerfile = Dockerfile.read(dockerfile_path(service))
+        assert dockerfile.args["BASE_IMAGE"] == "python:3.11-slim-bookworm", service  # CPU and GPU alike
+        assert "nvidia/cuda" not in dockerfile_path(service).read_text()
+
+
+def _index(dockerfile: Dockerfile, instruction: str, text: str) -> int:
+    return next(i for i, (name, rest) in enumerate(dockerfile.instructions) if name == instruction and text in rest)
+
+
+@pytest.mark.parametrize("service", TORCH_SERVICES)
+def test_torch_is_pinned_as_the_makefile_pins_it_in_a_layer_before_the_code(service: str) -> None:
     dockerfile = Dockerfile.read(dockerfile_path(service))
-    assert dockerfile.args["BASE_IMAGE"].startswith("nvidia/cuda:") and "runtime" in dockerfile.args["BASE_IMAGE"]
-    assert dockerfile.args["DEVICE"] == "cuda"
-    install = next(run for run in dockerfile.runs if "torch" in run)
-    for device in ("cuda", "cpu"):
-        assert f'{device}) torch_index="$TORCH_{device.upper()}_INDEX_URL"' in install
-    assert dockerfile.args["TORCH_CPU_INDEX_URL"].endswith("/cpu")
+    assert dockerfile.args["TORCH_VERSION"] == torch_pin()
+    torch_layer = _index(dockerfile, "RUN", '"torch==$TORCH_VERSION"')
+    dependencies = _index(dockerfile, "RUN", '"/src[ml]"')
+    code = _index(dockerfile, "COPY", "src/ /src/src/")
+    assert torch_layer < dependencies < code  # a change of the code reuses the torch and dependency layers
+    assert not any(rest.startswith("src/") for name, rest in dockerfile.instructions[:dependencies] if name == "COPY")
+
+
+@pytest.mark.parametrize("service", GPU_SERVICES)
+def test_gpu_services_build_on_cpu_by_default_and_with_torchs_cuda_wheel_by_argument(service: str) -> None:
+    dockerfile = Dockerfile.read(dockerfile_path(service))
+    assert dockerfile.args["DEVICE"] == "cpu"
+    install = next(run for run in dockerfile.runs if "torch==" in run)
+    assert "cpu) variant=cpu" in install and "cuda) variant=cu128" in install
+    assert "$TORCH_INDEX_URL/$variant" in install
+
+
+def test_the_images_torch_layer_is_the_same_so_built_once() -> None:
+    """The averager, expert-server and trainer Dockerfiles share their first stages word for
+    word, so a build reuses the torch layer of the image built before it."""
+    shared = [Dockerfile.read(dockerfile_path(service)).instructions for service in TORCH_SERVICES]
+    until = [_index(Dockerfile.read(dockerfile_path(service)), "RUN", '"/src[ml]"') for service in TORCH_SERVICES]
+    assert len(set(until)) == 1 and all(s[: until[0] + 1] == shared[0][: until[0] + 1] for s in shared)
 
 
 def _probe(path: str, port: int) -> subprocess.CompletedProcess[str]:

@@ -20,11 +20,12 @@ def commands() -> dict[str, Any]:
 
 
 def env_vars(command: str) -> set[str]:
-    """The APIARY_* variables `apiary <command>` reads (every option's envvar)."""
+    """The APIARY_* variables `apiary <command>` reads (every option's envvar, its own and those
+    of the process, e.g. APIARY_LOG_LEVEL)."""
     found = commands().get(command)
     assert found is not None, f"`apiary {command}` is not a command of the CLI (commands: {sorted(commands())})"
     names: set[str] = set()
-    for param in found.params:
+    for param in [*found.params, *typer.main.get_command(app).params]:
         if isinstance(param.envvar, str):
             names.add(param.envvar)
         elif param.envvar:

@@ -35,11 +35,13 @@ class Dockerfile:
     entrypoint: list[str] = field(default_factory=list)
     healthcheck: list[str] = field(default_factory=list)  # the CMD of HEALTHCHECK
     runs: list[str] = field(default_factory=list)
+    instructions: list[tuple[str, str]] = field(default_factory=list)  # all of them, in order
 
     @classmethod
     def read(cls, path: Path) -> Dockerfile:
         parsed = cls()
-        for instruction, rest in _instructions(path.read_text()):
+        parsed.instructions = _instructions(path.read_text())
+        for instruction, rest in parsed.instructions:
             if instruction == "ARG":
                 name, _, default = rest.partition("=")
                 parsed.args[name.strip()] = default.strip().strip('"')

@@ -15,6 +15,7 @@ from __future__ import annotations
 import email.parser
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -89,9 +90,16 @@ def _tar(rootfs: str, tarball: Path) -> None:
     partial.rename(tarball)
 
 
+def torch_pin() -> str:
+    """The torch release the Makefile pins (and the images install)."""
+    return re.search(r'"torch==([^"]+)"', (REPO / "Makefile").read_text()).group(1)
+
+
 def _requirements() -> list[str]:
+    """What the images install: the package with its `ml` extra, the pinned torch, the build backend."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    return [*project["project"]["dependencies"], *project["project"]["optional-dependencies"]["ml"],
+            f"torch=={torch_pin()}", *project["build-system"]["requires"]]
 
 
 _PROBE = """

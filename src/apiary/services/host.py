@@ -107,7 +107,7 @@ class ServiceHost:
         if status is not None:
             self.registry.register(RunInfo(status))
         self.reachability = Reachability(self.server, settings.reachability, metric_prefix(service))
-        if wire.access_token:
+        if wire.run_authority and wire.access_token:  # an open run may name an empty token file
             Gauge("apiary_access_token_expiry_timestamp_seconds", "When this peer's access token expires (Unix time)",
                   registry=self.registry).set(read_token(wire.access_token).expires_at)
         self.admin = AdminServer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 from pydantic import BaseModel, Field, model_validator
@@ -11,6 +12,15 @@ from apiary.wire.identity import public_key_from_peer_id
 MiB = 1 << 20
 GiB = 1 << 30
 _MESSAGE_OVERHEAD = 64 * 1024  # room for a chunk's header and protobuf framing
+
+
+def _empty_file(value: str) -> bool:
+    """Whether `value` names an empty file: the token file of an open run (a Compose bundle mounts
+    one for every service, empty unless the run is private)."""
+    try:
+        return os.path.getsize(value) == 0
+    except OSError:
+        return False
 
 
 class WireSettings(BaseModel):
@@ -82,7 +92,7 @@ class WireSettings(BaseModel):
             if not self.access_token:
                 raise ValueError(f"a private run (run_authority={self.run_authority}) needs this peer's access_token "
                                  f"(issue one with `apiary token issue`)")
-        elif self.access_token:
+        elif self.access_token and not _empty_file(self.access_token):
             raise ValueError("access_token is set but run_authority is not: a private run needs both")
         return self
 

@@ -153,19 +153,30 @@ def test_cpu_only_values_ask_for_no_gpu() -> None:
     assert env_of(container(experts, "expert-server"))["APIARY_DEVICE"] == "cpu"
 
 
-def test_cpu_workloads_keep_no_gpu_runtime_class_and_one_process_asks_for_one_device() -> None:
+def test_cpu_workloads_keep_no_gpu_runtime_class_and_an_expert_server_asks_for_one_device() -> None:
     """runtimeClassName only with GPUs: `gpus: 0` runs on clusters that have no nvidia RuntimeClass."""
     manifests = render({"expertServer": {"gpus": 0}, "trainer": {"gpus": 0}})
     for _, pod in pod_specs(manifests):
         assert "runtimeClassName" not in pod
         assert "nvidia.com/gpu" not in json.dumps(pod["containers"])
+    trainer = find(manifests, "StatefulSet", "-trainer")["spec"]["template"]["spec"]
+    assert env_of(container(trainer, "trainer"))["APIARY_GPUS"] == "1"  # one rank, on the CPU
+    with pytest.raises(helm.HelmValuesError) as refused:
+        validate_values({"expertServer": {"gpus": 2}})
+    assert "/expertServer/gpus" in str(refused.value)
     for workload in ("expertServer", "trainer"):
-        with pytest.raises(helm.HelmValuesError) as refused:
-            validate_values({workload: {"gpus": 2}})
-        assert f"/{workload}/gpus" in str(refused.value)
         with pytest.raises(helm.HelmValuesError) as refused:
             validate_values({workload: {"gpuResource": "nvidia.com/mig 1g"}})
         assert f"/{workload}/gpuResource" in str(refused.value)
+
+
+def test_a_trainer_pod_with_several_gpus_runs_one_rank_per_gpu() -> None:
+    pod = find(render({**values_of("gpu"), "trainer": {**values_of("gpu")["trainer"], "gpus": 4}}),
+               "StatefulSet", "-trainer")["spec"]["template"]["spec"]
+    trainer = container(pod, "trainer")
+    assert trainer["resources"]["requests"]["nvidia.com/gpu"] == 4 and trainer["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert env_of(trainer)["APIARY_GPUS"] == "4" and env_of(trainer)["APIARY_DEVICE"] == "cuda"
+    assert pod["runtimeClassName"] == "nvidia"
 
 
 def test_the_averager_runs_beside_each_trainer_sharing_a_memory_backed_dev_shm() -> None:

@@ -11,6 +11,7 @@ import typer
 from apiary.cli.averager import averager_command
 from apiary.cli.basics import keygen_command, ping_command, version_command
 from apiary.cli.dht import dht_command
+from apiary.cli.doctor import doctor_command
 from apiary.cli.expert_server import expert_server_command
 from apiary.cli.monitor import monitor_command, status_command
 from apiary.cli.options import option
@@ -40,6 +41,7 @@ app.command("expert-server")(expert_server_command)
 app.command("trainer")(trainer_command)
 app.command("monitor")(monitor_command)
 app.command("status")(status_command)
+app.command("doctor")(doctor_command)
 app.add_typer(token_app, name="token")
 
 

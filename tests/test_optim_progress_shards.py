@@ -18,7 +18,7 @@ import pytest
 from apiary.clock import Clock
 from apiary.dht import DHTNode, DHTSettings
 from apiary.optim.epochs import EpochController, LocalProgress
-from apiary.optim.progress import ProgressTracker, SwarmProgress, progress_key
+from apiary.optim.progress import PROBE_EVERY, ProgressTracker, SwarmProgress, progress_key
 from apiary.optim.shards import SAMPLED_SHARDS, Sample, read_level, sampled, shard_of, write_levels
 
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
@@ -173,21 +173,22 @@ async def test_eight_hundred_peers_read_a_sample_and_end_epochs_between_1_and_1_
 
 
 async def test_a_key_full_to_max_subkeys_moves_its_writers_a_level_up():
-    """600 peers that start at one key of at most 512 records: after one read, every peer is
-    stored at the level the full key implies and every reader counts them all."""
-    node = await DHTNode.launch(validator=Unsigned(), settings=DHTSettings(max_subkeys=512))
+    """200 peers joining a swarm whose keys hold at most 64 records: those refused by a full key
+    are stored within PROBE_EVERY refreshes, and then every reader counts them all."""
+    node = await DHTNode.launch(validator=Unsigned(), settings=DHTSettings(max_subkeys=64))
     ticks = Ticks()
-    ids = peer_ids(random.Random(5), 600)
+    ids = peer_ids(random.Random(5), 200)
     trackers = [ProgressTracker(node, "full", peer, clock=ticks.clock) for peer in ids]
     stored = [await tracker.publish(epoch=0, samples=1, samples_per_second=1.0) for tracker in trackers]
-    assert stored.count(False) == 600 - 512
-    for tracker in trackers:
-        await tracker.fetch()
-    ticks.now += 1
-    assert all([await tracker.publish(epoch=0, samples=1, samples_per_second=1.0) for tracker in trackers])
-    for tracker in (trackers[0], trackers[-1]):  # one of the first stored, one refused
-        view = await tracker.fetch()
-        assert (view.shards, view.peers) == (16, 600), view
+    assert stored.count(False) > 0
+    for _ in range(PROBE_EVERY):  # refreshes: read, write
+        views = [await tracker.fetch() for tracker in trackers]
+        ticks.now += 1
+        stored = [await tracker.publish(epoch=0, samples=1, samples_per_second=1.0) for tracker in trackers]
+        if all(stored) and {(view.peers, view.error) for view in views} == {(200, 0.0)}:
+            break
+    assert all(stored) and views[0].shards > 1
+    assert {(view.peers, view.error) for view in views} == {(200, 0.0)}  # each reads all 16 shards or fewer
     await node.shutdown()
 
 

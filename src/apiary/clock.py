@@ -9,10 +9,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+def _wall() -> float:
+    return _time.time()  # looked up at each call (tests may replace time.time)
+
+
+def _monotonic() -> float:
+    return _time.monotonic()
+
+
 @dataclass(frozen=True)
 class Clock:
-    time: Callable[[], float] = _time.time  # seconds since the epoch
-    monotonic: Callable[[], float] = _time.monotonic  # seconds, for intervals only
+    time: Callable[[], float] = _wall  # seconds since the epoch
+    monotonic: Callable[[], float] = _monotonic  # seconds, for intervals only
 
 
 REAL = Clock()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import time
+from apiary.clock import REAL, Clock
 
 
 class Blacklist:
-    def __init__(self, base_seconds: float = 5.0, max_seconds: float = 300.0):
+    def __init__(self, base_seconds: float = 5.0, max_seconds: float = 300.0, clock: Clock = REAL):
+        self.clock = clock
         self.base_seconds = base_seconds
         self.max_seconds = max_seconds
         self._failures: dict[str, int] = {}
@@ -17,7 +18,7 @@ class Blacklist:
         count = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = count
         ban = min(self.base_seconds * 2 ** (count - 1), self.max_seconds)
-        self._banned_until[peer_id] = time.monotonic() + ban
+        self._banned_until[peer_id] = self.clock.monotonic() + ban
 
     def succeeded(self, peer_id: str) -> None:
         self._failures.pop(peer_id, None)
@@ -25,11 +26,11 @@ class Blacklist:
 
     def banned(self, peer_id: str) -> bool:
         until = self._banned_until.get(peer_id)
-        return until is not None and time.monotonic() < until
+        return until is not None and self.clock.monotonic() < until
 
     def _forget_old(self) -> None:
         """Drops peers whose last ban ended long ago, so churn does not grow the records forever."""
-        cutoff = time.monotonic() - 2 * self.max_seconds
+        cutoff = self.clock.monotonic() - 2 * self.max_seconds
         for peer, until in list(self._banned_until.items()):
             if until < cutoff:
                 del self._banned_until[peer]

@@ -9,16 +9,18 @@ key past it replaces the one with the lowest count.
 
 from __future__ import annotations
 
-import time
+from apiary.clock import REAL, Clock
 
 
 class HotKeys:
-    def __init__(self, factor: float, half_life: float, *, max_keys: int = 1024, min_count: float = 20.0):
+    def __init__(self, factor: float, half_life: float, *, max_keys: int = 1024, min_count: float = 20.0,
+                 clock: Clock = REAL):
+        self.clock = clock
         self.factor, self.half_life, self.max_keys, self.min_count = factor, half_life, max_keys, min_count
         # counts in units of time `_origin`: a request at time t weighs 2 ** ((t - _origin) / half_life)
         self._counts: dict[bytes, float] = {}
         self._total = 0.0
-        self._origin = time.monotonic()
+        self._origin = clock.monotonic()
 
     def seen(self, key: bytes) -> bool:
         """Counts one request for `key`; whether the key is hot now."""
@@ -41,11 +43,11 @@ class HotKeys:
 
     def _weight(self) -> float:
         """The weight of a request now; rescales the counts before the weights grow too large."""
-        age = (time.monotonic() - self._origin) / self.half_life
+        age = (self.clock.monotonic() - self._origin) / self.half_life
         if age > 64:
             scale = 2.0 ** -age
             self._counts = {key: count * scale for key, count in self._counts.items() if count * scale > 1e-3}
             self._total = sum(self._counts.values())
-            self._origin = time.monotonic()
+            self._origin = self.clock.monotonic()
             age = 0.0
         return 2.0 ** age

@@ -29,6 +29,9 @@ limit (`max_value_bytes`, `max_subkeys`) is refused with the limit named, and `s
 
 Every reply tells the caller where its call came from; `DHTNode.observed` keeps what the nodes
 that answer report (`apiary.wire.observed`).
+
+The transport (what makes the client of a call: `RpcClient`) and the clock (`apiary.clock`) are
+injected, real by default: the simulator (`tests/sim`) runs the same node in virtual time.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from apiary.clock import REAL, Clock
 from apiary.dht.blacklist import Blacklist
 from apiary.dht.hotkeys import HotKeys
 from apiary.dht.ids import id_of, id_to_bytes, node_id, random_id_in
@@ -145,21 +150,25 @@ class DHTNode:
         validator: RecordValidator | None = None,  # default: signed records (SignatureValidator)
         pool: ChannelPool | None = None,
         registry: CollectorRegistry | None = None,
+        transport: Callable[..., Any] = RpcClient,  # makes the client of a call to a node (RpcClient's arguments)
+        clock: Clock = REAL,
     ):
         self.identity = identity
         self.settings = settings or DHTSettings()
-        self.storage = storage or MemoryStorage()
+        self.transport = transport
+        self.clock = clock
+        self.storage = storage or MemoryStorage(clock)
         self.validator = validator if validator is not None else SignatureValidator(identity)
         self.pool = pool or ChannelPool()
         self._pool_given = pool is not None  # else made like the server at attach()
         self.id = node_id(identity.peer_id)
-        self.routing = RoutingTable(self.id, self.settings.bucket_size)
-        self.unreachable = Unreachable(self.settings.reping_for)
-        self.blacklist = Blacklist()
+        self.routing = RoutingTable(self.id, self.settings.bucket_size, clock=clock)
+        self.unreachable = Unreachable(self.settings.reping_for, clock=clock)
+        self.blacklist = Blacklist(clock=clock)
         self.observed = ObservedAddresses()  # where the nodes that answer see this node's calls come from
         self.republisher = Republisher(self)
-        self.cache = LookupCache(self.settings.max_cached_keys)
-        self.hot_keys = HotKeys(self.settings.hot_key_factor, self.settings.hot_key_half_life)
+        self.cache = LookupCache(self.settings.max_cached_keys, clock)
+        self.hot_keys = HotKeys(self.settings.hot_key_factor, self.settings.hot_key_half_life, clock=clock)
         self._late: set[str] = set()  # peers whose Find outlived its lookup's deadline and still runs
         self.metrics = DHTMetrics(registry, self)
         self.server: RpcServer | None = None
@@ -346,7 +355,7 @@ class DHTNode:
 
     async def _call(self, contact: Contact, method: str, request: Any) -> Any | None:
         """Calls another node; a failure blacklists it for a while and returns None."""
-        client = RpcClient(self.pool, NODE_SERVICE, contact.endpoint, timeout=self.settings.rpc_timeout,
+        client = self.transport(self.pool, NODE_SERVICE, contact.endpoint, timeout=self.settings.rpc_timeout,
                            peer_id=contact.peer_id)
         try:
             response = await client.call(method, request)
@@ -376,7 +385,7 @@ class DHTNode:
     async def _ping_address(self, peer: PeerAddress) -> WireError | str | None:
         """Pings an initial peer and adds it to the routing table; None, else why it failed (the
         WireError raised, or what was wrong with its answer)."""
-        client = RpcClient(self.pool, NODE_SERVICE, peer.endpoint, timeout=self.settings.bootstrap_timeout,
+        client = self.transport(self.pool, NODE_SERVICE, peer.endpoint, timeout=self.settings.bootstrap_timeout,
                            peer_id=peer.peer_id)
         try:
             response = await client.call("Ping", PingRequest(sender=self._me()))
@@ -433,6 +442,7 @@ class DHTNode:
             stop_at_first_value=stop_at_first_value,
             deadline=deadline,
             detach=self._let_finish,
+            now=self.clock.monotonic,
         )
 
     def _let_finish(self, contact: Contact, query: asyncio.Future[FindResponse | None]) -> None:
@@ -514,7 +524,7 @@ class DHTNode:
         """`get` for many keys at once: one lookup, one Find RPC per node per round. A dictionary
         answered in pages is read on from the nodes that paged it (`_rest`)."""
         started = time.perf_counter()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else self.clock.monotonic() + timeout
         raw_keys = [pack(key) for key in keys]
         key_ids = [id_of(raw) for raw in raw_keys]
         local = {key_id: await self._held(id_to_bytes(key_id)) for key_id in key_ids}
@@ -600,7 +610,7 @@ class DHTNode:
         for contact in state.paged:
             entry = next(entry for entry, c in reversed(state.values) if c.peer_id == contact.peer_id)
             more = True
-            while more and budget > 0 and (deadline is None or time.monotonic() < deadline):
+            while more and budget > 0 and (deadline is None or self.clock.monotonic() < deadline):
                 request = FindRequest(sender=self._me(), key_ids=[id_to_bytes(state.key_id)], after=[max(entry.subkeys)])
                 response = await self._call(contact, "Find", request)
                 if response is None or not response.results or not response.results[0].value.subkeys:

@@ -10,7 +10,6 @@ Every reply tells the caller the address its call came from (`apiary.wire.observ
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from apiary.dht.ids import id_from_bytes, id_to_bytes
@@ -49,7 +48,7 @@ class NodeServicer:
 
     async def ping(self, request: PingRequest, context: CallContext) -> PingResponse:
         self._heard_from(request.sender)
-        return PingResponse(node=self.node._me(), dht_time=time.time(), observed_address=observed_address(context.peer))
+        return PingResponse(node=self.node._me(), dht_time=self.node.clock.time(), observed_address=observed_address(context.peer))
 
     async def store(self, request: StoreRequest, context: CallContext) -> StoreResponse:
         settings = self.node.settings

@@ -13,11 +13,11 @@ would otherwise remember anyone on the other.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
+from apiary.clock import REAL, Clock
 from apiary.dht.ids import MAX_ID, distance, node_id
 from apiary.wire import Endpoint
 
@@ -35,18 +35,19 @@ class Contact:
 
 
 class KBucket:
-    def __init__(self, low: int, high: int, size: int, depth: int = 0):
+    def __init__(self, low: int, high: int, size: int, depth: int = 0, clock: Clock = REAL):
+        self.clock = clock
         self.low, self.high, self.size, self.depth = low, high, size, depth
         self.nodes: OrderedDict[str, Contact] = OrderedDict()  # least recently seen first
         self.replacements: OrderedDict[str, Contact] = OrderedDict()
-        self.last_updated = time.monotonic()
+        self.last_updated = clock.monotonic()
 
     def covers(self, id_: int) -> bool:
         return self.low <= id_ < self.high
 
     def add_or_update(self, contact: Contact) -> bool:
         """Adds or refreshes a node; returns False if the bucket is full (it goes to replacements)."""
-        self.last_updated = time.monotonic()
+        self.last_updated = self.clock.monotonic()
         if contact.peer_id in self.nodes:
             self.nodes.move_to_end(contact.peer_id)
             self.nodes[contact.peer_id] = contact
@@ -73,8 +74,8 @@ class KBucket:
 
     def split(self) -> tuple[KBucket, KBucket]:
         middle = (self.low + self.high) // 2
-        left = KBucket(self.low, middle, self.size, self.depth + 1)
-        right = KBucket(middle, self.high, self.size, self.depth + 1)
+        left = KBucket(self.low, middle, self.size, self.depth + 1, self.clock)
+        right = KBucket(middle, self.high, self.size, self.depth + 1, self.clock)
         for contact in [*self.nodes.values(), *self.replacements.values()]:
             (left if left.covers(contact.id) else right).add_or_update(contact)
         return left, right
@@ -83,11 +84,12 @@ class KBucket:
 class RoutingTable:
     """Our view of the swarm, organised for finding the nodes nearest to any id."""
 
-    def __init__(self, own_id: int, bucket_size: int = 20, depth_modulo: int = 5):
+    def __init__(self, own_id: int, bucket_size: int = 20, depth_modulo: int = 5, clock: Clock = REAL):
+        self.clock = clock
         self.own_id = own_id
         self.bucket_size = bucket_size
         self.depth_modulo = depth_modulo
-        self.buckets = [KBucket(0, MAX_ID, bucket_size)]
+        self.buckets = [KBucket(0, MAX_ID, bucket_size, clock=clock)]
 
     def bucket_index(self, id_: int) -> int:
         for index, bucket in enumerate(self.buckets):
@@ -129,7 +131,7 @@ class RoutingTable:
         return [c for bucket in self.buckets for c in bucket.nodes.values()]
 
     def stale_buckets(self, older_than: float) -> list[KBucket]:
-        cutoff = time.monotonic() - older_than
+        cutoff = self.clock.monotonic() - older_than
         return [bucket for bucket in self.buckets if bucket.last_updated < cutoff]
 
 
@@ -137,7 +139,8 @@ class Unreachable:
     """Contacts removed from the routing table as unreachable, with the time of their removal:
     the newest `limit` of them, each for `keep_for` seconds after its removal."""
 
-    def __init__(self, keep_for: float, limit: int = 256):
+    def __init__(self, keep_for: float, limit: int = 256, clock: Clock = REAL):
+        self.clock = clock
         self.keep_for = keep_for
         self.limit = limit
         self._removed: OrderedDict[str, tuple[Contact, float]] = OrderedDict()  # oldest removal first
@@ -147,7 +150,7 @@ class Unreachable:
         if contact.peer_id in self._removed:
             self._removed[contact.peer_id] = (contact, self._removed[contact.peer_id][1])
             return
-        self._removed[contact.peer_id] = (contact, time.monotonic())
+        self._removed[contact.peer_id] = (contact, self.clock.monotonic())
         while len(self._removed) > self.limit:
             self._removed.popitem(last=False)
 
@@ -157,7 +160,7 @@ class Unreachable:
 
     def contacts(self) -> list[Contact]:
         """The contacts to ask again, after forgetting those removed more than `keep_for` ago."""
-        cutoff = time.monotonic() - self.keep_for
+        cutoff = self.clock.monotonic() - self.keep_for
         while self._removed and next(iter(self._removed.values()))[1] < cutoff:
             self._removed.popitem(last=False)
         return [contact for contact, _ in self._removed.values()]

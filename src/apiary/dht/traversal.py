@@ -61,9 +61,10 @@ async def traverse(
     max_rounds: int = 64,
     deadline: float | None = None,
     detach: Callable[[Contact, asyncio.Future[FindResponse | None]], object] | None = None,
+    now: Callable[[], float] = time.monotonic,
 ) -> dict[int, LookupState]:
     """Runs the lookups; `seeds(id)` gives the starting contacts, `skip(peer_id)` banned ones.
-    `deadline` (`time.monotonic()`): when to finish on the answers so far; `detach(contact, query)`
+    `deadline` (on the clock `now`): when to finish on the answers so far; `detach(contact, query)`
     takes each query still running then (default: they are cancelled)."""
     states = {key_id: LookupState(key_id, {c.peer_id: c for c in seeds(key_id)}) for key_id in key_ids}
     for _ in range(max_rounds):
@@ -87,7 +88,7 @@ async def traverse(
         running = set(queries)
         try:
             while running:
-                remaining = None if deadline is None else deadline - time.monotonic()
+                remaining = None if deadline is None else deadline - now()
                 if remaining is not None and remaining <= 0:
                     break
                 done, running = await asyncio.wait(running, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)

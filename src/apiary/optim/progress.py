@@ -42,6 +42,7 @@ GRACE_SECONDS = 5.0  # a peer first seen mid-epoch may have counted this long be
 MAX_EXTRAPOLATION = 5.0  # seconds: a record older than that is from a peer that stalled or left
 CONFIDENCE = 3.5  # a sampled reader counts as reported its estimate less this many standard errors
 MAX_LEVEL = 12  # the most shards: 4096 (about 130,000 peers at SHARD_RECORDS)
+PROBE_EVERY = 16  # reads between two looks at every level
 
 
 def progress_key(run_id: str, shards: int = 1, index: int = 0) -> str:
@@ -114,6 +115,7 @@ class ProgressTracker:
     _first_seen: dict[tuple[str, int], float] = field(default_factory=dict)
     _own_epoch: int = 0
     _peers: float | None = None  # the swarm's size, as the latest read estimated it (None: not read yet)
+    _reads: int = 0
 
     @property
     def subkey(self) -> str:
@@ -121,8 +123,12 @@ class ProgressTracker:
 
     async def publish(self, epoch: int, samples: int, samples_per_second: float) -> bool:
         """Stores this peer's record (signed by the DHT node that stores it) in its shard at each
-        of its levels. A shard full to the DHT's `max_subkeys` means a larger swarm than thought:
-        False, and the next read learns the swarm's size anew (`_read`)."""
+        of its levels. A peer that has not read yet learns the swarm's size first (so that a
+        newcomer does not write to the one key of a large swarm). A shard full to the DHT's
+        `max_subkeys` means a larger swarm than thought: False, and the next read learns the
+        swarm's size anew (`_read`)."""
+        if self._peers is None:
+            await self._read()
         now = self.clock.time()
         self._own_epoch = epoch
         value = PeerProgress(self.peer_id, epoch, samples, samples_per_second, now, self.client).as_value()
@@ -143,11 +149,14 @@ class ProgressTracker:
 
     async def _read(self) -> tuple[list[PeerProgress], int, float]:
         """The valid records of this peer's sample of shards at its level, the level's number of
-        shards and the share of the swarm's records the sample holds. The first read (and one
-        after a read that found nothing) learns the swarm's size from this peer's shard at
-        every level up to MAX_LEVEL: the largest count a level implies (from two records up)."""
+        shards and the share of the swarm's records the sample holds. The first read, one after
+        a read that found nothing and every PROBE_EVERY-th learn the swarm's size from this
+        peer's shard at every level up to MAX_LEVEL: the largest count a level implies (from two
+        records up), so that peers whose estimates drifted apart (a swarm that grew fast) all
+        move to the largest and find each other again."""
         probed: list[list[PeerProgress]] = []
-        if self._peers is None:
+        self._reads += 1
+        if self._peers is None or self._reads % PROBE_EVERY == 0:
             found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
             probed = [_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
             self._peers = max([1.0, len(probed[0])] + [len(records) * 2.0**level for level, records in enumerate(probed)

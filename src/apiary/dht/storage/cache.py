@@ -12,19 +12,21 @@ own records.
 
 from __future__ import annotations
 
-from apiary.dht.storage.base import StoredEntry, ValueWithExpiration, accepts, merged, now, unexpired
+from apiary.clock import REAL, Clock
+from apiary.dht.storage.base import StoredEntry, ValueWithExpiration, accepts, merged, unexpired
 
 
 class LookupCache:
     """At most `max_keys` keys of cached copies; when full, the key dropped soonest goes first."""
 
-    def __init__(self, max_keys: int) -> None:
+    def __init__(self, max_keys: int, clock: Clock = REAL) -> None:
         self.max_keys = max_keys
+        self.clock = clock
         self._entries: dict[bytes, tuple[StoredEntry, float]] = {}  # key: (copy, dropped at)
 
     def store(self, key: bytes, subkey: bytes | None, value: bytes, expiration: float, keep_for: float) -> bool:
         """Caches one record for at most `keep_for` seconds; False if it is not newer than the copy held."""
-        at = now()
+        at = self.clock.time()
         current = self.get(key)
         if keep_for <= 0 or not accepts(current, subkey, expiration, at):
             return False
@@ -41,7 +43,7 @@ class LookupCache:
         held = self._entries.get(key)
         if held is None:
             return None
-        at = now()
+        at = self.clock.time()
         entry = unexpired(held[0], at) if held[1] > at else None
         if entry is None:
             del self._entries[key]

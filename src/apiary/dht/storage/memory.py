@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from apiary.dht.storage.base import StoredEntry, ValueWithExpiration, accepts, now, unexpired
+from apiary.clock import REAL, Clock
+from apiary.dht.storage.base import StoredEntry, ValueWithExpiration, accepts, unexpired
 
 
 class MemoryStorage:
@@ -12,12 +13,13 @@ class MemoryStorage:
     nothing of it expires, so that writing and reading a key of thousands of subkeys does not
     copy or scan them all every time."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock = REAL) -> None:
+        self.clock = clock
         self._entries: dict[bytes, StoredEntry] = {}
         self._intact_until: dict[bytes, float] = {}  # key: no part of it expires before then
 
     async def store(self, key: bytes, subkey: bytes | None, value: bytes, expiration: float) -> bool:
-        at = now()
+        at = self.clock.time()
         current = self._alive(key, at)
         if not accepts(current, subkey, expiration, at):
             return False
@@ -31,10 +33,10 @@ class MemoryStorage:
         return True
 
     async def get(self, key: bytes) -> StoredEntry | None:
-        return self._alive(key, now())
+        return self._alive(key, self.clock.time())
 
     async def keys(self) -> list[bytes]:
-        at = now()
+        at = self.clock.time()
         return [key for key in list(self._entries) if self._alive(key, at) is not None]
 
     async def count(self) -> int:

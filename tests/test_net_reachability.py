@@ -1,8 +1,9 @@
 """Peers behind real NATs are full peers: real processes of the real CLI in network namespaces.
 
-Six hosts (`tests/net`, NATs of `net.nat`): h0, h1 and h2 public (h0 and h1 run their dht with
-`--relay`), h3 behind a cone NAT and h4 behind a symmetric one (the two participants), h5 behind
-a firewall that drops inbound SYNs. Every host runs `apiary dht` with `--reachability auto`.
+Seven hosts (`tests/net`, NATs of `net.nat`): h0, h1 and h2 public (h0 and h1 run their dht
+with `--relay`), h3 behind a cone NAT and h4 behind a symmetric one (the two participants), h5
+behind a firewall that drops inbound SYNs, h6 behind another cone NAT. h0..h5 run `apiary dht`
+with `--reachability auto`.
 What the issue asks for, one test each, sharing the swarm:
 - (a) the verdicts: the public nodes are `public`, the NATed and firewalled ones are found
   behind a NAT, see the router's address as their observed one and announce relayed addresses;
@@ -11,7 +12,10 @@ What the issue asks for, one test each, sharing the swarm:
   keep the NATed ones in their routing tables at their relayed addresses;
 - (c) four averagers, two of them (h3, h4) behind the NATs, all in node mode, end a round with
   the exact weighted mean;
-- (b) a trainer behind the symmetric NAT trains through the expert server behind the cone NAT;
+- (b) a trainer behind the symmetric NAT trains through the expert server behind the cone NAT,
+  every step through the relays (no direct connection in its router's conntrack table);
+- (h) a trainer behind the other cone NAT (h6) moves to a direct connection to that server
+  (hole punching): most of its bytes go over a connection between the two routers;
 - (e) the relay the expert server's primary reservation is at is SIGKILLed mid-training: its
   reservations move to the other relay and training goes on.
 """
@@ -37,7 +41,7 @@ from apiary.wire import ChannelPool, Endpoint, PeerAddress
 
 pytestmark = [pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or ""), pytest.mark.timeout(240)]
 
-LINKS = [Link(), Link(), Link(), Link(nat="cone"), Link(nat="symmetric"), Link(nat="firewall")]
+LINKS = [Link(), Link(), Link(), Link(nat="cone"), Link(nat="symmetric"), Link(nat="firewall"), Link(nat="cone")]
 DHT_PORT, RELAY_PORT, AVERAGER_PORT, BULK_PORT = "7000", "7300", "7100", "7101"
 CHECKS = ("--reachability-period", "5")  # a forming swarm is re-checked this often
 ADMIN = r"admin: http://127\.0\.0\.1:(\d+)"
@@ -98,7 +102,7 @@ def swarm() -> Iterator[Swarm]:
         first = net.hosts[0].apiary("dht", "--port", DHT_PORT, *relay, *CHECKS)
         bootstrap = first.wait_for(r"others join with: --initial-peers (\S+)").group(1)
         dhts = [first, *(host.apiary("dht", "--port", DHT_PORT, "--initial-peers", bootstrap, *CHECKS,
-                                     *(relay if host.index == 1 else ())) for host in net.hosts[1:])]
+                                     *(relay if host.index == 1 else ())) for host in net.hosts[1:6])]
         matches = [process.wait_for(rf"local API: (\S+)\s+{ADMIN}", 90) for process in dhts]
         admins = [f"http://{host.forward(int(match.group(2)))}" for host, match in zip(net.hosts, matches)]
         yield Swarm(net, dhts, admins, [match.group(1) for match in matches], started)
@@ -110,7 +114,7 @@ def test_a_verdicts_for_public_natted_and_firewalled_nodes(swarm: Swarm) -> None
     for host, admin in zip(hosts[:3], swarm.admins[:3]):
         current = wait_status(admin, lambda s: state(s) == "public", f"{host.name} public", 90)
         assert PeerAddress.parse(current["address"]).endpoint == Endpoint(host.address, int(DHT_PORT))
-    for host, admin in zip(hosts[3:], swarm.admins[3:]):
+    for host, admin in zip(hosts[3:6], swarm.admins[3:6]):
         current = wait_status(admin, relayed, f"{host.name} ({host.link.nat}) relayed", 90)
         reachability = current["reachability"]
         assert reachability["observed_host"] == host.public_address, (host, reachability)
@@ -196,11 +200,20 @@ def relay_bytes(admin: str) -> float:
     raise AssertionError("no relay bytes metric")
 
 
-def moe_trainer(swarm: Swarm, steps: int, *extra: str) -> HostProcess:
-    host = swarm.net.hosts[4]  # behind the symmetric NAT
-    return host.python("-m", "net.moe_client", "--dht-local", swarm.locals[4], "--grid", "1,2", "--k-best", "2",
-                       "--k-min", "2", "--steps", str(steps), "--timeout", "5", *extra, env={"OMP_NUM_THREADS": "1"},
-                       name="moe trainer behind the symmetric nat")
+def direct_bytes(source: Host, target: Host) -> int:
+    """Bytes of the connections `source` opened (through its NAT) that reached `target`'s public address."""
+    return sum(flow.bytes for flow in source.flows()
+               if flow.destination.rpartition(":")[0] == target.public_address and flow.state != "SYN_SENT")
+
+
+def moe_trainer(swarm: Swarm, steps: int, *extra: str, index: int = 4) -> HostProcess:
+    """`net.moe_client` on host `index` (default: behind the symmetric NAT, through its dht service)."""
+    host = swarm.net.hosts[index]
+    dht = ("--dht-local", swarm.locals[index]) if index < len(swarm.locals) else \
+        ("--initial-peers", swarm.dhts[0].wait_for(r"--initial-peers (\S+)").group(1))
+    return host.python("-m", "net.moe_client", *dht, "--grid", "1,2", "--k-best", "2", "--k-min", "2", "--steps",
+                       str(steps), "--timeout", "5", *extra, env={"OMP_NUM_THREADS": "1"},
+                       name=f"moe trainer on {host.name} ({host.link.nat})")
 
 
 @pytest.fixture(scope="module")
@@ -223,12 +236,27 @@ def test_b_a_trainer_behind_one_nat_trains_through_experts_behind_the_other(
     assert all(step["answered"] == {"0": 64} for step in report["steps"]), report["steps"]  # 32 samples × 2 experts
     assert report["loss_end"] < report["loss_start"], report
     # a symmetric NAT cannot be punched through: every step's activations and gradients went through a relay
+    assert direct_bytes(swarm.net.hosts[4], swarm.net.hosts[3]) == 0, swarm.net.hosts[4].flows()
     carried = sum(relay_bytes(admin) for admin in swarm.admins[:2]) - before
     assert carried >= STEPS * STEP_TENSOR_BYTES, carried
     print(f"(b) {STEPS} steps through the relays, median {report['median_seconds'] * 1000:.0f} ms; the relays carried "
           f"{carried / 1e3:.0f} kB ({STEPS * STEP_TENSOR_BYTES / 1e3:.0f} kB of tensors); "
           f"loss {report['loss_start']:.3f} -> {report['loss_end']:.3f}")
     assert experts[0].alive, experts[0].report()
+
+
+def test_h_behind_two_cone_nats_the_trainer_moves_to_a_direct_connection(
+        swarm: Swarm, experts: tuple[HostProcess, str]) -> None:
+    before = sum(relay_bytes(admin) for admin in swarm.admins[:2])
+    trainer = moe_trainer(swarm, STEPS, index=6)  # behind a second cone NAT, an embedded client-mode DHT node
+    report = trainer.result(120)
+    assert trainer.wait(10) == 0, trainer.report()
+    assert all(step["answered"] == {"0": 64} for step in report["steps"]), report["steps"]
+    direct = direct_bytes(swarm.net.hosts[6], swarm.net.hosts[3])
+    carried = sum(relay_bytes(admin) for admin in swarm.admins[:2]) - before
+    print(f"(h) cone to cone: {direct / 1e3:.0f} kB over direct connections, the relays carried {carried / 1e3:.0f} kB "
+          f"in all ({STEPS} steps, {STEPS * STEP_TENSOR_BYTES / 1e3:.0f} kB of tensors)")
+    assert direct >= STEPS * STEP_TENSOR_BYTES / 2, swarm.net.hosts[6].flows()  # most steps went direct
 
 
 def test_e_the_relay_is_killed_mid_training_and_training_goes_on(

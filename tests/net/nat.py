@@ -36,7 +36,9 @@ answered with a reset), so an unsolicited SYN times out, as behind a real NAT.
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
+from dataclasses import dataclass
 
 from deploy.apt import NotInstallable, ensure_tools
 
@@ -91,7 +93,8 @@ def router_commands(router: str, host: str, index: int) -> list[list[str]]:
         ["ip", "-n", router, "link", "add", "lan0", "type", "veth", "peer", "name", "eth0", "netns", host],
         ["ip", "-n", router, "addr", "add", f"{subnet}.1/24", "dev", "lan0"],
         ["ip", "-n", router, "link", "set", "lan0", "up"],
-        ["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+        ["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1",
+         "net.netfilter.nf_conntrack_acct=1"],  # bytes per flow, for `flows`
         ["ip", "-n", host, "addr", "add", f"{subnet}.2/24", "dev", "eth0"],
         ["ip", "-n", host, "link", "set", "eth0", "up"],
         ["ip", "-n", host, "route", "add", "default", "via", f"{subnet}.1"],
@@ -106,3 +109,24 @@ def restore(namespace: str, rules: str) -> None:
         raise RuntimeError(f"iptables-restore in {namespace} failed ({result.returncode}): {result.stderr.strip()}"
                            f"\n{rules}")
 
+
+@dataclass(frozen=True)
+class Flow:
+    """A TCP connection through a router, as its conntrack table has it (before translation)."""
+
+    source: str  # host:port inside
+    destination: str  # host:port outside
+    state: str  # ESTABLISHED, TIME_WAIT, ...
+    bytes: int  # both directions
+
+
+_TCP_FLOW = re.compile(r"\btcp\s+6\s+\d+\s+(\S+)\s+src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)"
+                       r" packets=\d+ bytes=(\d+).*?bytes=(\d+)")
+
+
+def flows(router: str) -> list[Flow]:
+    """The TCP connections the router `router` translates now (or did recently)."""
+    result = subprocess.run(["ip", "netns", "exec", router, "cat", "/proc/net/nf_conntrack"], check=True,
+                            capture_output=True, text=True, timeout=30)
+    return [Flow(f"{m[2]}:{m[4]}", f"{m[3]}:{m[5]}", m[1], int(m[6]) + int(m[7]))
+            for m in map(_TCP_FLOW.search, result.stdout.splitlines()) if m]

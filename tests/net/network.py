@@ -232,6 +232,12 @@ class Host:
             else:
                 _tbf(namespace, device, rate_mbit)
 
+    def flows(self) -> list[nat.Flow]:
+        """The TCP connections this host's NAT router translates (its conntrack table)."""
+        if self.router is None:
+            raise ValueError(f"{self.name} is not behind a NAT router")
+        return nat.flows(self.router)
+
     def forward(self, endpoint: Endpoint | int) -> Endpoint:
         """An endpoint of the test process that reaches `endpoint` (or 127.0.0.1:port) inside
         this host, for clients in the test (DHTClient, httpx on the admin port)."""

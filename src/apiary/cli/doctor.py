@@ -51,6 +51,7 @@ VARIANT_SERVICES = ("expert-server", "trainer")
 MIN_DRIVER = 525  # torch's CUDA 12 wheels run on R525 and newer (CUDA minor-version compatibility)
 TOKEN_MARGIN_S = 3 * 86400  # a token expiring sooner than this fails: time to ask for a new one
 PEER_TIMEOUT_S = 5.0
+UNDIALLABLE = ("loopback", "link-local", "documentation")  # host scopes no other machine dials
 
 
 @dataclass
@@ -162,15 +163,20 @@ class Doctor:
     def announce(self) -> Iterator[Verdict]:
         host = self.env.get("APIARY_ANNOUNCE_HOST", "")
         observed = sorted({seen for _, seen, _ in self._ping_peers() if seen})
-        if host and observed and host not in observed:
+        scope = host_scope(host) if host else ""
+        seen = f" (peers see {', '.join(observed)})" if observed else ""
+        if scope in UNDIALLABLE:
+            yield Verdict("announce", False, f"APIARY_ANNOUNCE_HOST={host} is a {scope} address: peers cannot dial it"
+                          + seen, "set this host's public address or leave it empty")
+        elif host and observed and host not in observed and any(
+                host_scope(o) == PUBLIC or host_scope(o) != scope for o in observed):
             yield Verdict("announce", False, f"APIARY_ANNOUNCE_HOST={host} but peers see this host at "
                           f"{', '.join(observed)}", f"set APIARY_ANNOUNCE_HOST={observed[0]} or leave it empty")
-        elif host and not observed and host_scope(host) not in (PUBLIC, "name"):
-            yield Verdict("announce", False, f"APIARY_ANNOUNCE_HOST={host} is a {host_scope(host)} address: peers on "
-                          "the internet cannot dial it", "set this host's public address or leave it empty")
+        elif host:
+            note = "" if scope in (PUBLIC, "name") else f" (a {scope} address: only peers on this network dial it)"
+            yield Verdict("announce", True, f"APIARY_ANNOUNCE_HOST={host}{note}{seen}")
         else:
-            said = f"APIARY_ANNOUNCE_HOST={host}" if host else "empty: the services announce what peers observe"
-            yield Verdict("announce", True, said + (f" (peers see {', '.join(observed)})" if observed else ""))
+            yield Verdict("announce", True, f"empty: the services announce what peers observe{seen}")
         yield from self._reachability()
 
     def _reachability(self) -> Iterator[Verdict]:

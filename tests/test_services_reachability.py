@@ -154,6 +154,7 @@ async def test_the_reachability_verdict_is_on_status_readyz_and_metrics() -> Non
         assert metrics["apiary_dht_reachability", (("state", "public"),)] == 1
         assert metrics["apiary_dht_reachability", (("state", "behind_nat"),)] == 0
         assert metrics["apiary_dht_announce_mismatch", ()] == 0
+        assert metrics["apiary_dht_punches_total", (("outcome", "attempted"),)] == 0  # its pool's hole punches
         # whom the participant's other services ask: the dht service's contacts, through its local API
         client = DHTClient(last.local_endpoint)
         try:

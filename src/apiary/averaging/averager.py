@@ -186,7 +186,8 @@ class Averager:
             self.pool = self._own_pool = ChannelPool.like(server)
         self.pool.check_matches(server.settings, "the averager")
         # its calls (parts to reducers, audits) count as the averager's traffic
-        self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity, on_call=self._count)
+        self.bulk_client = BulkClient(self.pool.settings, identity=self.pool.identity, on_call=self._count,
+                                      puncher=self.pool.puncher)  # one memory of punches per pool
         server.add_service(MATCHMAKING, _JoinServicer(self))
         self.server = server
 

@@ -139,7 +139,7 @@ class AveragerService:
                                  on_bytes_sent=self.metrics.sent_bytes.inc,
                                  on_bytes_received=self.metrics.received_bytes.inc, on_round=self._round_done)
         self.donor = StateDonor(averaging.prefix, peer_id, codec=averaging.download_codec)
-        self.state_client = BulkClient(wire, identity=self.host.identity)
+        self.state_client = BulkClient(wire, identity=self.host.identity, puncher=self.pool.puncher)
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,
             state_timeout=settings.state_timeout, on_state=self._state_published,

@@ -171,6 +171,7 @@ class ServiceHost:
         lists whom to ask (DHT contacts), `dht` is where relays are listed, `client` switches the
         service to and from its client mode (None: it has none)."""
         self.registry.register(self.reachability)  # its metrics: only a service that runs it has them
+        pool.puncher.export(self.registry, metric_prefix(self.service))  # <prefix>_punches_total{outcome}
         self.spawn(self.reachability.run(pool, peers, dht, client), "reachability")
 
     def on_stop(self, cleanup: Callable[[], Awaitable[None]]) -> None:

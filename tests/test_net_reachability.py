@@ -10,6 +10,8 @@ What the issue asks for, one test each, sharing the swarm:
 - (i) a node configured with a wrong announce host says so, naming the host peers observe;
 - (d) records stored through the NATed dht nodes are found by every node, and the public nodes
   keep the NATed ones in their routing tables at their relayed addresses;
+- (g) a tensor of known bytes sent through a relay (TLS end to end) is not to be found in what
+  the relay's host sends and receives, while the same bytes sent in the clear are;
 - (c) four averagers, two of them (h3, h4) behind the NATs, all in node mode, end a round with
   the exact weighted mean;
 - (b) a trainer behind the symmetric NAT trains through the expert server behind the cone NAT,
@@ -23,6 +25,8 @@ What the issue asks for, one test each, sharing the swarm:
 from __future__ import annotations
 
 import asyncio
+import itertools
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,11 +50,12 @@ DHT_PORT, RELAY_PORT, AVERAGER_PORT, BULK_PORT = "7000", "7300", "7100", "7101"
 CHECKS = ("--reachability-period", "5")  # a forming swarm is re-checked this often
 ADMIN = r"admin: http://127\.0\.0\.1:(\d+)"
 ROUND_OPTIONS = ("--run-id", "nat-e2e", "--target-group-size", "4", "--min-group-size", "4", "--expected-peers", "4",
-                 "--gather-seconds", "2", "--join-seconds", "5", "--round-timeout", "30", "--sender-timeout", "10",
+                 "--gather-seconds", "2", "--join-seconds", "5", "--round-timeout", "60", "--sender-timeout", "20",
                  "--port", AVERAGER_PORT, "--bulk-port", BULK_PORT, "--mode", "node", *CHECKS)
 SHAPES = [(256, 32), (77,)]
 WEIGHTS = [1.0, 2.0, 1.5, 3.0]
 STEPS = 20
+CANARY_BYTES = 32 << 10
 STEP_TENSOR_BYTES = 2 * 4 * 32 * 16 * 4  # per step, each of 2 experts: inputs, outputs and their gradients, float32
 
 
@@ -160,6 +165,24 @@ async def test_d_records_stored_through_natted_dht_nodes_are_found_by_everyone(s
     assert all(contact.endpoint.relayed for contact in known.values()), known
 
 
+def test_g_the_relay_carries_ciphertext_only(swarm: Swarm) -> None:
+    hosts = swarm.net.hosts
+    target = PeerAddress.parse(status(swarm.admins[3])["address"])  # h3's dht node, relayed
+    relay = next(host for host in hosts[:2] if host.address == target.endpoint.host)
+    canary = secrets.token_hex(16)
+    capture = relay.python("-m", "net.tools", "capture", "--device", "eth0", "--seconds", "12", "--pattern", canary)
+    capture.wait_for("listening", 20)
+    relay.python("-m", "net.tools", "listen", "--port", "5003").wait_for("listening", 20)
+    # the control: the same text in the clear to the relay's host is seen
+    control = hosts[2].python("-m", "net.tools", "connect", "--to", f"{relay.address}:5003", "--send", canary)
+    assert control.result(20)["connected"] is True
+    sent = hosts[4].python("-m", "net.canary", "--to", str(target), "--text", canary, "--bytes", str(CANARY_BYTES))
+    assert sent.result(60) == {"sunk": CANARY_BYTES}, sent.report()
+    seen = capture.result(40)
+    assert seen["bytes"] >= 2 * CANARY_BYTES, seen  # both legs of the circuit passed the capture
+    assert [flow.rpartition(":")[2] for flow in seen["found"]] == ["5003"], seen  # only the control's bytes
+
+
 def start_averager(swarm: Swarm, index: int) -> HostProcess:
     host = swarm.net.hosts[index]
     return host.apiary("averager", *ROUND_OPTIONS, "--dht-local", swarm.locals[index])
@@ -182,10 +205,17 @@ async def test_c_four_averagers_two_behind_nats_all_in_node_mode_end_rounds_with
         sizes = await asyncio.wait_for(
             asyncio.gather(*(t.average(ts, weight=w) for t, ts, w in zip(trainers, tensors, WEIGHTS))), 90)
     assert sizes == [4, 4, 4, 4], [t.last_outcome for t in trainers]
+    wrong = []
     for index, parts in enumerate(zip(*inputs)):
         expected = sum(w * x.double() for w, x in zip(WEIGHTS, parts)) / sum(WEIGHTS)
         for peer in range(4):
-            torch.testing.assert_close(tensors[peer][index].double(), expected, atol=1e-5, rtol=1e-5)
+            off = ~torch.isclose(tensors[peer][index].double(), expected, atol=1e-5, rtol=1e-5)
+            if off.any():
+                where = off.flatten().nonzero().flatten()
+                span = slice(int(where.min()), int(where.max()) + 1)
+                wrong.append(f"{hosts[peer].name} tensor {index}: {len(where)} of {off.numel()} wrong, flat "
+                             f"{span.start}..{span.stop - 1}: {explain(hosts, parts, tensors[peer][index], span)}")
+    assert not wrong, (wrong, [t.last_outcome for t in trainers])
     for host, admin in zip(hosts, admins):  # the NATed ones reduced spans: node mode, not client
         assert status(admin)["mode"] == "node", (host, status(admin))
     for process in averagers:
@@ -204,6 +234,16 @@ def direct_bytes(source: Host, target: Host) -> int:
     """Bytes of the connections `source` opened (through its NAT) that reached `target`'s public address."""
     return sum(flow.bytes for flow in source.flows()
                if flow.destination.rpartition(":")[0] == target.public_address and flow.state != "SYN_SENT")
+
+
+def explain(hosts: list[Host], parts: tuple[torch.Tensor, ...], got: torch.Tensor, span: slice) -> str:
+    """Which members' weighted mean a wrong span of an averaging result is (a part left out)."""
+    for size in (3, 2, 1):
+        for members in itertools.combinations(range(len(parts)), size):
+            mean = sum(WEIGHTS[i] * parts[i].flatten()[span].double() for i in members) / sum(WEIGHTS[i] for i in members)
+            if torch.allclose(mean, got.flatten()[span].double(), atol=1e-5, rtol=1e-5):
+                return f"the mean of {[hosts[i].name for i in members]} alone"
+    return "no subset's mean"
 
 
 def moe_trainer(swarm: Swarm, steps: int, *extra: str, index: int = 4) -> HostProcess:

@@ -9,6 +9,7 @@
     python -m net.tools observe --port 5004                # TCP: tells each caller its address as seen
     python -m net.tools mapped --to 198.18.0.2:5004 --to 198.18.0.3:5004 --source-port 40000
     python -m net.tools punch --to 198.18.0.4:40000 --source-port 40000 --timeout 8
+    python -m net.tools capture --device eth0 --seconds 10 --pattern 5ecret  # frames holding the text
 
 Servers print `listening` once bound; every tool prints its result as one JSON line. Standard
 library only: these start on the hosts while links are being measured.
@@ -99,13 +100,13 @@ def ping(to: tuple[str, int], count: int, interval: float, timeout: float) -> No
     _report({"rtts_ms": rtts, "lost": lost})
 
 
-def connect(to: tuple[str, int], timeout: float) -> None:
+def connect(to: tuple[str, int], timeout: float, send: str) -> None:
     """Whether a TCP connection to `to` opens within `timeout` (refused and timed out differ:
-    a closed port answers, a firewall that drops answers nothing)."""
+    a closed port answers, a firewall that drops answers nothing); sends `send` on it, if any."""
     started = time.monotonic()
     try:
-        with socket.create_connection(to, timeout=timeout):
-            pass
+        with socket.create_connection(to, timeout=timeout) as connection:
+            connection.sendall(send.encode())
         _report({"connected": True, "seconds": time.monotonic() - started})
     except OSError as e:
         _report({"connected": False, "error": repr(e), "seconds": time.monotonic() - started})
@@ -118,6 +119,38 @@ def listen(port: int) -> None:
         while True:
             connection, _ = server.accept()
             connection.close()
+
+
+def _flow_of(frame: bytes) -> str:
+    """`source:port>destination:port` of an Ethernet frame holding IPv4 TCP or UDP ("?" otherwise)."""
+    if len(frame) < 38 or frame[12:14] != b"\x08\x00" or frame[23] not in (6, 17):
+        return "?"
+    transport = 14 + (frame[14] & 0x0F) * 4
+    source_port, destination_port = struct.unpack_from("!HH", frame, transport)
+    return f"{socket.inet_ntoa(frame[26:30])}:{source_port}>{socket.inet_ntoa(frame[30:34])}:{destination_port}"
+
+
+def capture(device: str, seconds: float, pattern: str) -> None:
+    """Reads every frame `device` sends or receives for `seconds` (a packet socket, as tcpdump
+    does) and reports how many there were and the flows whose frames hold `pattern`."""
+    needle = pattern.encode()
+    frames = total = 0
+    found: set[str] = set()
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)) as sock:  # ETH_P_ALL
+        sock.bind((device, 0))
+        sock.settimeout(0.1)
+        print("listening", flush=True)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                frame = sock.recv(1 << 17)  # whole offload segments
+            except TimeoutError:
+                continue
+            frames += 1
+            total += len(frame)
+            if needle in frame:
+                found.add(_flow_of(frame))
+    _report({"frames": frames, "bytes": total, "found": sorted(found)})
 
 
 def _bound(source_port: int) -> socket.socket:
@@ -196,6 +229,12 @@ def main(argv: list[str] | None = None) -> None:
             tool.add_argument("--source-port", type=int, required=True)
         if name == "punch":
             tool.add_argument("--message", default="hello")
+        if name == "connect":
+            tool.add_argument("--send", default="", help="text to send once connected")
+    tool = tools.add_parser("capture")
+    tool.add_argument("--device", default="eth0")
+    tool.add_argument("--seconds", type=float, required=True)
+    tool.add_argument("--pattern", required=True)
     args = parser.parse_args(argv)
     if args.tool == "sink":
         sink(args.port, args.skip)
@@ -206,13 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.tool == "ping":
         ping(args.to, args.count, args.interval, args.timeout)
     elif args.tool == "connect":
-        connect(args.to, args.timeout)
+        connect(args.to, args.timeout, args.send)
     elif args.tool == "observe":
         observe(args.port)
     elif args.tool == "mapped":
         mapped(args.to, args.source_port, args.timeout)
     elif args.tool == "punch":
         punch(args.to, args.source_port, args.timeout, args.message)
+    elif args.tool == "capture":
+        capture(args.device, args.seconds, args.pattern)
     else:
         listen(args.port)
 

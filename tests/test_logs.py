@@ -17,7 +17,7 @@ from service_processes import free_port
 APIARY = [sys.executable, "-m", "apiary.cli.main"]
 
 
-def _run_dht(*process_args: str, env: dict[str, str] | None = None, until: str, timeout: float = 60.0) -> list[str]:
+def _run_dht(*process_args: str, env: dict[str, str] | None = None, until: str, timeout: float = 120.0) -> list[str]:
     """Runs `apiary [process_args] dht` (stdout and stderr together) until a line contains `until`;
     returns the lines read, the process stopped."""
     process = subprocess.Popen(
@@ -50,7 +50,10 @@ def _run_dht(*process_args: str, env: dict[str, str] | None = None, until: str, 
                 return seen
     finally:
         process.terminate()
-        process.wait(20)
+        try:
+            process.wait(60)
+        finally:
+            process.kill()  # no-op once it ended
         if process.stdout is not None:
             process.stdout.close()
 

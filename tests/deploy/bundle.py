@@ -8,7 +8,7 @@ Each service gets the environment its container would get (the image's ENV, then
 `environment` of compose.yaml filled in from .env.example) with the container-only parts
 mapped to this host: every port to a free one, `<service>:<port>` addresses of the bundle to
 127.0.0.1 and that port, `redis://redis:6379` to the test's Redis, paths under
-/var/lib/apiary to a temporary directory. Nothing else is added: a setting the container
+/var/lib/apiary to a temporary directory, a secret's /run/secrets path to its file. Nothing else is added: a setting the container
 would lack is lacking here too. Processes still running on exit are killed.
 """
 
@@ -26,11 +26,12 @@ from typing import IO
 import httpx
 from service_processes import free_port
 
-from deploy.files import COMPOSE_FILE, ENV_EXAMPLE, Dockerfile, dockerfile_path, load_compose, read_env_file
+from deploy.files import COMPOSE_FILE, ENV_EXAMPLE, REPO, Dockerfile, dockerfile_path, load_compose, read_env_file
 
 APIARY = [sys.executable, "-m", "apiary.cli.main"]
 HOST_SETTINGS = ("APIARY_HOST", "APIARY_LOCAL_HOST", "APIARY_ADMIN_HOST", "APIARY_ANNOUNCE_HOST")
 CONTAINER_DATA = "/var/lib/apiary"
+SECRETS = "/run/secrets/"
 START_TIMEOUT_S = 120.0
 
 
@@ -38,7 +39,8 @@ class LocalBundle:
     def __init__(self, directory: Path, redis_url: str):
         self.directory = directory
         self.redis_url = redis_url
-        self.compose = load_compose(COMPOSE_FILE, env=read_env_file(ENV_EXAMPLE))[0]["services"]
+        doc = load_compose(COMPOSE_FILE, env=read_env_file(ENV_EXAMPLE))[0]
+        self.compose, self.secrets = doc["services"], doc.get("secrets", {})
         self.ports: dict[tuple[str, str], int] = {}  # (service, port in its container) -> port here
         self.processes: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
 
@@ -55,6 +57,10 @@ class LocalBundle:
             elif value.startswith(CONTAINER_DATA):  # its folder exists in the image, so here too
                 settings[key] = str(self.directory / service) + value[len(CONTAINER_DATA):]
                 Path(settings[key]).parent.mkdir(parents=True, exist_ok=True)
+            elif value.startswith(SECRETS):  # the file Compose mounts there
+                [source] = [entry["source"] for entry in self.compose[service].get("secrets", [])
+                            if entry["target"] == value[len(SECRETS):]]
+                settings[key] = str(REPO / self.secrets[source]["file"])
             elif value.startswith("redis://redis:6379"):
                 settings[key] = self.redis_url
             elif match := re.fullmatch(r"([a-z-]+):(\d+)", value):

@@ -360,6 +360,46 @@ def trust(results: Results) -> str:
     return provenance(result) + "\n\n" + table(["run", "Ping median ms", "ratio", "bulk MB/s", "ratio"], rows)
 
 
+def meets(value: float, target: str, ok: bool) -> str:
+    return f"{target}: {'met' if ok else 'not met'} ({value:.2f})"
+
+
+def relay(results: Results, preset: str | None) -> str:
+    """Bulk and all-reduce through a relay against direct (relay.py; relay_netns.py)."""
+    result = results("relay", preset)
+    if result is None:
+        return missing("sudo .venv/bin/python benchmarks/relay_netns.py" if preset else ".venv/bin/python "
+                       "benchmarks/relay.py")
+    f = result["figures"]
+    rates, pings = f["mb_per_s"], f["ping_ms"]
+    rows = [[f"bulk, one {f['mib']} MiB tensor (MB/s, median of {f['repeats']})", f"{rates['direct']:.1f}",
+             f"{rates['relayed']:.1f}", meets(f["ratio"], "≥ 0.8 of direct", f["ratio"] >= 0.8)]]
+    for a in f.get("allreduce", []):
+        rows.append([f"all-reduce, {a['peers']} workers × {a['mib']} MiB float32 (s per round, median of "
+                     f"{f['repeats']})", f"{a['round_s']['direct']:.2f}", f"{a['round_s']['relayed']:.2f}",
+                     meets(a["ratio"], "≥ 0.8 of direct (direct s / relayed s)", a["ratio"] >= 0.8)])
+    rows.append(["Ping (ms, median of 20)", f"{pings['direct']:.2f}", f"{pings['relayed']:.2f}", ""])
+    figures = table(["measure", "direct", "through the relay", "target"], rows)
+    times = [["relay CPU, s per Gbit relayed", f"{f['relay_cpu_s_per_gbit']:.3f}", ""],
+             ["a reservation held, s from the target's start", f"{f['reservation_s']:.2f}", ""],
+             ["a usable reservation (its own Ping answered through the relay), s from its start",
+              f"{f['usable_reservation_s']:.2f}", meets(f["usable_reservation_s"], "< 5 s",
+                                                         f["usable_reservation_s"] < 5)]]
+    if "verdict" in f:
+        v = f["verdict"]
+        started = v["started_s"]
+        times += [["NATed `apiary dht`: started (admin line printed), s from its launch", f"{started:.2f}", ""],
+                  [f"its verdict (`{v['verdict']}`), s from its launch / from its start",
+                   f"{v['verdict_s']:.2f} / {v['verdict_s'] - started:.2f}",
+                   meets(v["verdict_s"] - started, "< 5 s from its start", v["verdict_s"] - started < 5)],
+                  ["its relayed address announced, s from its launch / from its start",
+                   f"{v['relayed_s']:.2f} / {v['relayed_s'] - started:.2f}", ""],
+                  ["that address answering a Ping from another host, s from its launch / from its start",
+                   f"{v['usable_s']:.2f} / {v['usable_s'] - started:.2f}",
+                   meets(v["usable_s"] - started, "< 5 s from its start", v["usable_s"] - started < 5)]]
+    return (provenance(result) + "\n\n" + figures + "\n\n" + table(["measure", "value", "target"], times))
+
+
 TABLES: dict[str, Callable[[Results], str]] = {
     "wire": wire, "dht": dht, "averaging": averaging, "averaging-verify": averaging_verify,
     "moshpit_churn": moshpit_churn, "moe": moe, "moe-cuda-float32": lambda results: moe(results, "cuda-float32"),
@@ -367,6 +407,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "allreduce_wan": allreduce_wan, "allreduce_wan-training": allreduce_wan_training,
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
     "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
+    "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"),
 }
 
 

@@ -360,6 +360,31 @@ def trust(results: Results) -> str:
     return provenance(result) + "\n\n" + table(["run", "Ping median ms", "ratio", "bulk MB/s", "ratio"], rows)
 
 
+def rate(value: float) -> str:
+    """Bytes per second in kB/s or MB/s."""
+    return f"{value / 1e6:.1f} MB/s" if value >= 1e6 else f"{value / 1e3:.0f} kB/s"
+
+
+def scale(results: Results) -> str:
+    result = results("scale", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/scale.py")
+    rows = []
+    for row in result["figures"]["rows"]:
+        for mode in ("before", "after"):
+            f = row.get(mode)
+            if f is None:
+                rows.append([f"{row['peers']:,}", mode, "—", "—", "one key cannot hold them (max_subkeys)", "—", "—", "—"])
+                continue
+            by_method = f["by_method_bytes_per_second"]
+            rows.append([f"{row['peers']:,}", mode, str(f.get("shards", 1)), f"{f['period_seconds'] * 1000:.0f} ms",
+                         rate(f["peer_bytes_per_second"]), rate(f["busiest_bytes_per_second"]),
+                         rate(by_method.get("Find", 0)), rate(by_method.get("Store", 0))])
+    header = ["peers", "progress", "shards", "refresh period", "per peer", "busiest node", "Find per peer",
+              "Store per peer"]
+    return provenance(result) + "\n\n" + table(header, rows)
+
+
 def meets(value: float, target: str, ok: bool) -> str:
     return f"{target}: {'met' if ok else 'not met'} ({value:.2f})"
 
@@ -407,7 +432,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "allreduce_wan": allreduce_wan, "allreduce_wan-training": allreduce_wan_training,
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
     "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
-    "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"),
+    "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"), "scale": scale,
 }
 
 

@@ -209,9 +209,16 @@ class Reachability(Collector):
             asked = []
         try:
             return await self.check(pool, asked)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the service stops
+            # a gRPC call cancelled under the check (e.g. its channel closed as a relayed peer moved
+            # to a punched connection): this check is void, the lifecycle goes on
+            logger.warning("reachability check cut short: a call it made was cancelled; checking again soon")
         except Exception:  # noqa: BLE001 - a check's own failure must not stop the service
             logger.exception("reachability check failed")
-            return min(RETRY_SECONDS, self.settings.reachability_period)
+        return min(RETRY_SECONDS, self.settings.reachability_period)
 
     async def check(self, pool: ChannelPool, peers: list[PeerAddress]) -> float:
         """One check: learns the observed host, judges, switches; returns the seconds to the next."""

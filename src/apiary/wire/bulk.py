@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -43,7 +42,7 @@ from apiary.wire.errors import (
     WireError,
     error_from_status,
 )
-from apiary.wire.framing import MAGIC, Connection, check_headers, parse_request, signed_digest
+from apiary.wire.framing import MAGIC, Connection, check_headers, parse_request, listening_socket, signed_digest
 from apiary.wire.identity import Identity
 from apiary.wire.protos.relay_pb2 import BULK
 from apiary.wire.protos.wire_pb2 import BulkReply, BulkRequest, TensorHeader
@@ -108,18 +107,7 @@ class BulkServer:
     async def start(self, *, tls: ssl.SSLContext | None = None) -> None:
         """Binds and starts accepting (TLS sessions with `tls`); raises OSError naming the address if binding fails."""
         self._tls = tls
-        endpoint = Endpoint(self.settings.listen_host, self.settings.bulk_port)
-        family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        if os.name == "posix":  # a restarted peer rebinds its port despite connections in TIME_WAIT
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((endpoint.host, endpoint.port))
-        except OSError as e:
-            listener.close()
-            raise OSError(e.errno, f"cannot listen for bulk transfers on {endpoint}: {e.strerror}") from None
-        listener.listen(128)
-        listener.setblocking(False)
+        listener = listening_socket(Endpoint(self.settings.listen_host, self.settings.bulk_port), "bulk transfers", 128)
         self._listener = listener
         self._spawn(self._accept_loop(listener))
 

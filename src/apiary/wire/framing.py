@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import mmap
+import os
 import socket
 import ssl
 from collections.abc import Sequence
 
+from apiary.wire.address import Endpoint
 from apiary.wire.auth import request_digest
 from apiary.wire.chunks import Budget, check_header
 from apiary.wire.errors import InvalidRequest, PayloadTooLarge
@@ -182,3 +184,19 @@ def parse_request(frame: bytes, settings: WireSettings) -> BulkRequest:
     request = decode(BulkRequest, frame)
     check_headers(request.tensors, settings.max_tensor_bytes, None)
     return request
+
+
+def listening_socket(endpoint: Endpoint, purpose: str, backlog: int) -> socket.socket:
+    """A non-blocking TCP socket listening at `endpoint` (rebinding despite TIME_WAIT); raises
+    OSError naming `purpose` and the address if binding fails."""
+    listener = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET, socket.SOCK_STREAM)
+    if os.name == "posix":  # a restarted peer rebinds its port despite connections in TIME_WAIT
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((endpoint.host, endpoint.port))
+    except OSError as e:
+        listener.close()
+        raise OSError(e.errno, f"cannot listen for {purpose} on {endpoint}: {e.strerror}") from None
+    listener.listen(backlog)
+    listener.setblocking(False)
+    return listener

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import secrets
 import socket
 from collections.abc import Awaitable
@@ -31,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import AccessRefused, gatekeeper_for
 from apiary.wire.errors import RequestError
-from apiary.wire.framing import Connection
+from apiary.wire.framing import Connection, listening_socket
 from apiary.wire.identity import Identity, verify_signature
 from apiary.wire.limits import peer_key
 from apiary.wire.protos.relay_pb2 import Accept, ClientFrame, Connect, RelayFrame, Reserve
@@ -137,17 +136,8 @@ class RelayServer:
 
     async def start(self) -> None:
         """Binds and starts accepting; raises OSError naming the address if binding fails."""
-        endpoint = Endpoint(self.settings.listen_host, self.settings.relay_port)
-        listener = socket.socket(socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET, socket.SOCK_STREAM)
-        if os.name == "posix":  # a restarted relay rebinds its port despite connections in TIME_WAIT
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            listener.bind((endpoint.host, endpoint.port))
-        except OSError as e:
-            listener.close()
-            raise OSError(e.errno, f"cannot listen for relayed connections on {endpoint}: {e.strerror}") from None
-        listener.listen(256)
-        listener.setblocking(False)
+        listener = listening_socket(Endpoint(self.settings.listen_host, self.settings.relay_port),
+                                    "relayed connections", 256)
         self._listener = listener
         self._spawn(self._accept_loop(listener))
 

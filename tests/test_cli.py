@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import typer
@@ -49,6 +51,7 @@ def test_version_prints_apiary_version() -> None:
         (["up"], {"APIARY_PEERS": "abc"}, "APIARY_PEERS"),
         (["ping", "no-port-here"], {}, "no-port-here"),
         (["up", "--no-such-flag"], {}, "--no-such-flag"),
+        (["up", "--peers", "2", "--clients", "2"], {}, "--clients"),
     ],
 )
 def test_a_bad_value_exits_nonzero_with_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:
@@ -105,3 +108,55 @@ def test_up_trains_a_local_swarm_and_its_loss_falls() -> None:
     assert match, result.stdout[-3000:]
     start, end, speed, epochs = float(match[1]), float(match[2]), int(match[3]), int(match[4])
     assert end < start - 0.5 and speed > 0 and epochs >= 2, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--task", "no_such_task"], {}, "no_such_task"),  # the trainer dies at start
+        (["--task", "digits_moe"], {"APIARY_PORT": "BUSY"}, "BUSY"),  # its dht service cannot bind an exported port
+    ],
+)
+def test_up_ends_with_the_failing_participants_own_error_line(args: list[str], env: dict[str, str], named: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        env = {key: value.replace("BUSY", port) for key, value in env.items()}
+        result = run("up", "--peers", "2", "--duration", "5", *args, env=env, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("apiary: error:") and named.replace("BUSY", port) in lines[0], lines[0]
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ctrl_c_stops_the_local_swarm_and_still_reports(tmp_path) -> None:
+    out = tmp_path / "out"
+    with open(out, "w") as stdout:
+        up = subprocess.Popen([*APIARY, "up", "--peers", "1", "--duration", "120", "--target-batch-size", "32"],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, "COLUMNS": "200"})
+        deadline = time.monotonic() + 90
+        while "swarm up" not in out.read_text() and time.monotonic() < deadline and up.poll() is None:
+            time.sleep(0.3)
+        participants = _children(up.pid)
+        assert participants, out.read_text()
+        os.killpg(up.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole foreground group
+        _, stderr = up.communicate(timeout=60)
+    assert up.returncode == 130, stderr
+    assert stderr == "", stderr
+    assert "stopping" in out.read_text() and "summary" in out.read_text(), out.read_text()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in participants)  # stopped and reaped

@@ -14,7 +14,7 @@ from apiary.cli.dht import dht_command
 from apiary.cli.doctor import doctor_command
 from apiary.cli.expert_server import expert_server_command
 from apiary.cli.monitor import monitor_command, status_command
-from apiary.cli.options import option
+from apiary.cli.options import CommandError, option
 from apiary.cli.token import token_app
 from apiary.cli.trainer import trainer_command
 from apiary.cli.up import up_command
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(_one_line(e), 2)
     except (AddressError, IdentityError) as e:
         _fail(str(e), 2)
-    except (WireError, DHTBootstrapError, StorageUnavailable, OSError) as e:
+    except (CommandError, WireError, DHTBootstrapError, StorageUnavailable, OSError) as e:
         _fail(str(e), 1)
 
 

@@ -15,6 +15,10 @@ from apiary.telemetry import TracingSettings
 ENV_PREFIX = "APIARY_"
 
 
+class CommandError(Exception):
+    """A command could not do its work for a reason the user can act on; `apiary` prints it as one line."""
+
+
 def env_name(flag: str) -> str:
     """The environment variable of a flag: `--initial-peers` -> `APIARY_INITIAL_PEERS`, `--tls/--plaintext` -> `APIARY_TLS`."""
     return ENV_PREFIX + flag.split("/")[0].lstrip("-").replace("-", "_").upper()

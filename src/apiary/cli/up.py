@@ -4,7 +4,8 @@ Starts `--peers` participants, each one `apiary trainer` process with its embedd
 averager services: the first starts the swarm, the others join through it (one of them in
 client mode with `--client`). Shows every participant's progress while they train for
 `--duration` seconds, then prints a summary: held-out loss at the start and the end, samples
-per second, epochs and bytes averaged. Ctrl-C stops every participant.
+per second, epochs and bytes averaged. Ctrl-C stops every participant. A participant that
+cannot start ends the command with its own error, as one `apiary: error:` line.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
+import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from apiary.cli.options import option
+from apiary.cli.options import CommandError, option
 
 console = Console()
 EXPERT_SERVERS = 3  # for the digits_moe task: each hosts a row of its 3 x 4 grid of experts
@@ -41,7 +43,8 @@ def up_command(
 ) -> None:
     """Run a local swarm: train a task with several participants on this machine and summarize."""
     if clients >= peers:
-        raise ValueError(f"--clients {clients}: at least one participant must accept connections (--peers {peers})")
+        raise typer.BadParameter(f"{clients}: at least one of the --peers {peers} participants must accept connections",
+                                 param_hint="'--clients'")
     with tempfile.TemporaryDirectory(prefix="apiary-up-") as folder:
         swarm = LocalSwarm(Path(folder), peers, ["--task", task, "--target-batch-size", str(target_batch_size),
                                                  "--mode", mode, "--max-seconds", str(duration)])
@@ -52,9 +55,14 @@ def up_command(
             swarm.watch()
         except KeyboardInterrupt:
             console.print("stopping")
+            interrupted = True
+        else:
+            interrupted = False
         finally:
             swarm.stop()
-        swarm.report()
+        swarm.report(required=not interrupted)
+    if interrupted:
+        raise SystemExit(130)
 
 
 class LocalSwarm:
@@ -68,6 +76,7 @@ class LocalSwarm:
         self.processes: list[subprocess.Popen[str]] = []
         self.admin: list[str] = []
         self.infrastructure: list[subprocess.Popen[str]] = []  # dht and expert servers of an MoE task
+        self.logs: dict[subprocess.Popen[str], Path] = {}
         self.first_peers = ""  # the first trainer starts a new swarm, unless the task has one
 
     def _spawn(self, index: int, initial_peers: str, client: bool) -> None:
@@ -79,9 +88,19 @@ class LocalSwarm:
         port = _free_port()
         log = open(log_path, "w")  # noqa: SIM115 - kept open for the process
         admin.append(f"http://127.0.0.1:{port}")
-        return subprocess.Popen([sys.executable, "-m", "apiary.cli.main", command, *args, "--admin-port", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_stop_with_parent,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen([sys.executable, "-m", "apiary.cli.main", command, *args, "--admin-port", str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_stop_with_parent,
+                                   start_new_session=True,  # Ctrl-C reaches `apiary up`, which stops them in order
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.logs[process] = log_path
+        return process
+
+    def _wait(self, name: str, process: subprocess.Popen[str], admin_url: str, condition: Any) -> Any:
+        """`_wait_for_status`, failing with the process's own last error."""
+        try:
+            return _wait_for_status(process, admin_url, condition)
+        except RuntimeError as e:
+            raise CommandError(f"{name}: {e}: {_last_error(self.logs[process])}") from None
 
     def start_expert_servers(self, count: int) -> None:
         """A dht service and `count` expert servers hosting the digits_moe task's grid; the trainers'
@@ -89,14 +108,15 @@ class LocalSwarm:
         helpers: list[str] = []
         with console.status(f"starting a dht service and {count} expert servers"):
             self.infrastructure.append(self._process("dht", ["--host", "127.0.0.1"], self.folder / "dht.log", helpers))
-            dht = _wait_for_status(self.infrastructure[0], helpers[0], lambda s: s.get("initial_peers_for_others"))
+            dht = self._wait("the dht service", self.infrastructure[0], helpers[0],
+                             lambda s: s.get("initial_peers_for_others"))
             for row in range(count):
                 self.infrastructure.append(self._process(
                     "expert-server", ["--host", "127.0.0.1", "--initial-peers", dht, "--experts", f"digits.{row}.[0:4]",
                                       "--hidden-size", "32", "--lr", "0.003", "--declare-period", "2"],
                     self.folder / f"experts-{row}.log", helpers))
-            for process, url in zip(self.infrastructure[1:], helpers[1:]):
-                _wait_for_status(process, url, lambda s: s.get("declared_at"))
+            for row, (process, url) in enumerate(zip(self.infrastructure[1:], helpers[1:])):
+                self._wait(f"expert server {row}", process, url, lambda s: s.get("declared_at"))
         self.common += ["--task-options", json.dumps({"initial_peers": dht})]
         self.first_peers = dht
 
@@ -110,16 +130,10 @@ class LocalSwarm:
                       soft_wrap=True, highlight=False)
 
     def _wait_for(self, index: int, condition: Any) -> Any:
-        try:
-            return _wait_for_status(self.processes[index], self.admin[index], condition)
-        except RuntimeError as e:
-            raise RuntimeError(f"participant {index}: {e}: {self._log_tail(index)}") from None
+        return self._wait(f"participant {index}", self.processes[index], self.admin[index], condition)
 
     def _status(self, index: int) -> dict[str, Any] | None:
         return _status(self.admin[index])
-
-    def _log_tail(self, index: int) -> str:
-        return (self.folder / f"{index}.log").read_text(errors="replace")[-2000:]
 
     def wait(self) -> None:
         """Until every participant has exited."""
@@ -162,13 +176,17 @@ class LocalSwarm:
                 process.kill()
                 process.wait()
 
-    def report(self) -> None:
+    def report(self, required: bool = True) -> None:
+        """The summary table; with `required`, a CommandError when no participant finished."""
         summaries = self.summaries()
-        for index in range(len(self.processes)):
-            if not (self.folder / f"{index}.json").exists():
-                console.print(f"participant {index} left no summary: {self._log_tail(index)}", highlight=False)
+        missing = [f"participant {index}: {_last_error(self.logs[process])}" for index, process in enumerate(self.processes)
+                   if not (self.folder / f"{index}.json").exists()]
+        for line in missing:
+            console.print(f"no summary from {line}", highlight=False)
         if not summaries:
-            raise RuntimeError("no participant finished")
+            if required:
+                raise CommandError("no participant finished" + (f"; {missing[0]}" if missing else ""))
+            return
         table = Table(title="summary")
         for column in ("peer", "loss start", "loss end", "epochs", "samples/s", "MB averaged"):
             table.add_column(column, justify="right")
@@ -201,6 +219,13 @@ def _wait_for_status(process: subprocess.Popen[str], admin_url: str, condition: 
             return value
         time.sleep(0.3)
     raise RuntimeError(f"apiary {process.args[3]} did not start within {timeout:.0f}s")  # type: ignore[index]
+
+
+def _last_error(log_path: Path) -> str:
+    """What a process said last: its `apiary: error:` line, else its last line (a traceback's exception)."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line.removeprefix("apiary: error:").strip() for line in lines if line.startswith("apiary: error:")]
+    return (errors or lines or ["it wrote nothing"])[-1]
 
 
 def _stop_with_parent() -> None:

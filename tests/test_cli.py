@@ -160,3 +160,27 @@ def test_ctrl_c_stops_the_local_swarm_and_still_reports(tmp_path) -> None:
     assert stderr == "", stderr
     assert "stopping" in out.read_text() and "summary" in out.read_text(), out.read_text()
     assert not any(Path(f"/proc/{pid}").exists() for pid in participants)  # stopped and reaped
+
+
+def test_shell_completion_script_completes_commands_options_and_choices(tmp_path) -> None:
+    script = run("--show-completion", "bash")
+    assert script.returncode == 0, script.stderr
+    bin_dir = Path(sys.executable).parent
+    assert (bin_dir / "apiary").exists()
+    (tmp_path / "completion.sh").write_text(script.stdout)
+
+    def complete(*words: str) -> list[str]:
+        line = ("source completion.sh; COMP_WORDS=(" + " ".join(f"'{w}'" for w in words) + f"); "
+                f"COMP_CWORD={len(words) - 1}; _apiary_completion apiary; printf '%s\\n' \"${{COMPREPLY[@]}}\"")
+        done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert complete("apiary", "d") == ["dht", "doctor"]
+    assert complete("apiary", "dht", "--initial") == ["--initial-peers"]
+    assert complete("apiary", "averager", "--aggregation", "") == ["mean", "centered_clip", "trimmed_mean"]
+
+    installed = run("--install-completion", "bash", env={"HOME": str(tmp_path)})
+    assert installed.returncode == 0, installed.stderr
+    assert "apiary" in (tmp_path / ".bashrc").read_text()

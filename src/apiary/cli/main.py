@@ -28,7 +28,6 @@ app = typer.Typer(
     name="apiary",
     help="Train one large PyTorch model on many computers over the internet, with no master node.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
 app.command("version")(version_command)

@@ -10,7 +10,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from apiary.services.host import ServiceHost, ServiceSettings
-from apiary.wire import PROBE, ChannelPool, RpcClient, WireSettings
+from apiary.services.records import RecordPublisher
+from apiary.wire import PROBE, ChannelPool, Identity, RpcClient, WireSettings
 from apiary.wire.protos.wire_pb2 import PingRequest
 
 LOCAL = WireSettings(listen_host="127.0.0.1")
@@ -102,3 +103,44 @@ def test_the_dht_and_lean_layers_import_without_torch() -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_shutdown_is_not_stalled_by_a_task_that_swallows_its_cancellation() -> None:
+    host = ServiceHost("peer", LOCAL, ServiceSettings())
+    await host.start()
+    swallowed: list[bool] = []
+
+    async def stubborn() -> None:  # what code that loses a cancellation looks like from outside
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)
+
+    task = host.spawn(stubborn(), "stubborn")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(host.shutdown(), 10)
+    assert swallowed and task.cancelled()
+
+
+async def test_the_peer_record_publisher_ends_when_cancelled_as_its_store_completes() -> None:
+    """A SIGTERM right after a service's ready line cancelled the publisher in the moment its first
+    store completed; `asyncio.wait_for` (Python 3.11) then returned the result and lost the
+    cancellation, and the service never exited."""
+    published = asyncio.get_running_loop().create_future()
+
+    class Swarm:  # a DHT whose store completes in the moment its caller is cancelled
+        identity = Identity.generate()
+
+        async def store_many(self, items: list) -> list[bool]:
+            publisher.cancel()
+            published.set_result(None)
+            return [True] * len(items)
+
+    record = RecordPublisher("dht", Swarm.identity.peer_id, lambda: {"address": "x"}, Swarm())  # type: ignore[arg-type]
+    publisher = asyncio.create_task(record.run())
+    await published
+    done, _ = await asyncio.wait([publisher], timeout=5)
+    assert done and publisher.cancelled()

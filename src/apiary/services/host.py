@@ -34,6 +34,8 @@ from apiary.wire import ChannelPool, Identity, PeerAddress, RpcServer, WireSetti
 from apiary.wire.auth import read_token
 
 logger = logging.getLogger(__name__)
+CANCEL_ROUNDS = 5  # a task gets this many cancellations, `CANCEL_WAIT` seconds apart, before it is abandoned
+CANCEL_WAIT = 2.0
 
 
 class ServiceSettings(BaseModel):
@@ -218,9 +220,23 @@ class ServiceHost:
 
     async def shutdown(self) -> None:
         """Cancels background tasks and stops everything started, newest first."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_tasks(list(self._tasks), self.service)
         while self._cleanups:
             await self._cleanups.pop()()
+
+
+async def cancel_tasks(tasks: list[asyncio.Task[Any]], owner: str) -> None:
+    """Cancels `tasks` and waits for them to end. A task still running `CANCEL_WAIT` seconds after
+    its cancellation (code that swallowed it: e.g. Python 3.11's `asyncio.wait_for` when its awaited
+    call completes in the same moment) is cancelled again, `CANCEL_ROUNDS` times at most, and then
+    left behind with an error line rather than stalling the shutdown."""
+    pending = {task for task in tasks if not task.done()}
+    for _ in range(CANCEL_ROUNDS):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_WAIT)
+    if pending:
+        logger.error("%s: %d background task(s) ignored cancellation and are left running: %s", owner,
+                     len(pending), ", ".join(sorted(task.get_name() for task in pending)))

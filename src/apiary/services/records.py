@@ -222,7 +222,8 @@ class RecordPublisher:
             await asyncio.sleep(seconds)
             return
         try:
-            await asyncio.wait_for(self.rounds.changed.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.rounds.changed.wait()
             await asyncio.sleep(min(ROUNDS_DELAY, seconds))  # the record lives on: at most 2 periods apart
         except asyncio.TimeoutError:
             pass
@@ -231,7 +232,8 @@ class RecordPublisher:
     async def publish(self, dht: DHTLike) -> bool:
         """Stores the records once; never raises (the next period tries again)."""
         try:
-            signer = await asyncio.wait_for(signer_of(dht), self.period)
+            async with asyncio.timeout(self.period):  # not wait_for: on 3.11 it can swallow a cancellation
+                signer = await signer_of(dht)
             status = self.status()
             record = build_record(self.kind, self.peer_id, self.started_at, status,
                                   self.experts() if self.experts is not None else None)
@@ -239,7 +241,8 @@ class RecordPublisher:
             items = [(PEERS_KEY, subkey, record.as_value(), expiration)]
             if self.rounds is not None and self.rounds.rounds and record.run:
                 items.append((rounds_key(record.run), subkey, [asdict(r) for r in self.rounds.rounds], expiration))
-            stored = await asyncio.wait_for(dht.store_many(items), self.period)
+            async with asyncio.timeout(self.period):
+                stored = await dht.store_many(items)
         except Exception as e:  # noqa: BLE001 - the DHT may be unreachable for a while
             logger.warning("publishing the %s peer record failed: %s", self.kind, e)
             return False

@@ -342,14 +342,15 @@ class DHTNode:
         """What this node holds for a key: its records merged with its cached copies."""
         return merge_entries([e for e in (await self.storage.get(key_id), self.cache.get(key_id)) if e is not None])
 
-    async def _answer(self, key_id: bytes) -> StoredEntry | None:
-        """What a Find of a key gets from this node; counts the request (hot keys, metrics)."""
+    async def _answer(self, key_id: bytes) -> tuple[StoredEntry | None, bool]:
+        """What a Find of a key gets from this node, and whether the node stores records of the
+        key (not only a cached copy); counts the request (hot keys, metrics)."""
         stored = await self.storage.get(key_id)
         cached = self.cache.get(key_id)
         if self.hot_keys.seen(key_id):
             self.metrics.hot_key_requests.inc()
         self.metrics.served.labels("stored" if stored else "cached" if cached else "none").inc()
-        return merge_entries([e for e in (stored, cached) if e is not None])
+        return merge_entries([e for e in (stored, cached) if e is not None]), stored is not None
 
     # ---- the protocol, called ----
 
@@ -427,7 +428,7 @@ class DHTNode:
             return responses[0]
         return FindResponse(node=responses[0].node, results=[r for response in responses for r in response.results])
 
-    async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False,
+    async def _lookup(self, key_ids: list[int], *, stop_at_first_value: bool = False, quorum: int | None = None,
                       deadline: float | None = None) -> dict[int, LookupState]:
         """Section 2.3's node lookup (`alpha` = parallelism), for many ids at once (`traversal`)."""
         return await traverse(
@@ -440,6 +441,7 @@ class DHTNode:
             own_peer_id=self.identity.peer_id,
             skip=lambda peer_id: peer_id in self._late or self.blacklist.banned(peer_id),
             stop_at_first_value=stop_at_first_value,
+            quorum=quorum,
             deadline=deadline,
             detach=self._let_finish,
             now=self.clock.monotonic,
@@ -514,8 +516,9 @@ class DHTNode:
         return accepted
 
     async def get(self, key: Any, latest: bool = False, *, timeout: float | None = None) -> Found | None:
-        """The value under `key`, or None. With `latest`, searches the key's nearest nodes to the
-        end for the newest value instead of returning the first one found. With `timeout`, the
+        """The value under `key`, or None. With `latest`, searches the key's nearest nodes for the
+        newest value instead of returning the first one found, until `read_quorum` nodes agree on
+        it (one of them storing it: `traversal`) or its nearest nodes are all asked. With `timeout`, the
         search ends after that many seconds with what it found (a frozen node is not waited for)."""
         return (await self.get_many([key], latest=latest, timeout=timeout))[0]
 
@@ -529,7 +532,8 @@ class DHTNode:
         key_ids = [id_of(raw) for raw in raw_keys]
         local = {key_id: await self._held(id_to_bytes(key_id)) for key_id in key_ids}
         wanted = [key_id for key_id in set(key_ids) if latest or local[key_id] is None]
-        states = await self._lookup(wanted, stop_at_first_value=not latest, deadline=deadline) if wanted else {}
+        quorum = self.settings.read_quorum if latest else None
+        states = await self._lookup(wanted, stop_at_first_value=not latest, quorum=quorum, deadline=deadline) if wanted else {}
         complete = {key_id: await self._rest(state, deadline) for key_id, state in states.items()}
         results = []
         for raw_key, key_id in zip(raw_keys, key_ids):
@@ -623,15 +627,16 @@ class DHTNode:
         return complete
 
     def _cache(self, raw_key: bytes, entry: StoredEntry, state: LookupState) -> None:
-        """Section 2.3, caching: the nearest queried node that answered without the value is
-        given a copy, so that later lookups of a popular key end there. The copy lives
+        """Section 2.3, caching: the nearest queried node that answered without the value (or
+        with an older one) is given a copy, so that later lookups of a popular key end there. The copy lives
         `cache_ttl` seconds if no other node is between it and the key's `num_replicas` nearest,
         halved for each node between ("exponentially inversely proportional to the number of
         nodes between the current node and the node whose ID is closest to the key ID"), and
         never past the record's own expiration."""
-        if not state.without_value:
+        lacking = state.without_value + state.stale()
+        if not lacking:
             return
-        target = min(state.without_value, key=lambda c: c.id ^ state.key_id)
+        target = min(lacking, key=lambda c: c.id ^ state.key_id)
         nearer = sum(1 for c in state.candidates.values()
                      if c.peer_id not in state.failed and c.id ^ state.key_id < target.id ^ state.key_id)
         keep_for = self.settings.cache_ttl * 0.5 ** max(0, nearer - self.settings.num_replicas)

@@ -79,9 +79,10 @@ class NodeServicer:
         results = []
         for index, key_id in enumerate(ids):
             nearest = node.routing.nearest(key_id, node.settings.bucket_size, exclude=request.sender.peer_id)
-            entry = await node._answer(id_to_bytes(key_id))
+            entry, stored = await node._answer(id_to_bytes(key_id))
             after = request.after[index] if index < len(request.after) else b""
             value = found_value(entry, after=after, page_bytes=node.settings.page_bytes)
+            value.stored = value.found and stored
             results.append(FindResult(value=value, nearest=[node_info(c) for c in nearest]))
         return FindResponse(node=node._me(), results=results, observed_address=observed_address(context.peer))
 

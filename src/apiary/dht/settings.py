@@ -9,6 +9,7 @@ class DHTSettings(BaseModel):
     bucket_size: int = Field(20, ge=2, description="nodes per k-bucket (Kademlia's k)")
     num_replicas: int = Field(5, ge=1, description="nodes that store each value")
     parallelism: int = Field(3, ge=1, description="concurrent queries per key in a lookup (Kademlia's alpha)")
+    read_quorum: int = Field(3, ge=1, description="a latest read ends once this many nodes gave the same newest value, one of them storing it (not a cached copy)")
     rpc_timeout: float = Field(3.0, gt=0, description="deadline of one DHT RPC, seconds")
     bootstrap_timeout: float = Field(15.0, gt=0, description="seconds to reach an initial peer before giving up")
     refresh_period: float = Field(300.0, gt=0, description="refresh k-buckets not updated for this many seconds")

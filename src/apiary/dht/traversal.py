@@ -5,7 +5,12 @@ Each round, every unfinished key picks up to `parallelism` of its nearest unquer
 candidates; the picks are grouped by node so that each node gets one Find RPC carrying every
 key it was picked for, and all of a round's RPCs run concurrently. A key is finished when its
 `k` nearest known nodes have all answered or failed, or (when only a value is wanted) as soon
-as one value is found. A lookup with a `deadline` finishes then on the answers it has: a node
+as one value is found, or (when the newest value is wanted, with a `quorum`) as soon as
+`quorum` nodes gave the same newest value, at least one of them a node that stores the key's
+records: a cached copy alone never ends a read, and a stale one makes it go on. Such a lookup
+asks, once it found a value, only as many nodes at once as could complete the quorum
+(`LookupState.missing`), so that a read that met cached copies on its way asks one storing
+node, not `parallelism`. A lookup with a `deadline` finishes then on the answers it has: a node
 that is slow or frozen does not hold it for the whole RPC timeout; the queries still running
 are handed to `detach` (which lets them end on their own deadline, so that the node learns
 that the peer failed) or cancelled.
@@ -19,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from apiary.dht.ids import distance
-from apiary.dht.messages import contact_of, stored_entry
+from apiary.dht.messages import contact_of, merge_entries, stored_entry
 from apiary.dht.protos.dht_pb2 import FindResponse
 from apiary.dht.routing import Contact
 from apiary.dht.storage import StoredEntry
@@ -39,6 +44,7 @@ class LookupState:
     values: list[tuple[StoredEntry, Contact]] = field(default_factory=list)
     without_value: list[Contact] = field(default_factory=list)
     paged: list[Contact] = field(default_factory=list)  # answered a first page of a dictionary: more follow
+    stored: set[str] = field(default_factory=set)  # answered with records they store, not only cached copies
     done: bool = False
 
     def nearest(self, count: int, *, answered_only: bool = False) -> list[Contact]:
@@ -46,6 +52,20 @@ class LookupState:
         if answered_only:
             pool = [c for c in pool if c.peer_id in self.answered]
         return sorted(pool, key=lambda c: distance(c.id, self.key_id))[:count]
+
+    def stale(self) -> list[Contact]:
+        """The nodes that answered with less than the newest value found."""
+        newest = merge_entries([entry for entry, _ in self.values])
+        return [contact for entry, contact in self.values if entry != newest]
+
+    def missing(self, quorum: int) -> int:
+        """How many more answers could make `quorum` nodes agree on the newest value found, one
+        of them a node storing it (0: they do)."""
+        newest = merge_entries([entry for entry, _ in self.values])
+        agreeing = {contact.peer_id for entry, contact in self.values if entry == newest}
+        if agreeing & self.stored:
+            return max(0, quorum - len(agreeing))
+        return max(1, quorum - len(agreeing))
 
 
 async def traverse(
@@ -58,12 +78,14 @@ async def traverse(
     own_peer_id: str,
     skip: Callable[[str], bool],
     stop_at_first_value: bool = False,
+    quorum: int | None = None,
     max_rounds: int = 64,
     deadline: float | None = None,
     detach: Callable[[Contact, asyncio.Future[FindResponse | None]], object] | None = None,
     now: Callable[[], float] = time.monotonic,
 ) -> dict[int, LookupState]:
     """Runs the lookups; `seeds(id)` gives the starting contacts, `skip(peer_id)` banned ones.
+    `quorum`: end a key's lookup once that many nodes agree on its newest value (`missing`).
     `deadline` (on the clock `now`): when to finish on the answers so far; `detach(contact, query)`
     takes each query still running then (default: they are cancelled)."""
     states = {key_id: LookupState(key_id, {c.peer_id: c for c in seeds(key_id)}) for key_id in key_ids}
@@ -72,14 +94,15 @@ async def traverse(
         for state in states.values():
             if state.done:
                 continue
-            if stop_at_first_value and state.values:
+            wave = parallelism if quorum is None or not state.values else min(parallelism, state.missing(quorum))
+            if state.values and (stop_at_first_value or wave == 0):
                 state.done = True
                 continue
             pending = [c for c in state.nearest(k) if c.peer_id not in state.queried]
             if not pending:
                 state.done = True
                 continue
-            for contact in pending[:parallelism]:
+            for contact in pending[:wave]:
                 state.queried.add(contact.peer_id)
                 picks.setdefault(contact.peer_id, (contact, []))[1].append(state.key_id)
         if not picks:
@@ -118,6 +141,8 @@ def _learn(states: dict[int, LookupState], contact: Contact, ids: list[int], res
         entry = stored_entry(result.value)
         if entry is not None:
             state.values.append((entry, contact))
+            if result.value.stored:
+                state.stored.add(contact.peer_id)
             if result.value.more:
                 state.paged.append(contact)
         else:

@@ -77,18 +77,20 @@ class SubkeyValue(_message.Message):
     def __init__(self, subkey: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ...) -> None: ...
 
 class FoundValue(_message.Message):
-    __slots__ = ("found", "value", "expiration", "subkeys", "more")
+    __slots__ = ("found", "value", "expiration", "subkeys", "more", "stored")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPIRATION_FIELD_NUMBER: _ClassVar[int]
     SUBKEYS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
     found: bool
     value: bytes
     expiration: float
     subkeys: _containers.RepeatedCompositeFieldContainer[SubkeyValue]
     more: bool
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ..., subkeys: _Optional[_Iterable[_Union[SubkeyValue, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+    stored: bool
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ..., subkeys: _Optional[_Iterable[_Union[SubkeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., stored: _Optional[bool] = ...) -> None: ...
 
 class FindRequest(_message.Message):
     __slots__ = ("sender", "key_ids", "after")

@@ -13,6 +13,7 @@ Every record that names a peer carries whichever of the two forms reaches it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -84,12 +85,16 @@ class Endpoint:
         return cls(host, int(port), relay_peer, target_peer)
 
     def __str__(self) -> str:
-        try:
-            is_v6 = ipaddress.ip_address(self.host).version == 6
-        except ValueError:
-            is_v6 = False
-        direct = f"[{self.host}]:{self.port}" if is_v6 else f"{self.host}:{self.port}"
+        direct = f"[{self.host}]:{self.port}" if _is_ipv6(self.host) else f"{self.host}:{self.port}"
         return f"{direct}{VIA}{self.relay_peer}{TO}{self.target_peer}" if self.relayed else direct
+
+
+@functools.lru_cache(maxsize=1 << 16)  # endpoints are written into every DHT message
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def _split_relay(text: str) -> tuple[str, str, str]:

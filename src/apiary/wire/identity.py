@@ -8,6 +8,7 @@ identity file (PKCS#8 PEM, mode 0600) so that a restarted peer keeps its id.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class IdentityError(ValueError):
     """An identity file or peer id is unusable."""
 
 
+@functools.lru_cache(maxsize=1 << 16)  # ids are converted on every DHT message: base32 was a swarm's CPU hot spot
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The peer id of a raw 32-byte Ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_BYTES:
@@ -33,6 +35,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return base64.b32encode(public_key).decode("ascii").rstrip("=").lower()
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a malformed id raises each time (exceptions are not cached)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """The raw public key inside a peer id; raises IdentityError for a malformed id."""
     if len(peer_id) != PEER_ID_LENGTH:
@@ -96,12 +99,12 @@ class Identity:
         )
         write_atomically(path, lambda f: f.write(pem))  # mode 0600 from the start
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         """The raw 32-byte public key."""
         return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
-    @property
+    @functools.cached_property
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_key)
 

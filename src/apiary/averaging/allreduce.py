@@ -184,7 +184,8 @@ class _SpanReduction:
 
     async def result(self) -> torch.Tensor:
         try:
-            await asyncio.wait_for(self.done.wait(), max(0.0, self.deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                await self.done.wait()
         except asyncio.TimeoutError:
             self.finish()  # the stragglers are left out
         assert self.mean is not None
@@ -278,7 +279,8 @@ class AllReduceService:
             raise WrongState(f"all-reduce round {group_id!r} is over")
         event = self._registered.setdefault(group_id, asyncio.Event())
         try:
-            await asyncio.wait_for(event.wait(), self.registration_timeout)
+            async with asyncio.timeout(self.registration_timeout):
+                await event.wait()
         except asyncio.TimeoutError:
             self._registered.pop(group_id, None)
             raise NotFoundHere(f"no all-reduce round {group_id!r} here") from None

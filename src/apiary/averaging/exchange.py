@@ -48,7 +48,8 @@ async def run_allreduce(
     asyncio.TimeoutError)."""
     result = out if out is not None and out.shape == flat.shape else torch.empty_like(flat)
     exchange = _Exchange(round_, weight, service, client, codec, result, verifier if round_.verify else None)
-    return await asyncio.wait_for(_allreduce(exchange, flat), deadline)
+    async with asyncio.timeout(deadline):
+        return await _allreduce(exchange, flat)
 
 
 @dataclass

@@ -180,7 +180,8 @@ class Matchmaker:
         self._gathering = gathering
         self._leading.set()
         try:
-            await asyncio.wait_for(gathering.settled.wait(), self.settings.join_seconds)
+            async with asyncio.timeout(self.settings.join_seconds):
+                await gathering.settled.wait()
         except asyncio.TimeoutError:
             pass
         finally:
@@ -213,7 +214,8 @@ class Matchmaker:
         """The leader's side of `Join`: returns once the group is settled. A joiner that comes
         before this peer has read the announcements waits for it (up to the join window)."""
         try:
-            await asyncio.wait_for(self._leading.wait(), self.settings.join_seconds)
+            async with asyncio.timeout(self.settings.join_seconds):
+                await self._leading.wait()
         except asyncio.TimeoutError:
             pass
         gathering = self._gathering

@@ -204,7 +204,8 @@ class ServiceHost:
             loop.add_signal_handler(sig, self.stop)
         self.spawn(self._log_ready(), "ready-log")
         try:
-            await asyncio.wait_for(self._stopping.wait(), duration)
+            async with asyncio.timeout(duration):
+                await self._stopping.wait()
         except asyncio.TimeoutError:
             pass
         finally:

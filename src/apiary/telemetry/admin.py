@@ -242,7 +242,8 @@ class AdminServer:
             return
         server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=2 * _STOP_TIMEOUT_S)
+            async with asyncio.timeout(2 * _STOP_TIMEOUT_S):
+                await asyncio.shield(task)
         except asyncio.TimeoutError:
             logger.warning("%s admin server did not stop in time; cancelling it", self.service)
             server.force_exit = True

@@ -160,7 +160,8 @@ class BulkServer:
     async def _serve_connection(self, connection: Connection, host: str, peer: str, closed: Callable[[], None]) -> None:
         try:
             if self._tls is not None:
-                await asyncio.wait_for(connection.start_tls(self._tls, server_side=True), self.settings.default_timeout)
+                async with asyncio.timeout(self.settings.default_timeout):
+                    await connection.start_tls(self._tls, server_side=True)
             if await connection.read_exactly(len(MAGIC)) != MAGIC:
                 await self._refuse(connection, grpc.StatusCode.INVALID_ARGUMENT,
                                    "not an apiary bulk connection (bad preamble)")
@@ -257,7 +258,8 @@ class BulkServer:
                 pass
 
         with contextlib.suppress(OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(drain(), _DRAIN_SECONDS)
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                await drain()
 
 
 class _Refusal(Exception):
@@ -309,7 +311,8 @@ class BulkClient:
                                   metadata=dict(outgoing_metadata()))
             try:
                 exchange = self._exchange(endpoint, peer_id, request, [p for _, p in tensors], reply_into)
-                reply = await asyncio.wait_for(exchange, timeout)
+                async with asyncio.timeout(timeout):
+                    reply = await exchange
             except WireError:  # the peer's own answer (its DeadlineExceeded too): pass it on as is
                 raise
             except asyncio.TimeoutError:

@@ -139,7 +139,8 @@ class Connection:
         readable = self.loop.create_future()
         self.loop.add_reader(self.sock.fileno(), lambda: readable.done() or readable.set_result(True))
         try:
-            return await asyncio.wait_for(readable, timeout)
+            async with asyncio.timeout(timeout):
+                return await readable
         except asyncio.TimeoutError:
             return False
         finally:

@@ -162,8 +162,9 @@ def client_ssl_context() -> ssl.SSLContext:
 async def fetch_peer_id(endpoint: Endpoint, timeout: float) -> str:
     """The peer id that the TLS server at `endpoint` proves (for addresses dialled without one)."""
     try:
-        _, writer = await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port, ssl=client_ssl_context(), server_hostname=""), timeout)
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(endpoint.host, endpoint.port, ssl=client_ssl_context(),
+                                                      server_hostname="")
     except asyncio.TimeoutError:
         raise TimeoutError(f"no TLS handshake with {endpoint} within {timeout:.1f}s") from None
     try:

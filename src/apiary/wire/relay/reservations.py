@@ -247,7 +247,8 @@ class Reservations:
     async def _to_grpc(self, circuit: socket.socket, incoming: Incoming) -> None:
         """Splices a gRPC circuit to this server's own gRPC port (grpc.aio takes no sockets)."""
         try:
-            local = await asyncio.wait_for(connect_tcp(self.server.local_endpoint), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                local = await connect_tcp(self.server.local_endpoint)
         except (TimeoutError, OSError) as e:
             logger.warning("a relayed gRPC circuit could not reach this server: %s", e)
             circuit.close()

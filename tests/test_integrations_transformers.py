@@ -180,6 +180,21 @@ def test_a_checkpoint_keeps_the_swarm_epoch_and_resuming_puts_the_optimizer_back
         assert opt.epoch == 4
 
 
+@pytest.mark.parametrize("options", [{"mode": "diloco"}, {"delay_updates": True},
+                                     {"offload_optimizer": True}], ids=str)
+def test_the_optimizers_modes_and_memory_options_train_through_trainer(tmp_path, options):
+    model = _model()
+    with apiary.Optimizer("hf-modes", model.parameters(), lambda p: torch.optim.AdamW(p, 3e-3),
+                          target_batch_size=32, **options) as opt:
+        trainer = CollaborativeTrainer(model=model, args=_args(tmp_path, max_steps=16, gradient_accumulation_steps=1,
+                                                               logging_steps=8),
+                                       train_dataset=_dataset(0), swarm_optimizer=opt, schedule=_halving)
+        trainer.train()
+        assert opt.epoch == 4 and opt.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.5**4)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert losses[-1] < losses[0], losses
+
+
 # ---- the task entry point and the model
 
 

@@ -27,10 +27,11 @@ console = Console(soft_wrap=True)
 
 
 def expert_server_command(
-    experts: Annotated[str, option("--experts", "experts to host, as grid patterns: ffn.0.[0:4] = ffn.0.0 … ffn.0.3; comma-separated")],
+    experts: Annotated[Optional[str], option("--experts", "experts to host, as grid patterns: ffn.0.[0:4] = ffn.0.0 … ffn.0.3; comma-separated (default: the --task's grid)")] = None,
+    task: Annotated[Optional[str], option("--task", "host the experts of this built-in task's grid: moe_lm[:PRESET] (fills --experts, --hidden-size and --kind when not given)")] = None,
     num_experts: Annotated[Optional[int], option("--num-experts", "host this many of the experts --experts names, chosen among those no other server declares in the DHT (default: all)", min=1)] = None,
-    kind: Annotated[str, option("--kind", "ffn, transformer, slow or failing (for tests), or package.module:factory")] = "ffn",
-    hidden_size: Annotated[int, option("--hidden-size", "the experts' input and output size", min=1)] = 1024,
+    kind: Annotated[Optional[str], option("--kind", "ffn, transformer, slow or failing (for tests), or package.module:factory (default: ffn, or the --task's)")] = None,
+    hidden_size: Annotated[Optional[int], option("--hidden-size", "the experts' input and output size (default: 1024, or the --task's)", min=1)] = None,
     optimizer: Annotated[str, option("--optimizer", "every expert's optimizer: adam, adamw, sgd or none (experts never change)")] = "adam",
     lr: Annotated[float, option("--lr", "learning rate of every expert", min=0)] = 1e-3,
     momentum: Annotated[float, option("--momentum", "SGD momentum", min=0)] = 0.0,
@@ -84,6 +85,7 @@ def expert_server_command(
     from apiary.moe.names import expand_expert_names
     from apiary.services.expert_server import ExpertServerSettings
 
+    experts, hidden_size, kind = _experts_to_host(experts, task, hidden_size, kind)
     try:
         names = expand_expert_names(experts)
     except ValueError as e:
@@ -113,6 +115,23 @@ def expert_server_command(
         raise typer.BadParameter(str(e), param_hint="'--checkpoint-dir'") from None
     except NoFreeExperts as e:
         raise typer.BadParameter(str(e), param_hint="'--num-experts'") from None
+
+
+def _experts_to_host(experts: str | None, task: str | None, hidden_size: int | None, kind: str | None
+                     ) -> tuple[str, int, str]:
+    """--experts, --hidden-size and --kind, those not given taken from the --task's expert grid."""
+    if task is None:
+        if experts is None:
+            raise typer.BadParameter("name the experts to host (or --task, whose grid names them)",
+                                     param_hint="'--experts'")
+        return experts, hidden_size or 1024, kind or "ffn"
+    from apiary.tasks import TaskError, task_expert_grid
+
+    try:
+        grid = task_expert_grid(task)
+    except TaskError as e:
+        raise typer.BadParameter(str(e), param_hint="'--task'") from None
+    return experts or grid.patterns, hidden_size or grid.hidden_size, kind or grid.kind
 
 
 async def _serve(wire: WireSettings, service_settings: ServiceSettings, settings: ExpertServerSettings) -> None:

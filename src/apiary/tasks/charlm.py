@@ -9,14 +9,13 @@ tail for evaluation.
 from __future__ import annotations
 
 import functools
-import sysconfig
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from apiary.tasks import Task
+from apiary.tasks.corpus import as_bytes, modules
+from apiary.tasks.corpus import windows as _windows
 
 VOCABULARY = 256
 MODULES = ("argparse", "ast", "asyncio/base_events", "collections/__init__", "dataclasses", "functools",
@@ -26,12 +25,7 @@ MODULES = ("argparse", "ast", "asyncio/base_events", "collections/__init__", "da
 @functools.lru_cache(maxsize=1)
 def corpus() -> torch.Tensor:
     """The bytes of the chosen standard-library modules (those present), as a uint8 tensor."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = [root / f"{name}.py" for name in MODULES]
-    text = b"\n".join(path.read_bytes() for path in paths if path.exists())
-    if len(text) < 100_000:
-        raise RuntimeError(f"the standard library sources under {root} are missing: the charlm task needs them")
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).clone()
+    return as_bytes(modules(MODULES))
 
 
 class CharTransformer(nn.Module):
@@ -59,13 +53,6 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     batch = batch.to(device)
     logits = model(batch[:, :-1])
     return nn.functional.cross_entropy(logits.reshape(-1, VOCABULARY), batch[:, 1:].reshape(-1))
-
-
-def _windows(data: torch.Tensor, context: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, len(data) - context - 1, (batch_size,), generator=generator)
-        yield torch.stack([data[s : s + context + 1] for s in starts.tolist()]).long()
 
 
 def task(seed: int = 0, model_seed: int = 0, batch_size: int = 16, context: int = 64, width: int = 64,

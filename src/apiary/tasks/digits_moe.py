@@ -3,29 +3,21 @@
 The trainer holds an embedding, the gate and a classifier head (averaged with the swarm by
 the collaborative optimizer); the experts of the grid `prefix` live on expert servers
 (`apiary expert-server --experts digits.[0:3].[0:4] --hidden-size 32`) and train themselves.
-The task reaches the experts through the participant's dht service (`dht_local`, host:port of
-its local API, as the trainer's APIARY_DHT_LOCAL) or a client-mode DHT node joining
-`initial_peers`. It dials the expert servers with the trainer's wire settings from its
-environment: APIARY_TLS, and in a private run APIARY_RUN_AUTHORITY, APIARY_ACCESS_TOKEN and
-APIARY_IDENTITY (the trainer's own key, which its token admits).
+The task reaches the experts through the participant's dht service or a client-mode DHT node
+(`apiary.tasks.swarm`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from apiary.dht import DHTNode, DHTSettings
-from apiary.dht.api import DHTClient
-from apiary.moe.client import run_sync
 from apiary.moe.dispatch import FaultTolerance
 from apiary.moe.mixture import RemoteMixtureOfExperts
 from apiary.tasks import Task
-from apiary.wire import ChannelPool, Endpoint, Identity, WireSettings, parse_peer_list
+from apiary.tasks.swarm import experts_dht
 
 
 class DigitsClassifier(nn.Module):
@@ -59,33 +51,12 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
     return nn.functional.cross_entropy(model(x), y)
 
 
-def _wire_from_environment() -> tuple[WireSettings, Identity | None]:
-    """The trainer's TLS and private-run settings, as its APIARY_* variables give them."""
-    authority = os.environ.get("APIARY_RUN_AUTHORITY") or None
-    settings = WireSettings(tls=os.environ.get("APIARY_TLS", "true").lower() not in ("false", "0", "no"),
-                            run_authority=authority,
-                            access_token=(os.environ.get("APIARY_ACCESS_TOKEN") or None) if authority else None)
-    identity_file = os.environ.get("APIARY_IDENTITY")
-    identity = Identity.load(Path(identity_file)) if authority and identity_file else None
-    return settings, identity
-
-
-def _swarm(initial_peers: str, dht_local: str) -> DHTClient | DHTNode:
-    if bool(dht_local) == bool(initial_peers):
-        raise ValueError("the digits_moe task needs exactly one of dht_local (the participant's dht service, "
-                         "host:port) and initial_peers (a DHT node of the swarm of its expert servers)")
-    if dht_local:
-        settings, identity = _wire_from_environment()
-        return DHTClient(Endpoint.parse(dht_local), ChannelPool(settings, identity=identity))
-    return run_sync(DHTNode.launch(parse_peer_list(initial_peers), settings=DHTSettings(client_mode=True)), 30)
-
-
 def task(initial_peers: str = "", seed: int = 0, model_seed: int = 0, prefix: str = "digits",
          grid: tuple[int, int] = (3, 4), hidden: int = 32, k_best: int = 3, batch_size: int = 64, lr: float = 0.01,
          timeout: float = 5.0, dht_local: str = "") -> Task:
     """The task; `dht_local`: the participant's dht service (default: the trainer's
     APIARY_DHT_LOCAL), or `initial_peers`: any DHT node of the swarm where the expert servers declare."""
-    dht = _swarm(initial_peers, dht_local or ("" if initial_peers else os.environ.get("APIARY_DHT_LOCAL", "")))
+    dht = experts_dht("digits_moe", initial_peers, dht_local)
     x, y = _digits()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, held_out = order[:1400], order[1400:]

@@ -71,6 +71,8 @@ class Network:
         self.sent: Counter[tuple[Endpoint, str]] = Counter()  # (host, method): bytes it sent
         self.received: Counter[tuple[Endpoint, str]] = Counter()
         self.calls: Counter[tuple[Endpoint, str]] = Counter()  # (caller, method): calls made
+        self.traced: Endpoint | None = None  # a caller whose Finds' start times are noted in `starts`
+        self.starts: list[float] = []
         self.settings = WireSettings(listen_host="127.0.0.1", bulk=False)
 
     def host(self) -> Host:
@@ -122,6 +124,8 @@ class Network:
         data = request.SerializeToString()
         target = self.hosts.get(endpoint)
         self.calls[origin.endpoint, method_name] += 1
+        if origin.endpoint == self.traced and method_name == "Find":
+            self.starts.append(asyncio.get_running_loop().time())
         self._count(origin, endpoint, method_name, len(data))
         if target is None or not target.up:
             await asyncio.Future()  # lost

@@ -49,6 +49,9 @@ class Member:
 
 
 class Swarm:
+    """Nodes that serve (`members`, the ones others join through) and client-mode nodes behind
+    NAT (`clients`: they get and store, and nobody can call them)."""
+
     def __init__(self, network: Network, seed: int, settings: DHTSettings | None = None, *, verify: bool = True):
         self.network = network
         self.rng = random.Random(seed)
@@ -57,22 +60,27 @@ class Swarm:
         self.verify = verify
         self.members: list[Member] = []
         self.crashed: list[Member] = []
+        self.clients: list[Member] = []
         self._made = 0
 
-    async def add(self, identity: Identity | None = None, bootstrap: list[Member] | None = None) -> Member:
-        """A node that joins through `bootstrap` (default: up to three random live members)."""
+    async def add(self, identity: Identity | None = None, bootstrap: list[Member] | None = None, *,
+                  client: bool = False) -> Member:
+        """A node that joins through `bootstrap` (default: up to three random live members); with
+        `client`, a client-mode node (it serves nothing)."""
         if identity is None:
             identity = identities(self.seed * 1_000_003 + self._made, 1)[0]
         self._made += 1
         host = self.network.host()
-        node = DHTNode(identity, self.settings, storage=MemoryStorage(clock()), pool=self.network.pool(),
+        settings = self.settings.model_copy(update={"client_mode": True}) if client else self.settings
+        node = DHTNode(identity, settings, storage=MemoryStorage(clock()), pool=self.network.pool(),
                        validator=None if self.verify else Unverified(identity),
                        transport=self.network.transport(host), clock=clock())
-        node.attach(self.network.server(host))
+        if not client:
+            node.attach(self.network.server(host))
         if bootstrap is None:
             bootstrap = self.rng.sample(self.members, min(3, len(self.members)))
         member = Member(node, host)
-        self.members.append(member)
+        (self.clients if client else self.members).append(member)
         await node.join([b.address for b in bootstrap])
         return member
 
@@ -98,21 +106,26 @@ class Swarm:
         return victims
 
     async def close(self) -> None:
-        await asyncio.gather(*(member.node.shutdown() for member in self.members))
+        await asyncio.gather(*(member.node.shutdown() for member in self.members + self.clients))
         self.members.clear()
+        self.clients.clear()
 
 
 async def lookups(swarm: Swarm, pairs: list[tuple[Member, Any, Any]]) -> dict[str, Any]:
     """Each (member, key, value expected): a get by that member. Success, Find RPCs per get
-    (the lookup's messages) and virtual seconds per get."""
-    found, finds, seconds = 0, [], []
-    loop = asyncio.get_running_loop()
+    (the lookup's messages), hops per get (its rounds of Finds: the distinct moments its Finds
+    left) and virtual seconds per get."""
+    found, finds, hops, seconds = 0, [], [], []
+    loop, network = asyncio.get_running_loop(), swarm.network
     for member, key, expected in pairs:
-        before = swarm.network.calls[member.host.endpoint, "Find"]
+        network.traced, network.starts = member.host.endpoint, []
         started = loop.time()
         result = await member.node.get(key)
         seconds.append(loop.time() - started)
-        finds.append(swarm.network.calls[member.host.endpoint, "Find"] - before)
+        finds.append(len(network.starts))
+        hops.append(len(set(network.starts)))
         found += result is not None and result.value == expected
+    network.traced = None
     return {"success": found / len(pairs), "finds_per_get": sum(finds) / len(finds),
+            "hops_per_get": sum(hops) / len(hops), "max_hops": max(hops),
             "seconds_per_get": sum(seconds) / len(seconds)}

@@ -96,6 +96,8 @@ async def test_three_trainers_average_through_shared_memory_and_grpc(swarm: Swar
         sizes = await asyncio.wait_for(
             asyncio.gather(*(c.average(ts, weight=w) for c, ts, w in zip(clients, tensors, WEIGHTS))), 90)
         assert sizes == [3, 3, 3], [c.last_outcome for c in clients]
+        members = tuple(sorted(a.status()["peer_id"] for a in swarm.averagers))
+        assert all(c.last_outcome.members == members for c in clients), [c.last_outcome for c in clients]
         total = sum(WEIGHTS)
         for index, expected in enumerate(
             sum(w * x.double() for w, x in zip(WEIGHTS, parts)) / total for parts in zip(*inputs)

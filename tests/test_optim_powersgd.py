@@ -16,6 +16,7 @@ import torch
 
 from apiary.optim import Optimizer, SwarmProgress, check_mode
 from apiary.optim.powersgd import Q_ROUNDS, PowerSGD, compressible, round_values
+from apiary.optim.rules import RoundGroup
 from apiary.tasks.charlm import task as charlm
 from service_processes import APIARY
 from test_optim_epochs import MemorySwarm, Peers
@@ -25,14 +26,18 @@ from trainer_processes import TrainerSwarm
 ROWS, COLS, RANK = 12, 10, 2
 
 
-class Pair:
-    """`Rounds` of a group of two: the rules of `peers` peers, run in threads, and a round ends when
-    all started it (samples-weighted mean, in place); with one peer, the other is its twin (the
-    same tensors). `moved` rounds meet another peer instead (its tensors: the caller's times 3);
-    `missing` rounds find no group."""
+GROUP = RoundGroup(2, ("peer-a", "peer-b"))
 
-    def __init__(self, peers: int = 2, moved: Sequence[int] = (), missing: Sequence[int] = ()):
-        self.peers, self.moved, self.missing = peers, set(moved), set(missing)
+
+class Pair:
+    """`Rounds` of a group of two (`GROUP`): the rules of `peers` peers, run in threads, and a round
+    ends when all started it (samples-weighted mean, in place). `moved` rounds meet another peer
+    instead (its tensors: the caller's times 3), `twinned` rounds another peer with the caller's very
+    tensors (nothing but the member list tells that group from `GROUP`); `missing` rounds find no group."""
+
+    def __init__(self, peers: int = 2, moved: Sequence[int] = (), missing: Sequence[int] = (),
+                 twinned: Sequence[int] = ()):
+        self.peers, self.moved, self.missing, self.twinned = peers, set(moved), set(missing), set(twinned)
         self.waiting: dict[int, list[tuple[list[torch.Tensor], float, concurrent.futures.Future]]] = {}
         self.rounds: list[tuple[int, list[torch.Size]]] = []
         self.lock = threading.Lock()
@@ -44,10 +49,11 @@ class Pair:
             if round_index in self.missing:
                 future.set_result(None)
                 return future
-            if round_index in self.moved:
+            if round_index in self.moved or round_index in self.twinned:
+                factor = 3 if round_index in self.moved else 1
                 for t in tensors:
-                    t.copy_((t * weight + 3 * t * weight) / (2 * weight))
-                future.set_result(2)
+                    t.copy_((t * weight + factor * t * weight) / (2 * weight))
+                future.set_result(RoundGroup(2, ("peer-a", "peer-c")))
                 return future
             waiting = self.waiting.setdefault(round_index, [])
             waiting.append((tensors, weight, future))
@@ -57,10 +63,10 @@ class Pair:
                 for ts, _, f in waiting:
                     for t, mean in zip(ts, means):
                         t.copy_(mean)
-                    f.set_result(2)
+                    f.set_result(GROUP)
         return future
 
-    def result(self, future: concurrent.futures.Future, what: str) -> int | None:
+    def result(self, future: concurrent.futures.Future, what: str) -> RoundGroup | None:
         return future.result(10)
 
 
@@ -119,7 +125,7 @@ def test_two_peers_apply_the_power_iteration_of_their_weighted_mean_gradient():
         assert rule.fallbacks == 0
     assert [(index, shapes) for index, shapes in rounds.rounds[::2]] == [
         (0, [torch.Size([ROWS, RANK]), torch.Size([ROWS])]),  # round one: P and the bias
-        (Q_ROUNDS, [torch.Size([COLS, RANK]), torch.Size([2])]),  # round two: Q and the fingerprint
+        (Q_ROUNDS, [torch.Size([COLS, RANK])]),  # round two: Q
     ]
 
 
@@ -156,13 +162,14 @@ def test_a_rank_r_mean_gradient_is_sent_exactly():
     assert weighted.abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("moved, missing, why", [
-    ((Q_ROUNDS,), (), "did not hold its P round's"),
-    ((), (Q_ROUNDS,), "Q round found no group"),
-    ((), (0,), "P round found no group"),
+@pytest.mark.parametrize("moved, twinned, missing, why", [
+    ((Q_ROUNDS,), (), (), "is not its P round's"),
+    ((), (Q_ROUNDS,), (), "is not its P round's"),  # same size, same values: only the members differ
+    ((), (), (Q_ROUNDS,), "Q round found no group"),
+    ((), (), (0,), "P round found no group"),
 ])
-def test_a_peer_whose_rounds_fail_or_change_group_steps_on_its_own_gradient(moved, missing, why, caplog):
-    rounds = Pair(peers=1, moved=moved, missing=missing)
+def test_a_peer_whose_rounds_fail_or_change_group_steps_on_its_own_gradient(moved, twinned, missing, why, caplog):
+    rounds = Pair(peers=1, moved=moved, missing=missing, twinned=twinned)
     net, rule = _rule(rounds)
     rule.residuals[0] += 1.0  # owed from earlier epochs
     grad = _gradients(1)

@@ -113,6 +113,7 @@ class RoundResult:
     formed_early: bool = False  # the group was formed ahead of the round (prepare())
     sent_bytes: int = 0  # all-reduce tensor bytes sent since the previous round's result
     received_bytes: int = 0  # and received
+    members: tuple[str, ...] = ()  # the group's peer ids, sorted (OK only)
 
 
 @dataclass
@@ -159,6 +160,7 @@ class Averager:
         self.formed_early = False  # the latest step found its group formed ahead (prepare())
         self.verifier: Verifier | None = None  # made at attach() with verify_reductions
         self.last_round: RoundResult | None = None  # of the latest step
+        self._members: tuple[str, ...] = ()  # the group of the step in flight, sorted
         self._on_bytes_sent, self._on_bytes_received, self._on_round = on_bytes_sent, on_bytes_received, on_round
         self._sent = self._received = 0  # all-reduce tensor bytes so far
         self._reported = (0, 0)  # and at the latest step's result
@@ -235,6 +237,7 @@ class Averager:
         self.round_index = round_index + 1
         started = time.monotonic()
         self._in_step = True
+        self._members = ()
         try:
             size = await self._run(round_index, weight, self.tensors if tensors is None else list(tensors))
         except asyncio.CancelledError:
@@ -251,7 +254,8 @@ class Averager:
     def _report(self, result: str, size: int, started: float, error: str = "") -> None:
         (sent, received), self._reported = self._reported, (self._sent, self._received)
         self.last_round = RoundResult(result, size, time.monotonic() - started, time.time(), error, self.formed_early,
-                                      self._sent - sent, self._received - received)
+                                      self._sent - sent, self._received - received,
+                                      self._members if result == OK else ())
         if self._on_round is not None:
             self._on_round(self.last_round)
 
@@ -277,6 +281,7 @@ class Averager:
             return None
         await faults.reached_async("averager.round", round_index)
         group_id, members = group
+        self._members = tuple(sorted(m.peer_id for m in members))
         position = [m.peer_id for m in members].index(self.peer_id)
         flat = flatten(tensors, out=self._flat) if self.settings.mode is not Role.AUX else torch.zeros(0)
         self._flat = flat

@@ -8,8 +8,10 @@ by an epoch), "local" (local SGD, parameters averaged), "diloco" (outer Nesterov
 mean pseudo-gradient) or "powersgd" (gradients averaged as rank-`powersgd_rank` factors with
 error feedback, tensors under `powersgd_min_size` elements uncompressed: optim/powersgd.py).
 In "gradients" and "powersgd" modes parameters and optimizer statistics are averaged every
-`average_state_every` epochs to undo any drift (e.g. a round a peer missed); with
-`delay_updates` such an epoch waits for its gradient round first (no overlap that epoch).
+`average_state_every` epochs to undo any drift (e.g. a round a peer missed): the training
+thread waits for that round, or with `delay_state_averaging` it runs in the background while the
+next batches are trained and its mean lands with the progress made meanwhile kept
+(optim/state_rounds.py); with `delay_updates` either waits for the epoch's update to land first.
 
 Memory (mode "gradients"): `reuse_grad_buffers` accumulates in the parameters' `.grad` instead
 of a separate buffer (do not zero gradients between steps: the optimizer does after each epoch,
@@ -38,7 +40,6 @@ from typing import Any
 
 import torch
 
-from apiary.averaging.averager import STATE_ROUNDS
 from apiary.background import LoopThread
 from apiary.optim.epochs import EpochController, LocalProgress, Step
 from apiary.optim.powersgd import PowerSGD
@@ -46,6 +47,7 @@ from apiary.optim.progress import SwarmProgress
 from apiary.optim.rounds import SwarmRounds
 from apiary.optim.rules import DiLoCo, GradientAveraging, LocalSGD, Mode, UpdateRule, check_mode
 from apiary.optim.state import load_run_state, parameters_of, run_state
+from apiary.optim.state_rounds import StateRounds
 from apiary.optim.swarm import StartEmbedded, Swarm, SwarmLink
 from apiary.optim.watch import SwarmWatch, logged
 from apiary.wire import Endpoint, PeerAddress, WireSettings
@@ -89,13 +91,15 @@ class Optimizer:
         client_mode: bool = False, auxiliary: bool = False, wire: WireSettings | None = None,
         identity: Path | None = None, averaging: dict[str, Any] | None = None, average_state_every: int = 5,
         delay_updates: bool = False, reuse_grad_buffers: bool = False, offload_optimizer: bool = False,
-        outer_lr: float = 0.7, outer_momentum: float = 0.9, powersgd_rank: int = 4, powersgd_min_size: int = 4096,
+        delay_state_averaging: bool = False, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+        powersgd_rank: int = 4, powersgd_min_size: int = 4096,
         scheduler: SchedulerFactory | None = None, load_state: bool = True, state_timeout: float = 30.0,
         round_timeout: float = 60.0, refresh_period: float = 0.25, max_samples_per_second: float = math.inf,
         swarm: Swarm | None = None,
     ):
         check_mode(mode, delay_updates=delay_updates, auxiliary=auxiliary, reuse_grad_buffers=reuse_grad_buffers,
-                   offload_optimizer=offload_optimizer)
+                   offload_optimizer=offload_optimizer, delay_state_averaging=delay_state_averaging,
+                   average_state_every=average_state_every)
         if target_batch_size < 1:
             raise ValueError(f"target_batch_size must be at least 1, got {target_batch_size}")
         if average_state_every < 0:
@@ -135,6 +139,7 @@ class Optimizer:
                                                    seed=zlib.crc32(run_id.encode())) if mode == "powersgd"
                                      else DiLoCo(*common, outer_lr=outer_lr, outer_momentum=outer_momentum))
             self.watch.params = self.rule.round_template()  # groups formed ahead are for the first round's tensors
+            self.state_rounds = StateRounds(self.rule, self._rounds, delayed=delay_state_averaging)
             if load_state and not auxiliary:
                 self.load_state_from_peers()
             if not auxiliary:
@@ -161,6 +166,7 @@ class Optimizer:
         self._count(batch_size)
         self.rule.on_batch(batch_size)
         self.rule.poll()
+        self.state_rounds.poll()
         decide = self.controller.after_batch
         decision = decide(self.local, self.view, self.watch.prepared_epoch, time.monotonic(), fresh=False)
         if decision.step is Step.REFRESH:  # the estimate reached the target: decide on counts reported just now
@@ -231,6 +237,7 @@ class Optimizer:
         self.local = replace(local, training=False)
         self.watch.publish(self.local)  # our final count, and that we stopped counting
         started = time.monotonic()
+        self.state_rounds.settle()
         self.rule.finish_epoch(local.epoch, local.samples)
         if not self.delay_updates:  # how long training waited for the round; its group, formed ahead or not
             outcome = self._rounds.last_outcome
@@ -238,8 +245,7 @@ class Optimizer:
                          formed_early=bool(outcome and outcome.formed_early))
         self._advance(local.epoch + 1)
         if self.average_state_every and self.epoch % self.average_state_every == 0:
-            self.rule.flush()  # delayed updates: the state averaged includes this epoch's update
-            self._average_state()
+            self.state_rounds.due(self.epoch)  # the state averaged includes this epoch's update
         self._resume()
         self._publish_state()
 
@@ -252,6 +258,7 @@ class Optimizer:
         self.local = replace(self.local, training=False)
         self.rule.flush()
         self.rule.drop()
+        self.state_rounds.drop()
         if not self.load_state_from_peers() or self.epoch < swarm_epoch:
             self._advance(swarm_epoch)
         self._resume()
@@ -272,7 +279,9 @@ class Optimizer:
         return run_state(self.rule, self.epoch)
 
     def load_state(self, metadata: dict[str, Any], tensors: Sequence[torch.Tensor]) -> None:
-        """Takes a state given by `state()` (this peer's or another's); raises ValueError if it does not fit."""
+        """Takes a state given by `state()` (this peer's or another's); raises ValueError if it does not fit.
+        A delayed state round still running is forgotten."""
+        self.state_rounds.drop()
         self._advance(max(self.epoch, load_run_state(self.rule, metadata, tensors)))
 
     def load_state_from_peers(self) -> bool:
@@ -295,15 +304,6 @@ class Optimizer:
         metadata, tensors = self.state()
         copies = [t.detach().to("cpu", copy=True) for t in tensors]
         self.loop.submit(logged(self.swarm.publish_state(metadata, copies), "publishing the state"))
-
-    def _average_state(self) -> None:
-        """Averages parameters and optimizer statistics with the peers (a state round)."""
-        _, tensors = self.state()
-        with torch.no_grad():
-            buffers = [t.detach().clone() for t in tensors]
-        future = self._rounds.start(buffers, 1.0, STATE_ROUNDS + self.epoch)
-        if self._rounds.result(future, f"the state round of epoch {self.epoch}"):
-            self.rule.take(tensors, buffers)
 
     # ---- reporting and shutdown
 
@@ -339,9 +339,11 @@ class Optimizer:
         return self.view.peers if self.view is not None else 1
 
     def close(self) -> None:
-        """Applies a pending update, stops the background work and, if embedded, the services."""
+        """Applies a pending update (and a running state round's mean), stops the background work
+        and, if embedded, the services."""
         try:
             self.rule.flush()
+            self.state_rounds.flush()
         finally:
             self.rule.close()
             try:

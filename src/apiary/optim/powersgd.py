@@ -12,11 +12,11 @@ instead of n x m values. At the epoch's end, per matrix:
 5. the update is P Q^T (the projection of the swarm's mean M on the span of P), and
    residual = M - P Q^T.
 
-Round two also averages a fingerprint of round one's mean P's: a peer whose round-two group
-did not hold the same P's (another group, another size) would apply a projection its partners
-do not share, so it steps on its own gradient instead (logged), as it does when a round finds
-no group or fails: its matrices' gradients are then its own M and their residuals reset. The
-small tensors keep round one's average.
+A peer whose round-two group is not its round-one group (the averager reports each round's
+members) would apply a projection its partners do not share, so it steps on its own gradient
+instead (logged), as it does when a round finds no group or fails: its matrices' gradients are
+then its own M and their residuals reset. The small tensors keep round one's average. (An
+averager older than the member list reports none: then only the groups' sizes are compared.)
 
 Round one runs under the epoch's round index (the one the optimizer forms groups ahead for),
 round two under `Q_ROUNDS` + the epoch: a gradient round (below `STATE_ROUNDS`) on the same
@@ -30,12 +30,11 @@ from typing import Any
 
 import torch
 
-from apiary.optim.rules import Rounds, UpdateRule
+from apiary.optim.rules import RoundGroup, Rounds, UpdateRule
 
 logger = logging.getLogger(__name__)
 
 Q_ROUNDS = 720720 << 12  # lcm(1..16) x 4096: below STATE_ROUNDS (2^32), on the P round's grid axis
-FINGERPRINT_TOLERANCE = 1e-2  # relative: lossy codecs blur the fingerprint, other groups' P's move it more
 
 
 def compressible(shape: torch.Size, rank: int, min_size: int) -> bool:
@@ -48,7 +47,7 @@ def compressible(shape: torch.Size, rank: int, min_size: int) -> bool:
 
 def round_values(shapes: list[torch.Size], rank: int, min_size: int) -> tuple[int, int]:
     """Values one peer averages per epoch: (round one: the P's and the small tensors, round two:
-    the Q's and the fingerprint; none when nothing is compressed)."""
+    the Q's; none when nothing is compressed)."""
     first = second = 0
     for shape in shapes:
         if compressible(shape, rank, min_size):
@@ -56,7 +55,7 @@ def round_values(shapes: list[torch.Size], rank: int, min_size: int) -> tuple[in
             second += rank * (shape.numel() // shape[0])
         else:
             first += shape.numel()
-    return first, second + 2 if second else 0
+    return first, second
 
 
 class PowerSGD(UpdateRule):
@@ -118,24 +117,21 @@ class PowerSGD(UpdateRule):
         """The matrices' updates (the small tensors are averaged in place); residuals updated."""
         qs = self.qs if self.qs is not None else self._random_qs(epoch)
         ps = [m @ q for m, q in zip(ms, qs)]
-        size = self.rounds.result(self.rounds.start([*ps, *small], weight, epoch),
-                                  f"the PowerSGD P round of epoch {epoch}")
-        if not size:
+        first = self.rounds.result(self.rounds.start([*ps, *small], weight, epoch),
+                                   f"the PowerSGD P round of epoch {epoch}")
+        if not first:
             return self._alone(ms, epoch, "its P round found no group or failed")
         if not ms:
             return []
-        flat = torch.cat([p.flatten() for p in ps])
-        fingerprint = torch.stack([flat.abs().mean(), flat.square().mean().sqrt()])
         ps = [torch.linalg.qr(p).Q for p in ps]
         qs = [m.T @ p for m, p in zip(ms, ps)]
-        seen = fingerprint.clone()
-        second = self.rounds.result(self.rounds.start([*qs, seen], weight, Q_ROUNDS + epoch),
+        second = self.rounds.result(self.rounds.start(qs, weight, Q_ROUNDS + epoch),
                                     f"the PowerSGD Q round of epoch {epoch}")
         if not second:
             return self._alone(ms, epoch, "its Q round found no group or failed")
-        if second != size or not torch.allclose(seen, fingerprint, rtol=FINGERPRINT_TOLERANCE, atol=1e-12):
-            return self._alone(ms, epoch, f"its Q round's group (of {second}) did not hold its P round's "
-                                          f"(of {size})", logging.WARNING)
+        if second != first:
+            return self._alone(ms, epoch, f"its Q round's group ({_named(second)}) is not its P round's "
+                                          f"({_named(first)})", logging.WARNING)
         self.qs = qs
         updates = [p @ q.T for p, q in zip(ps, qs)]
         self.residuals = [m - update for m, update in zip(ms, updates)]
@@ -157,3 +153,8 @@ class PowerSGD(UpdateRule):
     def drop(self) -> None:
         for buffer in self.accumulated:
             buffer.zero_()
+
+
+def _named(group: RoundGroup) -> str:
+    """A group for a log line: its size and members."""
+    return f"of {group.size}: {', '.join(group.members) or 'members not reported'}"

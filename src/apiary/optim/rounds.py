@@ -9,7 +9,7 @@ import torch
 
 from apiary.averaging.api.client import Outcome
 from apiary.background import LoopThread
-from apiary.optim.rules import RoundFuture
+from apiary.optim.rules import RoundFuture, RoundGroup
 from apiary.optim.swarm import Swarm
 
 logger = logging.getLogger(__name__)
@@ -30,20 +30,20 @@ class SwarmRounds:
     def start(self, tensors: list[torch.Tensor], weight: float, round_index: int) -> RoundFuture:
         return self.loop.submit(self.average(tensors, weight, round_index))
 
-    async def average(self, tensors: list[torch.Tensor], weight: float, round_index: int) -> int | None:
+    async def average(self, tensors: list[torch.Tensor], weight: float, round_index: int) -> RoundGroup | None:
         """A round with the swarm; none when this peer is alone in the run (nobody to average with)."""
         self.last_outcome = None
         if self.alone():
             return None
         size = await self.swarm.average(tensors, weight, round_index)
-        self.last_outcome = self.swarm.last_outcome
-        return size
+        self.last_outcome = outcome = self.swarm.last_outcome
+        return RoundGroup(size, outcome.members if outcome is not None else ()) if size else None
 
-    def result(self, future: RoundFuture, what: str) -> int | None:
+    def result(self, future: RoundFuture, what: str) -> RoundGroup | None:
         try:
-            size = future.result(self.round_timeout + 30)
+            group = future.result(self.round_timeout + 30)
         except Exception as e:  # noqa: BLE001 - the peer updates alone and carries on
             logger.warning("%s failed: %s", what, e)
-            size = None
-        self.counts["ok" if size else "no_group"] += 1
-        return size
+            group = None
+        self.counts["ok" if group else "no_group"] += 1
+        return group

@@ -27,11 +27,21 @@ import abc
 import concurrent.futures
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 
-RoundFuture = concurrent.futures.Future  # of the group size (int), or None when no group was found
+RoundFuture = concurrent.futures.Future  # of the round's RoundGroup, or None when no group was found
+
+
+@dataclass(frozen=True)
+class RoundGroup:
+    """The group a round averaged in: its size and its peers' ids, sorted (none when the averager
+    does not report them: one older than the field)."""
+
+    size: int
+    members: tuple[str, ...] = ()
 
 
 class Rounds(Protocol):
@@ -41,8 +51,8 @@ class Rounds(Protocol):
         """Starts averaging `tensors` in place (weighted by `weight`) in round `round_index`."""
         ...
 
-    def result(self, future: RoundFuture, what: str) -> int | None:
-        """Waits for a round: its group size, or None (no group, or it failed: tensors unchanged)."""
+    def result(self, future: RoundFuture, what: str) -> RoundGroup | None:
+        """Waits for a round: its group, or None (no group, or it failed: tensors unchanged)."""
         ...
 
 
@@ -51,7 +61,8 @@ MODES = ("gradients", "local", "diloco", "powersgd")  # powersgd: optim/powersgd
 
 
 def check_mode(mode: str, *, delay_updates: bool = False, auxiliary: bool = False, reuse_grad_buffers: bool = False,
-               offload_optimizer: bool = False) -> None:
+               offload_optimizer: bool = False, delay_state_averaging: bool = False,
+               average_state_every: int | None = None) -> None:
     """Raises ValueError naming the option when `mode` is unknown or does not go with an option."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -66,6 +77,19 @@ def check_mode(mode: str, *, delay_updates: bool = False, auxiliary: bool = Fals
     if reuse_grad_buffers and delay_updates:
         raise ValueError("reuse_grad_buffers cannot be combined with delay_updates: the next epoch's gradients "
                          "would accumulate in the buffers the delayed round still averages")
+    if delay_state_averaging:
+        _check_delayed_state(mode, auxiliary, average_state_every)
+
+
+def _check_delayed_state(mode: str, auxiliary: bool, average_state_every: int | None) -> None:
+    if mode not in ("gradients", "powersgd"):
+        raise ValueError("delay_state_averaging applies to mode='gradients' or 'powersgd' only (in 'local' and "
+                         "'diloco' taking a state restarts the inner steps from it: the progress made while the "
+                         "state round ran could not be kept)")
+    if auxiliary:
+        raise ValueError("delay_state_averaging does not apply to auxiliary peers: they hold no state to average")
+    if average_state_every == 0:
+        raise ValueError("delay_state_averaging needs state rounds: average_state_every is 0 (never)")
 
 
 class UpdateRule(abc.ABC):
@@ -94,6 +118,11 @@ class UpdateRule(abc.ABC):
 
     def poll(self) -> None:
         """Applies an update whose background round has finished (delayed updates)."""
+
+    @property
+    def pending(self) -> bool:
+        """An update is still to be applied (its round runs in the background)."""
+        return False
 
     def flush(self) -> None:
         """Waits for a pending update and applies it."""
@@ -181,6 +210,10 @@ class GradientAveraging(UpdateRule):
     def poll(self) -> None:
         if self._pending is not None and self._pending[0].done():
             self.flush()
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
 
     def flush(self) -> None:
         """Steps with the averaged gradients (own gradients if the round found no group or failed)."""

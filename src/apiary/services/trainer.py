@@ -43,6 +43,7 @@ class TrainerSettings(BaseModel):
     mode: str = Field("gradients", description="gradients, local, diloco or powersgd")
     average_state_every: int = Field(5, ge=0, description="epochs between state averaging rounds (0: never)")
     delay_updates: bool = Field(False, description="overlap gradient averaging with the next batches")
+    delay_state_averaging: bool = Field(False, description="overlap state averaging with the next batches")
     reuse_grad_buffers: bool = Field(False, description="accumulate in the gradients themselves (gradients mode)")
     offload_optimizer: bool = Field(False, description="the optimizer's state and update on the CPU (gradients mode)")
     outer_lr: float = Field(0.7, gt=0, description="DiLoCo's outer learning rate")
@@ -71,7 +72,8 @@ class TrainerSettings(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> TrainerSettings:
         check_mode(self.mode, delay_updates=self.delay_updates, auxiliary=self.auxiliary,
-                   reuse_grad_buffers=self.reuse_grad_buffers, offload_optimizer=self.offload_optimizer)
+                   reuse_grad_buffers=self.reuse_grad_buffers, offload_optimizer=self.offload_optimizer,
+                   delay_state_averaging=self.delay_state_averaging, average_state_every=self.average_state_every)
         services = (self.dht_local is not None, self.averager_local is not None)
         if services[0] != services[1]:
             raise ValueError("give both dht_local and averager_local (the participant's services), or neither")
@@ -197,6 +199,7 @@ class TrainerService:
             client_mode=s.client_mode, auxiliary=s.auxiliary, wire=self.embedded_wire, identity=self.identity_path,
             averaging=s.averaging,
             average_state_every=s.average_state_every, delay_updates=s.delay_updates,
+            delay_state_averaging=s.delay_state_averaging,
             reuse_grad_buffers=s.reuse_grad_buffers, offload_optimizer=s.offload_optimizer, outer_lr=s.outer_lr,
             outer_momentum=s.outer_momentum, powersgd_rank=s.powersgd_rank, powersgd_min_size=s.powersgd_min_size,
         )

@@ -43,11 +43,12 @@ class Outcome:
     formed_early: bool = False  # the group was formed ahead (Prepare)
     sent_bytes: int = 0  # all-reduce tensor bytes the averager sent since its previous reply
     received_bytes: int = 0  # and received
+    members: tuple[str, ...] = ()  # the group's peer ids, sorted (OK; none from an averager older than the field)
 
     @classmethod
     def of(cls, reply: RoundOutcome) -> Outcome:
         return cls(reply.result, reply.group_size, reply.error, reply.formed_early, reply.sent_bytes,
-                   reply.received_bytes)
+                   reply.received_bytes, tuple(reply.members))
 
 
 class AveragerClient:

@@ -210,7 +210,7 @@ class LocalServicer:
     def _outcome(result: RoundResult, averaged: bool) -> RoundOutcome:
         return RoundOutcome(result=result.result, group_size=result.group_size, error=result.error, averaged=averaged,
                             formed_early=result.formed_early, sent_bytes=result.sent_bytes,
-                            received_bytes=result.received_bytes)
+                            received_bytes=result.received_bytes, members=result.members)
 
     # ---- state
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from apiary.wire.protos import wire_pb2 as apiary_dot_wire_dot_protos_dot_wire__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#apiary/averaging/protos/local.proto\x12\x10\x61piary.averaging\x1a\x1d\x61piary/wire/protos/wire.proto\"O\n\x0fRegisterRequest\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x10\n\x08shm_name\x18\x02 \x01(\t\"b\n\rRegisterReply\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x15\n\rshared_memory\x18\x03 \x01(\x08\x12\x1b\n\x13matchmaking_seconds\x18\x04 \x01(\x01\"\x95\x01\n\x0cRoundOutcome\x12\x0e\n\x06result\x18\x01 \x01(\t\x12\x12\n\ngroup_size\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x61veraged\x18\x04 \x01(\x08\x12\x14\n\x0c\x66ormed_early\x18\x05 \x01(\x08\x12\x12\n\nsent_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ereceived_bytes\x18\x07 \x01(\x03\"\x1f\n\x0ePrepareRequest\x12\r\n\x05round\x18\x01 \x01(\x03\"\x1f\n\x0cPrepareReply\x12\x0f\n\x07started\x18\x01 \x01(\x08\"=\n\rAverageHeader\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x12\n\x05round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_round\"v\n\x0e\x41verageRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.apiary.averaging.AverageHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04part\"t\n\x0c\x41verageReply\x12\x31\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.apiary.averaging.RoundOutcomeH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04part\"D\n\x14\x41verageSharedRequest\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x12\n\x05round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_round\"Y\n\x12\x41verageSharedReply\x12\x12\n\ngroup_size\x18\x01 \x01(\x05\x12/\n\x07outcome\x18\x02 \x01(\x0b\x32\x1e.apiary.averaging.RoundOutcome\"\\\n\x13PublishStateRequest\x12\x12\n\x08metadata\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04part\"F\n\x11PublishStateReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\x11\n\tannounced\x18\x03 \x01(\x08\"#\n\x10LoadStateRequest\x12\x0f\n\x07timeout\x18\x01 \x01(\x01\"W\n\x0eLoadStateReply\x12\x12\n\x08metadata\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04partb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#apiary/averaging/protos/local.proto\x12\x10\x61piary.averaging\x1a\x1d\x61piary/wire/protos/wire.proto\"O\n\x0fRegisterRequest\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.apiary.wire.TensorHeader\x12\x10\n\x08shm_name\x18\x02 \x01(\t\"b\n\rRegisterReply\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\r\n\x05numel\x18\x02 \x01(\x03\x12\x15\n\rshared_memory\x18\x03 \x01(\x08\x12\x1b\n\x13matchmaking_seconds\x18\x04 \x01(\x01\"\xa6\x01\n\x0cRoundOutcome\x12\x0e\n\x06result\x18\x01 \x01(\t\x12\x12\n\ngroup_size\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x61veraged\x18\x04 \x01(\x08\x12\x14\n\x0c\x66ormed_early\x18\x05 \x01(\x08\x12\x12\n\nsent_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ereceived_bytes\x18\x07 \x01(\x03\x12\x0f\n\x07members\x18\x08 \x03(\t\"\x1f\n\x0ePrepareRequest\x12\r\n\x05round\x18\x01 \x01(\x03\"\x1f\n\x0cPrepareReply\x12\x0f\n\x07started\x18\x01 \x01(\x08\"=\n\rAverageHeader\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x12\n\x05round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_round\"v\n\x0e\x41verageRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.apiary.averaging.AverageHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04part\"t\n\x0c\x41verageReply\x12\x31\n\x07outcome\x18\x01 \x01(\x0b\x32\x1e.apiary.averaging.RoundOutcomeH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04part\"D\n\x14\x41verageSharedRequest\x12\x0e\n\x06weight\x18\x01 \x01(\x01\x12\x12\n\x05round\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x08\n\x06_round\"Y\n\x12\x41verageSharedReply\x12\x12\n\ngroup_size\x18\x01 \x01(\x05\x12/\n\x07outcome\x18\x02 \x01(\x0b\x32\x1e.apiary.averaging.RoundOutcome\"\\\n\x13PublishStateRequest\x12\x12\n\x08metadata\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04part\"F\n\x11PublishStateReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\x11\n\tannounced\x18\x03 \x01(\x08\"#\n\x10LoadStateRequest\x12\x0f\n\x07timeout\x18\x01 \x01(\x01\"W\n\x0eLoadStateReply\x12\x12\n\x08metadata\x18\x01 \x01(\x0cH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.apiary.wire.TensorChunkH\x00\x42\x06\n\x04partb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREPLY']._serialized_start=169
   _globals['_REGISTERREPLY']._serialized_end=267
   _globals['_ROUNDOUTCOME']._serialized_start=270
-  _globals['_ROUNDOUTCOME']._serialized_end=419
-  _globals['_PREPAREREQUEST']._serialized_start=421
-  _globals['_PREPAREREQUEST']._serialized_end=452
-  _globals['_PREPAREREPLY']._serialized_start=454
-  _globals['_PREPAREREPLY']._serialized_end=485
-  _globals['_AVERAGEHEADER']._serialized_start=487
-  _globals['_AVERAGEHEADER']._serialized_end=548
-  _globals['_AVERAGEREQUEST']._serialized_start=550
-  _globals['_AVERAGEREQUEST']._serialized_end=668
-  _globals['_AVERAGEREPLY']._serialized_start=670
-  _globals['_AVERAGEREPLY']._serialized_end=786
-  _globals['_AVERAGESHAREDREQUEST']._serialized_start=788
-  _globals['_AVERAGESHAREDREQUEST']._serialized_end=856
-  _globals['_AVERAGESHAREDREPLY']._serialized_start=858
-  _globals['_AVERAGESHAREDREPLY']._serialized_end=947
-  _globals['_PUBLISHSTATEREQUEST']._serialized_start=949
-  _globals['_PUBLISHSTATEREQUEST']._serialized_end=1041
-  _globals['_PUBLISHSTATEREPLY']._serialized_start=1043
-  _globals['_PUBLISHSTATEREPLY']._serialized_end=1113
-  _globals['_LOADSTATEREQUEST']._serialized_start=1115
-  _globals['_LOADSTATEREQUEST']._serialized_end=1150
-  _globals['_LOADSTATEREPLY']._serialized_start=1152
-  _globals['_LOADSTATEREPLY']._serialized_end=1239
+  _globals['_ROUNDOUTCOME']._serialized_end=436
+  _globals['_PREPAREREQUEST']._serialized_start=438
+  _globals['_PREPAREREQUEST']._serialized_end=469
+  _globals['_PREPAREREPLY']._serialized_start=471
+  _globals['_PREPAREREPLY']._serialized_end=502
+  _globals['_AVERAGEHEADER']._serialized_start=504
+  _globals['_AVERAGEHEADER']._serialized_end=565
+  _globals['_AVERAGEREQUEST']._serialized_start=567
+  _globals['_AVERAGEREQUEST']._serialized_end=685
+  _globals['_AVERAGEREPLY']._serialized_start=687
+  _globals['_AVERAGEREPLY']._serialized_end=803
+  _globals['_AVERAGESHAREDREQUEST']._serialized_start=805
+  _globals['_AVERAGESHAREDREQUEST']._serialized_end=873
+  _globals['_AVERAGESHAREDREPLY']._serialized_start=875
+  _globals['_AVERAGESHAREDREPLY']._serialized_end=964
+  _globals['_PUBLISHSTATEREQUEST']._serialized_start=966
+  _globals['_PUBLISHSTATEREQUEST']._serialized_end=1058
+  _globals['_PUBLISHSTATEREPLY']._serialized_start=1060
+  _globals['_PUBLISHSTATEREPLY']._serialized_end=1130
+  _globals['_LOADSTATEREQUEST']._serialized_start=1132
+  _globals['_LOADSTATEREQUEST']._serialized_end=1167
+  _globals['_LOADSTATEREPLY']._serialized_start=1169
+  _globals['_LOADSTATEREPLY']._serialized_end=1256
 # @@protoc_insertion_point(module_scope)

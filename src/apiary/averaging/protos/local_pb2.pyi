@@ -28,7 +28,7 @@ class RegisterReply(_message.Message):
     def __init__(self, schema: _Optional[str] = ..., numel: _Optional[int] = ..., shared_memory: _Optional[bool] = ..., matchmaking_seconds: _Optional[float] = ...) -> None: ...
 
 class RoundOutcome(_message.Message):
-    __slots__ = ("result", "group_size", "error", "averaged", "formed_early", "sent_bytes", "received_bytes")
+    __slots__ = ("result", "group_size", "error", "averaged", "formed_early", "sent_bytes", "received_bytes", "members")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class RoundOutcome(_message.Message):
     FORMED_EARLY_FIELD_NUMBER: _ClassVar[int]
     SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     result: str
     group_size: int
     error: str
@@ -43,7 +44,8 @@ class RoundOutcome(_message.Message):
     formed_early: bool
     sent_bytes: int
     received_bytes: int
-    def __init__(self, result: _Optional[str] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ..., averaged: _Optional[bool] = ..., formed_early: _Optional[bool] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ...) -> None: ...
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, result: _Optional[str] = ..., group_size: _Optional[int] = ..., error: _Optional[str] = ..., averaged: _Optional[bool] = ..., formed_early: _Optional[bool] = ..., sent_bytes: _Optional[int] = ..., received_bytes: _Optional[int] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("round",)

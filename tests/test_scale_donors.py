@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -20,6 +23,7 @@ from apiary.averaging.state import STATE_ROUTE, State, StateDonor, download_stat
 from apiary.dht import DHTNode, DHTSettings
 from apiary.moe.beam_search import beam_search
 from apiary.moe.declaration import declare_experts
+from apiary.services.averager import AveragerServiceSettings
 from apiary.wire import Identity, PeerAddress, RpcServer, WireSettings
 from apiary.wire.bulk import BulkAnswer, BulkCall, BulkClient
 
@@ -153,3 +157,14 @@ async def test_beam_search_reads_at_most_max_lookups_keys_per_level_of_a_popular
     finally:
         await second.shutdown()
         await first.shutdown()
+
+
+def test_max_downloads_is_a_flag_and_an_environment_variable_of_the_averager() -> None:
+    command = [sys.executable, "-m", "apiary", "averager"]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "COLUMNS": "200"})
+    assert "--max-downloads" in shown.stdout and "APIARY_MAX_DOWNLOADS" in shown.stdout, shown.stdout
+    refused = subprocess.run([*command, "--max-downloads", "0"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--max-downloads" in refused.stderr, refused.stderr
+    with pytest.raises(ValueError, match="max_downloads"):
+        AveragerServiceSettings(initial_peers=["127.0.0.1:1"], max_downloads=0)

@@ -81,6 +81,7 @@ def averager_command(
     announce_period: Annotated[float, option("--announce-period", "seconds between announcements of the state held", min=0.1)] = 30.0,
     state_timeout: Annotated[float, option("--state-timeout", "seconds a newcomer's LoadState may take", min=0.1)] = 60.0,
     state_path: Annotated[Optional[Path], option("--state-path", "file that keeps the latest state across restarts")] = None,
+    max_downloads: Annotated[int, option("--max-downloads", "newcomers this averager sends its state to at once (others are told Busy and try another donor)", min=1)] = 4,
     admin_host: AdminHostOption = "127.0.0.1",
     admin_port: AdminPortOption = 0,
     identity: IdentityOption = None,
@@ -138,6 +139,7 @@ def averager_command(
             dht_local=Endpoint.parse(dht_local) if dht_local is not None else None,
             initial_peers=parse_peer_list(initial_peers), local_host=local_host, local_port=local_port,
             announce_period=announce_period, state_timeout=state_timeout, state_path=state_path,
+            max_downloads=max_downloads,
         ),
     )
     asyncio.run(_serve(*settings))

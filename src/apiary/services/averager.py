@@ -48,6 +48,7 @@ class AveragerServiceSettings(BaseModel):
     state_timeout: float = Field(60.0, gt=0, description="seconds LoadState may take to find and download a state")
     dht_timeout: float = Field(10.0, gt=0, description="deadline of a call to the dht service's local API")
     state_path: Path | None = Field(None, description="file that keeps the latest state across restarts")
+    max_downloads: int = Field(4, ge=1, description="newcomers this donor sends its state to at once (Busy past it)")
 
     @model_validator(mode="after")
     def _one_way_to_the_dht(self) -> AveragerServiceSettings:
@@ -138,7 +139,8 @@ class AveragerService:
         self.averager = Averager([], self.dht, peer_id, averaging, pool=self.pool,
                                  on_bytes_sent=self.metrics.sent_bytes.inc,
                                  on_bytes_received=self.metrics.received_bytes.inc, on_round=self._round_done)
-        self.donor = StateDonor(averaging.prefix, peer_id, codec=averaging.download_codec)
+        self.donor = StateDonor(averaging.prefix, peer_id, codec=averaging.download_codec,
+                                max_downloads=settings.max_downloads)
         self.state_client = BulkClient(wire, identity=self.host.identity, puncher=self.pool.puncher)
         self.servicer = LocalServicer(
             self.averager, self.donor, self.dht, wire=wire, state_client=self.state_client,

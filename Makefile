@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# A pinned torch is taken from the local wheel cache where one exists (CPU build, no download).
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[ml,dev]"
+	$(PY) -m pip install --quiet -e ".[ml,dev,transformers]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-# package -> layer (wire < dht < moe, averaging < optim, tasks, integrations < services < cli)
-LAYERS = {"wire": 1, "dht": 2, "moe": 3, "averaging": 3, "optim": 4, "tasks": 4, "integrations": 4, "services": 5, "telemetry": 5, "monitor": 5,
+# package -> layer (wire < dht, formats < moe, averaging < optim, tasks, integrations < services < cli)
+LAYERS = {"wire": 1, "dht": 2, "formats": 2, "moe": 3, "averaging": 3, "optim": 4, "tasks": 4, "integrations": 4, "services": 5, "telemetry": 5, "monitor": 5,
           "cli": 6}
 
 IMPORT_ALL = """

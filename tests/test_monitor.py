@@ -128,6 +128,20 @@ def test_the_expert_grid_shows_which_server_declares_each_expert(swarm: Swarm, m
         assert expert["coordinates"] == [int(c) for c in expert["name"].split(".")[1:]]
         assert expert["load"] is not None
 
+    # the trainers call the experts: the server publishes its recent latency, the grid shows it
+    latency = lambda experts: {(e["forward_seconds"], e["backward_seconds"]) for g in experts["grids"]  # noqa: E731
+                               for e in g["experts"]}
+    shown = wait_for("the experts' latency", lambda: latency(api(monitor, "experts")),
+                     lambda seen: len(seen) == 1 and None not in next(iter(seen)))
+    ((forward, backward),) = shown
+    assert 0 < forward < 10 and 0 < backward < 10
+    status = swarm.experts.status()
+    assert status["forward_seconds"] > 0 and status["backward_seconds"] > 0
+    record = next(r for r in api(monitor, "peers")["peers"] if r["kind"] == "expert-server")
+    assert record["info"]["forward_seconds"] > 0 and record["info"]["backward_seconds"] > 0
+    page = httpx.get(f"{monitor.admin}/", timeout=10).text
+    assert "<th>forward</th><th>backward</th>" in page and " ms</td>" in page
+
 
 @pytest.mark.timeout(300)
 def test_averagers_publish_their_recent_rounds(swarm: Swarm, monitor: ServiceProcess) -> None:

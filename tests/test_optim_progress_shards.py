@@ -1,4 +1,4 @@
-"""Progress at swarm scale (optim/shards.py): records sharded over keys as the swarm grows, each
+"""Progress at swarm scale (formats/shards.py): records sharded over keys as the swarm grows, each
 peer reading a sample; epochs still end on 1.0-1.2x the target, and a liar does not move them.
 
 The swarms here are many `ProgressTracker`s on one real DHT node whose records are not signed
@@ -19,7 +19,7 @@ from apiary.clock import Clock
 from apiary.dht import DHTNode, DHTSettings
 from apiary.optim.epochs import EpochController, LocalProgress
 from apiary.optim.progress import PROBE_EVERY, ProgressTracker, SwarmProgress, progress_key
-from apiary.optim.shards import SAMPLED_SHARDS, Sample, read_level, sampled, shard_of, write_levels
+from apiary.formats.shards import SAMPLED_SHARDS, Sample, read_level, sampled, shard_of, write_levels
 
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
 

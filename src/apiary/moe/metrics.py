@@ -9,6 +9,9 @@
 - `experts`: experts hosted;
 - `skipped_updates_total{kind}`: backward passes whose gradients were not finite, so that the
   expert's optimizer did not step (a NaN, an infinity or an overflow that got through).
+
+`recent_seconds(method)` is a request's recent latency on this server (its wait plus its batch's
+run, averaged over about the last `RECENT` batches), which the server publishes in its swarm record.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ if TYPE_CHECKING:
 
 METHODS = ("forward", "backward", "info")
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+RECENT = 20  # batches the recent latency mostly averages over (exponentially weighted)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -41,6 +45,7 @@ class ExpertServerMetrics:
         self.compute_seconds = Histogram("apiary_expert_server_compute_seconds", "Time a batch took to run",
                                          ["method"], buckets=SECONDS_BUCKETS, registry=registry)
         self.experts = Gauge("apiary_expert_server_experts", "Experts hosted", registry=registry)
+        self._recent: dict[str, float] = {}
         for method in ("forward", "backward"):  # every series exists from the start
             for histogram in (self.batch_size, self.queue_seconds, self.compute_seconds):
                 histogram.labels(method)
@@ -66,6 +71,13 @@ class ExpertServerMetrics:
         histogram = self.queue_seconds.labels(method)
         for wait in waits:
             histogram.observe(wait)
+        latency = compute_seconds + (sum(waits) / len(waits) if waits else 0.0)
+        before = self._recent.get(method)
+        self._recent[method] = latency if before is None else before + (latency - before) / RECENT
+
+    def recent_seconds(self, method: str) -> float | None:
+        """A request's recent latency (wait and run) for `method`; None before the first batch."""
+        return self._recent.get(method)
 
 
 class _SkippedUpdates(Collector):

@@ -101,16 +101,29 @@ def _experts(experts: dict[str, Any]) -> str:
         for expert in grid["experts"]:
             row, column = expert["coordinates"][0], ".".join(map(str, expert["coordinates"][1:])) or "-"
             state = "declared" if expert["declared"] else "missing"
-            title = escape(f'{expert["name"]} @ {expert["address"] or "not declared"} · load {expert["load"]}')
+            title = escape(f'{expert["name"]} @ {expert["address"] or "not declared"} · load {expert["load"]} · '
+                           f'forward {_ms(expert["forward_seconds"])}, backward {_ms(expert["backward_seconds"])}')
             cells.setdefault(row, {})[column] = (
                 f'<span class="expert {state}" title="{title}" data-name="{escape(expert["name"])}">'
                 f'{escape(expert["server"][:6]) if expert["server"] else "×"}</span>')
         columns = sorted({c for row in cells.values() for c in row}, key=lambda c: [int(x) for x in c.split(".") if x.isdigit()])
         rows = [[str(i)] + [row.get(c, "") for c in columns] for i, row in sorted(cells.items())]
+        servers: dict[str, list[Any]] = {}
+        for expert in grid["experts"]:
+            if expert["server"]:
+                servers.setdefault(expert["server"], [0, expert["load"], expert["forward_seconds"],
+                                                      expert["backward_seconds"]])[0] += 1
+        latency = [[_short(peer_id), str(count), _number(load, 2), _ms(forward), _ms(backward)]
+                   for peer_id, (count, load, forward, backward) in sorted(servers.items())]
         parts.append(f'<h3>{escape(grid["prefix"])} <span class="muted">{grid["declared"]} of '
                      f'{len(grid["experts"])} declared, {grid["servers"]} servers</span></h3>'
-                     + _table([grid["prefix"], *columns], rows, css="grid"))
+                     + _table([grid["prefix"], *columns], rows, css="grid")
+                     + _table(["server", "experts", "load", "forward", "backward"], latency, css="servers"))
     return "".join(parts)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 def _rounds(rounds: dict[str, Any]) -> str:

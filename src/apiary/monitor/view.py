@@ -1,8 +1,9 @@
 """The swarm as the monitor and `apiary status` show it, read from the DHT.
 
 `read_swarm()` reads once: the peer records (`apiary.services.records`), each run's progress
-records and the rounds its averagers published, and the experts the expert servers name, checked
-against their live declarations. `SwarmWatch` reads every `refresh` seconds and keeps what one
+records (all of them, from every shard of a large swarm: `apiary.formats.progress.read_whole`)
+and the rounds its averagers published, and the experts the expert servers name, checked
+against their live declarations (`apiary.formats.declarations`). `SwarmWatch` reads every `refresh` seconds and keeps what one
 reading cannot show: each run's throughput and loss over time, each peer's contribution over the
 epochs, and the peers that joined or left. Both give the JSON of the monitor's `/api/...`.
 
@@ -21,11 +22,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from apiary.dht.interface import DHTLike
-from apiary.monitor.readers import Progress, find_experts, grid_coordinates, progress_key, read_progress, swarm_epoch
+from apiary.formats.declarations import find_experts, grid_coordinates
+from apiary.formats.progress import PeerProgress, read_whole, swarm_epoch
 from apiary.services.records import PeerRecord, RoundSummary, fetch_peers, fetch_rounds
 
 logger = logging.getLogger(__name__)
 
+LATENCY_FIELDS = ("forward_seconds", "backward_seconds")  # an expert server's recent latency, per request
 HISTORY = 720  # points of each run's series kept (an hour at the default refresh)
 EVENTS = 100  # joins and leaves kept
 
@@ -36,7 +39,7 @@ class Reading:
 
     taken_at: float  # unix time
     peers: list[PeerRecord]
-    progress: dict[str, list[Progress]]  # by run
+    progress: dict[str, list[PeerProgress]]  # by run
     epochs: dict[str, int]  # each run's swarm epoch
     rounds: dict[str, dict[str, list[RoundSummary]]]  # by run, then averager peer id
     experts: dict[str, str | None]  # expert name -> the address declaring it (None: not declared now)
@@ -46,8 +49,8 @@ async def read_swarm(dht: DHTLike, *, timeout: float = 10.0) -> Reading:
     """Reads the swarm once (each DHT lookup ends after `timeout` seconds with what it found)."""
     peers = await fetch_peers(dht, timeout=timeout)
     runs = sorted({p.run for p in peers if p.run})
-    found = await dht.get_many([progress_key(run) for run in runs], latest=True, timeout=timeout) if runs else []
-    progress = {run: read_progress(item) for run, item in zip(runs, found)}
+    found = await asyncio.gather(*(read_whole(dht, run, timeout=timeout) for run in runs))
+    progress = dict(zip(runs, found))
     epochs = {run: swarm_epoch(records) for run, records in progress.items()}
     rounds = await fetch_rounds(dht, runs, timeout=timeout)
     names = sorted({name for p in peers if p.kind == "expert-server" for name in p.experts})
@@ -123,7 +126,7 @@ def _event(at: float, record: PeerRecord, what: str) -> dict[str, Any]:
     return {"time": at, "peer_id": record.peer_id, "kind": record.kind, "run": record.run, "event": what}
 
 
-def speed(record: Progress, speeds: dict[str, float] | None) -> float:
+def speed(record: PeerProgress, speeds: dict[str, float] | None) -> float:
     """A peer's throughput: as published, or while it averages, the last it trained at (`speeds`)."""
     return record.samples_per_second or (speeds or {}).get(record.peer_id, 0.0)
 
@@ -174,15 +177,16 @@ def experts_json(reading: Reading) -> dict[str, Any]:
     servers = {p.peer_id: p for p in reading.peers if p.kind == "expert-server"}
     grids: dict[str, list[dict[str, Any]]] = {}
     for name, address in sorted(reading.experts.items()):
-        on_grid = grid_coordinates(name)
-        if on_grid is None:
+        try:
+            prefix, coordinates = grid_coordinates(name)
+        except ValueError:
             continue
-        prefix, coordinates = on_grid
         peer_id = address.split("@", 1)[0] if address else None
         server = servers.get(peer_id) if peer_id else None
         grids.setdefault(prefix, []).append({
             "name": name, "coordinates": coordinates, "declared": address is not None, "address": address,
-            "server": peer_id, "load": server.load if server is not None else None})
+            "server": peer_id, "load": server.load if server is not None else None,
+            **{field: server.info.get(field) if server is not None else None for field in LATENCY_FIELDS}})
     return {"grids": [{"prefix": prefix, "experts": experts, "servers": len({e["server"] for e in experts if e["server"]}),
                        "declared": sum(e["declared"] for e in experts)} for prefix, experts in sorted(grids.items())]}
 

@@ -12,8 +12,9 @@ peers report (one, in a swarm of two), and a reader counts no more of a peer's s
 `throughput_slack` times the swarm's median throughput (and at most `max_samples_per_second`)
 allows since it first saw that peer in the epoch.
 
+The records' format and keys are `apiary.formats.progress` (torch-free, for the monitor too).
 A large swarm shards the records over several keys and each peer reads a sample of them
-(optim/shards.py); a swarm of up to ~45 peers keeps one key and every peer reads all of it,
+(formats/shards.py); a swarm of up to ~45 peers keeps one key and every peer reads all of it,
 exactly. A sampled reader scales its sums by the share of the swarm it read and counts, as
 reported, its estimate less `CONFIDENCE` standard errors, so that an epoch still ends on at
 least the target: the sums are exact with one key, and with a sample they err by about
@@ -29,56 +30,19 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from apiary.clock import REAL, Clock
 from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
-from apiary.optim.shards import Sample, read_level, sampled, shard_of, write_levels
+from apiary.formats.progress import PeerProgress, progress_key, shard_records, swarm_epoch
+from apiary.formats.shards import MAX_LEVEL, Sample, read_level, sampled, shard_of, write_levels
 from apiary.wire import WireError
 
 
 GRACE_SECONDS = 5.0  # a peer first seen mid-epoch may have counted this long before we saw it
 MAX_EXTRAPOLATION = 5.0  # seconds: a record older than that is from a peer that stalled or left
 CONFIDENCE = 3.5  # a sampled reader counts as reported its estimate less this many standard errors
-MAX_LEVEL = 12  # the most shards: 4096 (about 130,000 peers at SHARD_RECORDS)
 PROBE_EVERY = 16  # reads between two looks at every level
-
-
-def progress_key(run_id: str, shards: int = 1, index: int = 0) -> str:
-    """The key of shard `index` of `shards` (one shard: the run's one progress key)."""
-    return f"{run_id}.progress" if shards == 1 else f"{run_id}.progress.{shards}.{index}"
-
-
-@dataclass(frozen=True)
-class PeerProgress:
-    """One peer's record."""
-
-    peer_id: str
-    epoch: int
-    samples: int
-    samples_per_second: float
-    reported_at: float  # unix time
-    client: bool = False
-
-    def as_value(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "samples": self.samples, "sps": self.samples_per_second,
-                "time": self.reported_at, "client": self.client}
-
-    @classmethod
-    def from_value(cls, peer_id: str, value: Any) -> PeerProgress | None:
-        """The record, or None for a malformed one (other peers' records are untrusted input)."""
-        if not isinstance(value, dict):
-            return None
-        try:
-            progress = cls(peer_id, int(value["epoch"]), int(value["samples"]), float(value["sps"]),
-                           float(value["time"]), bool(value.get("client", False)))
-        except (KeyError, TypeError, ValueError):
-            return None
-        if progress.epoch < 0 or progress.samples < 0 or not (math.isfinite(progress.samples_per_second)
-                                                              and progress.samples_per_second >= 0):
-            return None
-        return progress
 
 
 @dataclass(frozen=True)
@@ -158,7 +122,8 @@ class ProgressTracker:
         self._reads += 1
         if self._peers is None or self._reads % PROBE_EVERY == 0:
             found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
-            probed = [_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
+            probed = [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level)
+                      for level, shard in enumerate(found)]
             self._peers = max([1.0, len(probed[0])] + [len(records) * 2.0**level for level, records in enumerate(probed)
                                                      if len(records) >= 2])
             if read_level(self._peers) == 0:
@@ -169,7 +134,7 @@ class ProgressTracker:
             found = [await self.dht.get(progress_key(self.run_id), latest=True)]
         else:
             found = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in indices], latest=True)
-        records = _records(found, indices, shards)
+        records = shard_records(found, indices, shards)
         fraction = len(indices) / shards
         if records:
             self._peers = len(records) / fraction
@@ -184,9 +149,8 @@ class ProgressTracker:
         now_unix, now = self.clock.time(), self.clock.monotonic()
         if not records:
             return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now, shards)
-        epochs = sorted((r.epoch for r in records), reverse=True)
         # the newest epoch two peers report (ours counts as one), or ours if we are ahead of that
-        epoch = max(epochs[1] if len(epochs) > 2 else epochs[0], self._own_epoch)
+        epoch = max(swarm_epoch(records), self._own_epoch)
         current = [r for r in records if r.epoch == epoch]
         median_speed = statistics.median(r.samples_per_second for r in current)
         samples, reported, speed = [], [], []
@@ -215,22 +179,3 @@ class ProgressTracker:
                 del self._first_seen[key]
         return rate * (now - seen_at + GRACE_SECONDS)
 
-
-def _records(found: list[Any], indices: list[int], shards: int) -> list[PeerProgress]:
-    """The valid records of the shards read, each from the shard its peer belongs to."""
-    records = []
-    for index, shard in zip(indices, found):
-        if shard is None or not isinstance(shard.value, dict):
-            continue
-        for subkey, item in shard.value.items():
-            peer_id = _owner(subkey)
-            record = PeerProgress.from_value(peer_id, getattr(item, "value", None)) if peer_id else None
-            if record is not None and shard_of(record.peer_id, shards) == index:
-                records.append(record)
-    return records
-
-
-def _owner(subkey: Any) -> str | None:
-    if isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]"):
-        return subkey[len("[owner:"):-1]
-    return None

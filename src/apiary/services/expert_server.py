@@ -212,9 +212,14 @@ class ExpertServerService:
             "device": str(self.device),
             "experts": len(experts),
             "updates": sum(expert.updates for expert in experts),
+            **{f"{method}_seconds": _rounded(self.metrics.recent_seconds(method)) for method in ("forward", "backward")},
             "listed": [{"name": expert.name, "updates": expert.updates} for expert in experts[:STATUS_EXPERTS]],
             "dht": (f"local API {settings.dht_local}" if self.node is None
                     else f"embedded node {self.node.address or '(client mode)'}"),
             "declared_at": self.declared_at,
             "checkpoint_dir": str(settings.checkpoint_dir) if settings.checkpoint_dir is not None else None,
         }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 6) if seconds is not None else None

@@ -43,7 +43,8 @@ ROUNDS_DELAY = 5.0  # seconds from a round to the publication of the summary (ro
 MAX_EXPERTS = 256  # expert names listed in an expert server's record
 MAX_TEXT = 200  # characters of a string field kept from a record
 INFO_FIELDS = ("task", "mode", "loss", "local_epoch", "swarm_epoch", "samples_per_second", "peers", "experts",
-               "updates", "routing_table_size", "client_mode", "next_round", "donor_epoch")
+               "updates", "routing_table_size", "client_mode", "next_round", "donor_epoch", "forward_seconds",
+               "backward_seconds")
 ADDRESS_FIELDS = ("address", "initial_peers_for_others", "bulk_address")
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 SHARD_RECORDS = 32  # a shard key is meant to hold about this many records
 SAMPLED_SHARDS = 16  # a reader reads this many shards (about SHARD_RECORDS × this many records)
+MAX_LEVEL = 12  # the most shards: 4096 (about 130,000 peers at SHARD_RECORDS)
 
 
 def level_of(peers: float) -> float:

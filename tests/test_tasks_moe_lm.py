@@ -1,9 +1,11 @@
 """The flagship task `moe_lm`: its experts on two expert servers that each host a share of the
 tiny grid (`apiary expert-server --task moe_lm --num-experts N`), its corpus (the whole
-standard library), its cached BPE tokenizer and the size of its `base` preset."""
+standard library), its cached BPE tokenizer, the size of its `base` preset and `apiary up --task moe_lm`."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -120,3 +122,13 @@ def test_the_base_preset_has_over_50_million_parameters_with_its_experts() -> No
     experts = [m for name, m in model.named_modules() if name.endswith("mixture")]
     assert len(experts) == len(grid.patterns.split(",")) == 3
     assert sum(p.numel() for p in model.parameters()) >= 50_000_000
+
+
+def test_up_trains_moe_lm_with_its_expert_servers() -> None:
+    result = subprocess.run([*APIARY, "up", "--task", "moe_lm", "--peers", "1", "--duration", "15",
+                             "--target-batch-size", "32"],
+                            capture_output=True, text=True, timeout=200, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    match = re.search(r"loss ([0-9.]+) → ([0-9.]+); swarm samples/s (\d+); epochs (\d+)", result.stdout)
+    assert match, result.stdout[-3000:]
+    assert float(match[2]) < float(match[1]) - 1.0 and int(match[4]) >= 1, result.stdout[-3000:]

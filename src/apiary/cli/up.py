@@ -30,7 +30,10 @@ from rich.table import Table
 from apiary.cli.options import CommandError, option
 
 console = Console()
-EXPERT_SERVERS = 3  # for the digits_moe task: each hosts a row of its 3 x 4 grid of experts
+EXPERT_SERVERS = {  # the MoE tasks: the flags of each of their expert servers
+    "digits_moe": [["--experts", f"digits.{row}.[0:4]", "--hidden-size", "32"] for row in range(3)],  # a row each
+    "moe_lm": [["--task", "moe_lm", "--num-experts", "16"] for _ in range(2)],  # half of the tiny grid each
+}
 
 
 def up_command(
@@ -49,8 +52,8 @@ def up_command(
         swarm = LocalSwarm(Path(folder), peers, ["--task", task, "--target-batch-size", str(target_batch_size),
                                                  "--mode", mode, "--max-seconds", str(duration)])
         try:
-            if task == "digits_moe":
-                swarm.start_expert_servers(EXPERT_SERVERS)
+            if task in EXPERT_SERVERS:
+                swarm.start_expert_servers(EXPERT_SERVERS[task])
             swarm.start(peers, clients)
             swarm.watch()
         except KeyboardInterrupt:
@@ -80,7 +83,7 @@ class LocalSwarm:
         self.first_peers = ""  # the first trainer starts a new swarm, unless the task has one
 
     def _spawn(self, index: int, initial_peers: str, client: bool) -> None:
-        args = [*self.common, "--seed", str(index), "--initial-peers", initial_peers,
+        args = [*self.common, "--seed", str(index), *(["--initial-peers", initial_peers] if initial_peers else ["--new-swarm"]),
                 "--summary-path", str(self.folder / f"{index}.json"), *(["--client-mode"] if client else [])]
         self.processes.append(self._process("trainer", args, self.folder / f"{index}.log", self.admin))
 
@@ -102,18 +105,18 @@ class LocalSwarm:
         except RuntimeError as e:
             raise CommandError(f"{name}: {e}: {_last_error(self.logs[process])}") from None
 
-    def start_expert_servers(self, count: int) -> None:
-        """A dht service and `count` expert servers hosting the digits_moe task's grid; the trainers'
-        task then reaches the experts through that dht service."""
+    def start_expert_servers(self, servers: list[list[str]]) -> None:
+        """A dht service and an expert server per item of `servers` (its flags: the experts of an
+        MoE task's grid it hosts); the trainers' task then reaches the experts through that dht service."""
         helpers: list[str] = []
-        with console.status(f"starting a dht service and {count} expert servers"):
+        with console.status(f"starting a dht service and {len(servers)} expert servers"):
             self.infrastructure.append(self._process("dht", ["--host", "127.0.0.1"], self.folder / "dht.log", helpers))
             dht = self._wait("the dht service", self.infrastructure[0], helpers[0],
                              lambda s: s.get("initial_peers_for_others"))
-            for row in range(count):
+            for row, flags in enumerate(servers):
                 self.infrastructure.append(self._process(
-                    "expert-server", ["--host", "127.0.0.1", "--initial-peers", dht, "--experts", f"digits.{row}.[0:4]",
-                                      "--hidden-size", "32", "--lr", "0.003", "--declare-period", "2"],
+                    "expert-server", ["--host", "127.0.0.1", "--initial-peers", dht, *flags,
+                                      "--lr", "0.003", "--declare-period", "2"],
                     self.folder / f"experts-{row}.log", helpers))
             for row, (process, url) in enumerate(zip(self.infrastructure[1:], helpers[1:])):
                 self._wait(f"expert server {row}", process, url, lambda s: s.get("declared_at"))

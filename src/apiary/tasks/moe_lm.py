@@ -203,7 +203,7 @@ def build_model(name: str = "tiny", experts: str = "local", *, model_seed: int =
 
 @functools.lru_cache(maxsize=2)
 def tokens(tokenizer: str, vocabulary: int) -> torch.Tensor:
-    """The whole standard library as tokens: bytes, or BPE with `vocabulary` tokens."""
+    """The whole standard library as tokens: bytes (`vocabulary` 256), or BPE with `vocabulary` tokens."""
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}, got {tokenizer!r}")
     return as_bytes(stdlib()) if tokenizer == "bytes" else bpe(stdlib(), vocabulary)
@@ -228,8 +228,8 @@ def task(preset: str = "tiny", seed: int = 0, model_seed: int = 0, experts: str 
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
     tokenizer = tokenizer or p.tokenizer
-    data = tokens(tokenizer, p.bpe_vocabulary)
     vocabulary = BYTE_VOCABULARY if tokenizer == "bytes" else p.bpe_vocabulary
+    data = tokens(tokenizer, vocabulary)
     split = int(len(data) * (1 - HELD_OUT))
     train, held_out = data[:split], data[split:]
     shard = train[len(train) * (seed % shards) // shards : len(train) * (seed % shards + 1) // shards]

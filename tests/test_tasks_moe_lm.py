@@ -90,6 +90,14 @@ def test_expert_server_task_option_names_what_is_wrong() -> None:
         task_expert_grid("charlm")
 
 
+def test_bad_task_options_are_named() -> None:
+    for options, expected in (({"preset": "huge"}, "unknown moe_lm preset 'huge' (presets: tiny, base)"),
+                              ({"experts": "nowhere"}, "experts must be one of remote, local, dense, got 'nowhere'"),
+                              ({"experts": "local", "k_best": 17}, "k_best must be between 1 and the 16 experts")):
+        with pytest.raises(TaskError, match=re.escape(expected)):
+            load_task("moe_lm", **options)
+
+
 def test_the_corpus_is_the_whole_standard_library() -> None:
     text = corpus.stdlib()
     root = corpus.stdlib_root()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -180,7 +181,11 @@ def build_model(name: str = "tiny", experts: str = "local", *, model_seed: int =
     p = _preset(name)
     if experts not in EXPERTS:
         raise ValueError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
+    if experts == "remote" and dht is None:
+        raise ValueError("remote experts need the DHT where the expert servers declare them (dht)")
     k = k_best or p.k_best
+    if not 1 <= k <= math.prod(p.grid):
+        raise ValueError(f"k_best must be between 1 and the {math.prod(p.grid)} experts of a layer's grid, got {k}")
     layers = set(moe_layers(p))
     tolerance = FaultTolerance(k_min=1, forward_timeout=timeout, backward_timeout=timeout,
                                timeout_after_k_min=timeout / 10, allow_zero_outputs=True)
@@ -192,7 +197,8 @@ def build_model(name: str = "tiny", experts: str = "local", *, model_seed: int =
             return nn.Sequential(nn.Linear(p.width, 4 * k * p.width), nn.GELU(), nn.Linear(4 * k * p.width, p.width))
         if experts == "local":
             return TokenRouting(LocalMixtureOfExperts(p.width, p.grid, k, f"lm{layer}", model_seed))
-        return TokenRouting(RemoteMixtureOfExperts(in_features=p.width, grid_size=p.grid, dht=dht,  # type: ignore[arg-type]  # given for "remote"
+        assert dht is not None  # checked above
+        return TokenRouting(RemoteMixtureOfExperts(in_features=p.width, grid_size=p.grid, dht=dht,
                                                    prefix=f"lm{layer}", k_best=k, fault_tolerance=tolerance))
 
     if vocabulary is None:

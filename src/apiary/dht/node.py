@@ -3,7 +3,7 @@
 Longer than 400 lines for a reason: it is one object, `DHTNode`, whose operations (join,
 `store`/`get` and their batched forms, `find_nearest`, re-pinging) all act on the same routing
 table, blacklist, storage and calls to other nodes; what stands alone is in modules of its own
-(`protocol`, `traversal`, `routing`, `republish`, `messages`, `validation`, `blacklist`).
+(`protocol`, `traversal`, `reads`, `routing`, `republish`, `messages`, `validation`, `blacklist`).
 
 `DHTNode` is the façade: it serves the DHT protocol (`apiary.dht.Node`: Ping, Store, Find,
 answered by `protocol.NodeServicer`) on an `RpcServer`, calls it on other nodes, keeps a
@@ -50,9 +50,10 @@ from apiary.clock import REAL, Clock
 from apiary.dht.blacklist import Blacklist
 from apiary.dht.hotkeys import HotKeys
 from apiary.dht.ids import id_of, id_to_bytes, node_id, random_id_in
-from apiary.dht.messages import contact_of, merge_entries, node_info, records_of, stored_entry
+from apiary.dht.messages import contact_of, merge_entries, node_info
 from apiary.dht.protos.dht_pb2 import FindRequest, FindResponse, NodeInfo, PingRequest, StoreItem, StoreRequest
 from apiary.dht.protocol import NODE_SERVICE, NodeServicer
+from apiary.dht.reads import cache_on_path, read_pages
 from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
@@ -525,7 +526,7 @@ class DHTNode:
     async def get_many(self, keys: list[Any], latest: bool = False, *, timeout: float | None = None
                        ) -> list[Found | None]:
         """`get` for many keys at once: one lookup, one Find RPC per node per round. A dictionary
-        answered in pages is read on from the nodes that paged it (`_rest`)."""
+        answered in pages is read on from the nodes that paged it (`reads`)."""
         started = time.perf_counter()
         deadline = None if timeout is None else self.clock.monotonic() + timeout
         raw_keys = [pack(key) for key in keys]
@@ -534,7 +535,7 @@ class DHTNode:
         wanted = [key_id for key_id in set(key_ids) if latest or local[key_id] is None]
         quorum = self.settings.read_quorum if latest else None
         states = await self._lookup(wanted, stop_at_first_value=not latest, quorum=quorum, deadline=deadline) if wanted else {}
-        complete = {key_id: await self._rest(state, deadline) for key_id, state in states.items()}
+        complete = {key_id: await read_pages(self, state, deadline) for key_id, state in states.items()}
         results = []
         for raw_key, key_id in zip(raw_keys, key_ids):
             state = states.get(key_id)
@@ -543,7 +544,7 @@ class DHTNode:
                 entries.append(local[key_id])
             merged = merge_entries([e for e in (self._validated(raw_key, entry) for entry in entries) if e])
             if merged is not None and state is not None and complete[key_id] and self.settings.cache_on_lookup:
-                self._cache(raw_key, merged, state)
+                cache_on_path(self, raw_key, merged, state)
             results.append(self._decoded(raw_key, merged))
         self.metrics.operations.labels("get").observe(time.perf_counter() - started)
         return results
@@ -604,52 +605,6 @@ class DHTNode:
             },
             entry.expiration,
         )
-
-    async def _rest(self, state: LookupState, deadline: float | None) -> bool:
-        """Reads on the dictionaries that nodes answered in pages, each page a Find of its own
-        deadline, until the last page or `max_get_bytes` in all (or the get's deadline); adds
-        the pages to `state.values`. Whether every paged answer was read to its end."""
-        budget = self.settings.max_get_bytes - sum(_size(entry) for entry, _ in state.values)
-        complete = True
-        for contact in state.paged:
-            entry = next(entry for entry, c in reversed(state.values) if c.peer_id == contact.peer_id)
-            more = True
-            while more and budget > 0 and (deadline is None or self.clock.monotonic() < deadline):
-                request = FindRequest(sender=self._me(), key_ids=[id_to_bytes(state.key_id)], after=[max(entry.subkeys)])
-                response = await self._call(contact, "Find", request)
-                if response is None or not response.results or not response.results[0].value.subkeys:
-                    break
-                entry = stored_entry(response.results[0].value)
-                more = response.results[0].value.more
-                state.values.append((entry, contact))
-                budget -= _size(entry)
-            complete = complete and not more
-        return complete
-
-    def _cache(self, raw_key: bytes, entry: StoredEntry, state: LookupState) -> None:
-        """Section 2.3, caching: the nearest queried node that answered without the value (or
-        with an older one) is given a copy, so that later lookups of a popular key end there. The copy lives
-        `cache_ttl` seconds if no other node is between it and the key's `num_replicas` nearest,
-        halved for each node between ("exponentially inversely proportional to the number of
-        nodes between the current node and the node whose ID is closest to the key ID"), and
-        never past the record's own expiration."""
-        lacking = state.without_value + state.stale()
-        if not lacking:
-            return
-        target = min(lacking, key=lambda c: c.id ^ state.key_id)
-        nearer = sum(1 for c in state.candidates.values()
-                     if c.peer_id not in state.failed and c.id ^ state.key_id < target.id ^ state.key_id)
-        keep_for = self.settings.cache_ttl * 0.5 ** max(0, nearer - self.settings.num_replicas)
-        for batch in self._batches(records_of(raw_key, entry)):
-            request = StoreRequest(sender=self._me(), items=batch, cache_for=keep_for)
-            self._spawn(self._call(target, "Store", request))
-
-
-def _size(entry: StoredEntry) -> int:
-    """About how many bytes an entry takes."""
-    if entry.value is not None:
-        return len(entry.value.value)
-    return sum(len(subkey) + len(item.value) for subkey, item in entry.subkeys.items())
 
 
 def _item_of(record: DHTRecord) -> StoreItem:

@@ -16,7 +16,7 @@ import torch
 from service_processes import APIARY, ServiceProcess, ServiceProcesses
 from tokenizers import Tokenizer
 
-from apiary.tasks import TaskError, charlm, corpus, load_task, task_expert_grid
+from apiary.tasks import Task, TaskError, charlm, corpus, load_task, task_expert_grid
 from apiary.tasks.moe_lm import build_model, expert_grid
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,7 +38,7 @@ def _ready(server: ServiceProcess) -> None:
         time.sleep(0.3)
 
 
-def _train(task, steps: int) -> None:  # noqa: ANN001 - a Task
+def _train(task: Task, steps: int) -> None:
     optimizer = task.optimizer(task.model.parameters())
     for _ in range(steps):
         loss = task.loss(task.model, next(task.batches))

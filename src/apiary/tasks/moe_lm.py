@@ -11,8 +11,8 @@ averages; the experts train themselves on their servers.
 `experts` chooses where the experts are: "remote" (a `RemoteMixtureOfExperts` per layer, found
 through the participant's dht: `apiary.tasks.swarm`), "local" (the same model with the same
 gates and expert modules in this process: the reference run), or "dense" (no experts: a
-feed-forward block as wide as `k_best` experts, the same compute per token). The trunk and
-the gates start from the same weights for one `model_seed` in every mode.
+feed-forward block as wide as `k_best` experts, the same compute per token). Remote and local
+models of one `model_seed` start from the same trunk and gate weights.
 
 Presets: `tiny` (tests and `apiary up`: seconds per epoch on a CPU) and `base` (0.12 B
 parameters with its experts, for GPUs).

@@ -4,11 +4,13 @@ standard library), its cached BPE tokenizer, the size of its `base` preset and `
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -114,13 +116,25 @@ def test_the_bpe_tokenizer_is_trained_once_and_cached(tmp_path: Path, monkeypatc
     text = corpus.modules(("json/decoder", "json/encoder", "textwrap"), minimum_bytes=10_000)
     tokens = corpus.bpe(text, 512)
     cached = sorted((tmp_path / "apiary").iterdir())
-    assert [path.suffix for path in cached] == [".json", ".pt"]
+    assert [path.suffix for path in cached] == [".json", ".lock", ".pt"]
     tokenizer = Tokenizer.from_file(str(cached[0]))
+    cached = [path for path in cached if path.suffix != ".lock"]
     assert tokenizer.get_vocab_size() <= 512 and int(tokens.max()) < 512
     assert tokenizer.decode(tokens.tolist()) == text.decode()  # the tokens are the text
     written = [path.stat().st_mtime_ns for path in cached]
     assert torch.equal(corpus.bpe(text, 512), tokens)
     assert [path.stat().st_mtime_ns for path in cached] == written  # read back, not trained again
+
+
+def test_peers_starting_together_train_the_bpe_tokenizer_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    text = corpus.modules(("json/decoder", "json/encoder", "textwrap"), minimum_bytes=10_000)
+    caplog.set_level(logging.INFO, logger="apiary.tasks.corpus")
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: corpus.bpe(text, 512), range(3)))
+    assert all(torch.equal(result, results[0]) for result in results)
+    assert sum("training a BPE tokenizer" in r.message for r in caplog.records) == 1, caplog.text
 
 
 def test_the_base_preset_has_over_50_million_parameters_with_its_experts() -> None:

@@ -11,6 +11,7 @@ token stream by seed.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
@@ -76,22 +77,25 @@ def cache_dir() -> Path:
 def bpe(text: bytes, vocabulary: int) -> torch.Tensor:
     """`text` encoded by a byte-level BPE tokenizer of `vocabulary` tokens trained on it, as an
     int32 tensor. The tokenizer and the tokens are cached (keyed by the text's digest and the
-    vocabulary), so only the first call for a text trains and encodes."""
+    vocabulary), so only the first call for a text trains and encodes; calls at the same time
+    (peers on one host) wait for it under a file lock."""
     if not 256 < vocabulary <= 65536:
         raise ValueError(f"the BPE vocabulary must be between 257 and 65536 tokens, got {vocabulary}")
     digest = hashlib.sha256(text).hexdigest()[:16]
     tokens_path = cache_dir() / f"bpe-{vocabulary}-{digest}.pt"
-    if tokens_path.exists():
-        return torch.load(tokens_path, weights_only=True)
-    tokenizer = _train_bpe(text, vocabulary)
-    lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
-    chunks = ["".join(lines[i : i + BPE_CHUNK_LINES]) for i in range(0, len(lines), BPE_CHUNK_LINES)]
-    ids = [i for encoding in tokenizer.encode_batch_fast(chunks, add_special_tokens=False) for i in encoding.ids]
-    tokens = torch.tensor(ids, dtype=torch.int32)
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(tokens_path, lambda path: torch.save(tokens, path))
-    _atomic_write(tokens_path.with_suffix(".json"), lambda path: tokenizer.save(str(path)))
-    return tokens
+    with open(tokens_path.with_suffix(".lock"), "w") as lock:  # peers on one host train it once, in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if tokens_path.exists():
+            return torch.load(tokens_path, weights_only=True)
+        tokenizer = _train_bpe(text, vocabulary)
+        lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+        chunks = ["".join(lines[i : i + BPE_CHUNK_LINES]) for i in range(0, len(lines), BPE_CHUNK_LINES)]
+        ids = [i for encoding in tokenizer.encode_batch_fast(chunks, add_special_tokens=False) for i in encoding.ids]
+        tokens = torch.tensor(ids, dtype=torch.int32)
+        _atomic_write(tokens_path.with_suffix(".json"), lambda path: tokenizer.save(str(path)))
+        _atomic_write(tokens_path, lambda path: torch.save(tokens, path))  # last: its presence means done
+        return tokens
 
 
 def _train_bpe(text: bytes, vocabulary: int) -> Tokenizer:
@@ -111,7 +115,7 @@ def _train_bpe(text: bytes, vocabulary: int) -> Tokenizer:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Writes through a temporary file then renames it, so concurrent peers never read half a file."""
+    """Writes through a temporary file then renames it, so no reader ever sees half a file."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     try:

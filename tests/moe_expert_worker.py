@@ -4,7 +4,7 @@
 
 Each expert is [name, kind, hidden_size, seed] (and optionally its dtype): built right after `torch.manual_seed(seed)`,
 so a test can build the identical module with `build_local`. Prints `{"port": PORT}` once
-serving; stops when stdin closes or on SIGTERM.
+serving; stops when stdin closes or on SIGTERM. `serving(config)` runs one for a test.
 """
 
 from __future__ import annotations
@@ -12,9 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import select
 import signal
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 import torch
 from worker_support import die_with_parent, emit
@@ -27,6 +36,37 @@ def build_local(name: str, kind: str, hidden: int, seed: int) -> torch.nn.Module
     """The module the worker hosts under `name`, as it was before any training step."""
     torch.manual_seed(seed)
     return build_expert(ExpertSpec(name, kind, hidden))
+
+
+@contextmanager
+def serving(config: dict[str, Any]) -> Iterator[str]:
+    """A worker process serving `config`'s experts, as `host:port`; killed on exit."""
+    root = Path(__file__).resolve().parent.parent
+    own = f"{root / 'src'}{os.pathsep}{root / 'tests'}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": f"{os.environ['PYTHONPATH']}{os.pathsep}{own}" if os.environ.get("PYTHONPATH") else own}
+    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finalizer below
+    process = subprocess.Popen([sys.executable, "-m", "tests.moe_expert_worker", "--config", json.dumps(config)],
+                               cwd=root, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                               start_new_session=True)
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        line = process.stdout.readline() if ready else b""
+        if not line:
+            stderr.seek(0)
+            pytest.fail(f"the expert worker did not start:\n{stderr.read().decode(errors='replace')[-3000:]}")
+        yield f"127.0.0.1:{json.loads(line)['port']}"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(10)
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
+        stderr.close()
 
 
 async def main(config: dict[str, Any]) -> None:

@@ -89,14 +89,17 @@ def refusal(call: Callable[[], object]) -> str:
     return f"answered {answer}"
 
 
-def backward_many(address: str, expert: str, tensors: list[torch.Tensor]) -> ExpertResults:
+def call_many(address: str, method: str, calls: list[ExpertRequest]) -> ExpertResults:
     async def call() -> ExpertResults:
         peer = PeerAddress.parse(address)
         client = RpcClient(shared_pool(), EXPERTS_SERVICE, peer.endpoint, timeout=10, peer_id=peer.peer_id)
-        request = ExpertRequest(expert=expert, tensors=[serialize_tensor(t) for t in tensors])
-        return await client.call("BackwardMany", ExpertCalls(calls=[request]))
+        return await client.call(method, ExpertCalls(calls=calls))
 
     return run_sync(call(), 15)
+
+
+def backward_many(address: str, expert: str, tensors: list[torch.Tensor]) -> ExpertResults:
+    return call_many(address, "BackwardMany", [ExpertRequest(expert=expert, tensors=[serialize_tensor(t) for t in tensors])])
 
 
 def test_nan_and_infinite_tensors_are_refused_and_never_reach_the_expert(swarm: Swarm) -> None:
@@ -134,6 +137,32 @@ def test_nan_and_infinite_tensors_are_refused_and_never_reach_the_expert(swarm: 
     # and it still trains on clean gradients
     expert.call("Backward", [x, torch.ones_like(x)])
     assert expert.info().updates == updates + 1
+
+
+def test_calls_off_the_experts_schema_are_refused_one_by_one_and_the_server_keeps_serving(swarm: Swarm) -> None:
+    server = swarm.servers[1]
+    x = torch.randn(4, HIDDEN)
+
+    def request(*tensors: torch.Tensor, keywords: tuple[str, ...] = ()) -> ExpertRequest:
+        return ExpertRequest(expert="ffn.1.0", tensors=[serialize_tensor(t) for t in tensors], keywords=keywords)
+
+    calls = {
+        "two inputs": (request(x, x), "takes 1 positional input tensor (float32[batch, 16]), got 2"),
+        "an unknown keyword": (request(x, x, keywords=("mask",)), "keyword inputs ['mask']: unknown 'mask'"),
+        "more keywords than tensors": (request(x, keywords=("a", "b")), "takes 1 positional input tensor"),
+        "a boolean input": (request(x > 0), "input dtype is bool, expected float32"),
+        "a scalar": (request(torch.tensor(1.0)), "input shape is [], expected float32[batch, 16]"),
+        "a clean call": (request(x), ""),
+    }
+    results = call_many(server.address, "ForwardMany", [call for call, _ in calls.values()]).results
+    for (what, (_, message)), result in zip(calls.items(), results):
+        if message:
+            assert result.code == "INVALID_ARGUMENT" and message in result.error and "'ffn.1.0'" in result.error, \
+                (what, result.code, result.error)
+        else:
+            assert not result.code and len(result.tensors) == 1 and result.dtype == "float32", (what, result.error)
+    (grad,) = RemoteExpert(server.address, "ffn.1.0", timeout=10).call("Backward", [x, torch.ones_like(x)])
+    assert grad.shape == x.shape
 
 
 STEP_TIMEOUT = 1.0  # the mixture's timeouts: forward, backward, DHT search; and how long a pass waits for more

@@ -4,26 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
-import os
-import select
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
-from moe_expert_worker import build_local
+from moe_expert_worker import build_local, serving
 
 from apiary.moe import BatchingRuntime, Expert, ExpertSpec, ExpertTraining, QueueFull, RemoteExpert
 from apiary.wire import NotFound, OverLimit, RequestRejected, WireError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HIDDEN = 16
 EXPERTS = [
     ["ffn.0.0", "ffn", HIDDEN, 0],  # compared with a local copy: never trained by another test
@@ -37,32 +28,8 @@ MAX_BATCH = 16
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    config = {"experts": EXPERTS, "max_batch_size": MAX_BATCH, "max_wait_seconds": 0.2, "lr": 0.05}
-    own = f"{REPO_ROOT / 'src'}{os.pathsep}{REPO_ROOT / 'tests'}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": f"{os.environ['PYTHONPATH']}{os.pathsep}{own}" if os.environ.get("PYTHONPATH") else own}
-    stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finalizer below
-    process = subprocess.Popen([sys.executable, "-m", "tests.moe_expert_worker", "--config", json.dumps(config)],
-                               cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                               start_new_session=True)
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 30)
-        line = process.stdout.readline() if ready else b""
-        if not line:
-            stderr.seek(0)
-            pytest.fail(f"the expert worker did not start:\n{stderr.read().decode(errors='replace')[-3000:]}")
-        yield f"127.0.0.1:{json.loads(line)['port']}"
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(10)
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                stream.close()
-        stderr.close()
+    with serving({"experts": EXPERTS, "max_batch_size": MAX_BATCH, "max_wait_seconds": 0.2, "lr": 0.05}) as address:
+        yield address
 
 
 def test_forward_and_input_gradient_match_the_local_module(endpoint: str) -> None:

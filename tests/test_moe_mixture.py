@@ -26,6 +26,7 @@ from apiary.moe import (
     run_sync,
 )
 from apiary.moe.declaration import declare_experts
+from apiary.moe.wire_dtypes import WireDtypes
 from apiary.moe.kinds import SlowFeedForward
 from apiary.wire import Identity, RpcServer, WireSettings
 
@@ -38,9 +39,10 @@ def local_copy(name: str) -> torch.nn.Module:
     return build_expert(ExpertSpec(name, "ffn", HIDDEN))
 
 
-def hosted(name: str, module: torch.nn.Module | None = None) -> Expert:
+def hosted(name: str, module: torch.nn.Module | None = None, dtype: str = "float32") -> Expert:
     # lr=0: backward passes leave the weights as they are, so local copies stay exact
-    return Expert(ExpertSpec(name, "ffn", HIDDEN), module if module is not None else local_copy(name), training=ExpertTraining(lr=0.0))
+    return Expert(ExpertSpec(name, "ffn", HIDDEN, dtype), module if module is not None else local_copy(name),
+                  training=ExpertTraining(lr=0.0))
 
 
 @dataclass
@@ -83,6 +85,9 @@ def swarm() -> Iterator[Swarm]:
         [hosted(f"dense.{i}.{j}") for i in (1, 2) for j in range(3)],
         [hosted(f"mixed.1.{j}", SlowFeedForward(HIDDEN, SLOW_SECONDS)) for j in range(2)],
         [Expert(ExpertSpec(f"broken.0.{j}", "failing", HIDDEN)) for j in range(2)],
+        # half.i.j: full.i.j's weights, computing in bfloat16
+        [hosted(f"{prefix}.{i}.{j}", local_copy(f"full.{i}.{j}"), dtype) for i in range(2) for j in range(3)
+         for prefix, dtype in (("half", "bfloat16"), ("full", "float32"))],
     ]
     started = run_sync(_start(groups), 60)
     yield started
@@ -206,3 +211,36 @@ def test_the_switch_layer_routes_each_sample_to_one_expert_and_balances_load(swa
     (y.sum() + balance).backward()
     assert switch.gate.weight.grad is not None and switch.gate.weight.grad.abs().sum() > 0
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("switch", [False, True], ids=["mixture", "switch"])
+def test_half_precision_experts_are_called_in_their_dtype_with_half_the_bytes(swarm: Swarm, switch: bool) -> None:
+    """The same pass through bfloat16 experts and through float32 experts of the same weights."""
+    def make(prefix: str) -> RemoteMixtureOfExperts:
+        torch.manual_seed(0)  # the same gate
+        options = {"in_features": HIDDEN, "grid_size": (2, 3), "dht": swarm.dht, "prefix": prefix, "beam_size": 8,
+                   "fault_tolerance": FaultTolerance(forward_timeout=10, backward_timeout=10), "dtypes": WireDtypes()}
+        return RemoteSwitchMixtureOfExperts(**options) if switch else RemoteMixtureOfExperts(k_best=3, **options)
+
+    half, full = make("half"), make("full")
+    x, weights = torch.randn(256, HIDDEN), torch.randn(256, HIDDEN)
+
+    def step(moe: RemoteMixtureOfExperts) -> tuple[torch.Tensor, ...]:
+        moe.zero_grad()
+        x_in = x.clone().requires_grad_(True)
+        y = moe(x_in)
+        y = y[0] if switch else y
+        (y * weights).sum().backward()
+        return y.detach(), x_in.grad, moe.gate.weight.grad
+
+    step(half)  # sent in float32: each expert's answer names its dtype
+    sent, received = half.traffic.sent, half.traffic.received
+    results, expected = step(half), step(full)
+    ratio_sent = (half.traffic.sent - sent) / full.traffic.sent
+    ratio_received = (half.traffic.received - received) / full.traffic.received
+    assert half.dtypes.get(swarm.address(4), "half.0.0") == torch.bfloat16
+    assert ratio_sent < 0.55 and ratio_received < 0.55, (ratio_sent, ratio_received)
+    for what, got, want in zip(("output", "input gradient", "gate gradient"), results, expected):
+        assert got.dtype == torch.float32, what  # the caller's dtype
+        error = float((got - want).norm() / want.norm())
+        assert error < 0.02, f"{what}: relative error {error:.4f} vs float32"  # bfloat16: 8 bits of mantissa

@@ -3,6 +3,7 @@
 Server side:
 - `apiary.moe.kinds`: expert kinds (`ffn`, `transformer`, the test kinds `slow` and `failing`,
   or `package.module:factory`);
+- `apiary.moe.schema`: `ExpertSchema` (an expert's positional and keyword inputs and outputs);
 - `apiary.moe.experts`: `ExpertSpec`, `Expert` (a module with its own optimizer);
 - `apiary.moe.training`: `ExpertTraining` (an expert's optimizer and learning-rate schedule);
 - `apiary.moe.batching`: dynamic batching of requests per expert (`BatchingRuntime`);
@@ -15,7 +16,8 @@ Client side:
 - `apiary.moe.mixture`: `RemoteMixtureOfExperts` (beam search over the DHT, one call per
   server per pass, fault tolerance from `apiary.moe.dispatch`, failing servers skipped for a
   while by `apiary.moe.bans`);
-- `apiary.moe.switch`: `RemoteSwitchMixtureOfExperts` (top-1 routing, load-balancing loss).
+- `apiary.moe.switch`: `RemoteSwitchMixtureOfExperts` (top-1 routing, load-balancing loss);
+- `apiary.moe.wire_dtypes`: the dtype each expert's calls carry (its schema's, learnt from its answers).
 """
 
 from apiary.moe.batching import BatchingRuntime, BatchTooLarge, QueueFull
@@ -26,6 +28,7 @@ from apiary.moe.experts import Expert, ExpertSpec, build_expert
 from apiary.moe.kinds import BUILT_IN_KINDS, ExpertKind, resolve_kind
 from apiary.moe.mixture import RemoteMixtureOfExperts
 from apiary.moe.names import expand_expert_names
+from apiary.moe.schema import ExpertSchema, TensorSchema
 from apiary.moe.server import EXPERTS_SERVICE, ExpertServer, UnknownExpert
 from apiary.moe.switch import RemoteSwitchMixtureOfExperts
 from apiary.moe.training import ExpertTraining
@@ -38,6 +41,7 @@ __all__ = [
     "Expert",
     "ExpertChoice",
     "ExpertKind",
+    "ExpertSchema",
     "ExpertServer",
     "ExpertSpec",
     "ExpertTraining",
@@ -47,6 +51,7 @@ __all__ = [
     "RemoteExpert",
     "RemoteMixtureOfExperts",
     "RemoteSwitchMixtureOfExperts",
+    "TensorSchema",
     "UnknownExpert",
     "background_loop",
     "beam_search",

@@ -21,10 +21,11 @@ import torch
 
 @dataclass
 class KeptActivations:
-    """One forward pass with grad: its input leaf, its output, and the expert's update count then."""
+    """One forward pass with grad: its inputs (the float ones as leaves), its outputs, and the
+    expert's update count then."""
 
-    inputs: torch.Tensor
-    output: torch.Tensor
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
     updates: int
     kept_at: float = field(default_factory=time.monotonic)
 

@@ -3,8 +3,9 @@
 Requests for the same (expert, method) wait in a bounded queue. One asyncio task serves all
 queues: it takes the queue whose oldest request has waited longest, waits until that queue
 holds `max_batch_size` samples or its oldest request has waited `max_wait_seconds`, joins up
-to `max_batch_size` samples along dim 0, runs the expert in a worker thread (the event loop
-keeps serving meanwhile) and splits the results back to each request. An optional observer
+to `max_batch_size` samples of requests of one group (e.g. the same keyword inputs) along
+dim 0, runs the expert in a worker thread (the event loop keeps serving meanwhile) and splits
+the results back to each request. An optional observer
 sees every executed batch (method, samples, each request's wait, compute time), for metrics.
 """
 
@@ -41,6 +42,7 @@ class _Request:
     future: asyncio.Future[list[torch.Tensor]]
     function: BatchFunction
     alone: bool = False  # runs as a batch of its own, with its own function
+    group: tuple[str, ...] = ()  # only requests of one group share a batch (e.g. the same keyword inputs)
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -102,9 +104,9 @@ class BatchingRuntime:
     # ---- requests
 
     async def submit(self, key: Key, function: BatchFunction, tensors: Sequence[torch.Tensor], *,
-                     alone: bool = False) -> list[torch.Tensor]:
+                     alone: bool = False, group: tuple[str, ...] = ()) -> list[torch.Tensor]:
         """Runs `function` on `tensors` (each [samples, ...]) batched with other requests of `key`
-        (or, if `alone`, as a batch of its own: in its turn, without waiting for others);
+        and `group` (or, if `alone`, as a batch of its own: in its turn, without waiting for others);
         returns this request's share of the results. Raises QueueFull or BatchTooLarge."""
         if self._task is None:
             raise RuntimeError("the expert runtime is not running")
@@ -119,7 +121,7 @@ class BatchingRuntime:
         if len(queue.requests) >= self.max_queued_requests:
             raise QueueFull(f"{len(queue.requests)} {key[1]} requests already wait for expert {key[0]!r}; "
                             f"the limit is {self.max_queued_requests}")
-        request = _Request(list(tensors), samples, asyncio.get_running_loop().create_future(), function, alone)
+        request = _Request(list(tensors), samples, asyncio.get_running_loop().create_future(), function, alone, group)
         queue.requests.append(request)
         queue.samples += samples
         self._wakeup.set()
@@ -155,7 +157,7 @@ class BatchingRuntime:
             batch: list[_Request] = []
             samples = 0
             while queue.requests and samples + queue.requests[0].samples <= self.max_batch_size:
-                if batch and queue.requests[0].alone:
+                if batch and (queue.requests[0].alone or queue.requests[0].group != batch[0].group):
                     break
                 request = queue.requests.popleft()
                 queue.samples -= request.samples

@@ -122,11 +122,12 @@ class RemoteExpert(nn.Module):
         return self._rpc
 
     async def call_async(self, method: str, tensors: Sequence[torch.Tensor], *, keep_activations: bool = False,
-                         handle: bytes = b"") -> tuple[list[torch.Tensor], bytes]:
+                         handle: bytes = b"", keywords: Sequence[str] = ()) -> tuple[list[torch.Tensor], bytes]:
         """Forward or Backward on the server (run this on `background_loop()`): the result
-        tensors and, for a Forward asked to keep its activations, the handle a Backward sends back."""
+        tensors and, for a Forward asked to keep its activations, the handle a Backward sends back.
+        `keywords` names the last inputs, passed by keyword."""
         request = ExpertRequest(expert=self.name, tensors=[serialize_tensor(t.detach().cpu()) for t in tensors],
-                                keep_activations=keep_activations, handle=handle)
+                                keep_activations=keep_activations, handle=handle, keywords=keywords)
         reply = await self._client().call(method, request, timeout=self.timeout)
         self.bytes_sent += request.ByteSize()
         self.bytes_received += reply.ByteSize()
@@ -136,9 +137,9 @@ class RemoteExpert(nn.Module):
             raise RemoteFailure(f"{method} of expert {self.name!r} on {self.endpoint} answered a malformed tensor: {e}",
                                 peer=str(self.endpoint)) from None
 
-    def call(self, method: str, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def call(self, method: str, tensors: Sequence[torch.Tensor], keywords: Sequence[str] = ()) -> list[torch.Tensor]:
         """Forward or Backward on the server, from any thread but the background loop's."""
-        return run_sync(self.call_async(method, tensors), self.timeout + 1.0)[0]
+        return run_sync(self.call_async(method, tensors, keywords=keywords), self.timeout + 1.0)[0]
 
     def info(self) -> InfoReply:
         async def ask() -> InfoReply:
@@ -152,9 +153,13 @@ class RemoteExpert(nn.Module):
             self.dtype = DTYPES[self.info().dtype or "float32"]
         return self.dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.keep_activations and torch.is_grad_enabled() and x.requires_grad
-        return _RemoteCall.apply(self, keep, x)
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The expert's outputs (one tensor, or a tuple of several) for its positional and keyword
+        inputs; gradients flow back to every float input that requires them."""
+        inputs = [*args, *kwargs.values()]
+        keep = self.keep_activations and torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        outputs = _RemoteCall.apply(self, keep, tuple(kwargs), *inputs)
+        return outputs[0] if len(outputs) == 1 else outputs
 
     def extra_repr(self) -> str:
         return f"endpoint={self.endpoint}, name={self.name!r}"
@@ -162,28 +167,36 @@ class RemoteExpert(nn.Module):
 
 class _RemoteCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, expert: RemoteExpert, keep: bool, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, expert: RemoteExpert, keep: bool, keywords: tuple[str, ...],  # type: ignore[override]
+                *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         wire = expert.wire_dtype()
-        outputs, handle = run_sync(expert.call_async("Forward", [x.to(wire)], keep_activations=keep),
-                                   expert.timeout + 1.0)
-        (output,) = _one(outputs, expert, "Forward")
-        ctx.expert, ctx.handle = expert, handle
-        ctx.save_for_backward(x)
-        return output.to(x.device, x.dtype)
+        outputs, handle = run_sync(expert.call_async("Forward", _to_wire(inputs, wire), keep_activations=keep,
+                                                     keywords=keywords), expert.timeout + 1.0)
+        if not outputs:
+            raise RemoteFailure(f"Forward of expert {expert.name!r} on {expert.endpoint} answered no tensor",
+                                peer=str(expert.endpoint))
+        ctx.expert, ctx.handle, ctx.keywords = expert, handle, keywords
+        ctx.save_for_backward(*inputs)
+        like = next((t for t in inputs if t.is_floating_point()), inputs[0])
+        answered = tuple(o.to(like.device, like.dtype) if o.is_floating_point() else o.to(like.device)
+                         for o in outputs)
+        ctx.mark_non_differentiable(*(o for o in answered if not o.is_floating_point()))
+        return answered
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, None, torch.Tensor]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        inputs = ctx.saved_tensors
         expert: RemoteExpert = ctx.expert
         wire = expert.wire_dtype()
-        grads, _ = run_sync(expert.call_async("Backward", [x.to(wire), grad_output.to(wire)], handle=ctx.handle),
-                            expert.timeout + 1.0)
-        (grad_input,) = _one(grads, expert, "Backward")
-        return None, None, grad_input.to(x.device, x.dtype)
+        grads, _ = run_sync(expert.call_async("Backward", _to_wire([*inputs, *grad_outputs], wire), handle=ctx.handle,
+                                              keywords=ctx.keywords), expert.timeout + 1.0)
+        if len(grads) != len(inputs):
+            raise RemoteFailure(f"Backward of expert {expert.name!r} on {expert.endpoint} answered {len(grads)} "
+                                f"tensors, expected {len(inputs)}", peer=str(expert.endpoint))
+        return None, None, None, *(g.to(x.device, x.dtype) if x.is_floating_point() else None
+                                   for g, x in zip(grads, inputs))
 
 
-def _one(tensors: list[torch.Tensor], expert: RemoteExpert, method: str) -> list[torch.Tensor]:
-    if len(tensors) != 1:
-        raise RemoteFailure(f"{method} of expert {expert.name!r} on {expert.endpoint} answered {len(tensors)} tensors, "
-                            f"expected 1", peer=str(expert.endpoint))
-    return tensors
+def _to_wire(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The float tensors in the wire's dtype; the others as they are."""
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]

@@ -7,7 +7,9 @@ sample has `k_min` answering experts (or every call ended), then at most
 running then are cancelled and their experts count as failed. `ExpertPass` is the autograd
 function: its forward returns every (sample, slot) output with a mask of those that answered,
 its backward sends the output gradients to the experts that answered and sums the input
-gradients they return (failed ones contribute none).
+gradients they return (failed ones contribute none). Each expert's samples travel in its wire
+dtype (`apiary.moe.wire_dtypes`: its schema's compute dtype once it has answered, or the dtype
+the layer forces); the outputs and gradients come back in the caller's dtype.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from apiary.moe.beam_search import ExpertChoice
 from apiary.moe.client import run_sync
 from apiary.moe.protos.moe_pb2 import ExpertCalls, ExpertRequest, ExpertResults, InfoRequest
 from apiary.moe.server import EXPERTS_SERVICE
+from apiary.moe.wire_dtypes import WireDtypes, wire_dtypes
 from apiary.wire import ChannelPool, InvalidRequest, PayloadTooLarge, PeerAddress, RpcClient, WireError
 from apiary.wire.tensors import deserialize_tensor, serialize_tensor
 
@@ -68,10 +71,19 @@ class FaultTolerance:
 
 
 @dataclass
+class Traffic:
+    """Bytes of the serialized ForwardMany/BackwardMany requests sent and replies received."""
+
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass
 class Routing:
     """Which samples go to which expert: `experts[e]` gets the samples `samples[e]`, whose outputs
     fill column `slots[e]` of the [batch, k] result; `pool` dials their servers (on `background_loop()`),
-    `bans` skips those that failed recently (`apiary.moe.bans`)."""
+    `bans` skips those that failed recently (`apiary.moe.bans`). Tensors travel in `wire_dtype`,
+    or (None) in each expert's dtype as `dtypes` learnt it; `traffic` counts the bytes."""
 
     batch: int
     k: int
@@ -80,22 +92,33 @@ class Routing:
     samples: list[torch.Tensor] = field(default_factory=list)
     slots: list[torch.Tensor] = field(default_factory=list)
     bans: ServerBans = field(default_factory=server_bans)
+    dtypes: WireDtypes = field(default_factory=wire_dtypes)
+    wire_dtype: torch.dtype | None = None
+    traffic: Traffic = field(default_factory=Traffic)
 
     @classmethod
     def of(cls, choices: Sequence[Sequence[ExpertChoice]], k: int, pool: ChannelPool,
-           bans: ServerBans | None = None) -> Routing:
+           bans: ServerBans | None = None, *, dtypes: WireDtypes | None = None, wire_dtype: torch.dtype | None = None,
+           traffic: Traffic | None = None) -> Routing:
         by_expert: dict[tuple[str, str], tuple[ExpertChoice, list[int], list[int]]] = {}
         for sample, chosen in enumerate(choices):
             for slot, choice in enumerate(chosen[:k]):
                 entry = by_expert.setdefault((choice.address, choice.name), (choice, [], []))
                 entry[1].append(sample)
                 entry[2].append(slot)
-        routing = cls(len(choices), k, pool, bans=bans if bans is not None else server_bans())
+        routing = cls(len(choices), k, pool, bans=bans if bans is not None else server_bans(),
+                      dtypes=dtypes if dtypes is not None else wire_dtypes(), wire_dtype=wire_dtype,
+                      traffic=traffic if traffic is not None else Traffic())
         for choice, samples, slots in by_expert.values():
             routing.experts.append(choice)
             routing.samples.append(torch.tensor(samples, dtype=torch.long))
             routing.slots.append(torch.tensor(slots, dtype=torch.long))
         return routing
+
+    def dtype_of(self, e: int) -> torch.dtype:
+        """The dtype expert e's tensors travel in now."""
+        expert = self.experts[e]
+        return self.wire_dtype if self.wire_dtype is not None else self.dtypes.get(expert.address, expert.name)
 
     def wanted(self, k_min: int) -> torch.Tensor:
         """Answers each sample waits for: k_min, or fewer where fewer experts were found."""
@@ -142,6 +165,7 @@ async def call_experts(method: str, routing: Routing, tensors: Sequence[Sequence
             errors.append(f"{address}: {e}")
             continue
         clients[address] = client
+        routing.traffic.sent += request.ByteSize()
         tasks[asyncio.ensure_future(client.call(method, request, timeout=timeout))] = (address, indices)
     started = time.monotonic()
     k_min_reached: float | None = None
@@ -184,6 +208,7 @@ def _collect(task: asyncio.Task[ExpertResults], address: str, indices: list[int]
         routing.bans.outcome(address, e)
         return []
     routing.bans.outcome(address, None)
+    routing.traffic.received += reply.ByteSize()
     if len(reply.results) != len(indices):
         errors.append(f"{address} answered {len(reply.results)} results for {len(indices)} experts")
         return []
@@ -199,6 +224,7 @@ def _collect(task: asyncio.Task[ExpertResults], address: str, indices: list[int]
             errors.append(f"expert {name!r} on {address} answered a malformed tensor: {error}")
             continue
         kept[e] = result.handle
+        routing.dtypes.learn(address, name, result.dtype)
         ok.append(e)
     return ok
 
@@ -215,8 +241,9 @@ class ExpertPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, always: torch.Tensor, routing: Routing, settings: FaultTolerance,  # type: ignore[override]
                 keep_activations: bool, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wire_x = x.detach().to("cpu", torch.float32)
-        inputs = [[wire_x[samples]] for samples in routing.samples]
+        dtypes = [routing.dtype_of(e) for e in range(len(routing.experts))]
+        x_cpu = x.detach().cpu()
+        inputs = [[x_cpu[samples].to(dtype)] for samples, dtype in zip(routing.samples, dtypes)]
         results, errors, handles = run_sync(
             call_experts("ForwardMany", routing, inputs, settings, settings.forward_timeout,
                          keep_activations=keep_activations),
@@ -232,10 +259,11 @@ class ExpertPass(torch.autograd.Function):
                               f"expected {list(inputs[e][0].shape)}")
                 results[e] = None
                 continue
-            outputs[routing.samples[e], routing.slots[e]] = output
+            outputs[routing.samples[e], routing.slots[e]] = output.float()
             alive[routing.samples[e], routing.slots[e]] = True
         _check_enough(alive, routing, settings, errors)
         ctx.routing, ctx.settings, ctx.answered, ctx.handles = routing, settings, [r is not None for r in results], handles
+        ctx.dtypes = dtypes  # the backward sends each expert what its forward did
         ctx.save_for_backward(x)
         ctx.mark_non_differentiable(alive)
         return outputs.to(x.device, x.dtype), alive.to(x.device)
@@ -245,10 +273,9 @@ class ExpertPass(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         routing: Routing = ctx.routing
         settings: FaultTolerance = ctx.settings
-        wire_x = x.detach().to("cpu", torch.float32)
-        wire_grad = grad_outputs.detach().to("cpu", torch.float32)
-        tensors = [[wire_x[samples], wire_grad[samples, slots].contiguous()] if answered else None
-                   for samples, slots, answered in zip(routing.samples, routing.slots, ctx.answered)]
+        x_cpu, grad_cpu = x.detach().cpu(), grad_outputs.detach().cpu()
+        tensors = [[x_cpu[samples].to(dtype), grad_cpu[samples, slots].to(dtype)] if answered else None
+                   for samples, slots, answered, dtype in zip(routing.samples, routing.slots, ctx.answered, ctx.dtypes)]
         results, errors, _ = run_sync(
             call_experts("BackwardMany", routing, tensors, settings, settings.backward_timeout, handles=ctx.handles),
             settings.backward_timeout + 5.0)
@@ -256,10 +283,10 @@ class ExpertPass(torch.autograd.Function):
             logger.warning("backward: %d experts failed: %s", len(errors), "; ".join(errors[:MAX_ERRORS_SHOWN]))
         if not ctx.needs_input_grad[4]:
             return None, None, None, None, None
-        grad_x = torch.zeros_like(wire_x)
+        grad_x = torch.zeros_like(x_cpu, dtype=torch.float32)
         for e, result in enumerate(results):
             if result is not None and result[0].shape == tensors[e][0].shape:  # type: ignore[index]
-                grad_x.index_add_(0, routing.samples[e], result[0])
+                grad_x.index_add_(0, routing.samples[e], result[0].float())
         return None, None, None, None, grad_x.to(x.device, x.dtype)
 
 

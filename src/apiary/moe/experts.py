@@ -9,10 +9,13 @@ optimizer and schedule); a step whose gradients are not finite is skipped and co
 applied. The module lives on the
 expert's device; inputs come and results go back on the CPU (the wire's side).
 
-An expert's `dtype` (float32, bfloat16 or float16) is its compute precision: inputs may come in
-it (half the bytes of float32) or in float32, results go back in the inputs' dtype, and the
-module (float32 weights) runs under autocast at that precision; float16 on the CPU, where
-half-precision matmuls are not always available, computes in float32.
+An expert's schema (its kind's: `apiary.moe.schema`) says what it takes: one or several
+positional input tensors and keyword inputs, sharing the batch dimension; a request is checked
+against it before it runs. An expert's `dtype` (float32, bfloat16 or float16) is its compute
+precision: float inputs may come in it (half the bytes of float32) or in float32, float results
+(and the input gradients) go back in the inputs' dtype, and the module (float32 weights) runs
+under autocast at that precision; float16 on the CPU, where half-precision matmuls are not
+always available, computes in float32.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 
 from apiary.moe.activations import KeptActivations
 from apiary.moe.kinds import resolve_kind
+from apiary.moe.schema import ExpertSchema, dtype_name
 from apiary.moe.training import ExpertTraining
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,9 +64,10 @@ class ExpertSpec:
     def input_ndim(self) -> int:
         return resolve_kind(self.kind).input_ndim
 
-    def describe_input(self) -> str:
-        dims = ["batch", "seq"][: self.input_ndim - 1] + [str(self.hidden_size)]
-        return f"{self.dtype}[{', '.join(dims)}]"
+    @property
+    def schema(self) -> ExpertSchema:
+        """What the expert takes and gives (`apiary.moe.schema`), by its kind."""
+        return resolve_kind(self.kind).schema_for(self.hidden_size)
 
 
 def build_expert(spec: ExpertSpec) -> nn.Module:
@@ -78,6 +83,7 @@ class Expert:
     def __init__(self, spec: ExpertSpec, module: nn.Module | None = None, *,
                  training: ExpertTraining = ExpertTraining(), device: str | torch.device = "cpu"):
         self.spec = spec
+        self.schema: ExpertSchema = spec.schema
         self.device = torch.device(device)
         self.module = (module if module is not None else build_expert(spec)).to(self.device)
         self.training = training
@@ -90,82 +96,91 @@ class Expert:
     def name(self) -> str:
         return self.spec.name
 
-    def check_inputs(self, inputs: Sequence[torch.Tensor]) -> None:
-        """Raises ValueError naming the expert and what is wrong unless `inputs` fit its schema."""
-        expected = self.spec.describe_input()
-        if len(inputs) != 1:
-            raise ValueError(f"expert {self.name!r} takes 1 input tensor ({expected}), got {len(inputs)}")
-        x = inputs[0]
-        if x.dtype not in (torch.float32, self.spec.torch_dtype):
-            raise ValueError(f"expert {self.name!r}: input dtype is {str(x.dtype).removeprefix('torch.')}, "
-                             f"expected {' or '.join(dict.fromkeys([self.spec.dtype, 'float32']))} ({expected})")
-        if x.dim() != self.spec.input_ndim or x.shape[-1] != self.spec.hidden_size:
-            raise ValueError(f"expert {self.name!r}: input shape is {list(x.shape)}, expected {expected}")
-        if x.shape[0] == 0:
-            raise ValueError(f"expert {self.name!r}: the input batch is empty")
+    def check_inputs(self, inputs: Sequence[torch.Tensor], keywords: Sequence[str] = ()) -> dict[str, int]:
+        """Raises ValueError naming the expert and what is wrong unless `inputs` (positional, then
+        the keyword inputs named `keywords`) fit its schema; returns the sizes of its named dims."""
+        return self.schema.check(self.name, self.spec.torch_dtype, inputs, keywords)
 
-    def check_grad_outputs(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor]) -> None:
+    def check_grad_outputs(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
+                           keywords: Sequence[str] = ()) -> None:
         """Raises ValueError unless `grad_outputs` match the outputs the inputs give."""
-        if len(grad_outputs) != 1:
-            raise ValueError(f"expert {self.name!r}: backward takes 1 output gradient, got {len(grad_outputs)}")
-        g = grad_outputs[0]
-        if g.dtype != inputs[0].dtype:
-            raise ValueError(f"expert {self.name!r}: output gradient dtype is "
-                             f"{str(g.dtype).removeprefix('torch.')}, expected the input's "
-                             f"{str(inputs[0].dtype).removeprefix('torch.')}")
-        if g.shape != inputs[0].shape:  # every kind maps hidden -> hidden
-            raise ValueError(f"expert {self.name!r}: output gradient shape is {list(g.shape)}, "
-                             f"expected {list(inputs[0].shape)} (the output's shape)")
+        sizes = self.check_inputs(inputs, keywords)
+        shapes = self.schema.output_shapes(sizes)
+        if len(grad_outputs) != len(shapes):
+            raise ValueError(f"expert {self.name!r}: backward takes {len(shapes)} output gradient"
+                             f"{'s' if len(shapes) > 1 else ''}, got {len(grad_outputs)}")
+        dtype = _call_dtype(inputs)
+        for index, (g, shape) in enumerate(zip(grad_outputs, shapes)):
+            label = "output gradient" if len(shapes) == 1 else f"output gradient {index}"
+            if g.dtype != dtype:
+                raise ValueError(f"expert {self.name!r}: {label} dtype is {dtype_name(g.dtype)}, "
+                                 f"expected the input's {dtype_name(dtype)}")
+            if list(g.shape) != shape:
+                raise ValueError(f"expert {self.name!r}: {label} shape is {list(g.shape)}, "
+                                 f"expected {shape} (the output's shape)")
 
-    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        self.check_inputs(inputs)
+    def forward(self, inputs: Sequence[torch.Tensor], keywords: Sequence[str] = ()) -> list[torch.Tensor]:
+        self.check_inputs(inputs, keywords)
         with self._lock, torch.no_grad():
-            return [self._compute(inputs[0].to(self.device)).to("cpu", inputs[0].dtype)]
+            outputs = self._compute([t.to(self.device) for t in inputs], keywords)
+            return _to_wire(outputs, _call_dtype(inputs))
 
-    def forward_keeping(self, inputs: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], KeptActivations]:
+    def forward_keeping(self, inputs: Sequence[torch.Tensor], keywords: Sequence[str] = ()
+                        ) -> tuple[list[torch.Tensor], KeptActivations]:
         """The outputs, computed with grad; also the activations for a `backward` of the same inputs."""
-        self.check_inputs(inputs)
+        self.check_inputs(inputs, keywords)
         with self._lock:
-            x = inputs[0].to(self.device).detach().requires_grad_(True)
+            leaves = _leaves(inputs, self.device)
             with torch.enable_grad():
-                output = self._compute(x)
-            return [output.detach().to("cpu", x.dtype)], KeptActivations(x, output, self.updates)
+                outputs = self._compute(leaves, keywords)
+            return _to_wire([o.detach() for o in outputs], _call_dtype(inputs)), \
+                KeptActivations(leaves, outputs, self.updates)
 
     def backward(self, inputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor],
-                 kept: KeptActivations | None = None) -> list[torch.Tensor]:
-        """The gradients of the inputs; also one optimizer step on the expert's parameters (skipped
-        if their gradients are not finite; none without an optimizer). With `kept` activations of
-        these inputs and no update since, the forward is not recomputed."""
-        self.check_inputs(inputs)
-        self.check_grad_outputs(inputs, grad_outputs)
+                 kept: KeptActivations | None = None, keywords: Sequence[str] = ()) -> list[torch.Tensor]:
+        """The gradients of the inputs (zeros for those that are not float); also one optimizer step
+        on the expert's parameters (skipped if their gradients are not finite; none without an
+        optimizer). With `kept` activations of these inputs and no update since, the forward is
+        not recomputed."""
+        self.check_grad_outputs(inputs, grad_outputs, keywords)
         with self._lock:
-            if kept is not None and kept.updates == self.updates and kept.inputs.shape == inputs[0].shape \
-                    and torch.equal(kept.inputs.detach(), inputs[0].to(self.device)):
-                x, output = kept.inputs, kept.output
+            if kept is not None and kept.updates == self.updates and len(kept.inputs) == len(inputs) and all(
+                    a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.detach(), b.to(self.device))
+                    for a, b in zip(kept.inputs, inputs)):
+                leaves, outputs = kept.inputs, kept.outputs
             else:
-                x = inputs[0].to(self.device).detach().requires_grad_(True)
+                leaves = _leaves(inputs, self.device)
                 with torch.enable_grad():
-                    output = self._compute(x)
-            grad_output = grad_outputs[0].to(self.device, output.dtype)
-            if self.optimizer is None:  # frozen: the input gradient only
-                with torch.enable_grad():
-                    (grad_input,) = torch.autograd.grad(output, x, grad_output)
-                return [grad_input.cpu()]
+                    outputs = self._compute(leaves, keywords)
+            pairs = [(o, g.to(self.device, o.dtype)) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+            differentiable = [x for x in leaves if x.requires_grad]
             with torch.enable_grad():
-                self.optimizer.zero_grad(set_to_none=True)
-                output.backward(grad_output)
-            self._step(self.optimizer)
-            assert x.grad is not None
-            return [x.grad.cpu()]
+                if self.optimizer is None:  # frozen: the input gradients only
+                    found = torch.autograd.grad([o for o, _ in pairs], differentiable, [g for _, g in pairs],
+                                                allow_unused=True) if pairs and differentiable else ()
+                    grads = dict(zip(map(id, differentiable), found))
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if pairs:
+                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    grads = {id(x): x.grad for x in differentiable}
+            if self.optimizer is not None:
+                self._step(self.optimizer)
+            return [g.cpu() if (g := grads.get(id(x))) is not None else torch.zeros_like(x, device="cpu")
+                    for x in leaves]
 
-    def _compute(self, x: torch.Tensor) -> torch.Tensor:
-        """The module's output for `x` (on the device, in float32 or the expert's dtype), computed
-        at the expert's precision."""
+    def _compute(self, inputs: Sequence[torch.Tensor], keywords: Sequence[str]) -> list[torch.Tensor]:
+        """The module's outputs for `inputs` (on the device; float ones in float32 or the expert's
+        dtype), computed at the expert's precision."""
+        positional = len(inputs) - len(keywords)
         dtype = self.spec.torch_dtype
         if dtype == torch.float32 or (dtype == torch.float16 and self.device.type == "cpu"):
-            return self.module(x.float())
-        with torch.autocast(self.device.type, dtype=dtype):
-            return self.module(x)
+            inputs = [t.float() if t.is_floating_point() else t for t in inputs]
+            result = self.module(*inputs[:positional], **dict(zip(keywords, inputs[positional:])))
+        else:
+            with torch.autocast(self.device.type, dtype=dtype):
+                result = self.module(*inputs[:positional], **dict(zip(keywords, inputs[positional:])))
+        return list(result) if isinstance(result, (tuple, list)) else [result]
 
     def _step(self, optimizer: torch.optim.Optimizer) -> None:
         """One optimizer step on the gradients just computed, unless their norm is not finite (a
@@ -183,3 +198,18 @@ class Expert:
             optimizer.step()
             self.updates += 1
         optimizer.zero_grad(set_to_none=True)
+
+
+def _call_dtype(inputs: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype a call's float tensors travel in: its first float input's."""
+    return next((t.dtype for t in inputs if t.is_floating_point()), torch.float32)
+
+
+def _leaves(inputs: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The inputs on the device, the float ones as leaves that require grad."""
+    return [t.to(device).detach().requires_grad_(True) if t.is_floating_point() else t.to(device) for t in inputs]
+
+
+def _to_wire(outputs: Sequence[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Outputs on the CPU, the float ones in the call's dtype."""
+    return [o.to("cpu", dtype) if o.is_floating_point() else o.cpu() for o in outputs]

@@ -4,7 +4,11 @@ Built in: `ffn` (feed-forward), `transformer` (a transformer block over [batch, 
 and two kinds meant for tests: `slow` (sleeps `slow_seconds`, then behaves like `ffn`) and
 `failing` (every pass raises). Any other kind is `package.module:factory`, where `factory` is
 an `ExpertKind` or a callable `factory(hidden_size) -> nn.Module` taking [batch, hidden].
-Every kind maps an input of hidden size to an output of the same shape.
+A kind's schema (`apiary.moe.schema`) says what its experts take and give: by default one
+input of hidden size ([batch, hidden], or [batch, seq, hidden]) and an output of the same
+shape; an `ExpertKind` may declare several positional and keyword inputs (the `transformer`
+block takes an optional `padding_mask` keyword: bool [batch, seq], True where a position is
+padding).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from functools import partial
 
 import torch
 from torch import nn
+
+from apiary.moe.schema import ExpertSchema, TensorSchema
 
 DEFAULT_SLOW_SECONDS = 1.0
 
@@ -45,10 +51,16 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.ffn = FeedForward(hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attention(h, h, h, need_weights=False)[0]
+        x = x + self.attention(h, h, h, key_padding_mask=padding_mask, need_weights=False)[0]
         return x + self.ffn(self.norm2(x))
+
+
+def transformer_schema(hidden: int) -> ExpertSchema:
+    """[batch, seq, hidden] and an optional bool `padding_mask` [batch, seq] in; [batch, seq, hidden] out."""
+    return ExpertSchema((TensorSchema(("seq", hidden)), TensorSchema(("seq",), "bool", "padding_mask", optional=True)),
+                        (TensorSchema(("seq", hidden)),))
 
 
 class SlowFeedForward(FeedForward):
@@ -72,16 +84,23 @@ class FailingExpert(FeedForward):
 
 @dataclass(frozen=True)
 class ExpertKind:
-    """How to build an expert of one kind, and the number of dimensions of its input
-    (2: [batch, hidden]; 3: [batch, seq, hidden])."""
+    """How to build an expert of one kind, and what its experts take and give: `schema(hidden_size)`,
+    or (None) one input of `input_ndim` dimensions (2: [batch, hidden]; 3: [batch, seq, hidden])
+    and an output of its shape."""
 
     factory: Callable[[int], nn.Module]
     input_ndim: int = 2
+    schema: Callable[[int], ExpertSchema] | None = None
+
+    def schema_for(self, hidden_size: int) -> ExpertSchema:
+        if self.schema is not None:
+            return self.schema(hidden_size)
+        return ExpertSchema.same_shape(("seq",) * (self.input_ndim - 2) + (hidden_size,))
 
 
 BUILT_IN_KINDS: dict[str, ExpertKind] = {
     "ffn": ExpertKind(FeedForward),
-    "transformer": ExpertKind(TransformerBlock, 3),
+    "transformer": ExpertKind(TransformerBlock, 3, transformer_schema),
     "slow": ExpertKind(SlowFeedForward),
     "failing": ExpertKind(FailingExpert),
 }

@@ -3,7 +3,10 @@
 A gating network scores every coordinate of the experts' grid; a beam search over the DHT
 (`apiary.moe.beam_search`) picks each sample's `k_best` live experts; the samples go to their
 experts in one call per server (`apiary.moe.dispatch`); the outputs of the experts that
-answered are mixed by the softmax of their gate scores. Gradients flow into the gate (through
+answered are mixed by the softmax of their gate scores. The samples travel to each expert in its
+schema's dtype (bfloat16 or float16 halve the bytes; float32 until the expert has answered once:
+`apiary.moe.wire_dtypes`), unless `wire_dtype` forces one; the gate, the mixing weights, the
+outputs and the gradients stay in the caller's dtype. Gradients flow into the gate (through
 the mixing weights) and, through the experts, into the input; the experts train themselves
 on the server when the backward pass reaches them.
 
@@ -25,7 +28,8 @@ from apiary.moe.bans import ServerBans, server_bans
 from apiary.moe.beam_search import ExpertChoice, beam_search
 from apiary.moe.client import run_sync, shared_pool
 from apiary.wire import ChannelPool
-from apiary.moe.dispatch import ALWAYS_BACKWARD, ExpertPass, FaultTolerance, Routing
+from apiary.moe.dispatch import ALWAYS_BACKWARD, ExpertPass, FaultTolerance, Routing, Traffic
+from apiary.moe.wire_dtypes import WireDtypes
 
 
 class RemoteMixtureOfExperts(nn.Module):
@@ -41,12 +45,15 @@ class RemoteMixtureOfExperts(nn.Module):
     `search_timeout` bounds the beam search in the DHT, which then goes on with the experts found
     (default: the fault tolerance's `forward_timeout`).
     `bans` skips servers that failed recently (default: the process's list, `apiary.moe.bans`).
+    `wire_dtype` is the dtype every expert call carries (None: each expert's, as learnt in `dtypes`,
+    default the process's table); `traffic` counts the bytes of the calls.
     """
 
     def __init__(self, *, in_features: int, grid_size: Sequence[int], dht: DHTLike, prefix: str, k_best: int = 4,
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
                  search_timeout: float | None = None, keep_activations: bool = True,
-                 pool: ChannelPool | None = None, bans: ServerBans | None = None):
+                 pool: ChannelPool | None = None, bans: ServerBans | None = None,
+                 wire_dtype: torch.dtype | None = None, dtypes: WireDtypes | None = None):
         super().__init__()
         if not grid_size or any(size < 1 for size in grid_size):
             raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {list(grid_size)}")
@@ -64,6 +71,9 @@ class RemoteMixtureOfExperts(nn.Module):
         dht_pool = getattr(dht, "pool", None)
         self.pool = pool or (dht_pool.copy() if isinstance(dht_pool, ChannelPool) else None)
         self.bans = bans if bans is not None else server_bans()
+        self.wire_dtype = wire_dtype
+        self.dtypes = dtypes
+        self.traffic = Traffic()
         self.gate = nn.Linear(in_features, sum(self.grid_size))
 
     def grid_scores(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -82,7 +92,8 @@ class RemoteMixtureOfExperts(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every chosen expert's output ([batch, k, ...]), which of them answered ([batch, k]) and
         their coordinates ([batch, k, grid dimensions]; 0 in empty slots)."""
-        routing = Routing.of(choices, k, self.pool or shared_pool(), self.bans)
+        routing = Routing.of(choices, k, self.pool or shared_pool(), self.bans, dtypes=self.dtypes,
+                             wire_dtype=self.wire_dtype, traffic=self.traffic)
         keep = self.keep_activations and torch.is_grad_enabled()
         outputs, alive = ExpertPass.apply(ALWAYS_BACKWARD, routing, self.fault_tolerance, keep, x)
         coordinates = torch.zeros(len(choices), k, len(self.grid_size), dtype=torch.long)

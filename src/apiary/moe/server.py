@@ -1,12 +1,14 @@
 """The expert server's gRPC service: Forward, Backward, ForwardMany, BackwardMany and Info.
 
 `ExpertServer` holds the experts and the batching runtime and serves `EXPERTS_SERVICE` on an
-`RpcServer` (`attach`). Every request is checked before it joins a batch (known expert, input
-dtype and shape, batch size), so one bad request never fails other callers' batch; a refused
+`RpcServer` (`attach`). Every request is checked before it joins a batch (known expert; its
+inputs, positional and keyword, against the expert's schema: count, names, dtypes, shapes, one
+batch size for all; not too many samples), so one bad request never fails other callers' batch; a refused
 request gets INVALID_ARGUMENT, NOT_FOUND or RESOURCE_EXHAUSTED with a message naming the
 expert and what is wrong, and the server keeps serving. A tensor holding a NaN or an infinity
 is refused, received or about to be sent (`apiary.moe.finite`): no caller can poison an
-expert's weights or get a non-finite answer. ForwardMany and BackwardMany carry one
+expert's weights or get a non-finite answer. Requests share a batch only with requests of the
+same keywords, dtypes and shapes past dim 0. ForwardMany and BackwardMany carry one
 request per expert in a single call; each request succeeds or fails on its own. A Forward that
 asks to keep its activations runs as a batch of its own and answers a handle; the Backward that
 brings the handle back reuses them (`apiary.moe.activations`).
@@ -146,8 +148,10 @@ class ExpertServer:
         expert = self._expert(request.expert)
         forward = self.runtime.stats.get((expert.name, "forward"), BatchStats())
         backward = self.runtime.stats.get((expert.name, "backward"), BatchStats())
+        inputs, outputs = expert.schema.to_messages(expert.spec.dtype)
         return InfoReply(
             name=expert.name, kind=expert.spec.kind, hidden_size=expert.spec.hidden_size, dtype=expert.spec.dtype,
+            inputs=inputs, outputs=outputs,
             max_batch_size=self.runtime.max_batch_size,
             forward_batches=forward.batches, forward_requests=forward.requests,
             backward_batches=backward.batches, backward_requests=backward.requests,
@@ -158,36 +162,42 @@ class ExpertServer:
 
     async def _forward(self, request: ExpertRequest) -> tuple[list[torch.Tensor], bytes]:
         expert = self._expert(request.expert)
-        inputs = self._tensors(request)
-        self._check(lambda: expert.check_inputs(inputs))
-        _refuse_non_finite(expert, "Forward", {"input": inputs[0]})
+        inputs, keywords = self._tensors(request), tuple(request.keywords)
+        self._check(lambda: expert.check_inputs(inputs, keywords))
+        _refuse_non_finite(expert, "Forward", _named("input", inputs, keywords))
         if not (request.keep_activations and self.activations.enabled):
-            outputs, handle = await self._submit(expert, "forward", expert.forward, inputs), b""
+            outputs = await self._submit(expert, "forward", lambda joined: expert.forward(joined, keywords), inputs,
+                                         keywords)
+            handle = b""
         else:
             handle = self.activations.new_handle()
 
             def forward_keeping(joined: list[torch.Tensor]) -> list[torch.Tensor]:
-                outputs, kept = expert.forward_keeping(joined)
+                outputs, kept = expert.forward_keeping(joined, keywords)
                 self.activations.put(expert.name, handle, kept)
                 return outputs
 
-            outputs = await self._submit(expert, "forward", forward_keeping, inputs, alone=True)
-        _refuse_non_finite(expert, "Forward", {"output": outputs[0]}, overflowed=True)
+            outputs = await self._submit(expert, "forward", forward_keeping, inputs, keywords, alone=True)
+        _refuse_non_finite(expert, "Forward", _named("output", outputs), overflowed=True)
         return outputs, handle
 
     async def _backward(self, request: ExpertRequest) -> tuple[list[torch.Tensor], bytes]:
         expert = self._expert(request.expert)
-        tensors = self._tensors(request)
-        if len(tensors) != 2:
-            raise InvalidRequest(f"expert {expert.name!r}: Backward takes the input and the output gradient "
-                                 f"(2 tensors), got {len(tensors)}")
-        inputs, grad_outputs = tensors[:1], tensors[1:]
-        self._check(lambda: (expert.check_inputs(inputs), expert.check_grad_outputs(inputs, grad_outputs)))
-        _refuse_non_finite(expert, "Backward", {"input": inputs[0], "output gradient": grad_outputs[0]})
+        tensors, keywords = self._tensors(request), tuple(request.keywords)
+        outputs = len(expert.schema.outputs)
+        if len(tensors) <= outputs:
+            raise InvalidRequest(f"expert {expert.name!r}: Backward takes the inputs, then the gradients of the "
+                                 f"{outputs} output{'s' if outputs > 1 else ''}; got {len(tensors)} tensors")
+        inputs, grad_outputs = tensors[:-outputs], tensors[-outputs:]
+        self._check(lambda: expert.check_grad_outputs(inputs, grad_outputs, keywords))
+        _refuse_non_finite(expert, "Backward", {**_named("input", inputs, keywords),
+                                                **_named("output gradient", grad_outputs)})
         kept = self.activations.pop(expert.name, request.handle) if request.handle else None
-        grads = await self._submit(expert, "backward", lambda joined: expert.backward(joined[:1], joined[1:], kept),
-                                   tensors, alone=kept is not None)
-        _refuse_non_finite(expert, "Backward", {"input gradient": grads[0]}, overflowed=True)
+        count = len(inputs)
+        grads = await self._submit(
+            expert, "backward", lambda joined: expert.backward(joined[:count], joined[count:], kept, keywords),
+            tensors, keywords, alone=kept is not None)
+        _refuse_non_finite(expert, "Backward", _named("input gradient", grads, keywords), overflowed=True)
         return grads, b""
 
     async def _counted(self, method: str, request: ExpertRequest, serve: Callable) -> tuple[list, bytes]:  # type: ignore[type-arg]
@@ -218,7 +228,7 @@ class ExpertServer:
                 results.append(ExpertResult(code=code.name, error=message))
             else:
                 tensors, handle = outcome
-                results.append(ExpertResult(tensors=tensors, handle=handle))
+                results.append(ExpertResult(tensors=tensors, handle=handle, dtype=self.experts[call.expert].spec.dtype))
         return ExpertResults(results=results)
 
     def _count(self, expert: Expert | None, method: str, error: BaseException | None) -> None:
@@ -251,14 +261,25 @@ class ExpertServer:
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 
-    async def _submit(self, expert: Expert, method: str, function, tensors: list[torch.Tensor], *,  # type: ignore[no-untyped-def]
-                      alone: bool = False) -> list[torch.Tensor]:
+    async def _submit(self, expert: Expert, method: str, function, tensors: list[torch.Tensor],  # type: ignore[no-untyped-def]
+                      keywords: tuple[str, ...], *, alone: bool = False) -> list[torch.Tensor]:
+        """Runs `function` in a batch of requests with the same keywords, dtypes and shapes but dim 0."""
+        group = keywords + tuple(f"{t.dtype}{list(t.shape[1:])}" for t in tensors)
         try:
-            return await self.runtime.submit((expert.name, method), function, tensors, alone=alone)
+            return await self.runtime.submit((expert.name, method), function, tensors, alone=alone, group=group)
         except BatchTooLarge as e:
             raise PayloadTooLarge(f"expert {expert.name!r}: {e}") from None
         except QueueFull as e:
             raise Busy(str(e)) from None
+
+
+def _named(what: str, tensors: list[torch.Tensor], keywords: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """`tensors` by the names a refusal gives them: "input", or "input 1" and "input 'mask'" for several."""
+    if len(tensors) == 1:
+        return {what: tensors[0]}
+    positional = len(tensors) - len(keywords)
+    names = [f"{what} {i}" for i in range(positional)] + [f"{what} {k!r}" for k in keywords]
+    return dict(zip(names, tensors))
 
 
 def _refuse_non_finite(expert: Expert, method: str, tensors: dict[str, torch.Tensor], *,
@@ -266,7 +287,7 @@ def _refuse_non_finite(expert: Expert, method: str, tensors: dict[str, torch.Ten
     """INVALID_ARGUMENT naming the first tensor that holds a NaN or an infinity: one received, or
     (`overflowed`) one computed from finite values too large for float32."""
     for name, tensor in tensors.items():
-        if not all_finite(tensor):
+        if tensor.is_floating_point() and not all_finite(tensor):
             cause = ("overflowed float32 (the request's values are too large)" if overflowed
                      else "holds NaN or infinite values")
             raise InvalidRequest(f"expert {expert.name!r}: {method}: the {name} {cause}; refused")

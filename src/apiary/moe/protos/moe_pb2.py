@@ -25,25 +25,27 @@ _sym_db = _symbol_database.Default()
 from apiary.wire.protos import wire_pb2 as apiary_dot_wire_dot_protos_dot_wire__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61piary/moe/protos/moe.proto\x12\napiary.moe\x1a\x1d\x61piary/wire/protos/wire.proto\"t\n\rExpertRequest\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.apiary.wire.TensorChunk\x12\x18\n\x10keep_activations\x18\x03 \x01(\x08\x12\x0e\n\x06handle\x18\x04 \x01(\x0c\"K\n\x0e\x45xpertResponse\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.apiary.wire.TensorChunk\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\"7\n\x0b\x45xpertCalls\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.apiary.moe.ExpertRequest\"f\n\x0c\x45xpertResult\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.apiary.wire.TensorChunk\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06handle\x18\x04 \x01(\x0c\":\n\rExpertResults\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.apiary.moe.ExpertResult\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\"\xdc\x01\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\x12\x17\n\x0f\x66orward_batches\x18\x05 \x01(\x03\x12\x18\n\x10\x66orward_requests\x18\x06 \x01(\x03\x12\x18\n\x10\x62\x61\x63kward_batches\x18\x07 \x01(\x03\x12\x19\n\x11\x62\x61\x63kward_requests\x18\x08 \x01(\x03\x12\x0f\n\x07updates\x18\t \x01(\x03\x12\r\n\x05\x64type\x18\n \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61piary/moe/protos/moe.proto\x12\napiary.moe\x1a\x1d\x61piary/wire/protos/wire.proto\"\x86\x01\n\rExpertRequest\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.apiary.wire.TensorChunk\x12\x18\n\x10keep_activations\x18\x03 \x01(\x08\x12\x0e\n\x06handle\x18\x04 \x01(\x0c\x12\x10\n\x08keywords\x18\x05 \x03(\t\"K\n\x0e\x45xpertResponse\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.apiary.wire.TensorChunk\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\"7\n\x0b\x45xpertCalls\x12(\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32\x19.apiary.moe.ExpertRequest\"u\n\x0c\x45xpertResult\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.apiary.wire.TensorChunk\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0e\n\x06handle\x18\x04 \x01(\x0c\x12\r\n\x05\x64type\x18\x05 \x01(\t\":\n\rExpertResults\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.apiary.moe.ExpertResult\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\t\"\xb1\x02\n\tInfoReply\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x03\x12\x17\n\x0f\x66orward_batches\x18\x05 \x01(\x03\x12\x18\n\x10\x66orward_requests\x18\x06 \x01(\x03\x12\x18\n\x10\x62\x61\x63kward_batches\x18\x07 \x01(\x03\x12\x19\n\x11\x62\x61\x63kward_requests\x18\x08 \x01(\x03\x12\x0f\n\x07updates\x18\t \x01(\x03\x12\r\n\x05\x64type\x18\n \x01(\t\x12(\n\x06inputs\x18\x0b \x03(\x0b\x32\x18.apiary.moe.TensorSchema\x12)\n\x07outputs\x18\x0c \x03(\x0b\x32\x18.apiary.moe.TensorSchema\"K\n\x0cTensorSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64ims\x18\x02 \x03(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08optional\x18\x04 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apiary.moe.protos.moe_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPERTREQUEST']._serialized_start=74
-  _globals['_EXPERTREQUEST']._serialized_end=190
-  _globals['_EXPERTRESPONSE']._serialized_start=192
-  _globals['_EXPERTRESPONSE']._serialized_end=267
-  _globals['_EXPERTCALLS']._serialized_start=269
-  _globals['_EXPERTCALLS']._serialized_end=324
-  _globals['_EXPERTRESULT']._serialized_start=326
-  _globals['_EXPERTRESULT']._serialized_end=428
-  _globals['_EXPERTRESULTS']._serialized_start=430
-  _globals['_EXPERTRESULTS']._serialized_end=488
-  _globals['_INFOREQUEST']._serialized_start=490
-  _globals['_INFOREQUEST']._serialized_end=519
-  _globals['_INFOREPLY']._serialized_start=522
-  _globals['_INFOREPLY']._serialized_end=742
+  _globals['_EXPERTREQUEST']._serialized_start=75
+  _globals['_EXPERTREQUEST']._serialized_end=209
+  _globals['_EXPERTRESPONSE']._serialized_start=211
+  _globals['_EXPERTRESPONSE']._serialized_end=286
+  _globals['_EXPERTCALLS']._serialized_start=288
+  _globals['_EXPERTCALLS']._serialized_end=343
+  _globals['_EXPERTRESULT']._serialized_start=345
+  _globals['_EXPERTRESULT']._serialized_end=462
+  _globals['_EXPERTRESULTS']._serialized_start=464
+  _globals['_EXPERTRESULTS']._serialized_end=522
+  _globals['_INFOREQUEST']._serialized_start=524
+  _globals['_INFOREQUEST']._serialized_end=553
+  _globals['_INFOREPLY']._serialized_start=556
+  _globals['_INFOREPLY']._serialized_end=861
+  _globals['_TENSORSCHEMA']._serialized_start=863
+  _globals['_TENSORSCHEMA']._serialized_end=938
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,7 @@ from apiary.cli.options import ENV_PREFIX
 from apiary.wire import Identity
 
 APIARY = [sys.executable, "-m", "apiary.cli.main"]
+PEER = "a" * 52 + "@127.0.0.1:1"  # a well-formed address nobody answers at
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -52,6 +53,9 @@ def test_version_prints_apiary_version() -> None:
         (["ping", "no-port-here"], {}, "no-port-here"),
         (["up", "--no-such-flag"], {}, "--no-such-flag"),
         (["up", "--peers", "2", "--clients", "2"], {}, "--clients"),
+        (["trainer", "--run-id", "r"], {}, "--new-swarm"),  # neither: no silent one-node swarm
+        (["trainer", "--run-id", "r"], {"APIARY_INITIAL_PEERS": ""}, "--new-swarm"),
+        (["trainer", "--run-id", "r", "--new-swarm", "--initial-peers", PEER], {}, "--new-swarm starts one"),
     ],
 )
 def test_a_bad_value_exits_nonzero_with_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:

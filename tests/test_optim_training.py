@@ -78,7 +78,8 @@ def test_diloco_matches_synchronous_training_with_h_times_fewer_bytes(tmp_path):
     (["--mode", "local", "--reuse-grad-buffers"], "reuse_grad_buffers"),
 ])
 def test_bad_tasks_and_settings_stop_the_trainer_with_one_line(args, expected):
-    result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", "--new-swarm", *args], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("apiary: error:") and expected in lines[0], result.stderr

@@ -265,7 +265,7 @@ def test_every_service_takes_the_reachability_options_as_flags_and_environment()
      "an expert server has no client mode"),
     (["averager", "--run-id", "r", "--initial-peers", "127.0.0.1:1", "--mode", "aux"], {"APIARY_REACHABILITY": "client"},
      "--reachability"),
-    (["trainer", "--run-id", "r", "--initial-peers", "", "--relay-port", "70000"], {}, "--relay-port"),
+    (["trainer", "--run-id", "r", "--new-swarm", "--relay-port", "70000"], {}, "--relay-port"),
 ])
 def test_a_bad_reachability_option_is_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:
     result = subprocess.run([sys.executable, "-m", "apiary.cli.main", *args], capture_output=True, text=True,

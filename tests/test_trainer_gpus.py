@@ -111,7 +111,8 @@ def test_a_killed_rank_stops_the_trainer_with_one_error_and_no_process_left(tmp_
     (["--gpus", "0,1", "--device", "cpu"], "names CUDA devices, but the device is cpu"),
 ])
 def test_bad_gpu_settings_stop_the_trainer_with_one_line(args, expected):
-    result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", *args], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*APIARY, "trainer", "--run-id", "bad", "--new-swarm", *args], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("apiary: error:") and expected in lines[0], result.stderr

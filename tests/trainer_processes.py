@@ -40,7 +40,8 @@ class TrainerSwarm:
         folder = self.directory / str(index)
         folder.mkdir(parents=True, exist_ok=True)
         trainer = self.processes.start(
-            "trainer", "--run-id", self.run_id, "--seed", str(seed), "--initial-peers", self.first_address,
+            "trainer", "--run-id", self.run_id, "--seed", str(seed),
+            *(["--initial-peers", self.first_address] if self.first_address else ["--new-swarm"]),
             "--task-options", SMALL_LM, "--averaging", QUICK_ROUNDS, "--threads", "1",
             "--summary-path", str(folder / "summary.json"), "--checkpoint-dir", str(folder), *self.common, *extra,
             env=env,

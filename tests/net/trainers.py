@@ -29,8 +29,10 @@ def read_summary(directory: Path, index: int) -> dict[str, Any]:
 
 def start_trainer(host: Host, run_id: str, initial_peers: str, directory: Path, options: list[str],
                   env: dict[str, str] | None = None) -> HostProcess:
-    """`apiary trainer` on `host` with embedded services; its data seed is the host's index."""
-    return host.apiary("trainer", "--run-id", run_id, "--seed", str(host.index), "--initial-peers", initial_peers,
+    """`apiary trainer` on `host` with embedded services, joining `initial_peers` ('': a new swarm);
+    its data seed is the host's index."""
+    return host.apiary("trainer", "--run-id", run_id, "--seed", str(host.index),
+                       *(["--initial-peers", initial_peers] if initial_peers else ["--new-swarm"]),
                        "--summary-path", str(summary_path(directory, host.index)), *options, env=env)
 
 

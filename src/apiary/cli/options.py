@@ -82,6 +82,22 @@ def transfer_limits(max_tensor_bytes: int, max_bytes_in_flight: int, max_bytes_i
             "max_bytes_in_flight_per_peer": max_bytes_in_flight_per_peer, "stream_stall_timeout": stream_stall_timeout}
 
 
+NewSwarmOption = Annotated[bool, option("--new-swarm", "start a new swarm (as its first peer) instead of joining "
+                                         "one through --initial-peers")]
+
+
+def require_join_or_new_swarm(initial_peers: str | None, new_swarm: bool, alternative: str = "") -> None:
+    """A service with a DHT node of its own joins a swarm (`--initial-peers`) or starts one
+    (`--new-swarm`), said explicitly: an empty `--initial-peers` alone starts nothing."""
+    hint = "'--initial-peers' / '--new-swarm'"
+    joining = bool(initial_peers and initial_peers.strip())
+    if joining and new_swarm:
+        raise typer.BadParameter("give one: --initial-peers joins a swarm, --new-swarm starts one", param_hint=hint)
+    if not joining and not new_swarm:
+        raise typer.BadParameter("give --initial-peers peer_id@host:port,... to join a swarm, or --new-swarm to "
+                                 f"start a new one{alternative}", param_hint=hint)
+
+
 def require_one_way_to_the_dht(dht_local: str | None, initial_peers: str) -> None:
     """A service reaches the DHT through its participant's dht service or an embedded node: one of them."""
     if (dht_local is None) == (not initial_peers.strip()):

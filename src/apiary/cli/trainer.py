@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 
 from apiary.cli.options import (
-    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, OtlpEndpointOption, ReachabilityOption,
-    ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, RunAuthorityOption, TlsOption, TracingOption,
-    option, reachability_settings, relay_fields, service_settings
+    AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, NewSwarmOption, OtlpEndpointOption,
+    ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, RunAuthorityOption,
+    TlsOption, TracingOption, option, reachability_settings, relay_fields, require_join_or_new_swarm, service_settings
 )
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode
@@ -69,7 +69,8 @@ def trainer_command(
     progress_every: Annotated[float, option("--progress-every", "seconds between progress lines", min=0.1)] = 10.0,
     dht_local: Annotated[Optional[str], option("--dht-local", "local API of this participant's dht service, host:port")] = None,
     averager_local: Annotated[Optional[str], option("--averager-local", "local API of this participant's averager, host:port")] = None,
-    initial_peers: Annotated[Optional[str], option("--initial-peers", "embedded dht and averager joining these: peer_id@host:port, comma-separated ('': a new swarm)")] = None,
+    initial_peers: Annotated[Optional[str], option("--initial-peers", "embedded dht and averager joining these: peer_id@host:port, comma-separated")] = None,
+    new_swarm: NewSwarmOption = False,
     averaging: Annotated[str, option("--averaging", "JSON object of embedded averager settings (codec, gather_seconds, ...)")] = "",
     min_peers: Annotated[int, option("--min-peers", "wait until the run has this many peers before training", min=1)] = 1,
     min_peers_timeout: Annotated[float, option("--min-peers-timeout", "seconds to wait for --min-peers", min=1)] = 300.0,
@@ -109,12 +110,15 @@ def trainer_command(
         client_mode=client_mode, auxiliary=auxiliary, progress_every=progress_every,
         dht_local=Endpoint.parse(dht_local) if dht_local else None,
         averager_local=Endpoint.parse(averager_local) if averager_local else None,
-        initial_peers=parse_peer_list(initial_peers) if initial_peers is not None else None,
+        initial_peers=[] if new_swarm else parse_peer_list(initial_peers) if initial_peers is not None else None,
         averaging=_json_object(averaging, "--averaging"), min_peers=min_peers,
         min_peers_timeout=min_peers_timeout, max_epochs=max_epochs, max_seconds=max_seconds,
         device=device, gpus=_gpus(gpus), threads=threads, checkpoint_dir=checkpoint_dir, checkpoint_period=checkpoint_period,
         summary_path=summary_path, evaluate_every=evaluate_every,
     )
+    if settings.dht_local is None:  # embedded services: they join a swarm or start one, said explicitly
+        require_join_or_new_swarm(initial_peers, new_swarm, " (or this participant's services: --dht-local and "
+                                  "--averager-local)")
     wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token,
                         **relay_fields(relay, relay_port))
     asyncio.run(_serve(wire, service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,

@@ -12,6 +12,7 @@ and run it with that environment's python:
 
     /tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py dht [--nodes 16] [--rounds 1]
     /tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py averaging [--numel 10000000]
+    /tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py moe [--hidden 64 --grid 4x4 --k 2 --batch 512]
     /tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py all
 
 Parts (loopback only, 127.0.0.1):
@@ -40,17 +41,28 @@ averaging  - the counterpart of benchmarks/averaging.py. 4 peer processes (multi
                           benchmarks/averaging.py times (it runs a given group, no matchmaking).
              once per codec (NoCompression, Float16Compression), after a warm-up step each, median
              of --repeats; a round's time is the slowest peer's. Prints bound/round.
+moe        - the counterpart of benchmarks/moe_layer.py, run in the same invocation: --servers
+             `hivemind-server` processes (its CLI; `background_server` has been seen to hang at
+             start here) host the grid <prefix>.[0:rows].[0:columns] of `ffn` experts of --hidden
+             size, one row range each, joined to a hivemind.DHT of this process; hivemind's
+             RemoteMixtureOfExperts (k_best --k) on a [--batch, --hidden] input, forward +
+             backward, median samples/s of --steps after --warmup. Then benchmarks/moe_layer.py
+             measures apiary's RemoteMixtureOfExperts on the same layer from the project's
+             environment (--apiary-python, default .venv/bin/python: a subprocess, so this script
+             still never imports apiary). Both figures go into results/hivemind-moe.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -58,7 +70,8 @@ from collections.abc import Callable
 from typing import Any
 
 from measure import percentile, rate, raw_exchange
-from record import save
+from moe_layer import arguments as layer_arguments, row_ranges, timed_steps
+from record import ROOT, save
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -493,11 +506,114 @@ def averaging_part(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# part c: mixture of experts
+
+
+def hivemind_servers(args: argparse.Namespace, initial_peers: list[str], log_folder: str) -> list[subprocess.Popen]:
+    """`hivemind-server` processes hosting the grid between them, one row range each."""
+    rows, columns = args.grid
+    command = os.path.join(os.path.dirname(sys.executable), "hivemind-server")
+    servers = []
+    for number, (low, high) in enumerate(row_ranges(rows, args.servers)):
+        uids = [f"{args.prefix}.{i}.{j}" for i in range(low, high) for j in range(columns)]
+        log = open(os.path.join(log_folder, f"hivemind-server-{number}.log"), "w")  # noqa: SIM115 - the process's
+        servers.append(subprocess.Popen(
+            [command, "--expert_uids", *uids, "--expert_cls", "ffn", "--hidden_dim", str(args.hidden),
+             "--device", "cpu", "--optimizer", "adam", "--update_period", "10", "--initial_peers", *initial_peers],
+            stdout=log, stderr=subprocess.STDOUT))
+    return servers
+
+
+def wait_for_experts(dht: Any, uids: list[str], servers: list[subprocess.Popen], timeout: float) -> None:
+    """Until every expert of the grid is declared in the DHT; raises if a server ends or time runs out."""
+    from hivemind.moe import get_experts
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(server.poll() is not None for server in servers):
+            raise RuntimeError("a hivemind-server process ended at start (see its log)")
+        if not dht.is_alive():
+            raise RuntimeError("this process's hivemind.DHT process ended")
+        if all(expert is not None for expert in get_experts(dht, uids)):
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"the hivemind servers did not declare all {len(uids)} experts within {timeout:.0f}s")
+
+
+def hivemind_layer(args: argparse.Namespace, log_folder: str) -> float:
+    """hivemind's RemoteMixtureOfExperts over `hivemind-server` processes: median samples/s."""
+    import hivemind
+    import torch
+
+    rows, columns = args.grid
+    dht = hivemind.DHT(host_maddrs=LOOPBACK, start=True)
+    servers = hivemind_servers(args, [str(m) for m in dht.get_visible_maddrs()], log_folder)
+    try:
+        wait_for_experts(dht, [f"{args.prefix}.{i}.{j}" for i in range(rows) for j in range(columns)], servers,
+                         args.timeout)
+        torch.manual_seed(0)
+        layer = hivemind.RemoteMixtureOfExperts(
+            in_features=args.hidden, grid_size=(rows, columns), dht=dht, uid_prefix=f"{args.prefix}.", k_best=args.k,
+            forward_timeout=args.timeout, backward_timeout=args.timeout)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(args.batch, args.hidden, generator=generator)
+        grad = torch.randn(args.batch, args.hidden, generator=generator)
+
+        def step() -> None:
+            layer(x.clone().requires_grad_(True)).backward(grad)
+
+        return timed_steps(step, args.steps, args.warmup, args.batch)
+    finally:
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        dht.shutdown()
+
+
+def apiary_layer(args: argparse.Namespace) -> dict[str, Any]:
+    """benchmarks/moe_layer.py's figures on the same layer, from the project's environment."""
+    rows, columns = args.grid
+    command = [args.apiary_python, os.path.join(ROOT, "benchmarks", "moe_layer.py"), "--json",
+               "--hidden", str(args.hidden), "--grid", f"{rows}x{columns}", "--k", str(args.k),
+               "--batch", str(args.batch), "--servers", str(args.servers), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--prefix", args.prefix, "--timeout", str(args.timeout)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks/moe_layer.py failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def moe_part(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import hivemind
+
+    rows, columns = args.grid
+    print(f"hivemind {hivemind.__version__}, MoE part: {args.servers} servers, grid {rows}x{columns} of ffn experts "
+          f"(hidden {args.hidden}), k_best {args.k}, batch {args.batch}", flush=True)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="hivemind-moe-") as log_folder:
+        theirs = hivemind_layer(args, log_folder)
+    print(f"hivemind RemoteMixtureOfExperts: {theirs:.0f} samples/s (forward + backward)", flush=True)
+    ours = apiary_layer(args)
+    print(f"apiary RemoteMixtureOfExperts:   {ours['samples_per_second']:.0f} samples/s (forward + backward)", flush=True)
+    save("hivemind", {"version": hivemind.__version__, "hidden": args.hidden, "grid": [rows, columns], "k": args.k,
+                      "batch": args.batch, "servers": args.servers, "steps": args.steps, "load_before": load_before,
+                      "load_after": os.getloadavg()[0], "hivemind_samples_per_second": theirs,
+                      "apiary_samples_per_second": ours["samples_per_second"]}, preset="moe")
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["dht", "averaging", "all"])
+    parser.add_argument("part", choices=["dht", "averaging", "moe", "all"])
     dht = parser.add_argument_group("dht")
     dht.add_argument("--nodes", type=int, default=16, help="DHT nodes (each is a p2pd process; keep modest)")
     dht.add_argument("--mode", choices=["process", "node"], default="process",
@@ -515,6 +631,11 @@ def main() -> None:
     avg.add_argument("--repeats", type=int, default=3)
     avg.add_argument("--threads", type=int, default=1, help="torch threads per peer (benchmarks/averaging.py: 1)")
     avg.add_argument("--min-matchmaking-time", type=float, default=5.0, help="hivemind's default is 5.0")
+    layer = parser.add_argument_group("moe (the layer's flags as benchmarks/moe_layer.py's)")
+    layer_arguments(layer)
+    layer.add_argument("--prefix", default="lm", help="the grid's name")
+    layer.add_argument("--apiary-python", default=str(ROOT / ".venv" / "bin" / "python"),
+                       help="the project's python, which runs benchmarks/moe_layer.py")
     parser.add_argument("--timeout", type=float, default=120.0, help="per operation / step, seconds")
     args = parser.parse_args()
     if args.part in ("dht", "all"):
@@ -523,6 +644,10 @@ def main() -> None:
         print()
     if args.part in ("averaging", "all"):
         averaging_part(args)
+    if args.part == "all":
+        print()
+    if args.part in ("moe", "all"):
+        moe_part(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The tables of docs/benchmarks.md, each rendered from the JSON results of benchmarks/results/
 (written by benchmarks/record.py). A table whose results are missing renders as a note with the
-command that measures it. One function per table; TABLES names them as the doc's markers do."""
+command that measures it. One function per table; TABLES names them as the doc's markers do.
+One module for all the doc's tables (short functions, one per table), hence its length."""
 
 from __future__ import annotations
 
@@ -277,8 +278,49 @@ def hivemind(results: Results) -> str:
                              f"{ours_seconds:.2f} s ({ratio(mine['raw_seconds'], ours_seconds)})",
                              f"{them['trigger']:.2f} s after trigger ({ratio(other['raw_seconds'], them['trigger'])}), "
                              f"{them['step']:.2f} s per `step()` ({ratio(other['raw_seconds'], them['step'])})"])
+    theirs_moe = results("hivemind", "moe")
+    if theirs_moe is None:
+        notes.append(missing("/tmp/hivemind-venv/bin/python benchmarks/hivemind_reference.py moe"))
+    else:
+        m = theirs_moe["figures"]
+        version = m["version"]
+        notes.append(f"_hivemind and apiary MoE layers {measured(theirs_moe)}: `{' '.join(theirs_moe['command'])}`._")
+        rows.append([f"MoE layer, {m['servers']} servers, {m['grid'][0]}×{m['grid'][1]} ffn experts of {m['hidden']}, "
+                     f"k {m['k']}, batch {m['batch']}: forward + backward samples/s (same run)",
+                     f"{m['apiary_samples_per_second']:.0f}",
+                     f"{m['hivemind_samples_per_second']:.0f} "
+                     f"({ratio(m['hivemind_samples_per_second'], m['apiary_samples_per_second'])} × apiary's)"])
     text = "\n".join(notes)
     return text if not rows else text + "\n\n" + table(["", "apiary", f"hivemind {version}"], rows)
+
+
+def flagship(results: Results, preset: str | None = "quick") -> str:
+    """moe_lm across trainer and expert-server processes against local references, and under faults."""
+    result = results("flagship", preset)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/flagship.py --quick")
+    f = result["figures"]
+    swarm, local, dense = f["swarm"], f["local"], f["dense"]
+    sequences = swarm["sequences_before_faults"]
+    bound = 2 * f["timeout"] + 1
+    rows = [
+        [f"held-out loss after {sequences} sequences", f"{swarm['loss_before_faults']:.3f}", f"{local['loss']:.3f}",
+         f"{dense['loss']:.3f}",
+         f"swarm / local {ratio(swarm['loss_before_faults'], local['loss'])} (target: within 5%); MoE (local) "
+         f"{'lower' if local['loss'] < dense['loss'] else 'not lower'} than dense"],
+        ["tokens/s", f"{swarm['tokens_per_second']:.0f}", f"{local['tokens_per_second']:.0f}",
+         f"{dense['tokens_per_second']:.0f}", f"swarm / local {ratio(swarm['tokens_per_second'], local['tokens_per_second'])}"],
+        [f"after one expert server killed and one paused: {swarm['steps_after_faults']} steps",
+         f"loss {swarm['loss_before_faults']:.3f} → {swarm['loss_end']:.3f}", "", "",
+         f"loss {'falls' if swarm['loss_end'] < swarm['loss_before_faults'] else 'does not fall'}"],
+        ["step (forward + backward), median before / after the faults, longest after",
+         f"{swarm['step_seconds_median']:.2f} / {swarm['step_seconds_median_after_faults']:.2f} / "
+         f"{swarm['step_seconds_max_after_faults']:.2f} s", "", "",
+         f"longest ≤ MoE timeouts + 1 s = {bound:g} s: {'met' if swarm['step_seconds_max_after_faults'] <= bound else 'not met'}"],
+    ]
+    header = [f"{f['preset']}: {f['peers']} trainers, {f['servers']} expert servers", "swarm (remote experts)",
+              "one process, local experts", "one process, dense", "verdict"]
+    return provenance(result) + "\n\n" + table(header, rows)
 
 
 FUZZ_LABELS = {
@@ -433,6 +475,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
     "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
     "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"), "scale": scale,
+    "flagship": flagship,
 }
 
 

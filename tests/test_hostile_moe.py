@@ -148,7 +148,8 @@ def test_calls_off_the_experts_schema_are_refused_one_by_one_and_the_server_keep
 
     calls = {
         "two inputs": (request(x, x), "takes 1 positional input tensor (float32[batch, 16]), got 2"),
-        "an unknown keyword": (request(x, x, keywords=("mask",)), "keyword inputs ['mask']: unknown 'mask'"),
+        "an unknown keyword": (request(x, x, keywords=("mask",)), "unknown keyword input 'mask' (it takes none)"),
+        "a long unknown keyword": (request(x, x, keywords=("m" * 100_000,)), f"unknown keyword input '{'m' * 64}' "),
         "more keywords than tensors": (request(x, keywords=("a", "b")), "takes 1 positional input tensor"),
         "a boolean input": (request(x > 0), "input dtype is bool, expected float32"),
         "a scalar": (request(torch.tensor(1.0)), "input shape is [], expected float32[batch, 16]"),

@@ -132,8 +132,8 @@ SEQ = torch.randn(2, 7, HIDDEN)
     [
         ("blend.0.0", [X], [], "takes 2 positional input tensors (float32[batch, 16], float32[batch, 4], "
                                "scale=float32[batch, 1]), got 1"),
-        ("blend.0.0", [X, C, S], ["shift"], "keyword inputs ['shift']: unknown 'shift' (it takes scale)"),
-        ("blend.0.0", [X, C, S, S], ["scale", "scale"], "one is given twice"),
+        ("blend.0.0", [X, C, S], ["shift"], "unknown keyword input 'shift' (it takes scale)"),
+        ("blend.0.0", [X, C, S, S], ["scale", "scale"], "the keyword input 'scale' is given twice"),
         ("blend.0.0", [X, C], [], "the keyword input 'scale' is missing"),
         ("blend.0.0", [X, C], ["scale"], "takes 2 positional input tensors"),
         ("blend.0.0", [X, torch.randn(3, 5), S], ["scale"], "input 1 shape is [3, 5], expected float32[batch, 4]"),

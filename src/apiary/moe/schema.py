@@ -102,11 +102,13 @@ class ExpertSchema:
                              f"{'s' if len(self.positional) > 1 else ''} ({self.describe(float_name)}), "
                              f"got {max(positional, 0)}")
         known = self.keywords
-        unknown = [k for k in keywords if k not in known]
-        if unknown or len(set(keywords)) != len(keywords):
-            raise ValueError(f"expert {expert!r}: keyword inputs {list(keywords)}: "
-                             f"{'unknown ' + repr(unknown[0]) if unknown else 'one is given twice'} "
+        unknown = next((k for k in keywords if k not in known), None)
+        if unknown is not None:
+            raise ValueError(f"expert {expert!r}: unknown keyword input {unknown[:64]!r} "
                              f"(it takes {', '.join(known) or 'none'})")
+        if len(set(keywords)) != len(keywords):
+            repeated = next(k for i, k in enumerate(keywords) if k in keywords[:i])
+            raise ValueError(f"expert {expert!r}: the keyword input {repeated!r} is given twice")
         missing = [k for k, t in known.items() if not t.optional and k not in keywords]
         if missing:
             raise ValueError(f"expert {expert!r}: the keyword input {missing[0]!r} is missing "

@@ -150,7 +150,8 @@ class BatchingRuntime:
             if queue.samples < self.max_batch_size and wait > 0 and not queue.requests[0].alone:
                 self._wakeup.clear()
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wakeup.wait()
                 except TimeoutError:
                     pass
                 continue

@@ -2,8 +2,8 @@
 
 In one run, on this machine:
 1. swarm  - an `apiary dht` process, `--servers` `apiary expert-server` processes sharing the
-            preset's expert grids (one row range of every MoE layer each, the experts' learning
-            rate the trunk's) and `--peers` `apiary trainer` processes (`apiary up`'s local swarm,
+            preset's expert grids (one row range of every MoE layer each; started as `apiary up`
+            starts them: learning rate 0.003, the tiny trunk's) and `--peers` `apiary trainer` processes (`apiary up`'s local swarm,
             synchronous gradient averaging) training moe_lm with remote experts. Every trainer
             logs each step's forward + backward duration (from the loss's call to the embedding's
             gradient) and evaluates the held-out loss after `--steps` steps of its own
@@ -129,8 +129,7 @@ def server_flags(preset: str, servers: int) -> list[list[str]]:
     rows, *rest = p.grid
     others = "".join(f".[0:{size}]" for size in rest)
     return [["--experts", ",".join(f"lm{layer}.[{low}:{high}]{others}" for layer in moe_layers(p)),
-             "--hidden-size", str(p.width), "--kind", "ffn", "--lr", str(p.lr),
-             "--max-batch-size", "8192"]
+             "--hidden-size", str(p.width), "--kind", "ffn", "--max-batch-size", "8192"]
             for low, high in row_ranges(rows, servers)]
 
 
@@ -146,12 +145,10 @@ def run_swarm(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """Phases 1 and 2: the swarm's figures."""
     from apiary.cli.up import LocalSwarm
     from apiary.tasks.moe_lm import PRESETS
-    from moe_layer import ExpertSwarm
 
     p = PRESETS[args.preset]
     logs = folder / "steps"
     logs.mkdir()
-    experts = ExpertSwarm(folder)
     epochs = math.ceil((args.steps + args.fault_steps) * args.peers * p.batch_size / args.target_batch_size)
     options = {"log_folder": str(logs), "eval_every": args.steps, "preset": args.preset, "shards": args.peers,
                "timeout": args.timeout}
@@ -161,14 +158,15 @@ def run_swarm(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "--max-epochs", str(epochs), "--max-seconds", str(args.max_seconds), "--evaluate-every", "1e9",
         "--average-state-every", "0"])
     try:
-        options["initial_peers"] = experts.start(server_flags(args.preset, args.servers))
-        trainers.common += ["--task-options", json.dumps(options)]
+        trainers.start_expert_servers(server_flags(args.preset, args.servers))
+        options["initial_peers"] = trainers.first_peers  # the experts' dht service, which the trainers join
+        trainers.common += ["--task-options", json.dumps(options)]  # after, and so instead of, up's own
         print(f"{args.servers} expert servers up; starting {args.peers} trainers", flush=True)
         trainers.start(args.peers, clients=0)
         wait_until(lambda: len(read_logs(logs)) == args.peers and all(evaluations(r) for r in read_logs(logs)),
                    args.max_seconds, "every trainer's evaluation before the faults")
         fault_time = time.time()
-        killed, paused = experts.servers[0], experts.servers[1]
+        killed, paused = trainers.infrastructure[1], trainers.infrastructure[2]  # after the dht
         killed.send_signal(signal.SIGKILL)
         paused.send_signal(signal.SIGSTOP)
         print(f"faults: expert server {killed.pid} killed, {paused.pid} paused", flush=True)
@@ -176,7 +174,6 @@ def run_swarm(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         paused.send_signal(signal.SIGCONT)
     finally:
         trainers.stop()
-        experts.stop()
     summaries = trainers.summaries()
     if len(summaries) != args.peers or any("loss_end" not in s for s in summaries):
         tails = "\n".join((folder / f"{i}.log").read_text(errors="replace")[-1500:] for i in range(args.peers))

@@ -10,8 +10,9 @@ DHT node of this process finding them) on a [batch, hidden] input: forward, back
 
 benchmarks/hivemind_reference.py runs it (with --json: one line of figures, no results file) to
 put hivemind's RemoteMixtureOfExperts on the same layer beside it, and benchmarks/flagship.py
-reuses `ExpertSwarm` for its expert servers. apiary is imported inside the functions that
-use it, so that hivemind_reference.py can share the flags and helpers from hivemind's environment.
+starts its expert servers the same way (`LocalSwarm.start_expert_servers`, as `apiary up`).
+apiary is imported inside the functions that use it, so that hivemind_reference.py can share
+the flags and helpers from hivemind's environment.
 """
 
 from __future__ import annotations
@@ -27,40 +28,6 @@ from typing import Any
 import torch
 
 from record import save
-
-
-class ExpertSwarm:
-    """An `apiary dht` process and expert-server processes, each with its admin port (a
-    `LocalSwarm`'s helpers, without trainers); `stop()` ends them all."""
-
-    def __init__(self, folder: Path):
-        from apiary.cli.up import LocalSwarm
-
-        self.swarm = LocalSwarm(folder, 1, [])
-        self.folder = folder
-        self.servers: list[Any] = []  # the expert servers' processes, in start order
-        self.dht = ""
-
-    def start(self, server_args: list[list[str]]) -> str:
-        """The dht, then one expert server per entry of `server_args` (each hosting those flags'
-        experts); waits until every server has declared; returns the dht's address."""
-        from apiary.cli.up import _wait_for_status
-
-        admin: list[str] = []
-        infrastructure = self.swarm.infrastructure
-        infrastructure.append(self.swarm._process("dht", ["--host", "127.0.0.1"], self.folder / "dht.log", admin))
-        self.dht = _wait_for_status(infrastructure[0], admin[0], lambda s: s.get("initial_peers_for_others"))
-        for number, flags in enumerate(server_args):
-            infrastructure.append(self.swarm._process(
-                "expert-server", ["--host", "127.0.0.1", "--initial-peers", self.dht, "--declare-period", "2", *flags],
-                self.folder / f"experts-{number}.log", admin))
-        self.servers = infrastructure[1:]
-        for process, url in zip(self.servers, admin[1:]):
-            _wait_for_status(process, url, lambda s: s.get("declared_at"))
-        return self.dht
-
-    def stop(self) -> None:
-        self.swarm.stop()
 
 
 def row_ranges(rows: int, servers: int) -> list[tuple[int, int]]:
@@ -95,18 +62,20 @@ def timed_steps(step: Any, steps: int, warmup: int, batch: int) -> float:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from apiary.cli.up import LocalSwarm
     from apiary.dht import DHTNode, DHTSettings
     from apiary.moe import FaultTolerance, RemoteMixtureOfExperts, run_sync
     from apiary.wire import parse_peer_list
 
     rows, columns = args.grid
     with tempfile.TemporaryDirectory(prefix="apiary-moe-layer-") as folder:
-        experts = ExpertSwarm(Path(folder))
+        experts = LocalSwarm(Path(folder), 1, [])  # its dht service and expert servers, no trainers
         try:
-            dht_address = experts.start(
+            experts.start_expert_servers(
                 [["--experts", f"{args.prefix}.[{low}:{high}].[0:{columns}]", "--hidden-size", str(args.hidden)]
-                     for low, high in row_ranges(rows, args.servers)])
-            dht = run_sync(DHTNode.launch(parse_peer_list(dht_address), settings=DHTSettings(client_mode=True)), 30)
+                 for low, high in row_ranges(rows, args.servers)])
+            dht = run_sync(DHTNode.launch(parse_peer_list(experts.first_peers), settings=DHTSettings(client_mode=True)),
+                           30)
             torch.manual_seed(0)
             layer = RemoteMixtureOfExperts(in_features=args.hidden, grid_size=(rows, columns), dht=dht,
                                            prefix=args.prefix, k_best=args.k,

@@ -30,8 +30,9 @@ bench: $(STAMP)
 proto: $(STAMP)
 	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. $(PROTOS:src/%=%)
 
-# The four service images, tagged with the package's version (latest: an alias), as compose.yaml
-# names them; the trainer and the expert server in the variant of APIARY_DEVICE (cpu or cuda).
+# The four service images (one target each of services/Dockerfile), tagged with the package's
+# version (latest: an alias), as compose.yaml names them; the trainer and the expert server in the
+# variant of APIARY_DEVICE (cpu or cuda).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 APIARY_IMAGE_PREFIX ?= apiary
 APIARY_DEVICE ?= cpu
@@ -39,11 +40,11 @@ DOCKER ?= docker
 
 images:
 	for service in dht averager; do \
-		$(DOCKER) build -f services/$$service/Dockerfile -t $(APIARY_IMAGE_PREFIX)/$$service:$(VERSION) \
+		$(DOCKER) build -f services/Dockerfile --target $$service -t $(APIARY_IMAGE_PREFIX)/$$service:$(VERSION) \
 			-t $(APIARY_IMAGE_PREFIX)/$$service:latest . || exit 1; \
 	done
 	for service in expert-server trainer; do \
-		$(DOCKER) build -f services/$$service/Dockerfile --build-arg DEVICE=$(APIARY_DEVICE) \
+		$(DOCKER) build -f services/Dockerfile --target $$service --build-arg DEVICE=$(APIARY_DEVICE) \
 			-t $(APIARY_IMAGE_PREFIX)/$$service:$(VERSION)-$(APIARY_DEVICE) \
 			-t $(APIARY_IMAGE_PREFIX)/$$service:latest-$(APIARY_DEVICE) . || exit 1; \
 	done

@@ -3,12 +3,20 @@ image and wheelhouse: no download), two participants' full bundles (redis, dht, 
 expert-server, trainer) from the real compose.yaml, each its own Compose project on its own
 Docker network, reaching each other only through their published ports, as two hosts would.
 
-They find each other, both expert servers train (the trainers' default task, digits_moe, calls
-the experts of the swarm through their own dht; the grid is split between the two servers),
-the averagers average together, the loss falls; `restart trainer` resumes from the
-checkpoint; `down` + `up` keeps the DHT's records (Redis), the expert checkpoints and the
-averager's state; `apiary doctor` passes on this host and names injected faults. Also: a task
-from APIARY_TASK_PATH, and one in an image derived from the trainer's.
+They find each other; each trainer trains the default task, moe_lm, through both participants'
+expert servers (found through its own dht; each server hosts a share, 16 of the tiny grid's 32
+experts, chosen among those the other does not declare: with one trainer paused, both servers
+still serve backward passes, the other trainer's); the averagers average together; the loss falls;
+`restart trainer` resumes from the newest state, which its averager holds (the trainer hands
+it its state at every epoch, so its checkpoint is never newer); `down` + `up` keeps the DHT's
+records (Redis), the expert checkpoints and the averager's state; `apiary doctor` passes on this
+host and names injected faults. Also: a task from APIARY_TASK_PATH, and one in an image derived
+from the trainer's.
+
+Identities are made as .env.example says (deploy/identities.sh) and published ports are picked
+below the kernel's ephemeral range (deploy.compose.unused_ports): a port picked by binding port 0
+could be taken by another process's outgoing connection before `up` publishes it, which failed
+`up` once with Compose 1.29's "Host is already in use by another container".
 
 Images stay in the engine (tagged apiary-test-bundle/<service>:<version>) so that later runs
 reuse their layers; everything else made here is removed. Skipped, with the reason, where no
@@ -33,11 +41,11 @@ from typing import Any
 
 import httpx
 import pytest
-from service_processes import free_port
+from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.compose import ComposeProject
+from deploy.compose import ComposeProject, unused_ports
 from deploy.engine import Engine, EngineUnavailable, docker_engine
-from deploy.files import COMPOSE_FILE, ENV_EXAMPLE, REPO, SERVICES, read_env_file
+from deploy.files import COMPOSE_FILE, ENV_EXAMPLE, REPO, SERVICES, identity_settings, read_env_file
 from deploy.images import REDIS_IMAGE, build_service_image, ensure_base_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -61,8 +69,9 @@ OVERRIDE = {
     }
 }
 WAIT_S = 300.0
-# a restarted trainer takes the newest state: its checkpoint's, or the one its averager and peers hold
-RESUMED = re.compile(r"resumed from the checkpoint of epoch \d+|loaded the swarm's state of epoch \d+")
+SHARE = 16  # experts each participant's server hosts: two participants split moe_lm's tiny grid of 32
+# a restarted trainer takes the newest state; its checkpoint's only when no peer holds one as new
+LOADED = re.compile(r"loaded the swarm's state of epoch (\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +101,14 @@ def images(engine: Engine) -> dict[str, str]:
 class Participant:
     """One participant's whole bundle: a Compose project with its own `.env` and published ports."""
 
-    def __init__(self, engine: Engine, name: str, directory: Path, experts: str, initial_peers: str = ""):
+    def __init__(self, engine: Engine, name: str, directory: Path, initial_peers: str = ""):
         self.name = name
         self.host = host_address(engine)
-        self.settings = {**read_env_file(ENV_EXAMPLE), **{port: str(free_port()) for port in PORTS},
+        self.settings = {**read_env_file(ENV_EXAMPLE), **dict(zip(PORTS, map(str, unused_ports(len(PORTS))))),
+                         **identity_settings(directory / f"{name}-secrets"),
                          "APIARY_RUN_ID": f"bundle-{RUN}", "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_REDIS_IMAGE": REDIS_IMAGE,
                          "APIARY_ANNOUNCE_HOST": self.host, "APIARY_REACHABILITY": "public",
-                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_EXPERTS": experts,
+                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_NUM_EXPERTS": str(SHARE),
                          "APIARY_TASK_PATH": str(directory / "tasks")}
         (directory / "tasks").mkdir(exist_ok=True)
         self.env_file = directory / f"{name}.env"
@@ -123,6 +133,14 @@ class Participant:
     def wait_healthy(self, *services: str, started_after: str = "") -> None:
         for service in services:
             self.project.wait_healthy(service, started_after=started_after, timeout=WAIT_S)
+
+    def backward_passes(self) -> float:
+        """Backward requests the expert server has served (from any trainer), by its /metrics."""
+        port = self.settings["APIARY_EXPERT_SERVER_ADMIN_PORT"]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "apiary_expert_server_requests_total"
+                   and sample.labels.get("method") == "backward" and sample.labels.get("status") == "ok")
 
     def redis_keys(self) -> int:
         return int(self.project.compose("exec", "-T", "redis", "redis-cli", "dbsize").strip())
@@ -160,12 +178,12 @@ def _now(engine: Engine) -> str:
 
 def test_two_participants_bundles_train_together_and_keep_their_state(engine: Engine, images: dict[str, str],
                                                                         tmp_path: Path) -> None:
-    a = Participant(engine, "a", tmp_path, experts="digits.[0:3].[0:2]")
+    a = Participant(engine, "a", tmp_path)
     participants = [a]
     try:
         a.project.up()
         a.wait_healthy("dht")
-        b = Participant(engine, "b", tmp_path, experts="digits.[0:3].[2:4]", initial_peers=a.dht_address)
+        b = Participant(engine, "b", tmp_path, initial_peers=a.dht_address)
         participants.append(b)
         b.project.up()
         for participant in participants:
@@ -174,6 +192,10 @@ def test_two_participants_bundles_train_together_and_keep_their_state(engine: En
         # they find each other: each dht knows the other; each averager's round had both
         _eventually("the dht services know each other", lambda: all(
             p.admin("dht", "/status")["routing_table_size"] >= 1 for p in participants))
+        assert read_env_file(ENV_EXAMPLE)["APIARY_TASK"] == "moe_lm"  # the bundle's default task
+        for p in participants:
+            assert p.admin("trainer", "/status")["task"] == "moe_lm"
+            assert p.admin("expert-server", "/status")["experts"] == SHARE
         _eventually("both expert servers train (each trainer's mixture calls the swarm's experts)", lambda: all(
             p.admin("expert-server", "/status")["updates"] > 0 for p in participants))
         _eventually("the averagers averaged together", lambda: all(
@@ -188,16 +210,37 @@ def test_two_participants_bundles_train_together_and_keep_their_state(engine: En
         for p in participants:
             assert p.admin("trainer", "/status")["peers"] == 2
 
-        # a restarted trainer resumes: from its checkpoint, or from the newer state its averager holds
+        # each trainer calls both participants' expert servers: with the other trainer paused,
+        # both servers still serve backward passes
+        for paused, running in ((b, a), (a, b)):
+            paused.project.compose("pause", "trainer")
+            try:
+                time.sleep(3)  # calls of the paused trainer already under way end
+                before = {p.name: p.backward_passes() for p in participants}
+                _eventually(f"{running.name}'s trainer alone trains through both expert servers", lambda: all(
+                    p.backward_passes() > before[p.name] for p in participants), timeout=120)
+            finally:
+                paused.project.compose("unpause", "trainer")
+
+        # a restarted trainer resumes from the newest state: its averager's (handed over at every
+        # epoch), newer than or as new as its checkpoint, so not the checkpoint
         _eventually("a trainer checkpoint is saved", lambda: "checkpoint of epoch" in a.logs("trainer"))
         epoch = a.admin("trainer", "/status")["local_epoch"]
         restarted_at = _now(engine)
         a.project.restart("trainer")
         a.wait_healthy("trainer", started_after=restarted_at)
+
+        def log_since_restart() -> str:
+            since = engine.docker("logs", "--since", restarted_at, a.project.container("trainer"))
+            return since.stdout + since.stderr
+
+        _eventually("the restarted trainer loaded the swarm's state", lambda: LOADED.search(log_since_restart()),
+                    timeout=120)
+        log = log_since_restart()
+        assert int(LOADED.search(log).group(1)) >= epoch, log[-3000:]
+        assert "resumed from the checkpoint" not in log, log[-3000:]
         _eventually("the restarted trainer went on from its epoch", lambda: a.admin("trainer", "/status")["local_epoch"] >= epoch,
                     timeout=120)
-        since = engine.docker("logs", "--since", restarted_at, a.project.container("trainer"))
-        assert RESUMED.search(since.stdout + since.stderr), since.stderr[-3000:]
 
         # down + up keeps the DHT's records, the experts' checkpoints and the averager's state
         _eventually("b's averager holds a state", lambda: b.admin("averager", "/status")["donor_epoch"] is not None)
@@ -209,7 +252,7 @@ def test_two_participants_bundles_train_together_and_keep_their_state(engine: En
         assert b.redis_keys() > 0  # what the AOF on the redis-data volume kept, before any dht writes
         b.project.up()
         b.wait_healthy(*SERVICES)
-        assert re.search(r"resumed 6 experts from their checkpoints", b.logs("expert-server"))  # the checkpoints volume
+        assert f"resumed {SHARE} experts from their checkpoints" in b.logs("expert-server")  # the checkpoints volume
         assert "resumed the state of epoch" in b.logs("averager")  # its state file on the same volume
         _eventually("b's trainer went on from the run's epoch", lambda: b.admin("trainer", "/status")["local_epoch"] >= epoch,
                     timeout=120)

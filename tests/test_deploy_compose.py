@@ -18,13 +18,15 @@ import yaml
 from typer.testing import CliRunner
 
 from apiary.cli.main import app
+from apiary.moe.names import expand_expert_names
+from apiary.tasks import task_expert_grid
 from apiary.wire import Identity
 from apiary.wire.auth import CallCredentials, CredentialsError
 from deploy.cli import commands, env_vars
 from deploy.engine import EngineUnavailable, compose_cli
 from deploy.files import (
-    COMPOSE_FILE, COMPOSE_GPU_FILE, COMPOSE_SCHEMA, ENV_EXAMPLE, REPO, SERVICES, Dockerfile, MissingVariable,
-    dockerfile_path, load_compose, merge_compose, read_env_file, variables_used,
+    COMPOSE_FILE, COMPOSE_GPU_FILE, COMPOSE_SCHEMA, ENV_EXAMPLE, IDENTITY_ENTRIES, REPO, SERVICES, MissingVariable,
+    image_definition, load_compose, make_identities, merge_compose, read_env_file, variables_used,
 )
 
 FILES = (COMPOSE_FILE, COMPOSE_GPU_FILE)
@@ -33,6 +35,7 @@ DOCS = REPO / "docs" / "deploy.md"
 # the .env entry of each service's access token file (each service has its own identity)
 TOKEN_ENTRIES = {name: f"APIARY_{name.upper().replace('-', '_')}_TOKEN_FILE" for name in SERVICES}
 SECRET_TOKEN = "/run/secrets/access-token"
+SECRET_IDENTITY = "/run/secrets/identity"
 VARIANT_SERVICES = ("expert-server", "trainer")  # images in a cpu and a cuda variant
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
@@ -58,6 +61,12 @@ def private_run_env_file(authority: str) -> str:
     for name, entry in TOKEN_ENTRIES.items():
         text = re.sub(rf"^{entry}=$", f"{entry}=./secrets/{name}.token", text, count=1, flags=re.MULTILINE)
     return text
+
+
+def identity_file(doc: dict[str, Any], service: str) -> str:
+    """The file a service's /run/secrets/identity comes from."""
+    [secret] = [s for s in doc["services"][service]["secrets"] if s["target"] == SECRET_IDENTITY.rsplit("/", 1)[1]]
+    return doc["secrets"][secret["source"]]["file"]
 
 
 def token_file(doc: dict[str, Any], service: str) -> str:
@@ -98,9 +107,20 @@ def docker_compose_config(files: tuple[Path, ...], env_text: str, tmp_path: Path
     return yaml.safe_load(result.stdout)
 
 
+def defaults_only(node: Any) -> Any:
+    """A Compose file with each value that is one `${VAR:-default}` replaced by its default (a
+    variable stands where the schema wants a keyword; Compose checks the filled-in file)."""
+    if isinstance(node, dict):
+        return {key: defaults_only(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [defaults_only(value) for value in node]
+    match = re.fullmatch(r"\$\{[A-Z_]+:-([^}]*)\}", node) if isinstance(node, str) else None
+    return match.group(1) if match else node
+
+
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_compose_files_follow_the_compose_specification(path: Path) -> None:
-    assert errors(yaml.safe_load(path.read_text())) == []
+    assert errors(defaults_only(yaml.safe_load(path.read_text()))) == []
     assert errors(load_compose(path, env=read_env_file(ENV_EXAMPLE))[0]) == []
 
 
@@ -124,7 +144,7 @@ def test_every_setting_comes_from_the_env_file() -> None:
         assert setting in documented
 
 
-@pytest.mark.parametrize("missing", ["APIARY_RUN_ID", "APIARY_TASK", "APIARY_EXPERTS"])
+@pytest.mark.parametrize("missing", ["APIARY_RUN_ID", "APIARY_TASK"])
 def test_a_missing_required_setting_is_named(missing: str) -> None:
     env = read_env_file(ENV_EXAMPLE)
     env[missing] = ""
@@ -137,7 +157,7 @@ def test_one_participant_runs_the_four_services_and_redis() -> None:
     assert set(services) == {*SERVICES, "redis", "prometheus", "grafana", "monitor"}
     for name in SERVICES:
         build = services[name]["build"]
-        assert (build["context"], build["dockerfile"]) == (".", f"services/{name}/Dockerfile")
+        assert (build["context"], build["dockerfile"], build["target"]) == (".", "services/Dockerfile", name)
         variant = "-cpu" if name in VARIANT_SERVICES else ""
         assert services[name]["image"] == f"apiary/{name}:{VERSION}{variant}"  # the package's version, no latest
         assert services[name]["pull_policy"] == "build"  # never pulled from a registry namespace we do not own
@@ -166,14 +186,12 @@ def test_the_trainer_and_its_averager_share_memory() -> None:
     assert doc["volumes"]["shm"]["driver_opts"] == {"type": "tmpfs", "device": "tmpfs", "o": "size=2g,mode=1777"}
 
 
-def test_identity_checkpoints_and_redis_data_live_on_named_volumes() -> None:
+def test_checkpoints_and_redis_data_live_on_named_volumes() -> None:
     doc = bundle(COMPOSE_FILE)
-    identities = {name: mounts(doc["services"][name])["/var/lib/apiary/identity"] for name in SERVICES}
-    assert identities == {name: f"{name}-identity" for name in SERVICES}  # one volume each: no shared keys
     for name in SERVICES:
         mounted = mounts(doc["services"][name])
-        image_env = Dockerfile.read(dockerfile_path(name)).env
-        for setting in ("APIARY_IDENTITY", "APIARY_CHECKPOINT_DIR", "APIARY_STATE_PATH"):
+        image_env = image_definition(name).env
+        for setting in ("APIARY_CHECKPOINT_DIR", "APIARY_STATE_PATH"):
             if setting in image_env:  # what the service keeps lies on a named volume
                 folder = next((m for m in mounted if image_env[setting].startswith(m + "/")), None)
                 assert folder is not None and mounted[folder] in doc["volumes"], f"{name}: {setting}"
@@ -187,7 +205,7 @@ def test_public_ports_are_published_as_announced_and_admin_ports_only_locally() 
         for setting in PUBLIC_PORTS:
             if setting in env:
                 assert f"{env[setting]}:{env[setting]}" in ports, f"{name}: {setting}"
-        admin = Dockerfile.read(dockerfile_path(name)).env["APIARY_ADMIN_PORT"]
+        admin = image_definition(name).env["APIARY_ADMIN_PORT"]
         local_only = [p for p in ports if p.endswith(f":{admin}")]
         assert len(local_only) == 1 and local_only[0].startswith("127.0.0.1:"), f"{name}: {ports}"
     assert all(p.startswith("127.0.0.1:") for s in ("prometheus", "grafana", "monitor") for p in services[s]["ports"])
@@ -235,18 +253,22 @@ def test_docker_compose_renders_the_gpus_asked_for(gpus: tuple[str, str], tmp_pa
 
 def test_the_trainer_takes_tasks_from_the_task_path_on_its_pythonpath() -> None:
     trainer = bundle(COMPOSE_FILE)["services"]["trainer"]
-    folder = Dockerfile.read(dockerfile_path("trainer")).env["PYTHONPATH"]
+    folder = image_definition("trainer").env["PYTHONPATH"]
     assert mounts(trainer)[folder] == read_env_file(ENV_EXAMPLE)["APIARY_TASK_PATH"] == "./deploy/tasks"
     assert f"./deploy/tasks:{folder}:ro" in trainer["volumes"]  # read-only
     assert (REPO / "deploy" / "tasks").is_dir()
 
 
 def test_the_default_task_uses_this_participants_expert_server_through_its_dht() -> None:
+    """moe_lm, the flagship: the trainer finds the experts through APIARY_DHT_LOCAL; the expert
+    server hosts a share of moe_lm's grid (its patterns, kind and size from the task)."""
     services = bundle(COMPOSE_FILE)["services"]
-    assert services["trainer"]["environment"]["APIARY_TASK"] == "digits_moe"  # reads APIARY_DHT_LOCAL
-    assert services["trainer"]["environment"]["APIARY_DHT_LOCAL"] == services["expert-server"]["environment"]["APIARY_DHT_LOCAL"]
-    assert services["expert-server"]["environment"]["APIARY_EXPERTS"] == "digits.[0:3].[0:4]"  # digits_moe's grid
-    assert services["expert-server"]["environment"]["APIARY_HIDDEN_SIZE"] == "32"
+    trainer, server = services["trainer"]["environment"], services["expert-server"]["environment"]
+    assert trainer["APIARY_TASK"] == "moe_lm" and trainer["APIARY_DHT_LOCAL"] == server["APIARY_DHT_LOCAL"]
+    assert server["APIARY_TASK"] == "moe_lm" and server["APIARY_NUM_EXPERTS"] == "8"
+    assert server["APIARY_EXPERTS"] == server["APIARY_KIND"] == server["APIARY_HIDDEN_SIZE"] == ""  # the grid's
+    grid = task_expert_grid(server["APIARY_TASK"])
+    assert len(expand_expert_names(grid.patterns)) % int(server["APIARY_NUM_EXPERTS"]) == 0  # shares split it
 
 
 def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -> None:
@@ -258,7 +280,7 @@ def test_the_monitoring_profile_scrapes_every_service_and_provisions_grafana() -
     prometheus, grafana = mounts(services["prometheus"]), mounts(services["grafana"])
     config = yaml.safe_load((REPO / prometheus["/etc/prometheus/prometheus.yml"]).read_text())
     targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
-    assert targets == {f"{name}:{Dockerfile.read(dockerfile_path(name)).env['APIARY_ADMIN_PORT']}" for name in SERVICES}
+    assert targets == {f"{name}:{image_definition(name).env['APIARY_ADMIN_PORT']}" for name in SERVICES}
     [rules] = config["rule_files"]  # relative to the configuration file's folder
     rules_folder, pattern = rules.split("/")
     assert sorted((REPO / prometheus[f"/etc/prometheus/{rules_folder}"]).glob(pattern)) == sorted(
@@ -279,10 +301,27 @@ def test_the_monitoring_profile_serves_the_swarm_monitor_from_the_dht_image() ->
     assert monitor["image"] == dht["image"] and "build" not in monitor  # the dht's image: no torch
     assert monitor["entrypoint"] == ["apiary", "monitor"]
     assert set(monitor["environment"]) <= env_vars("monitor")
-    assert monitor["environment"]["APIARY_DHT_LOCAL"] == f"dht:{Dockerfile.read(dockerfile_path('dht')).env['APIARY_LOCAL_PORT']}"
-    admin = Dockerfile.read(dockerfile_path("dht")).env["APIARY_ADMIN_PORT"]  # the monitor's page port, as the image sets it
+    assert monitor["environment"]["APIARY_DHT_LOCAL"] == f"dht:{image_definition('dht').env['APIARY_LOCAL_PORT']}"
+    admin = image_definition("dht").env["APIARY_ADMIN_PORT"]  # the monitor's page port, as the image sets it
     assert "APIARY_ADMIN_PORT" in env_vars("monitor") and monitor["ports"] == [f"127.0.0.1:8900:{admin}"]
     assert monitor["healthcheck"]["test"][-1] == "/readyz" and monitor["depends_on"] == {"dht": {"condition": "service_healthy"}}
+
+
+@pytest.mark.parametrize("policy", ["if_not_present", "always"])
+def test_published_images_are_pulled_with_no_override_file(policy: str, tmp_path: Path) -> None:
+    """Two lines of .env switch the bundle to a registry's images, valid for Compose v2 (the
+    specification's schema) and 1.29 (its own `config`)."""
+    env_text = re.sub(r"^APIARY_IMAGE_PREFIX=.*$", "APIARY_IMAGE_PREFIX=ghcr.io/example/apiary", ENV_EXAMPLE.read_text(),
+                      count=1, flags=re.MULTILINE)
+    env_text = re.sub(r"^APIARY_PULL_POLICY=.*$", f"APIARY_PULL_POLICY={policy}", env_text, count=1, flags=re.MULTILINE)
+    (tmp_path / "registry.env").write_text(env_text)
+    doc = bundle(*FILES, env=read_env_file(tmp_path / "registry.env"))
+    assert errors(doc) == []
+    for name in SERVICES:
+        assert doc["services"][name]["pull_policy"] == policy
+        assert doc["services"][name]["image"].startswith(f"ghcr.io/example/apiary/{name}:{VERSION}")
+    rendered = docker_compose_config(FILES, env_text, tmp_path)["services"]  # 1.29 checks, then drops, pull_policy
+    assert rendered["trainer"]["image"] == f"ghcr.io/example/apiary/trainer:{VERSION}-cuda"
 
 
 @pytest.mark.parametrize("files", [(COMPOSE_FILE,), FILES], ids=["cpu", "gpu"])
@@ -304,10 +343,28 @@ def test_every_service_speaks_tls_by_default_in_an_open_run() -> None:
     assert {name: plaintext[name]["environment"]["APIARY_TLS"] for name in SERVICES} == dict.fromkeys(SERVICES, "false")
 
 
-def test_each_service_has_its_own_identity_so_its_own_token_entry() -> None:
-    identities = {name: Dockerfile.read(dockerfile_path(name)).env["APIARY_IDENTITY"] for name in SERVICES}
-    assert identities == {name: f"/var/lib/apiary/identity/{name}.key" for name in SERVICES}
-    assert set(TOKEN_ENTRIES.values()) <= set(read_env_file(ENV_EXAMPLE))
+def test_each_service_has_its_own_identity_as_a_secret_so_its_own_token_entry() -> None:
+    doc = bundle(*FILES)
+    for name in SERVICES:
+        assert doc["services"][name]["environment"]["APIARY_IDENTITY"] == SECRET_IDENTITY, name
+        assert "/var/lib/apiary/identity" not in mounts(doc["services"][name]), name  # no key on a volume
+    assert {name: identity_file(doc, name) for name in SERVICES} == {name: f"./secrets/{name}.key" for name in SERVICES}
+    assert set(TOKEN_ENTRIES.values()) | set(IDENTITY_ENTRIES.values()) <= set(read_env_file(ENV_EXAMPLE))
+
+
+def test_the_identity_script_makes_each_services_key_once_and_prints_its_peer_id(tmp_path: Path) -> None:
+    """`sh deploy/identities.sh`, as .env.example says: apiary's own key format and peer ids, a
+    private folder, keys the containers' user can read, existing keys kept."""
+    folder = tmp_path / "secrets"
+    printed = make_identities(folder)
+    assert printed == {name: Identity.load(folder / f"{name}.key").peer_id for name in SERVICES}
+    assert len(set(printed.values())) == len(SERVICES)
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert {(folder / f"{name}.key").stat().st_mode & 0o777 for name in SERVICES} == {0o644}
+    (folder / "trainer.key").unlink()
+    again = make_identities(folder)
+    assert {k: v for k, v in again.items() if k != "trainer"} == {k: v for k, v in printed.items() if k != "trainer"}
+    assert again["trainer"] not in printed.values()  # a fresh one where the file was missing
 
 
 def test_in_a_private_run_each_service_gets_the_authority_and_its_own_token(tmp_path: Path) -> None:
@@ -372,9 +429,7 @@ def test_the_documented_private_run_steps_admit_each_service_with_its_own_token(
     authority = re.search(r"run authority: (\S+)", apiary("token", "authority", "--create", "--authority-key",
                                                           authority_key)).group(1)
     tokens = {}
-    for name in SERVICES:
-        key = tmp_path / f"{name}.key"
-        peer_id = re.search(r"peer id: (\S+)", apiary("keygen", "--identity", str(key))).group(1)
+    for name, peer_id in make_identities(tmp_path).items():
         tokens[name] = tmp_path / f"{name}.token"
         apiary("token", "issue", "--authority-key", authority_key, "--peer-id", peer_id, "--expires-in", "2592000",
                "--output", str(tokens[name]))

@@ -1,7 +1,7 @@
 """The dht image and the Compose bundle in a real Docker engine (root; no image registry needed).
 
 The base images are made from Debian packages (tests/deploy/images.py) and the dht image is
-built from services/dht/Dockerfile on them. Two participants then run the dht service and
+built from the dht target of services/Dockerfile on them. Two participants then run the dht service and
 Redis from compose.yaml, each as its own Compose project with its own `.env`, announcing this
 host's address as two machines would announce theirs (TLS on, as by default), in an open run
 and in a private one set up with the steps of .env.example. Skipped, with the reason, where no
@@ -25,15 +25,14 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_processes import free_port
 
 from apiary.dht import DHTNode, DHTSettings
 from apiary.dht.node import DHTBootstrapError
 from apiary.wire import Identity, PeerAddress, WireSettings
 from apiary.wire.settings import default_route_address
-from deploy.compose import ComposeProject
+from deploy.compose import ComposeProject, unused_ports
 from deploy.engine import Engine, EngineUnavailable, docker_engine
-from deploy.files import ENV_EXAMPLE, read_env_file
+from deploy.files import ENV_EXAMPLE, identity_settings, make_identities, read_env_file
 from deploy.images import REDIS_IMAGE, build_service_image, ensure_base_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -86,12 +85,13 @@ class Participant:
     """One participant's bundle: a Compose project with its own `.env` and published ports."""
 
     def __init__(self, engine: Engine, name: str, directory: Path, announce_host: str, initial_peers: str = ""):
-        self.port, self.admin_port = free_port(), free_port()
+        self.port, self.admin_port, relay_port = unused_ports(3)
         self.announce_host = announce_host
         self.settings = {**read_env_file(ENV_EXAMPLE), "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_IMAGE_TAG": TAG,
                          "APIARY_REDIS_IMAGE": REDIS_IMAGE, "APIARY_ANNOUNCE_HOST": announce_host,
                          "APIARY_INITIAL_PEERS": initial_peers, "APIARY_DHT_PORT": str(self.port),
-                         "APIARY_DHT_ADMIN_PORT": str(self.admin_port), "APIARY_RELAY_PORT": str(free_port())}
+                         "APIARY_DHT_ADMIN_PORT": str(self.admin_port), "APIARY_RELAY_PORT": str(relay_port),
+                         **identity_settings(directory / f"{name}-secrets")}
         self.env_file = directory / f"{name}.env"
         self._write_env()
         self.project = ComposeProject(engine, f"{PREFIX}-{RUN}-{name}", self.env_file)
@@ -100,12 +100,10 @@ class Participant:
         self.env_file.write_text("".join(f"{key}={value}\n" for key, value in self.settings.items()))
 
     def join_private_run(self, authority: str, authority_key: Path) -> str:
-        """The steps of .env.example for the dht: its key made on its identity volume before the
-        first `up` (keygen prints its peer id), a token file issued for that peer id, named in .env.
+        """The steps of .env.example for the dht: its peer id as deploy/identities.sh prints it (the
+        key made before the first `up`), a token file issued for that peer id, named in .env.
         Returns the peer id."""
-        made = self.project.compose("run", "--rm", "--no-deps", "--entrypoint", "apiary", "dht",
-                                    "keygen", "--identity", "/var/lib/apiary/identity/dht.key")
-        peer_id = _peer_id_in(made)
+        peer_id = make_identities(Path(self.settings["APIARY_DHT_IDENTITY_FILE"]).parent)["dht"]
         token_file = self.env_file.with_suffix(".dht.token")
         _apiary("token", "issue", "--authority-key", str(authority_key), "--peer-id", peer_id,
                 "--expires-in", "2592000", "--output", str(token_file))
@@ -218,7 +216,7 @@ def test_two_participants_dht_services_find_each_other_and_keep_records_across_a
         started = second.project.inspect("dht")["State"]["StartedAt"]
         second.project.restart("dht")
         second.project.wait_healthy("dht", started_after=started)
-        assert second.status()["peer_id"] == b_id  # its identity is on a named volume
+        assert second.status()["peer_id"] == b_id  # its identity is its secret file
         _wait_for(lambda: a_id in second.neighbours(), "the restarted node rejoins its neighbour")
 
         first.project.stop("dht")  # only the restarted node (and its Redis) can answer now

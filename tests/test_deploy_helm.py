@@ -66,7 +66,8 @@ def test_the_validator_refuses_a_manifest_with_an_unknown_field() -> None:
     ({"expertServer": {"gpus": -1}}, "/expertServer/gpus"),
     ({"dht": {"replicaz": 2}}, "replicaz"),
     ({"run": {"task": "no colon"}}, "/run/task"),
-    ({"expertServer": {"experts": ""}}, "/expertServer/experts"),
+    ({"expertServer": {"experts": "", "task": ""}}, "expertServer"),  # nothing names the experts
+    ({"expertServer": {"task": "moe lm"}}, "/expertServer/task"),
     ({"exposure": {"mode": "hostIP"}}, "/exposure/mode"),
     ({"exposure": {"mode": "NodePort", "nodePort": {"dht": 8080}}}, "/exposure/nodePort/dht"),
     ({"exposure": {"mode": "NodePort"}, "dht": {"relay": True}}, "/dht/relay"),  # a relay's port is announced as is
@@ -168,6 +169,22 @@ def test_cpu_workloads_keep_no_gpu_runtime_class_and_an_expert_server_asks_for_o
         with pytest.raises(helm.HelmValuesError) as refused:
             validate_values({workload: {"gpuResource": "nvidia.com/mig 1g"}})
         assert f"/{workload}/gpuResource" in str(refused.value)
+
+
+def test_the_default_task_is_moe_lm_whose_grid_the_expert_servers_share() -> None:
+    """moe_lm by default: the trainers' task, and each expert server pod a share of its grid (the
+    patterns, kind and size from the task); grid patterns of one's own replace the task's."""
+    manifests = render(None)
+    trainer = env_of(container(find(manifests, "StatefulSet", "-trainer")["spec"]["template"]["spec"], "trainer"))
+    experts = env_of(container(find(manifests, "StatefulSet", "-expert-server")["spec"]["template"]["spec"],
+                               "expert-server"))
+    assert trainer["APIARY_TASK"] == experts["APIARY_TASK"] == "moe_lm" and experts["APIARY_NUM_EXPERTS"] == "8"
+    assert not {"APIARY_EXPERTS", "APIARY_KIND", "APIARY_HIDDEN_SIZE"} & set(experts)  # the task's
+    own = {"expertServer": {"task": "", "experts": "ffn.0.[0:4]", "numExperts": 0, "kind": "ffn", "hiddenSize": 64}}
+    experts = env_of(container(find(render(own), "StatefulSet", "-expert-server")["spec"]["template"]["spec"],
+                               "expert-server"))
+    assert (experts["APIARY_EXPERTS"], experts["APIARY_KIND"], experts["APIARY_HIDDEN_SIZE"]) == ("ffn.0.[0:4]", "ffn", "64")
+    assert not {"APIARY_TASK", "APIARY_NUM_EXPERTS"} & set(experts)
 
 
 def test_a_trainer_pod_with_several_gpus_runs_one_rank_per_gpu() -> None:

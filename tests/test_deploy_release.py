@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.files import COMPOSE_FILE, COMPOSE_GPU_FILE, ENV_EXAMPLE, REPO, SERVICES, dockerfile_path, load_compose, \
+from deploy.files import COMPOSE_FILE, COMPOSE_GPU_FILE, ENV_EXAMPLE, REPO, SERVICES, Dockerfile, load_compose, \
     merge_compose, read_env_file
 
 WORKFLOW = REPO / ".github" / "workflows" / "release.yml"
@@ -44,7 +44,9 @@ def test_make_images_builds_the_tags_the_bundle_runs(device: str, tmp_path: Path
     aliases = tags - set(expected.values())
     assert aliases and all(":latest" in tag for tag in aliases)  # latest only as an alias
     for words in builds:
-        service = words[words.index("-f") + 1].split("/")[1]
+        assert words[words.index("-f") + 1] == "services/Dockerfile"
+        service = words[words.index("--target") + 1]
+        assert Dockerfile.read(target=service).entrypoint == ["apiary", service]
         assert ("DEVICE=cuda" in words) == (device == "cuda" and service in ("expert-server", "trainer"))
 
 
@@ -61,13 +63,14 @@ def test_the_release_workflow_publishes_every_image_on_a_version_tag() -> None:
     assert {(b["service"], b["device"]) for b in builds} == {
         *((s, "cpu") for s in SERVICES), ("expert-server", "cuda"), ("trainer", "cuda")}
     for build in builds:
-        assert dockerfile_path(build["service"]).exists()
+        assert Dockerfile.read(target=build["service"]).entrypoint == ["apiary", build["service"]]
         assert "linux/amd64" in build["platforms"]
         if build["device"] == "cpu":
             assert "linux/arm64" in build["platforms"]  # multi-arch
     [push] = [step for step in images["steps"] if step.get("uses", "").startswith("docker/build-push-action@")]
     options = push["with"]
-    assert options["push"] is True and options["file"] == "services/${{ matrix.service }}/Dockerfile"
+    assert options["push"] is True and options["file"] == "services/Dockerfile"
+    assert options["target"] == "${{ matrix.service }}"
     assert options["build-args"] == "DEVICE=${{ matrix.device }}" and options["platforms"] == "${{ matrix.platforms }}"
     tags = options["tags"].strip().splitlines()
     # the tags of the bundle: <service>:<version><suffix>, with latest<suffix> as the alias

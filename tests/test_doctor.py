@@ -16,6 +16,7 @@ import pytest
 from service_processes import ServiceProcesses, free_port
 
 from apiary.wire import Identity
+from deploy.files import identity_settings
 
 APIARY = [sys.executable, "-m", "apiary.cli.main"]
 PORTS = ("APIARY_DHT_PORT", "APIARY_RELAY_PORT", "APIARY_AVERAGER_PORT", "APIARY_AVERAGER_BULK_PORT",
@@ -24,7 +25,9 @@ PORTS = ("APIARY_DHT_PORT", "APIARY_RELAY_PORT", "APIARY_AVERAGER_PORT", "APIARY
 
 
 def _env(tmp_path: Path, **settings: str) -> Path:
+    """A .env with free ports and the identities made as .env.example says, then `settings`."""
     values = {port: str(free_port()) for port in PORTS}
+    values.update(identity_settings(tmp_path / "secrets"))
     values.update(settings)
     path = tmp_path / ".env"
     path.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
@@ -108,6 +111,19 @@ def test_tokens_expiring_soon_or_missing_fail_in_a_private_run(tmp_path: Path) -
     assert "the averager's token is valid until" in failing[0] and "ask the organiser for a new token" in failing[0]
     assert "APIARY_TRAINER_TOKEN_FILE is empty" in failing[1]
     assert len([line for line in verdicts["PASS"] if line.split()[1] == "tokens"]) == 2
+
+
+def test_a_missing_or_unreadable_identity_is_named_with_the_command_that_makes_it(tmp_path: Path) -> None:
+    env_file = _env(tmp_path)
+    assert not _failing(_doctor(env_file)[1], "identity")
+    (tmp_path / "secrets" / "averager.key").unlink()
+    (tmp_path / "secrets" / "trainer.key").chmod(0o600)
+    _, verdicts = _doctor(env_file)
+    missing, unreadable = _failing(verdicts, "identity")
+    assert "APIARY_AVERAGER_IDENTITY_FILE" in missing and "does not exist" in missing
+    assert "sh deploy/identities.sh" in missing
+    assert "trainer.key is not readable by the containers' user" in unreadable and "chmod 644" in unreadable
+    assert len([line for line in verdicts["PASS"] if line.split()[1] == "identity"]) == 2
 
 
 def test_images_of_another_version_are_named(tmp_path: Path) -> None:

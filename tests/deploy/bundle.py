@@ -8,8 +8,9 @@ Each service gets the environment its container would get (the image's ENV, then
 `environment` of compose.yaml filled in from .env.example) with the container-only parts
 mapped to this host: every port to a free one, `<service>:<port>` addresses of the bundle to
 127.0.0.1 and that port, `redis://redis:6379` to the test's Redis, paths under
-/var/lib/apiary to a temporary directory, a secret's /run/secrets path to its file. Nothing else is added: a setting the container
-would lack is lacking here too. Processes still running on exit are killed.
+/var/lib/apiary to a temporary directory, a secret's /run/secrets path to its file (the
+identities of ./secrets made in the temporary directory by deploy/identities.sh, as .env.example
+says). Nothing else is added: a setting the container would lack is lacking here too. Processes still running on exit are killed.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from typing import IO
 import httpx
 from service_processes import free_port
 
-from deploy.files import COMPOSE_FILE, ENV_EXAMPLE, REPO, Dockerfile, dockerfile_path, load_compose, read_env_file
+from deploy.files import COMPOSE_FILE, ENV_EXAMPLE, REPO, image_definition, load_compose, make_identities, read_env_file
 
 APIARY = [sys.executable, "-m", "apiary.cli.main"]
 HOST_SETTINGS = ("APIARY_HOST", "APIARY_LOCAL_HOST", "APIARY_ADMIN_HOST", "APIARY_ANNOUNCE_HOST")
 CONTAINER_DATA = "/var/lib/apiary"
 SECRETS = "/run/secrets/"
+HOST_SECRETS = "./secrets/"  # the identity files' folder in .env.example
 START_TIMEOUT_S = 120.0
 
 
@@ -43,10 +45,11 @@ class LocalBundle:
         self.compose, self.secrets = doc["services"], doc.get("secrets", {})
         self.ports: dict[tuple[str, str], int] = {}  # (service, port in its container) -> port here
         self.processes: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}
+        make_identities(directory / HOST_SECRETS)
 
     def environment(self, service: str) -> dict[str, str]:
         """The service's container environment, mapped to this host."""
-        image_env = Dockerfile.read(dockerfile_path(service)).env
+        image_env = image_definition(service).env
         settings = {k: v for k, v in image_env.items() if k.startswith("APIARY_")}
         settings.update({k: str(v) for k, v in (self.compose[service].get("environment") or {}).items()})
         for key, value in settings.items():
@@ -60,7 +63,8 @@ class LocalBundle:
             elif value.startswith(SECRETS):  # the file Compose mounts there
                 [source] = [entry["source"] for entry in self.compose[service].get("secrets", [])
                             if entry["target"] == value[len(SECRETS):]]
-                settings[key] = str(REPO / self.secrets[source]["file"])
+                file = self.secrets[source]["file"]
+                settings[key] = str(self.directory / file if file.startswith(HOST_SECRETS) else REPO / file)
             elif value.startswith("redis://redis:6379"):
                 settings[key] = self.redis_url
             elif match := re.fullmatch(r"([a-z-]+):(\d+)", value):

@@ -9,11 +9,34 @@
 from __future__ import annotations
 
 import json
+import random
+import socket
 import time
 from pathlib import Path
 
 from deploy.engine import Engine
 from deploy.files import COMPOSE_FILE
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def unused_ports(count: int) -> list[int]:
+    """`count` distinct ports that nothing on the host listens on (any address), for a bundle to
+    publish. They lie below the kernel's ephemeral range: a port picked there (as binding port 0
+    picks) can be taken by any outgoing connection on the host before Compose publishes it, and
+    Compose 1.29 then fails `up` with "Host is already in use by another container"."""
+    low = int(EPHEMERAL_RANGE.read_text().split()[0]) if EPHEMERAL_RANGE.exists() else 32768
+    ports: list[int] = []
+    for port in random.sample(range(max(1024, low - 12000), low), k=min(4 * count + 64, low - 1024)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise AssertionError(f"fewer than {count} free ports below {low}")
 
 
 class ComposeProject:

@@ -5,7 +5,7 @@ system with python3, python3-venv and redis-server, imported once as the Redis i
 with Redis purged, as the Python base image. Both stay tagged in the engine and as tarballs
 under /var/cache/apiary-test, so later runs on the machine skip debootstrap.
 
-A service image is built from its real Dockerfile with `BASE_IMAGE` set to that base and pip
+A service image is built from its target of the real Dockerfile with `BASE_IMAGE` set to that base and pip
 told to install offline from a wheelhouse of the package's dependencies (downloaded on the
 host for the base image's Python and platform, cached beside the tarballs).
 """
@@ -29,7 +29,7 @@ from packaging.utils import canonicalize_name
 
 from deploy.apt import find_tool
 from deploy.engine import Engine, EngineUnavailable
-from deploy.files import REPO, Dockerfile, dockerfile_path
+from deploy.files import DOCKERFILE, REPO, image_definition
 
 CACHE = Path("/var/cache/apiary-test")
 RECIPE = "bookworm-1"  # bump when the recipe below changes: cached images are then rebuilt
@@ -177,8 +177,8 @@ def _unmet_requirements(directory: Path, environment: dict[str, str]) -> set[str
 
 
 def build_context(service: str, wheels: Path, directory: Path) -> Path:
-    """A build context holding exactly what the service's Dockerfile copies, plus the wheels."""
-    for arguments in Dockerfile.read(dockerfile_path(service)).copies:
+    """A build context holding exactly what the service's target of the Dockerfile copies, plus the wheels."""
+    for arguments in image_definition(service).copies:
         for source in arguments[:-1]:
             origin, destination = REPO / source, directory / source
             if origin.is_dir():
@@ -188,15 +188,15 @@ def build_context(service: str, wheels: Path, directory: Path) -> Path:
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(origin, destination)
     shutil.copytree(wheels, directory / "services" / "wheelhouse", dirs_exist_ok=True)
-    shutil.copy2(dockerfile_path(service), directory / "Dockerfile")
+    shutil.copy2(DOCKERFILE, directory / "Dockerfile")
     return directory
 
 
 def build_service_image(engine: Engine, service: str, tag: str) -> None:
-    """Builds services/<service>/Dockerfile on the Debian base, installing from the wheelhouse."""
+    """Builds the service's target of services/Dockerfile on the Debian base, installing from the wheelhouse."""
     wheels = wheelhouse(engine, PYTHON_BASE)
     with tempfile.TemporaryDirectory(prefix=f"apiary-{service}-context-") as directory:
         context = build_context(service, wheels, Path(directory))
         engine.docker("build", "--force-rm", "--build-arg", f"BASE_IMAGE={PYTHON_BASE}", "--build-arg",
-                      f"PIP_INSTALL_ARGS={OFFLINE}", "-t", tag, "-f", str(context / "Dockerfile"), str(context),
-                      timeout=600)
+                      f"PIP_INSTALL_ARGS={OFFLINE}", "--target", service, "-t", tag, "-f",
+                      str(context / "Dockerfile"), str(context), timeout=600)

@@ -6,7 +6,8 @@ and asks the Docker engine through the Docker SDK for Python (`pip install 'apia
 the engine answers; the NVIDIA runtime and the GPUs `.env` names exist; the driver suits the
 CUDA images; the ports are free (or published by this bundle); the announced host is one peers
 can dial (against the address peers observe, and the running dht's reachability verdict);
-the clock agrees with the peers'; the access tokens are valid; the images are built, of this
+the clock agrees with the peers'; each service's identity file (its Compose secret) is a key
+the containers' user can read; the access tokens are valid; the images are built, of this
 checkout's version.
 """
 
@@ -28,7 +29,9 @@ import httpx
 
 import apiary
 from apiary.cli.options import option
-from apiary.wire import PROBE, ChannelPool, PeerAddress, RpcClient, WireSettings, parse_peer_list
+from apiary.wire import (
+    PROBE, ChannelPool, Identity, IdentityError, PeerAddress, RpcClient, WireSettings, parse_peer_list,
+)
 from apiary.wire.auth import CLOCK_SKEW_SECONDS, CredentialsError, read_token
 from apiary.wire.observed import PUBLIC, host_scope
 from apiary.wire.protos.wire_pb2 import PingRequest
@@ -47,6 +50,7 @@ PUBLIC_PORTS = ("APIARY_DHT_PORT", "APIARY_RELAY_PORT", "APIARY_AVERAGER_PORT", 
 ADMIN_PORTS = ("APIARY_DHT_ADMIN_PORT", "APIARY_AVERAGER_ADMIN_PORT", "APIARY_EXPERT_SERVER_ADMIN_PORT",
                "APIARY_TRAINER_ADMIN_PORT")
 SERVICES = ("dht", "averager", "expert-server", "trainer")
+DEFAULTS.update({f"APIARY_{name.upper().replace('-', '_')}_IDENTITY_FILE": f"./secrets/{name}.key" for name in SERVICES})
 VARIANT_SERVICES = ("expert-server", "trainer")
 MIN_DRIVER = 525  # torch's CUDA 12 wheels run on R525 and newer (CUDA minor-version compatibility)
 TOKEN_MARGIN_S = 3 * 86400  # a token expiring sooner than this fails: time to ask for a new one
@@ -88,8 +92,8 @@ class Doctor:
         self.peers: list[tuple[float, str, str]] | None = None  # (clock offset, observed host, peer) per peer
 
     def run(self) -> Iterator[Verdict]:
-        for check in (self.engine, self.gpus, self.driver, self.ports, self.announce, self.clock, self.tokens,
-                      self.images):
+        for check in (self.engine, self.gpus, self.driver, self.ports, self.announce, self.clock, self.identities,
+                      self.tokens, self.images):
             yield from check()
 
     # ---- the engine and GPUs
@@ -214,6 +218,20 @@ class Doctor:
         return self.peers
 
     # ---- credentials and images
+
+    def identities(self) -> Iterator[Verdict]:
+        for service in SERVICES:
+            setting = f"APIARY_{service.upper().replace('-', '_')}_IDENTITY_FILE"
+            path = self.env_dir / self.env[setting]
+            try:
+                peer_id = Identity.load(path).peer_id
+            except (IdentityError, OSError) as e:
+                yield Verdict("identity", False, f"{setting}: {e}", "sh deploy/identities.sh (it makes the missing keys)")
+                continue
+            readable = path.stat().st_mode & 0o004
+            yield Verdict("identity", bool(readable), f"the {service} is peer {peer_id}"
+                          + ("" if readable else f", but {path} is not readable by the containers' user"),
+                          f"chmod 644 {path} (keep its folder private: chmod 700)")
 
     def tokens(self) -> Iterator[Verdict]:
         if not self.env.get("APIARY_RUN_AUTHORITY"):

@@ -134,6 +134,7 @@ def server_flags(preset: str, servers: int) -> list[list[str]]:
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> None:
+    """Polls `condition()` until true; RuntimeError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

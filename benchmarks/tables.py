@@ -298,7 +298,7 @@ def flagship(results: Results, preset: str | None = "quick") -> str:
     """moe_lm across trainer and expert-server processes against local references, and under faults."""
     result = results("flagship", preset)
     if result is None:
-        return missing(".venv/bin/python benchmarks/flagship.py --quick")
+        return missing(".venv/bin/python benchmarks/flagship.py" + (" --quick" if preset else ""))
     f = result["figures"]
     swarm, local, dense = f["swarm"], f["local"], f["dense"]
     sequences = swarm["sequences_before_faults"]
@@ -476,6 +476,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
     "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"), "scale": scale,
     "flagship": flagship,
+    "flagship-full": lambda results: flagship(results, None),
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from service_processes import ServiceProcess, ServiceProcesses
+from service_processes import ServiceProcess, ServiceProcesses, free_port
 from torch import nn
 
 from apiary.dht import DHTNode, DHTSettings
@@ -228,6 +228,23 @@ def test_servers_given_the_same_pattern_spread_over_it(swarm: Swarm) -> None:
     assert last.startswith("apiary: error:") and "2 experts asked, but only 0 of the 6 the pattern names are free" in last
     for server in started:
         server.terminate()
+
+
+@pytest.mark.timeout(300)
+def test_a_restarted_server_takes_back_the_experts_it_declared(swarm: Swarm, tmp_path: Path) -> None:
+    """Restarted at once (same identity and address), its names are still declared at its own
+    address: it hosts them again (so their checkpoints with them), rather than finding them taken."""
+    args = ("--experts", "again.0.[0:6]", "--num-experts", "3", "--hidden-size", "8", "--identity",
+            str(tmp_path / "server.key"), "--port", str(free_port()), "--checkpoint-dir", str(tmp_path / "experts"),
+            "--initial-peers", swarm.dht.initial_peers)
+    first = swarm.services.start("expert-server", *args)
+    chosen = first.wait_for_line(r"free in the DHT: (.+)$").group(1)
+    first.wait_for_line(SERVED)
+    first.terminate()
+    again = swarm.services.start("expert-server", *args)
+    assert again.wait_for_line(r"free in the DHT: (.+)$").group(1) == chosen
+    again.wait_for_line(SERVED)
+    again.terminate()
 
 
 @pytest.mark.parametrize(

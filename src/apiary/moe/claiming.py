@@ -4,7 +4,9 @@
 stores each under our address (a claim that lives as long as a declaration), waits `settle`
 seconds for servers that chose at the same moment, and reads the names back: a name whose
 newest value is another server's was lost to it, and another free name is tried in its place
-(one the DHT did not keep may be tried again).
+(one the DHT did not keep may be tried again). Names still declared at our own address (ours
+before a restart: same identity, same address) are ours again, taken first, so a restarted
+server resumes its experts' checkpoints instead of finding every name taken.
 So several servers started with the same pattern spread over it instead of hosting the same
 experts.
 """
@@ -37,12 +39,13 @@ async def claim_free_experts(dht: DHTLike, candidates: Sequence[str], count: int
     lost: set[str] = set()
     for _ in range(CLAIM_ROUNDS):
         declared = await find_experts(dht, candidates)
-        free = [name for name in candidates if declared[name] is None and name not in lost]
         wanted = count - len(owned)
-        if len(free) < wanted:
-            raise NoFreeExperts(f"{count} experts asked, but only {len(owned) + len(free)} of the "
+        ours = [name for name in candidates if declared[name] == address and name not in owned][:wanted]
+        free = [name for name in candidates if declared[name] is None and name not in lost]
+        if len(ours) + len(free) < wanted:
+            raise NoFreeExperts(f"{count} experts asked, but only {len(owned) + len(ours) + len(free)} of the "
                                 f"{len(candidates)} the pattern names are free (others are declared by other servers)")
-        picked = rng.sample(free, wanted)
+        picked = ours + rng.sample(free, wanted - len(ours))
         expiration = time.time() + ttl
         await dht.store_many([(name, None, address, expiration) for name in picked])
         await asyncio.sleep(settle)

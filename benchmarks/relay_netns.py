@@ -159,7 +159,8 @@ def allreduce(args: argparse.Namespace, hosts: list[Any], relay_info: dict[str, 
             for group, values in times.items():
                 values.append(run_round(group, mib))
         seconds = {group: statistics.median(values) for group, values in times.items()}
-        sizes.append({"mib": mib, "peers": 2, "round_s": seconds, "ratio": seconds["direct"] / seconds["relayed"]})
+        sizes.append({"mib": mib, "peers": 2, "round_s": seconds, "ratio": seconds["direct"] / seconds["relayed"],
+                      "rounds_s": times})
     for process in workers:
         process.process.stdin.close()
     return sizes

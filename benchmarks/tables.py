@@ -413,10 +413,12 @@ def scale(results: Results) -> str:
         return missing(".venv/bin/python benchmarks/scale.py")
     rows = []
     for row in result["figures"]["rows"]:
-        for mode in ("before", "after"):
+        for mode in ("before", "sharded", "after"):
             f = row.get(mode)
             if f is None:
-                rows.append([f"{row['peers']:,}", mode, "—", "—", "one key cannot hold them (max_subkeys)", "—", "—", "—"])
+                if mode == "before":
+                    rows.append([f"{row['peers']:,}", mode, "—", "—", "one key cannot hold them (max_subkeys)", "—",
+                                 "—", "—"])
                 continue
             by_method = f["by_method_bytes_per_second"]
             rows.append([f"{row['peers']:,}", mode, str(f.get("shards", 1)), f"{f['period_seconds'] * 1000:.0f} ms",
@@ -425,6 +427,18 @@ def scale(results: Results) -> str:
     header = ["peers", "progress", "shards", "refresh period", "per peer", "busiest node", "Find per peer",
               "Store per peer"]
     return provenance(result) + "\n\n" + table(header, rows)
+
+
+def scale_moshpit(results: Results) -> str:
+    """Rounds of Moshpit averaging to 1e-6 of the initial spread (scale.py --moshpit)."""
+    result = results("scale", "moshpit")
+    if result is None:
+        return missing(".venv/bin/python benchmarks/scale.py --moshpit 1000 10000")
+    rows = [[f"{row['peers']:,}", f"{row['dims']}-D, side {row['side']}", f"{row['failures_per_round']:.0%}",
+             "not within 80 rounds" if row["rounds"] is None else str(row["rounds"]), f"{row['survivors']:,}",
+             f"{row['spreads'][-1]:.1e}"] for row in result["figures"]["rows"]]
+    return provenance(result) + "\n\n" + table(
+        ["peers", "grid (groups of 16)", "failing per round", "rounds to 1e-6", "survivors", "spread then"], rows)
 
 
 def meets(value: float, target: str, ok: bool) -> str:
@@ -475,7 +489,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
     "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
     "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"), "scale": scale,
-    "flagship": flagship,
+    "scale-moshpit": scale_moshpit, "flagship": flagship,
     "flagship-full": lambda results: flagship(results, None),
 }
 

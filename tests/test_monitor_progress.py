@@ -13,17 +13,8 @@ from apiary.formats.progress import progress_key, read_whole, swarm_epoch
 from apiary.monitor.view import read_swarm, runs_json
 from apiary.optim.progress import PROBE_EVERY, ProgressTracker
 from apiary.services.records import PEERS_KEY, build_record, record_subkey
-from apiary.wire import PeerAddress
+from test_optim_progress import nodes  # noqa: F401 - the fixture: four real DHT nodes
 from test_optim_progress_shards import Ticks, Unsigned, peer_ids
-
-
-@pytest.fixture
-async def nodes():
-    first = await DHTNode.launch()
-    others = [await DHTNode.launch([PeerAddress.parse(first.address)]) for _ in range(3)]
-    yield [first, *others]
-    for node in [first, *others]:
-        await node.shutdown()
 
 
 @pytest.mark.parametrize("epochs", [[3], [3, 5], [2, 5, 5], [1, 4, 7], [0, 0, 9]])

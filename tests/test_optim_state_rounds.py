@@ -102,7 +102,8 @@ def test_a_delayed_state_round_lands_as_the_mean_plus_the_progress_made_meanwhil
     assert not state.pending
 
 
-def test_with_delayed_updates_the_state_round_waits_for_the_epochs_update_to_land():
+def _state_due_as_epoch_one_ends() -> tuple[Held, GradientAveraging, StateRounds]:
+    """Delayed updates: epoch 1's gradient round runs (held) as a state round falls due."""
     model, rounds = _model(), Held(hold_gradients=True)
     rule = GradientAveraging(list(model.parameters()), _adam(list(model.parameters())), None, rounds,
                              delay_updates=True)
@@ -112,6 +113,11 @@ def test_with_delayed_updates_the_state_round_waits_for_the_epochs_update_to_lan
     rule.on_batch(4)
     rule.finish_epoch(1, 4)  # the gradient round of epoch 1 runs
     state.due(2)
+    return rounds, rule, state
+
+
+def test_with_delayed_updates_the_state_round_waits_for_the_epochs_update_to_land():
+    rounds, rule, state = _state_due_as_epoch_one_ends()
     assert len(rounds.started) == 2, "the state round started before the epoch's update landed"
     rounds.finish(1, None)
     rule.poll()  # the update lands: the state averaged includes it
@@ -122,15 +128,7 @@ def test_with_delayed_updates_the_state_round_waits_for_the_epochs_update_to_lan
 
 
 def test_a_due_state_round_starts_before_the_next_epochs_gradient_round():
-    model, rounds = _model(), Held(hold_gradients=True)
-    rule = GradientAveraging(list(model.parameters()), _adam(list(model.parameters())), None, rounds,
-                             delay_updates=True)
-    state = StateRounds(rule, rounds, delayed=True)
-    _epoch(rule, model, rounds, 0, seed=1)
-    _backward(model, 2)
-    rule.on_batch(4)
-    rule.finish_epoch(1, 4)
-    state.due(2)
+    rounds, rule, state = _state_due_as_epoch_one_ends()
     rounds.finish(1, None)  # the round ended, but no batch polled it before the epoch's end
     state.settle()
     rule.finish_epoch(2, 4)

@@ -165,10 +165,11 @@ async def test_keepalives_keep_a_reservation_and_a_silent_one_is_dropped() -> No
 
 
 class Tap:
-    """A TCP proxy in front of a port that keeps every byte it forwards, both ways."""
+    """A TCP proxy in front of a port that keeps every byte it forwards, both ways; it connects
+    from `source_host` (another address of this host: another host to the port's server)."""
 
-    def __init__(self, port: int):
-        self.port, self.captured = port, bytearray()
+    def __init__(self, port: int, source_host: str = "127.0.0.1"):
+        self.port, self.source_host, self.captured = port, source_host, bytearray()
         self._server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Tap:
@@ -181,7 +182,8 @@ class Tap:
         self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.port,
+                                                                         local_addr=(self.source_host, 0))
 
         async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(ConnectionError):
@@ -217,6 +219,25 @@ async def test_the_relay_forwards_ciphertext_only(tls: bool) -> None:
         for side in (dialer_side, target_side):
             assert len(side.captured) > 5 << 20  # both tensors went through each tap
             assert (MARKER in side.captured) is not tls
+
+
+async def test_relayed_dialers_on_other_hosts_do_not_share_the_targets_per_peer_limits() -> None:
+    """Relayed gRPC calls reach the target's gRPC port from its own host: each dialer's host
+    (as the relay saw it) gets its own rate limit there, and one over it is still refused."""
+    limited = BASE.model_copy(update={"max_requests_per_second": 0.001, "request_burst": 2})
+    async with serving(BASE.model_copy(update={"relay": True})) as relay, serving(limited) as target:
+        assert relay.relay_address is not None
+        port = relay.relay_address.endpoint.port
+        async with (reservations(target, [relay.relay_address]) as held,
+                    Tap(port, source_host="127.0.0.2") as first, Tap(port, source_host="127.0.0.3") as second):
+            for dialer_host in (first, second):
+                endpoint = Endpoint("127.0.0.1", dialer_host.listen_port, relay.identity.peer_id,
+                                    held.endpoints[0].target_peer)
+                async with ChannelPool(BASE) as pool:
+                    for _ in range(2):  # its burst
+                        assert await ping(pool, endpoint) == target.identity.peer_id
+                    with pytest.raises(OverLimit, match="max_requests_per_second"):
+                        await ping(pool, endpoint)
 
 
 async def test_a_relay_cannot_answer_as_the_target() -> None:
@@ -294,6 +315,40 @@ async def test_limits_refuse_reservations_and_circuits_naming_the_limit() -> Non
                 assert await ping(pool, endpoint) == target.identity.peer_id
         assert metric(registry, "apiary_wire_relay_refused_total", reason="reservations") == 1
         assert metric(registry, "apiary_wire_relay_refused_total", reason="circuits") == 2
+
+
+async def test_one_host_holding_handshakes_open_is_refused_and_others_are_served() -> None:
+    registry = CollectorRegistry()
+    limited = BASE.model_copy(update={"relay": True, "relay_max_handshakes_per_peer": 3})
+    async with serving(limited, registry=registry) as relay, serving() as target:
+        assert relay.relay_address is not None
+        relay_endpoint, loop = relay.relay_address.endpoint, asyncio.get_running_loop()
+
+        async def greeted(source_host: str) -> RelayFrame:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((source_host, 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (relay_endpoint.host, relay_endpoint.port))
+            connection = Connection(sock)
+            try:
+                await connection.send(MAGIC)
+                async with asyncio.timeout(5):
+                    return await receive(connection, RelayFrame)
+            finally:
+                connection.close()
+
+        silent = [await connect_tcp(relay_endpoint) for _ in range(3)]  # connected, never a magic line
+        try:
+            with pytest.raises(OverLimit, match="refused \\(handshakes_per_peer\\).*host 127.0.0.1 .*"
+                                                "relay_max_handshakes_per_peer=3"):
+                await reserve(relay.relay_address, Identity.generate(), None, 5)
+            assert (await greeted("127.0.0.2")).WhichOneof("frame") == "greeting"  # another host is served
+        finally:
+            for sock in silent:
+                sock.close()
+        async with reservations(target, [relay.relay_address]) as held, ChannelPool(BASE) as pool:
+            assert await ping(pool, held.endpoints[0]) == target.identity.peer_id  # that host is served again
+        assert metric(registry, "apiary_wire_relay_refused_total", reason="handshakes_per_peer") == 1
 
 
 @pytest.mark.parametrize("limit", ["relay_circuit_bytes_per_second", "relay_bytes_per_second"])

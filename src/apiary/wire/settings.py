@@ -62,6 +62,8 @@ class WireSettings(BaseModel):
     relay_max_reservations: int = Field(128, ge=1, description="peers this relay keeps reservations for at once")
     relay_max_circuits: int = Field(1024, ge=1, description="circuits this relay splices at once, all dialers together")
     relay_max_circuits_per_peer: int = Field(64, ge=1, description="circuits one dialer (host) may have open at once")
+    relay_max_handshakes_per_peer: int = Field(32, ge=1, description="connections one host may have at the relay "
+                                                                     "before their first frame (handshakes) at once")
     relay_circuit_bytes_per_second: float = Field(0.0, ge=0, description="bytes per second one circuit may carry, "
                                                                          "both ways together (0: unlimited)")
     relay_bytes_per_second: float = Field(0.0, ge=0, description="bytes per second this relay carries in all (0: unlimited)")

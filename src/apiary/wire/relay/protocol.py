@@ -47,9 +47,9 @@ KINDS = {GRPC: "grpc", BULK: "bulk", PUNCH: "punch"}
 # refusal reasons: the `reason` label of the relay's refusal counter (and a private run's ACCESS_REASONS)
 RESERVATIONS, CIRCUITS, CIRCUITS_PER_PEER = "reservations", "circuits", "circuits_per_peer"
 NO_RESERVATION, NOT_ACCEPTED, UNKNOWN_CIRCUIT = "no_reservation", "not_accepted", "unknown_circuit"
-MALFORMED, BAD_SIGNATURE, STALLED = "malformed", "bad_signature", "stalled"
+MALFORMED, BAD_SIGNATURE, STALLED, HANDSHAKES_PER_PEER = "malformed", "bad_signature", "stalled", "handshakes_per_peer"
 REASONS = (RESERVATIONS, CIRCUITS, CIRCUITS_PER_PEER, NO_RESERVATION, NOT_ACCEPTED, UNKNOWN_CIRCUIT, MALFORMED,
-           BAD_SIGNATURE, STALLED, *(f"access_{reason}" for reason in ACCESS_REASONS))
+           BAD_SIGNATURE, STALLED, HANDSHAKES_PER_PEER, *(f"access_{reason}" for reason in ACCESS_REASONS))
 
 
 class Refusal(Exception):
@@ -110,14 +110,18 @@ async def _relay_frame(connection: Connection, relay: Endpoint) -> RelayFrame:
         raise PeerUnavailable(f"the relay at {relay} sent a bad frame: {e}", peer=str(relay)) from None
 
 
-async def connect_tcp(endpoint: Endpoint, *, local_port: int | None = None) -> socket.socket:
+async def connect_tcp(endpoint: Endpoint, *, local_port: int | None = None,
+                      local_host: str | None = None) -> socket.socket:
     """A non-blocking TCP socket connected to `endpoint` (host:port); OSError if it cannot be. With
-    `local_port` (0: any), from that port, shared with other sockets (`reusable_socket`)."""
+    `local_port` (0: any), from that port, shared with other sockets (`reusable_socket`); with
+    `local_host` (not with `local_port`), from that address of this host."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM) if local_port is None else reusable_socket(family, local_port)
     try:
+        if local_host is not None:
+            sock.bind((local_host, 0))
         sock.setblocking(False)
         await loop.sock_connect(sock, address)
     except BaseException:

@@ -8,17 +8,20 @@ reservation sends a keepalive every few seconds and is given up when the relay f
 for two of them, or closes it; its place is filled again at once. When the relay announces an
 incoming circuit, this peer opens a new connection to the relay, accepts it (signed), and
 hands the socket to the handler of its kind: a `grpc` circuit is spliced to the server's own
-gRPC port, a `bulk` one served by its bulk server directly (the dialer's host, as the relay saw
-it, bearing the per-peer limits); a `punch` one coordinates a direct connection, served then
-like the kind it is for (`apiary.wire.relay.punch`; unless `relay_punch` is off); other kinds
-can be added with `add_handler`. `endpoints` are this server's relayed endpoints, primary
-(fastest) first; `on_change` is called whenever they change.
+gRPC port (from a loopback address picked per dialer's host, `splice_source`, so that relayed
+callers do not share one bucket of per-peer limits), a `bulk` one served by its bulk server
+directly (the dialer's host, as the relay saw it, bearing the per-peer limits); a `punch` one
+coordinates a direct connection, served then like the kind it is for (`apiary.wire.relay.punch`;
+unless `relay_punch` is off); other kinds can be added with `add_handler`. `endpoints` are this
+server's relayed endpoints, primary (fastest) first; `on_change` is called whenever they change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import ipaddress
 import logging
 import random
 import socket
@@ -32,6 +35,7 @@ from apiary.wire.auth import CallCredentials
 from apiary.wire.errors import WireError
 from apiary.wire.framing import Connection
 from apiary.wire.identity import Identity
+from apiary.wire.limits import peer_key
 from apiary.wire.protos.relay_pb2 import BULK, GRPC, PUNCH, Accept, ClientFrame, Incoming, RelayFrame, Reserve, Reserved
 from apiary.wire.relay.protocol import (
     accept_signed,
@@ -246,9 +250,16 @@ class Reservations:
 
     async def _to_grpc(self, circuit: socket.socket, incoming: Incoming) -> None:
         """Splices a gRPC circuit to this server's own gRPC port (grpc.aio takes no sockets)."""
+        endpoint = self.server.local_endpoint
+        source = splice_source(incoming.dialer_address, endpoint.host)
         try:
             async with asyncio.timeout(self.timeout):
-                local = await connect_tcp(self.server.local_endpoint)
+                try:
+                    local = await connect_tcp(endpoint, local_host=source)
+                except OSError:
+                    if source is None:
+                        raise
+                    local = await connect_tcp(endpoint)  # no such source here (not Linux?): as this host
         except (TimeoutError, OSError) as e:
             logger.warning("a relayed gRPC circuit could not reach this server: %s", e)
             circuit.close()
@@ -266,6 +277,22 @@ class Reservations:
         except AddressError:
             dialer = Endpoint("relayed", 0)
         self.server.bulk.serve_socket(circuit, dialer)
+
+
+def splice_source(dialer_address: str, server_host: str) -> str | None:
+    """The address a relayed gRPC circuit of the dialer at `dialer_address` (as its relay saw it)
+    reaches this server's gRPC port at `server_host` from: with IPv4 loopback, one in 127.1.0.1 to
+    127.254.255.254 (all of 127/8 is this host on Linux) picked by a hash of the dialer's host, so
+    that the server's per-peer limits tell relayed dialers apart; None (the default) otherwise."""
+    try:
+        server = ipaddress.ip_address(server_host)
+    except ValueError:  # a name
+        return None
+    if server.version != 4 or not server.is_loopback:
+        return None
+    digest = hashlib.sha256(peer_key(dialer_address).encode()).digest()
+    return f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
+
 
 async def reserve(relay: PeerAddress, identity: Identity, credentials: CallCredentials | None,
                   timeout: float) -> tuple[Connection, Reserved]:

@@ -1,7 +1,8 @@
 """The relay: keeps reservations of peers behind NAT and splices dialers' circuits to them.
 
 `RelayServer` listens on its own port (`WireSettings.relay_port`). Each connection is greeted
-with a fresh nonce and then is one of three things (`apiary.wire.relay.protocol`):
+with a fresh nonce and then is one of three things (`apiary.wire.relay.protocol`); until its
+first frame it is a handshake, of which one host may have `relay_max_handshakes_per_peer` at once:
 - a reservation (`Reserve`, signed by the reserving peer): kept open, a `Keepalive` answered
   with one, dropped after `relay_reservation_timeout` seconds of silence; a newer reservation of
   the same peer replaces it;
@@ -38,6 +39,7 @@ from apiary.wire.relay.protocol import (
     BAD_SIGNATURE,
     CIRCUITS,
     CIRCUITS_PER_PEER,
+    HANDSHAKES_PER_PEER,
     KINDS,
     MAGIC,
     MALFORMED,
@@ -115,6 +117,7 @@ class RelayServer:
         self._reservations: dict[str, _Reservation] = {}
         self._pending: dict[str, _Pending] = {}
         self._circuits_by_host: dict[str, int] = {}
+        self._handshakes_by_host: dict[str, int] = {}
         self._total_rate = TokenBucket(settings.relay_bytes_per_second)
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -181,14 +184,7 @@ class RelayServer:
         """One connection to the relay port, from its magic line to its end."""
         kept = False
         try:
-            async with asyncio.timeout(HANDSHAKE_SECONDS):
-                if await connection.read_exactly(len(MAGIC)) != MAGIC:
-                    raise Refusal(MALFORMED, grpc.StatusCode.INVALID_ARGUMENT,
-                                  "not an apiary relay connection (bad preamble)")
-                nonce = secrets.token_bytes(NONCE_BYTES)
-                await send(connection, RelayFrame(greeting={"relay_peer": self.peer_id, "nonce": nonce,
-                                                            "observed_address": address}))
-                frame = await receive(connection, ClientFrame)
+            frame, nonce = await self._handshake(connection, address)
             kind = frame.WhichOneof("frame")
             if kind == "reserve":
                 await self._reserve(connection, frame.reserve, nonce, address)
@@ -210,6 +206,26 @@ class RelayServer:
         finally:
             if not kept:
                 connection.close()
+
+    async def _handshake(self, connection: Connection, address: str) -> tuple[ClientFrame, bytes]:
+        """The connection's first frame and the nonce it was greeted with; meanwhile counted among
+        its host's handshakes, refused over `relay_max_handshakes_per_peer`."""
+        host, limit = peer_key(address), self.settings.relay_max_handshakes_per_peer
+        if self._handshakes_by_host.get(host, 0) >= limit:
+            raise Refusal(HANDSHAKES_PER_PEER, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"host {host} already has relay_max_handshakes_per_peer={limit} connections in handshake")
+        self._handshakes_by_host[host] = self._handshakes_by_host.get(host, 0) + 1
+        try:
+            async with asyncio.timeout(HANDSHAKE_SECONDS):
+                if await connection.read_exactly(len(MAGIC)) != MAGIC:
+                    raise Refusal(MALFORMED, grpc.StatusCode.INVALID_ARGUMENT,
+                                  "not an apiary relay connection (bad preamble)")
+                nonce = secrets.token_bytes(NONCE_BYTES)
+                await send(connection, RelayFrame(greeting={"relay_peer": self.peer_id, "nonce": nonce,
+                                                            "observed_address": address}))
+                return await receive(connection, ClientFrame), nonce
+        finally:
+            _release(self._handshakes_by_host, host)
 
     async def _refuse(self, connection: Connection, refusal: Refusal) -> None:
         """Counts a refusal and answers with it; then discards what the client still sends for a
@@ -273,13 +289,6 @@ class RelayServer:
                           f"relay_max_circuits_per_peer={self.settings.relay_max_circuits_per_peer} circuits open")
         self._circuits_by_host[host] = self._circuits_by_host.get(host, 0) + 1
 
-    def _close_circuit(self, host: str) -> None:
-        left = self._circuits_by_host[host] - 1
-        if left:
-            self._circuits_by_host[host] = left
-        else:
-            del self._circuits_by_host[host]
-
     async def _connect(self, connection: Connection, request: Connect, nonce: bytes, address: str) -> None:
         caller = self._check_access(dict(request.metadata), "relay:connect", request_digest_of(nonce, request))
         if request.kind not in KINDS:
@@ -311,7 +320,7 @@ class RelayServer:
                          buckets=rates, on_bytes=self._count_bytes)
         finally:
             self._pending.pop(circuit_id, None)
-            self._close_circuit(host)
+            _release(self._circuits_by_host, host)
             if pending.accepted.done() and not pending.accepted.cancelled() and pending.accepted.exception() is None:
                 pending.accepted.result()[0].close()  # also when this dialer gave up as the target's connection came
 
@@ -326,6 +335,15 @@ class RelayServer:
                           f"the circuit is not accepted by its target {pending.target}")
         pending.accepted.set_result((connection, address))
         return True
+
+
+def _release(counts: dict[str, int], host: str) -> None:
+    """One of `host`'s connections counted in `counts` is done (a host with none is dropped)."""
+    left = counts[host] - 1
+    if left:
+        counts[host] = left
+    else:
+        del counts[host]
 
 
 def _gone(peer: str) -> Refusal:

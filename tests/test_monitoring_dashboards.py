@@ -1,8 +1,8 @@
 """The monitoring proven against a real Prometheus (Debian's package): it scrapes a running swarm
-(two participants' dht, averager and trainer, and an expert server their trainers call) with the
-repository's deploy/prometheus configuration, loads the alert rules, and every query of every
-Grafana dashboard panel returns data through Prometheus' HTTP API, with the dashboards' `instance`
-and `run` variables selecting what they name."""
+(two participants' dht, averager and trainer, and an expert server their trainers call; one dht
+relays) with the repository's deploy/prometheus configuration, loads the alert rules, and every
+query of every Grafana dashboard panel returns data through Prometheus' HTTP API, with the
+dashboards' `instance` and `run` variables selecting what they name."""
 
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s"}
 
 
 class Swarm:
-    """Two participants of run RUN (dht, averager, trainer of the digits_moe task) and an expert server."""
+    """Two participants of run RUN (dht, averager, trainer of the digits_moe task; the first dht relays) and an
+    expert server."""
 
     def __init__(self, processes: ServiceProcesses):
-        self.dhts = [processes.start("dht").wait_until_up()]
+        self.dhts = [processes.start("dht", "--relay").wait_until_up()]  # relays: the relay panels' metrics
         self.dhts.append(processes.start("dht", "--initial-peers", self.dhts[0].initial_peers).wait_until_up())
         self.experts = processes.start("expert-server", "--experts", EXPERTS, "--hidden-size", "32", "--device", "cpu",
                                        "--dht-local", str(self.dhts[0].local_api))

@@ -118,8 +118,17 @@ class Participant:
         self.project = ComposeProject(engine, f"{PREFIX}-{RUN}-{name}", self.env_file, files=(COMPOSE_FILE, override))
 
     def admin(self, service: str, path: str) -> Any:
+        """`path` of the service's admin endpoint. Docker's port proxy can drop a connection while a
+        container it leads to is unpaused or restarted: such a read is tried again, 3 times at most."""
         port = self.settings[f"APIARY_{service.upper().replace('-', '_')}_ADMIN_PORT"]
-        response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+        for attempt in range(3):
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+                break
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                time.sleep(2)
         response.raise_for_status()
         return response.json()
 

@@ -5,7 +5,6 @@ standard library), its cached BPE tokenizer, the size of its `base` preset and `
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from service_processes import APIARY, ServiceProcess, ServiceProcesses
+from test_optim_moe_task import run_up
 from tokenizers import Tokenizer
 
 from apiary.tasks import Task, TaskError, charlm, corpus, load_task, task_expert_grid
@@ -147,10 +147,5 @@ def test_the_base_preset_has_over_50_million_parameters_with_its_experts() -> No
 
 
 def test_up_trains_moe_lm_with_its_expert_servers() -> None:
-    result = subprocess.run([*APIARY, "up", "--task", "moe_lm", "--peers", "1", "--duration", "15",
-                             "--target-batch-size", "32"],
-                            capture_output=True, text=True, timeout=200, env={**os.environ, "COLUMNS": "200"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    match = re.search(r"loss ([0-9.]+) → ([0-9.]+); swarm samples/s (\d+); epochs (\d+)", result.stdout)
-    assert match, result.stdout[-3000:]
-    assert float(match[2]) < float(match[1]) - 1.0 and int(match[4]) >= 1, result.stdout[-3000:]
+    match, stdout = run_up("moe_lm", 1, 15, 32, timeout=200)
+    assert float(match[2]) < float(match[1]) - 1.0 and int(match[4]) >= 1, stdout[-3000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 from apiary.dht.protos.dht_pb2 import FoundValue, NodeInfo, StoreItem, SubkeyValue
@@ -14,11 +15,14 @@ from apiary.wire.identity import public_key_from_peer_id
 
 def contact_of(info: NodeInfo) -> Contact | None:
     """The contact a NodeInfo describes; None for client-mode or malformed senders."""
-    if not info.address:
-        return None
+    return _contact(info.peer_id, info.address) if info.address else None
+
+
+@functools.lru_cache(maxsize=1 << 14)  # every Find answer names k contacts, mostly ones seen before
+def _contact(peer_id: str, address: str) -> Contact | None:
     try:
-        public_key_from_peer_id(info.peer_id)
-        return Contact(info.peer_id, Endpoint.parse(info.address))
+        public_key_from_peer_id(peer_id)
+        return Contact(peer_id, Endpoint.parse(address))
     except (AddressError, IdentityError):
         return None
 

@@ -85,6 +85,10 @@ class Endpoint:
         return cls(host, int(port), relay_peer, target_peer)
 
     def __str__(self) -> str:
+        return self._text
+
+    @functools.cached_property
+    def _text(self) -> str:  # written into every DHT message that names a node: made once
         direct = f"[{self.host}]:{self.port}" if _is_ipv6(self.host) else f"{self.host}:{self.port}"
         return f"{direct}{VIA}{self.relay_peer}{TO}{self.target_peer}" if self.relayed else direct
 

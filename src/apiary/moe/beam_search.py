@@ -46,9 +46,8 @@ async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Ten
     if k_best < 1:
         raise ValueError(f"k_best must be at least 1, got {k_best}")
     beam_size = max(beam_size or k_best, k_best)
+    check_search_bounds(k_best, None, max_lookups)
     max_lookups = beam_size if max_lookups is None else max_lookups
-    if max_lookups < 1:
-        raise ValueError(f"max_lookups must be at least 1, got {max_lookups}")
     scores = [s.detach().float().cpu().tolist() for s in grid_scores]
     batch = len(scores[0]) if scores else 0
     beams: list[list[tuple[float, tuple[int, ...]]]] = [[(0.0, ())] for _ in range(batch)]
@@ -79,6 +78,15 @@ async def beam_search(dht: DHTLike, prefix: str, grid_scores: Sequence[torch.Ten
             else:
                 beams[sample] = [(score, coordinates) for score, coordinates, _, _ in candidates[:beam_size]]
     return chosen
+
+
+def check_search_bounds(k_best: int, beam_size: int | None, max_lookups: int | None) -> None:
+    """ValueError naming the bound that is wrong: `beam_size` must be None or an integer of at
+    least `k_best`, `max_lookups` None or an integer of at least 1."""
+    for name, value, least, said in (("beam_size", beam_size, k_best, f"k_best ({k_best})"),
+                                     ("max_lookups", max_lookups, 1, "1")):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise ValueError(f"{name} must be None (the default) or an integer of at least {said}, got {value!r}")
 
 
 def _bounded(beams: list[list[tuple[float, tuple[int, ...]]]], count: int) -> list[tuple[int, ...]]:

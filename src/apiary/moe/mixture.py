@@ -25,7 +25,7 @@ from torch import nn
 
 from apiary.dht.interface import DHTLike
 from apiary.moe.bans import ServerBans, server_bans
-from apiary.moe.beam_search import ExpertChoice, beam_search
+from apiary.moe.beam_search import ExpertChoice, beam_search, check_search_bounds
 from apiary.moe.client import run_sync, shared_pool
 from apiary.wire import ChannelPool
 from apiary.moe.dispatch import ALWAYS_BACKWARD, ExpertPass, FaultTolerance, Routing, Traffic
@@ -43,7 +43,9 @@ class RemoteMixtureOfExperts(nn.Module):
     like the DHT node's or DHT client's (`dht.pool`: its TLS or plaintext, identity and private-run token), or,
     for a DHT without one, the process's shared pool (TLS, no token).
     `search_timeout` bounds the beam search in the DHT, which then goes on with the experts found
-    (default: the fault tolerance's `forward_timeout`).
+    (default: the fault tolerance's `forward_timeout`); `beam_size` (at least `k_best`, default
+    `k_best`) is the prefixes each sample keeps per grid level, `max_lookups` (at least 1, default
+    `beam_size`) the DHT keys the search reads per level whatever the batch.
     `bans` skips servers that failed recently (default: the process's list, `apiary.moe.bans`).
     `wire_dtype` is the dtype every expert call carries (None: each expert's, as learnt in `dtypes`,
     default the process's table); `traffic` counts the bytes of the calls.
@@ -53,8 +55,10 @@ class RemoteMixtureOfExperts(nn.Module):
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
                  search_timeout: float | None = None, keep_activations: bool = True,
                  pool: ChannelPool | None = None, bans: ServerBans | None = None,
-                 wire_dtype: torch.dtype | None = None, dtypes: WireDtypes | None = None):
+                 wire_dtype: torch.dtype | None = None, dtypes: WireDtypes | None = None,
+                 max_lookups: int | None = None):
         super().__init__()
+        check_search_bounds(k_best, beam_size, max_lookups)
         if not grid_size or any(size < 1 for size in grid_size):
             raise ValueError(f"grid_size must be a non-empty sequence of positive sizes, got {list(grid_size)}")
         if not prefix or "." in prefix:
@@ -65,6 +69,7 @@ class RemoteMixtureOfExperts(nn.Module):
         self.prefix = prefix
         self.k_best = k_best
         self.beam_size = beam_size
+        self.max_lookups = max_lookups
         self.fault_tolerance = fault_tolerance or FaultTolerance()
         self.search_timeout = search_timeout if search_timeout is not None else self.fault_tolerance.forward_timeout
         self.keep_activations = keep_activations
@@ -85,7 +90,7 @@ class RemoteMixtureOfExperts(nn.Module):
         """The `k` best live experts of every sample (fewer where fewer are declared or found in
         `search_timeout`), skipping banned servers."""
         search = beam_search(self.dht, self.prefix, grid_scores, k, self.beam_size, timeout=self.search_timeout,
-                             banned=self.bans.banned)
+                             banned=self.bans.banned, max_lookups=self.max_lookups)
         return run_sync(search, self.search_timeout + 1.0)
 
     def call_experts(self, x: torch.Tensor, choices: Sequence[Sequence[ExpertChoice]], k: int

@@ -33,11 +33,12 @@ class RemoteSwitchMixtureOfExperts(RemoteMixtureOfExperts):
                  beam_size: int | None = None, fault_tolerance: FaultTolerance | None = None,
                  search_timeout: float | None = None, keep_activations: bool = True,
                  pool: ChannelPool | None = None, bans: ServerBans | None = None,
-                 wire_dtype: torch.dtype | None = None, dtypes: WireDtypes | None = None):
+                 wire_dtype: torch.dtype | None = None, dtypes: WireDtypes | None = None,
+                 max_lookups: int | None = None):
         super().__init__(in_features=in_features, grid_size=grid_size, dht=dht, prefix=prefix, k_best=1,
                          beam_size=beam_size, fault_tolerance=fault_tolerance, search_timeout=search_timeout,
                          keep_activations=keep_activations, pool=pool, bans=bans, wire_dtype=wire_dtype,
-                         dtypes=dtypes)
+                         dtypes=dtypes, max_lookups=max_lookups)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         if x.shape[-1] != self.in_features or x.dim() not in (2, 3):

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from apiary.moe.beam_search import check_search_bounds
 from apiary.moe.dispatch import FaultTolerance
 from apiary.moe.mixture import RemoteMixtureOfExperts
 from apiary.tasks import Task
@@ -53,16 +54,20 @@ def _loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.T
 
 def task(initial_peers: str = "", seed: int = 0, model_seed: int = 0, prefix: str = "digits",
          grid: tuple[int, int] = (3, 4), hidden: int = 32, k_best: int = 3, batch_size: int = 64, lr: float = 0.01,
-         timeout: float = 5.0, dht_local: str = "") -> Task:
+         timeout: float = 5.0, dht_local: str = "", beam_size: int | None = None,
+         max_lookups: int | None = None) -> Task:
     """The task; `dht_local`: the participant's dht service (default: the trainer's
-    APIARY_DHT_LOCAL), or `initial_peers`: any DHT node of the swarm where the expert servers declare."""
+    APIARY_DHT_LOCAL), or `initial_peers`: any DHT node of the swarm where the expert servers declare;
+    `beam_size` and `max_lookups`: the mixture's beam search (`RemoteMixtureOfExperts`)."""
+    check_search_bounds(k_best, beam_size, max_lookups)  # before joining the DHT
     dht = experts_dht("digits_moe", initial_peers, dht_local)
     x, y = _digits()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train, held_out = order[:1400], order[1400:]
     torch.manual_seed(model_seed)
     moe = RemoteMixtureOfExperts(
-        in_features=hidden, grid_size=grid, dht=dht, prefix=prefix, k_best=k_best,
+        in_features=hidden, grid_size=grid, dht=dht, prefix=prefix, k_best=k_best, beam_size=beam_size,
+        max_lookups=max_lookups,
         fault_tolerance=FaultTolerance(k_min=1, forward_timeout=timeout, backward_timeout=timeout,
                                        timeout_after_k_min=timeout / 10, allow_zero_outputs=True),
     )

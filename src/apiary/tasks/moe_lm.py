@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from apiary.dht.interface import DHTLike
+from apiary.moe.beam_search import check_search_bounds
 from apiary.moe.dispatch import FaultTolerance
 from apiary.moe.kinds import FeedForward
 from apiary.moe.mixture import RemoteMixtureOfExperts
@@ -175,9 +176,11 @@ class MoELanguageModel(nn.Module):
 
 
 def build_model(name: str = "tiny", experts: str = "local", *, model_seed: int = 0, vocabulary: int | None = None,
-                dht: DHTLike | None = None, k_best: int | None = None, timeout: float = 5.0) -> MoELanguageModel:
+                dht: DHTLike | None = None, k_best: int | None = None, timeout: float = 5.0,
+                beam_size: int | None = None, max_lookups: int | None = None) -> MoELanguageModel:
     """The model of preset `name` with its experts `experts` ("remote" needs `dht`, where the
-    expert servers declare); `vocabulary`: default the preset tokenizer's."""
+    expert servers declare; `beam_size` and `max_lookups` bound each remote mixture's beam search);
+    `vocabulary`: default the preset tokenizer's."""
     p = _preset(name)
     if experts not in EXPERTS:
         raise ValueError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
@@ -186,6 +189,7 @@ def build_model(name: str = "tiny", experts: str = "local", *, model_seed: int =
     k = k_best or p.k_best
     if not 1 <= k <= math.prod(p.grid):
         raise ValueError(f"k_best must be between 1 and the {math.prod(p.grid)} experts of a layer's grid, got {k}")
+    check_search_bounds(k, beam_size, max_lookups)
     layers = set(moe_layers(p))
     tolerance = FaultTolerance(k_min=1, forward_timeout=timeout, backward_timeout=timeout,
                                timeout_after_k_min=timeout / 10, allow_zero_outputs=True)
@@ -199,7 +203,8 @@ def build_model(name: str = "tiny", experts: str = "local", *, model_seed: int =
             return TokenRouting(LocalMixtureOfExperts(p.width, p.grid, k, f"lm{layer}", model_seed))
         assert dht is not None  # checked above
         return TokenRouting(RemoteMixtureOfExperts(in_features=p.width, grid_size=p.grid, dht=dht,
-                                                   prefix=f"lm{layer}", k_best=k, fault_tolerance=tolerance))
+                                                   prefix=f"lm{layer}", k_best=k, fault_tolerance=tolerance,
+                                                   beam_size=beam_size, max_lookups=max_lookups))
 
     if vocabulary is None:
         vocabulary = BYTE_VOCABULARY if p.tokenizer == "bytes" else p.bpe_vocabulary
@@ -224,11 +229,13 @@ def _loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 def task(preset: str = "tiny", seed: int = 0, model_seed: int = 0, experts: str = "remote", dht_local: str = "",
          initial_peers: str = "", tokenizer: str | None = None, batch_size: int | None = None,
          lr: float | None = None, timeout: float = 5.0, k_best: int | None = None, shards: int = 1,
-         eval_batches: int = 2) -> Task:
+         eval_batches: int = 2, beam_size: int | None = None, max_lookups: int | None = None) -> Task:
     """The task; `seed` picks this peer's shard (`seed % shards` of the training stream) and
     windows, `model_seed` the initial weights; remote experts are found through `dht_local`
-    (default: the trainer's APIARY_DHT_LOCAL) or a DHT node joining `initial_peers`."""
+    (default: the trainer's APIARY_DHT_LOCAL) or a DHT node joining `initial_peers`, each
+    layer's by a beam search of `beam_size` and `max_lookups` (`RemoteMixtureOfExperts`)."""
     p = _preset(preset)
+    check_search_bounds(k_best or p.k_best, beam_size, max_lookups)  # before reading the corpus
     if experts not in EXPERTS:
         raise ValueError(f"experts must be one of {', '.join(EXPERTS)}, got {experts!r}")
     if shards < 1:
@@ -241,7 +248,7 @@ def task(preset: str = "tiny", seed: int = 0, model_seed: int = 0, experts: str 
     shard = train[len(train) * (seed % shards) // shards : len(train) * (seed % shards + 1) // shards]
     dht = experts_dht("moe_lm", initial_peers, dht_local) if experts == "remote" else None
     model = build_model(preset, experts, model_seed=model_seed, vocabulary=vocabulary, dht=dht, k_best=k_best,
-                        timeout=timeout)
+                        timeout=timeout, beam_size=beam_size, max_lookups=max_lookups)
     evaluation = list(zip(range(eval_batches), windows(held_out, p.context, 16, seed=EVAL_SEED)))
 
     def evaluate(m: nn.Module) -> float:

@@ -10,7 +10,7 @@ then died at a random moment: before its group formed, or during the all-reduce,
 of the vector stays unaveraged), the others absences (it skips the round, back in the next).
 
 Grid rules: *paired* (what the averager does): a line short of the group size averages together
-with another short line of the round (`matchmaking.short_partner`); *unpaired*: each line alone
+with another short line of the round (`matchmaking.short_partner`, for every line at once: `short_pairs`); *unpaired*: each line alone
 (before).
 
 How a peer that missed rounds (absent, its group failed, or new to a running swarm) comes back:
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from apiary.averaging.grid import MoshpitGrid
-from apiary.averaging.matchmaking import my_group, short_partner
+from apiary.averaging.matchmaking import my_group, short_pairs
 from measure import percentile
 from record import save
 
@@ -99,28 +99,30 @@ def grid_groups(swarm: Swarm, round_index: int, present: list[str], pair_short: 
     the key's announcers, take our group among them (with the announcers of the partner line
     when ours is short, unless not `pair_short`: the rule before); then update the grid place."""
     lines: dict[str, list[str]] = defaultdict(list)
-    newcomers = []
+    newcomers: list[str] = []
     for peer_id in present:
         grid = swarm.peers[peer_id].grid
         if grid.ranks_in(round_index) or grid.settled:
             lines[grid.key(round_index)].append(peer_id)
         else:
             newcomers.append(peer_id)
+    unseen = set(newcomers)
     for peer_id in newcomers:  # they probe once the others have announced, and see no other newcomer
         grid = swarm.peers[peer_id].grid
         probed = grid.lines(round_index, grid.side, swarm.rng)
-        counts = [sum(i not in newcomers for i in lines.get(grid.key(round_index, line), [])) for line in probed]
+        counts = [sum(i not in unseen for i in lines.get(grid.key(round_index, line), [])) for line in probed]
         grid.coords = probed[counts.index(min(counts))]
         lines[grid.key(round_index)].append(peer_id)
     some = swarm.peers[present[0]].grid if present else None
     every_line = [] if some is None or some.ranks_in(round_index) or not pair_short else \
         [some.key(round_index, line) for line in some.lines(round_index, some.side ** (some.dims - 1), swarm.rng)]
     counts = {key: len(lines.get(key, [])) for key in every_line}
+    partners = short_pairs(counts, swarm.group) if len(every_line) > 1 else {}  # short_partner of every line
     outcome = []
     for key, members in lines.items():
         ordered = sorted(members)
         places = {i: swarm.peers[i].grid.place(round_index) for i in ordered}
-        partner = short_partner(counts, key, swarm.group) if len(every_line) > 1 else None
+        partner = partners.get(key)
         together = sorted(members + lines[partner]) if partner is not None else ordered
         for rank, peer_id in enumerate(ordered):
             grid = swarm.peers[peer_id].grid

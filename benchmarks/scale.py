@@ -8,7 +8,9 @@ nodes agree (dht/traversal.py).
 Every peer runs a real DHT node on the simulated network (its latencies and uplinks drawn from
 the seed) and a real `ProgressTracker` (after) or the one-key store and get the tracker made
 before sharding (before). Once the swarm has joined and every peer has written and read once
-(so that it knows the swarm's size), one refresh round is measured: every peer publishes its
+(so that it knows the swarm's size; past `LEARNED` peers, only the simulated readers learn it by
+reading, the other writers start knowing it, which is where a read leaves them), one refresh
+round is measured: every peer publishes its
 record and reads the swarm's, as a peer near an epoch's end does every `period` seconds (50 ms
 before; `final_refresh(shards)` after). A peer's load is the bytes its host sent and received
 in the round (its own calls and those it served) over the period; signatures are made and sent
@@ -54,6 +56,7 @@ from tests.sim.swarm import Member, Swarm  # noqa: E402
 FULL_READ = 10**6  # a read_quorum no read reaches: latest reads ask the key's nearest nodes to the end
 BATCH = 64  # peers refreshing at once in the simulation (bytes do not depend on it)
 READERS = 100  # peers whose reads are simulated in the measured round (scaled to every peer)
+LEARNED = 4096  # past this many peers only the readers learn the swarm's size by reading (the others are told)
 
 
 def log(text: str) -> None:
@@ -150,9 +153,16 @@ async def measure(peers: int, seed: int) -> dict[str, Any]:
         result["before"], _ = await round_loads(network, [one_key(m, 2) for m in members], readers, FINAL_REFRESH)
         log(f"{peers} peers: one key measured")
     trackers = [ProgressTracker(m.node, "after", m.node.identity.peer_id, clock=clock()) for m in members]
+    starting = trackers
+    if peers > LEARNED:  # the writers start as they are once they have read: knowing the swarm's size
+        starting, chosen = [trackers[i] for i in readers], set(readers)
+        told = [tracker for i, tracker in enumerate(trackers) if i not in chosen]
+        for tracker in told:
+            tracker._peers = float(peers)
+        await batched([sharded(t, 1)[0] for t in told])
     # the swarm starts: each peer learns its size before its first write, reads once, writes again
-    await batched([sharded(t, 1)[0] for t in trackers])
-    await batched([sharded(t, 1)[1] for t in trackers])
+    await batched([sharded(t, 1)[0] for t in starting])
+    await batched([sharded(t, 1)[1] for t in starting])
     await batched([sharded(t, 2)[0] for t in trackers])
     log(f"{peers} peers: the sharded swarm started")
     result["sharded"] = await sharded_round(network, trackers, 4, readers)

@@ -260,11 +260,16 @@ def short_partner(counts: Mapping[str, int], mine: str, target_size: int) -> str
     rounds falls from 1.0e-3 to 9.4e-5 of the initial one; benchmarks/moshpit_churn.py). Every
     peer of both lines computes the same pairs from the same announcements; a peer that read
     other counts (an announcement landing in between) fails to join and sits the round out."""
+    return short_pairs(counts, target_size).get(mine)
+
+
+def short_pairs(counts: Mapping[str, int], target_size: int) -> dict[str, str]:
+    """Every line's partner by `short_partner`'s rule (both ways), in one pass over the lines."""
     short = sorted(key for key, count in counts.items() if 0 < count < target_size)
-    if mine not in short:
-        return None
-    index = short.index(mine) ^ 1  # 0 <-> 1, 2 <-> 3, ...
-    return short[index] if index < len(short) else None
+    pairs = {}
+    for first, second in zip(short[0::2], short[1::2]):  # 0 <-> 1, 2 <-> 3, ...
+        pairs[first], pairs[second] = second, first
+    return pairs
 
 
 def _place(value: Any) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -14,7 +14,8 @@ from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
     ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
-    option, reachability_settings, relay_fields, require_one_way_to_the_dht, service_settings, transfer_limits
+    option, reachability_settings, relay_fields, require_one_way_to_the_dht, service_settings, transfer_limits,
+    with_relay_limits
 )
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode
@@ -39,6 +40,7 @@ class AveragingRole(str, Enum):  # apiary.averaging.spans.Role, without importin
     aux = "aux"
 
 
+@with_relay_limits
 def averager_command(
     run_id: Annotated[str, option("--run-id", "the run's name: averagers of one run average together")],
     mode: Annotated[AveragingRole, option("--mode", "node; client (behind NAT: sends only); aux (reduces only)")] = AveragingRole.node,
@@ -95,6 +97,7 @@ def averager_command(
     reachability_period: ReachabilityPeriodOption = 300.0,
     relay: RelayOption = False,
     relay_port: RelayPortOption = 0,
+    relay_limits: Optional[dict[str, Any]] = None,  # the flags of with_relay_limits
 ) -> None:
     """Run an averager: average the trainer's tensors with the swarm; keep and serve the latest state."""
     require_one_way_to_the_dht(dht_local, initial_peers)
@@ -121,7 +124,8 @@ def averager_command(
                      max_requests_per_second=max_requests_per_second, request_burst=request_burst,
                      max_concurrent_per_peer=max_concurrent_per_peer,
                      max_bulk_connections_per_peer=max_bulk_connections_per_peer,
-                     tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),
+                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     **relay_fields(relay, relay_port, relay_limits),
                      **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
                                        stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,

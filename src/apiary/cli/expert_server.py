@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -14,7 +14,8 @@ from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
     ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
-    option, reachability_settings, relay_fields, require_one_way_to_the_dht, service_settings, transfer_limits
+    option, reachability_settings, relay_fields, require_one_way_to_the_dht, service_settings, transfer_limits,
+    with_relay_limits
 )
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 console = Console(soft_wrap=True)
 
 
+@with_relay_limits
 def expert_server_command(
     experts: Annotated[Optional[str], option("--experts", "experts to host, as grid patterns: ffn.0.[0:4] = ffn.0.0 … ffn.0.3; comma-separated (default: the --task's grid)")] = None,
     task: Annotated[Optional[str], option("--task", "host the experts of this built-in task's grid: moe_lm[:PRESET] (fills --experts, --hidden-size and --kind when not given)")] = None,
@@ -74,6 +76,7 @@ def expert_server_command(
     reachability_period: ReachabilityPeriodOption = 300.0,
     relay: RelayOption = False,
     relay_port: RelayPortOption = 0,
+    relay_limits: Optional[dict[str, Any]] = None,  # the flags of with_relay_limits
 ) -> None:
     """Run an expert server: host experts, train them on the requests that reach them, declare them in the DHT."""
     require_one_way_to_the_dht(dht_local, initial_peers)
@@ -92,7 +95,8 @@ def expert_server_command(
         raise typer.BadParameter(str(e), param_hint="'--experts'") from None
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
-                     tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),
+                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     **relay_fields(relay, relay_port, relay_limits),
                      **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
                                        stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,

@@ -3,14 +3,19 @@ and the options every service shares (admin endpoint, identity, tracing, securit
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
+
 
 import typer
 
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode, ReachabilitySettings
 from apiary.telemetry import TracingSettings
+from apiary.wire import WireSettings
 
 ENV_PREFIX = "APIARY_"
 
@@ -70,9 +75,53 @@ def reachability_settings(reachability: ReachabilityMode, relays: int, period: f
     return ReachabilitySettings(reachability=reachability, relays=relays, reachability_period=period)
 
 
-def relay_fields(relay: bool, relay_port: int) -> dict[str, Any]:
-    """The `WireSettings` fields of the relay options above."""
-    return {"relay": relay, "relay_port": relay_port}
+def relay_fields(relay: bool, relay_port: int, relay_limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `WireSettings` fields of the relay options above and of the limits `with_relay_limits` adds."""
+    return {"relay": relay, "relay_port": relay_port, **(relay_limits or {})}
+
+
+# What a relay (--relay) lets others make it hold: a flag each, `WireSettings`' field with dashes.
+RELAY_LIMITS = ("relay_max_reservations", "relay_max_circuits", "relay_max_circuits_per_peer",
+                "relay_max_handshakes_per_peer", "relay_circuit_bytes_per_second", "relay_bytes_per_second",
+                "relay_idle_timeout", "relay_reservation_timeout")
+
+
+def _above(bound: float) -> Callable[[float], float]:
+    def check(value: float) -> float:
+        if not value > bound:
+            raise typer.BadParameter(f"{value} is not above {bound}")
+        return value
+    return check
+
+
+def _field_option(name: str) -> Any:
+    """The annotation of a flag for `WireSettings` field `name`: its type, description and bounds."""
+    field = WireSettings.model_fields[name]
+    bounds: dict[str, Any] = {}
+    for bound in field.metadata:  # pydantic's Ge(ge=...) and Gt(gt=...)
+        if getattr(bound, "ge", None) is not None:
+            bounds["min"] = bound.ge
+        if getattr(bound, "gt", None) is not None:
+            bounds["callback"] = _above(bound.gt)
+    flag = "--" + name.replace("_", "-")
+    return Annotated[field.annotation, option(flag, f"{field.description}, with --relay", **bounds)]
+
+
+def with_relay_limits(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` (which takes `relay_limits`) with a flag for each of RELAY_LIMITS in its place;
+    it gets the values of those flags as `relay_limits`, the `WireSettings` fields for `relay_fields`."""
+    parameters = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "relay_limits"]
+    limits = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=WireSettings.model_fields[name].default,
+                                annotation=_field_option(name)) for name in RELAY_LIMITS]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        relay_limits = {name: kwargs.pop(name) for name in RELAY_LIMITS}
+        command(**kwargs, relay_limits=relay_limits)
+
+    wrapper.__signature__ = inspect.Signature([*parameters, *limits])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in [*parameters, *limits]}
+    return wrapper
 
 
 def transfer_limits(max_tensor_bytes: int, max_bytes_in_flight: int, max_bytes_in_flight_per_peer: int | None,

@@ -14,7 +14,8 @@ from rich.console import Console
 from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, NewSwarmOption, OtlpEndpointOption,
     ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, RunAuthorityOption,
-    TlsOption, TracingOption, option, reachability_settings, relay_fields, require_join_or_new_swarm, service_settings
+    TlsOption, TracingOption, option, reachability_settings, relay_fields, require_join_or_new_swarm, service_settings,
+    with_relay_limits
 )
 from apiary.services.host import ServiceSettings
 from apiary.services.reachability import ReachabilityMode
@@ -48,6 +49,7 @@ def _gpus(text: str) -> int | list[int]:
                                  param_hint="'--gpus'") from None
 
 
+@with_relay_limits
 def trainer_command(
     run_id: Annotated[str, option("--run-id", "the run's name: trainers of one run train together")],
     task: Annotated[str, option("--task", "package.module:factory, or a built-in task: charlm")] = "charlm",
@@ -97,6 +99,7 @@ def trainer_command(
     reachability_period: ReachabilityPeriodOption = 300.0,
     relay: RelayOption = False,
     relay_port: RelayPortOption = 0,
+    relay_limits: Optional[dict[str, Any]] = None,  # the flags of with_relay_limits
 ) -> None:
     """Run a trainer: train a task with the swarm through the collaborative optimizer."""
     from apiary.services.trainer import TrainerSettings
@@ -120,7 +123,7 @@ def trainer_command(
         require_join_or_new_swarm(initial_peers, new_swarm, " (or this participant's services: --dht-local and "
                                   "--averager-local)")
     wire = WireSettings(listen_host=host, tls=tls, run_authority=run_authority, access_token=access_token,
-                        **relay_fields(relay, relay_port))
+                        **relay_fields(relay, relay_port, relay_limits))
     asyncio.run(_serve(wire, service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,
                                               reachability_settings(reachability, relays, reachability_period)), settings))
 

@@ -172,7 +172,7 @@ def verdict(hosts: list[Any]) -> dict[str, float]:
 
     from apiary.wire import PeerAddress
 
-    relaying = hosts[0].apiary("dht", "--port", "7000", "--relay", "--relay-port", "7300", *SWARM_CHECKS)
+    relaying = hosts[0].apiary("dht", "--new-swarm", "--port", "7000", "--relay", "--relay-port", "7300", *SWARM_CHECKS)
     bootstrap = relaying.wait_for(r"others join with: --initial-peers (\S+)", 90).group(1)
     public = [relaying, *(host.apiary("dht", "--port", "7000", "--initial-peers", bootstrap, *SWARM_CHECKS)
                           for host in hosts[1:3])]

@@ -1,7 +1,7 @@
 """`apiary <service>` commands run as real processes for tests, as an operator would run them.
 
     with ServiceProcesses() as services:
-        dht = services.start("dht").wait_until_up()
+        dht = services.start("dht", "--new-swarm").wait_until_up()
         averager = services.start("averager", "--run-id", "r", "--initial-peers", dht.initial_peers)
         averager.wait_until_up()
         averager.status()  # GET /status of its admin endpoint

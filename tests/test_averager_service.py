@@ -40,7 +40,7 @@ def shm_entries() -> set[str]:
 class Swarm:
     def __init__(self, services: ServiceProcesses):
         self.services = services
-        self.dht = services.start("dht").wait_until_up()
+        self.dht = services.start("dht", "--new-swarm").wait_until_up()
         assert self.dht.initial_peers and self.dht.local_api is not None
         common = ("--run-id", RUN, *ROUND_OPTIONS)
         started = [

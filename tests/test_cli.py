@@ -56,6 +56,9 @@ def test_version_prints_apiary_version() -> None:
         (["trainer", "--run-id", "r"], {}, "--new-swarm"),  # neither: no silent one-node swarm
         (["trainer", "--run-id", "r"], {"APIARY_INITIAL_PEERS": ""}, "--new-swarm"),
         (["trainer", "--run-id", "r", "--new-swarm", "--initial-peers", PEER], {}, "--new-swarm starts one"),
+        (["dht"], {}, "--initial-peers peer_id@host:port,... to join a swarm, or --new-swarm"),
+        (["dht"], {"APIARY_INITIAL_PEERS": " "}, "--new-swarm"),
+        (["dht", "--initial-peers", PEER], {"APIARY_NEW_SWARM": "true"}, "--new-swarm starts one"),
     ],
 )
 def test_a_bad_value_exits_nonzero_with_one_clear_line(args: list[str], env: dict[str, str], named: str) -> None:
@@ -183,6 +186,7 @@ def test_shell_completion_script_completes_commands_options_and_choices(tmp_path
 
     assert complete("apiary", "d") == ["dht", "doctor"]
     assert complete("apiary", "dht", "--initial") == ["--initial-peers"]
+    assert complete("apiary", "dht", "--new") == ["--new-swarm"]
     assert complete("apiary", "averager", "--aggregation", "") == ["mean", "centered_clip", "trimmed_mean"]
 
     installed = run("--install-completion", "bash", env={"HOME": str(tmp_path)})

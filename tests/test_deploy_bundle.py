@@ -108,7 +108,8 @@ class Participant:
                          **identity_settings(directory / f"{name}-secrets"),
                          "APIARY_RUN_ID": f"bundle-{RUN}", "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_REDIS_IMAGE": REDIS_IMAGE,
                          "APIARY_ANNOUNCE_HOST": self.host, "APIARY_REACHABILITY": "public",
-                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_NUM_EXPERTS": str(SHARE),
+                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_NEW_SWARM": str(not initial_peers).lower(),
+                         "APIARY_NUM_EXPERTS": str(SHARE),
                          "APIARY_TASK_PATH": str(directory / "tasks")}
         (directory / "tasks").mkdir(exist_ok=True)
         self.env_file = directory / f"{name}.env"

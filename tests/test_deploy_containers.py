@@ -89,7 +89,8 @@ class Participant:
         self.announce_host = announce_host
         self.settings = {**read_env_file(ENV_EXAMPLE), "APIARY_IMAGE_PREFIX": PREFIX, "APIARY_IMAGE_TAG": TAG,
                          "APIARY_REDIS_IMAGE": REDIS_IMAGE, "APIARY_ANNOUNCE_HOST": announce_host,
-                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_DHT_PORT": str(self.port),
+                         "APIARY_INITIAL_PEERS": initial_peers, "APIARY_NEW_SWARM": str(not initial_peers).lower(),
+                         "APIARY_DHT_PORT": str(self.port),
                          "APIARY_DHT_ADMIN_PORT": str(self.admin_port), "APIARY_RELAY_PORT": str(relay_port),
                          **identity_settings(directory / f"{name}-secrets")}
         self.env_file = directory / f"{name}.env"

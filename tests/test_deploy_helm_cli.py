@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from apiary.cli.options import require_join_or_new_swarm
 from apiary.wire.address import parse_peer_list
 from apiary.wire.identity import public_key_from_peer_id
 from deploy.cli import commands
@@ -80,6 +81,8 @@ def test_every_container_starts_with_settings_the_cli_parses(values: str | None,
         seen.add(service)
         if "initial_peers" in params:
             parse_peer_list(params["initial_peers"] or "")  # as the command reads them
+        if "new_swarm" in params and not params.get("dht_local"):  # its own DHT node joins or starts a swarm
+            require_join_or_new_swarm(params["initial_peers"], params["new_swarm"])
         if params.get("run_authority"):
             public_key_from_peer_id(params["run_authority"])
         if service == "dht" and params.get("redis_url"):

@@ -57,7 +57,7 @@ def test_the_test_pod_is_a_hook_checking_every_services_admin_endpoint() -> None
 def test_the_checks_pass_against_a_real_dht_and_name_what_is_missing() -> None:
     pod = rendered_test_pod()
     with ServiceProcesses() as services:
-        dht = services.start("dht", "--plaintext").wait_until_up()
+        dht = services.start("dht", "--new-swarm", "--plaintext").wait_until_up()
         passed = run_checks(pod, READY=json.dumps([dht.admin]), DHT=json.dumps([dht.admin]), EXPECT_NEIGHBOURS="false",
                             AVERAGERS="[]", TIMEOUT="60")
         assert passed.returncode == 0 and "every check passed" in passed.stdout, passed.stdout + passed.stderr

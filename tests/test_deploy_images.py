@@ -128,7 +128,7 @@ def _probe(path: str, port: int) -> subprocess.CompletedProcess[str]:
 
 def test_the_health_probe_passes_for_a_serving_service_and_fails_with_a_reason() -> None:
     with ServiceProcesses() as services:
-        dht = services.start("dht").wait_until_up()
+        dht = services.start("dht", "--new-swarm").wait_until_up()
         port = int(dht.admin.rsplit(":", 1)[1])
         assert _probe("/healthz", port).returncode == 0
         missing = _probe("/no-such-route", port)

@@ -106,7 +106,7 @@ def _eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
 async def test_two_dht_processes_find_each_other_share_values_and_stop_on_sigterm(
     start_dht: Callable[..., DHTProcess],
 ) -> None:
-    first = start_dht().wait_until_up()
+    first = start_dht("--new-swarm").wait_until_up()
     assert re.fullmatch(r"[a-z2-7]+@127\.0\.0\.1:\d+", first.initial_peers), first.output
     second = start_dht("--initial-peers", first.initial_peers).wait_until_up()
     first_id, second_id = first.status()["peer_id"], second.status()["peer_id"]

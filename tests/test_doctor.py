@@ -76,7 +76,7 @@ def test_a_wrong_announce_host_is_named_against_what_peers_observe(tmp_path: Pat
     lan = _doctor(_env(tmp_path, APIARY_ANNOUNCE_HOST="10.9.8.7"))[1]  # a private run on a LAN may say so
     assert not _failing(lan, "announce")
     with ServiceProcesses() as services:
-        peer = services.start("dht", "--plaintext").wait_until_up()
+        peer = services.start("dht", "--new-swarm", "--plaintext").wait_until_up()
         _, verdicts = _doctor(_env(tmp_path, APIARY_ANNOUNCE_HOST="10.9.8.7", APIARY_TLS="false",
                                    APIARY_INITIAL_PEERS=peer.initial_peers))
         [line] = _failing(verdicts, "announce")

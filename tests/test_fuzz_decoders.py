@@ -167,7 +167,7 @@ def test_bulk_route_handlers_refuse_malformed_calls_with_invalid_request(call: B
 def swarm() -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     with ServiceProcesses() as services:
         # plaintext, asked for: the raw bytes below must reach the decoders, not a TLS handshake
-        dht = services.start("dht", "--plaintext").wait_until_up()
+        dht = services.start("dht", "--new-swarm", "--plaintext").wait_until_up()
         averager = services.start("averager", "--run-id", "fuzz", "--initial-peers", dht.initial_peers,
                                   "--join-seconds", "0.05", "--plaintext").wait_until_up()
         yield dht, averager

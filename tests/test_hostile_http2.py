@@ -22,7 +22,7 @@ BAD_PATH = b"/apiary.wire.Probe/\xff\xfe"
 @pytest.fixture(scope="module")
 def services() -> Iterator[dict[str, ServiceProcess]]:
     with ServiceProcesses() as processes:
-        dht = processes.start("dht").wait_until_up()
+        dht = processes.start("dht", "--new-swarm").wait_until_up()
         averager = processes.start("averager", "--run-id", "hostile", "--dht-local", str(dht.local_api))
         experts = processes.start("expert-server", "--experts", "ffn.0.[0:1]", "--hidden-size", "8",
                                   "--dht-local", str(dht.local_api))
@@ -69,7 +69,7 @@ def hold_port_when_freed(port: int, stop: threading.Event) -> socket.socket | No
 
 def test_healthz_reports_a_grpc_server_that_stopped_and_cannot_restart() -> None:
     with ServiceProcesses() as processes:
-        dht = processes.start("dht").wait_until_up()
+        dht = processes.start("dht", "--new-swarm").wait_until_up()
         port = public_address(dht).endpoint
         assert dht.get("/healthz").json() == {"status": "ok"}
         stop = threading.Event()

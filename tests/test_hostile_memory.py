@@ -28,7 +28,7 @@ STALL_SECONDS = 2.0
 def services() -> Iterator[dict[str, ServiceProcess]]:
     with ServiceProcesses() as processes, pytest.MonkeyPatch.context() as env:
         env.setenv("APIARY_STREAM_STALL_TIMEOUT", str(STALL_SECONDS))  # every other limit: the service's default
-        dht = processes.start("dht").wait_until_up()
+        dht = processes.start("dht", "--new-swarm").wait_until_up()
         averager = processes.start("averager", "--run-id", "hostile", "--dht-local", str(dht.local_api))
         averager.wait_until_up()
         yield {"dht": dht, "averager": averager}

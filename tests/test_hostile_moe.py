@@ -59,7 +59,7 @@ class Swarm:
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
     with ServiceProcesses() as services:
-        dht = services.start("dht").wait_until_up()
+        dht = services.start("dht", "--new-swarm").wait_until_up()
         started = [services.start("expert-server", "--experts", f"ffn.{row}.[0:2]", "--hidden-size", str(HIDDEN),
                                   "--device", "cpu", "--lr", "0.01", "--max-wait", "0.001", "--declare-period", "30",
                                   "--initial-peers", dht.initial_peers) for row in range(3)]

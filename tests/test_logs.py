@@ -21,7 +21,7 @@ def _run_dht(*process_args: str, env: dict[str, str] | None = None, until: str, 
     """Runs `apiary [process_args] dht` (stdout and stderr together) until a line contains `until`;
     returns the lines read, the process stopped."""
     process = subprocess.Popen(
-        [*APIARY, *process_args, "dht", "--host", "127.0.0.1", "--port", "0", "--plaintext", "--local-port", "0",
+        [*APIARY, *process_args, "dht", "--new-swarm", "--host", "127.0.0.1", "--port", "0", "--plaintext", "--local-port", "0",
          "--admin-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},

@@ -48,7 +48,7 @@ class Swarm:
 @pytest.fixture(scope="module")
 def swarm() -> Iterator[Swarm]:
     with ServiceProcesses() as services:
-        dht = services.start("dht").wait_until_up()
+        dht = services.start("dht", "--new-swarm").wait_until_up()
         started = [services.start("expert-server", "--experts", f"digits.{i}.[0:4]", "--hidden-size", str(HIDDEN),
                                   "--lr", "0.003", "--declare-period", "1", "--max-wait", "0.001",
                                   "--initial-peers", dht.initial_peers) for i in range(3)]

@@ -121,7 +121,7 @@ def test_the_page_shows_the_live_swarm(browser: Any) -> None:
 @pytest.mark.timeout(300)
 def test_a_crowd_of_200_peers_loads_and_renders_in_seconds(browser: Any) -> None:
     with ServiceProcesses() as processes:
-        dht = processes.start("dht", "--plaintext").wait_until_up()
+        dht = processes.start("dht", "--new-swarm", "--plaintext").wait_until_up()
         crowd = subprocess.Popen([sys.executable, str(Path(__file__).parent / "monitor_crowd_worker.py"),
                                   dht.initial_peers, str(CROWD), "crowd"], stdout=subprocess.PIPE, text=True)
         try:

@@ -75,7 +75,7 @@ def test_a_service_of_a_private_run_exports_when_its_token_expires(tmp_path: Pat
     token = AccessToken.issue(authority, peer.peer_id, expires_in=3 * 86400)
     (tmp_path / "dht.token").write_text(token.encode())
     with ServiceProcesses() as services:
-        dht = services.start("dht", "--identity", str(tmp_path / "dht.key"), "--run-authority", authority.peer_id,
+        dht = services.start("dht", "--new-swarm", "--identity", str(tmp_path / "dht.key"), "--run-authority", authority.peer_id,
                              "--access-token", str(tmp_path / "dht.token")).wait_until_up()
         page = dht.get("/metrics").text
     samples = {s.name: s.value for family in text_string_to_metric_families(page) for s in family.samples}

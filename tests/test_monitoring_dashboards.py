@@ -35,7 +35,7 @@ class Swarm:
     expert server."""
 
     def __init__(self, processes: ServiceProcesses):
-        self.dhts = [processes.start("dht", "--relay").wait_until_up()]  # relays: the relay panels' metrics
+        self.dhts = [processes.start("dht", "--new-swarm", "--relay").wait_until_up()]  # relays: the relay panels' metrics
         self.dhts.append(processes.start("dht", "--initial-peers", self.dhts[0].initial_peers).wait_until_up())
         self.experts = processes.start("expert-server", "--experts", EXPERTS, "--hidden-size", "32", "--device", "cpu",
                                        "--dht-local", str(self.dhts[0].local_api))

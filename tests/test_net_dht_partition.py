@@ -34,7 +34,7 @@ HEAL_DEADLINE = 60.0  # seconds after the heal for every node to know and find e
 
 
 def start_swarm(net: Network) -> list[HostProcess]:
-    first = net.hosts[0].apiary("dht", "--port", PORT)
+    first = net.hosts[0].apiary("dht", "--new-swarm", "--port", PORT)
     bootstrap = first.wait_for(r"others join with: --initial-peers (\S+)").group(1)
     others = [host.apiary("dht", "--port", PORT, "--initial-peers", bootstrap) for host in net.hosts[1:]]
     processes = [first, *others]

@@ -38,7 +38,7 @@ def network() -> Iterator[Network]:
 @pytest.mark.timeout(180)
 def test_steps_with_k_min_finish_using_the_near_servers_while_one_is_300ms_away(network: Network) -> None:
     dht_host, near_a, near_b, far, trainer_host = network.hosts
-    dht = dht_host.apiary("dht", "--port", "7000")
+    dht = dht_host.apiary("dht", "--new-swarm", "--port", "7000")
     bootstrap = dht.wait_for(r"others join with: --initial-peers (\S+)").group(1)
     servers = [start_expert_server(host, f"ffn.{row}.[0:2]", "--initial-peers", bootstrap)
                for row, host in enumerate((near_a, near_b, far))]

@@ -56,7 +56,7 @@ def can_connect(source: Host, target: Host, port: str) -> dict[str, object]:
 
 async def test_a_peer_behind_nat_uses_the_dht_and_averages_as_a_client(network: Network) -> None:
     *public, nat = network.hosts
-    first = public[0].apiary("dht", "--port", DHT_PORT)
+    first = public[0].apiary("dht", "--new-swarm", "--port", DHT_PORT)
     bootstrap = first.wait_for(r"others join with: --initial-peers (\S+)").group(1)
     dhts = [first, *(h.apiary("dht", "--port", DHT_PORT, "--initial-peers", bootstrap) for h in public[1:]),
             nat.apiary("dht", "--client-mode", "--initial-peers", bootstrap)]

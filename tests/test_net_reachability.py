@@ -104,7 +104,7 @@ def swarm() -> Iterator[Swarm]:
     with Network(LINKS) as net:
         relay = ("--relay", "--relay-port", RELAY_PORT)
         started = time.monotonic()
-        first = net.hosts[0].apiary("dht", "--port", DHT_PORT, *relay, *CHECKS)
+        first = net.hosts[0].apiary("dht", "--new-swarm", "--port", DHT_PORT, *relay, *CHECKS)
         bootstrap = first.wait_for(r"others join with: --initial-peers (\S+)").group(1)
         dhts = [first, *(host.apiary("dht", "--port", DHT_PORT, "--initial-peers", bootstrap, *CHECKS,
                                      *(relay if host.index == 1 else ())) for host in net.hosts[1:6])]

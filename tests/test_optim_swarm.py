@@ -81,7 +81,7 @@ def test_trainers_use_their_participants_dht_and_averager_services(tmp_path):
     """The deployed shape: each participant runs `apiary dht`, `apiary averager --dht-local` and
     `apiary trainer --dht-local --averager-local`."""
     with ServiceProcesses() as services:
-        first_dht = services.start("dht").wait_until_up()
+        first_dht = services.start("dht", "--new-swarm").wait_until_up()
         participants = [first_dht, services.start("dht", "--initial-peers", first_dht.initial_peers).wait_until_up()]
         averagers = [services.start("averager", "--run-id", "deployed", "--dht-local", str(dht.local_api),
                                     "--gather-seconds", "0.5", "--join-seconds", "1.5").wait_until_up()

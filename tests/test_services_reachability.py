@@ -283,7 +283,7 @@ async def test_a_dht_service_announces_what_peers_observe_and_reports_a_wrong_an
         pytest.skip(reason)
     with Network(4) as net:
         first, second, learner, misled = net.hosts
-        bootstrap = first.apiary("dht", "--port", "7000").wait_for(r"--initial-peers (\S+)").group(1)
+        bootstrap = first.apiary("dht", "--new-swarm", "--port", "7000").wait_for(r"--initial-peers (\S+)").group(1)
         joined = second.apiary("dht", "--port", "7000", "--initial-peers", bootstrap)
         peers = ",".join([bootstrap, joined.wait_for(r"--initial-peers (\S+)").group(1)])
         # listening on every interface with no announce host: this host's default-route address,
@@ -325,7 +325,7 @@ async def test_a_dht_service_behind_a_nat_serves_as_a_client_then_through_a_rela
         pytest.skip(reason)
     with Network([Link(), Link(), Link(), Link(nat="cone")]) as net:
         first, second, relaying, natted = net.hosts
-        bootstrap = first.apiary("dht", "--port", "7000").wait_for(r"--initial-peers (\S+)").group(1)
+        bootstrap = first.apiary("dht", "--new-swarm", "--port", "7000").wait_for(r"--initial-peers (\S+)").group(1)
         joined = second.apiary("dht", "--port", "7000", "--initial-peers", bootstrap)
         peers = ",".join([bootstrap, joined.wait_for(r"--initial-peers (\S+)").group(1)])
         behind = natted.apiary("dht", "--port", "7000", "--admin-port", "9100", "--initial-peers", peers)

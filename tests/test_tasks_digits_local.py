@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def test_digits_moe_trains_with_experts_found_through_the_dht_service(monkeypatch: pytest.MonkeyPatch) -> None:
     with ServiceProcesses() as services:
-        dht = services.start("dht").wait_until_up()
+        dht = services.start("dht", "--new-swarm").wait_until_up()
         assert dht.local_api is not None
         expert_server = services.start("expert-server", "--experts", "digits.[0:3].[0:4]", "--hidden-size", "32",
                                        "--dht-local", str(dht.local_api)).wait_until_up(until="experts served at: ")

@@ -53,7 +53,7 @@ def test_moe_lm_trains_through_two_expert_servers_sharing_the_grid(one_thread: N
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     grid = expert_grid("tiny")
     with ServiceProcesses() as services:
-        dht = services.start("dht").wait_until_up()
+        dht = services.start("dht", "--new-swarm").wait_until_up()
         assert dht.local_api is not None
         servers = [services.start("expert-server", "--task", "moe_lm", "--num-experts", "16", "--dht-local",
                                   str(dht.local_api), "--lr", "0.003", "--declare-period", "2") for _ in range(2)]

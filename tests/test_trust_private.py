@@ -96,7 +96,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
     with ServiceProcesses() as services:
         partial = Run(folder, authority, ids, *([None] * 6))  # type: ignore[arg-type]
-        dht = services.start("dht", *partial.private("dht")).wait_until_up()
+        dht = services.start("dht", "--new-swarm", *partial.private("dht")).wait_until_up()
         started = [
             services.start("dht", *partial.private("dht2"), "--initial-peers", dht.initial_peers),
             *(services.start("averager", *ROUND, *partial.private(f"averager{i}"), "--initial-peers", dht.initial_peers)
@@ -291,7 +291,7 @@ def test_a_peer_with_unusable_credentials_stops_at_start_with_one_line(run: Run,
     args = ["--run-authority", run.authority, "--access-token", str(run.folder / "dht2.token")]
     if problem == "another peer's token":
         args += ["--identity", str(run.folder / "other.key")]
-    done = subprocess.run([*APIARY, "dht", "--host", "127.0.0.1", "--admin-port", str(free_port()), *args],
+    done = subprocess.run([*APIARY, "dht", "--new-swarm", "--host", "127.0.0.1", "--admin-port", str(free_port()), *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     line, = done.stderr.strip().splitlines()

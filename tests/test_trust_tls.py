@@ -129,7 +129,7 @@ async def test_a_peer_presenting_another_peers_id_is_refused(peers: tuple[Worker
 def test_tls_dht_nodes_join_by_peer_id_and_refuse_an_impostor(peers: tuple[Worker, Worker], tmp_path: Path) -> None:
     honest, impostor = peers
     with ServiceProcesses() as services:
-        first = services.start("dht", "--tls", "--identity", str(tmp_path / "first.key")).wait_until_up()
+        first = services.start("dht", "--new-swarm", "--tls", "--identity", str(tmp_path / "first.key")).wait_until_up()
         second = services.start("dht", "--tls", "--initial-peers", first.initial_peers).wait_until_up()
         first_id = PeerAddress.parse(first.initial_peers).peer_id
         second_id = PeerAddress.parse(second.initial_peers).peer_id
@@ -170,8 +170,8 @@ def test_services_speak_tls_unless_plaintext_is_asked_for() -> None:
                               timeout=60)
 
     with ServiceProcesses() as services:
-        default = services.start("dht").wait_until_up()
-        plaintext = services.start("dht", "--plaintext").wait_until_up()
+        default = services.start("dht", "--new-swarm").wait_until_up()
+        plaintext = services.start("dht", "--new-swarm", "--plaintext").wait_until_up()
         tls_address, plain_address = default.initial_peers, plaintext.initial_peers
         assert ping(tls_address).returncode == 0, ping(tls_address).stderr
         refused = ping(tls_address, "--plaintext")  # the default port speaks TLS only

@@ -66,8 +66,8 @@ def test_a_peer_dialing_with_the_other_protocol_is_told_which_side_speaks_what()
         return " ".join(done.stderr.split())
 
     with ServiceProcesses() as services:
-        tls = services.start("dht").wait_until_up()
-        plaintext = services.start("dht", "--plaintext").wait_until_up()
+        tls = services.start("dht", "--new-swarm").wait_until_up()
+        plaintext = services.start("dht", "--new-swarm", "--plaintext").wait_until_up()
         tls_peer = PeerAddress.parse(tls.initial_peers)
         error = join(tls.initial_peers, "--plaintext")
         assert f"dials in plaintext but peer {tls_peer.peer_id} at {tls_peer.endpoint} speaks TLS" in error, error

@@ -41,7 +41,8 @@ class LocalBundle:
     def __init__(self, directory: Path, redis_url: str):
         self.directory = directory
         self.redis_url = redis_url
-        doc = load_compose(COMPOSE_FILE, env=read_env_file(ENV_EXAMPLE))[0]
+        # the first participant of a run: its dht starts a new swarm
+        doc = load_compose(COMPOSE_FILE, env={**read_env_file(ENV_EXAMPLE), "APIARY_NEW_SWARM": "true"})[0]
         self.compose, self.secrets = doc["services"], doc.get("secrets", {})
         self.ports: dict[tuple[str, str], int] = {}  # (service, port in its container) -> port here
         self.processes: dict[str, tuple[subprocess.Popen[bytes], IO[bytes]]] = {}

@@ -2,7 +2,7 @@
 
     with Network([Link(rate_mbit=100, rtt_ms=50)] * 6) as net:
         a, b = net.hosts[:2]
-        dht = a.apiary("dht", "--port", "31337")
+        dht = a.apiary("dht", "--new-swarm", "--port", "31337")
         dht.wait_for(r"local API: (\\S+)")
         net.partition(net.hosts[:3], net.hosts[3:])   # two halves that cannot reach each other
         net.heal()

@@ -11,7 +11,8 @@ from apiary.cli.options import (
     AccessTokenOption, AdminHostOption, AdminPortOption, IdentityOption, MaxBytesInFlightOption,
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
     ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
-    option, reachability_settings, relay_fields, service_settings, transfer_limits
+    option, reachability_settings, relay_fields, service_settings, transfer_limits, NewSwarmOption,
+    require_join_or_new_swarm
 )
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
@@ -23,7 +24,8 @@ console = Console(soft_wrap=True)
 
 
 def dht_command(
-    initial_peers: Annotated[str, option("--initial-peers", "peers to join through: peer_id@host:port, comma-separated (none: start a new swarm)")] = "",
+    initial_peers: Annotated[str, option("--initial-peers", "peers to join through: peer_id@host:port, comma-separated")] = "",
+    new_swarm: NewSwarmOption = False,
     host: Annotated[str, option("--host", "interface the public DHT port binds")] = "0.0.0.0",
     port: Annotated[int, option("--port", "public DHT port (0: any free port)")] = 0,
     announce_host: Annotated[Optional[str], option("--announce-host", "host other peers dial (default: this host's address)")] = None,
@@ -55,6 +57,7 @@ def dht_command(
     relay_port: RelayPortOption = 0,
 ) -> None:
     """Run a DHT node: the swarm's directory of peers, experts, groups and progress."""
+    require_join_or_new_swarm(initial_peers, new_swarm)
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
                      tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),

@@ -110,7 +110,8 @@ class LocalSwarm:
         MoE task's grid it hosts); the trainers' task then reaches the experts through that dht service."""
         helpers: list[str] = []
         with console.status(f"starting a dht service and {len(servers)} expert servers"):
-            self.infrastructure.append(self._process("dht", ["--host", "127.0.0.1"], self.folder / "dht.log", helpers))
+            self.infrastructure.append(self._process("dht", ["--new-swarm", "--host", "127.0.0.1"], self.folder / "dht.log",
+                                                     helpers))
             dht = self._wait("the dht service", self.infrastructure[0], helpers[0],
                              lambda s: s.get("initial_peers_for_others"))
             for row, flags in enumerate(servers):

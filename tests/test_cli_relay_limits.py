@@ -11,7 +11,7 @@ from apiary.cli.main import app, main
 from apiary.cli.options import RELAY_LIMITS
 from apiary.wire import WireSettings
 
-SERVICES = ("expert-server", "averager", "trainer")
+SERVICES = ("dht", "expert-server", "averager", "trainer")
 
 
 def test_every_relaying_service_takes_each_limit_as_a_flag_and_a_variable_with_the_settings_default() -> None:
@@ -26,16 +26,14 @@ def test_every_relaying_service_takes_each_limit_as_a_flag_and_a_variable_with_t
 
 
 @pytest.mark.parametrize(("args", "env", "named"), [
-    (["trainer", "--run-id", "r", "--new-swarm", "--relay-max-circuits", "0"], {}, "--relay-max-circuits"),
-    (["averager", "--run-id", "r", "--initial-peers", "127.0.0.1:1", "--relay-max-reservations", "-3"], {},
-     "--relay-max-reservations"),
+    (["dht", "--new-swarm", "--relay-max-circuits", "0"], {}, "--relay-max-circuits"),
+    (["dht", "--new-swarm", "--relay-max-reservations", "-3"], {}, "--relay-max-reservations"),
     (["averager", "--run-id", "r", "--initial-peers", "127.0.0.1:1"], {"APIARY_RELAY_MAX_CIRCUITS_PER_PEER": "0"},
      "APIARY_RELAY_MAX_CIRCUITS_PER_PEER"),
     (["expert-server", "--experts", "ffn.0.0", "--dht-local", "127.0.0.1:1", "--relay-bytes-per-second", "-1"], {},
      "--relay-bytes-per-second"),
     (["trainer", "--run-id", "r", "--new-swarm", "--relay-idle-timeout", "0"], {}, "--relay-idle-timeout"),
-    (["trainer", "--run-id", "r", "--new-swarm"], {"APIARY_RELAY_RESERVATION_TIMEOUT": "soon"},
-     "APIARY_RELAY_RESERVATION_TIMEOUT"),
+    (["dht", "--new-swarm"], {"APIARY_RELAY_RESERVATION_TIMEOUT": "soon"}, "APIARY_RELAY_RESERVATION_TIMEOUT"),
 ])
 def test_a_bad_limit_is_one_clear_line_naming_it(args: list[str], env: dict[str, str], named: str,
                                                  monkeypatch: pytest.MonkeyPatch,

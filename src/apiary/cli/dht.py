@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 from rich.console import Console
 
@@ -12,7 +12,7 @@ from apiary.cli.options import (
     MaxBytesInFlightPerPeerOption, MaxTensorBytesOption, OtlpEndpointOption, RunAuthorityOption, StreamStallTimeoutOption,
     ReachabilityOption, ReachabilityPeriodOption, RelayOption, RelayPortOption, RelaysOption, TlsOption, TracingOption,
     option, reachability_settings, relay_fields, service_settings, transfer_limits, NewSwarmOption,
-    require_join_or_new_swarm
+    require_join_or_new_swarm, with_relay_limits
 )
 from apiary.dht import DHTSettings
 from apiary.services.dht import DHTService, DHTServiceSettings
@@ -23,6 +23,7 @@ from apiary.wire import WireSettings, parse_peer_list
 console = Console(soft_wrap=True)
 
 
+@with_relay_limits
 def dht_command(
     initial_peers: Annotated[str, option("--initial-peers", "peers to join through: peer_id@host:port, comma-separated")] = "",
     new_swarm: NewSwarmOption = False,
@@ -55,12 +56,14 @@ def dht_command(
     reachability_period: ReachabilityPeriodOption = 300.0,
     relay: RelayOption = False,
     relay_port: RelayPortOption = 0,
+    relay_limits: Optional[dict[str, Any]] = None,  # the flags of with_relay_limits
 ) -> None:
     """Run a DHT node: the swarm's directory of peers, experts, groups and progress."""
     require_join_or_new_swarm(initial_peers, new_swarm)
     settings = (
         WireSettings(listen_host=host, port=port, announce_host=announce_host, announce_port=announce_port, bulk=False,
-                     tls=tls, run_authority=run_authority, access_token=access_token, **relay_fields(relay, relay_port),
+                     tls=tls, run_authority=run_authority, access_token=access_token,
+                     **relay_fields(relay, relay_port, relay_limits),
                      **transfer_limits(max_tensor_bytes, max_bytes_in_flight, max_bytes_in_flight_per_peer,
                                        stream_stall_timeout)),
         service_settings(identity, admin_host, admin_port, tracing, otlp_endpoint,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from apiary.cli.options import require_join_or_new_swarm
+from apiary.wire import WireSettings
 from apiary.wire.address import parse_peer_list
 from apiary.wire.identity import public_key_from_peer_id
 from deploy.cli import commands
@@ -109,3 +110,32 @@ def test_the_schemas_bounds_and_choices_are_the_clis() -> None:
     assert sorted(reachability) == sorted(m.value for m in options["reachability"].type_descriptor.annotation)
     for mode in schema["properties"]["trainer"]["properties"]["averager"]["properties"]["mode"]["enum"]:
         assert parse("averager", {"APIARY_MODE": mode, "APIARY_RUN_ID": "r"})["mode"] is not None
+
+
+RELAY_LIMITS = {"maxReservations": 3, "maxCircuits": 2_000_000, "maxCircuitsPerPeer": 5, "maxHandshakesPerPeer": 6,
+                "circuitBytesPerSecond": 1.5e6, "bytesPerSecond": 8e6, "idleTimeout": 60, "reservationTimeout": 0.5}
+
+
+def relay_setting(value_name: str) -> str:
+    """The `WireSettings` field (and `apiary dht` parameter) of a `dht.relayLimits` value: maxCircuits -> relay_max_circuits."""
+    return "relay_" + re.sub(r"([A-Z])", r"_\1", value_name).lower()
+
+
+def test_the_relays_limits_reach_the_dht_as_its_settings_within_the_clis_bounds(tmp_path: Path) -> None:
+    values = {"dht": {"relay": True, "relayLimits": RELAY_LIMITS}}
+    dhts = [params for service, params in parsed_containers(values, tmp_path) if service == "dht"]
+    assert dhts and all(params["relay"] for params in dhts)
+    for params in dhts:
+        assert {name: params[relay_setting(name)] for name in RELAY_LIMITS} == RELAY_LIMITS
+    unset = [params for service, params in parsed_containers({"dht": {"relay": True}}, tmp_path) if service == "dht"]
+    assert all(params[relay_setting(name)] == WireSettings.model_fields[relay_setting(name)].default
+               for params in unset for name in RELAY_LIMITS)
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    bounds = schema["properties"]["dht"]["properties"]["relayLimits"]["properties"]
+    assert set(bounds) == set(RELAY_LIMITS)
+    for name, bound in bounds.items():
+        field = WireSettings.model_fields[relay_setting(name)]
+        ge = [m.ge for m in field.metadata if hasattr(m, "ge")]
+        gt = [m.gt for m in field.metadata if hasattr(m, "gt")]
+        assert ([bound["minimum"]] if "minimum" in bound else []) == ge, name
+        assert ([bound["exclusiveMinimum"]] if "exclusiveMinimum" in bound else []) == gt, name

@@ -18,9 +18,10 @@ import yaml
 from typer.testing import CliRunner
 
 from apiary.cli.main import app
+from apiary.cli.options import RELAY_LIMITS
 from apiary.moe.names import expand_expert_names
 from apiary.tasks import task_expert_grid
-from apiary.wire import Identity
+from apiary.wire import Identity, WireSettings
 from apiary.wire.auth import CallCredentials, CredentialsError
 from deploy.cli import commands, env_vars
 from deploy.engine import EngineUnavailable, compose_cli
@@ -448,6 +449,20 @@ def test_the_dht_relays_for_peers_behind_nat_by_default() -> None:
     assert env["APIARY_RELAY"] == "true" and env["APIARY_REACHABILITY"] == "auto"
     assert f"{env['APIARY_RELAY_PORT']}:{env['APIARY_RELAY_PORT']}" in dht["ports"]
     assert read_env_file(ENV_EXAMPLE)["APIARY_ANNOUNCE_HOST"] == ""  # learned from what peers observe
+
+
+def test_the_relays_limits_reach_the_dht_and_left_empty_are_its_defaults() -> None:
+    variables = {"APIARY_" + name.upper(): name for name in RELAY_LIMITS}
+    for given in ({}, {"APIARY_RELAY_MAX_CIRCUITS": "40", "APIARY_RELAY_IDLE_TIMEOUT": "60"}):
+        env = bundle(COMPOSE_FILE, env={**read_env_file(ENV_EXAMPLE), **given})["services"]["dht"]["environment"]
+        assert {variable: env[variable] for variable in variables} == {v: given.get(v, "") for v in variables}
+        with pytest.MonkeyPatch.context() as patch:
+            for variable, value in env.items():
+                patch.setenv(variable, str(value))
+            with commands()["dht"].make_context("dht", []) as context:
+                parsed = {name: context.params[name] for name in RELAY_LIMITS}
+        expected = {name: WireSettings.model_fields[name].default for name in RELAY_LIMITS}
+        assert parsed == expected | ({"relay_max_circuits": 40, "relay_idle_timeout": 60.0} if given else {})
 
 
 def test_the_open_runs_empty_token_file_is_no_token_and_a_real_one_still_needs_an_authority(tmp_path: Path) -> None:

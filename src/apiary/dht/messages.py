@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import struct
 
 from apiary.dht.protos.dht_pb2 import FoundValue, NodeInfo, StoreItem, SubkeyValue
 from apiary.dht.routing import Contact
@@ -50,6 +52,24 @@ def found_value(entry: StoredEntry | None, *, after: bytes = b"", page_bytes: in
     if not page:
         return FoundValue(found=False)
     return FoundValue(found=True, expiration=entry.expiration, subkeys=page, more=more)
+
+
+def entry_digest(entry: StoredEntry) -> bytes:
+    """16 bytes that two nodes holding the same records (values, subkeys, expirations) give alike."""
+    digest = hashlib.blake2b(digest_size=16)
+    items = [(b"", entry.value)] if entry.value is not None else sorted(entry.subkeys.items())
+    for subkey, item in items:
+        digest.update(struct.pack("!IId", len(subkey), len(item.value), item.expiration))
+        digest.update(subkey)
+        digest.update(item.value)
+    return digest.digest()
+
+
+def digest_value(entry: StoredEntry | None, stored: bool) -> FoundValue:
+    """An entry as a Find that asked for digests answers it: its digest and newest expiration."""
+    if entry is None:
+        return FoundValue(found=False)
+    return FoundValue(found=True, digest=entry_digest(entry), expiration=entry.expiration, stored=stored)
 
 
 def stored_entry(found: FoundValue) -> StoredEntry | None:

@@ -37,6 +37,7 @@ injected, real by default: the simulator (`tests/sim`) runs the same node in vir
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -53,7 +54,7 @@ from apiary.dht.ids import id_of, id_to_bytes, node_id, random_id_in
 from apiary.dht.messages import contact_of, merge_entries, node_info
 from apiary.dht.protos.dht_pb2 import FindRequest, FindResponse, NodeInfo, PingRequest, StoreItem, StoreRequest
 from apiary.dht.protocol import NODE_SERVICE, NodeServicer
-from apiary.dht.reads import cache_on_path, read_pages
+from apiary.dht.reads import cache_on_path, fetch_agreed, read_pages
 from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
@@ -120,6 +121,10 @@ class DHTMetrics:
         self.served = Counter(
             "apiary_dht_served_keys", "Keys other nodes asked this node for, by what it answered (stored, cached, none)",
             ["answer"], registry=registry,
+        )
+        self.served_copies = Counter(
+            "apiary_dht_served_copies", "Values and dictionary pages this node sent whole in Find answers (a quorum "
+            "read agrees on digests and fetches one copy)", registry=registry,
         )
         self.hot_keys = Gauge(
             "apiary_dht_hot_keys", "Keys asked for far more than others (hot_key_factor times the average)",
@@ -416,11 +421,13 @@ class DHTNode:
         listed = "; ".join(f"{peer} ({failure})" for peer, failure in zip(peers, failures))
         return f"none of the initial peers answered within {self.settings.bootstrap_timeout:.0f}s: {listed}"
 
-    async def _find(self, contact: Contact, key_ids: list[int]) -> FindResponse | None:
-        """One Find per max_items_per_request ids (a node refuses larger ones); None if any fails."""
+    async def _find(self, contact: Contact, key_ids: list[int], *, digests: bool = False) -> FindResponse | None:
+        """One Find per max_items_per_request ids (a node refuses larger ones); None if any fails.
+        `digests`: found values answered as digests (a quorum read)."""
         limit = self.settings.max_items_per_request
         responses = await asyncio.gather(*(
-            self._call(contact, "Find", FindRequest(sender=self._me(), key_ids=[id_to_bytes(k) for k in key_ids[i : i + limit]]))
+            self._call(contact, "Find", FindRequest(sender=self._me(), key_ids=[id_to_bytes(k) for k in key_ids[i : i + limit]],
+                                                    digests=digests))
             for i in range(0, len(key_ids), limit)
         ))
         if not responses or any(response is None for response in responses):
@@ -436,7 +443,7 @@ class DHTNode:
             key_ids,
             lambda key_id: [c for c in self.routing.nearest(key_id, self.settings.bucket_size)
                             if c.peer_id not in self._late],
-            self._find,
+            functools.partial(self._find, digests=quorum is not None),
             k=self.settings.bucket_size,
             parallelism=self.settings.parallelism,
             own_peer_id=self.identity.peer_id,
@@ -535,6 +542,8 @@ class DHTNode:
         wanted = [key_id for key_id in set(key_ids) if latest or local[key_id] is None]
         quorum = self.settings.read_quorum if latest else None
         states = await self._lookup(wanted, stop_at_first_value=not latest, quorum=quorum, deadline=deadline) if wanted else {}
+        if quorum is not None:
+            await asyncio.gather(*(fetch_agreed(self, state, deadline) for state in states.values()))
         complete = {key_id: await read_pages(self, state, deadline) for key_id, state in states.items()}
         results = []
         for raw_key, key_id in zip(raw_keys, key_ids):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from apiary.dht.ids import id_from_bytes, id_to_bytes
-from apiary.dht.messages import check_items, contact_of, found_value, node_info
+from apiary.dht.messages import check_items, contact_of, digest_value, found_value, node_info
 from apiary.dht.protos.dht_pb2 import (
     FindRequest,
     FindResponse,
@@ -78,13 +78,24 @@ class NodeServicer:
         self._heard_from(request.sender)
         results = []
         for index, key_id in enumerate(ids):
-            nearest = node.routing.nearest(key_id, node.settings.bucket_size, exclude=request.sender.peer_id)
             entry, stored = await node._answer(id_to_bytes(key_id))
-            after = request.after[index] if index < len(request.after) else b""
-            value = found_value(entry, after=after, page_bytes=node.settings.page_bytes)
-            value.stored = value.found and stored
-            results.append(FindResult(value=value, nearest=[node_info(c) for c in nearest]))
+            if request.digests:  # a quorum read: it fetches the agreed content once, from one node
+                value = digest_value(entry, stored)
+            else:
+                after = request.after[index] if index < len(request.after) else b""
+                value = found_value(entry, after=after, page_bytes=node.settings.page_bytes)
+                value.stored = value.found and stored
+                if value.found:
+                    node.metrics.served_copies.inc()
+            results.append(FindResult(value=value, nearest=self._nearest(key_id, request, value.found)))
         return FindResponse(node=node._me(), results=results, observed_address=observed_address(context.peer))
+
+    def _nearest(self, key_id: int, request: FindRequest, found: bool) -> list[NodeInfo]:
+        """The nodes a Find answer names: k (section 2.3), none with a fetched value, and `parallelism`
+        with a digest (the reader is among the key's holders: it needs a few more, not k)."""
+        settings = self.node.settings
+        count = 0 if request.value_only else settings.parallelism if request.digests and found else settings.bucket_size
+        return [node_info(c) for c in self.node.routing.nearest(key_id, count, exclude=request.sender.peer_id)] if count else []
 
     def _heard_from(self, sender: NodeInfo) -> None:
         """Learns a sender into the routing table (client-mode senders have no address: never)."""

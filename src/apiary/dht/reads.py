@@ -1,20 +1,50 @@
-"""What a get does after its lookup (`DHTNode.get_many`): reading on the dictionaries that nodes
-answered in pages (`read_pages`), and caching what it found on the lookup's path (`cache_on_path`,
+"""What a get does after its lookup (`DHTNode.get_many`): fetching what the nodes of a quorum
+read agreed on (`fetch_agreed`), reading on the dictionaries that nodes answered in pages
+(`read_pages`), and caching what it found on the lookup's path (`cache_on_path`,
 section 2.3 of the Kademlia paper). Both call other nodes through the node's own calls.
 """
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING
 
 from apiary.dht.ids import id_to_bytes
-from apiary.dht.messages import records_of, stored_entry
+from apiary.dht.messages import entry_digest, records_of, stored_entry
 from apiary.dht.protos.dht_pb2 import FindRequest, StoreRequest
 from apiary.dht.storage import StoredEntry
 from apiary.dht.traversal import LookupState
 
 if TYPE_CHECKING:
     from apiary.dht.node import DHTNode
+
+MAX_FETCHED = 3  # contents a quorum read fetches at most (the newest first)
+FETCH_TRIES = 2  # nodes asked at most for one content
+
+
+async def fetch_agreed(node: DHTNode, state: LookupState, deadline: float | None) -> None:
+    """After a quorum read's lookup: fetches each content the nodes answered as a digest, newest
+    first, `MAX_FETCHED` at most (a liar's digests cannot make a read fetch more), from one of
+    its nodes chosen at random (the load of a hot key spread over its holders), another of them
+    if that one fails; adds it to `state.values` for every node that answered its digest (a
+    content that changed in between, for the node fetched from alone)."""
+    groups = sorted(state.groups().items(), key=lambda group: group[1][0], reverse=True)[:MAX_FETCHED]
+    contacts = {c.peer_id: c for c in state.candidates.values()}
+    for digest, (_, holders) in groups:
+        for peer_id in random.sample(holders, min(len(holders), FETCH_TRIES)):
+            if deadline is not None and node.clock.monotonic() >= deadline:
+                return
+            contact = contacts[peer_id]
+            request = FindRequest(sender=node._me(), key_ids=[id_to_bytes(state.key_id)], value_only=True)
+            response = await node._call(contact, "Find", request)
+            entry = stored_entry(response.results[0].value) if response is not None and response.results else None
+            if entry is None:
+                continue
+            same = entry_digest(entry) == digest
+            state.values += [(entry, contacts[holder]) for holder in (holders if same else [peer_id])]
+            if response.results[0].value.more:
+                state.paged.append(contact)
+            break
 
 
 async def read_pages(node: DHTNode, state: LookupState, deadline: float | None) -> bool:

@@ -10,7 +10,9 @@ as one value is found, or (when the newest value is wanted, with a `quorum`) as 
 records: a cached copy alone never ends a read, and a stale one makes it go on. Such a lookup
 asks, once it found a value, only as many nodes at once as could complete the quorum
 (`LookupState.missing`), so that a read that met cached copies on its way asks one storing
-node, not `parallelism`. A lookup with a `deadline` finishes then on the answers it has: a node
+node, not `parallelism`. Nodes answer a quorum read with digests of what they hold (and a few
+nearest nodes, not k), so that agreeing costs a few bytes a node: the read then fetches each
+content it needs once, from one of the nodes that hold it (`reads.fetch_agreed`). A lookup with a `deadline` finishes then on the answers it has: a node
 that is slow or frozen does not hold it for the whole RPC timeout; the queries still running
 are handed to `detach` (which lets them end on their own deadline, so that the node learns
 that the peer failed) or cancelled.
@@ -45,7 +47,13 @@ class LookupState:
     without_value: list[Contact] = field(default_factory=list)
     paged: list[Contact] = field(default_factory=list)  # answered a first page of a dictionary: more follow
     stored: set[str] = field(default_factory=set)  # answered with records they store, not only cached copies
+    digests: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # a quorum read's answers: by node,
+    # the digest of what it holds and its newest expiration
     done: bool = False
+
+    @property
+    def found(self) -> bool:
+        return bool(self.values or self.digests)
 
     def nearest(self, count: int, *, answered_only: bool = False) -> list[Contact]:
         pool = [c for c in self.candidates.values() if c.peer_id not in self.failed]
@@ -58,11 +66,26 @@ class LookupState:
         newest = merge_entries([entry for entry, _ in self.values])
         return [contact for entry, contact in self.values if entry != newest]
 
+    def agreeing(self) -> set[str]:
+        """The nodes that answered the newest content: the newest digest (the most nodes among
+        equally new ones), or the values equal to all values merged."""
+        if self.digests:
+            newest = max(self.groups().items(), key=lambda group: (group[1][0], len(group[1][1])))
+            return set(newest[1][1])
+        newest_entry = merge_entries([entry for entry, _ in self.values])
+        return {contact.peer_id for entry, contact in self.values if entry == newest_entry}
+
+    def groups(self) -> dict[bytes, tuple[float, list[str]]]:
+        """The digests answered: each with its newest expiration and the nodes that answered it."""
+        groups: dict[bytes, tuple[float, list[str]]] = {}
+        for peer_id, (digest, newest) in self.digests.items():
+            groups.setdefault(digest, (newest, []))[1].append(peer_id)
+        return groups
+
     def missing(self, quorum: int) -> int:
         """How many more answers could make `quorum` nodes agree on the newest value found, one
         of them a node storing it (0: they do)."""
-        newest = merge_entries([entry for entry, _ in self.values])
-        agreeing = {contact.peer_id for entry, contact in self.values if entry == newest}
+        agreeing = self.agreeing()
         if agreeing & self.stored:
             return max(0, quorum - len(agreeing))
         return max(1, quorum - len(agreeing))
@@ -94,8 +117,8 @@ async def traverse(
         for state in states.values():
             if state.done:
                 continue
-            wave = parallelism if quorum is None or not state.values else min(parallelism, state.missing(quorum))
-            if state.values and (stop_at_first_value or wave == 0):
+            wave = parallelism if quorum is None or not state.found else min(parallelism, state.missing(quorum))
+            if state.found and (stop_at_first_value or wave == 0):
                 state.done = True
                 continue
             pending = [c for c in state.nearest(k) if c.peer_id not in state.queried]
@@ -139,14 +162,16 @@ def _learn(states: dict[int, LookupState], contact: Contact, ids: list[int], res
         state.answered.add(contact.peer_id)
         result = response.results[position]
         entry = stored_entry(result.value)
-        if entry is not None:
+        if result.value.found and result.value.digest:
+            state.digests[contact.peer_id] = (result.value.digest, result.value.expiration)
+        elif entry is not None:
             state.values.append((entry, contact))
-            if result.value.stored:
-                state.stored.add(contact.peer_id)
             if result.value.more:
                 state.paged.append(contact)
         else:
             state.without_value.append(contact)
+        if result.value.found and result.value.stored:
+            state.stored.add(contact.peer_id)
         for info in result.nearest:
             found = contact_of(info)
             if found is not None and found.peer_id != own_peer_id and not skip(found.peer_id):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61piary/dht/protos/dht.proto\x12\napiary.dht\",\n\x08NodeInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"3\n\x0bPingRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\"^\n\x0cPingResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\x10\n\x08\x64ht_time\x18\x02 \x01(\x01\x12\x18\n\x10observed_address\x18\x03 \x01(\t\"_\n\tStoreItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nhas_subkey\x18\x02 \x01(\x08\x12\x0e\n\x06subkey\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12\x12\n\nexpiration\x18\x05 \x01(\x01\"m\n\x0cStoreRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.apiary.dht.StoreItem\x12\x11\n\tcache_for\x18\x03 \x01(\x01\"n\n\rStoreResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\x0e\n\x06stored\x18\x02 \x03(\x08\x12\x18\n\x10observed_address\x18\x03 \x01(\t\x12\x0f\n\x07refused\x18\x04 \x03(\t\"@\n\x0bSubkeyValue\x12\x0e\n\x06subkey\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\"\x86\x01\n\nFoundValue\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\x12(\n\x07subkeys\x18\x04 \x03(\x0b\x32\x17.apiary.dht.SubkeyValue\x12\x0c\n\x04more\x18\x05 \x01(\x08\x12\x0e\n\x06stored\x18\x06 \x01(\x08\"S\n\x0b\x46indRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\x0f\n\x07key_ids\x18\x02 \x03(\x0c\x12\r\n\x05\x61\x66ter\x18\x03 \x03(\x0c\"Z\n\nFindResult\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x16.apiary.dht.FoundValue\x12%\n\x07nearest\x18\x02 \x03(\x0b\x32\x14.apiary.dht.NodeInfo\"u\n\x0c\x46indResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.apiary.dht.FindResult\x12\x18\n\x10observed_address\x18\x03 \x01(\t\"/\n\x0fLocalGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\":\n\x10LocalGetResponse\x12&\n\x06values\x18\x01 \x03(\x0b\x32\x16.apiary.dht.FoundValue\"9\n\x11LocalStoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.apiary.dht.StoreItem\"$\n\x12LocalStoreResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\"\x12\n\x10LocalInfoRequest\"f\n\x11LocalInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_mode\x18\x03 \x01(\x08\x12\x1a\n\x12routing_table_size\x18\x04 \x01(\x05\"%\n\x14LocalContactsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"*\n\x15LocalContactsResponse\x12\x11\n\taddresses\x18\x01 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61piary/dht/protos/dht.proto\x12\napiary.dht\",\n\x08NodeInfo\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"3\n\x0bPingRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\"^\n\x0cPingResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\x10\n\x08\x64ht_time\x18\x02 \x01(\x01\x12\x18\n\x10observed_address\x18\x03 \x01(\t\"_\n\tStoreItem\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nhas_subkey\x18\x02 \x01(\x08\x12\x0e\n\x06subkey\x18\x03 \x01(\x0c\x12\r\n\x05value\x18\x04 \x01(\x0c\x12\x12\n\nexpiration\x18\x05 \x01(\x01\"m\n\x0cStoreRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12$\n\x05items\x18\x02 \x03(\x0b\x32\x15.apiary.dht.StoreItem\x12\x11\n\tcache_for\x18\x03 \x01(\x01\"n\n\rStoreResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\x0e\n\x06stored\x18\x02 \x03(\x08\x12\x18\n\x10observed_address\x18\x03 \x01(\t\x12\x0f\n\x07refused\x18\x04 \x03(\t\"@\n\x0bSubkeyValue\x12\x0e\n\x06subkey\x18\x01 \x01(\x0c\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\"\x96\x01\n\nFoundValue\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x12\n\nexpiration\x18\x03 \x01(\x01\x12(\n\x07subkeys\x18\x04 \x03(\x0b\x32\x17.apiary.dht.SubkeyValue\x12\x0c\n\x04more\x18\x05 \x01(\x08\x12\x0e\n\x06stored\x18\x06 \x01(\x08\x12\x0e\n\x06\x64igest\x18\x07 \x01(\x0c\"x\n\x0b\x46indRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\x0f\n\x07key_ids\x18\x02 \x03(\x0c\x12\r\n\x05\x61\x66ter\x18\x03 \x03(\x0c\x12\x0f\n\x07\x64igests\x18\x04 \x01(\x08\x12\x12\n\nvalue_only\x18\x05 \x01(\x08\"Z\n\nFindResult\x12%\n\x05value\x18\x01 \x01(\x0b\x32\x16.apiary.dht.FoundValue\x12%\n\x07nearest\x18\x02 \x03(\x0b\x32\x14.apiary.dht.NodeInfo\"u\n\x0c\x46indResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.apiary.dht.NodeInfo\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.apiary.dht.FindResult\x12\x18\n\x10observed_address\x18\x03 \x01(\t\"/\n\x0fLocalGetRequest\x12\x0c\n\x04keys\x18\x01 \x03(\x0c\x12\x0e\n\x06latest\x18\x02 \x01(\x08\":\n\x10LocalGetResponse\x12&\n\x06values\x18\x01 \x03(\x0b\x32\x16.apiary.dht.FoundValue\"9\n\x11LocalStoreRequest\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.apiary.dht.StoreItem\"$\n\x12LocalStoreResponse\x12\x0e\n\x06stored\x18\x01 \x03(\x08\"\x12\n\x10LocalInfoRequest\"f\n\x11LocalInfoResponse\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_mode\x18\x03 \x01(\x08\x12\x1a\n\x12routing_table_size\x18\x04 \x01(\x05\"%\n\x14LocalContactsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"*\n\x15LocalContactsResponse\x12\x11\n\taddresses\x18\x01 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,27 +46,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBKEYVALUE']._serialized_start=558
   _globals['_SUBKEYVALUE']._serialized_end=622
   _globals['_FOUNDVALUE']._serialized_start=625
-  _globals['_FOUNDVALUE']._serialized_end=759
-  _globals['_FINDREQUEST']._serialized_start=761
-  _globals['_FINDREQUEST']._serialized_end=844
-  _globals['_FINDRESULT']._serialized_start=846
-  _globals['_FINDRESULT']._serialized_end=936
-  _globals['_FINDRESPONSE']._serialized_start=938
-  _globals['_FINDRESPONSE']._serialized_end=1055
-  _globals['_LOCALGETREQUEST']._serialized_start=1057
-  _globals['_LOCALGETREQUEST']._serialized_end=1104
-  _globals['_LOCALGETRESPONSE']._serialized_start=1106
-  _globals['_LOCALGETRESPONSE']._serialized_end=1164
-  _globals['_LOCALSTOREREQUEST']._serialized_start=1166
-  _globals['_LOCALSTOREREQUEST']._serialized_end=1223
-  _globals['_LOCALSTORERESPONSE']._serialized_start=1225
-  _globals['_LOCALSTORERESPONSE']._serialized_end=1261
-  _globals['_LOCALINFOREQUEST']._serialized_start=1263
-  _globals['_LOCALINFOREQUEST']._serialized_end=1281
-  _globals['_LOCALINFORESPONSE']._serialized_start=1283
-  _globals['_LOCALINFORESPONSE']._serialized_end=1385
-  _globals['_LOCALCONTACTSREQUEST']._serialized_start=1387
-  _globals['_LOCALCONTACTSREQUEST']._serialized_end=1424
-  _globals['_LOCALCONTACTSRESPONSE']._serialized_start=1426
-  _globals['_LOCALCONTACTSRESPONSE']._serialized_end=1468
+  _globals['_FOUNDVALUE']._serialized_end=775
+  _globals['_FINDREQUEST']._serialized_start=777
+  _globals['_FINDREQUEST']._serialized_end=897
+  _globals['_FINDRESULT']._serialized_start=899
+  _globals['_FINDRESULT']._serialized_end=989
+  _globals['_FINDRESPONSE']._serialized_start=991
+  _globals['_FINDRESPONSE']._serialized_end=1108
+  _globals['_LOCALGETREQUEST']._serialized_start=1110
+  _globals['_LOCALGETREQUEST']._serialized_end=1157
+  _globals['_LOCALGETRESPONSE']._serialized_start=1159
+  _globals['_LOCALGETRESPONSE']._serialized_end=1217
+  _globals['_LOCALSTOREREQUEST']._serialized_start=1219
+  _globals['_LOCALSTOREREQUEST']._serialized_end=1276
+  _globals['_LOCALSTORERESPONSE']._serialized_start=1278
+  _globals['_LOCALSTORERESPONSE']._serialized_end=1314
+  _globals['_LOCALINFOREQUEST']._serialized_start=1316
+  _globals['_LOCALINFOREQUEST']._serialized_end=1334
+  _globals['_LOCALINFORESPONSE']._serialized_start=1336
+  _globals['_LOCALINFORESPONSE']._serialized_end=1438
+  _globals['_LOCALCONTACTSREQUEST']._serialized_start=1440
+  _globals['_LOCALCONTACTSREQUEST']._serialized_end=1477
+  _globals['_LOCALCONTACTSRESPONSE']._serialized_start=1479
+  _globals['_LOCALCONTACTSRESPONSE']._serialized_end=1521
 # @@protoc_insertion_point(module_scope)

@@ -77,30 +77,36 @@ class SubkeyValue(_message.Message):
     def __init__(self, subkey: _Optional[bytes] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ...) -> None: ...
 
 class FoundValue(_message.Message):
-    __slots__ = ("found", "value", "expiration", "subkeys", "more", "stored")
+    __slots__ = ("found", "value", "expiration", "subkeys", "more", "stored", "digest")
     FOUND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPIRATION_FIELD_NUMBER: _ClassVar[int]
     SUBKEYS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     found: bool
     value: bytes
     expiration: float
     subkeys: _containers.RepeatedCompositeFieldContainer[SubkeyValue]
     more: bool
     stored: bool
-    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ..., subkeys: _Optional[_Iterable[_Union[SubkeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., stored: _Optional[bool] = ...) -> None: ...
+    digest: bytes
+    def __init__(self, found: _Optional[bool] = ..., value: _Optional[bytes] = ..., expiration: _Optional[float] = ..., subkeys: _Optional[_Iterable[_Union[SubkeyValue, _Mapping]]] = ..., more: _Optional[bool] = ..., stored: _Optional[bool] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class FindRequest(_message.Message):
-    __slots__ = ("sender", "key_ids", "after")
+    __slots__ = ("sender", "key_ids", "after", "digests", "value_only")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_ONLY_FIELD_NUMBER: _ClassVar[int]
     sender: NodeInfo
     key_ids: _containers.RepeatedScalarFieldContainer[bytes]
     after: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., key_ids: _Optional[_Iterable[bytes]] = ..., after: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    digests: bool
+    value_only: bool
+    def __init__(self, sender: _Optional[_Union[NodeInfo, _Mapping]] = ..., key_ids: _Optional[_Iterable[bytes]] = ..., after: _Optional[_Iterable[bytes]] = ..., digests: _Optional[bool] = ..., value_only: _Optional[bool] = ...) -> None: ...
 
 class FindResult(_message.Message):
     __slots__ = ("value", "nearest")

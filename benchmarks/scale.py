@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import statistics
 import sys
@@ -48,14 +49,17 @@ from record import save  # noqa: E402
 
 from apiary.dht.validation import owner_marker  # noqa: E402
 from apiary.optim.epochs import FINAL_REFRESH, final_refresh  # noqa: E402
-from apiary.optim.progress import PeerProgress, ProgressTracker, SwarmProgress, progress_key  # noqa: E402
+from apiary.optim.progress import CONFIDENCE, PeerProgress, ProgressTracker, SwarmProgress, progress_key  # noqa: E402
 from tests.sim.loop import clock, run  # noqa: E402
 from tests.sim.network import Network  # noqa: E402
 from tests.sim.swarm import Member, Swarm  # noqa: E402
 
 FULL_READ = 10**6  # a read_quorum no read reaches: latest reads ask the key's nearest nodes to the end
-BATCH = 64  # peers refreshing at once in the simulation (bytes do not depend on it)
+BATCH = 1024  # peers refreshing at once in the simulation: a round's writes all land within seconds of virtual
+# time, well inside the records' ttl (64 at a time took longer than the ttl past ~1,000 peers, so the first
+# records had expired when the readers read: they saw a smaller swarm)
 READERS = 100  # peers whose reads are simulated in the measured round (scaled to every peer)
+EPOCH_SECONDS = 10.0  # how far into its epoch the swarm is when a round is measured
 LEARNED = 4096  # past this many peers only the readers learn the swarm's size by reading (the others are told)
 
 
@@ -87,9 +91,10 @@ def one_key(member: Member, epoch: int) -> tuple[Any, Any]:
     return store, get
 
 
-def sharded(tracker: ProgressTracker, epoch: int) -> tuple[Any, Any]:
+def sharded(tracker: ProgressTracker, epoch: int, speed: float = 10.0, seconds: float = 0.0) -> tuple[Any, Any]:
+    """The store and the get of a refresh of the sharded tracker, `seconds` into `epoch` at `speed` samples/s."""
     async def store() -> None:
-        await tracker.publish(epoch, 100 * epoch, 10.0)
+        await tracker.publish(epoch, round(speed * seconds), speed)
 
     async def get() -> SwarmProgress:
         return await tracker.fetch()
@@ -99,23 +104,28 @@ def sharded(tracker: ProgressTracker, epoch: int) -> tuple[Any, Any]:
 
 async def round_loads(network: Network, refreshes: list[tuple[Any, Any]], readers: list[int],
                       period: float) -> tuple[dict[str, Any], list[Any]]:
-    """One refresh round: every peer writes, `readers` read (their bytes scaled to every peer's).
-    Bytes per second per peer (mean), of the busiest peer, and per peer by message kind."""
+    """One refresh round: every peer writes, `readers` read, their reads scaled to every peer's:
+    a host serves what it served the simulated readers times peers/readers, and makes the reads
+    of one reader (their mean). Bytes per second per peer (mean), of the busiest peer, and per
+    peer by message kind."""
     network.reset()
     await batched([store for store, _ in refreshes])
-    written = (network.sent + network.received).copy()
-    network.reset()
-    answers = await batched([refreshes[i][1] for i in readers])
-    scale = len(refreshes) / len(readers)
-    by_key: Counter[tuple[Any, str]] = Counter(written)
-    for key, size in (network.sent + network.received).items():
-        by_key[key] += size * scale
+    moved = network.sent + network.received
     hosts: Counter[Any] = Counter()
     methods: Counter[str] = Counter()
-    for (endpoint, method), size in by_key.items():
+    for (endpoint, method), size in moved.items():
         hosts[endpoint] += size
         methods[method] += size
-    peers = len(refreshes)
+    network.reset()
+    answers = await batched([refreshes[i][1] for i in readers])
+    peers, scale = len(refreshes), len(refreshes) / len(readers)
+    moved = network.sent + network.received
+    for (endpoint, method), size in moved.items():
+        hosts[endpoint] += network.served[endpoint, method] * scale  # the calls it answers
+        methods[method] += size * scale
+    own = sum(moved.values()) - sum(network.served.values())  # the calls the readers made
+    for endpoint in list(hosts):  # every peer wrote
+        hosts[endpoint] += own / len(readers)
     return {
         "period_seconds": period,
         "readers_simulated": len(readers),
@@ -125,13 +135,28 @@ async def round_loads(network: Network, refreshes: list[tuple[Any, Any]], reader
     }, answers
 
 
-async def sharded_round(network: Network, trackers: list[ProgressTracker], epoch: int, readers: list[int]
-                        ) -> dict[str, Any]:
-    """`round_loads` of the sharded records, per second of the refresh period their shards give."""
-    probe, views = await round_loads(network, [sharded(t, epoch) for t in trackers], readers, 1.0)
+async def sharded_round(network: Network, trackers: list[ProgressTracker], speeds: list[float], epoch: int,
+                        readers: list[int]) -> dict[str, Any]:
+    """`round_loads` of the sharded records, per second of the refresh period their shards give,
+    and how far the readers' counts are from the swarm's: the estimate (what a reader's sample
+    says, scaled) over the true count of the other peers' samples, and the epoch's end, the true
+    count when a reader's reported count (the estimate less CONFIDENCE standard errors) reaches
+    the target, as a multiple of the target. The epoch starts (every peer writes, the readers
+    read: they see every peer from then on), `EPOCH_SECONDS` pass, and the round is measured."""
+    await batched([sharded(t, epoch, speed)[0] for t, speed in zip(trackers, speeds)])
+    await batched([sharded(trackers[i], epoch)[1] for i in readers])
+    await asyncio.sleep(EPOCH_SECONDS)
+    refreshes = [sharded(t, epoch, speed, EPOCH_SECONDS) for t, speed in zip(trackers, speeds)]
+    probe, views = await round_loads(network, refreshes, readers, 1.0)
+    counts = [round(speed * EPOCH_SECONDS) for speed in speeds]
+    truths = [sum(counts) - counts[i] for i in readers]
+    estimates = [(view.reported + CONFIDENCE * view.error) / truth for view, truth in zip(views, truths)]
+    ends = [truth / view.reported if view.reported > 0 else math.inf for view, truth in zip(views, truths)]
     level = statistics.mode(view.shards for view in views)
     period = final_refresh(level)
     return {"shards": level, **probe, "period_seconds": period,
+            "estimate_over_truth": [min(estimates), statistics.median(estimates), max(estimates)],
+            "epoch_end_over_target": [min(ends), statistics.median(ends), max(ends)],
             "peer_bytes_per_second": probe["peer_bytes_per_second"] / period,
             "busiest_bytes_per_second": probe["busiest_bytes_per_second"] / period,
             "by_method_bytes_per_second": {m: v / period for m, v in probe["by_method_bytes_per_second"].items()}}
@@ -153,6 +178,8 @@ async def measure(peers: int, seed: int) -> dict[str, Any]:
         result["before"], _ = await round_loads(network, [one_key(m, 2) for m in members], readers, FINAL_REFRESH)
         log(f"{peers} peers: one key measured")
     trackers = [ProgressTracker(m.node, "after", m.node.identity.peer_id, clock=clock()) for m in members]
+    draw = random.Random(seed + 2)  # throughputs: log-normal around 10 samples/s, as peers' GPUs differ
+    speeds = [10.0 * math.exp(0.5 * draw.gauss(0, 1)) for _ in members]
     starting = trackers
     if peers > LEARNED:  # the writers start as they are once they have read: knowing the swarm's size
         starting, chosen = [trackers[i] for i in readers], set(readers)
@@ -165,9 +192,9 @@ async def measure(peers: int, seed: int) -> dict[str, Any]:
     await batched([sharded(t, 1)[1] for t in starting])
     await batched([sharded(t, 2)[0] for t in trackers])
     log(f"{peers} peers: the sharded swarm started")
-    result["sharded"] = await sharded_round(network, trackers, 4, readers)
+    result["sharded"] = await sharded_round(network, trackers, speeds, 4, readers)
     swarm.settings.read_quorum = quorum
-    result["after"] = await sharded_round(network, trackers, 5, readers)
+    result["after"] = await sharded_round(network, trackers, speeds, 5, readers)
     log(f"{peers} peers: sharded measured")
     result["seconds"] = {"join": round(joined, 1), "total": round(time.monotonic() - started, 1)}
     await swarm.close()

@@ -6,7 +6,8 @@ that answer nothing, and every call's bytes counted by host and method.
 request is serialized, carried, parsed and handed to the target's servicer as a gRPC server would
 (a handler's `RequestError` reaches the caller as the `WireError` a real client raises), and the
 answer comes back the same way. A call's bytes are its message plus `CALL_OVERHEAD` (HTTP/2 and
-gRPC framing, about what a small unary call costs on a warm channel).
+gRPC framing, about what a small unary call costs on a warm channel), counted for the host that
+sent them, the one that received them and, both ways, for the one that answered (`served`).
 
 Links: each host draws an access latency (log-normal, median 10 ms one-way), a place on a ring
 whose half is 100 ms one-way (distance between continents) and an uplink (log-normal, median
@@ -70,6 +71,7 @@ class Network:
         self.hosts: dict[Endpoint, Host] = {}
         self.sent: Counter[tuple[Endpoint, str]] = Counter()  # (host, method): bytes it sent
         self.received: Counter[tuple[Endpoint, str]] = Counter()
+        self.served: Counter[tuple[Endpoint, str]] = Counter()  # (host, method): bytes of calls it answered, both ways
         self.calls: Counter[tuple[Endpoint, str]] = Counter()  # (caller, method): calls made
         self.traced: Endpoint | None = None  # a caller whose Finds' start times are noted in `starts`
         self.starts: list[float] = []
@@ -126,7 +128,7 @@ class Network:
         self.calls[origin.endpoint, method_name] += 1
         if origin.endpoint == self.traced and method_name == "Find":
             self.starts.append(asyncio.get_running_loop().time())
-        self._count(origin, endpoint, method_name, len(data))
+        self._count(origin, endpoint, method_name, len(data), endpoint)
         if target is None or not target.up:
             await asyncio.Future()  # lost
         await asyncio.sleep(self.delay(origin, target, len(data) + CALL_OVERHEAD))
@@ -136,16 +138,17 @@ class Network:
         try:
             answer = (await handler(method.request.FromString(data), _Context(origin.endpoint))).SerializeToString()
         except RequestError as e:
-            self._count(target, origin.endpoint, method_name, len(str(e)))
+            self._count(target, origin.endpoint, method_name, len(str(e)), endpoint)
             await asyncio.sleep(self.delay(target, origin, len(str(e)) + CALL_OVERHEAD))
             raise error_from_status(e.code, str(e), peer=str(endpoint), method=method_name) from None
-        self._count(target, origin.endpoint, method_name, len(answer))
+        self._count(target, origin.endpoint, method_name, len(answer), endpoint)
         await asyncio.sleep(self.delay(target, origin, len(answer) + CALL_OVERHEAD))
         return method.response.FromString(answer)
 
-    def _count(self, source: Host, target: Endpoint, method: str, size: int) -> None:
+    def _count(self, source: Host, target: Endpoint, method: str, size: int, server: Endpoint) -> None:
         self.sent[source.endpoint, method] += size + CALL_OVERHEAD
         self.received[target, method] += size + CALL_OVERHEAD
+        self.served[server, method] += size + CALL_OVERHEAD
 
     def traffic(self) -> dict[Endpoint, int]:
         """Bytes each host sent and received, all methods."""
@@ -157,4 +160,5 @@ class Network:
     def reset(self) -> None:
         self.sent.clear()
         self.received.clear()
+        self.served.clear()
         self.calls.clear()

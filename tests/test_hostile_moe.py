@@ -262,3 +262,16 @@ async def test_a_dht_lookup_ends_at_its_deadline_and_the_next_does_not_wait_for_
     # frozen node is met once: the 1st or 2nd lookup); the query to it runs on, and meanwhile the
     # next lookups skip it instead of waiting for it again
     assert max(lookups) < 2.0 and lookups[2] < 0.5, lookups
+
+
+async def test_a_dht_store_answers_within_the_callers_deadline_when_nodes_are_frozen() -> None:
+    """A service's store through its participant's dht (Local/Store) ends in the time the service
+    gave it, on the nodes that answered by then, though some of the key's nodes froze: not after
+    the lookup and the stores waited out the RPC timeout of each frozen node."""
+    with DHTSwarm(workers=3, nodes_per_worker=2, settings={"rpc_timeout": 3.0}) as dht_swarm:
+        async with ChannelPool() as pool:
+            client = dht_swarm.client(0, pool, timeout=1.5)
+            dht_swarm.freeze_worker(2)  # two of the six nodes stop answering; their sockets stay open
+            stored = [await client.store(f"frozen.{i}", "value", time.time() + 60) for i in range(3)]
+            found = await dht_swarm.client(0, pool, timeout=10).get("frozen.0")
+    assert all(stored) and found is not None and found.value == "value"  # (past 1.5 s, DeadlineExceeded)

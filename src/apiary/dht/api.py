@@ -84,8 +84,9 @@ class LocalServicer:
         for i, item in enumerate(request.items):
             subkey = _unpack_field(item.subkey, "subkey", i) if item.has_subkey else None
             items.append((_unpack_field(item.key, "key", i), subkey, _unpack_field(item.value, "value", i), item.expiration))
+        remaining = context.time_remaining()  # the stores end in time for the answer to reach the caller
         try:
-            stored = await self.node.store_many(items)
+            stored = await self.node.store_many(items, timeout=None if remaining is None else 0.9 * remaining)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         return LocalStoreResponse(stored=stored)

@@ -54,7 +54,7 @@ from apiary.dht.ids import id_of, id_to_bytes, node_id, random_id_in
 from apiary.dht.messages import contact_of, merge_entries, node_info
 from apiary.dht.protos.dht_pb2 import FindRequest, FindResponse, NodeInfo, PingRequest, StoreItem, StoreRequest
 from apiary.dht.protocol import NODE_SERVICE, NodeServicer
-from apiary.dht.reads import cache_on_path, fetch_agreed, read_pages
+from apiary.dht.reads import cache_on_path, fetch_agreed, fetch_value, read_pages
 from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
@@ -254,10 +254,12 @@ class DHTNode:
         await self.pool.close()
         await self.storage.close()
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Future[Any]:
+        """Runs `coroutine` as a task of the node's (cancelled at shutdown)."""
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -452,6 +454,7 @@ class DHTNode:
             quorum=quorum,
             deadline=deadline,
             detach=self._let_finish,
+            fetch=(lambda contact, key_id: self._spawn(fetch_value(self, contact, key_id))) if quorum is not None else None,
             now=self.clock.monotonic,
         )
 
@@ -462,10 +465,12 @@ class DHTNode:
         query.add_done_callback(lambda _: self._late.discard(contact.peer_id))
         self._spawn(query)
 
-    async def find_nearest(self, key_ids: list[int], count: int | None = None) -> dict[int, list[Contact]]:
-        """The `count` (default k) nearest live nodes to each id, this node included unless in client mode."""
+    async def find_nearest(self, key_ids: list[int], count: int | None = None, *, deadline: float | None = None
+                           ) -> dict[int, list[Contact]]:
+        """The `count` (default k) nearest live nodes to each id, this node included unless in client
+        mode (with a `deadline`, on the clock's monotonic time: the nearest found by then)."""
         count = count or self.settings.bucket_size
-        states = await self._lookup(key_ids)
+        states = await self._lookup(key_ids, deadline=deadline)
         result = {}
         for key_id, state in states.items():
             if self.contact is not None:
@@ -480,13 +485,16 @@ class DHTNode:
         """Stores `value` under `key` (and `subkey`) until `expiration`; True if any replica took it."""
         return (await self.store_many([(key, subkey, value, expiration)]))[0]
 
-    async def store_many(self, items: list[tuple[Any, Any, Any, float]]) -> list[bool]:
+    async def store_many(self, items: list[tuple[Any, Any, Any, float]], *, timeout: float | None = None) -> list[bool]:
         """Stores (key, subkey or None, value, expiration) items on the nodes nearest to each key,
-        one Store RPC per node; returns, per item, whether at least one node accepted it."""
+        one Store RPC per node; returns, per item, whether at least one node accepted it. With a
+        `timeout`, the lookup and the stores end in that many seconds on the nodes found and the
+        answers given by then (stores still running go on in the background)."""
         started = time.perf_counter()
+        deadline = None if timeout is None else self.clock.monotonic() + timeout
         records = [self._signed_record(key, subkey, value, expiration) for key, subkey, value, expiration in items]
         key_ids = [id_of(record.key) for record in records]
-        nearest = await self.find_nearest(sorted(set(key_ids)), self.settings.num_replicas)
+        nearest = await self.find_nearest(sorted(set(key_ids)), self.settings.num_replicas, deadline=deadline)
         by_node: dict[str, tuple[Contact, list[int]]] = {}
         for index, key_id in enumerate(key_ids):
             for contact in nearest[key_id]:
@@ -514,7 +522,19 @@ class DHTNode:
 
         if not by_node and self.contact is None:
             logger.warning("client-mode node knows no other node: nothing stored")
-        await asyncio.gather(*(store_on(contact, indices) for contact, indices in by_node.values()))
+        stores = [asyncio.ensure_future(store_on(contact, indices)) for contact, indices in by_node.values()]
+        if stores:
+            remaining = None if deadline is None else max(0.0, deadline - self.clock.monotonic())
+            try:
+                done, running = await asyncio.wait(stores, timeout=remaining)
+            except asyncio.CancelledError:
+                for store in stores:
+                    store.cancel()
+                raise
+            for store in done:
+                store.result()  # (a failure of this node's own, not of a peer's: raised, as ever)
+            for store in running:  # past the deadline: they end on their own RPC deadline
+                self._spawn(store)
         self.metrics.operations.labels("store").observe(time.perf_counter() - started)
         over = {index: reason for index, reason in refused.items() if not accepted[index]}
         if over:

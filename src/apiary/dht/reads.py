@@ -6,12 +6,14 @@ section 2.3 of the Kademlia paper). Both call other nodes through the node's own
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import TYPE_CHECKING
 
 from apiary.dht.ids import id_to_bytes
 from apiary.dht.messages import entry_digest, records_of, stored_entry
-from apiary.dht.protos.dht_pb2 import FindRequest, StoreRequest
+from apiary.dht.protos.dht_pb2 import FindRequest, FoundValue, StoreRequest
+from apiary.dht.routing import Contact
 from apiary.dht.storage import StoredEntry
 from apiary.dht.traversal import LookupState
 
@@ -23,28 +25,48 @@ FETCH_TRIES = 2  # nodes asked at most for one content
 
 
 async def fetch_agreed(node: DHTNode, state: LookupState, deadline: float | None) -> None:
-    """After a quorum read's lookup: fetches each content the nodes answered as a digest, newest
-    first, `MAX_FETCHED` at most (a liar's digests cannot make a read fetch more), from one of
-    its nodes chosen at random (the load of a hot key spread over its holders), another of them
-    if that one fails; adds it to `state.values` for every node that answered its digest (a
-    content that changed in between, for the node fetched from alone)."""
+    """After a quorum read's lookup: the contents the nodes answered as digests, newest first,
+    `MAX_FETCHED` at most (a liar's digests cannot make a read fetch more), each from one of its
+    nodes: the one whose value the lookup fetched early (`LookupState.early`), else one chosen at
+    random (the load of a hot key spread over its holders), another if that one fails; added to
+    `state.values` for every node that answered its digest (a content that changed in between,
+    for the node fetched from alone). Nothing is waited for past the `deadline` (an early fetch
+still running is a task of the node's: it ends on its own RPC deadline)."""
     groups = sorted(state.groups().items(), key=lambda group: group[1][0], reverse=True)[:MAX_FETCHED]
     contacts = {c.peer_id: c for c in state.candidates.values()}
+    early = state.early
     for digest, (_, holders) in groups:
-        for peer_id in random.sample(holders, min(len(holders), FETCH_TRIES)):
-            if deadline is not None and node.clock.monotonic() >= deadline:
-                return
-            contact = contacts[peer_id]
-            request = FindRequest(sender=node._me(), key_ids=[id_to_bytes(state.key_id)], value_only=True)
-            response = await node._call(contact, "Find", request)
-            entry = stored_entry(response.results[0].value) if response is not None and response.results else None
+        tries = [early[1]] if early is not None and early[0] == digest else []
+        tries += random.sample([h for h in holders if h not in tries], min(len(holders), FETCH_TRIES) - len(tries))
+        for peer_id in tries:
+            if early is not None and peer_id == early[1] and early[0] == digest:
+                found = await _until(early[2], node, deadline)
+            elif deadline is None or node.clock.monotonic() < deadline:
+                found = await fetch_value(node, contacts[peer_id], state.key_id)
+            else:
+                found = None
+            entry = stored_entry(found) if found is not None else None
             if entry is None:
                 continue
             same = entry_digest(entry) == digest
             state.values += [(entry, contacts[holder]) for holder in (holders if same else [peer_id])]
-            if response.results[0].value.more:
-                state.paged.append(contact)
+            if found is not None and found.more:
+                state.paged.append(contacts[peer_id])
             break
+
+
+async def fetch_value(node: DHTNode, contact: Contact, key_id: int) -> FoundValue | None:
+    """What `contact` holds for a key, the value alone (its first page, for a dictionary)."""
+    request = FindRequest(sender=node._me(), key_ids=[id_to_bytes(key_id)], value_only=True)
+    response = await node._call(contact, "Find", request)
+    return response.results[0].value if response is not None and response.results else None
+
+
+async def _until(future: asyncio.Future[FoundValue | None], node: DHTNode, deadline: float | None) -> FoundValue | None:
+    """The future's value, or None if it is not there by the deadline."""
+    remaining = None if deadline is None else max(0.0, deadline - node.clock.monotonic())
+    done, _ = await asyncio.wait({future}, timeout=remaining)
+    return future.result() if done else None
 
 
 async def read_pages(node: DHTNode, state: LookupState, deadline: float | None) -> bool:

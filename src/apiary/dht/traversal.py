@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from apiary.dht.ids import distance
 from apiary.dht.messages import contact_of, merge_entries, stored_entry
-from apiary.dht.protos.dht_pb2 import FindResponse
+from apiary.dht.protos.dht_pb2 import FindResponse, FoundValue
 from apiary.dht.routing import Contact
 from apiary.dht.storage import StoredEntry
 
@@ -49,6 +49,8 @@ class LookupState:
     stored: set[str] = field(default_factory=set)  # answered with records they store, not only cached copies
     digests: dict[str, tuple[bytes, float]] = field(default_factory=dict)  # a quorum read's answers: by node,
     # the digest of what it holds and its newest expiration
+    early: tuple[bytes, str, asyncio.Future[FoundValue | None]] | None = None  # the fetch started at the first
+    # digest of a storing node: its digest, the node, the value
     done: bool = False
 
     @property
@@ -105,10 +107,14 @@ async def traverse(
     max_rounds: int = 64,
     deadline: float | None = None,
     detach: Callable[[Contact, asyncio.Future[FindResponse | None]], object] | None = None,
+    fetch: Callable[[Contact, int], Awaitable[FoundValue | None]] | None = None,
     now: Callable[[], float] = time.monotonic,
 ) -> dict[int, LookupState]:
     """Runs the lookups; `seeds(id)` gives the starting contacts, `skip(peer_id)` banned ones.
-    `quorum`: end a key's lookup once that many nodes agree on its newest value (`missing`).
+    `quorum`: end a key's lookup once that many nodes agree on its newest value (`missing`);
+    `fetch(contact, id)`: the value of a key at a node, started as soon as the first node that
+    stores the key answers its digest (`LookupState.early`), so that agreeing on digests costs
+    no round trip more.
     `deadline` (on the clock `now`): when to finish on the answers so far; `detach(contact, query)`
     takes each query still running then (default: they are cancelled)."""
     states = {key_id: LookupState(key_id, {c.peer_id: c for c in seeds(key_id)}) for key_id in key_ids}
@@ -139,7 +145,7 @@ async def traverse(
                     break
                 done, running = await asyncio.wait(running, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    _learn(states, *queries[task], task.result(), own_peer_id, skip)
+                    _learn(states, *queries[task], task.result(), own_peer_id, skip, fetch)
         finally:
             for task in running:
                 if detach is not None:
@@ -152,7 +158,8 @@ async def traverse(
 
 
 def _learn(states: dict[int, LookupState], contact: Contact, ids: list[int], response: FindResponse | None,
-           own_peer_id: str, skip: Callable[[str], bool]) -> None:
+           own_peer_id: str, skip: Callable[[str], bool],
+           fetch: Callable[[Contact, int], Awaitable[FoundValue | None]] | None) -> None:
     """Takes in one node's answer (None: it failed) for the keys it was asked about."""
     for position, key_id in enumerate(ids):
         state = states[key_id]
@@ -164,6 +171,8 @@ def _learn(states: dict[int, LookupState], contact: Contact, ids: list[int], res
         entry = stored_entry(result.value)
         if result.value.found and result.value.digest:
             state.digests[contact.peer_id] = (result.value.digest, result.value.expiration)
+            if fetch is not None and state.early is None and result.value.stored:
+                state.early = (result.value.digest, contact.peer_id, asyncio.ensure_future(fetch(contact, key_id)))
         elif entry is not None:
             state.values.append((entry, contact))
             if result.value.more:

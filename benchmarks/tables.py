@@ -412,20 +412,23 @@ def scale(results: Results) -> str:
     if result is None:
         return missing(".venv/bin/python benchmarks/scale.py")
     rows = []
+    labels = {"before": "one key", "sharded": "sharded, read to the end", "after": "sharded"}
     for row in result["figures"]["rows"]:
-        for mode in ("before", "sharded", "after"):
+        for mode, label in labels.items():
             f = row.get(mode)
             if f is None:
                 if mode == "before":
-                    rows.append([f"{row['peers']:,}", mode, "—", "—", "one key cannot hold them (max_subkeys)", "—",
-                                 "—", "—"])
+                    rows.append([f"{row['peers']:,}", label, "—", "—", "one key cannot hold them (max_subkeys)", "—",
+                                 "—", "—", "—"])
                 continue
             by_method = f["by_method_bytes_per_second"]
-            rows.append([f"{row['peers']:,}", mode, str(f.get("shards", 1)), f"{f['period_seconds'] * 1000:.0f} ms",
+            ends = f.get("epoch_end_over_target")
+            rows.append([f"{row['peers']:,}", label, str(f.get("shards", 1)), f"{f['period_seconds'] * 1000:.0f} ms",
                          rate(f["peer_bytes_per_second"]), rate(f["busiest_bytes_per_second"]),
-                         rate(by_method.get("Find", 0)), rate(by_method.get("Store", 0))])
+                         rate(by_method.get("Find", 0)), rate(by_method.get("Store", 0)),
+                         f"{ends[0]:.2f}× / {ends[1]:.2f}×" if ends else "exact"])
     header = ["peers", "progress", "shards", "refresh period", "per peer", "busiest node", "Find per peer",
-              "Store per peer"]
+              "Store per peer", "epoch ends at (first reader / median)"]
     return provenance(result) + "\n\n" + table(header, rows)
 
 

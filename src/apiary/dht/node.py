@@ -55,6 +55,7 @@ from apiary.dht.messages import contact_of, merge_entries, node_info
 from apiary.dht.protos.dht_pb2 import FindRequest, FindResponse, NodeInfo, PingRequest, StoreItem, StoreRequest
 from apiary.dht.protocol import NODE_SERVICE, NodeServicer
 from apiary.dht.reads import cache_on_path, fetch_agreed, fetch_value, read_pages
+from apiary.dht.replicas import ReplicaCache
 from apiary.dht.republish import Republisher
 from apiary.dht.routing import Contact, RoutingTable, Unreachable
 from apiary.dht.settings import DHTSettings
@@ -174,6 +175,7 @@ class DHTNode:
         self.observed = ObservedAddresses()  # where the nodes that answer see this node's calls come from
         self.republisher = Republisher(self)
         self.cache = LookupCache(self.settings.max_cached_keys, clock)
+        self.replicas = ReplicaCache(self.settings.replica_cache_ttl, self.settings.num_replicas, clock=clock)
         self.hot_keys = HotKeys(self.settings.hot_key_factor, self.settings.hot_key_half_life, clock=clock)
         self._late: set[str] = set()  # peers whose Find outlived its lookup's deadline and still runs
         self.metrics = DHTMetrics(registry, self)
@@ -301,6 +303,7 @@ class DHTNode:
         known = self.routing.get(contact.peer_id) is not None
         if self.routing.add(contact) and not known:
             self.republisher.notice(contact)
+            self.replicas.notice(contact)
 
     def _me(self) -> NodeInfo:
         contact = self.contact
@@ -487,20 +490,63 @@ class DHTNode:
 
     async def store_many(self, items: list[tuple[Any, Any, Any, float]], *, timeout: float | None = None) -> list[bool]:
         """Stores (key, subkey or None, value, expiration) items on the nodes nearest to each key,
-        one Store RPC per node; returns, per item, whether at least one node accepted it. With a
-        `timeout`, the lookup and the stores end in that many seconds on the nodes found and the
+        one Store RPC per node; returns, per item, whether at least one node accepted it. A key
+        stored on less than `replica_cache_ttl` seconds ago goes to the nodes found then
+        (`replicas`); an item none of them took is stored again after a lookup. With a
+        `timeout`, the lookups and the stores end in that many seconds on the nodes found and the
         answers given by then (stores still running go on in the background)."""
         started = time.perf_counter()
         deadline = None if timeout is None else self.clock.monotonic() + timeout
         records = [self._signed_record(key, subkey, value, expiration) for key, subkey, value, expiration in items]
         key_ids = [id_of(record.key) for record in records]
-        nearest = await self.find_nearest(sorted(set(key_ids)), self.settings.num_replicas, deadline=deadline)
+        nearest, reused = await self._replicas_of(set(key_ids), deadline, reuse=True)
+        accepted, refused = await self._store_on(records, [nearest[key_id] for key_id in key_ids], deadline)
+        again = [i for i, key_id in enumerate(key_ids) if key_id in reused and not accepted[i] and i not in refused]
+        if again and (deadline is None or self.clock.monotonic() < deadline):
+            fresh, _ = await self._replicas_of({key_ids[i] for i in again}, deadline, reuse=False)
+            outcomes, reasons = await self._store_on([records[i] for i in again], [fresh[key_ids[i]] for i in again],
+                                                     deadline)
+            for position, index in enumerate(again):
+                accepted[index] = outcomes[position]
+                if position in reasons:
+                    refused[index] = reasons[position]
+        self.metrics.operations.labels("store").observe(time.perf_counter() - started)
+        over = {index: reason for index, reason in refused.items() if not accepted[index]}
+        if over:
+            raise StoreRefused("refused by every node asked, past a limit: " + "; ".join(
+                f"key {items[index][0]!r}" + ("" if items[index][1] is None else f" subkey {items[index][1]!r}")
+                + f": {reason}" for index, reason in sorted(over.items())[:8]))
+        return accepted
+
+    async def _replicas_of(self, key_ids: set[int], deadline: float | None, *, reuse: bool
+                           ) -> tuple[dict[int, list[Contact]], set[int]]:
+        """The nodes to store each key on, and the keys whose nodes were reused (`replicas`, none
+        of them banned since) rather than looked up."""
+        nearest: dict[int, list[Contact]] = {}
+        for key_id in key_ids if reuse else ():
+            contacts = self.replicas.get(key_id)
+            if contacts is not None and not any(self.blacklist.banned(c.peer_id) for c in contacts):
+                nearest[key_id] = contacts
+        reused = set(nearest)
+        unknown = sorted(key_ids - reused)
+        if unknown:
+            found = await self.find_nearest(unknown, self.settings.num_replicas, deadline=deadline)
+            if deadline is None or self.clock.monotonic() < deadline:  # the lookups ended, not their deadline
+                for key_id, contacts in found.items():
+                    self.replicas.put(key_id, contacts)
+            nearest.update(found)
+        return nearest, reused
+
+    async def _store_on(self, records: list[DHTRecord], nodes: list[list[Contact]], deadline: float | None
+                        ) -> tuple[list[bool], dict[int, str]]:
+        """Stores each record on its nodes, one Store RPC per node: per record, whether a node
+        accepted it, and the limit a node named in refusing it (by record)."""
         by_node: dict[str, tuple[Contact, list[int]]] = {}
-        for index, key_id in enumerate(key_ids):
-            for contact in nearest[key_id]:
+        for index, contacts in enumerate(nodes):
+            for contact in contacts:
                 by_node.setdefault(contact.peer_id, (contact, []))[1].append(index)
         accepted = [False] * len(records)
-        refused: dict[int, str] = {}  # item: a limit a node named in refusing it
+        refused: dict[int, str] = {}
 
         async def store_on(contact: Contact, indices: list[int]) -> None:
             if contact.peer_id == self.identity.peer_id:
@@ -511,6 +557,7 @@ class DHTNode:
                     request = StoreRequest(sender=self._me(), items=batch)
                     response = await self._call(contact, "Store", request)
                     if response is None:
+                        self.replicas.failed(contact.peer_id)
                         outcomes += [(False, "")] * len(batch)
                     else:
                         reasons = list(response.refused) + [""] * (len(batch) - len(response.refused))
@@ -535,13 +582,7 @@ class DHTNode:
                 store.result()  # (a failure of this node's own, not of a peer's: raised, as ever)
             for store in running:  # past the deadline: they end on their own RPC deadline
                 self._spawn(store)
-        self.metrics.operations.labels("store").observe(time.perf_counter() - started)
-        over = {index: reason for index, reason in refused.items() if not accepted[index]}
-        if over:
-            raise StoreRefused("refused by every node asked, past a limit: " + "; ".join(
-                f"key {items[index][0]!r}" + ("" if items[index][1] is None else f" subkey {items[index][1]!r}")
-                + f": {reason}" for index, reason in sorted(over.items())[:8]))
-        return accepted
+        return accepted, refused
 
     async def get(self, key: Any, latest: bool = False, *, timeout: float | None = None) -> Found | None:
         """The value under `key`, or None. With `latest`, searches the key's nearest nodes for the

@@ -21,6 +21,7 @@ class DHTSettings(BaseModel):
     client_mode: bool = Field(False, description="do not accept connections (behind NAT): get and store only")
     cache_on_lookup: bool = Field(True, description="cache found values on the nearest node of the lookup that lacked them")
     cache_ttl: float = Field(30.0, gt=0, description="seconds a copy cached next to the key's nearest nodes lives; halved per node further out")
+    replica_cache_ttl: float = Field(30.0, ge=0, description="seconds a writer stores straight on the nodes its last lookup found nearest a key (0: a lookup before every store)")
     max_cached_keys: int = Field(4096, ge=1, description="most keys a node keeps cached copies of (the soonest to expire go first)")
     hot_key_factor: float = Field(10.0, gt=1, description="a key asked for this many times more than the average key is hot (reported)")
     hot_key_half_life: float = Field(60.0, gt=0, description="seconds over which a key's request count halves")

@@ -102,3 +102,13 @@ async def test_without_replica_caching_every_store_looks_up() -> None:
         assert finds() > looked_up
     finally:
         await asyncio.gather(*(node.shutdown() for node in [writer, *others, first]))
+
+
+async def test_a_store_whose_kept_nodes_are_all_gone_lands_on_the_nodes_a_new_lookup_finds(swarm: list[DHTNode]) -> None:
+    writer = next(node for node in reversed(swarm) if node not in nearest(swarm, 2 * SETTINGS.num_replicas))
+    assert await writer.store(KEY, 1, time.time() + 60)
+    for node in nearest(swarm):
+        await node.shutdown()
+        swarm.remove(node)
+    assert await writer.store(KEY, 2, time.time() + 60), "the store failed with its kept nodes gone"
+    assert all([await holds(node, 2) for node in nearest(swarm)])

@@ -36,6 +36,11 @@ def nearest(nodes: list[DHTNode], count: int = SETTINGS.num_replicas) -> list[DH
     return sorted(nodes, key=lambda node: distance(node.id, key_id))[:count]
 
 
+def kept_ids(writer: DHTNode) -> set[str]:
+    """The peer ids of the nodes `writer` stores KEY on without a lookup."""
+    return {contact.peer_id for contact in writer.replicas.get(id_of(pack(KEY))) or []}
+
+
 async def holds(node: DHTNode, value: int) -> bool:
     entry = await node.storage.get(id_to_bytes(id_of(pack(KEY))))
     return entry is not None and entry.value is not None and entry.value.value == pack(value)
@@ -49,27 +54,29 @@ async def test_a_repeated_store_sends_no_lookup_and_reaches_every_replica(swarm:
                                   registry=registry)  # not among the key's nearest, even once one of them is gone
     finds = lambda: registry.get_sample_value("apiary_dht_outgoing_rpcs_total", {"method": "Find", "outcome": "ok"}) or 0.0  # noqa: E731
     try:
-        others = [node for node in swarm if node not in nearest(swarm)]
         assert await writer.store(KEY, 1, time.time() + 60)
         looked_up = finds()
         assert looked_up > 0
         for value in (2, 3, 4):
             assert await writer.store(KEY, value, time.time() + 60)
         assert finds() == looked_up, "a store within replica_cache_ttl looked the key up again"
-        replicas = nearest(swarm)
-        assert [await holds(node, 4) for node in replicas] == [True] * len(replicas)
-        assert not any([await holds(node, 4) for node in others])
+        kept = [node for node in swarm if node.identity.peer_id in kept_ids(writer)]
+        assert len(kept) == SETTINGS.num_replicas
+        assert [await holds(node, 4) for node in kept] == [True] * len(kept)
+        assert not any([await holds(node, 4) for node in swarm if node not in kept])  # (no cached copies: off)
 
-        # a replica dies: the store after it still lands on the others, the next one looks up and
-        # reaches the node that is now among the nearest
-        dead, successor = replicas[0], nearest(swarm, len(replicas) + 1)[-1]
+        # a kept node dies: the store after it still lands on the others, the next one looks up
+        # again and keeps live nodes only
+        dead = kept[0]
         await dead.shutdown()
         swarm.remove(dead)
         assert await writer.store(KEY, 5, time.time() + 60)
         assert await writer.store(KEY, 6, time.time() + 60)
         assert finds() > looked_up
-        assert await holds(successor, 6), "a store after a replica died missed the key's new nearest node"
-        assert all([await holds(node, 6) for node in nearest(swarm)])
+        assert dead.identity.peer_id not in kept_ids(writer)
+        assert all([await holds(node, 6) for node in swarm if node.identity.peer_id in kept_ids(writer)])
+        found = await swarm[0].get(KEY, latest=True)
+        assert found is not None and found.value == 6
     finally:
         await writer.shutdown()
 
@@ -107,8 +114,12 @@ async def test_without_replica_caching_every_store_looks_up() -> None:
 async def test_a_store_whose_kept_nodes_are_all_gone_lands_on_the_nodes_a_new_lookup_finds(swarm: list[DHTNode]) -> None:
     writer = next(node for node in reversed(swarm) if node not in nearest(swarm, 2 * SETTINGS.num_replicas))
     assert await writer.store(KEY, 1, time.time() + 60)
-    for node in nearest(swarm):
+    kept = kept_ids(writer)
+    assert len(kept) == SETTINGS.num_replicas
+    for node in [node for node in swarm if node.identity.peer_id in kept]:
         await node.shutdown()
         swarm.remove(node)
     assert await writer.store(KEY, 2, time.time() + 60), "the store failed with its kept nodes gone"
-    assert all([await holds(node, 2) for node in nearest(swarm)])
+    reader = next(node for node in swarm if node is not writer)
+    found = await reader.get(KEY, latest=True)
+    assert found is not None and found.value == 2

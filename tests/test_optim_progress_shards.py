@@ -22,6 +22,7 @@ from apiary.optim.progress import PROBE_EVERY, ProgressTracker, SwarmProgress, p
 from apiary.formats.shards import SAMPLED_SHARDS, Sample, read_level, sampled, shard_of, write_levels
 
 BASE32 = "abcdefghijklmnopqrstuvwxyz234567"
+STARTING_REFRESHES = 3  # refreshes after the joins: 800 peers that joined one by one settle on one level in three
 
 
 class Unsigned:
@@ -119,8 +120,9 @@ async def test_a_small_swarm_keeps_one_key_and_every_reader_counts_exactly(node)
 
 
 class Swarm:
-    """`peers` peers (throughputs log-normal about 10 samples/s), all started: each wrote at
-    level 0 and read once."""
+    """`peers` peers (throughputs log-normal about 10 samples/s), all started: they joined one
+    after the other (each writing once) and then refreshed STARTING_REFRESHES times, a second
+    apart, each reading and writing, so that their estimates of the swarm's size settled."""
 
     def __init__(self, node: DHTNode, peers: int, seed: int):
         rng = random.Random(seed)
@@ -132,8 +134,12 @@ class Swarm:
     async def start(self) -> None:
         for tracker in self.trackers:
             await tracker.publish(epoch=0, samples=0, samples_per_second=0.0)
-        for tracker in self.trackers:
-            await tracker.fetch()
+        for _ in range(STARTING_REFRESHES):
+            self.ticks.now += 1
+            for tracker in self.trackers:
+                await tracker.fetch()
+            for tracker in self.trackers:
+                await tracker.publish(epoch=0, samples=0, samples_per_second=0.0)
 
     async def epoch(self, epoch: int, *, liar: int | None = None) -> tuple[float, int]:
         """The last 30% of an epoch of 20 s: every peer publishes every second; one reader per
@@ -198,3 +204,26 @@ def test_near_an_epochs_end_a_sharded_swarm_refreshes_less_often_than_a_small_on
     for shards, period in [(1, 0.05), (2, 0.1), (32, 1.6), (256, 2.0)]:
         view = SwarmProgress(0, 500.0, 500.0, 100.0, 20, 0.0, shards)  # past 80% of the target
         assert controller.refresh_interval(local, view, now=0.0) == pytest.approx(period)
+
+
+async def test_newcomers_read_where_a_sharded_swarm_writes_even_after_a_low_probe(node):
+    """512 peers that know the swarm's size write at level 4 (16 shards) only. 200 newcomers
+    learn the size from a probe of their own shard (about 32 records: now and then under 0.71×
+    the mean, which points one level down, where nobody writes): after their first reads every
+    one reads the 16 shards and counts the swarm within 15%."""
+    ticks = Ticks()
+    ids = peer_ids(random.Random(6), 712)
+    for peer in ids[:512]:
+        tracker = ProgressTracker(node, "told", peer, clock=ticks.clock)
+        tracker._peers = 512.0
+        await tracker.publish(epoch=1, samples=10, samples_per_second=1.0)
+    newcomers = [ProgressTracker(node, "told", peer, clock=ticks.clock) for peer in ids[512:]]
+    for tracker in newcomers:
+        await tracker.publish(epoch=1, samples=10, samples_per_second=1.0)
+    views = []
+    for tracker in newcomers:
+        for _ in range(3):
+            view = await tracker.fetch()
+        views.append(view)
+    assert {view.shards for view in views} == {16}
+    assert all(abs(view.peers / 712 - 1) < 0.15 for view in views), sorted(view.peers for view in views)

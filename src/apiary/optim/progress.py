@@ -43,6 +43,21 @@ GRACE_SECONDS = 5.0  # a peer first seen mid-epoch may have counted this long be
 MAX_EXTRAPOLATION = 5.0  # seconds: a record older than that is from a peer that stalled or left
 CONFIDENCE = 3.5  # a sampled reader counts as reported its estimate less this many standard errors
 PROBE_EVERY = 16  # reads between two looks at every level
+SUSPICIOUS = 0.5  # a read that finds less than this share of the records its estimate implies reads again
+PROBE_RECORDS = 8  # a probed level implies the swarm's size from this many records of the peer's shard up
+
+
+def implied_size(probed: list[list[PeerProgress]]) -> tuple[float, int]:
+    """The swarm's size a probe of a peer's shard at every level implies, and the level that
+    implies it: the largest count a level implies (records × shards) among the levels where
+    the shard holds PROBE_RECORDS records or more (two or more, where none does), so that
+    peers whose estimates drifted apart (a swarm that grew fast) all move to the largest and
+    find each other again, and a level that only a few peers write at does not count."""
+    for least in (PROBE_RECORDS, 2):
+        implied = [(len(records) * 2.0**level, level) for level, records in enumerate(probed) if len(records) >= least]
+        if implied:
+            return max(implied)
+    return max(1.0, len(probed[0])), 0
 
 
 @dataclass(frozen=True)
@@ -114,33 +129,44 @@ class ProgressTracker:
     async def _read(self) -> tuple[list[PeerProgress], int, float]:
         """The valid records of this peer's sample of shards at its level, the level's number of
         shards and the share of the swarm's records the sample holds. The first read, one after
-        a read that found nothing and every PROBE_EVERY-th learn the swarm's size from this
-        peer's shard at every level up to MAX_LEVEL: the largest count a level implies (from two
-        records up), so that peers whose estimates drifted apart (a swarm that grew fast) all
-        move to the largest and find each other again."""
-        probed: list[list[PeerProgress]] = []
+        a read that found nothing and every PROBE_EVERY-th learn the swarm's size from a probe
+        (`_probe`). A read that finds far fewer records than the estimate implies (SUSPICIOUS)
+        reads again at the level the probe finds them at: the swarm shrank, or this peer's
+        estimate fell between the levels the others write at (a probe of ~32 records errs by
+        ~18%), where it would find none but the few peers misled like it and sink with them."""
+        probed: list[list[PeerProgress]] | None = None
         self._reads += 1
         if self._peers is None or self._reads % PROBE_EVERY == 0:
-            found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
-            probed = [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level)
-                      for level, shard in enumerate(found)]
-            self._peers = max([1.0, len(probed[0])] + [len(records) * 2.0**level for level, records in enumerate(probed)
-                                                     if len(records) >= 2])
-            if read_level(self._peers) == 0:
-                return probed[0], 1, 1.0
-        shards = 2 ** read_level(self._peers)
-        indices = sampled(self.peer_id, shards)
-        if shards == 1:
-            found = [await self.dht.get(progress_key(self.run_id), latest=True)]
-        else:
-            found = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in indices], latest=True)
-        records = shard_records(found, indices, shards)
-        fraction = len(indices) / shards
+            probed = await self._probe()
+            self._peers = implied_size(probed)[0]
+        records, shards, fraction = await self._sample(read_level(self._peers), probed)
+        if len(records) < SUSPICIOUS * self._peers * fraction:
+            probed = probed or await self._probe()
+            level = implied_size(probed)[1]
+            if 2**level != shards:
+                records, shards, fraction = await self._sample(level, probed)
         if records:
             self._peers = len(records) / fraction
-        elif not probed:  # (after a probe: the peers move up to the level it found at their next publication)
+        elif probed is None:  # (after a probe: the peers move up to the level it found at their next publication)
             self._peers = None
         return records, shards, fraction
+
+    async def _probe(self) -> list[list[PeerProgress]]:
+        """This peer's shard at every level up to MAX_LEVEL: the valid records of each."""
+        found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
+        return [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
+
+    async def _sample(self, level: int, probed: list[list[PeerProgress]] | None) -> tuple[list[PeerProgress], int, float]:
+        """The records of this peer's sample of shards at `level` (level 0: the one key, as probed if it was)."""
+        shards = 2**level
+        if shards == 1:
+            if probed is not None:
+                return probed[0], 1, 1.0
+            found = [await self.dht.get(progress_key(self.run_id), latest=True)]
+            return shard_records(found, [0], 1), 1, 1.0
+        indices = sampled(self.peer_id, shards)
+        found = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in indices], latest=True)
+        return shard_records(found, indices, shards), shards, len(indices) / shards
 
     async def fetch(self) -> SwarmProgress:
         """The swarm's view from the live records of this peer's sample of shards (own record

@@ -149,6 +149,7 @@ class Swarm:
         ticks, trackers = self.ticks, self.trackers
         shards = 2 ** read_level(trackers[1]._peers)
         readers = {shard_of(peer, shards): i for i, peer in enumerate(self.ids) if i != liar}
+        aggregators = [tracker for tracker in trackers if tracker.aggregated_levels]  # they read their shard every second
         samples = [v * 14 for v in self.speeds]
         target = sum(self.speeds) * 20
         for step in range(40):
@@ -159,6 +160,8 @@ class Swarm:
                     await tracker.publish(epoch=epoch, samples=10**9, samples_per_second=1e9)
                 else:
                     await tracker.publish(epoch=epoch, samples=int(samples[i]), samples_per_second=self.speeds[i])
+            for tracker in aggregators if step % 2 == 0 else ():
+                await tracker.fetch()
             for i in readers.values():
                 view = await trackers[i].fetch()
                 assert view.epoch == epoch

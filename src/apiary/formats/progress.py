@@ -61,7 +61,7 @@ def shard_records(found: list[Any], indices: list[int], shards: int) -> list[Pee
         if shard is None or not isinstance(shard.value, dict):
             continue
         for subkey, item in shard.value.items():
-            peer_id = _owner(subkey)
+            peer_id = record_owner(subkey)
             record = PeerProgress.from_value(peer_id, getattr(item, "value", None)) if peer_id else None
             if record is not None and shard_of(record.peer_id, shards) == index:
                 records.append(record)
@@ -99,7 +99,8 @@ async def read_whole(dht: DHTLike, run_id: str, *, timeout: float | None = None)
     return [newest[peer_id] for peer_id in sorted(newest)]
 
 
-def _owner(subkey: Any) -> str | None:
+def record_owner(subkey: Any) -> str | None:
+    """The peer whose owner marker `subkey` is (None: not an owner marker)."""
     if isinstance(subkey, str) and subkey.startswith("[owner:") and subkey.endswith("]"):
         return subkey[len("[owner:"):-1]
     return None

@@ -70,6 +70,9 @@ class Sample:
     @classmethod
     def of(cls, values: Iterable[float], fraction: float) -> Sample:
         values = list(values)
-        total = sum(values) / fraction
-        error = math.sqrt(max(0.0, 1.0 - fraction) * sum(v * v for v in values)) / fraction
-        return cls(fraction, total, error)
+        return cls.of_sums(sum(values), sum(v * v for v in values), fraction)
+
+    @classmethod
+    def of_sums(cls, total: float, squares: float, fraction: float) -> Sample:
+        """From the sample's Σx and Σx² (a shard's sums, formats/aggregates.py)."""
+        return cls(fraction, total / fraction, math.sqrt(max(0.0, 1.0 - fraction) * squares) / fraction)

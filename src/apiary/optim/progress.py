@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from apiary.clock import REAL, Clock
 from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
-from apiary.formats.progress import PeerProgress, progress_key, shard_records, swarm_epoch
+from apiary.formats.aggregates import MAX_AGE, MAX_SUMMED_EPOCHS, EpochSum, ShardSum, aggregate_key, designated, shard_sums
+from apiary.formats.progress import PeerProgress, progress_key, shard_records
 from apiary.formats.shards import MAX_LEVEL, Sample, read_level, sampled, shard_of, write_levels
 from apiary.wire import WireError
 
@@ -95,6 +96,8 @@ class ProgressTracker:
     _own_epoch: int = 0
     _peers: float | None = None  # the swarm's size, as the latest read estimated it (None: not read yet)
     _reads: int = 0
+    _aggregating: set[int] = field(default_factory=set)  # the levels this peer publishes its shard's sums at
+    _published: PeerProgress | None = None  # this peer's latest record
 
     @property
     def subkey(self) -> str:
@@ -110,7 +113,8 @@ class ProgressTracker:
             await self._read()
         now = self.clock.time()
         self._own_epoch = epoch
-        value = PeerProgress(self.peer_id, epoch, samples, samples_per_second, now, self.client).as_value()
+        self._published = PeerProgress(self.peer_id, epoch, samples, samples_per_second, now, self.client)
+        value = self._published.as_value()
         levels = write_levels(self._peers or 1.0)
         keys = [self._own_shard(level) for level in levels]
         try:
@@ -123,74 +127,145 @@ class ProgressTracker:
             self._peers = None
             return False
 
+    @property
+    def aggregated_levels(self) -> list[int]:
+        """The levels this peer writes at whose shard's sums it publishes (formats/aggregates.py)."""
+        return sorted(self._aggregating & set(write_levels(self._peers or 1.0)))
+
     def _own_shard(self, level: int) -> str:
         return progress_key(self.run_id, 2**level, shard_of(self.peer_id, 2**level))
 
-    async def _read(self) -> tuple[list[PeerProgress], int, float]:
-        """The valid records of this peer's sample of shards at its level, the level's number of
-        shards and the share of the swarm's records the sample holds. The first read, one after
-        a read that found nothing and every PROBE_EVERY-th learn the swarm's size from a probe
-        (`_probe`). A read that finds far fewer records than the estimate implies (SUSPICIOUS)
-        reads again at the level the probe finds them at: the swarm shrank, or this peer's
-        estimate fell between the levels the others write at (a probe of ~32 records errs by
-        ~18%), where it would find none but the few peers misled like it and sink with them."""
+    async def _read(self) -> tuple[list[ShardSum], int, float]:
+        """The sums of this peer's sample of shards at its level (its own record left out), the
+        level's number of shards and the share of the swarm's records the sample holds. The first
+        read, one after a read that found nothing and every PROBE_EVERY-th learn the swarm's size
+        from a probe (`_probe`). A read that finds far fewer records than the estimate implies
+        (SUSPICIOUS) reads again at the level the probe finds them at: the swarm shrank, or this
+        peer's estimate fell between the levels the others write at (a probe of ~32 records errs
+        by ~18%), where it would find none but the few peers misled like it and sink with them."""
         probed: list[list[PeerProgress]] | None = None
         self._reads += 1
         if self._peers is None or self._reads % PROBE_EVERY == 0:
             probed = await self._probe()
             self._peers = implied_size(probed)[0]
-        records, shards, fraction = await self._sample(read_level(self._peers), probed)
-        if len(records) < SUSPICIOUS * self._peers * fraction:
+        sums, shards, fraction = await self._sample(read_level(self._peers), probed)
+        if _records(sums) < SUSPICIOUS * self._peers * fraction:
             probed = probed or await self._probe()
             level = implied_size(probed)[1]
             if 2**level != shards:
-                records, shards, fraction = await self._sample(level, probed)
-        if records:
-            self._peers = len(records) / fraction
+                sums, shards, fraction = await self._sample(level, probed)
+        if _records(sums):
+            self._peers = _records(sums) / fraction
         elif probed is None:  # (after a probe: the peers move up to the level it found at their next publication)
             self._peers = None
-        return records, shards, fraction
+        return sums, shards, fraction
 
     async def _probe(self) -> list[list[PeerProgress]]:
         """This peer's shard at every level up to MAX_LEVEL: the valid records of each."""
         found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
-        return [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
+        probed = [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
+        for level, records in enumerate(probed):
+            self._note_aggregators(level, records)
+        return probed
 
-    async def _sample(self, level: int, probed: list[list[PeerProgress]] | None) -> tuple[list[PeerProgress], int, float]:
-        """The records of this peer's sample of shards at `level` (level 0: the one key, as probed if it was)."""
+    async def _sample(self, level: int, probed: list[list[PeerProgress]] | None) -> tuple[list[ShardSum], int, float]:
+        """The sums of this peer's sample of shards at `level`: each shard's published sums
+        (formats/aggregates.py), or its records where it has none usable, or where this peer has
+        just read them (its own shard, probed or aggregated). Publishes the sums of the shards it
+        aggregates. Level 0: the one key, read whole (as probed if it was)."""
         shards = 2**level
         if shards == 1:
-            if probed is not None:
-                return probed[0], 1, 1.0
-            found = [await self.dht.get(progress_key(self.run_id), latest=True)]
-            return shard_records(found, [0], 1), 1, 1.0
+            if probed is None:
+                probed = [shard_records([await self.dht.get(progress_key(self.run_id), latest=True)], [0], 1)]
+            return [self._summed(probed[0], exclude=self.peer_id)], 1, 1.0
         indices = sampled(self.peer_id, shards)
-        found = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in indices], latest=True)
-        return shard_records(found, indices, shards), shards, len(indices) / shards
+        keys = [progress_key(self.run_id, shards, i) for i in indices]
+        aggregating = self.aggregated_levels
+        unread = aggregating if probed is None else []
+        found = await self.dht.get_many([aggregate_key(key) for key in keys]
+                                        + [self._own_shard(at) for at in unread], latest=True)
+        now = self.clock.time()
+        own = {at: shard_records([shard], [shard_of(self.peer_id, 2**at)], 2**at)
+               for at, shard in zip(unread, found[len(keys):])}
+        if probed is not None:
+            own = {at: probed[at] for at in {*aggregating, level}}
+        own_index = shard_of(self.peer_id, shards)
+        sums: dict[int, ShardSum | None] = {}
+        for index, key, shard in zip(indices, keys, found):
+            sums[index] = shard_sums(shard, key, index, shards, now)
+        if level in own:
+            sums[own_index] = self._summed(own[level], exclude=self.peer_id)
+        elif sums[own_index] is not None and self._published is not None:  # its sums count this peer's own record
+            sums[own_index] = sums[own_index].without(self._published)
+        missing = [index for index, summed in sums.items() if summed is None]
+        if missing:
+            read = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in missing], latest=True)
+            for index, shard in zip(missing, read):
+                records = shard_records([shard], [index], shards)
+                sums[index] = self._summed(records, exclude=self.peer_id)
+                if index == own_index:
+                    self._note_aggregators(level, records)
+        await self._publish_sums(own, aggregating)
+        return [summed for summed in sums.values() if summed is not None], shards, len(indices) / shards
+
+    def _note_aggregators(self, level: int, records: list[PeerProgress]) -> None:
+        """Whether this peer is one of its shard's aggregators at `level`, by the records read of
+        it (only at a level it writes at: a level's members are known from a level in use)."""
+        members = [record.peer_id for record in records] + [self.peer_id]
+        if level and level in write_levels(self._peers or 1.0) and self.peer_id in designated(members, self._own_shard(level)):
+            self._aggregating.add(level)
+        else:
+            self._aggregating.discard(level)
+
+    async def _publish_sums(self, own: dict[int, list[PeerProgress]], aggregating: list[int]) -> None:
+        """Publishes the sums of this peer's shard at the levels it aggregates (read just now)."""
+        self._aggregating &= set(write_levels(self._peers or 1.0))
+        for at in aggregating:
+            self._note_aggregators(at, own[at])
+        levels = [at for at in aggregating if at in self._aggregating]
+        if levels:
+            expiration = self.clock.time() + MAX_AGE
+            await self.dht.store_many([(aggregate_key(self._own_shard(at)), self.subkey,
+                                        self._summed(own[at]).as_value(), expiration) for at in levels])
+
+    def _summed(self, records: list[PeerProgress], *, exclude: str | None = None) -> ShardSum:
+        """The sums of a shard's records now, each bounded (`_bound`), at its two newest epochs,
+        less the records of `exclude` (they still count as live records and for the epochs)."""
+        now_unix, now = self.clock.time(), self.clock.monotonic()
+        epochs: dict[int, EpochSum] = {}
+        for epoch in sorted({r.epoch for r in records}, reverse=True)[:MAX_SUMMED_EPOCHS]:
+            current = [r for r in records if r.epoch == epoch]
+            median_speed = statistics.median(r.samples_per_second for r in current)
+            reported, samples, speed = [], [], []
+            for record in current:
+                if record.peer_id == exclude:
+                    continue
+                since = min(max(0.0, now_unix - record.reported_at), MAX_EXTRAPOLATION)
+                bound = self._bound(record, now, median_speed)
+                samples.append(min(record.samples + record.samples_per_second * since, bound))
+                reported.append(min(record.samples, bound))
+                speed.append(min(record.samples_per_second, self.max_samples_per_second))
+            epochs[epoch] = EpochSum(len(reported), sum(reported), sum(x * x for x in reported), sum(samples), sum(speed))
+        newest = tuple(sorted((r.epoch for r in records), reverse=True)[:2])
+        return ShardSum(now_unix, len(records), newest, epochs)
 
     async def fetch(self) -> SwarmProgress:
-        """The swarm's view from the live records of this peer's sample of shards (own record
-        excluded from the sums)."""
-        records, shards, fraction = await self._read()
+        """The swarm's view from the sums of this peer's sample of shards (own record excluded
+        from the sums), extrapolated from when each was read."""
+        sums, shards, fraction = await self._read()
         now_unix, now = self.clock.time(), self.clock.monotonic()
-        if not records:
+        if not _records(sums):
             return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now, shards)
         # the newest epoch two peers report (ours counts as one), or ours if we are ahead of that
-        epoch = max(swarm_epoch(records), self._own_epoch)
-        current = [r for r in records if r.epoch == epoch]
-        median_speed = statistics.median(r.samples_per_second for r in current)
-        samples, reported, speed = [], [], []
-        for record in current:
-            if record.peer_id == self.peer_id:
-                continue
-            since = min(max(0.0, now_unix - record.reported_at), MAX_EXTRAPOLATION)
-            bound = self._bound(record, now, median_speed)
-            samples.append(min(record.samples + record.samples_per_second * since, bound))
-            reported.append(min(record.samples, bound))
-            speed.append(min(record.samples_per_second, self.max_samples_per_second))
-        counted = Sample.of(reported, fraction)
-        return SwarmProgress(epoch, Sample.of(samples, fraction).total, max(0.0, counted.total - CONFIDENCE * counted.error),
-                             Sample.of(speed, fraction).total, round(len(records) / fraction), now, shards, counted.error)
+        newest = sorted((epoch for summed in sums for epoch in summed.newest), reverse=True)
+        epoch = max(newest[1] if _records(sums) > 2 and len(newest) > 1 else newest[0], self._own_epoch)
+        at = [(summed.epochs[epoch], min(max(0.0, now_unix - summed.time), MAX_EXTRAPOLATION))
+              for summed in sums if epoch in summed.epochs]
+        counted = Sample.of_sums(sum(s.reported for s, _ in at), sum(s.squares for s, _ in at), fraction)
+        return SwarmProgress(epoch, sum(s.samples + s.speed * since for s, since in at) / fraction,
+                             max(0.0, counted.total - CONFIDENCE * counted.error),
+                             sum(s.speed for s, _ in at) / fraction, round(_records(sums) / fraction), now, shards,
+                             counted.error)
 
     def _bound(self, record: PeerProgress, now: float, median_speed: float) -> float:
         """The most samples this peer can have made in this epoch: the plausible throughput (the
@@ -205,3 +280,6 @@ class ProgressTracker:
                 del self._first_seen[key]
         return rate * (now - seen_at + GRACE_SECONDS)
 
+
+def _records(sums: list[ShardSum]) -> int:
+    return sum(summed.peers for summed in sums)

@@ -1,0 +1,131 @@
+"""Shard sums: what a few members of a progress shard publish so that a reader of a sharded
+swarm reads a few hundred bytes per shard instead of every record of it (formats/shards.py).
+
+A shard's members are ranked by a hash of their peer id and the shard's key (`rank`); the
+`AGGREGATORS` lowest (`designated`) read the shard whole at each refresh, bound each record as a
+reader bounds it (optim/progress.py) and publish the shard's sums under `<shard key>.sum`, subkey
+their owner marker, so that each signs its own: when they read it, its live records, the two
+newest epochs among them and, for each of its two newest epochs, the records at it and the sums
+of their reported samples, of those squared (for the sample's standard error), of their samples
+extrapolated to the reading and of their throughputs.
+
+A reader keeps, of a shard's published sums, the valid ones of publishers that belong to the
+shard, no older than `MAX_AGE`, and of those the `AGGREGATORS` of the lowest rank, and counts
+their median (`median_sum`, by the newest epochs, then the samples at the newest): one lying
+aggregator cannot move it past an honest one's (two of three can). A shard with no such sum is
+read whole. A shard key is then read by its few aggregators, not by every reader whose sample
+holds it (~512 at any size), and a sum is ~16 times smaller than the shard's records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from apiary.formats.progress import PeerProgress, record_owner
+from apiary.formats.shards import shard_of
+
+AGGREGATORS = 3  # members of a shard that publish its sums
+MAX_AGE = 6.0  # seconds: an older sum is stale (three of the longest refresh periods, optim/epochs.py)
+MAX_SUMMED_EPOCHS = 2  # a sum holds the sums of its records' newest epochs, this many
+
+
+def aggregate_key(shard_key: str) -> str:
+    """The key a shard's sums are published under."""
+    return f"{shard_key}.sum"
+
+
+def rank(peer_id: str, shard_key: str) -> bytes:
+    """A member's place among a shard's aggregators: the lowest AGGREGATORS are designated."""
+    return hashlib.sha256(f"{shard_key}|{peer_id}".encode()).digest()
+
+
+def designated(peer_ids: list[str], shard_key: str) -> list[str]:
+    """The members of a shard (by the records read of it) that publish its sums."""
+    return sorted(set(peer_ids), key=lambda peer: rank(peer, shard_key))[:AGGREGATORS]
+
+
+@dataclass(frozen=True)
+class EpochSum:
+    """The sums of a shard's records at one epoch, each record bounded as a reader bounds it."""
+
+    count: int
+    reported: float  # Σ reported samples
+    squares: float  # Σ reported samples²
+    samples: float  # Σ samples extrapolated to the reading
+    speed: float  # Σ throughputs
+
+    def without(self, record: PeerProgress) -> EpochSum:
+        """These sums less one record's own figures (a reader's own, which it does not count)."""
+        return EpochSum(max(0, self.count - 1), max(0.0, self.reported - record.samples),
+                        max(0.0, self.squares - float(record.samples) ** 2), max(0.0, self.samples - record.samples),
+                        max(0.0, self.speed - record.samples_per_second))
+
+
+@dataclass(frozen=True)
+class ShardSum:
+    """A shard as one member read it at `time` (unix time)."""
+
+    time: float
+    peers: int  # live records, at any epoch
+    newest: tuple[int, ...]  # the two newest epochs its records report (one each; fewer with fewer records)
+    epochs: dict[int, EpochSum]  # the sums at its MAX_SUMMED_EPOCHS newest epochs
+
+    def as_value(self) -> dict[str, Any]:
+        return {"time": self.time, "peers": self.peers, "newest": list(self.newest),
+                "epochs": [[epoch, s.count, s.reported, s.squares, s.samples, s.speed] for epoch, s in self.epochs.items()]}
+
+    @classmethod
+    def from_value(cls, value: Any) -> ShardSum | None:
+        """The sum, or None for a malformed one (other peers' sums are untrusted input)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            peers, newest, time = int(value["peers"]), tuple(int(e) for e in value["newest"]), float(value["time"])
+            epochs = {int(row[0]): EpochSum(int(row[1]), *(float(x) for x in row[2:6])) for row in value["epochs"]}
+            rows = len(value["epochs"])
+        except (KeyError, TypeError, ValueError, IndexError):
+            return None
+        figures = [x for s in epochs.values() for x in (s.reported, s.squares, s.samples, s.speed)]
+        if (not math.isfinite(time) or peers < 0 or len(newest) > 2 or min(newest, default=0) < 0
+                or len(epochs) != rows or len(epochs) > MAX_SUMMED_EPOCHS
+                or any(not math.isfinite(x) or x < 0 for x in figures)
+                or any(s.count < 0 for s in epochs.values()) or sum(s.count for s in epochs.values()) > peers):
+            return None
+        return cls(time, peers, newest, epochs)
+
+    def without(self, record: PeerProgress) -> ShardSum:
+        """This sum less a record the reader counts apart (its own) at the record's epoch."""
+        if record.epoch not in self.epochs:
+            return self
+        return replace(self, epochs={**self.epochs, record.epoch: self.epochs[record.epoch].without(record)})
+
+
+def median_sum(sums: list[ShardSum]) -> ShardSum:
+    """The middle of a shard's sums (the lower of two) by their newest epochs, then the samples
+    reported at the newest: a sum that claims more, or less, than the others is not counted."""
+    def order(s: ShardSum) -> tuple[tuple[int, ...], float]:
+        top = s.epochs.get(s.newest[0]) if s.newest else None
+        return s.newest, top.reported if top else 0.0
+
+    return sorted(sums, key=order)[(len(sums) - 1) // 2]
+
+
+def shard_sums(found: Any, shard_key: str, index: int, shards: int, now: float) -> ShardSum | None:
+    """The median of a shard's sums as published (`found`: the lookup of its aggregate key), or
+    None where none is usable (missing, malformed, stale, or from peers outside the shard)."""
+    if found is None or not isinstance(found.value, dict):
+        return None
+    valid: list[tuple[bytes, ShardSum]] = []
+    for subkey, item in found.value.items():
+        publisher = record_owner(subkey)
+        if publisher is None or shard_of(publisher, shards) != index:
+            continue
+        summed = ShardSum.from_value(getattr(item, "value", None))
+        if summed is not None and now - MAX_AGE <= summed.time:
+            valid.append((rank(publisher, shard_key), summed))
+    if not valid:
+        return None
+    return median_sum([summed for _, summed in sorted(valid, key=lambda pair: pair[0])[:AGGREGATORS]])

@@ -48,6 +48,8 @@ from moshpit_churn import Swarm as MoshpitSwarm  # noqa: E402
 from record import save  # noqa: E402
 
 from apiary.dht.validation import owner_marker  # noqa: E402
+from apiary.formats.aggregates import designated  # noqa: E402
+from apiary.formats.shards import shard_of, write_levels  # noqa: E402
 from apiary.optim.epochs import FINAL_REFRESH, final_refresh  # noqa: E402
 from apiary.optim.progress import CONFIDENCE, PeerProgress, ProgressTracker, SwarmProgress, progress_key  # noqa: E402
 from tests.sim.loop import clock, run  # noqa: E402
@@ -103,13 +105,16 @@ def sharded(tracker: ProgressTracker, epoch: int, speed: float = 10.0, seconds: 
 
 
 async def round_loads(network: Network, refreshes: list[tuple[Any, Any]], readers: list[int],
-                      period: float) -> tuple[dict[str, Any], list[Any]]:
-    """One refresh round: every peer writes, `readers` read, their reads scaled to every peer's:
-    a host serves what it served the simulated readers times peers/readers, and makes the reads
-    of one reader (their mean). Bytes per second per peer (mean), of the busiest peer, and per
-    peer by message kind."""
+                      period: float, aggregators: list[int] | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """One refresh round: every peer writes, the `aggregators` (the peers that publish their
+    shard's sums, formats/aggregates.py) read, each as itself, then `readers` read, their reads
+    scaled to every other peer's: a host serves what it served the simulated readers times
+    (peers - aggregators)/readers, and makes the reads of one reader (their mean). Bytes per
+    second per peer (mean), of the busiest peer, and per peer by message kind."""
+    aggregators = aggregators or []
     network.reset()
     await batched([store for store, _ in refreshes])
+    await batched([refreshes[i][1] for i in aggregators])
     moved = network.sent + network.received
     hosts: Counter[Any] = Counter()
     methods: Counter[str] = Counter()
@@ -118,13 +123,13 @@ async def round_loads(network: Network, refreshes: list[tuple[Any, Any]], reader
         methods[method] += size
     network.reset()
     answers = await batched([refreshes[i][1] for i in readers])
-    peers, scale = len(refreshes), len(refreshes) / len(readers)
+    peers, scale = len(refreshes), (len(refreshes) - len(aggregators)) / len(readers)
     moved = network.sent + network.received
     for (endpoint, method), size in moved.items():
         hosts[endpoint] += network.served[endpoint, method] * scale  # the calls it answers
         methods[method] += size * scale
     own = sum(moved.values()) - sum(network.served.values())  # the calls the readers made
-    for endpoint in list(hosts):  # every peer wrote
+    for endpoint in list(hosts):  # every peer read (an aggregator is charged a reader's reads too)
         hosts[endpoint] += own / len(readers)
     return {
         "period_seconds": period,
@@ -143,23 +148,41 @@ async def sharded_round(network: Network, trackers: list[ProgressTracker], speed
     count when a reader's reported count (the estimate less CONFIDENCE standard errors) reaches
     the target, as a multiple of the target. The epoch starts (every peer writes, the readers
     read: they see every peer from then on), `EPOCH_SECONDS` pass, and the round is measured."""
+    aggregators = [i for i, tracker in enumerate(trackers) if tracker.aggregated_levels]
     await batched([sharded(t, epoch, speed)[0] for t, speed in zip(trackers, speeds)])
+    await batched([sharded(trackers[i], epoch)[1] for i in aggregators])
     await batched([sharded(trackers[i], epoch)[1] for i in readers])
     await asyncio.sleep(EPOCH_SECONDS)
     refreshes = [sharded(t, epoch, speed, EPOCH_SECONDS) for t, speed in zip(trackers, speeds)]
-    probe, views = await round_loads(network, refreshes, readers, 1.0)
+    # steady state, as after a refresh period: the writers' kept replicas and the shards' sums are fresh
+    await batched([store for store, _ in refreshes])
+    await batched([refreshes[i][1] for i, tracker in enumerate(trackers) if tracker.aggregated_levels])
+    aggregators = [i for i, tracker in enumerate(trackers) if tracker.aggregated_levels]
+    probe, views = await round_loads(network, refreshes, readers, 1.0, aggregators)
     counts = [round(speed * EPOCH_SECONDS) for speed in speeds]
     truths = [sum(counts) - counts[i] for i in readers]
     estimates = [(view.reported + CONFIDENCE * view.error) / truth for view, truth in zip(views, truths)]
     ends = [truth / view.reported if view.reported > 0 else math.inf for view, truth in zip(views, truths)]
     level = statistics.mode(view.shards for view in views)
     period = final_refresh(level)
-    return {"shards": level, **probe, "period_seconds": period,
+    return {"shards": level, **probe, "period_seconds": period, "aggregators": len(aggregators),
             "estimate_over_truth": [min(estimates), statistics.median(estimates), max(estimates)],
             "epoch_end_over_target": [min(ends), statistics.median(ends), max(ends)],
             "peer_bytes_per_second": probe["peer_bytes_per_second"] / period,
             "busiest_bytes_per_second": probe["busiest_bytes_per_second"] / period,
             "by_method_bytes_per_second": {m: v / period for m, v in probe["by_method_bytes_per_second"].items()}}
+
+
+def designate(told: list[ProgressTracker], trackers: list[ProgressTracker]) -> None:
+    """Tells the writers that start knowing the swarm's size which of their shards they aggregate,
+    as a read of their shard would: the members ranked lowest at each level they write at."""
+    for tracker in told:
+        for level in write_levels(tracker._peers or 1.0):
+            shards = 2**level
+            index = shard_of(tracker.peer_id, shards)
+            members = [t.peer_id for t in trackers if shard_of(t.peer_id, shards) == index]
+            if tracker.peer_id in designated(members, progress_key("after", shards, index)):
+                tracker._aggregating.add(level)
 
 
 async def measure(peers: int, seed: int) -> dict[str, Any]:
@@ -186,6 +209,7 @@ async def measure(peers: int, seed: int) -> dict[str, Any]:
         told = [tracker for i, tracker in enumerate(trackers) if i not in chosen]
         for tracker in told:
             tracker._peers = float(peers)
+        designate(told, trackers)
         await batched([sharded(t, 1)[0] for t in told])
     # the swarm starts: each peer learns its size before its first write, reads once, writes again
     await batched([sharded(t, 1)[0] for t in starting])

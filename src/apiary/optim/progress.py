@@ -22,6 +22,11 @@ least the target: the sums are exact with one key, and with a sample they err by
 records, of which `CONFIDENCE` = 3.5 takes 15% off). A liar's record counts as in a full read,
 bounded, and is scaled like any other: it moves a reader's estimate by at most its bounded share
 of the records read; a record in a shard its peer id does not belong to is ignored.
+
+A sharded reader reads each shard's sums rather than its records: the shard's aggregators (its
+three lowest-ranked members) read it whole at each refresh, bound its records as above and
+publish the sums, and the reader counts their median (formats/aggregates.py); a shard without
+usable sums is read whole, by the same rules.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ async def test_calls_are_counted_by_method_and_code(served: tuple[RpcServer, Col
     server, registry = served
     async with ChannelPool(WireSettings(tls=False, default_timeout=10)) as pool:
         probe = RpcClient(pool, PROBE, server.local_endpoint)
-        for _ in range(3):
-            await probe.call("Ping", PingRequest())
+        pings = [PingRequest() for _ in range(3)]
+        answers = [await probe.call("Ping", ping) for ping in pings]
         raw_ping = pool.channel(server.local_endpoint).unary_unary("/apiary.wire.Probe/Ping")
         with pytest.raises(grpc.aio.AioRpcError):
             await raw_ping(b"\xff\xff", timeout=10)
@@ -58,6 +58,11 @@ async def test_calls_are_counted_by_method_and_code(served: tuple[RpcServer, Col
     assert registry.get_sample_value("apiary_test_rpc_duration_seconds_count", {"method": "Ping"}) == 4
     assert registry.get_sample_value("apiary_test_rpc_duration_seconds_sum", {"method": "Ping"}) > 0
     assert registry.get_sample_value("apiary_test_rpc_duration_seconds_bucket", {"method": "Ping", "le": "+Inf"}) == 4
+    # the bytes of the messages, as serialized (an empty Ping: none), the malformed request's two counted too
+    assert registry.get_sample_value("apiary_test_rpc_received_bytes_total", {"method": "Ping"}) == \
+        sum(len(ping.SerializeToString()) for ping in pings) + 2
+    assert registry.get_sample_value("apiary_test_rpc_sent_bytes_total", {"method": "Ping"}) == \
+        sum(len(answer.SerializeToString()) for answer in answers) > 0
     exposition = generate_latest(registry).decode()
     assert "# TYPE apiary_test_rpc_requests_total counter" in exposition
     assert "# TYPE apiary_test_rpc_duration_seconds histogram" in exposition

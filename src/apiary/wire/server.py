@@ -240,8 +240,20 @@ class RpcServer:
             self._probe.announced, self._probe.announced_bulk = self.announced, self.announced_bulk
 
     def _method_handler(self, spec: ServiceSpec, method: Method, handler: Callable[..., Any]) -> grpc.RpcMethodHandler:
-        serialize = method.response.SerializeToString
         observe = self._observe
+        received = self.metrics.received.labels(method.name).inc if self.metrics is not None else None
+        sent = self.metrics.sent.labels(method.name).inc if self.metrics is not None else None
+
+        def serialize(response: Any) -> bytes:
+            data = response.SerializeToString()
+            if sent is not None:
+                sent(len(data))
+            return data
+
+        def count(raw: bytes) -> bytes:
+            if received is not None:
+                received(len(raw))
+            return raw
         admit = self.limits.admit
         name = f"{spec.name}/{method.name}"
         path = spec.path(method)
@@ -267,10 +279,10 @@ class RpcServer:
                     count_refusal(StreamStalled.reason)
                     raise StreamStalled(f"no {method.request.DESCRIPTOR.name} arrived for "
                                         f"stream_stall_timeout={stall:g} seconds") from None
-                yield decode(method.request, raw)
+                yield decode(method.request, count(raw))
 
         def request_of(raw: Any) -> Any:
-            return requests_of(raw) if method.client_streaming else decode(method.request, raw)
+            return requests_of(raw) if method.client_streaming else decode(method.request, count(raw))
 
         if method.server_streaming:
 

@@ -118,6 +118,26 @@ async def test_slow_handler_hits_the_deadline(pool: ChannelPool, server: RpcServ
     await assert_serving(pool, server)
 
 
+async def test_a_call_whose_channel_is_dropped_fails_without_cancelling_its_caller(
+        pool: ChannelPool, server: RpcServer, trouble: Trouble) -> None:
+    """The pool drops a peer's channels (to dial it afresh) while a call to it runs: the call
+    fails as unavailable, naming why; its caller goes on (a lookup counts the peer as failed).
+    A caller that is itself cancelled still ends cancelled."""
+    client = RpcClient(pool, TROUBLE, server.local_endpoint)
+    call = asyncio.ensure_future(client.call("Sleep", PingRequest(), timeout=10))
+    await asyncio.wait_for(trouble.sleep_started.wait(), 5)
+    await pool.discard(server.local_endpoint)
+    with pytest.raises(PeerUnavailable, match="channel closed during the call"):
+        await call
+    trouble.sleep_started.clear()
+    call = asyncio.ensure_future(client.call("Sleep", PingRequest(), timeout=10))
+    await asyncio.wait_for(trouble.sleep_started.wait(), 5)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await assert_serving(pool, server)
+
+
 async def test_client_default_timeout_applies(server: RpcServer) -> None:
     async with ChannelPool(WireSettings(tls=False, default_timeout=0.3)) as short:
         started = time.monotonic()

@@ -432,6 +432,29 @@ def scale(results: Results) -> str:
     return provenance(result) + "\n\n" + table(header, rows)
 
 
+def scale_sockets(results: Results) -> str:
+    """One progress round on real sockets and in the simulator (scale_sockets.py)."""
+    result = results("scale-sockets", None)
+    if result is None:
+        return missing(".venv/bin/python benchmarks/scale_sockets.py")
+    f = result["figures"]
+
+    def kb(value: float) -> str:
+        return f"{value / 1e3:.1f} kB"
+
+    rows = [[side, kb(f[key]["served_per_peer"]), kb(f[key]["served_per_peer_by_method"].get("Find", 0)),
+             kb(f[key]["served_per_peer_by_method"].get("Store", 0)), kb(f[key]["served_busiest"]),
+             str(f[key]["aggregators"]), "–".join(f"{n:g}" for n in sorted({f[key]['counted_peers'][0], f[key]['counted_peers'][2]})),
+             str(f[key]["shards"])]
+            for side, key in ((f"{f['peers']} real nodes, {f['workers']} processes", "sockets"), ("the simulator", "simulator"))]
+    ratios = f["sockets_over_simulator"]
+    rows.append(["real / simulator", f"{ratios['served_per_peer']:.2f}", "", "", f"{ratios['served_busiest']:.2f}", "", "", ""])
+    return provenance(result) + "
+
+" + table(
+        ["peers", "served per peer", "Find", "Store", "busiest node", "aggregators", "swarm counted", "shards"], rows)
+
+
 def scale_moshpit(results: Results) -> str:
     """Rounds of Moshpit averaging to 1e-6 of the initial spread (scale.py --moshpit)."""
     result = results("scale", "moshpit")
@@ -492,7 +515,7 @@ TABLES: dict[str, Callable[[Results], str]] = {
     "relay_ceiling": relay_ceiling, "trust": trust, "memory": lambda results: memory(results, None),
     "memory-cuda": lambda results: memory(results, "cuda"), "powersgd": powersgd,
     "relay": lambda results: relay(results, None), "relay-netns": lambda results: relay(results, "netns"), "scale": scale,
-    "scale-moshpit": scale_moshpit, "flagship": flagship,
+    "scale-moshpit": scale_moshpit, "scale-sockets": scale_sockets, "flagship": flagship,
     "flagship-full": lambda results: flagship(results, None),
 }
 

@@ -16,8 +16,8 @@ import pytest
 
 from apiary.dht import DHTNode
 from apiary.dht.validation import owner_marker
-from apiary.formats.aggregates import (AGGREGATORS, MAX_AGE, EpochSum, ShardSum, aggregate_key, designated,
-                                       median_sum, shard_sums)
+from apiary.formats.aggregates import (AGGREGATORS, MAX_AGE, RETIRED, EpochSum, ShardSum, aggregate_key, designated,
+                                       median_sum, rank, shard_sums)
 from apiary.formats.shards import shard_of
 from apiary.optim.progress import ProgressTracker, progress_key
 from tests.test_optim_progress_shards import Ticks, Unsigned, peer_ids
@@ -138,7 +138,7 @@ async def test_one_lying_aggregator_or_a_stranger_moves_no_reader_and_stale_sums
         assert await swarm.node.store(aggregate_key(key), a_sum(now, 1e9, epoch=7).as_value(), now + MAX_AGE + 1,
                                       subkey=owner_marker(publisher))
     found = await swarm.node.get(aggregate_key(key), latest=True)
-    assert shard_sums(found, key, shard, SHARDS, now).epochs.keys() == {1}  # the honest median
+    assert shard_sums(found, key, shard, SHARDS, now).summed.epochs.keys() == {1}  # the honest median
     i, reader = swarm.reader()
     view = await reader.fetch()
     assert (view.epoch, view.peers, view.reported) == (1, PEERS, swarm.exact(i))
@@ -149,3 +149,31 @@ async def test_one_lying_aggregator_or_a_stranger_moves_no_reader_and_stale_sums
     assert [key for key in reader.dht.asked if not key.endswith(".sum")] == [progress_key("sums", SHARDS, s)
                                                                              for s in range(SHARDS)]
     assert (view.epoch, view.peers, view.reported) == (1, PEERS, swarm.exact(i))
+
+
+async def test_a_newcomer_ranked_lowest_takes_over_its_shards_sums_and_the_one_it_displaced_retires(swarm):
+    """A peer learns from its shard's sums that it ranks below their publishers: it reads the
+    shard whole, publishes its sums, and the aggregator it displaced publishes that it stopped
+    (its last sums are not counted until they expire)."""
+    shard = 5
+    key = progress_key("sums", SHARDS, shard)
+    displaced = designated(swarm.members(shard), key)[-1]
+    newcomer = next(peer for peer in peer_ids(random.Random(10), 4000)
+                    if shard_of(peer, SHARDS) == shard and rank(peer, key) < rank(designated(swarm.members(shard), key)[0], key))
+    tracker = ProgressTracker(Recording(swarm.node), "sums", newcomer, clock=swarm.ticks.clock)
+    tracker._peers = float(PEERS)
+    swarm.ids.append(newcomer)
+    swarm.trackers.append(tracker)
+    swarm.samples.append(10)
+    await swarm.refresh()  # the newcomer reads the sums, ranks below their publishers, reads its shard whole
+    await swarm.refresh()  # it publishes its shard's sums; the displaced aggregator reads them and stops
+    await swarm.refresh()
+    assert tracker.aggregated_levels == [4]
+    found = await swarm.node.get(aggregate_key(key), latest=True)
+    published = {subkey: item.value for subkey, item in found.value.items()}
+    assert published[owner_marker(displaced)] == RETIRED
+    live = {subkey for subkey, value in published.items() if value != RETIRED}
+    assert live == {owner_marker(peer) for peer in designated(swarm.members(shard), key)}
+    i, reader = swarm.reader()
+    view = await reader.fetch()
+    assert (view.peers, view.reported) == (PEERS + 1, swarm.exact(i))

@@ -73,6 +73,8 @@ class Network:
         self.received: Counter[tuple[Endpoint, str]] = Counter()
         self.served: Counter[tuple[Endpoint, str]] = Counter()  # (host, method): bytes of calls it answered, both ways
         self.calls: Counter[tuple[Endpoint, str]] = Counter()  # (caller, method): calls made
+        self.payload: Counter[tuple[Endpoint, str]] = Counter()  # (host, method): the messages' bytes of the calls it
+        # answered, both ways, without framing (what a real server's apiary_*_rpc_*_bytes_total count)
         self.traced: Endpoint | None = None  # a caller whose Finds' start times are noted in `starts`
         self.starts: list[float] = []
         self.settings = WireSettings(listen_host="127.0.0.1", bulk=False)
@@ -149,6 +151,7 @@ class Network:
         self.sent[source.endpoint, method] += size + CALL_OVERHEAD
         self.received[target, method] += size + CALL_OVERHEAD
         self.served[server, method] += size + CALL_OVERHEAD
+        self.payload[server, method] += size
 
     def traffic(self) -> dict[Endpoint, int]:
         """Bytes each host sent and received, all methods."""
@@ -161,4 +164,5 @@ class Network:
         self.sent.clear()
         self.received.clear()
         self.served.clear()
+        self.payload.clear()
         self.calls.clear()

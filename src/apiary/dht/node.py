@@ -195,12 +195,13 @@ class DHTNode:
         wire: WireSettings | None = None,
         **kwargs: Any,
     ) -> DHTNode:
-        """Starts a standalone node with its own server (none in client mode) and joins the swarm."""
+        """Starts a standalone node with its own server (none in client mode) and joins the swarm;
+        with a `registry`, its server's RPC metrics go there too (apiary_dht_rpc_*)."""
         wire = wire or WireSettings(listen_host="127.0.0.1", bulk=False)
         identity = identity or Identity.generate()
         node = cls(identity, settings, pool=ChannelPool(wire, identity=identity), **kwargs)
         if not node.settings.client_mode:
-            node.attach(RpcServer(wire, node.identity))
+            node.attach(RpcServer(wire, node.identity, registry=kwargs.get("registry"), metrics_prefix="apiary_dht"))
             node._owns_server = True
             await node.server.start()
         try:

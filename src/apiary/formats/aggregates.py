@@ -30,6 +30,7 @@ from apiary.formats.shards import shard_of
 AGGREGATORS = 3  # members of a shard that publish its sums
 MAX_AGE = 6.0  # seconds: an older sum is stale (three of the longest refresh periods, optim/epochs.py)
 MAX_SUMMED_EPOCHS = 2  # a sum holds the sums of its records' newest epochs, this many
+RETIRED = {"retired": True}  # what an aggregator that stopped publishes in place of its last sums (no sum)
 
 
 def aggregate_key(shard_key: str) -> str:
@@ -113,7 +114,22 @@ def median_sum(sums: list[ShardSum]) -> ShardSum:
     return sorted(sums, key=order)[(len(sums) - 1) // 2]
 
 
-def shard_sums(found: Any, shard_key: str, index: int, shards: int, now: float) -> ShardSum | None:
+@dataclass(frozen=True)
+class Published:
+    """What a reader counts of a shard (`summed`: the median of its chosen sums) and the ranks of
+    the publishers it chose them from, lowest first."""
+
+    summed: ShardSum
+    ranks: list[bytes]
+
+    def outranked_by(self, peer_id: str, shard_key: str) -> bool:
+        """Whether a member of the shard should be one of its aggregators by these publishers:
+        fewer than AGGREGATORS publish, or it ranks below one of them (so that members that
+        should aggregate learn it from the sums, not only from reading the shard)."""
+        return len(self.ranks) < AGGREGATORS or rank(peer_id, shard_key) < self.ranks[-1]
+
+
+def shard_sums(found: Any, shard_key: str, index: int, shards: int, now: float) -> Published | None:
     """The median of a shard's sums as published (`found`: the lookup of its aggregate key), or
     None where none is usable (missing, malformed, stale, or from peers outside the shard)."""
     if found is None or not isinstance(found.value, dict):
@@ -128,4 +144,5 @@ def shard_sums(found: Any, shard_key: str, index: int, shards: int, now: float) 
             valid.append((rank(publisher, shard_key), summed))
     if not valid:
         return None
-    return median_sum([summed for _, summed in sorted(valid, key=lambda pair: pair[0])[:AGGREGATORS]])
+    chosen = sorted(valid, key=lambda pair: pair[0])[:AGGREGATORS]
+    return Published(median_sum([summed for _, summed in chosen]), [ranked for ranked, _ in chosen])

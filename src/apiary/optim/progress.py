@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from apiary.clock import REAL, Clock
 from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
-from apiary.formats.aggregates import MAX_AGE, MAX_SUMMED_EPOCHS, EpochSum, ShardSum, aggregate_key, designated, shard_sums
+from apiary.formats.aggregates import (MAX_AGE, MAX_SUMMED_EPOCHS, RETIRED, EpochSum, ShardSum, aggregate_key, designated,
+                                       shard_sums)
 from apiary.formats.progress import PeerProgress, progress_key, shard_records
 from apiary.formats.shards import MAX_LEVEL, Sample, read_level, sampled, shard_of, write_levels
 from apiary.wire import WireError
@@ -102,6 +103,7 @@ class ProgressTracker:
     _peers: float | None = None  # the swarm's size, as the latest read estimated it (None: not read yet)
     _reads: int = 0
     _aggregating: set[int] = field(default_factory=set)  # the levels this peer publishes its shard's sums at
+    _summing: set[int] = field(default_factory=set)  # the levels of its latest sums
     _published: PeerProgress | None = None  # this peer's latest record
 
     @property
@@ -163,15 +165,14 @@ class ProgressTracker:
             self._peers = _records(sums) / fraction
         elif probed is None:  # (after a probe: the peers move up to the level it found at their next publication)
             self._peers = None
+        for level, records in enumerate(probed or []):  # (by the levels the estimate now writes at)
+            self._note_aggregators(level, records)
         return sums, shards, fraction
 
     async def _probe(self) -> list[list[PeerProgress]]:
         """This peer's shard at every level up to MAX_LEVEL: the valid records of each."""
         found = await self.dht.get_many([self._own_shard(level) for level in range(MAX_LEVEL + 1)], latest=True)
-        probed = [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
-        for level, records in enumerate(probed):
-            self._note_aggregators(level, records)
-        return probed
+        return [shard_records([shard], [shard_of(self.peer_id, 2**level)], 2**level) for level, shard in enumerate(found)]
 
     async def _sample(self, level: int, probed: list[list[PeerProgress]] | None) -> tuple[list[ShardSum], int, float]:
         """The sums of this peer's sample of shards at `level`: each shard's published sums
@@ -195,13 +196,15 @@ class ProgressTracker:
         if probed is not None:
             own = {at: probed[at] for at in {*aggregating, level}}
         own_index = shard_of(self.peer_id, shards)
-        sums: dict[int, ShardSum | None] = {}
-        for index, key, shard in zip(indices, keys, found):
-            sums[index] = shard_sums(shard, key, index, shards, now)
+        published = {index: shard_sums(shard, key, index, shards, now) for index, key, shard in zip(indices, keys, found)}
+        sums = {index: chosen.summed if chosen else None for index, chosen in published.items()}
+        mine = published[own_index]
         if level in own:
             sums[own_index] = self._summed(own[level], exclude=self.peer_id)
-        elif sums[own_index] is not None and self._published is not None:  # its sums count this peer's own record
-            sums[own_index] = sums[own_index].without(self._published)
+        elif mine is not None and mine.outranked_by(self.peer_id, keys[indices.index(own_index)]):
+            sums[own_index] = None  # read whole: this peer may be one of the shard's aggregators
+        elif mine is not None and self._published is not None:  # its sums count this peer's own record
+            sums[own_index] = mine.summed.without(self._published)
         missing = [index for index, summed in sums.items() if summed is None]
         if missing:
             read = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in missing], latest=True)
@@ -223,15 +226,20 @@ class ProgressTracker:
             self._aggregating.discard(level)
 
     async def _publish_sums(self, own: dict[int, list[PeerProgress]], aggregating: list[int]) -> None:
-        """Publishes the sums of this peer's shard at the levels it aggregates (read just now)."""
+        """Publishes the sums of this peer's shard at the levels it aggregates (read just now), and
+        that it stopped at the levels it no longer does (its last sums would be counted until
+        they expire, growing staler)."""
         self._aggregating &= set(write_levels(self._peers or 1.0))
         for at in aggregating:
             self._note_aggregators(at, own[at])
         levels = [at for at in aggregating if at in self._aggregating]
-        if levels:
-            expiration = self.clock.time() + MAX_AGE
-            await self.dht.store_many([(aggregate_key(self._own_shard(at)), self.subkey,
-                                        self._summed(own[at]).as_value(), expiration) for at in levels])
+        retired, self._summing = self._summing - set(levels), set(levels)
+        expiration = self.clock.time() + MAX_AGE
+        items = [(aggregate_key(self._own_shard(at)), self.subkey, self._summed(own[at]).as_value(), expiration)
+                 for at in levels]
+        items += [(aggregate_key(self._own_shard(at)), self.subkey, RETIRED, expiration) for at in retired]
+        if items:
+            await self.dht.store_many(items)
 
     def _summed(self, records: list[PeerProgress], *, exclude: str | None = None) -> ShardSum:
         """The sums of a shard's records now, each bounded (`_bound`), at its two newest epochs,

@@ -264,8 +264,8 @@ async def worker(first: int, end: int, count: int, seed: int, tls: bool, initial
             elif command["op"] == "reset":
                 baseline, answer = counted(), True
             else:  # served
-                nodes, calls = counted()
-                answer = [[dict(now - base) for now, base in zip(nodes, baseline[0])], dict(calls - baseline[1])]
+                served, calls = counted()
+                answer = [[dict(now - base) for now, base in zip(served, baseline[0])], dict(calls - baseline[1])]
             print(json.dumps(answer), flush=True)
     finally:
         await asyncio.gather(*(node.shutdown() for node in nodes))

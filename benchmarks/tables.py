@@ -439,20 +439,19 @@ def scale_sockets(results: Results) -> str:
         return missing(".venv/bin/python benchmarks/scale_sockets.py")
     f = result["figures"]
 
-    def kb(value: float) -> str:
-        return f"{value / 1e3:.1f} kB"
+    def side(label: str, g: dict[str, Any]) -> list[str]:
+        by_method, calls, counted = g["served_per_peer_by_method"], g["calls_per_peer_by_method"], g["counted_peers"]
+        return [label, f"{g['served_per_peer'] / 1e3:.1f} kB", f"{by_method.get('Find', 0) / 1e3:.1f} kB",
+                f"{calls.get('Find', 0):.1f}", f"{by_method.get('Store', 0) / 1e3:.1f} kB",
+                f"{g['served_busiest'] / 1e3:.1f} kB", str(g["aggregators"]),
+                f"{counted[0]:g}" if counted[0] == counted[2] else f"{counted[0]:g}–{counted[2]:g}", str(g["shards"])]
 
-    rows = [[side, kb(f[key]["served_per_peer"]), kb(f[key]["served_per_peer_by_method"].get("Find", 0)),
-             kb(f[key]["served_per_peer_by_method"].get("Store", 0)), kb(f[key]["served_busiest"]),
-             str(f[key]["aggregators"]), "–".join(f"{n:g}" for n in sorted({f[key]['counted_peers'][0], f[key]['counted_peers'][2]})),
-             str(f[key]["shards"])]
-            for side, key in ((f"{f['peers']} real nodes, {f['workers']} processes", "sockets"), ("the simulator", "simulator"))]
     ratios = f["sockets_over_simulator"]
-    rows.append(["real / simulator", f"{ratios['served_per_peer']:.2f}", "", "", f"{ratios['served_busiest']:.2f}", "", "", ""])
-    return provenance(result) + "
-
-" + table(
-        ["peers", "served per peer", "Find", "Store", "busiest node", "aggregators", "swarm counted", "shards"], rows)
+    rows = [side(f"{f['peers']} real nodes, {f['workers']} processes", f["sockets"]), side("the simulator", f["simulator"]),
+            ["real / simulator", f"{ratios['served_per_peer']:.2f}", "", "", "", f"{ratios['served_busiest']:.2f}", "", "", ""]]
+    return provenance(result) + "\n\n" + table(
+        ["peers", "served per peer", "Find", "Find calls", "Store", "busiest node", "aggregators", "swarm counted",
+         "shards"], rows)
 
 
 def scale_moshpit(results: Results) -> str:

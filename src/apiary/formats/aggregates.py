@@ -15,6 +15,10 @@ their median (`median_sum`, by the newest epochs, then the samples at the newest
 aggregator cannot move it past an honest one's (two of three can). A shard with no such sum is
 read whole. A shard key is then read by its few aggregators, not by every reader whose sample
 holds it (~512 at any size), and a sum is ~16 times smaller than the shard's records.
+
+A member learns that it is one of the aggregators from its shard's records when it reads them,
+or from its shard's sums (`Published.outranked_by`: it ranks below one of their publishers, or
+fewer than AGGREGATORS publish); one that stops publishes `RETIRED` in place of its sums.
 """
 
 from __future__ import annotations

@@ -157,11 +157,14 @@ class ChannelPool:
         if kind != GRPC:
             return
         for key in [key for key in self._channels if key[0] == endpoint]:
-            old = self._channels.pop(key)
+            self._retire(self._channels.pop(key))
             self.channel(endpoint, key[1]).get_state(try_to_connect=True)
-            task = asyncio.ensure_future(old.close(self.settings.default_timeout))
-            self._retiring[task] = old
-            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        """Closes a replaced channel once its calls end (at most a default timeout later)."""
+        task = asyncio.ensure_future(channel.close(self.settings.default_timeout))
+        self._retiring[task] = channel
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     def relay_failure(self, endpoint: Endpoint) -> WireError | None:
         """Why the latest circuit to a relayed endpoint could not be opened (None: it could, or none was tried)."""
@@ -173,10 +176,13 @@ class ChannelPool:
         self._proven.pop(endpoint, None)
 
     async def discard(self, endpoint: Endpoint) -> None:
-        """Closes the channels to `endpoint` (e.g. a peer known to be gone)."""
+        """Replaces the channels to `endpoint` (e.g. a peer known to be gone, or back after its
+        calls failed): the next call dials afresh; the calls in flight on the old ones end on
+        their own, which then close (a call failed by a channel closed under it would count
+        against a peer that answers)."""
         self.forget(endpoint)
         for key in [key for key in self._channels if key[0] == endpoint]:
-            await self._channels.pop(key).close()
+            self._retire(self._channels.pop(key))
         if endpoint in self._forwarders:
             await self._forwarders.pop(endpoint).close()
 

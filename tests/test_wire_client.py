@@ -118,12 +118,10 @@ async def test_slow_handler_hits_the_deadline(pool: ChannelPool, server: RpcServ
     await assert_serving(pool, server)
 
 
-async def test_a_call_in_flight_survives_its_channel_being_replaced_and_one_closed_under_it_fails_plainly(
-        server: RpcServer) -> None:
+async def test_a_call_in_flight_survives_its_channel_being_replaced(server: RpcServer) -> None:
     """The pool replaces a peer's channels (to dial it afresh) while a call to it runs: the call
-    still gets its answer, and the next call dials a new channel. A call whose channel is closed
-    under it (the pool closing) fails as unavailable, naming why, instead of cancelling its
-    caller; a caller that is itself cancelled still ends cancelled."""
+    still gets its answer (closing the channel under it failed it, which a DHT node counted
+    against a peer that answers), and the next call dials a new channel."""
     quick = RpcServer(WireSettings(tls=False, listen_host="127.0.0.1"), Identity.generate())
     quick.add_service(TROUBLE, Trouble(sleep_seconds=1.0))
     await quick.start()
@@ -137,17 +135,6 @@ async def test_a_call_in_flight_survives_its_channel_being_replaced_and_one_clos
             await assert_serving(pool, quick)
     finally:
         await quick.stop(0)
-    for cancel in (False, True):
-        pool = ChannelPool(WireSettings(tls=False, default_timeout=10))
-        call = asyncio.ensure_future(RpcClient(pool, TROUBLE, server.local_endpoint).call("Sleep", PingRequest()))
-        await asyncio.sleep(0.3)
-        if cancel:
-            call.cancel()
-        else:
-            await pool.close()
-        with pytest.raises(asyncio.CancelledError if cancel else PeerUnavailable, match=None if cancel else "channel closed"):
-            await call
-        await pool.close()
 
 
 async def test_client_default_timeout_applies(server: RpcServer) -> None:

@@ -38,7 +38,7 @@ from opentelemetry import trace
 
 from apiary.wire.address import Endpoint
 from apiary.wire.auth import CallCredentials, request_digest
-from apiary.wire.errors import PeerUnavailable, RequestRejected, WireError, error_from_status
+from apiary.wire.errors import RequestRejected, WireError, error_from_status
 from apiary.wire.identity import Identity
 from apiary.wire.protos.relay_pb2 import GRPC
 from apiary.wire.relay.forward import Forwarder
@@ -244,8 +244,6 @@ class RpcClient:
                 return await multicallable(request, timeout=timeout, metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 raise await self._error(method, e) from None
-            except asyncio.CancelledError:
-                raise self._closed_under(method) from None
 
     async def stream(self, method_name: str, request: Request, *, timeout: float | None = None) -> AsyncIterator[Any]:
         """A streaming-response call: yields responses as they arrive; the deadline covers the whole stream."""
@@ -259,8 +257,6 @@ class RpcClient:
                     yield response
             except grpc.aio.AioRpcError as e:
                 raise await self._error(method, e) from None
-            except asyncio.CancelledError:
-                raise self._closed_under(method) from None
             finally:
                 call.cancel()
 
@@ -300,16 +296,6 @@ class RpcClient:
             kind=trace.SpanKind.CLIENT,
             attributes=span_attributes(self.spec.name, method.name, str(self.endpoint)),
         )
-
-    def _closed_under(self, method: Method) -> BaseException:
-        """What a call that gRPC ended as cancelled raises: CancelledError when its task is being
-        cancelled; else its channel was closed under it (the pool dropped the peer's channels to
-        dial it afresh), a failed call like any other, not one that cancels its caller."""
-        task = asyncio.current_task()
-        if task is None or task.cancelling():
-            return asyncio.CancelledError()
-        return PeerUnavailable(f"{self.spec.name}/{method.name} on {self.endpoint}: the channel closed during the call "
-                               f"(its peer's channels were dropped, to dial it afresh)", peer=str(self.endpoint))
 
     async def _error(self, method: Method, error: grpc.aio.AioRpcError) -> WireError:
         details = error.details() or ""

@@ -36,7 +36,7 @@ def test_a_sum_reads_back_as_written_and_a_malformed_one_is_refused():
     assert ShardSum.from_value(summed.as_value()) == summed
     good = summed.as_value()
     for bad in [None, [], {**good, "time": float("nan")}, {**good, "peers": 3},  # more at the epoch than records
-                {**good, "newest": [3, 2, 1]}, {**good, "epochs": [[1, 1, -5.0, 0, 0, 0]]},
+                {**good, "newest": [3, 2, 1]}, {**good, "newest": []}, {**good, "epochs": [[1, 1, -5.0, 0, 0, 0]]},
                 {**good, "epochs": [[1, 1, float("inf"), 0, 0, 0]]}, {**good, "epochs": [[1, 1, 2.0]]},
                 {**good, "epochs": [[e, 1, 0, 0, 0, 0] for e in range(3)]}, {k: v for k, v in good.items() if k != "peers"}]:
         assert ShardSum.from_value(bad) is None, bad

@@ -16,6 +16,18 @@ aggregator cannot move it past an honest one's (two of three can). A shard with 
 read whole. A shard key is then read by its few aggregators, not by every reader whose sample
 holds it (~512 at any size), and a sum is ~16 times smaller than the shard's records.
 
+Past `WINDOW` (16) shards an aggregator also publishes, inside its sum, the sum of its window:
+the WINDOW consecutive shards from its own, as it read them as a reader (its own shard whole,
+the others' medians), extrapolated to its reading (`merged`). A reader then reads the sums of
+the windows from its own shard on, one key every WINDOW shards (`window_starts`): up to 256
+shards (~8,000 peers) SAMPLED_SHARDS keys cover every shard, and a window's sum counts for the
+readers of 16 shards' keys, so that a reader's sample, and with it its error, no longer shrinks
+as the swarm grows while each key keeps the same readers (~SAMPLED_SHARDS × SHARD_RECORDS).
+It counts a window where most of the chosen publishers publish one, by their median (one liar
+cannot move it); where none is usable it counts that shard's own sum, and its own window, where
+none is usable, shard by shard as without windows. A window lags a refresh more than a shard's
+sum (it sums the sums of the refresh before).
+
 A member learns that it is one of the aggregators from its shard's records when it reads them,
 or from its shard's sums (`Published.outranked_by`: it ranks below one of their publishers, or
 fewer than AGGREGATORS publish); one that stops publishes `RETIRED` in place of its sums.
@@ -29,11 +41,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from apiary.formats.progress import PeerProgress, record_owner
-from apiary.formats.shards import shard_of
+from apiary.formats.shards import SAMPLED_SHARDS, shard_of
 
 AGGREGATORS = 3  # members of a shard that publish its sums
 MAX_AGE = 6.0  # seconds: an older sum is stale (three of the longest refresh periods, optim/epochs.py)
 MAX_SUMMED_EPOCHS = 2  # a sum holds the sums of its records' newest epochs, this many
+WINDOW = SAMPLED_SHARDS  # the shards a window's sum covers: an aggregator's shard and the next ones
 RETIRED = {"retired": True}  # what an aggregator that stopped publishes in place of its last sums (no sum)
 
 
@@ -71,41 +84,71 @@ class EpochSum:
 
 @dataclass(frozen=True)
 class ShardSum:
-    """A shard as one member read it at `time` (unix time)."""
+    """A shard, or a window of `shards` consecutive shards, as one member read it at `time`
+    (unix time); a shard's sum may carry the sum of the window that starts at it (`window`)."""
 
     time: float
     peers: int  # live records, at any epoch
     newest: tuple[int, ...]  # the two newest epochs its records report (one each; fewer with fewer records)
     epochs: dict[int, EpochSum]  # the sums at its MAX_SUMMED_EPOCHS newest epochs
+    shards: int = 1  # the shards it covers
+    window: ShardSum | None = None  # the sum of the WINDOW shards from this one (a shard's sum only)
 
     def as_value(self) -> dict[str, Any]:
-        return {"time": self.time, "peers": self.peers, "newest": list(self.newest),
-                "epochs": [[epoch, s.count, s.reported, s.squares, s.samples, s.speed] for epoch, s in self.epochs.items()]}
+        value = {"time": self.time, "peers": self.peers, "newest": list(self.newest),
+                 "epochs": [[epoch, s.count, s.reported, s.squares, s.samples, s.speed] for epoch, s in self.epochs.items()]}
+        if self.shards != 1:
+            value["shards"] = self.shards
+        if self.window is not None:
+            value["window"] = self.window.as_value()
+        return value
 
     @classmethod
-    def from_value(cls, value: Any) -> ShardSum | None:
-        """The sum, or None for a malformed one (other peers' sums are untrusted input)."""
+    def from_value(cls, value: Any, *, nested: bool = False) -> ShardSum | None:
+        """The sum, or None for a malformed one (other peers' sums are untrusted input); a
+        malformed window is dropped, the shard's own sum kept."""
         if not isinstance(value, dict):
             return None
         try:
             peers, newest, time = int(value["peers"]), tuple(int(e) for e in value["newest"]), float(value["time"])
             epochs = {int(row[0]): EpochSum(int(row[1]), *(float(x) for x in row[2:6])) for row in value["epochs"]}
-            rows = len(value["epochs"])
+            rows, shards = len(value["epochs"]), int(value.get("shards", 1))
         except (KeyError, TypeError, ValueError, IndexError):
             return None
         figures = [x for s in epochs.values() for x in (s.reported, s.squares, s.samples, s.speed)]
-        if (not math.isfinite(time) or peers < 0 or len(newest) > 2 or min(newest, default=0) < 0
+        if (not math.isfinite(time) or peers < 0 or len(newest) != min(2, peers) or min(newest, default=0) < 0
                 or len(epochs) != rows or len(epochs) > MAX_SUMMED_EPOCHS
                 or any(not math.isfinite(x) or x < 0 for x in figures)
-                or any(s.count < 0 for s in epochs.values()) or sum(s.count for s in epochs.values()) > peers):
+                or any(s.count < 0 for s in epochs.values()) or sum(s.count for s in epochs.values()) > peers
+                or shards != (WINDOW if nested else 1)):
             return None
-        return cls(time, peers, newest, epochs)
+        window = None if nested or "window" not in value else cls.from_value(value["window"], nested=True)
+        return cls(time, peers, newest, epochs, shards, window if window is not None and window.time == time else None)
 
     def without(self, record: PeerProgress) -> ShardSum:
         """This sum less a record the reader counts apart (its own) at the record's epoch."""
         if record.epoch not in self.epochs:
             return self
         return replace(self, epochs={**self.epochs, record.epoch: self.epochs[record.epoch].without(record)})
+
+
+def window_starts(first: int, shards: int) -> list[int]:
+    """The shards whose windows a reader of more than WINDOW shards reads: `first` (its own) and
+    every WINDOW-th after it, at most SAMPLED_SHARDS of them (every shard, up to 256 shards)."""
+    return [(first + i * WINDOW) % shards for i in range(min(SAMPLED_SHARDS, shards // WINDOW))]
+
+
+def merged(sums: list[ShardSum], time: float, max_extrapolation: float) -> ShardSum:
+    """Several sums as one at `time`: their records, their two newest epochs and their sums at
+    those, samples extrapolated from each sum's time (by at most `max_extrapolation` seconds)."""
+    newest = tuple(sorted((epoch for s in sums for epoch in s.newest), reverse=True)[:2])
+    epochs: dict[int, EpochSum] = {}
+    for epoch in sorted({epoch for s in sums for epoch in s.epochs}, reverse=True)[:MAX_SUMMED_EPOCHS]:
+        at = [(s.epochs[epoch], min(max(0.0, time - s.time), max_extrapolation)) for s in sums if epoch in s.epochs]
+        epochs[epoch] = EpochSum(sum(e.count for e, _ in at), sum(e.reported for e, _ in at),
+                                 sum(e.squares for e, _ in at), sum(e.samples + e.speed * since for e, since in at),
+                                 sum(e.speed for e, _ in at))
+    return ShardSum(time, sum(s.peers for s in sums), newest, epochs, sum(s.shards for s in sums))
 
 
 def median_sum(sums: list[ShardSum]) -> ShardSum:
@@ -125,6 +168,7 @@ class Published:
 
     summed: ShardSum
     ranks: list[bytes]
+    window: ShardSum | None = None  # the median of the chosen publishers' windows, where most have one
 
     def outranked_by(self, peer_id: str, shard_key: str) -> bool:
         """Whether a member of the shard should be one of its aggregators by these publishers:
@@ -149,4 +193,6 @@ def shard_sums(found: Any, shard_key: str, index: int, shards: int, now: float) 
     if not valid:
         return None
     chosen = sorted(valid, key=lambda pair: pair[0])[:AGGREGATORS]
-    return Published(median_sum([summed for _, summed in chosen]), [ranked for ranked, _ in chosen])
+    windows = [summed.window for _, summed in chosen if summed.window is not None]
+    return Published(median_sum([summed for _, summed in chosen]), [ranked for ranked, _ in chosen],
+                     median_sum(windows) if len(windows) > len(chosen) // 2 else None)

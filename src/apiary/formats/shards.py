@@ -14,7 +14,9 @@ no more) and scales what it finds by S/m: every peer is in the sample with proba
 so `Sample.total` is the Horvitz–Thompson estimate of the swarm's sum, unbiased, with standard
 error √((1-p)·Σx²)/p over the sampled values x (0 when everything is read). With n records read
 and peers of about equal throughput that is about √((1-p)/n) of the sum: 4.4% for the ~512
-records read at SAMPLED_SHARDS × SHARD_RECORDS (tests/test_optim_shards.py measures it).
+records read at SAMPLED_SHARDS × SHARD_RECORDS (tests/test_optim_shards.py measures it). Where the
+shards' aggregators publish the sums of windows of SAMPLED_SHARDS shards (formats/aggregates.py),
+a reader counts SAMPLED_SHARDS windows instead, from its own: every shard up to 256 of them.
 """
 
 from __future__ import annotations

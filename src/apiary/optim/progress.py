@@ -26,7 +26,9 @@ of the records read; a record in a shard its peer id does not belong to is ignor
 A sharded reader reads each shard's sums rather than its records: the shard's aggregators (its
 three lowest-ranked members) read it whole at each refresh, bound its records as above and
 publish the sums, and the reader counts their median (formats/aggregates.py); a shard without
-usable sums is read whole, by the same rules.
+usable sums is read whole, by the same rules. Past 16 shards the aggregators publish the sums
+of the 16 shards from theirs too (a window), and a reader reads the windows from its own shard
+on, one key in 16: up to 256 shards its count is exact but for the windows' lag.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from apiary.clock import REAL, Clock
 from apiary.dht.interface import DHTLike
 from apiary.dht.validation import owner_marker
-from apiary.formats.aggregates import (MAX_AGE, MAX_SUMMED_EPOCHS, RETIRED, EpochSum, ShardSum, aggregate_key, designated,
-                                       shard_sums)
+from apiary.formats.aggregates import (MAX_AGE, MAX_SUMMED_EPOCHS, RETIRED, WINDOW, EpochSum, Published, ShardSum,
+                                       aggregate_key, designated, merged, shard_sums, window_starts)
 from apiary.formats.progress import PeerProgress, progress_key, shard_records
 from apiary.formats.shards import MAX_LEVEL, Sample, read_level, sampled, shard_of, write_levels
 from apiary.wire import WireError
@@ -177,44 +180,80 @@ class ProgressTracker:
     async def _sample(self, level: int, probed: list[list[PeerProgress]] | None) -> tuple[list[ShardSum], int, float]:
         """The sums of this peer's sample of shards at `level`: each shard's published sums
         (formats/aggregates.py), or its records where it has none usable, or where this peer has
-        just read them (its own shard, probed or aggregated). Publishes the sums of the shards it
-        aggregates. Level 0: the one key, read whole (as probed if it was)."""
+        just read them (its own shard, probed or aggregated). Past WINDOW shards the sample is
+        the windows from its own shard on (`window_starts`), each counted by its window's sum
+        where most of its aggregators publish one, else by the shard's own sum or records.
+        Publishes the sums of the shards it aggregates (and, at this level, of its window: the
+        sums of the consecutive shards from its own). Level 0: the one key, read whole (as probed
+        if it was)."""
         shards = 2**level
         if shards == 1:
             if probed is None:
                 probed = [shard_records([await self.dht.get(progress_key(self.run_id), latest=True)], [0], 1)]
             return [self._summed(probed[0], exclude=self.peer_id)], 1, 1.0
-        indices = sampled(self.peer_id, shards)
-        keys = [progress_key(self.run_id, shards, i) for i in indices]
+        own_index = shard_of(self.peer_id, shards)
+        windowed = shards > WINDOW
+        consecutive = sampled(self.peer_id, shards)  # from its own shard on, when windowed
+        starts = window_starts(own_index, shards) if windowed else consecutive
         aggregating = self.aggregated_levels
+        summing = windowed and level in aggregating  # it publishes its window's sums: it reads them all
         unread = aggregating if probed is None else []
-        found = await self.dht.get_many([aggregate_key(key) for key in keys]
+        first = sorted({*starts, *(consecutive if summing else ())})
+        found = await self.dht.get_many([aggregate_key(self._shard_key(shards, index)) for index in first]
                                         + [self._own_shard(at) for at in unread], latest=True)
         now = self.clock.time()
         own = {at: shard_records([shard], [shard_of(self.peer_id, 2**at)], 2**at)
-               for at, shard in zip(unread, found[len(keys):])}
+               for at, shard in zip(unread, found[len(first):])}
         if probed is not None:
             own = {at: probed[at] for at in {*aggregating, level}}
-        own_index = shard_of(self.peer_id, shards)
-        published = {index: shard_sums(shard, key, index, shards, now) for index, key, shard in zip(indices, keys, found)}
+        published = {index: self._published_sums(shard, index, shards, now) for index, shard in zip(first, found)}
+        own_published = published[own_index]
+        own_window = own_published.window if windowed and own_published is not None else None
+        if windowed and own_window is None and not summing:  # its own window, shard by shard
+            rest = [index for index in consecutive if index not in published]
+            found = await self.dht.get_many([aggregate_key(self._shard_key(shards, index)) for index in rest], latest=True)
+            published |= {index: self._published_sums(shard, index, shards, now) for index, shard in zip(rest, found)}
         sums = {index: chosen.summed if chosen else None for index, chosen in published.items()}
-        mine = published[own_index]
         if level in own:
             sums[own_index] = self._summed(own[level], exclude=self.peer_id)
-        elif mine is not None and mine.outranked_by(self.peer_id, keys[indices.index(own_index)]):
+        elif own_published is not None and own_published.outranked_by(self.peer_id, self._shard_key(shards, own_index)):
             sums[own_index] = None  # read whole: this peer may be one of the shard's aggregators
-        elif mine is not None and self._published is not None:  # its sums count this peer's own record
-            sums[own_index] = mine.summed.without(self._published)
-        missing = [index for index, summed in sums.items() if summed is None]
+        elif own_published is not None and self._published is not None:  # its sums count this peer's own record
+            sums[own_index] = own_published.summed.without(self._published)
+        whole = consecutive if own_window is None or summing else [own_index]  # read whole where they have no sum
+        missing = [index for index in whole if sums[index] is None]
         if missing:
-            read = await self.dht.get_many([progress_key(self.run_id, shards, i) for i in missing], latest=True)
+            read = await self.dht.get_many([self._shard_key(shards, index) for index in missing], latest=True)
             for index, shard in zip(missing, read):
                 records = shard_records([shard], [index], shards)
                 sums[index] = self._summed(records, exclude=self.peer_id)
                 if index == own_index:
                     self._note_aggregators(level, records)
-        await self._publish_sums(own, aggregating)
-        return [summed for summed in sums.values() if summed is not None], shards, len(indices) / shards
+        await self._publish_sums(own, aggregating, self._window_sums(level, own, sums, consecutive) if summing else {})
+        if own_window is None:
+            counted = [summed for index in consecutive if (summed := sums[index]) is not None]
+        else:
+            counted = [own_window.without(self._published) if self._published is not None else own_window]
+        for index in starts[1:] if windowed else ():  # the other windows: by their sums where published
+            if (chosen := published[index]) is not None:
+                counted.append(chosen.window or chosen.summed)
+        return counted, shards, sum(summed.shards for summed in counted) / shards
+
+    def _shard_key(self, shards: int, index: int) -> str:
+        return progress_key(self.run_id, shards, index)
+
+    def _published_sums(self, found: Any, index: int, shards: int, now: float) -> Published | None:
+        return shard_sums(found, self._shard_key(shards, index), index, shards, now)
+
+    def _window_sums(self, level: int, own: dict[int, list[PeerProgress]], sums: dict[int, ShardSum | None],
+                     window: list[int]) -> dict[int, ShardSum]:
+        """This peer's shard's sums at `level` with its window's attached, where it aggregates
+        the level and every shard of its window has a sum (a window with a gap is not published)."""
+        if any(sums[index] is None for index in window[1:]):
+            return {}
+        mine = self._summed(own[level])
+        rest = [summed for index in window[1:] if (summed := sums[index]) is not None]
+        return {level: replace(mine, window=merged([mine, *rest], mine.time, MAX_EXTRAPOLATION))}
 
     def _note_aggregators(self, level: int, records: list[PeerProgress]) -> None:
         """Whether this peer is one of its shard's aggregators at `level`, by the records read of
@@ -225,18 +264,19 @@ class ProgressTracker:
         else:
             self._aggregating.discard(level)
 
-    async def _publish_sums(self, own: dict[int, list[PeerProgress]], aggregating: list[int]) -> None:
-        """Publishes the sums of this peer's shard at the levels it aggregates (read just now), and
-        that it stopped at the levels it no longer does (its last sums would be counted until
-        they expire, growing staler)."""
+    async def _publish_sums(self, own: dict[int, list[PeerProgress]], aggregating: list[int],
+                            ready: dict[int, ShardSum]) -> None:
+        """Publishes the sums of this peer's shard at the levels it aggregates (read just now;
+        `ready`: those summed already, with their window), and that it stopped at the levels it
+        no longer does (its last sums would be counted until they expire, growing staler)."""
         self._aggregating &= set(write_levels(self._peers or 1.0))
         for at in aggregating:
             self._note_aggregators(at, own[at])
         levels = [at for at in aggregating if at in self._aggregating]
         retired, self._summing = self._summing - set(levels), set(levels)
         expiration = self.clock.time() + MAX_AGE
-        items = [(aggregate_key(self._own_shard(at)), self.subkey, self._summed(own[at]).as_value(), expiration)
-                 for at in levels]
+        items = [(aggregate_key(self._own_shard(at)), self.subkey, (ready.get(at) or self._summed(own[at])).as_value(),
+                  expiration) for at in levels]
         items += [(aggregate_key(self._own_shard(at)), self.subkey, RETIRED, expiration) for at in retired]
         if items:
             await self.dht.store_many(items)
@@ -269,16 +309,13 @@ class ProgressTracker:
         now_unix, now = self.clock.time(), self.clock.monotonic()
         if not _records(sums):
             return SwarmProgress(0, 0.0, 0.0, 0.0, 0, now, shards)
+        total = merged(sums, now_unix, MAX_EXTRAPOLATION)
         # the newest epoch two peers report (ours counts as one), or ours if we are ahead of that
-        newest = sorted((epoch for summed in sums for epoch in summed.newest), reverse=True)
-        epoch = max(newest[1] if _records(sums) > 2 and len(newest) > 1 else newest[0], self._own_epoch)
-        at = [(summed.epochs[epoch], min(max(0.0, now_unix - summed.time), MAX_EXTRAPOLATION))
-              for summed in sums if epoch in summed.epochs]
-        counted = Sample.of_sums(sum(s.reported for s, _ in at), sum(s.squares for s, _ in at), fraction)
-        return SwarmProgress(epoch, sum(s.samples + s.speed * since for s, since in at) / fraction,
-                             max(0.0, counted.total - CONFIDENCE * counted.error),
-                             sum(s.speed for s, _ in at) / fraction, round(_records(sums) / fraction), now, shards,
-                             counted.error)
+        epoch = max(total.newest[1] if total.peers > 2 and len(total.newest) > 1 else total.newest[0], self._own_epoch)
+        at = total.epochs.get(epoch, EpochSum(0, 0.0, 0.0, 0.0, 0.0))
+        counted = Sample.of_sums(at.reported, at.squares, fraction)
+        return SwarmProgress(epoch, at.samples / fraction, max(0.0, counted.total - CONFIDENCE * counted.error),
+                             at.speed / fraction, round(total.peers / fraction), now, shards, counted.error)
 
     def _bound(self, record: PeerProgress, now: float, median_speed: float) -> float:
         """The most samples this peer can have made in this epoch: the plausible throughput (the

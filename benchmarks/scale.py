@@ -4,8 +4,9 @@ records read by sample (formats/shards.py), at 100 and 1,000 peers (10,000 with 
 are `latest` gets: before, and for the sharded records in the "sharded" row, they ask a key's
 nearest nodes to the end, as they did before `read_quorum`; after, they end once `read_quorum`
 nodes agree (dht/traversal.py). Sharded readers read the shards' sums where the shards'
-aggregators publish them (formats/aggregates.py), in both rows; the "sharded" row (reads to the
-end) only up to `--full-reads-up-to` peers (1,000: at 10,000 it would be half the run).
+aggregators publish them (formats/aggregates.py), and past 16 shards the sums of windows of 16
+shards, in both rows; the "sharded" row (reads to the end) only up to `--full-reads-up-to` peers
+(1,000: at 10,000 it would be half the run).
 
 Every peer runs a real DHT node on the simulated network (its latencies and uplinks drawn from
 the seed) and a real `ProgressTracker` (after) or the one-key store and get the tracker made

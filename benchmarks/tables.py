@@ -426,9 +426,9 @@ def scale(results: Results) -> str:
             rows.append([f"{row['peers']:,}", label, str(f.get("shards", 1)), f"{f['period_seconds'] * 1000:.0f} ms",
                          rate(f["peer_bytes_per_second"]), rate(f["busiest_bytes_per_second"]),
                          rate(by_method.get("Find", 0)), rate(by_method.get("Store", 0)),
-                         f"{ends[0]:.2f}× / {ends[1]:.2f}×" if ends else "exact"])
+                         " / ".join(f"{end:.2f}×" for end in ends) if ends else "exact"])
     header = ["peers", "progress", "shards", "refresh period", "per peer", "busiest node", "Find per peer",
-              "Store per peer", "epoch ends at (first reader / median)"]
+              "Store per peer", "epoch ends at (first reader / median / last)"]
     return provenance(result) + "\n\n" + table(header, rows)
 
 

@@ -72,15 +72,16 @@ class Recording:
 
 
 class Swarm:
-    """PEERS peers that know the swarm's size (16 shards), each with 10..80 samples at 10/s."""
+    """`peers` peers of run `run` that know the swarm's size (PEERS: 16 shards), each with
+    10..80 samples at 10/s."""
 
-    def __init__(self, node: DHTNode):
+    def __init__(self, node: DHTNode, peers: int = PEERS, run: str = "sums", seed: int = 8):
         self.node, self.ticks = node, Ticks()
-        self.ids = peer_ids(random.Random(8), PEERS)
-        self.samples = [10 * (1 + i % 8) for i in range(PEERS)]
-        self.trackers = [ProgressTracker(Recording(node), "sums", peer, clock=self.ticks.clock) for peer in self.ids]
+        self.ids = peer_ids(random.Random(seed), peers)
+        self.samples = [10 * (1 + i % 8) for i in range(peers)]
+        self.trackers = [ProgressTracker(Recording(node), run, peer, clock=self.ticks.clock) for peer in self.ids]
         for tracker in self.trackers:
-            tracker._peers = float(PEERS)
+            tracker._peers = float(peers)
 
     async def refresh(self) -> None:
         """A second passes; every peer publishes its record and reads the swarm's."""

@@ -10,7 +10,7 @@ test_optim_progress_shards.py), in virtual time.
 
 from __future__ import annotations
 
-import random
+from dataclasses import replace
 
 import pytest
 
@@ -18,9 +18,9 @@ from apiary.dht import DHTNode
 from apiary.dht.validation import owner_marker
 from apiary.formats.aggregates import MAX_AGE, WINDOW, EpochSum, ShardSum, aggregate_key, designated, window_starts
 from apiary.formats.shards import shard_of
-from apiary.optim.progress import CONFIDENCE, ProgressTracker, progress_key
-from tests.test_optim_progress_shards import Ticks, Unsigned, peer_ids
-from tests.test_optim_progress_sums import Recording, a_sum
+from apiary.optim.progress import CONFIDENCE, progress_key
+from tests.test_optim_progress_shards import Unsigned
+from tests.test_optim_progress_sums import Swarm, a_sum
 
 PEERS = 1024  # 32 shards of ~32 records: two windows
 SHARDS = 32
@@ -33,7 +33,7 @@ def test_a_window_reads_back_with_its_shard_and_a_malformed_one_is_dropped():
     good = summed.as_value()
     for bad in [{**good["window"], "shards": 2}, {**good["window"], "time": 99.0}, {**good["window"], "peers": 3},
                 "garbage"]:
-        assert ShardSum.from_value({**good, "window": bad}) == a_sum_without_window(summed), bad
+        assert ShardSum.from_value({**good, "window": bad}) == replace(summed, window=None), bad
     assert ShardSum.from_value({**good["window"]}) is None  # a window is no shard's own sum
     for shards in (32, 256, 4096):
         starts = window_starts(5, shards)
@@ -41,43 +41,10 @@ def test_a_window_reads_back_with_its_shard_and_a_malformed_one_is_dropped():
         assert starts[0] == 5 and len(covered) == len(set(covered)) == min(shards, 256)
 
 
-def a_sum_without_window(summed: ShardSum) -> ShardSum:
-    return ShardSum(summed.time, summed.peers, summed.newest, summed.epochs)
-
-
-class Swarm:
-    """PEERS peers that know the swarm's size (32 shards), each with 10..80 samples at 10/s."""
-
-    def __init__(self, node: DHTNode):
-        self.node, self.ticks = node, Ticks()
-        self.ids = peer_ids(random.Random(11), PEERS)
-        self.samples = [10 * (1 + i % 8) for i in range(PEERS)]
-        self.trackers = [ProgressTracker(Recording(node), "windows", peer, clock=self.ticks.clock) for peer in self.ids]
-        for tracker in self.trackers:
-            tracker._peers = float(PEERS)
-
-    async def refresh(self) -> None:
-        """A second passes; every peer publishes its record and reads the swarm's."""
-        self.ticks.now += 1
-        for tracker, samples in zip(self.trackers, self.samples):
-            await tracker.publish(epoch=1, samples=samples, samples_per_second=10.0)
-        for tracker in self.trackers:
-            await tracker.fetch()
-
-    def reader(self) -> tuple[int, ProgressTracker]:
-        """A peer that aggregates no shard, its calls forgotten."""
-        i = next(i for i, tracker in enumerate(self.trackers) if not tracker.aggregated_levels)
-        self.trackers[i].dht.asked.clear()
-        return i, self.trackers[i]
-
-    def exact(self, i: int) -> int:
-        return sum(self.samples) - self.samples[i]
-
-
 @pytest.fixture
 async def swarm():
     node = await DHTNode.launch(validator=Unsigned())
-    swarm = Swarm(node)
+    swarm = Swarm(node, PEERS, "windows", seed=11)
     for _ in range(3):  # no sums yet; the shards' sums; their windows
         await swarm.refresh()
     yield swarm

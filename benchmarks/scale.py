@@ -225,8 +225,8 @@ async def measure(peers: int, seed: int, full_reads_up_to: int) -> dict[str, Any
     await batched([sharded(t, 2)[0] for t in starting])
     log(f"{peers} peers: the sharded swarm started")
     result["after"] = await sharded_round(network, trackers, speeds, 4, readers)
-    if peers <= full_reads_up_to:  # last: measured before the quorum reads, it left them reading on (copies
-        swarm.settings.read_quorum = FULL_READ  # cached along its paths?): at 1,000 peers 277 kB/s per peer, not ~33
+    if peers <= full_reads_up_to:  # last: measured before the quorum reads, it left them reading on (at 1,000
+        swarm.settings.read_quorum = FULL_READ  # peers 277 kB/s per peer, not 33; why is not found yet)
         result["sharded"] = await sharded_round(network, trackers, speeds, 5, readers)
     log(f"{peers} peers: sharded measured")
     result["seconds"] = {"join": round(joined, 1), "total": round(time.monotonic() - started, 1)}

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+import psutil
 import pytest
 import torch
 from wire_helpers.services import TROUBLE, Trouble, crash_route, echo_route, eventually, reject_route, slow_route, unused_port
@@ -246,3 +247,51 @@ async def test_bulk_deadline_and_handler_errors(pool: ChannelPool, server: RpcSe
     assert body == b"ereh llits"
     await assert_serving(pool, server)
 
+
+
+def _connections_to(servers: list[RpcServer]) -> int:
+    """Open TCP connections this process dialled to the servers' gRPC ports."""
+    ports = {server.local_endpoint.port for server in servers}
+    return sum(1 for c in psutil.Process().net_connections("tcp")
+               if c.raddr and c.raddr.port in ports and c.status == psutil.CONN_ESTABLISHED)
+
+
+async def _servers(count: int, settings: WireSettings) -> list[RpcServer]:
+    servers = [RpcServer(settings, Identity.generate()) for _ in range(count)]
+    for server in servers:
+        await server.start()
+    return servers
+
+
+async def test_a_pool_keeps_at_most_max_channels_open_and_still_reaches_every_peer() -> None:
+    servers = await _servers(6, WireSettings(tls=False, listen_host="127.0.0.1", bulk=False))
+    try:
+        async with ChannelPool(WireSettings(tls=False, default_timeout=10, max_channels=2)) as pool:
+            for _ in range(2):  # a second pass redials the peers whose channels were closed
+                for server in servers:
+                    reply = await RpcClient(pool, PROBE, server.local_endpoint).call("Ping", PingRequest())
+                    assert reply.peer_id == server.identity.peer_id
+                    assert pool.open_channels <= 2
+            await eventually(lambda: _connections_to(servers) <= 2)  # the least recently used closed
+    finally:
+        for server in servers:
+            await server.stop(0)
+
+
+async def test_idle_connections_close_at_either_end_and_the_next_call_dials_again() -> None:
+    # the client's own timeout closes its connection; a server closes one its client keeps idle for too long
+    quick, patient = WireSettings(tls=False, idle_connection_timeout=1.0), WireSettings(tls=False, idle_connection_timeout=600)
+    impatient_server = WireSettings(tls=False, listen_host="127.0.0.1", bulk=False, idle_connection_timeout=1.0)
+    patient_server = WireSettings(tls=False, listen_host="127.0.0.1", bulk=False, idle_connection_timeout=600)
+    for client, served in ((quick, patient_server), (patient, impatient_server)):
+        servers = await _servers(1, served)
+        try:
+            async with ChannelPool(client) as pool:
+                caller = RpcClient(pool, PROBE, servers[0].local_endpoint)
+                await caller.call("Ping", PingRequest())
+                assert _connections_to(servers) == 1
+                await eventually(lambda: _connections_to(servers) == 0)  # idle: closed
+                assert (await caller.call("Ping", PingRequest())).peer_id == servers[0].identity.peer_id
+                assert _connections_to(servers) == 1
+        finally:
+            await servers[0].stop(0)

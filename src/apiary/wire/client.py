@@ -1,7 +1,8 @@
 """Calling other peers: one channel per peer, a deadline on every call, errors mapped.
 
-`ChannelPool` keeps one gRPC channel per endpoint for the life of the process (or until
-closed). `RpcClient` calls one service on one peer through the pool: every call gets a
+`ChannelPool` keeps one gRPC channel per endpoint, at most `max_channels` of them (dialling
+one more closes the least recently used, once its calls end); a channel's connection closes
+after `idle_connection_timeout` without a call and opens again at the next. `RpcClient` calls one service on one peer through the pool: every call gets a
 deadline (the caller's, else the default), a client span whose context travels in the call's
 metadata, and any failure is raised as a `WireError` subclass.
 
@@ -105,8 +106,10 @@ class ChannelPool:
         if tls and peer_id is None:
             raise ValueError(f"a TLS channel to {endpoint} needs the peer id expected there (see `connect`)")
         key = (endpoint, peer_id if tls else None)
-        channel = self._channels.get(key)
-        if channel is None:
+        channel = self._channels.pop(key, None)
+        if channel is not None:
+            self._channels[key] = channel  # now the most recently used
+        else:
             target = self._forwarder(endpoint).target if endpoint.relayed else str(endpoint)
             if tls:
                 assert peer_id is not None
@@ -116,7 +119,14 @@ class ChannelPool:
             else:
                 channel = grpc.aio.insecure_channel(target, options=self.settings.grpc_options())
             self._channels[key] = channel
+            if len(self._channels) > self.settings.max_channels:
+                self._retire(self._channels.pop(next(iter(self._channels))))  # the least recently used
         return channel
+
+    @property
+    def open_channels(self) -> int:
+        """Channels this pool keeps now (retiring ones aside)."""
+        return len(self._channels)
 
     async def connect(self, endpoint: Endpoint, peer_id: str | None, *, local: bool, timeout: float,
                       method: str = "connecting") -> tuple[grpc.aio.Channel, str | None]:

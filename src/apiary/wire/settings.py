@@ -51,6 +51,11 @@ class WireSettings(BaseModel):
     stream_stall_timeout: float = Field(30.0, gt=0, description="seconds a stream may go without a byte arriving "
                                                                 "before it is aborted and its bytes given back")
     max_tracked_peers: int = Field(4096, ge=1, description="peers whose limits are tracked (least recently seen forgotten)")
+    max_channels: int = Field(512, ge=1, description="channels to other peers a process keeps at once: dialling one "
+                                                     "more closes the least recently used once its calls end")
+    idle_connection_timeout: float = Field(300.0, gt=0, description="seconds a connection this peer dialled may carry no "
+                                                                    "call before it closes (the next call dials again); "
+                                                                    "a server closes connections idle twice as long")
     tls: bool = Field(True, description="TLS on the public gRPC and bulk ports, servers bound to their peer ids; "
                                          "False (plaintext) only for tests and fully trusted networks")
     run_authority: str | None = Field(None, description="private run: the peer id of the run's authority (none: an open run)")
@@ -125,6 +130,11 @@ class WireSettings(BaseModel):
             # a restarted or new peer) does not fail fresh channels while gRPC's backoff lasts
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.max_reconnect_backoff_ms", 5_000),
+            # a swarm's peers each reach thousands of others over time: idle connections close (the
+            # client first; the server after twice as long, for clients that never do), so open
+            # connections follow the peers talked to lately, not all the peers ever talked to
+            ("grpc.client_idle_timeout_ms", int(self.idle_connection_timeout * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.idle_connection_timeout * 2000)),
         ]
 
     def resolved_announce_host(self) -> str:

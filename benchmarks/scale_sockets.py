@@ -15,8 +15,15 @@ sockets and the simulator's `payload` counts them), per peer and for the busiest
 the readers counted (the swarm's size, the shards read). Where both agree, the simulator's
 figures at 1,000 and 10,000 peers rest on the same accounting.
 
+On one machine the real nodes share its cores, where a swarm's peers each have their own: at
+most `--at-once` peers (64) write or read at a time, so that calls do not queue for CPU past
+their deadlines; the nodes' per-peer limits, which take every node on 127.0.0.1 for one peer,
+are lifted; and with `--time-scale N` the nodes' clocks run N times slower, so that a round
+this machine stretches past the 6 s a shard's sum stays fresh (or the 30 s records live) is
+judged in their time as a faster machine would run it (the script says when a round ran past).
+
     .venv/bin/python benchmarks/scale_sockets.py                  # 256 peers, 4 processes
-    .venv/bin/python benchmarks/scale_sockets.py --peers 512 --workers 4
+    .venv/bin/python benchmarks/scale_sockets.py --peers 256 --workers 8 --time-scale 20
 """
 
 from __future__ import annotations
@@ -27,19 +34,22 @@ import json
 import math
 import os
 import random
+import resource
 import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Awaitable, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from record import save  # noqa: E402
 
+from apiary.clock import REAL, Clock  # noqa: E402
 from apiary.dht import DHTNode  # noqa: E402
+from apiary.formats.aggregates import MAX_AGE  # noqa: E402
 from apiary.optim.progress import ProgressTracker  # noqa: E402
 from apiary.wire import PeerAddress, WireSettings  # noqa: E402
 from tests.sim.loop import clock, run  # noqa: E402
@@ -49,6 +59,7 @@ from tests.sim.swarm import Swarm, identities  # noqa: E402
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 EPOCH_SECONDS = 10.0  # the samples each peer reports in the measured epoch: its throughput times this
 JOIN_BATCH = 16  # nodes of a process joining at once
+AT_ONCE = 64  # peers of the whole swarm writing or reading at once, by default (each process its share)
 
 
 def log(text: str) -> None:
@@ -67,15 +78,24 @@ class Peers:
 
     trackers: list[ProgressTracker]
     speeds: list[float]
+    at_once: int  # peers writing or reading at the same moment: on one machine, more queue for CPU past their deadlines
+
+    async def _paced(self, calls: list[Awaitable[Any]]) -> list[Any]:
+        slots = asyncio.Semaphore(self.at_once)
+
+        async def one(call: Awaitable[Any]) -> Any:
+            async with slots:
+                return await call
+
+        return await asyncio.gather(*(one(call) for call in calls))
 
     async def publish(self, epoch: int, seconds: float) -> int:
-        stored = await asyncio.gather(*(tracker.publish(epoch, round(speed * seconds), speed)
-                                        for tracker, speed in zip(self.trackers, self.speeds)))
-        return sum(stored)
+        return sum(await self._paced([tracker.publish(epoch, round(speed * seconds), speed)
+                                      for tracker, speed in zip(self.trackers, self.speeds)]))
 
     async def fetch(self, aggregators_only: bool) -> list[dict[str, float]]:
         chosen = [t for t in self.trackers if t.aggregated_levels or not aggregators_only]
-        views = await asyncio.gather(*(tracker.fetch() for tracker in chosen))
+        views = await self._paced([tracker.fetch() for tracker in chosen])
         return [{"peers": view.peers, "shards": view.shards, "reported": view.reported} for view in views]
 
 
@@ -134,7 +154,7 @@ class Simulated:
         for start in range(1, self.count, JOIN_BATCH):  # every node joins through the first, as over sockets
             await asyncio.gather(*(self.swarm.add(identity, bootstrap=[first]) for identity in given[start:start + JOIN_BATCH]))
         trackers = [ProgressTracker(m.node, "sockets", m.node.identity.peer_id, clock=clock()) for m in self.swarm.members]
-        self.peers = Peers(trackers, throughputs(self.seed, self.count))
+        self.peers = Peers(trackers, throughputs(self.seed, self.count), at_once=self.count)  # (peers run apart)
 
     async def publish(self, epoch: int, seconds: float) -> int:
         return await self.peers.publish(epoch, seconds)
@@ -161,17 +181,18 @@ class Simulated:
 class OverSockets:
     """The swarm over worker processes, each running some of the real nodes (`worker`)."""
 
-    def __init__(self, peers: int, workers: int, seed: int, tls: bool):
-        self.count, self.seed, self.tls = peers, seed, tls
+    def __init__(self, peers: int, workers: int, seed: int, tls: bool, at_once: int, time_scale: float):
+        self.setup = {"count": peers, "seed": seed, "tls": tls, "at_once": max(1, at_once // workers),  # each process's share
+                      "time_scale": time_scale, "origin": time.time()}
         self.shares = [(i * peers // workers, (i + 1) * peers // workers) for i in range(workers)]
         self.processes: list[asyncio.subprocess.Process] = []
 
     async def start(self) -> None:
         for first, end in self.shares:
             initial = self.initial if self.processes else ""  # the first process starts the swarm
+            setup = {**self.setup, "first": first, "end": end, "initial": initial}
             process = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--worker", str(first), str(end), str(self.count), str(self.seed),
-                str(int(self.tls)), initial,
+                sys.executable, __file__, "--worker", json.dumps(setup),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 24)
             self.processes.append(process)
             ready = json.loads(await asyncio.wait_for(process.stdout.readline(), 600))
@@ -215,25 +236,52 @@ class OverSockets:
                 await process.wait()
 
 
-async def worker(first: int, end: int, count: int, seed: int, tls: bool, initial: str) -> None:
+def allow_open_files(wanted: int) -> None:
+    """Raises this process's open-file limit to `wanted` (past the hard limit where it may: as root)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log(f"sockets: {hard} open files allowed, {wanted} wanted: connections may fail past it")
+
+
+def slowed(time_scale: float, origin: float) -> Clock:
+    """A clock running `time_scale` times slower than the real one from `origin` (unix time), the
+    same in every process: expirations and freshness judged as if calls took that much less time."""
+    started = time.monotonic()
+    return Clock(time=lambda: origin + (time.time() - origin) / time_scale,
+                 monotonic=lambda: started + (time.monotonic() - started) / time_scale)
+
+
+async def worker(first: int, end: int, count: int, seed: int, tls: bool, at_once: int, time_scale: float, origin: float,
+                 initial: str) -> None:
     """Runs peers first..end-1 of the swarm: real nodes joining through `initial` (the first
     node, when empty), then answers the parent's commands, one JSON line each, until stdin ends."""
     from prometheus_client import CollectorRegistry
 
+    allow_open_files(2 * (end - first) * count + 1024)  # each node may dial, and be dialled by, every other
+
     mine = identities(seed, count)[first:end]
     registries = [CollectorRegistry() for _ in mine]
-    wire = WireSettings(listen_host="127.0.0.1", bulk=False, tls=tls)
+    # every node's address is on 127.0.0.1, which the per-peer limits take for one peer (a host):
+    # here they would refuse the whole swarm's calls to a busy node as one peer's flood
+    wire = WireSettings(listen_host="127.0.0.1", bulk=False, tls=tls, max_requests_per_second=1e6, request_burst=10**6,
+                        max_concurrent_per_peer=10**5, max_tracked_peers=10**5)
+    clock = slowed(time_scale, origin) if time_scale != 1 else REAL
     nodes: list[DHTNode] = []
     if not initial:
-        nodes.append(await DHTNode.launch([], identity=mine[0], registry=registries[0], wire=wire))
+        nodes.append(await DHTNode.launch([], identity=mine[0], registry=registries[0], wire=wire, clock=clock))
         initial = nodes[0].address
     for start in range(len(nodes), len(mine), JOIN_BATCH):
         nodes += await asyncio.gather(*(DHTNode.launch([PeerAddress.parse(initial)], identity=identity, registry=registry,
-                                                       wire=wire)
+                                                       wire=wire, clock=clock)
                                         for identity, registry in zip(mine[start:start + JOIN_BATCH],
                                                                       registries[start:start + JOIN_BATCH])))
-    peers = Peers([ProgressTracker(node, "sockets", node.identity.peer_id) for node in nodes],
-                  throughputs(seed, count)[first:end])
+    peers = Peers([ProgressTracker(node, "sockets", node.identity.peer_id, clock=clock) for node in nodes],
+                  throughputs(seed, count)[first:end], at_once)
     print(json.dumps({"address": nodes[0].address}), flush=True)
 
     def counted() -> tuple[list[Counter[str]], Counter[str]]:
@@ -271,8 +319,8 @@ async def worker(first: int, end: int, count: int, seed: int, tls: bool, initial
         await asyncio.gather(*(node.shutdown() for node in nodes))
 
 
-async def over_sockets(peers: int, workers: int, seed: int, tls: bool) -> dict[str, Any]:
-    group = OverSockets(peers, workers, seed, tls)
+async def over_sockets(peers: int, workers: int, seed: int, tls: bool, at_once: int, time_scale: float) -> dict[str, Any]:
+    group = OverSockets(peers, workers, seed, tls, at_once, time_scale)
     try:
         await group.start()
         return await scenario(group, peers)
@@ -292,29 +340,36 @@ def simulated(peers: int, seed: int) -> dict[str, Any]:
     return run(main(), seed)
 
 
-def compare(peers: int, workers: int, seed: int, *, tls: bool = False) -> dict[str, Any]:
+def compare(peers: int, workers: int, seed: int, *, tls: bool = False, at_once: int = AT_ONCE,
+            time_scale: float = 1.0) -> dict[str, Any]:
+    """The scenario on real sockets (at most `at_once` peers calling at once, their clocks
+    `time_scale` times slower than real), then in the simulator."""
     started = time.monotonic()
-    real = asyncio.run(over_sockets(peers, workers, seed, tls))
+    real = asyncio.run(over_sockets(peers, workers, seed, tls, at_once, time_scale))
     log(f"sockets: {peers} peers measured in {time.monotonic() - started:.0f} s")
     sim = simulated(peers, seed)
     ratios = {"served_per_peer": real["served_per_peer"] / sim["served_per_peer"],
               "served_busiest": real["served_busiest"] / sim["served_busiest"]}
-    return {"peers": peers, "workers": workers, "tls": tls, "sockets": real, "simulator": sim, "sockets_over_simulator": ratios,
+    return {"peers": peers, "workers": workers, "tls": tls, "at_once": at_once, "time_scale": time_scale, "sockets": real, "simulator": sim, "sockets_over_simulator": ratios,
             "seconds": round(time.monotonic() - started, 1)}
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--worker"]:
-        first, end, count, seed, tls = (int(x) for x in sys.argv[2:7])
-        asyncio.run(worker(first, end, count, seed, bool(tls), sys.argv[7] if len(sys.argv) > 7 else ""))
+        asyncio.run(worker(**json.loads(sys.argv[2])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--tls", action="store_true", help="TLS between the nodes (the same bytes; far more CPU)")
+    parser.add_argument("--at-once", type=int, default=AT_ONCE,
+                        help="peers writing or reading at once, in the whole swarm (on sockets, each process its share)")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="the real nodes' clocks run this many times slower (a machine too slow for the round to "
+                             "end while sums are fresh: records expire and sums go stale in the clocks' time)")
     args = parser.parse_args()
-    result = compare(args.peers, args.workers, args.seed, tls=args.tls)
+    result = compare(args.peers, args.workers, args.seed, tls=args.tls, at_once=args.at_once, time_scale=args.time_scale)
     for side in ("sockets", "simulator"):
         f = result[side]
         print(f"{side:9}: per peer {f['served_per_peer'] / 1e3:.1f} kB, busiest node {f['served_busiest'] / 1e3:.1f} kB "
@@ -323,6 +378,10 @@ def main() -> None:
               f"counted {f['counted_peers']} peers at {f['shards']} shards; {f['aggregators']} aggregators")
     ratios = result["sockets_over_simulator"]
     print(f"sockets / simulator: per peer {ratios['served_per_peer']:.2f}, busiest node {ratios['served_busiest']:.2f}")
+    if result["sockets"]["round_seconds"] / args.time_scale > MAX_AGE:
+        print(f"the real round took {result['sockets']['round_seconds']:.0f} s, past the {MAX_AGE:.0f} s a shard's sum stays "
+              f"fresh in the nodes' time (records live {ProgressTracker.ttl:.0f} s): too slow for {args.peers} real nodes here, "
+              f"whose readers fell back to reading shards whole; try a larger --time-scale")
     save("scale-sockets", result)
 
 

@@ -6,8 +6,11 @@ pair of nodes cost CPU this machine lacks) and a `ProgressTracker`, spread over 
 processes; the same
 identities run in the simulator (tests/sim: the production code over a simulated network in
 virtual time, as benchmarks/scale.py runs it). In both, the swarm joins; every peer writes its
-record, reads the swarm's and writes again (so that it knows the swarm's size); then two refresh
-rounds of an epoch, the second measured: every peer writes its record, the shards' aggregators
+record, reads the swarm's and writes again (so that it knows the swarm's size); then `--rounds`
+refresh rounds of an epoch (16, `PROBE_EVERY`: by then every peer has probed its shard, and each
+shard's aggregators know their role whatever the order of the calls; after one, fewer did on
+sockets, where the calls are paced, than in the simulator, where all run at once), and one more
+measured: every peer writes its record, the shards' aggregators
 read (and publish the shards' sums, formats/aggregates.py), every peer reads. Compared: the bytes
 each node served in the measured round by method (its messages' bytes both ways, as
 `apiary_dht_rpc_received_bytes_total` and `apiary_dht_rpc_sent_bytes_total` count them on real
@@ -22,7 +25,7 @@ are lifted; and with `--time-scale N` the nodes' clocks run N times slower, so t
 this machine stretches past the 6 s a shard's sum stays fresh (or the 30 s records live) is
 judged in their time as a faster machine would run it (the script says when a round ran past).
 
-    .venv/bin/python benchmarks/scale_sockets.py                  # 256 peers, 4 processes
+    .venv/bin/python benchmarks/scale_sockets.py --peers 128 --workers 4 --time-scale 20
     .venv/bin/python benchmarks/scale_sockets.py --peers 256 --workers 8 --time-scale 20
 """
 
@@ -50,7 +53,7 @@ from record import save  # noqa: E402
 from apiary.clock import REAL, Clock  # noqa: E402
 from apiary.dht import DHTNode  # noqa: E402
 from apiary.formats.aggregates import MAX_AGE  # noqa: E402
-from apiary.optim.progress import ProgressTracker  # noqa: E402
+from apiary.optim.progress import PROBE_EVERY, ProgressTracker  # noqa: E402
 from apiary.wire import PeerAddress, WireSettings  # noqa: E402
 from tests.sim.loop import clock, run  # noqa: E402
 from tests.sim.network import Network  # noqa: E402
@@ -112,12 +115,12 @@ class Group(Protocol):
     # served by method; the calls served, by method
 
 
-async def scenario(group: Group, peers: int) -> dict[str, Any]:
-    """The swarm starts, an epoch's first refresh round runs, the second is measured."""
+async def scenario(group: Group, peers: int, rounds: int) -> dict[str, Any]:
+    """The swarm starts, `rounds` refresh rounds of an epoch run, the next one is measured."""
     await group.publish(1, 0.0)  # each peer learns the swarm's size first
     await group.fetch(False)
     await group.publish(2, 0.0)
-    for measured in (False, True):
+    for measured in [False] * rounds + [True]:
         if measured:
             await group.reset()
         started = time.monotonic()
@@ -319,21 +322,22 @@ async def worker(first: int, end: int, count: int, seed: int, tls: bool, at_once
         await asyncio.gather(*(node.shutdown() for node in nodes))
 
 
-async def over_sockets(peers: int, workers: int, seed: int, tls: bool, at_once: int, time_scale: float) -> dict[str, Any]:
+async def over_sockets(peers: int, workers: int, seed: int, tls: bool, at_once: int, time_scale: float,
+                       rounds: int) -> dict[str, Any]:
     group = OverSockets(peers, workers, seed, tls, at_once, time_scale)
     try:
         await group.start()
-        return await scenario(group, peers)
+        return await scenario(group, peers, rounds)
     finally:
         await group.close()
 
 
-def simulated(peers: int, seed: int) -> dict[str, Any]:
+def simulated(peers: int, seed: int, rounds: int) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         group = Simulated(peers, seed)
         await group.start()
         try:
-            return await scenario(group, peers)
+            return await scenario(group, peers, rounds)
         finally:
             await group.close()
 
@@ -341,16 +345,16 @@ def simulated(peers: int, seed: int) -> dict[str, Any]:
 
 
 def compare(peers: int, workers: int, seed: int, *, tls: bool = False, at_once: int = AT_ONCE,
-            time_scale: float = 1.0) -> dict[str, Any]:
-    """The scenario on real sockets (at most `at_once` peers calling at once, their clocks
-    `time_scale` times slower than real), then in the simulator."""
+            time_scale: float = 1.0, rounds: int = PROBE_EVERY) -> dict[str, Any]:
+    """The scenario (`rounds` unmeasured refresh rounds) on real sockets (at most `at_once` peers
+    calling at once, their clocks `time_scale` times slower than real), then in the simulator."""
     started = time.monotonic()
-    real = asyncio.run(over_sockets(peers, workers, seed, tls, at_once, time_scale))
+    real = asyncio.run(over_sockets(peers, workers, seed, tls, at_once, time_scale, rounds))
     log(f"sockets: {peers} peers measured in {time.monotonic() - started:.0f} s")
-    sim = simulated(peers, seed)
+    sim = simulated(peers, seed, rounds)
     ratios = {"served_per_peer": real["served_per_peer"] / sim["served_per_peer"],
               "served_busiest": real["served_busiest"] / sim["served_busiest"]}
-    return {"peers": peers, "workers": workers, "tls": tls, "at_once": at_once, "time_scale": time_scale, "sockets": real, "simulator": sim, "sockets_over_simulator": ratios,
+    return {"peers": peers, "workers": workers, "tls": tls, "at_once": at_once, "time_scale": time_scale, "rounds": rounds, "sockets": real, "simulator": sim, "sockets_over_simulator": ratios,
             "seconds": round(time.monotonic() - started, 1)}
 
 
@@ -368,8 +372,12 @@ def main() -> None:
     parser.add_argument("--time-scale", type=float, default=1.0,
                         help="the real nodes' clocks run this many times slower (a machine too slow for the round to "
                              "end while sums are fresh: records expire and sums go stale in the clocks' time)")
+    parser.add_argument("--rounds", type=int, default=PROBE_EVERY,
+                        help="refresh rounds before the measured one (PROBE_EVERY: every member of a shard has probed it, "
+                             "and its aggregators know their role, whatever the order of the calls)")
     args = parser.parse_args()
-    result = compare(args.peers, args.workers, args.seed, tls=args.tls, at_once=args.at_once, time_scale=args.time_scale)
+    result = compare(args.peers, args.workers, args.seed, tls=args.tls, at_once=args.at_once, time_scale=args.time_scale,
+                     rounds=args.rounds)
     for side in ("sockets", "simulator"):
         f = result[side]
         print(f"{side:9}: per peer {f['served_per_peer'] / 1e3:.1f} kB, busiest node {f['served_busiest'] / 1e3:.1f} kB "

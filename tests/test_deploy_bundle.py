@@ -102,7 +102,7 @@ class Participant:
     """One participant's whole bundle: a Compose project with its own `.env` and published ports."""
 
     def __init__(self, engine: Engine, name: str, directory: Path, initial_peers: str = ""):
-        self.name = name
+        self.name, self.engine = name, engine
         self.host = host_address(engine)
         self.settings = {**read_env_file(ENV_EXAMPLE), **dict(zip(PORTS, map(str, unused_ports(len(PORTS))))),
                          **identity_settings(directory / f"{name}-secrets"),
@@ -139,6 +139,10 @@ class Participant:
 
     def logs(self, service: str) -> str:
         return self.project.compose("logs", "--no-color", service)
+
+    def restarts(self, service: str) -> str:
+        """How many times Docker restarted the service's container on its own (its restart policy)."""
+        return self.engine.docker("inspect", "-f", "{{.RestartCount}}", self.project.container(service)).stdout.strip()
 
     def wait_healthy(self, *services: str, started_after: str = "") -> None:
         for service in services:
@@ -236,6 +240,8 @@ def test_two_participants_bundles_train_together_and_keep_their_state(engine: En
         # epoch), newer than or as new as its checkpoint, so not the checkpoint
         _eventually("a trainer checkpoint is saved", lambda: "checkpoint of epoch" in a.logs("trainer"))
         epoch = a.admin("trainer", "/status")["local_epoch"]
+        assert epoch is not None, (f"a's trainer has no optimizer: a new process (Docker restarted it "
+                                   f"{a.restarts('trainer')} times on its own)\n{a.logs('trainer')[-4000:]}")
         restarted_at = _now(engine)
         a.project.restart("trainer")
         a.wait_healthy("trainer", started_after=restarted_at)

@@ -2,9 +2,10 @@
 
 `ChannelPool` keeps one gRPC channel per endpoint, at most `max_channels` of them (dialling
 one more closes the least recently used, once its calls end); a channel's connection closes
-after `idle_connection_timeout` without a call and opens again at the next. `RpcClient` calls one service on one peer through the pool: every call gets a
-deadline (the caller's, else the default), a client span whose context travels in the call's
-metadata, and any failure is raised as a `WireError` subclass.
+after `idle_connection_timeout` without a call and opens again at the next. `RpcClient` calls
+one service on one peer through the pool: every call gets a deadline (the caller's, else the
+default), a client span whose context travels in the call's metadata, and any failure is
+raised as a `WireError` subclass.
 
 With `WireSettings.tls`, channels to public services are TLS channels that only the expected
 peer id can answer (`apiary.wire.tls`): the id given to `RpcClient`, else the one the server

@@ -51,7 +51,7 @@ class WireSettings(BaseModel):
     stream_stall_timeout: float = Field(30.0, gt=0, description="seconds a stream may go without a byte arriving "
                                                                 "before it is aborted and its bytes given back")
     max_tracked_peers: int = Field(4096, ge=1, description="peers whose limits are tracked (least recently seen forgotten)")
-    max_channels: int = Field(512, ge=1, description="channels to other peers a process keeps at once: dialling one "
+    max_channels: int = Field(512, ge=1, description="channels to other peers one pool keeps at once: dialling one "
                                                      "more closes the least recently used once its calls end")
     idle_connection_timeout: float = Field(300.0, gt=0, description="seconds a connection this peer dialled may carry no "
                                                                     "call before it closes (the next call dials again); "

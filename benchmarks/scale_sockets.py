@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from record import save  # noqa: E402
 
-from apiary.clock import REAL, Clock  # noqa: E402
+from apiary.clock import Clock  # noqa: E402
 from apiary.dht import DHTNode  # noqa: E402
 from apiary.formats.aggregates import MAX_AGE  # noqa: E402
 from apiary.optim.progress import PROBE_EVERY, ProgressTracker  # noqa: E402
@@ -240,7 +240,7 @@ class OverSockets:
 
 
 def allow_open_files(wanted: int) -> None:
-    """Raises this process's open-file limit to `wanted` (past the hard limit where it may: as root)."""
+    """Raises this process's open-file limit to `wanted` (past the hard limit only with CAP_SYS_RESOURCE)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= wanted:
         return
@@ -273,7 +273,7 @@ async def worker(first: int, end: int, count: int, seed: int, tls: bool, at_once
     # here they would refuse the whole swarm's calls to a busy node as one peer's flood
     wire = WireSettings(listen_host="127.0.0.1", bulk=False, tls=tls, max_requests_per_second=1e6, request_burst=10**6,
                         max_concurrent_per_peer=10**5, max_tracked_peers=10**5)
-    clock = slowed(time_scale, origin) if time_scale != 1 else REAL
+    clock = slowed(time_scale, origin)  # (at 1, the real clock's pace)
     nodes: list[DHTNode] = []
     if not initial:
         nodes.append(await DHTNode.launch([], identity=mine[0], registry=registries[0], wire=wire, clock=clock))
